@@ -1,0 +1,113 @@
+//! The role of a peer, as carried in its certificate.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::CertError;
+
+/// Prefix of the URI SAN that carries a role: `ringkv:role:<role>`.
+pub(crate) const ROLE_URI_PREFIX: &str = "ringkv:role:";
+
+/// What a certificate holder may do in the cluster.
+///
+/// - `Node`: a storage node; serves data and may transfer ranges and gossip with other nodes.
+/// - `Client`: may only issue client requests (get/put/delete/metadata).
+/// - `Admin`: the ECS; the only role allowed to change membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Role {
+    /// A storage node.
+    Node,
+    /// An application client.
+    Client,
+    /// The External Configuration Service (membership administrator).
+    Admin,
+}
+
+impl Role {
+    /// All roles, in a fixed order.
+    pub const ALL: [Role; 3] = [Role::Node, Role::Client, Role::Admin];
+
+    /// Lower-case name: `"node"`, `"client"` or `"admin"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Client => "client",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The URI SAN that carries this role in a certificate, e.g. `ringkv:role:node`.
+    pub fn san_uri(self) -> String {
+        format!("{ROLE_URI_PREFIX}{}", self.as_str())
+    }
+
+    /// Parses a role URI SAN. `None` if `uri` is not a ringkv role URI at all;
+    /// `Some(Err(..))` if it has the ringkv prefix but names no known role.
+    pub(crate) fn from_san_uri(uri: &str) -> Option<Result<Role, CertError>> {
+        uri.strip_prefix(ROLE_URI_PREFIX).map(str::parse)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = CertError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|role| role.as_str() == s)
+            .ok_or_else(|| CertError::UnknownRole {
+                value: s.to_owned(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_and_parse_round_trip() {
+        for role in Role::ALL {
+            assert_eq!(role.to_string().parse::<Role>().unwrap(), role);
+        }
+        assert_eq!(Role::Node.to_string(), "node");
+        assert_eq!(Role::Client.to_string(), "client");
+        assert_eq!(Role::Admin.to_string(), "admin");
+    }
+
+    #[test]
+    fn parse_rejects_unknown() {
+        assert!(matches!(
+            "Node".parse::<Role>(),
+            Err(CertError::UnknownRole { .. })
+        ));
+        assert!("".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn san_uri_round_trip() {
+        assert_eq!(Role::Node.san_uri(), "ringkv:role:node");
+        assert_eq!(Role::Client.san_uri(), "ringkv:role:client");
+        assert_eq!(Role::Admin.san_uri(), "ringkv:role:admin");
+        for role in Role::ALL {
+            assert_eq!(Role::from_san_uri(&role.san_uri()).unwrap().unwrap(), role);
+        }
+        assert!(Role::from_san_uri("https://example.com").is_none());
+        assert!(Role::from_san_uri("ringkv:role:root").unwrap().is_err());
+    }
+
+    #[test]
+    fn clap_value_names_match_display() {
+        use clap::ValueEnum;
+        for role in Role::ALL {
+            let value = role.to_possible_value().unwrap();
+            assert_eq!(value.get_name(), role.as_str());
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The `ringkv` command-line client: one-shot commands and an interactive shell.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use ringkv_certs::Identity;
+
+use crate::{ClientConfig, KvStore, PutOutcome};
+
+/// ringkv command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "ringkv", version, about = "ringkv command-line client")]
+pub struct Cli {
+    /// Seed node address (host:port); repeat or comma-separate for several.
+    #[arg(
+        long = "seed",
+        env = "RINGKV_SEEDS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub seeds: Vec<String>,
+    /// Directory holding ca.pem and the client certificate.
+    #[arg(long, env = "RINGKV_CERTS", default_value = "certs", global = true)]
+    pub certs: PathBuf,
+    /// Name of the client certificate in the certs directory (<name>.pem, <name>.key).
+    #[arg(long, env = "RINGKV_IDENTITY", default_value = "client", global = true)]
+    pub identity: String,
+    /// Give up on a request after this many seconds of retries.
+    #[arg(long, default_value_t = 10, global = true)]
+    pub timeout: u64,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// A `ringkv` subcommand.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the value of KEY (exit code 1 if it does not exist).
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Store VALUE under KEY.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Delete KEY (exit code 1 if it did not exist).
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Print the client's view of the ring: version, nodes, positions, ranges.
+    Ring,
+    /// Interactive shell (connect, put, get, delete, ring, disconnect, help, quit).
+    Shell,
+}
+
+/// Parses the command line and runs it on a current-thread runtime. Returns the process
+/// exit code.
+pub fn main() -> anyhow::Result<i32> {
+    init_tracing();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cli))
+}
+
+/// Logs to stderr, `warn` by default, `RUST_LOG` to change.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn config(cli: &Cli, seeds: Vec<String>) -> anyhow::Result<ClientConfig> {
+    if seeds.is_empty() {
+        bail!("no seed node given: use --seed host:port or RINGKV_SEEDS");
+    }
+    let identity = Identity::from_dir(&cli.certs, &cli.identity).with_context(|| {
+        format!(
+            "loading client identity '{}' from {}",
+            cli.identity,
+            cli.certs.display()
+        )
+    })?;
+    let mut config = ClientConfig::new(seeds, identity);
+    config.retry.deadline = Duration::from_secs(cli.timeout);
+    Ok(config)
+}
+
+/// Runs one parsed command line. Returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if matches!(cli.command, Command::Shell) {
+        return shell(&cli).await;
+    }
+    let store = KvStore::connect(config(&cli, cli.seeds.clone())?).await?;
+    let mut out = std::io::stdout().lock();
+    let code = match &cli.command {
+        Command::Get { key } => match store.get(key.as_bytes()).await? {
+            Some(v) => {
+                out.write_all(&v)?;
+                writeln!(out)?;
+                0
+            }
+            None => {
+                eprintln!("not found: {key}");
+                1
+            }
+        },
+        Command::Put { key, value } => {
+            writeln!(
+                out,
+                "{}",
+                put_text(store.put(key.as_bytes(), value.as_bytes()).await?)
+            )?;
+            0
+        }
+        Command::Delete { key } => {
+            if store.delete(key.as_bytes()).await? {
+                writeln!(out, "OK deleted")?;
+                0
+            } else {
+                eprintln!("not found: {key}");
+                1
+            }
+        }
+        Command::Ring => {
+            write!(out, "{}", ring_text(&store))?;
+            0
+        }
+        Command::Shell => unreachable!("handled above"),
+    };
+    store.disconnect().await;
+    Ok(code)
+}
+
+fn put_text(outcome: PutOutcome) -> &'static str {
+    match outcome {
+        PutOutcome::Created => "OK created",
+        PutOutcome::Updated => "OK updated",
+    }
+}
+
+/// The client's ring view as a table.
+pub fn ring_text(store: &KvStore) -> String {
+    let metadata = store.metadata();
+    let mut s = format!(
+        "ring metadata version {} ({} nodes)\n",
+        metadata.version,
+        metadata.nodes.len()
+    );
+    for (node, range) in metadata.ranges() {
+        s.push_str(&format!(
+            "  {:<12} {:<22} position {}…  owns ({}…, {}…]\n",
+            node.name,
+            node.addr,
+            &node.position.to_hex()[..12],
+            &range.start.to_hex()[..12],
+            &range.end.to_hex()[..12],
+        ));
+    }
+    s
+}
+
+const SHELL_HELP: &str = "\
+commands:
+  connect [host:port ...]   connect (to the given seeds, or those of the command line)
+  put <key> <value...>      store a value (the rest of the line)
+  get <key>                 print a value
+  delete <key>              delete a key
+  ring                      show the ring metadata this client routes with
+  stats                     show redirect/retry counters
+  disconnect                close all connections
+  help                      this text
+  quit                      leave";
+
+async fn shell(cli: &Cli) -> anyhow::Result<i32> {
+    let stdin = std::io::stdin();
+    let mut store: Option<KvStore> = None;
+    println!("ringkv shell; type 'help' for commands");
+    loop {
+        print!("ringkv> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let rest = rest.trim();
+        // Ok(None) means "leave the shell".
+        let result: anyhow::Result<Option<String>> = async {
+            let connected = || store.as_ref().context("not connected: use 'connect'");
+            Ok(Some(match cmd {
+                "" => String::new(),
+                "help" => SHELL_HELP.to_string(),
+                "quit" | "exit" => {
+                    if let Some(s) = store.take() {
+                        s.disconnect().await;
+                    }
+                    return Ok(None);
+                }
+                "connect" => {
+                    let seeds = if rest.is_empty() {
+                        cli.seeds.clone()
+                    } else {
+                        rest.split_whitespace().map(str::to_string).collect()
+                    };
+                    if let Some(old) = store.take() {
+                        old.disconnect().await;
+                    }
+                    let s = KvStore::connect(config(cli, seeds)?).await?;
+                    let v = s.metadata().version;
+                    let n = s.metadata().nodes.len();
+                    store = Some(s);
+                    format!("connected: ring version {v}, {n} nodes")
+                }
+                "disconnect" => match store.take() {
+                    Some(s) => {
+                        s.disconnect().await;
+                        "disconnected".to_string()
+                    }
+                    None => "not connected".to_string(),
+                },
+                "put" => {
+                    let (key, value) = rest.split_once(' ').context("usage: put <key> <value>")?;
+                    put_text(connected()?.put(key.as_bytes(), value.as_bytes()).await?).to_string()
+                }
+                "get" => {
+                    if rest.is_empty() {
+                        bail!("usage: get <key>");
+                    }
+                    match connected()?.get(rest.as_bytes()).await? {
+                        Some(v) => String::from_utf8_lossy(&v).into_owned(),
+                        None => format!("not found: {rest}"),
+                    }
+                }
+                "delete" => {
+                    if rest.is_empty() {
+                        bail!("usage: delete <key>");
+                    }
+                    if connected()?.delete(rest.as_bytes()).await? {
+                        "OK deleted".to_string()
+                    } else {
+                        format!("not found: {rest}")
+                    }
+                }
+                "ring" => ring_text(connected()?).trim_end().to_string(),
+                "stats" => format!("{:?}", connected()?.stats()),
+                other => bail!("unknown command '{other}'; type 'help'"),
+            }))
+        }
+        .await;
+        match result {
+            Ok(None) => {
+                println!("bye");
+                break;
+            }
+            Ok(Some(text)) if text.is_empty() => {}
+            Ok(Some(text)) => println!("{text}"),
+            Err(e) => println!("error: {e:#}"),
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,266 @@
+//! [`KvStore`]: the store as an application sees it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ringkv_wire::{ReplyBody, Request, RequestBody, RingMetadata};
+
+use crate::{Backoff, ClientConfig, KvError, Transport};
+
+/// Whether a put created the key or replaced an existing value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The key did not exist.
+    Created,
+    /// The key existed and its value was replaced.
+    Updated,
+}
+
+/// Counters of what the client had to recover from, since connect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// `NotResponsible` replies (requests redirected by newer metadata).
+    pub not_responsible: u64,
+    /// `WriteLocked` replies (writes retried after a backoff).
+    pub write_locked: u64,
+    /// `Stopped` replies.
+    pub stopped: u64,
+    /// Requests that failed to reach their node.
+    pub unreachable: u64,
+    /// Times newer metadata was adopted.
+    pub metadata_adopted: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    not_responsible: AtomicU64,
+    write_locked: AtomicU64,
+    stopped: AtomicU64,
+    unreachable: AtomicU64,
+    metadata_adopted: AtomicU64,
+}
+
+/// A connection to a ringkv cluster. Cheap to share (`Arc<KvStore>`); every method takes
+/// `&self` and many requests may run concurrently over the same connections.
+pub struct KvStore {
+    transport: Transport,
+    config: ClientConfig,
+    metadata: RwLock<Arc<RingMetadata>>,
+    counters: Counters,
+    disconnected: AtomicBool,
+}
+
+impl KvStore {
+    /// Connects to the cluster: fetches the ring metadata from the first seed that answers
+    /// (keeping the newest version seen).
+    pub async fn connect(config: ClientConfig) -> Result<Self, KvError> {
+        let transport = Transport::bind_client(
+            &config.identity,
+            config.limits,
+            config.connect_timeout,
+            config.request_timeout,
+        )?;
+        let store = Self {
+            transport,
+            config,
+            metadata: RwLock::new(Arc::new(RingMetadata::default())),
+            counters: Counters::default(),
+            disconnected: AtomicBool::new(false),
+        };
+        let metadata = store.refresh_metadata().await?;
+        if metadata.nodes.is_empty() {
+            return Err(KvError::NoRing);
+        }
+        Ok(store)
+    }
+
+    /// Closes every connection gracefully. Later requests fail with
+    /// [`KvError::Disconnected`].
+    pub async fn disconnect(&self) {
+        self.disconnected.store(true, Ordering::SeqCst);
+        self.transport.close().await;
+        self.transport.shutdown_endpoint().await;
+    }
+
+    /// The value of `key`, or `None` if it does not exist.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.config.limits.check_key(key)?;
+        let body = RequestBody::Get { key: key.to_vec() };
+        match self.execute(key, body).await? {
+            ReplyBody::Value(v) => Ok(Some(v)),
+            ReplyBody::NotFound => Ok(None),
+            other => Err(unexpected("get", other)),
+        }
+    }
+
+    /// Stores `value` under `key`. Returns once the node made the write durable.
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<PutOutcome, KvError> {
+        self.config.limits.check_put(key, value)?;
+        let body = RequestBody::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        };
+        match self.execute(key, body).await? {
+            ReplyBody::PutOk { created: true } => Ok(PutOutcome::Created),
+            ReplyBody::PutOk { created: false } => Ok(PutOutcome::Updated),
+            other => Err(unexpected("put", other)),
+        }
+    }
+
+    /// Deletes `key`. Returns whether it existed.
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, KvError> {
+        self.config.limits.check_key(key)?;
+        let body = RequestBody::Delete { key: key.to_vec() };
+        match self.execute(key, body).await? {
+            ReplyBody::Deleted => Ok(true),
+            ReplyBody::NotFound => Ok(false),
+            other => Err(unexpected("delete", other)),
+        }
+    }
+
+    /// The ring metadata this client routes with.
+    pub fn metadata(&self) -> Arc<RingMetadata> {
+        self.metadata.read().expect("metadata lock").clone()
+    }
+
+    /// Replaces the cached metadata with `metadata` if it is newer. Returns whether it was.
+    pub fn adopt_metadata(&self, metadata: RingMetadata) -> bool {
+        let mut current = self.metadata.write().expect("metadata lock");
+        if metadata.is_newer_than(&current) {
+            tracing::debug!(version = metadata.version, "adopted ring metadata");
+            *current = Arc::new(metadata);
+            self.counters
+                .metadata_adopted
+                .fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Asks every known node (ring members, then seeds) for its metadata and adopts the
+    /// newest. Fails only if none answers.
+    pub async fn refresh_metadata(&self) -> Result<Arc<RingMetadata>, KvError> {
+        let mut candidates: Vec<String> = self
+            .metadata()
+            .nodes
+            .iter()
+            .map(|n| n.addr.clone())
+            .collect();
+        for seed in &self.config.seeds {
+            if !candidates.contains(seed) {
+                candidates.push(seed.clone());
+            }
+        }
+        let mut last = None;
+        let mut answered = false;
+        for addr in &candidates {
+            let request = Request::new(self.metadata().version, RequestBody::GetMetadata);
+            match self.transport.request(addr, &request).await {
+                Ok(reply) => match reply.body {
+                    ReplyBody::Metadata(m) | ReplyBody::NotResponsible { metadata: m } => {
+                        answered = true;
+                        self.adopt_metadata(m);
+                    }
+                    other => last = Some(unexpected("get_metadata", other)),
+                },
+                Err(e) => last = Some(e),
+            }
+        }
+        if !answered {
+            return Err(KvError::NoNodeReachable {
+                tried: candidates,
+                last: last.map_or_else(|| "no seed configured".into(), |e| e.to_string()),
+            });
+        }
+        Ok(self.metadata())
+    }
+
+    /// Counters of redirects and retries since connect.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.counters;
+        ClientStats {
+            not_responsible: c.not_responsible.load(Ordering::Relaxed),
+            write_locked: c.write_locked.load(Ordering::Relaxed),
+            stopped: c.stopped.load(Ordering::Relaxed),
+            unreachable: c.unreachable.load(Ordering::Relaxed),
+            metadata_adopted: c.metadata_adopted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Routes `body` for `key` to the responsible node and retries until it gets an answer
+    /// that is not "try again", or the deadline passes.
+    async fn execute(&self, key: &[u8], body: RequestBody) -> Result<ReplyBody, KvError> {
+        let started = Instant::now();
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let mut backoff = Backoff::new(self.config.retry, seed ^ key.len() as u64);
+        let mut attempts = 0u32;
+        loop {
+            if self.disconnected.load(Ordering::SeqCst) {
+                return Err(KvError::Disconnected);
+            }
+            attempts += 1;
+            let metadata = self.metadata();
+            let Some(owner) = metadata.responsible_for_key(key) else {
+                return Err(KvError::NoRing);
+            };
+            let request = Request::new(metadata.version, body.clone());
+            let last = match self.transport.request(&owner.addr, &request).await {
+                Ok(reply) => match reply.body {
+                    ReplyBody::NotResponsible { metadata: theirs } => {
+                        self.counters
+                            .not_responsible
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(node = %owner.name, theirs = theirs.version, ours = metadata.version, "not responsible");
+                        if self.adopt_metadata(theirs) {
+                            continue; // newer metadata: retry at once, maybe elsewhere
+                        }
+                        // The node is behind us; it will catch up. Back off.
+                        format!(
+                            "{} is not responsible (its metadata v{} is not newer than ours v{})",
+                            owner.name, reply.metadata_version, metadata.version
+                        )
+                    }
+                    ReplyBody::WriteLocked => {
+                        self.counters.write_locked.fetch_add(1, Ordering::Relaxed);
+                        format!("{} is write-locked (range being moved)", owner.name)
+                    }
+                    ReplyBody::Stopped => {
+                        self.counters.stopped.fetch_add(1, Ordering::Relaxed);
+                        format!("{} is stopped", owner.name)
+                    }
+                    ReplyBody::Error { kind, message } => {
+                        return Err(KvError::Server { kind, message })
+                    }
+                    answer => return Ok(answer),
+                },
+                Err(e) if e.is_unreachable() => {
+                    self.counters.unreachable.fetch_add(1, Ordering::Relaxed);
+                    // Maybe the ring changed and we were not told: ask the others.
+                    let _ = self.refresh_metadata().await;
+                    e.to_string()
+                }
+                Err(e) => return Err(e),
+            };
+            let delay = backoff.next_delay();
+            if started.elapsed() + delay > self.config.retry.deadline {
+                return Err(KvError::Timeout {
+                    elapsed: started.elapsed(),
+                    attempts,
+                    last,
+                });
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+fn unexpected(request: &'static str, reply: ReplyBody) -> KvError {
+    KvError::UnexpectedReply {
+        request,
+        reply: format!("{reply:?}"),
+    }
+}

@@ -1,0 +1,43 @@
+//! `kvstore`: the ringkv client library and the `ringkv` command-line client.
+//!
+//! An application talks to "the store"; this crate talks to single nodes. It caches the
+//! versioned ring metadata, sends each request straight to the node responsible for the key,
+//! and recovers by itself when that guess is wrong: `NotResponsible` carries newer metadata
+//! which is adopted before retrying, `WriteLocked`/`Stopped` are retried with jittered
+//! backoff until a deadline, and an unreachable node makes it refresh metadata from others.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kvstore::KvError> {
+//! use kvstore::{ClientConfig, KvStore};
+//! let identity = ringkv_certs::Identity::from_dir("certs".as_ref(), "client")?;
+//! let store = KvStore::connect(ClientConfig::new(vec!["127.0.0.1:7001".into()], identity)).await?;
+//! store.put(b"greeting", b"hello").await?;
+//! assert_eq!(store.get(b"greeting").await?, Some(b"hello".to_vec()));
+//! store.delete(b"greeting").await?;
+//! store.disconnect().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`client`]: [`KvStore`], routing and the retry loop.
+//! - [`config`]: [`ClientConfig`] and its defaults.
+//! - [`retry`]: [`RetryPolicy`] and [`Backoff`], pure delay computation (the one retry policy
+//!   of the workspace).
+//! - [`net`]: [`Transport`], one reused QUIC connection per peer and one stream per request;
+//!   nodes and the ECS use it to talk to peers too.
+//! - [`error`]: the error type, [`KvError`].
+//! - [`cli`]: the `ringkv` binary's code (one-shot commands and the interactive shell).
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod net;
+pub mod retry;
+
+pub use client::{ClientStats, KvStore, PutOutcome};
+pub use config::ClientConfig;
+pub use error::KvError;
+pub use net::Transport;
+pub use retry::{Backoff, RetryPolicy};

@@ -1,0 +1,42 @@
+//! Node configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ringkv_wire::Limits;
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The node's name: its certificate name and its name in the ring.
+    pub name: String,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The `host:port` clients and peers dial; the node's ring position is its SHA-1.
+    /// Must match a SAN of the node certificate.
+    pub advertise: String,
+    /// Directory of the storage engine's files.
+    pub data_dir: PathBuf,
+    /// Serve clients at once, bootstrapping a one-node ring if the node has no metadata
+    /// (standalone mode). Without it the node waits for the ECS.
+    pub start: bool,
+    /// Key/value/frame limits.
+    pub limits: Limits,
+    /// Size of the batches a range transfer sends.
+    pub transfer_batch_bytes: usize,
+}
+
+impl NodeConfig {
+    /// A configuration with default limits, advertising the listen address.
+    pub fn new(name: impl Into<String>, listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            listen,
+            advertise: listen.to_string(),
+            data_dir: data_dir.into(),
+            start: false,
+            limits: Limits::default(),
+            transfer_batch_bytes: 1 << 20,
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! `Status`, `Start`, `Stop`.
+
+use ringkv_wire::{NodeStatus, ReplyBody};
+
+use super::storage_error;
+use crate::Node;
+
+/// `Status`: name, address, serving state, metadata version, key count, locked ranges.
+pub async fn status(node: &Node) -> ReplyBody {
+    let keys = match node.store.len() {
+        Ok(n) => n,
+        Err(e) => return storage_error(e),
+    };
+    ReplyBody::Status(NodeStatus {
+        name: node.config.name.clone(),
+        addr: node.config.advertise.clone(),
+        running: node.is_running(),
+        metadata_version: node.metadata_version(),
+        keys,
+        locked: node.locks.read().await.clone(),
+    })
+}
+
+/// `Start` / `Stop`.
+pub fn set_running(node: &Node, running: bool) -> ReplyBody {
+    node.set_running(running);
+    ReplyBody::Ok
+}

@@ -1,0 +1,88 @@
+//! The client data path: `Get`, `Put`, `Delete`.
+
+use ringkv_wire::{key_position, ErrorKind, ReplyBody, WireError};
+
+use super::{error, storage_error};
+use crate::Node;
+
+fn invalid(e: WireError) -> ReplyBody {
+    let kind = match e {
+        WireError::EmptyKey => ErrorKind::EmptyKey,
+        WireError::KeyTooLarge { .. } => ErrorKind::KeyTooLarge,
+        WireError::ValueTooLarge { .. } => ErrorKind::ValueTooLarge,
+        WireError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
+        _ => ErrorKind::Malformed,
+    };
+    error(kind, e.to_string())
+}
+
+/// Checks everything a read needs: running, a valid key, ownership.
+fn admit(node: &Node, key: &[u8]) -> Result<(), ReplyBody> {
+    if !node.is_running() {
+        return Err(ReplyBody::Stopped);
+    }
+    node.config.limits.check_key(key).map_err(invalid)?;
+    node.check_owner(key)
+}
+
+/// `Get`: served even while the key's range is write-locked.
+pub fn get(node: &Node, key: &[u8]) -> ReplyBody {
+    if let Err(reply) = admit(node, key) {
+        return reply;
+    }
+    match node.store.get(key) {
+        Ok(Some(v)) => ReplyBody::Value(v),
+        Ok(None) => ReplyBody::NotFound,
+        Err(e) => storage_error(e),
+    }
+}
+
+/// Runs a write under the lock table's read guard (see [`Node`]'s invariant): ownership and
+/// write locks are checked, then the write is made durable, before the guard is released.
+async fn write<F, Fut>(node: &Node, key: &[u8], apply: F) -> ReplyBody
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ReplyBody>,
+{
+    if let Err(reply) = admit(node, key) {
+        return reply;
+    }
+    let locks = node.locks.read().await;
+    // Ownership may have changed while we waited for the guard.
+    if let Err(reply) = node.check_owner(key) {
+        return reply;
+    }
+    let pos = key_position(key);
+    if locks.iter().any(|r| r.contains(&pos)) {
+        return ReplyBody::WriteLocked;
+    }
+    let reply = apply().await;
+    drop(locks);
+    reply
+}
+
+/// `Put`: acknowledged once durable.
+pub async fn put(node: &Node, key: &[u8], value: &[u8]) -> ReplyBody {
+    if let Err(e) = node.config.limits.check_put(key, value) {
+        return invalid(e);
+    }
+    write(node, key, || async {
+        match node.store.put(key, value).await {
+            Ok(created) => ReplyBody::PutOk { created },
+            Err(e) => storage_error(e),
+        }
+    })
+    .await
+}
+
+/// `Delete`: acknowledged once durable.
+pub async fn delete(node: &Node, key: &[u8]) -> ReplyBody {
+    write(node, key, || async {
+        match node.store.delete(key).await {
+            Ok(true) => ReplyBody::Deleted,
+            Ok(false) => ReplyBody::NotFound,
+            Err(e) => storage_error(e),
+        }
+    })
+    .await
+}

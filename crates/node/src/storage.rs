@@ -1,0 +1,407 @@
+//! Durable storage on fjall (an LSM tree with a checksummed journal), with group commit.
+//!
+//! Reads run on the caller's thread. Every write goes to one writer thread which takes
+//! everything that queued up meanwhile, folds it into one atomic batch and commits it with
+//! `PersistMode::SyncAll` (one fsync of the journal for the batch), then answers each caller.
+//! So a write is acknowledged only once it is on disk, and N concurrent writers cost about
+//! one fsync per batch rather than N.
+//!
+//! Storage keys are `SHA-1(key) ++ key` ([`ringkv_wire::storage_key`]), so a ring range is
+//! one or two contiguous key spans.
+
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+use ringkv_wire::{codec, storage_key, KeyRange, RingMetadata, StorageEntry, StorageSpan};
+use tokio::sync::oneshot;
+
+use crate::error::NodeError;
+
+const RING_KEY: &[u8] = b"ring";
+
+/// Most writes folded into one commit; bounds the latency of the first writer of a batch.
+const MAX_BATCH: usize = 4096;
+
+enum WriteOp {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+    PutBatch(Vec<StorageEntry>),
+    DeleteRange(KeyRange),
+    SetMetadata(Vec<u8>),
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteOutcome {
+    Put { created: bool },
+    Delete { existed: bool },
+    Removed(u64),
+    Done,
+}
+
+struct WriteJob {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<WriteOutcome, String>>,
+}
+
+/// The node's durable store. Cloning shares it.
+#[derive(Clone)]
+pub struct Store {
+    db: Database,
+    data: Keyspace,
+    meta: Keyspace,
+    writer: mpsc::Sender<WriteJob>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, recovering its journal, and starts the writer
+    /// thread.
+    pub fn open(dir: &Path) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(dir)?;
+        let db = Database::builder(dir.join("fjall")).open()?;
+        let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let (writer, jobs) = mpsc::channel();
+        let (w_db, w_data, w_meta) = (db.clone(), data.clone(), meta.clone());
+        thread::Builder::new()
+            .name("ringkv-writer".into())
+            .spawn(move || write_loop(&w_db, &w_data, &w_meta, jobs))?;
+        Ok(Self {
+            db,
+            data,
+            meta,
+            writer,
+        })
+    }
+
+    /// The value of a user key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
+        Ok(self.data.get(storage_key(key))?.map(|v| v.to_vec()))
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<WriteOutcome, NodeError> {
+        let (reply, done) = oneshot::channel();
+        self.writer
+            .send(WriteJob { op, reply })
+            .map_err(|_| NodeError::StoreClosed)?;
+        match done.await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(message)) => Err(NodeError::WriteFailed(message)),
+            Err(_) => Err(NodeError::StoreClosed),
+        }
+    }
+
+    /// Stores a user key durably. Returns whether it was new.
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<bool, NodeError> {
+        let op = WriteOp::Put {
+            key: storage_key(key),
+            value: value.to_vec(),
+        };
+        match self.write(op).await? {
+            WriteOutcome::Put { created } => Ok(created),
+            other => unreachable!("put answered {other:?}"),
+        }
+    }
+
+    /// Deletes a user key durably. Returns whether it existed.
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, NodeError> {
+        let op = WriteOp::Delete {
+            key: storage_key(key),
+        };
+        match self.write(op).await? {
+            WriteOutcome::Delete { existed } => Ok(existed),
+            other => unreachable!("delete answered {other:?}"),
+        }
+    }
+
+    /// Stores a batch of user entries durably (a range transfer batch).
+    pub async fn put_batch(&self, entries: Vec<StorageEntry>) -> Result<(), NodeError> {
+        self.write(WriteOp::PutBatch(entries)).await.map(|_| ())
+    }
+
+    /// Deletes every key of `range` durably. Returns how many were removed.
+    pub async fn delete_range(&self, range: KeyRange) -> Result<u64, NodeError> {
+        match self.write(WriteOp::DeleteRange(range)).await? {
+            WriteOutcome::Removed(n) => Ok(n),
+            other => unreachable!("delete_range answered {other:?}"),
+        }
+    }
+
+    /// Persists the ring metadata.
+    pub async fn save_metadata(&self, metadata: &RingMetadata) -> Result<(), NodeError> {
+        let bytes = codec::encode(metadata, usize::MAX >> 1)?;
+        self.write(WriteOp::SetMetadata(bytes)).await.map(|_| ())
+    }
+
+    /// The persisted ring metadata, if any.
+    pub fn load_metadata(&self) -> Result<Option<RingMetadata>, NodeError> {
+        let Some(frame) = self.meta.get(RING_KEY)? else {
+            return Ok(None);
+        };
+        let payload = frame.get(codec::FRAME_HEADER_LEN..).unwrap_or_default();
+        Ok(Some(codec::decode(payload)?))
+    }
+
+    /// Number of keys stored (a full scan of the key space).
+    pub fn len(&self) -> Result<u64, NodeError> {
+        Ok(self.data.len()? as u64)
+    }
+
+    /// Whether the store holds no key.
+    pub fn is_empty(&self) -> Result<bool, NodeError> {
+        Ok(self.data.is_empty()?)
+    }
+
+    /// Number of keys in `range`.
+    pub fn count_range(&self, range: &KeyRange) -> Result<u64, NodeError> {
+        let mut n = 0;
+        for span in range.storage_spans() {
+            for guard in self.data.range::<&[u8], _>(span_bounds(&span)) {
+                guard.key()?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Streams every entry of `range` from one consistent snapshot, in batches of about
+    /// `batch_bytes`, through a channel fed by a reader thread (so disk reads never block
+    /// the async runtime). An error ends the stream.
+    pub fn scan_range(
+        &self,
+        range: KeyRange,
+        batch_bytes: usize,
+    ) -> tokio::sync::mpsc::Receiver<Result<Vec<StorageEntry>, NodeError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let snapshot = self.db.snapshot();
+        let data = self.data.clone();
+        thread::spawn(move || {
+            let scan = || -> Result<(), NodeError> {
+                let mut batch = Vec::new();
+                let mut size = 0;
+                for span in range.storage_spans() {
+                    for guard in snapshot.range::<&[u8], _>(&data, span_bounds(&span)) {
+                        let (k, v) = guard.into_inner()?;
+                        let key = k[20..].to_vec();
+                        size += key.len() + v.len() + 8;
+                        batch.push(StorageEntry {
+                            key,
+                            value: v.to_vec(),
+                        });
+                        if size >= batch_bytes {
+                            size = 0;
+                            if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                                return Ok(()); // the receiver gave up
+                            }
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    let _ = tx.blocking_send(Ok(batch));
+                }
+                Ok(())
+            };
+            if let Err(e) = scan() {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        rx
+    }
+}
+
+fn span_bounds(span: &StorageSpan) -> (Bound<&[u8]>, Bound<&[u8]>) {
+    (
+        span.from
+            .as_ref()
+            .map_or(Bound::Unbounded, |f| Bound::Included(&f[..])),
+        span.to
+            .as_ref()
+            .map_or(Bound::Unbounded, |t| Bound::Excluded(&t[..])),
+    )
+}
+
+/// The writer thread: one atomic batch and one fsync per group of queued jobs.
+fn write_loop(db: &Database, data: &Keyspace, meta: &Keyspace, jobs: mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        match apply(db, data, meta, group.iter().map(|j| &j.op)) {
+            Ok(outcomes) => {
+                for (job, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = group.len(), "write group failed; none of it was committed");
+                for job in group {
+                    let _ = job.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Folds a group of writes into the final state of each key they touch (last write wins,
+/// so every key appears once in the batch: a fjall batch gives all its items one sequence
+/// number), commits it durably, and returns each write's outcome.
+fn apply<'a>(
+    db: &Database,
+    data: &Keyspace,
+    meta: &Keyspace,
+    ops: impl Iterator<Item = &'a WriteOp>,
+) -> Result<Vec<WriteOutcome>, NodeError> {
+    // key -> Some(value) to write, None to delete.
+    let mut state: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    let mut ring: Option<&[u8]> = None;
+    let exists =
+        |state: &HashMap<Vec<u8>, Option<Vec<u8>>>, key: &[u8]| -> Result<bool, NodeError> {
+            match state.get(key) {
+                Some(v) => Ok(v.is_some()),
+                None => Ok(data.contains_key(key)?),
+            }
+        };
+    let mut outcomes = Vec::new();
+    for op in ops {
+        outcomes.push(match op {
+            WriteOp::Put { key, value } => {
+                let created = !exists(&state, key)?;
+                state.insert(key.clone(), Some(value.clone()));
+                WriteOutcome::Put { created }
+            }
+            WriteOp::Delete { key } => {
+                let existed = exists(&state, key)?;
+                state.insert(key.clone(), None);
+                WriteOutcome::Delete { existed }
+            }
+            WriteOp::PutBatch(entries) => {
+                for e in entries {
+                    state.insert(storage_key(&e.key), Some(e.value.clone()));
+                }
+                WriteOutcome::Done
+            }
+            WriteOp::DeleteRange(range) => {
+                let mut removed = 0u64;
+                for span in range.storage_spans() {
+                    for guard in data.range::<&[u8], _>(span_bounds(&span)) {
+                        let key = guard.key()?.to_vec();
+                        if state.get(&key).is_none_or(|v| v.is_some()) {
+                            removed += 1;
+                        }
+                        state.insert(key, None);
+                    }
+                }
+                // Keys written earlier in this same group are not in the keyspace yet.
+                for (key, value) in state.iter_mut() {
+                    if value.is_some() && range.contains_storage_key(key) {
+                        *value = None;
+                        removed += 1;
+                    }
+                }
+                WriteOutcome::Removed(removed)
+            }
+            WriteOp::SetMetadata(bytes) => {
+                ring = Some(bytes);
+                WriteOutcome::Done
+            }
+        });
+    }
+    let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+    for (key, value) in state {
+        match value {
+            Some(v) => batch.insert(data, key, v),
+            None => batch.remove(data, key),
+        }
+    }
+    if let Some(bytes) = ring {
+        batch.insert(meta, RING_KEY, bytes);
+    }
+    batch.commit()?;
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringkv_wire::{key_position, NodeEntry, Position};
+
+    #[tokio::test]
+    async fn put_get_delete_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.put(b"a", b"1").await.unwrap());
+        assert!(!store.put(b"a", b"2").await.unwrap());
+        assert_eq!(store.get(b"a").unwrap(), Some(b"2".to_vec()));
+        assert!(store.delete(b"a").await.unwrap());
+        assert!(!store.delete(b"a").await.unwrap());
+        store.put(b"b", b"3").await.unwrap();
+        let md = RingMetadata::new(4, vec![NodeEntry::new("n", "h:1")]).unwrap();
+        store.save_metadata(&md).await.unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get(b"b").unwrap(), Some(b"3".to_vec()));
+        assert_eq!(store.get(b"a").unwrap(), None);
+        assert_eq!(store.load_metadata().unwrap(), Some(md));
+    }
+
+    #[tokio::test]
+    async fn same_key_twice_in_one_group_keeps_the_last_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
+        // Queued back to back, these land in one group.
+        let (a, b, c) = tokio::join!(s1.put(b"k", b"1"), s2.put(b"k", b"2"), s3.delete(b"k"));
+        assert!(a.unwrap());
+        assert!(!b.unwrap());
+        assert!(c.unwrap());
+        assert_eq!(store.get(b"k").unwrap(), None);
+        store.put(b"k", b"3").await.unwrap();
+        assert_eq!(store.get(b"k").unwrap(), Some(b"3".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_and_range_scan_count_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let handles: Vec<_> = (0..500u32)
+            .map(|i| {
+                let s = store.clone();
+                tokio::spawn(async move { s.put(format!("k{i}").as_bytes(), b"v").await })
+            })
+            .collect();
+        for h in handles {
+            assert!(h.await.unwrap().unwrap());
+        }
+        assert_eq!(store.len().unwrap(), 500);
+
+        // Half the ring: keys whose hash starts below 0x80.
+        let mut mid = [0xffu8; 20];
+        mid[0] = 0x7f;
+        let range = KeyRange::new(Position::MAX, Position(mid));
+        let expected = (0..500u32)
+            .filter(|i| range.contains(&key_position(format!("k{i}").as_bytes())))
+            .count() as u64;
+        assert!(expected > 100 && expected < 400);
+        assert_eq!(store.count_range(&range).unwrap(), expected);
+        let mut rx = store.scan_range(range, 256);
+        let mut scanned = 0;
+        while let Some(batch) = rx.recv().await {
+            for e in batch.unwrap() {
+                assert!(range.contains(&key_position(&e.key)));
+                scanned += 1;
+            }
+        }
+        assert_eq!(scanned, expected);
+        assert_eq!(store.delete_range(range).await.unwrap(), expected);
+        assert_eq!(store.len().unwrap(), 500 - expected);
+        assert_eq!(store.count_range(&range).unwrap(), 0);
+    }
+}

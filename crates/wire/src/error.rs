@@ -1,0 +1,46 @@
+//! The error type of the wire crate.
+
+/// Everything that can go wrong while encoding, decoding or validating protocol data.
+///
+/// None of these leave any state behind: the codec and the validators are pure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A frame header announced (or an encoder produced) a payload larger than the
+    /// configured maximum. Detected from the 4-byte header alone, before any buffering.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge {
+        /// Announced or produced payload length.
+        len: usize,
+        /// Configured maximum payload length.
+        max: usize,
+    },
+    /// The payload did not decode as the expected message (garbage, truncation or a
+    /// message from an incompatible protocol version).
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The key is empty; ringkv keys are 1..=max bytes.
+    #[error("key is empty")]
+    EmptyKey,
+    /// The key is longer than the configured maximum.
+    #[error("key of {len} bytes exceeds the maximum of {max} bytes")]
+    KeyTooLarge {
+        /// Length of the offending key.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// The value is longer than the configured maximum.
+    #[error("value of {len} bytes exceeds the maximum of {max} bytes")]
+    ValueTooLarge {
+        /// Length of the offending value.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// Ring metadata would hold two nodes with the same name, address or position.
+    #[error("node {0} is already in the ring (same name, address or position)")]
+    DuplicateNode(String),
+    /// A ring operation named a node the metadata does not hold.
+    #[error("node {0} is not in the ring")]
+    UnknownNode(String),
+}

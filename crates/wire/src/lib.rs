@@ -1,0 +1,32 @@
+//! `ringkv-wire`: the sans-IO core of the ringkv protocol.
+//!
+//! Everything here is plain data and pure functions: no sockets, no tokio, no quinn.
+//! Both ends of every link (client, node, ECS) speak through these types, so the
+//! protocol is defined in exactly one place.
+//!
+//! # Layout
+//! - [`ring`]: SHA-1 positions on the 160-bit ring, [`KeyRange`], [`RingMetadata`] and the
+//!   ownership math (who owns a key, which range moves on a join or a leave).
+//! - [`message`]: the request and reply enums carried in frames (DESIGN §3).
+//! - [`codec`]: the length-prefixed postcard framing with a maximum frame size, checked
+//!   before anything is buffered.
+//! - [`limits`]: key/value/frame size limits and their validation.
+//! - [`error`]: [`WireError`], the one error type of this crate.
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod error;
+pub mod limits;
+pub mod message;
+pub mod ring;
+
+pub use codec::{decode, encode, frame_len, FRAME_HEADER_LEN};
+pub use error::WireError;
+pub use limits::Limits;
+pub use message::{
+    ErrorKind, NodeStatus, Reply, ReplyBody, Request, RequestBody, StorageEntry, TransferStats,
+};
+pub use ring::{
+    key_position, node_position, storage_key, KeyRange, NodeEntry, Position, RangeMove,
+    RingMetadata, StorageSpan,
+};

@@ -1,0 +1,397 @@
+//! Requests and replies (DESIGN §3).
+//!
+//! Every request carries the caller's metadata version and every reply the responder's, so
+//! either side learns it is stale from any exchange. Client requests are `Get`, `Put`,
+//! `Delete` and `GetMetadata`; everything else is internal and only `node`/`admin`
+//! certificates may send it (the role comes from the peer certificate, never from a message).
+
+use serde::{Deserialize, Serialize};
+
+use crate::ring::{KeyRange, NodeEntry, RingMetadata};
+
+/// A request frame: the caller's metadata version and what it asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Version of the ring metadata the caller holds (0: none).
+    pub metadata_version: u64,
+    /// The request itself.
+    pub body: RequestBody,
+}
+
+impl Request {
+    /// A request from a caller holding metadata version `metadata_version`.
+    pub fn new(metadata_version: u64, body: RequestBody) -> Self {
+        Self {
+            metadata_version,
+            body,
+        }
+    }
+}
+
+/// A key and its value as moved between nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageEntry {
+    /// The user key (not the storage key).
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// The value.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Client: read a key. Replies `Value` or `NotFound`.
+    Get {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Client: write a key. Replies `PutOk` once the write is durable.
+    Put {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// Client: delete a key. Replies `Deleted` or `NotFound`, once durable.
+    Delete {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Client: the node's ring metadata. Replies `Metadata`.
+    GetMetadata,
+    /// Internal: the node's status. Replies `Status`.
+    Status,
+    /// Internal (admin): start serving clients. Replies `Ok`.
+    Start,
+    /// Internal (admin): stop serving clients (they get `Stopped`). Replies `Ok`.
+    Stop,
+    /// Internal: adopt this metadata if it is newer than the node's. Replies `Ok`.
+    InstallMetadata {
+        /// The metadata to adopt.
+        metadata: RingMetadata,
+    },
+    /// Internal (admin): write-lock a range; writes there answer `WriteLocked`. Replies `Ok`.
+    LockRange {
+        /// The range to lock.
+        range: KeyRange,
+    },
+    /// Internal (admin): release a write lock. Replies `Ok`.
+    UnlockRange {
+        /// The range to unlock.
+        range: KeyRange,
+    },
+    /// Internal (admin): stream every key of `range` to node `to` in batches. Replies
+    /// `Transferred` once `to` acknowledged (persisted) every batch.
+    TransferRange {
+        /// The range to send.
+        range: KeyRange,
+        /// The receiving node.
+        to: NodeEntry,
+    },
+    /// Internal (node/admin): store these entries durably (a batch of a range transfer).
+    /// Replies `Ok` after they are persisted.
+    PutBatch {
+        /// The entries.
+        entries: Vec<StorageEntry>,
+    },
+    /// Internal (admin): delete every key of a range. Replies `Count` with the number deleted.
+    DeleteRange {
+        /// The range to delete.
+        range: KeyRange,
+    },
+}
+
+impl RequestBody {
+    /// Whether a `client` certificate may send this request.
+    pub fn is_client_request(&self) -> bool {
+        matches!(
+            self,
+            RequestBody::Get { .. }
+                | RequestBody::Put { .. }
+                | RequestBody::Delete { .. }
+                | RequestBody::GetMetadata
+        )
+    }
+
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RequestBody::Get { .. } => "get",
+            RequestBody::Put { .. } => "put",
+            RequestBody::Delete { .. } => "delete",
+            RequestBody::GetMetadata => "get_metadata",
+            RequestBody::Status => "status",
+            RequestBody::Start => "start",
+            RequestBody::Stop => "stop",
+            RequestBody::InstallMetadata { .. } => "install_metadata",
+            RequestBody::LockRange { .. } => "lock_range",
+            RequestBody::UnlockRange { .. } => "unlock_range",
+            RequestBody::TransferRange { .. } => "transfer_range",
+            RequestBody::PutBatch { .. } => "put_batch",
+            RequestBody::DeleteRange { .. } => "delete_range",
+        }
+    }
+}
+
+/// A reply frame: the responder's metadata version and the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Version of the ring metadata the responder holds.
+    pub metadata_version: u64,
+    /// The answer.
+    pub body: ReplyBody,
+}
+
+impl Reply {
+    /// A reply from a responder holding metadata version `metadata_version`.
+    pub fn new(metadata_version: u64, body: ReplyBody) -> Self {
+        Self {
+            metadata_version,
+            body,
+        }
+    }
+}
+
+/// Kinds of `Error` replies, so callers can tell them apart without parsing text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request frame did not decode.
+    Malformed,
+    /// The request frame was over the maximum size.
+    FrameTooLarge,
+    /// The key was empty.
+    EmptyKey,
+    /// The key was over the maximum size.
+    KeyTooLarge,
+    /// The value was over the maximum size.
+    ValueTooLarge,
+    /// The caller's certificate role may not send this request.
+    Forbidden,
+    /// The storage engine failed; the request had no effect.
+    Storage,
+    /// A peer the request needed (e.g. a transfer target) failed or was unreachable.
+    Peer,
+    /// The request is not valid in the node's current state.
+    InvalidState,
+}
+
+/// Counters of a completed range transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TransferStats {
+    /// Entries sent and acknowledged.
+    pub entries: u64,
+    /// Key + value bytes sent and acknowledged.
+    pub bytes: u64,
+}
+
+/// A node's view of itself, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's name.
+    pub name: String,
+    /// The advertised address.
+    pub addr: String,
+    /// Whether it serves clients (`false`: answers `Stopped`).
+    pub running: bool,
+    /// The metadata it holds.
+    pub metadata_version: u64,
+    /// Keys stored on this node.
+    pub keys: u64,
+    /// Ranges currently write-locked.
+    pub locked: Vec<KeyRange>,
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyBody {
+    /// The value of the key asked for.
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The key does not exist.
+    NotFound,
+    /// The put is durable; `created` tells whether the key was new.
+    PutOk {
+        /// `true` if the key did not exist before.
+        created: bool,
+    },
+    /// The key was deleted, durably.
+    Deleted,
+    /// This node does not own the key; here is its (newer) metadata.
+    NotResponsible {
+        /// The responder's metadata.
+        metadata: RingMetadata,
+    },
+    /// The key's range is being moved; retry the write later. Reads are still served.
+    WriteLocked,
+    /// The node is not serving clients.
+    Stopped,
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// A human-readable explanation.
+        message: String,
+    },
+    /// The responder's metadata (answer to `GetMetadata`).
+    Metadata(RingMetadata),
+    /// The responder's status (answer to `Status`).
+    Status(NodeStatus),
+    /// Generic success of an internal request.
+    Ok,
+    /// Result of a `TransferRange`.
+    Transferred(TransferStats),
+    /// A count (answer to `DeleteRange`).
+    Count(u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, decode_frame, encode};
+    use crate::ring::Position;
+    use proptest::prelude::*;
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..64)
+    }
+
+    fn arb_range() -> impl Strategy<Value = KeyRange> {
+        (any::<[u8; 20]>(), any::<[u8; 20]>())
+            .prop_map(|(a, b)| KeyRange::new(Position(a), Position(b)))
+    }
+
+    fn arb_node() -> impl Strategy<Value = NodeEntry> {
+        ("[a-z]{1,8}", 1u16..u16::MAX).prop_map(|(n, p)| NodeEntry::new(n, format!("h:{p}")))
+    }
+
+    fn arb_metadata() -> impl Strategy<Value = RingMetadata> {
+        (any::<u64>(), proptest::collection::vec(arb_node(), 0..4)).prop_map(|(v, nodes)| {
+            RingMetadata::new(v, nodes.clone()).unwrap_or(RingMetadata {
+                version: v,
+                nodes: vec![],
+            })
+        })
+    }
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        let body = prop_oneof![
+            bytes().prop_map(|key| RequestBody::Get { key }),
+            (bytes(), bytes()).prop_map(|(key, value)| RequestBody::Put { key, value }),
+            bytes().prop_map(|key| RequestBody::Delete { key }),
+            Just(RequestBody::GetMetadata),
+            Just(RequestBody::Status),
+            Just(RequestBody::Start),
+            Just(RequestBody::Stop),
+            arb_metadata().prop_map(|metadata| RequestBody::InstallMetadata { metadata }),
+            arb_range().prop_map(|range| RequestBody::LockRange { range }),
+            arb_range().prop_map(|range| RequestBody::UnlockRange { range }),
+            (arb_range(), arb_node())
+                .prop_map(|(range, to)| RequestBody::TransferRange { range, to }),
+            proptest::collection::vec((bytes(), bytes()), 0..4).prop_map(|v| {
+                RequestBody::PutBatch {
+                    entries: v
+                        .into_iter()
+                        .map(|(key, value)| StorageEntry { key, value })
+                        .collect(),
+                }
+            }),
+            arb_range().prop_map(|range| RequestBody::DeleteRange { range }),
+        ];
+        (any::<u64>(), body).prop_map(|(v, b)| Request::new(v, b))
+    }
+
+    fn arb_reply() -> impl Strategy<Value = Reply> {
+        let kind = prop_oneof![
+            Just(ErrorKind::Malformed),
+            Just(ErrorKind::FrameTooLarge),
+            Just(ErrorKind::EmptyKey),
+            Just(ErrorKind::KeyTooLarge),
+            Just(ErrorKind::ValueTooLarge),
+            Just(ErrorKind::Forbidden),
+            Just(ErrorKind::Storage),
+            Just(ErrorKind::Peer),
+            Just(ErrorKind::InvalidState),
+        ];
+        let body = prop_oneof![
+            bytes().prop_map(ReplyBody::Value),
+            Just(ReplyBody::NotFound),
+            any::<bool>().prop_map(|created| ReplyBody::PutOk { created }),
+            Just(ReplyBody::Deleted),
+            arb_metadata().prop_map(|metadata| ReplyBody::NotResponsible { metadata }),
+            Just(ReplyBody::WriteLocked),
+            Just(ReplyBody::Stopped),
+            (kind, ".{0,16}").prop_map(|(kind, message)| ReplyBody::Error { kind, message }),
+            arb_metadata().prop_map(ReplyBody::Metadata),
+            (
+                arb_node(),
+                any::<bool>(),
+                any::<u64>(),
+                any::<u64>(),
+                proptest::collection::vec(arb_range(), 0..3)
+            )
+                .prop_map(|(n, running, metadata_version, keys, locked)| {
+                    ReplyBody::Status(NodeStatus {
+                        name: n.name,
+                        addr: n.addr,
+                        running,
+                        metadata_version,
+                        keys,
+                        locked,
+                    })
+                }),
+            Just(ReplyBody::Ok),
+            (any::<u64>(), any::<u64>()).prop_map(|(entries, bytes)| ReplyBody::Transferred(
+                TransferStats { entries, bytes }
+            )),
+            any::<u64>().prop_map(ReplyBody::Count),
+        ];
+        (any::<u64>(), body).prop_map(|(v, b)| Reply::new(v, b))
+    }
+
+    proptest! {
+        #[test]
+        fn every_request_round_trips(req in arb_request()) {
+            let frame = encode(&req, 1 << 20).unwrap();
+            let (back, used): (Request, usize) = decode_frame(&frame, 1 << 20).unwrap().unwrap();
+            prop_assert_eq!(used, frame.len());
+            prop_assert_eq!(back, req);
+        }
+
+        #[test]
+        fn every_reply_round_trips(reply in arb_reply()) {
+            let frame = encode(&reply, 1 << 20).unwrap();
+            let (back, _): (Reply, usize) = decode_frame(&frame, 1 << 20).unwrap().unwrap();
+            prop_assert_eq!(back, reply);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<Request>(&data);
+            let _ = decode::<Reply>(&data);
+            let _ = decode_frame::<Request>(&data, 128);
+        }
+
+        #[test]
+        fn truncated_frames_never_decode_wrongly(req in arb_request(), cut in any::<prop::sample::Index>()) {
+            let frame = encode(&req, 1 << 20).unwrap();
+            let cut = cut.index(frame.len());
+            // A strict prefix is either incomplete or an error, never a different message.
+            match decode_frame::<Request>(&frame[..cut], 1 << 20) {
+                Ok(None) | Err(_) => {}
+                Ok(Some(_)) => prop_assert!(false, "a truncated frame decoded"),
+            }
+        }
+    }
+
+    #[test]
+    fn client_requests_are_the_four() {
+        assert!(RequestBody::GetMetadata.is_client_request());
+        assert!(!RequestBody::Status.is_client_request());
+        assert!(!RequestBody::PutBatch { entries: vec![] }.is_client_request());
+    }
+}

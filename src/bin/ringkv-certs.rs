@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    ringkv_certs::cli::main()
+}

@@ -1,0 +1,4 @@
+//! `ringkv-node`: the storage node (see `ringkv_node::cli`).
+fn main() -> anyhow::Result<()> {
+    ringkv_node::cli::main()
+}

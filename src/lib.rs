@@ -1,0 +1,1 @@
+//! ringkv umbrella package: binaries, end-to-end tests and examples.

@@ -1,0 +1,148 @@
+//! The command-line tools as a user runs them: `ringkv-certs` makes the certificates, a
+//! spawned `ringkv-node` serves, `ringkv` one-shot commands talk to it.
+
+mod common;
+
+use std::process::Command;
+
+use common::{bin, free_port};
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("run command");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn cert_tool_node_and_cli_one_shot_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    let certs_tool = |args: &[&str]| {
+        let mut c = Command::new(bin("ringkv-certs"));
+        c.args(args).arg("--dir").arg(&certs_dir);
+        run(&mut c)
+    };
+    let (code, out, err) = certs_tool(&["init"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // No silent overwrite.
+    let (code, _, err) = certs_tool(&["init"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("exists") || err.contains("force"), "{err}");
+    for (role, name) in [("node", "n1"), ("client", "client")] {
+        let mut args = vec!["issue", "--role", role, "--name", name];
+        if role == "node" {
+            args.extend(["--san", "127.0.0.1"]);
+        }
+        let (code, out, err) = certs_tool(&args);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+
+    // This node runs on the tool's own certificates.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let data = dir.path().join("data");
+    let mut node = std::process::Command::new(bin("ringkv-node"))
+        .args(["--name", "n1", "--listen", &addr.to_string(), "--start"])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--certs")
+        .arg(&certs_dir)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(bin("ringkv"));
+        c.arg("--seed")
+            .arg(addr.to_string())
+            .arg("--certs")
+            .arg(&certs_dir)
+            .args(["--timeout", "5"])
+            .args(args);
+        run(&mut c)
+    };
+    // Wait until the node answers.
+    let mut ready = false;
+    for _ in 0..100 {
+        if cli(&["get", "probe"]).0 == 1 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "node never answered");
+
+    assert_eq!(
+        cli(&["put", "greeting", "hello world"]),
+        (0, "OK created\n".into(), String::new())
+    );
+    assert_eq!(
+        cli(&["put", "greeting", "hello again"]),
+        (0, "OK updated\n".into(), String::new())
+    );
+    assert_eq!(
+        cli(&["get", "greeting"]),
+        (0, "hello again\n".into(), String::new())
+    );
+    let (code, out, _) = cli(&["ring"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("ring metadata version 1 (1 nodes)"),
+        "{out}"
+    );
+    assert!(out.contains(&addr.to_string()), "{out}");
+    assert_eq!(
+        cli(&["delete", "greeting"]),
+        (0, "OK deleted\n".into(), String::new())
+    );
+    let (code, out, err) = cli(&["get", "greeting"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(err.contains("not found: greeting"), "{err}");
+    let (code, _, err) = cli(&["put", "", "x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("key is empty"), "{err}");
+
+    // The interactive shell, driven through stdin.
+    use std::io::Write;
+    let mut shell = Command::new(bin("ringkv"))
+        .arg("--seed")
+        .arg(addr.to_string())
+        .arg("--certs")
+        .arg(&certs_dir)
+        .arg("shell")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    shell
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"get k\nconnect\nput k two words\nget k\ndelete k\nget k\nbogus\ndisconnect\nquit\n",
+        )
+        .unwrap();
+    let out = shell.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "error: not connected",
+        "connected: ring version 1, 1 nodes",
+        "OK created",
+        "two words",
+        "OK deleted",
+        "not found: k",
+        "error: unknown command 'bogus'",
+        "disconnected",
+        "bye",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+
+    unsafe {
+        libc::kill(node.id() as i32, libc::SIGTERM);
+    }
+    let status = node.wait().unwrap();
+    assert!(status.success(), "node exited with {status}");
+}

@@ -1,0 +1,212 @@
+//! The one test harness: certificates, in-process nodes and node processes over real QUIC
+//! with real certificates on loopback, each with its own storage in a temp dir.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvstore::{ClientConfig, KvStore};
+use ringkv_certs::{Identity, IssueOptions, Role};
+use ringkv_node::{Node, NodeConfig};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A cluster CA with certificates: node certs carry SANs 127.0.0.1 and localhost.
+pub struct Certs {
+    dir: TempDir,
+}
+
+impl Certs {
+    /// A CA plus `client` (client role) and `admin` (admin role) certificates.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        ringkv_certs::init_ca(dir.path(), false).expect("init CA");
+        let certs = Self { dir };
+        certs.issue(Role::Client, "client");
+        certs.issue(Role::Admin, "admin");
+        certs
+    }
+
+    /// Issues a certificate of `role` called `name` (node certs valid for loopback).
+    pub fn issue(&self, role: Role, name: &str) {
+        let mut opts = IssueOptions::new(role, name);
+        if role == Role::Node {
+            opts.sans = vec!["127.0.0.1".into(), "localhost".into()];
+        }
+        ringkv_certs::issue(self.dir.path(), &opts).expect("issue certificate");
+    }
+
+    /// The identity called `name`, issuing a node certificate for it first if missing.
+    pub fn identity(&self, name: &str) -> Identity {
+        if !self.dir.path().join(format!("{name}.pem")).exists() {
+            self.issue(Role::Node, name);
+        }
+        Identity::from_dir(self.dir.path(), name).expect("load identity")
+    }
+
+    /// The certificate directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A client configuration for `seeds` with a short retry deadline.
+    pub fn client_config(&self, seeds: Vec<String>) -> ClientConfig {
+        let mut config = ClientConfig::new(seeds, self.identity("client"));
+        config.retry.deadline = Duration::from_secs(20);
+        config
+    }
+
+    /// A connected client.
+    pub async fn client(&self, seeds: Vec<String>) -> KvStore {
+        KvStore::connect(self.client_config(seeds))
+            .await
+            .expect("client connects")
+    }
+}
+
+/// A node running as a task of the test's runtime.
+pub struct TestNode {
+    /// The node's state.
+    pub node: Arc<Node>,
+    /// The advertised address.
+    pub addr: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    /// The data dir (kept alive with the node).
+    pub data: TempDir,
+}
+
+impl TestNode {
+    /// Starts node `name` on a free loopback port; `start` bootstraps a one-node ring.
+    pub async fn start(certs: &Certs, name: &str, start: bool) -> Self {
+        let data = tempfile::tempdir().expect("tempdir");
+        Self::start_in(certs, name, start, data).await
+    }
+
+    /// Starts node `name` with the given data dir.
+    pub async fn start_in(certs: &Certs, name: &str, start: bool, data: TempDir) -> Self {
+        let mut config = NodeConfig::new(name, "127.0.0.1:0".parse().unwrap(), data.path());
+        config.start = start;
+        let (endpoint, node) = ringkv_node::bind(config, &certs.identity(name))
+            .await
+            .expect("bind node");
+        let addr = node.config().advertise.clone();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(ringkv_node::run(endpoint, node.clone(), async {
+            let _ = rx.await;
+        }));
+        Self {
+            node,
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+            data,
+        }
+    }
+
+    /// Stops the node gracefully and returns its data dir.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        let Self { data, .. } = self;
+        data
+    }
+}
+
+/// A free UDP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Path of a binary of the umbrella package.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "ringkv-node" => PathBuf::from(env!("CARGO_BIN_EXE_ringkv-node")),
+        "ringkv" => PathBuf::from(env!("CARGO_BIN_EXE_ringkv")),
+        "ringkv-certs" => PathBuf::from(env!("CARGO_BIN_EXE_ringkv-certs")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// A `ringkv-node` process; killed on drop.
+pub struct NodeProcess {
+    child: Child,
+    /// Its address.
+    pub addr: String,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+}
+
+impl NodeProcess {
+    /// Spawns `ringkv-node --start` called `name` on `addr` with `data_dir`, and waits until
+    /// it answers.
+    pub async fn spawn(certs: &Certs, name: &str, addr: SocketAddr, data_dir: &Path) -> Self {
+        certs.identity(name); // make sure the certificate exists
+        let child = Command::new(bin("ringkv-node"))
+            .args(["--name", name, "--listen", &addr.to_string(), "--start"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--certs")
+            .arg(certs.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn ringkv-node");
+        let proc = Self {
+            child,
+            addr: addr.to_string(),
+            data_dir: data_dir.to_path_buf(),
+        };
+        proc.wait_ready(certs).await;
+        proc
+    }
+
+    async fn wait_ready(&self, certs: &Certs) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut config = certs.client_config(vec![self.addr.clone()]);
+            config.connect_timeout = Duration::from_millis(500);
+            if let Ok(store) = KvStore::connect(config).await {
+                store.disconnect().await;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} never became ready",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns its exit status success.
+    pub fn terminate(&mut self) -> bool {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
