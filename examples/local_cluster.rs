@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
         println!("  {cli} shell");
         println!();
         println!("Ctrl-C stops it.");
-        ringkv_node::run(endpoint, node, ringkv_node::cli::shutdown_signal()).await;
+        ringkv_node::run(endpoint, node, kvstore::server::shutdown_signal()).await;
         anyhow::Ok(())
     })
 }

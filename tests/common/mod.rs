@@ -8,9 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvstore::{ClientConfig, KvStore};
+use kvstore::{ClientConfig, KvStore, Transport};
 use ringkv_certs::{Identity, IssueOptions, Role};
+use ringkv_ecs::{Ecs, EcsConfig};
 use ringkv_node::{Node, NodeConfig};
+use ringkv_wire::{AdminReply, AdminRequest, Limits, NodeStatus, ReplyBody, Request, RequestBody};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -38,6 +40,27 @@ impl Certs {
             opts.sans = vec!["127.0.0.1".into(), "localhost".into()];
         }
         ringkv_certs::issue(self.dir.path(), &opts).expect("issue certificate");
+    }
+
+    /// The ECS's identity: an admin certificate valid for loopback (it also serves).
+    pub fn ecs_identity(&self) -> Identity {
+        if !self.dir.path().join("ecs.pem").exists() {
+            let mut opts = IssueOptions::new(Role::Admin, "ecs");
+            opts.sans = vec!["127.0.0.1".into(), "localhost".into()];
+            ringkv_certs::issue(self.dir.path(), &opts).expect("issue ECS certificate");
+        }
+        Identity::from_dir(self.dir.path(), "ecs").expect("load ECS identity")
+    }
+
+    /// An operator's transport (admin certificate).
+    pub fn admin(&self) -> Transport {
+        Transport::bind_client(
+            &self.identity("admin"),
+            Limits::default(),
+            Duration::from_secs(3),
+            Duration::from_secs(10),
+        )
+        .expect("admin transport")
     }
 
     /// The identity called `name`, issuing a node certificate for it first if missing.
@@ -135,6 +158,7 @@ pub fn bin(name: &str) -> PathBuf {
         "ringkv-node" => PathBuf::from(env!("CARGO_BIN_EXE_ringkv-node")),
         "ringkv" => PathBuf::from(env!("CARGO_BIN_EXE_ringkv")),
         "ringkv-certs" => PathBuf::from(env!("CARGO_BIN_EXE_ringkv-certs")),
+        "ringkv-ecs" => PathBuf::from(env!("CARGO_BIN_EXE_ringkv-ecs")),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -152,9 +176,23 @@ impl NodeProcess {
     /// Spawns `ringkv-node --start` called `name` on `addr` with `data_dir`, and waits until
     /// it answers.
     pub async fn spawn(certs: &Certs, name: &str, addr: SocketAddr, data_dir: &Path) -> Self {
+        let proc = Self::spawn_with(certs, name, addr, data_dir, &["--start"]);
+        proc.wait_ready(certs).await;
+        proc
+    }
+
+    /// Spawns `ringkv-node` with extra arguments, without waiting for it.
+    pub fn spawn_with(
+        certs: &Certs,
+        name: &str,
+        addr: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Self {
         certs.identity(name); // make sure the certificate exists
         let child = Command::new(bin("ringkv-node"))
-            .args(["--name", name, "--listen", &addr.to_string(), "--start"])
+            .args(["--name", name, "--listen", &addr.to_string()])
+            .args(extra)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--certs")
@@ -163,13 +201,11 @@ impl NodeProcess {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn ringkv-node");
-        let proc = Self {
+        Self {
             child,
             addr: addr.to_string(),
             data_dir: data_dir.to_path_buf(),
-        };
-        proc.wait_ready(certs).await;
-        proc
+        }
     }
 
     async fn wait_ready(&self, certs: &Certs) {
@@ -208,5 +244,154 @@ impl NodeProcess {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// An ECS running as a task of the test's runtime, with its state in a temp dir.
+pub struct TestEcs {
+    /// The service.
+    pub ecs: Arc<Ecs>,
+    /// Its address.
+    pub addr: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestEcs {
+    /// Starts an ECS on a free loopback port with its state in `state_dir`.
+    pub async fn start(certs: &Certs, state_dir: &Path) -> Self {
+        let config = EcsConfig::new("127.0.0.1:0".parse().unwrap(), state_dir);
+        let (endpoint, ecs) = ringkv_ecs::bind(config, &certs.ecs_identity())
+            .await
+            .expect("bind ECS");
+        let addr = endpoint.local_addr().expect("ECS address").to_string();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(ringkv_ecs::run(endpoint, ecs.clone(), async {
+            let _ = rx.await;
+        }));
+        Self {
+            ecs,
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the ECS gracefully.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// An ECS plus in-process nodes, all over real QUIC + mTLS on loopback.
+pub struct TestCluster {
+    /// Certificates of the cluster.
+    pub certs: Arc<Certs>,
+    /// The ECS.
+    pub ecs: TestEcs,
+    /// The ECS's state dir.
+    pub ecs_state: TempDir,
+    /// The nodes, in the order they were started.
+    pub nodes: Vec<TestNode>,
+    /// The operator's transport.
+    pub admin: Transport,
+}
+
+impl TestCluster {
+    /// An ECS and `n` nodes `n1..=n<n>`, each added through the ECS.
+    pub async fn start(n: usize) -> Self {
+        let certs = Arc::new(Certs::new());
+        let ecs_state = tempfile::tempdir().expect("tempdir");
+        let ecs = TestEcs::start(&certs, ecs_state.path()).await;
+        let admin = certs.admin();
+        let mut cluster = Self {
+            certs,
+            ecs,
+            ecs_state,
+            nodes: Vec::new(),
+            admin,
+        };
+        for i in 1..=n {
+            cluster.add_node(&format!("n{i}")).await;
+        }
+        cluster
+    }
+
+    /// Asks the ECS.
+    pub async fn ask(&self, request: AdminRequest) -> AdminReply {
+        self.admin
+            .call(&self.ecs.addr, &request, Duration::from_secs(600))
+            .await
+            .expect("ECS answers")
+    }
+
+    /// Starts node `name` (waiting for the ECS) and adds it; panics if the ECS refuses.
+    pub async fn add_node(&mut self, name: &str) -> AdminReply {
+        let node = TestNode::start(&self.certs, name, false).await;
+        let reply = self
+            .ask(AdminRequest::AddNode {
+                name: name.into(),
+                addr: node.addr.clone(),
+            })
+            .await;
+        assert!(
+            matches!(reply, AdminReply::Changed { .. }),
+            "add {name}: {reply:?}"
+        );
+        self.nodes.push(node);
+        reply
+    }
+
+    /// Removes node `name` through the ECS and stops it.
+    pub async fn remove_node(&mut self, name: &str) -> AdminReply {
+        let reply = self
+            .ask(AdminRequest::RemoveNode { name: name.into() })
+            .await;
+        assert!(
+            matches!(reply, AdminReply::Changed { .. }),
+            "remove {name}: {reply:?}"
+        );
+        let idx = self
+            .nodes
+            .iter()
+            .position(|n| n.node.config().name == name)
+            .expect("known node");
+        self.nodes.remove(idx).stop().await;
+        reply
+    }
+
+    /// Seed addresses for clients.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> KvStore {
+        self.certs.client(self.seeds()).await
+    }
+
+    /// The in-process node called `name`.
+    pub fn node(&self, name: &str) -> &TestNode {
+        self.nodes
+            .iter()
+            .find(|n| n.node.config().name == name)
+            .expect("known node")
+    }
+}
+
+/// A node's status, asked over the network with the admin certificate.
+pub async fn node_status(admin: &Transport, addr: &str) -> NodeStatus {
+    let reply = admin
+        .request(addr, &Request::new(0, RequestBody::Status))
+        .await
+        .expect("status reply");
+    match reply.body {
+        ReplyBody::Status(s) => s,
+        other => panic!("unexpected status reply {other:?}"),
     }
 }

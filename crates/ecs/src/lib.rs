@@ -1,3 +1,27 @@
-//! `ringkv-ecs`: the External Configuration Service (membership, join/leave orchestration,
-//! metadata publishing). Being built; see the ring/ECS issue.
+//! `ringkv-ecs`: the External Configuration Service.
+//!
+//! An operator (with an `admin` certificate) asks the ECS to add or remove nodes; the ECS
+//! plans the change, write-locks the affected range, has the data moved between neighbours,
+//! persists and publishes the new metadata version, then releases the lock (DESIGN §5).
+//! Its ring survives restarts in a state file.
+//!
+//! # Layout
+//! - [`plan`]: membership changes as pure step lists, with their rollback.
+//! - [`service`]: [`Ecs`], the executor of plans and the answers to operator requests;
+//!   [`bind`] and [`run`].
+//! - [`state`]: the atomically replaced ring file.
+//! - [`config`]: the configuration, [`EcsConfig`].
+//! - [`error`]: the error type, [`EcsError`].
+//! - [`cli`]: the `ringkv-ecs` binary's code (the service and the operator commands).
 #![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod plan;
+pub mod service;
+pub mod state;
+
+pub use config::EcsConfig;
+pub use error::EcsError;
+pub use service::{bind, run, Ecs};

@@ -25,6 +25,8 @@
 //!   of the workspace).
 //! - [`net`]: [`Transport`], one reused QUIC connection per peer and one stream per request;
 //!   nodes and the ECS use it to talk to peers too.
+//! - [`server`]: the serving side of the same layer ([`server::serve`] and the
+//!   [`server::Service`] trait), used by nodes and the ECS.
 //! - [`error`]: the error type, [`KvError`].
 //! - [`cli`]: the `ringkv` binary's code (one-shot commands and the interactive shell).
 #![warn(missing_docs)]
@@ -35,6 +37,7 @@ pub mod config;
 pub mod error;
 pub mod net;
 pub mod retry;
+pub mod server;
 
 pub use client::{ClientStats, KvStore, PutOutcome};
 pub use config::ClientConfig;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use quinn::{Connection, Endpoint, RecvStream};
 use ringkv_certs::Identity;
 use ringkv_wire::{codec, Limits, Reply, Request, WireError, FRAME_HEADER_LEN};
+use serde::{de::DeserializeOwned, Serialize};
 
 use crate::KvError;
 
@@ -74,14 +75,24 @@ impl Transport {
 
     /// Sends `request` to `addr` and waits for the reply, reusing (or opening) the connection.
     pub async fn request(&self, addr: &str, request: &Request) -> Result<Reply, KvError> {
+        self.call(addr, request, self.request_timeout).await
+    }
+
+    /// Sends any request message to `addr` and waits up to `timeout` for its reply (the ECS
+    /// protocol and long range transfers use this).
+    pub async fn call<Q: Serialize, A: DeserializeOwned>(
+        &self,
+        addr: &str,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<A, KvError> {
         let frame = codec::encode(request, self.limits.max_frame)?;
         let conn = self.connection(addr).await?;
         let exchange = exchange(&conn, &frame, self.limits.max_frame);
-        let result = match tokio::time::timeout(self.request_timeout, exchange).await {
+        let result = match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(ExchangeError::Transport(format!(
-                "no reply within {:?}",
-                self.request_timeout
+                "no reply within {timeout:?}"
             ))),
         };
         result.map_err(|e| {
@@ -185,11 +196,11 @@ enum ExchangeError {
 
 /// One request/reply on a fresh stream. Never waits for the peer's ACK of our finished send:
 /// the reply itself proves receipt (DESIGN §9).
-async fn exchange(
+async fn exchange<A: DeserializeOwned>(
     conn: &Connection,
     frame: &[u8],
     max_frame: usize,
-) -> Result<Reply, ExchangeError> {
+) -> Result<A, ExchangeError> {
     let t = |e: &dyn std::fmt::Display| ExchangeError::Transport(e.to_string());
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| t(&e))?;
     send.write_all(frame).await.map_err(|e| t(&e))?;
@@ -197,7 +208,10 @@ async fn exchange(
     read_frame(&mut recv, max_frame).await
 }
 
-async fn read_frame(recv: &mut RecvStream, max_frame: usize) -> Result<Reply, ExchangeError> {
+async fn read_frame<A: DeserializeOwned>(
+    recv: &mut RecvStream,
+    max_frame: usize,
+) -> Result<A, ExchangeError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     recv.read_exact(&mut header)
         .await

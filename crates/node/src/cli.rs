@@ -79,23 +79,7 @@ pub fn main() -> anyhow::Result<()> {
         let (endpoint, node) = crate::bind(args.config(), &identity)
             .await
             .context("starting the node")?;
-        crate::run(endpoint, node, shutdown_signal()).await;
+        crate::run(endpoint, node, kvstore::server::shutdown_signal()).await;
         Ok(())
     })
-}
-
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

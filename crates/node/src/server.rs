@@ -1,14 +1,15 @@
-//! The QUIC side of a node: binding the endpoint, accepting connections, and framing one
-//! request and one reply per bidirectional stream.
+//! The QUIC side of a node: binding the endpoint and serving requests through the shared
+//! connection layer ([`kvstore::server`]).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvstore::server::Service;
 use kvstore::Transport;
-use quinn::{Endpoint, RecvStream, SendStream};
+use quinn::Endpoint;
 use ringkv_certs::{Identity, Role};
-use ringkv_wire::{codec, ErrorKind, Reply, ReplyBody, Request, WireError, FRAME_HEADER_LEN};
+use ringkv_wire::{ErrorKind, Reply, ReplyBody, Request, WireError};
 
 use crate::{Node, NodeConfig, NodeError};
 
@@ -39,105 +40,42 @@ pub async fn bind(
 }
 
 /// Serves `node` on `endpoint` until `shutdown` completes, then closes connections
-/// gracefully (bounded wait). Every acknowledged write is already durable, so shutdown
-/// loses nothing.
+/// gracefully. Every acknowledged write is already durable, so shutdown loses nothing.
 pub async fn run(endpoint: Endpoint, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
-    tracing::info!(node = %node.config.name, addr = %node.config.advertise, "serving");
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => {
-                    tokio::spawn(serve_connection(node.clone(), incoming));
-                }
-                None => break,
-            },
-        }
-    }
-    tracing::info!(node = %node.config.name, "shutting down");
-    endpoint.close(0u32.into(), b"node shutting down");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    kvstore::server::serve(endpoint, node, shutdown).await;
 }
 
-async fn serve_connection(node: Arc<Node>, incoming: quinn::Incoming) {
-    let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(e) => {
-            tracing::info!(%remote, error = %e, "handshake refused");
-            return;
-        }
-    };
-    let role = match ringkv_certs::peer_role(&conn) {
-        Ok(role) => role,
-        Err(e) => {
-            tracing::warn!(%remote, error = %e, "peer certificate has no usable role");
-            conn.close(1u32.into(), b"certificate carries no ringkv role");
-            return;
-        }
-    };
-    tracing::debug!(%remote, ?role, "peer connected");
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream(node.clone(), role, send, recv));
+impl Service for Node {
+    type Request = Request;
+    type Reply = Reply;
+
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn max_frame(&self) -> usize {
+        self.config.limits.max_frame
+    }
+
+    fn handle(&self, role: Role, request: Request) -> impl Future<Output = Reply> + Send {
+        Node::handle(self, role, request)
+    }
+
+    fn bad_frame(&self, error: WireError) -> Reply {
+        let kind = match error {
+            WireError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
+            _ => ErrorKind::Malformed,
+        };
+        self.error_reply(kind, error.to_string())
+    }
+
+    fn unencodable(&self, error: WireError) -> Reply {
+        self.error_reply(ErrorKind::InvalidState, format!("reply too large: {error}"))
     }
 }
 
-/// Why a request could not be read from a stream.
-enum ReadFailure {
-    /// The stream ended or was reset: nobody to answer.
-    Gone,
-    /// The frame was bad: answer with this error.
-    Bad(ErrorKind, WireError),
-}
-
-async fn read_request(recv: &mut RecvStream, max_frame: usize) -> Result<Request, ReadFailure> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut header)
-        .await
-        .map_err(|_| ReadFailure::Gone)?;
-    let len = codec::frame_len(header, max_frame)
-        .map_err(|e| ReadFailure::Bad(ErrorKind::FrameTooLarge, e))?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|_| ReadFailure::Gone)?;
-    codec::decode(&payload).map_err(|e| ReadFailure::Bad(ErrorKind::Malformed, e))
-}
-
-async fn serve_stream(node: Arc<Node>, role: Role, mut send: SendStream, mut recv: RecvStream) {
-    let max_frame = node.config.limits.max_frame;
-    let reply = match read_request(&mut recv, max_frame).await {
-        Ok(request) => node.handle(role, request).await,
-        Err(ReadFailure::Gone) => return,
-        Err(ReadFailure::Bad(kind, e)) => {
-            tracing::warn!(node = %node.config.name, ?role, error = %e, "bad request frame");
-            // Do not read the rest of an oversized or broken frame.
-            let _ = recv.stop(0u32.into());
-            Reply::new(
-                node.metadata_version(),
-                ReplyBody::Error {
-                    kind,
-                    message: e.to_string(),
-                },
-            )
-        }
-    };
-    let frame = match codec::encode(&reply, max_frame) {
-        Ok(frame) => frame,
-        Err(e) => {
-            let fallback = Reply::new(
-                reply.metadata_version,
-                ReplyBody::Error {
-                    kind: ErrorKind::InvalidState,
-                    message: format!("reply too large: {e}"),
-                },
-            );
-            codec::encode(&fallback, max_frame).expect("a short error reply always fits")
-        }
-    };
-    // Never wait for the peer's ACK here (DESIGN §9): write, finish, done.
-    if send.write_all(&frame).await.is_ok() {
-        let _ = send.finish();
+impl Node {
+    fn error_reply(&self, kind: ErrorKind, message: String) -> Reply {
+        Reply::new(self.metadata_version(), ReplyBody::Error { kind, message })
     }
 }

@@ -11,15 +11,18 @@
 //! - [`codec`]: the length-prefixed postcard framing with a maximum frame size, checked
 //!   before anything is buffered.
 //! - [`limits`]: key/value/frame size limits and their validation.
+//! - [`admin`]: the ECS protocol an operator speaks ([`AdminRequest`], [`AdminReply`]).
 //! - [`error`]: [`WireError`], the one error type of this crate.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod codec;
 pub mod error;
 pub mod limits;
 pub mod message;
 pub mod ring;
 
+pub use admin::{AdminReply, AdminRequest, MoveReport, NodeReport};
 pub use codec::{decode, encode, frame_len, FRAME_HEADER_LEN};
 pub use error::WireError;
 pub use limits::Limits;

@@ -388,6 +388,82 @@ mod tests {
         }
     }
 
+    fn arb_admin_request() -> impl Strategy<Value = crate::AdminRequest> {
+        use crate::AdminRequest::*;
+        prop_oneof![
+            arb_node().prop_map(|n| AddNode {
+                name: n.name,
+                addr: n.addr
+            }),
+            "[a-z]{1,8}".prop_map(|name| RemoveNode { name }),
+            Just(Ring),
+            Just(Status),
+            Just(Start),
+            Just(Stop),
+        ]
+    }
+
+    fn arb_admin_reply() -> impl Strategy<Value = crate::AdminReply> {
+        use crate::{AdminReply, MoveReport, NodeReport};
+        let report = (
+            arb_node(),
+            proptest::option::of(arb_range()),
+            any::<bool>(),
+            ".{0,8}",
+        )
+            .prop_map(|(n, range, up, err)| NodeReport {
+                status: up.then(|| NodeStatus {
+                    name: n.name.clone(),
+                    addr: n.addr.clone(),
+                    running: true,
+                    metadata_version: 3,
+                    keys: 9,
+                    locked: range.into_iter().collect(),
+                }),
+                error: (!up).then_some(err),
+                name: n.name,
+                addr: n.addr,
+                range,
+            });
+        let moved = (
+            arb_node(),
+            arb_node(),
+            arb_range(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(a, b, range, entries, bytes)| MoveReport {
+                from: a.name,
+                to: b.name,
+                range,
+                entries,
+                bytes,
+                locked_ms: entries % 1000,
+                total_ms: bytes % 1000,
+            });
+        prop_oneof![
+            arb_metadata().prop_map(AdminReply::Ring),
+            (arb_metadata(), proptest::option::of(moved))
+                .prop_map(|(metadata, moved)| AdminReply::Changed { metadata, moved }),
+            (arb_metadata(), proptest::collection::vec(report, 0..4))
+                .prop_map(|(metadata, nodes)| AdminReply::Status { metadata, nodes }),
+            ".{0,16}".prop_map(AdminReply::Done),
+            ".{0,16}".prop_map(AdminReply::Error),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_admin_message_round_trips(req in arb_admin_request(), reply in arb_admin_reply()) {
+            let frame = encode(&req, 1 << 20).unwrap();
+            let (back, _): (crate::AdminRequest, usize) = decode_frame(&frame, 1 << 20).unwrap().unwrap();
+            prop_assert_eq!(back, req);
+            let frame = encode(&reply, 1 << 20).unwrap();
+            let (back, _): (crate::AdminReply, usize) = decode_frame(&frame, 1 << 20).unwrap().unwrap();
+            prop_assert_eq!(back, reply);
+        }
+    }
+
     #[test]
     fn client_requests_are_the_four() {
         assert!(RequestBody::GetMetadata.is_client_request());

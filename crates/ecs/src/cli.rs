@@ -1,0 +1,256 @@
+//! The `ringkv-ecs` binary's code: `serve` runs the service; the other subcommands are the
+//! operator's client for it.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kvstore::Transport;
+use ringkv_certs::Identity;
+use ringkv_wire::{AdminReply, AdminRequest, Limits, NodeReport, RingMetadata};
+
+use crate::EcsConfig;
+
+/// ringkv External Configuration Service and its operator commands.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringkv-ecs",
+    version,
+    about = "ringkv External Configuration Service"
+)]
+pub struct Cli {
+    /// Directory holding ca.pem and the admin certificate.
+    #[arg(long, env = "RINGKV_CERTS", default_value = "certs", global = true)]
+    pub certs: PathBuf,
+    /// Name of the admin certificate in --certs (<name>.pem/.key).
+    #[arg(long, env = "RINGKV_IDENTITY", default_value = "admin", global = true)]
+    pub identity: String,
+    /// Address of the ECS service (for the operator commands).
+    #[arg(
+        long,
+        env = "RINGKV_ECS",
+        default_value = "127.0.0.1:7000",
+        global = true
+    )]
+    pub ecs: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// A `ringkv-ecs` subcommand.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the ECS service (long-running; SIGINT/SIGTERM stop it).
+    Serve {
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7000")]
+        listen: SocketAddr,
+        /// Directory of the persisted ring.
+        #[arg(long, default_value = "ecs-state")]
+        state_dir: PathBuf,
+        /// Seconds allowed for one request to a node.
+        #[arg(long, default_value_t = 5)]
+        node_timeout: u64,
+    },
+    /// Show the ring and every node's state (reachability, version, keys, locks).
+    Status,
+    /// Show the ECS's ring metadata.
+    Ring,
+    /// Add a running node (started without --start) to the ring; its range moves to it.
+    AddNode {
+        /// The node's name (its certificate name).
+        #[arg(long)]
+        name: String,
+        /// The node's advertised host:port.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a node from the ring; its range moves to its successor.
+    RemoveNode {
+        /// The node's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Make every node of the ring serve clients.
+    Start,
+    /// Make every node of the ring answer STOPPED to clients.
+    Stop,
+}
+
+/// Parses the command line and runs it on a current-thread runtime. Returns the exit code.
+pub fn main() -> anyhow::Result<i32> {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cli))
+}
+
+/// Runs one parsed command line. Returns the exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let identity = Identity::from_dir(&cli.certs, &cli.identity).with_context(|| {
+        format!(
+            "loading admin identity '{}' from {}",
+            cli.identity,
+            cli.certs.display()
+        )
+    })?;
+    let request = match cli.command {
+        Command::Serve {
+            listen,
+            state_dir,
+            node_timeout,
+        } => {
+            let mut config = EcsConfig::new(listen, state_dir);
+            config.node_timeout = Duration::from_secs(node_timeout);
+            let (endpoint, ecs) = crate::bind(config, &identity)
+                .await
+                .context("starting the ECS")?;
+            crate::run(endpoint, ecs, kvstore::server::shutdown_signal()).await;
+            return Ok(0);
+        }
+        Command::Status => AdminRequest::Status,
+        Command::Ring => AdminRequest::Ring,
+        Command::AddNode { name, addr } => AdminRequest::AddNode { name, addr },
+        Command::RemoveNode { name } => AdminRequest::RemoveNode { name },
+        Command::Start => AdminRequest::Start,
+        Command::Stop => AdminRequest::Stop,
+    };
+    let transport = Transport::bind_client(
+        &identity,
+        Limits::default(),
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )?;
+    // Membership changes move data: allow them as long as the ECS's own transfer timeout.
+    let reply: AdminReply = transport
+        .call(&cli.ecs, &request, Duration::from_secs(3600))
+        .await
+        .with_context(|| format!("asking the ECS at {}", cli.ecs))?;
+    transport.close().await;
+    let (code, text) = reply_text(&reply);
+    if code == 0 {
+        print!("{text}");
+    } else {
+        eprint!("{text}");
+    }
+    Ok(code)
+}
+
+/// The operator's view of a reply, and the exit code it means.
+pub fn reply_text(reply: &AdminReply) -> (i32, String) {
+    match reply {
+        AdminReply::Ring(metadata) => (0, ring_text(metadata)),
+        AdminReply::Status { metadata, nodes } => (0, status_text(metadata, nodes)),
+        AdminReply::Changed { metadata, moved } => {
+            let mut s = format!(
+                "ring is now at version {} with {} nodes\n",
+                metadata.version,
+                metadata.nodes.len()
+            );
+            if let Some(m) = moved {
+                let mb = m.bytes as f64 / 1e6;
+                let secs = (m.total_ms as f64 / 1000.0).max(0.001);
+                let _ = writeln!(
+                    s,
+                    "moved {} keys ({mb:.1} MB) from {} to {} in {:.2} s ({:.1} MB/s); range write-locked for {} ms",
+                    m.entries, m.from, m.to, secs, mb / secs, m.locked_ms
+                );
+            }
+            (0, s)
+        }
+        AdminReply::Done(message) => (0, format!("{message}\n")),
+        AdminReply::Error(message) => (1, format!("error: {message}\n")),
+    }
+}
+
+fn short(hex: String) -> String {
+    hex[..10].to_string()
+}
+
+/// The ring as a table.
+pub fn ring_text(metadata: &RingMetadata) -> String {
+    let mut s = format!(
+        "ring version {}, {} nodes\n",
+        metadata.version,
+        metadata.nodes.len()
+    );
+    let _ = writeln!(s, "{:<10} {:<22} {:<12} RANGE", "NAME", "ADDRESS", "POSITION");
+    for (node, range) in metadata.ranges() {
+        let _ = writeln!(
+            s,
+            "{:<10} {:<22} {:<12} ({}…, {}…]",
+            node.name,
+            node.addr,
+            short(node.position.to_hex()),
+            short(range.start.to_hex()),
+            short(range.end.to_hex())
+        );
+    }
+    s
+}
+
+/// The ring with every node's report as a table.
+pub fn status_text(metadata: &RingMetadata, nodes: &[NodeReport]) -> String {
+    let mut s = format!(
+        "ring version {}, {} nodes\n",
+        metadata.version,
+        metadata.nodes.len()
+    );
+    let _ = writeln!(
+        s,
+        "{:<10} {:<22} {:<27} {:>9} {:>8} STATE",
+        "NAME", "ADDRESS", "RANGE", "KEYS", "VERSION"
+    );
+    for n in nodes {
+        let range = n
+            .range
+            .map(|r| format!("({}…, {}…]", short(r.start.to_hex()), short(r.end.to_hex())))
+            .unwrap_or_default();
+        match (&n.status, &n.error) {
+            (Some(st), _) => {
+                let mut state = if st.running {
+                    "running".to_string()
+                } else {
+                    "stopped".to_string()
+                };
+                if !st.locked.is_empty() {
+                    let _ = write!(state, ", {} range(s) write-locked", st.locked.len());
+                }
+                let _ = writeln!(
+                    s,
+                    "{:<10} {:<22} {:<27} {:>9} {:>8} {}",
+                    n.name, n.addr, range, st.keys, st.metadata_version, state
+                );
+            }
+            (None, error) => {
+                let _ = writeln!(
+                    s,
+                    "{:<10} {:<22} {:<27} {:>9} {:>8} unreachable: {}",
+                    n.name,
+                    n.addr,
+                    range,
+                    "-",
+                    "-",
+                    error.as_deref().unwrap_or("no answer")
+                );
+            }
+        }
+    }
+    s
+}

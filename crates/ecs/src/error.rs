@@ -1,0 +1,47 @@
+//! The ECS's error type.
+
+/// Errors of the External Configuration Service.
+#[derive(Debug, thiserror::Error)]
+pub enum EcsError {
+    /// The requested change is not valid for the current ring (duplicate or unknown node).
+    /// Nothing was changed.
+    #[error("{0}")]
+    Ring(#[from] ringkv_wire::WireError),
+    /// Removing the last node would lose its data. Nothing was changed.
+    #[error("refusing to remove {0}: it is the last node and its data would have nowhere to go")]
+    LastNode(String),
+    /// A step before the commit failed; the change was rolled back (lock released,
+    /// partial copy removed where reachable) and the ring is unchanged.
+    #[error("{step} failed: {reason}; change aborted and rolled back, ring unchanged at version {version}")]
+    Aborted {
+        /// The step that failed.
+        step: String,
+        /// Why.
+        reason: String,
+        /// The (unchanged) metadata version.
+        version: u64,
+    },
+    /// Reading or writing the ECS's state file failed.
+    #[error("state file {path}: {source}")]
+    State {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file does not decode.
+    #[error("state file {path} is corrupt: {reason}")]
+    CorruptState {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Certificates could not be loaded or the TLS configuration not built.
+    #[error("TLS: {0}")]
+    Tls(#[from] ringkv_certs::CertError),
+    /// Binding the endpoint failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}

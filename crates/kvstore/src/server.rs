@@ -1,0 +1,154 @@
+//! The serving side of the connection layer: accept mutually authenticated QUIC
+//! connections, read one request frame per bidirectional stream, answer with one reply
+//! frame. Nodes and the ECS both serve through [`serve`], so framing, limits and the
+//! handling of bad frames exist once.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Endpoint, RecvStream, SendStream};
+use ringkv_certs::Role;
+use ringkv_wire::{codec, WireError, FRAME_HEADER_LEN};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// A request handler served by [`serve`].
+pub trait Service: Send + Sync + 'static {
+    /// The request type read from each stream.
+    type Request: DeserializeOwned + Send + 'static;
+    /// The reply type written back.
+    type Reply: Serialize + Send + 'static;
+
+    /// A name for logs.
+    fn name(&self) -> &str;
+    /// Largest request frame accepted; a bigger header is refused before any buffering.
+    fn max_frame(&self) -> usize;
+    /// Answers one request from a peer whose certificate carries `role`.
+    fn handle(
+        &self,
+        role: Role,
+        request: Self::Request,
+    ) -> impl Future<Output = Self::Reply> + Send;
+    /// The reply to a frame that was oversized or did not decode.
+    fn bad_frame(&self, error: WireError) -> Self::Reply;
+    /// The reply when the real reply could not be encoded (e.g. over the frame limit).
+    fn unencodable(&self, error: WireError) -> Self::Reply;
+}
+
+/// Serves `service` on `endpoint` until `shutdown` completes, then closes connections
+/// gracefully (bounded wait).
+pub async fn serve<S: Service>(
+    endpoint: Endpoint,
+    service: Arc<S>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tracing::info!(service = service.name(), addr = ?endpoint.local_addr().ok(), "serving");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    tokio::spawn(serve_connection(service.clone(), incoming));
+                }
+                None => break,
+            },
+        }
+    }
+    tracing::info!(service = service.name(), "shutting down");
+    endpoint.close(0u32.into(), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+async fn serve_connection<S: Service>(service: Arc<S>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::info!(service = service.name(), %remote, error = %e, "handshake refused");
+            return;
+        }
+    };
+    let role = match ringkv_certs::peer_role(&conn) {
+        Ok(role) => role,
+        Err(e) => {
+            tracing::warn!(service = service.name(), %remote, error = %e, "peer certificate has no usable role");
+            conn.close(1u32.into(), b"certificate carries no ringkv role");
+            return;
+        }
+    };
+    tracing::debug!(service = service.name(), %remote, ?role, "peer connected");
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_stream(service.clone(), role, send, recv));
+    }
+}
+
+/// Why a request could not be read from a stream.
+enum ReadFailure {
+    /// The stream ended or was reset: nobody to answer.
+    Gone,
+    /// The frame was bad: answer with an error.
+    Bad(WireError),
+}
+
+async fn read_request<Q: DeserializeOwned>(
+    recv: &mut RecvStream,
+    max_frame: usize,
+) -> Result<Q, ReadFailure> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|_| ReadFailure::Gone)?;
+    let len = codec::frame_len(header, max_frame).map_err(ReadFailure::Bad)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload)
+        .await
+        .map_err(|_| ReadFailure::Gone)?;
+    codec::decode(&payload).map_err(ReadFailure::Bad)
+}
+
+async fn serve_stream<S: Service>(
+    service: Arc<S>,
+    role: Role,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let max_frame = service.max_frame();
+    let reply = match read_request(&mut recv, max_frame).await {
+        Ok(request) => service.handle(role, request).await,
+        Err(ReadFailure::Gone) => return,
+        Err(ReadFailure::Bad(e)) => {
+            tracing::warn!(service = service.name(), ?role, error = %e, "bad request frame");
+            // Do not read the rest of an oversized or broken frame.
+            let _ = recv.stop(0u32.into());
+            service.bad_frame(e)
+        }
+    };
+    let frame = match codec::encode(&reply, max_frame) {
+        Ok(frame) => frame,
+        Err(e) => codec::encode(&service.unencodable(e), max_frame)
+            .expect("a short error reply always fits"),
+    };
+    // Never wait for the peer's ACK here (DESIGN §9): write, finish, done.
+    if send.write_all(&frame).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Completes on SIGINT or SIGTERM: the shutdown future of the `ringkv-node` and
+/// `ringkv-ecs` services.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops this");
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}

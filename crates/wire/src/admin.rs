@@ -1,0 +1,91 @@
+//! The ECS protocol: what an operator (an `admin` certificate) asks the External
+//! Configuration Service, and what it answers. Framed with the same codec as node traffic.
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::NodeStatus;
+use crate::ring::{KeyRange, RingMetadata};
+
+/// An operator's request to the ECS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Add a running node to the ring; its range moves to it from its successor.
+    AddNode {
+        /// The node's name (its certificate name).
+        name: String,
+        /// Its advertised `host:port`.
+        addr: String,
+    },
+    /// Remove a node from the ring; its range moves to its successor.
+    RemoveNode {
+        /// The node's name.
+        name: String,
+    },
+    /// The ECS's ring metadata.
+    Ring,
+    /// The ring plus every node's own report (reachability, version, keys, locks).
+    Status,
+    /// Make every node of the ring serve clients.
+    Start,
+    /// Make every node of the ring answer `Stopped` to clients.
+    Stop,
+}
+
+/// A completed range move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveReport {
+    /// Sender.
+    pub from: String,
+    /// Receiver.
+    pub to: String,
+    /// The range moved.
+    pub range: KeyRange,
+    /// Entries moved.
+    pub entries: u64,
+    /// Key + value bytes moved.
+    pub bytes: u64,
+    /// Time from write-locking the range to releasing the lock, in milliseconds.
+    pub locked_ms: u64,
+    /// Time of the whole change, in milliseconds.
+    pub total_ms: u64,
+}
+
+/// One node as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Name in the ring.
+    pub name: String,
+    /// Advertised address.
+    pub addr: String,
+    /// Its range under the ECS's metadata.
+    pub range: Option<KeyRange>,
+    /// What the node said about itself, if it answered.
+    pub status: Option<NodeStatus>,
+    /// Why it did not answer.
+    pub error: Option<String>,
+}
+
+/// The ECS's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminReply {
+    /// The ring metadata.
+    Ring(RingMetadata),
+    /// A membership change completed: the new metadata and the move it needed, if any.
+    Changed {
+        /// The metadata now published.
+        metadata: RingMetadata,
+        /// The range move, if data had to move.
+        moved: Option<MoveReport>,
+    },
+    /// The cluster status.
+    Status {
+        /// The ECS's metadata.
+        metadata: RingMetadata,
+        /// One report per node of the ring.
+        nodes: Vec<NodeReport>,
+    },
+    /// A request without a result completed.
+    Done(String),
+    /// The request failed; the message says why and what state it left.
+    Error(String),
+}

@@ -1,0 +1,384 @@
+//! The ring with the ECS: stale-metadata routing, joins and leaves moving exactly the right
+//! keys, zero loss under load, a node killed mid-transfer, ECS restarts, the operator CLI.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{bin, free_port, node_status, NodeProcess, TestCluster, TestEcs};
+use kvstore::KvStore;
+use ringkv_wire::{AdminReply, AdminRequest, RingMetadata};
+
+/// Asserts every node holds exactly the keys of its range under `metadata`.
+fn assert_each_node_holds_its_range(cluster: &TestCluster, keys: &[String]) {
+    let metadata = cluster.ecs.ecs.metadata();
+    let mut expected: HashMap<String, u64> = HashMap::new();
+    for key in keys {
+        let owner = metadata.responsible_for_key(key.as_bytes()).unwrap();
+        *expected.entry(owner.name.clone()).or_default() += 1;
+    }
+    for node in &cluster.nodes {
+        let name = &node.node.config().name;
+        let want = expected.get(name).copied().unwrap_or(0);
+        assert_eq!(
+            node.node.store().len().unwrap(),
+            want,
+            "keys stored at {name}"
+        );
+        let range = metadata.range_of(name).unwrap();
+        assert_eq!(
+            node.node.store().count_range(&range).unwrap(),
+            want,
+            "keys in range at {name}"
+        );
+    }
+}
+
+async fn put_keys(store: &KvStore, keys: &[String]) {
+    for key in keys {
+        store
+            .put(key.as_bytes(), format!("v-{key}").as_bytes())
+            .await
+            .unwrap();
+    }
+}
+
+async fn assert_all_readable(store: &KvStore, keys: &[String]) {
+    for key in keys {
+        let got = store.get(key.as_bytes()).await.unwrap();
+        assert_eq!(got, Some(format!("v-{key}").into_bytes()), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn stale_client_is_redirected_to_the_new_owner() {
+    let mut cluster = TestCluster::start(1).await;
+    let store = cluster.client().await;
+    assert_eq!(store.metadata().version, 1);
+    cluster.add_node("n2").await;
+    cluster.add_node("n3").await;
+    let current: RingMetadata = cluster.ecs.ecs.metadata();
+    assert_eq!(current.version, 3);
+
+    // A key the stale client would send to n1 but which n2 or n3 now owns.
+    let key = (0..)
+        .map(|i| format!("key-{i}"))
+        .find(|k| current.responsible_for_key(k.as_bytes()).unwrap().name != "n1")
+        .unwrap();
+    assert_eq!(
+        store.put(key.as_bytes(), b"v").await.unwrap(),
+        kvstore::PutOutcome::Created
+    );
+    let stats = store.stats();
+    assert!(
+        stats.not_responsible >= 1,
+        "the client was not redirected: {stats:?}"
+    );
+    assert_eq!(
+        store.metadata().version,
+        3,
+        "the client adopted the newer metadata"
+    );
+    assert_eq!(
+        store.get(key.as_bytes()).await.unwrap(),
+        Some(b"v".to_vec())
+    );
+    // The key lives at its owner, not at n1.
+    let owner = current.responsible_for_key(key.as_bytes()).unwrap();
+    assert_eq!(
+        cluster
+            .node(&owner.name)
+            .node
+            .store()
+            .get(key.as_bytes())
+            .unwrap(),
+        Some(b"v".to_vec())
+    );
+    assert_eq!(
+        cluster.node("n1").node.store().get(key.as_bytes()).unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn join_and_leave_move_exactly_the_right_keys() {
+    let mut cluster = TestCluster::start(3).await;
+    let store = cluster.client().await;
+    let keys: Vec<String> = (0..10_000).map(|i| format!("key-{i:05}")).collect();
+    put_keys(&store, &keys).await;
+    assert_each_node_holds_its_range(&cluster, &keys);
+
+    let reply = cluster.add_node("n4").await;
+    let AdminReply::Changed { metadata, moved } = reply else {
+        unreachable!()
+    };
+    assert_eq!(metadata.version, 4);
+    let moved = moved.expect("a join moves a range");
+    assert_eq!(moved.to, "n4");
+    let n4_keys = keys
+        .iter()
+        .filter(|k| metadata.responsible_for_key(k.as_bytes()).unwrap().name == "n4")
+        .count() as u64;
+    assert_eq!(moved.entries, n4_keys);
+    assert_all_readable(&store, &keys).await;
+    assert_each_node_holds_its_range(&cluster, &keys);
+
+    cluster.remove_node("n2").await;
+    assert_eq!(cluster.ecs.ecs.metadata().version, 5);
+    assert_all_readable(&store, &keys).await;
+    assert_each_node_holds_its_range(&cluster, &keys);
+    // Every remaining node holds the current metadata.
+    for node in &cluster.nodes {
+        assert_eq!(node.node.metadata_version(), 5);
+        assert!(node.node.view().own_range.is_some());
+    }
+}
+
+#[tokio::test]
+async fn no_acknowledged_write_is_lost_while_nodes_join_and_leave() {
+    let mut cluster = TestCluster::start(3).await;
+    // Some data so that the moves take a little while.
+    let preload: Vec<String> = (0..3000).map(|i| format!("pre-{i}")).collect();
+    put_keys(&cluster.client().await, &preload).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..8u32 {
+        let store = cluster.client().await;
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked: HashMap<String, u32> = HashMap::new();
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                // Unique keys, plus rewrites of earlier ones.
+                let key = format!("w{w}-{}", if i % 4 == 3 { i / 2 } else { i });
+                store
+                    .put(key.as_bytes(), &i.to_le_bytes())
+                    .await
+                    .expect("put acknowledged");
+                acked.insert(key, i);
+                i += 1;
+            }
+            (acked, store.stats(), store)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.add_node("n4").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.remove_node("n1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let reader = cluster.client().await;
+    let (mut writes, mut locked, mut redirected) = (0usize, 0u64, 0u64);
+    for w in writers {
+        let (acked, stats, _store) = w.await.unwrap();
+        writes += acked.len();
+        locked += stats.write_locked;
+        redirected += stats.not_responsible;
+        for (key, i) in acked {
+            let got = reader.get(key.as_bytes()).await.unwrap();
+            assert_eq!(
+                got,
+                Some(i.to_le_bytes().to_vec()),
+                "acknowledged {key} lost or stale"
+            );
+        }
+    }
+    assert_all_readable(&reader, &preload).await;
+    println!(
+        "{writes} distinct keys acknowledged by 8 writers during a join and a leave; \
+         {locked} writes hit WRITE_LOCKED and {redirected} hit NOT_RESPONSIBLE, all retried"
+    );
+    assert!(writes > 100, "the writers barely ran: {writes}");
+    assert!(
+        locked + redirected > 0,
+        "no write met the moves; the test proved nothing"
+    );
+}
+
+#[tokio::test]
+async fn killing_the_joining_node_mid_transfer_aborts_cleanly() {
+    let cluster = TestCluster::start(1).await;
+    let store = cluster.client().await;
+    // Enough data that the transfer takes a while: 40,000 × 1 KiB.
+    let value = vec![b'x'; 1024];
+    let keys: Vec<String> = (0..40_000).map(|i| format!("big-{i}")).collect();
+    for chunk in keys.chunks(500) {
+        let puts = chunk.iter().map(|k| store.put(k.as_bytes(), &value));
+        for r in futures::future::join_all(puts).await {
+            r.unwrap();
+        }
+    }
+
+    let data = tempfile::tempdir().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut joining = NodeProcess::spawn_with(&cluster.certs, "n2", addr, data.path(), &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = cluster.certs.admin();
+    let ecs_addr = cluster.ecs.addr.clone();
+    let join = tokio::spawn(async move {
+        admin
+            .call::<_, AdminReply>(
+                &ecs_addr,
+                &AdminRequest::AddNode {
+                    name: "n2".into(),
+                    addr: addr.to_string(),
+                },
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap()
+    });
+    // Kill it as soon as the first batches have landed.
+    let watcher = cluster.certs.admin();
+    let mut seen = 0;
+    for _ in 0..2000 {
+        if let Ok(reply) = watcher
+            .request(
+                &addr.to_string(),
+                &ringkv_wire::Request::new(0, ringkv_wire::RequestBody::Status),
+            )
+            .await
+        {
+            if let ringkv_wire::ReplyBody::Status(s) = reply.body {
+                seen = s.keys;
+                if s.keys > 0 {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    joining.kill();
+    assert!(
+        seen > 0 && seen < 40_000,
+        "the kill did not land mid-transfer (saw {seen} keys)"
+    );
+
+    let reply = join.await.unwrap();
+    match &reply {
+        AdminReply::Error(message) => {
+            assert!(message.contains("aborted"), "{message}");
+            assert!(message.contains("transfer"), "{message}");
+        }
+        other => panic!("the join should have failed: {other:?}"),
+    }
+    // The ring is unchanged, the lock released, nothing lost, writes accepted again.
+    assert_eq!(cluster.ecs.ecs.metadata().version, 1);
+    let n1 = node_status(&cluster.admin, &cluster.nodes[0].addr).await;
+    assert!(n1.locked.is_empty(), "lock still held: {:?}", n1.locked);
+    assert_eq!(n1.metadata_version, 1);
+    for key in &keys {
+        assert_eq!(
+            store.get(key.as_bytes()).await.unwrap().as_deref(),
+            Some(&value[..]),
+            "{key}"
+        );
+    }
+    store.put(b"after-abort", b"ok").await.unwrap();
+    assert_eq!(
+        store.stats().write_locked,
+        0,
+        "no client write waited on a lock after the abort"
+    );
+}
+
+#[tokio::test]
+async fn ecs_restart_keeps_ring_and_version() {
+    let mut cluster = TestCluster::start(2).await;
+    cluster.add_node("n3").await;
+    cluster.remove_node("n1").await;
+    let before = cluster.ecs.ecs.metadata();
+    assert_eq!(before.version, 4);
+
+    let TestCluster {
+        certs,
+        ecs,
+        ecs_state,
+        nodes,
+        admin,
+    } = cluster;
+    ecs.stop().await;
+    let ecs = TestEcs::start(&certs, ecs_state.path()).await;
+    assert_eq!(ecs.ecs.metadata(), before);
+    let reply: AdminReply = admin
+        .call(&ecs.addr, &AdminRequest::Ring, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(reply, AdminReply::Ring(before.clone()));
+    // And it can still change the ring.
+    let cluster = TestCluster {
+        certs,
+        ecs,
+        ecs_state,
+        nodes,
+        admin,
+    };
+    let store = cluster.client().await;
+    store.put(b"k", b"v").await.unwrap();
+    assert_eq!(store.metadata().version, 4);
+}
+
+#[tokio::test]
+async fn ecs_status_cli_after_join_and_leave() {
+    let mut cluster = TestCluster::start(2).await;
+    let store = cluster.client().await;
+    let keys: Vec<String> = (0..500).map(|i| format!("k{i}")).collect();
+    put_keys(&store, &keys).await;
+    cluster.add_node("n3").await;
+    cluster.remove_node("n1").await;
+
+    // The ECS runs on this test's runtime: run the binary without blocking it.
+    let run = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(bin("ringkv-ecs"));
+        cmd.arg("--ecs")
+            .arg(&cluster.ecs.addr)
+            .arg("--certs")
+            .arg(cluster.certs.path())
+            .args(args);
+        async move {
+            let out = cmd.output().await.unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (code, out, err) = run(&["status"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    println!("{out}");
+    assert!(out.starts_with("ring version 4, 2 nodes\n"), "{out}");
+    assert!(!out.contains("n1 "), "{out}");
+    let mut total = 0;
+    for name in ["n2", "n3"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing:\n{out}"));
+        assert!(line.contains(&cluster.node(name).addr), "{line}");
+        assert!(line.ends_with("running"), "{line}");
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // NAME ADDRESS (start…, end…] KEYS VERSION STATE
+        let keys_field: u64 = fields[fields.len() - 3].parse().unwrap();
+        assert_eq!(fields[fields.len() - 2], "4", "{line}");
+        assert_eq!(keys_field, cluster.node(name).node.store().len().unwrap());
+        total += keys_field;
+    }
+    assert_eq!(total, 500);
+
+    let (code, out, _) = run(&["ring"]).await;
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("ring version 4, 2 nodes"), "{out}");
+    let (code, _, err) = run(&["remove-node", "--name", "nope"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not in the ring"), "{err}");
+    // A client certificate is refused by the ECS.
+    let (code, _, err) = run(&["--identity", "client", "status"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("admin certificate is needed"), "{err}");
+}
