@@ -49,6 +49,7 @@ pub struct KvStore {
     metadata: RwLock<Arc<RingMetadata>>,
     counters: Counters,
     disconnected: AtomicBool,
+    refresh: tokio::sync::Mutex<()>,
 }
 
 impl KvStore {
@@ -67,6 +68,7 @@ impl KvStore {
             metadata: RwLock::new(Arc::new(RingMetadata::default())),
             counters: Counters::default(),
             disconnected: AtomicBool::new(false),
+            refresh: tokio::sync::Mutex::new(()),
         };
         let metadata = store.refresh_metadata().await?;
         if metadata.nodes.is_empty() {
@@ -139,9 +141,15 @@ impl KvStore {
         }
     }
 
-    /// Asks every known node (ring members, then seeds) for its metadata and adopts the
-    /// newest. Fails only if none answers.
+    /// Asks every known node (ring members and seeds, concurrently) for its metadata and
+    /// adopts the newest. Fails only if none answers. Concurrent callers share one refresh:
+    /// whoever finds one under way waits for it instead of starting another.
     pub async fn refresh_metadata(&self) -> Result<Arc<RingMetadata>, KvError> {
+        let before = self.metadata().version;
+        let _refreshing = self.refresh.lock().await;
+        if self.metadata().version > before {
+            return Ok(self.metadata()); // someone else just refreshed
+        }
         let mut candidates: Vec<String> = self
             .metadata()
             .nodes
@@ -153,18 +161,19 @@ impl KvStore {
                 candidates.push(seed.clone());
             }
         }
+        let request = Request::new(self.metadata().version, RequestBody::GetMetadata);
+        let asks = candidates
+            .iter()
+            .map(|addr| self.transport.request(addr, &request));
         let mut last = None;
         let mut answered = false;
-        for addr in &candidates {
-            let request = Request::new(self.metadata().version, RequestBody::GetMetadata);
-            match self.transport.request(addr, &request).await {
-                Ok(reply) => match reply.body {
-                    ReplyBody::Metadata(m) | ReplyBody::NotResponsible { metadata: m } => {
-                        answered = true;
-                        self.adopt_metadata(m);
-                    }
-                    other => last = Some(unexpected("get_metadata", other)),
-                },
+        for result in futures::future::join_all(asks).await {
+            match result.map(|reply| reply.body) {
+                Ok(ReplyBody::Metadata(m)) | Ok(ReplyBody::NotResponsible { metadata: m }) => {
+                    answered = true;
+                    self.adopt_metadata(m);
+                }
+                Ok(other) => last = Some(unexpected("get_metadata", other)),
                 Err(e) => last = Some(e),
             }
         }
@@ -230,6 +239,8 @@ impl KvStore {
                     }
                     ReplyBody::Stopped => {
                         self.counters.stopped.fetch_add(1, Ordering::Relaxed);
+                        // Maybe it was stopped because it left the ring: ask the others.
+                        let _ = self.refresh_metadata().await;
                         format!("{} is stopped", owner.name)
                     }
                     ReplyBody::Error { kind, message } => {
