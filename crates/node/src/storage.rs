@@ -234,16 +234,18 @@ fn write_loop(db: &Database, data: &Keyspace, meta: &Keyspace, jobs: mpsc::Recei
                 Err(_) => break,
             }
         }
-        match apply(db, data, meta, group.iter().map(|j| &j.op)) {
+        let (ops, replies): (Vec<WriteOp>, Vec<_>) =
+            group.into_iter().map(|j| (j.op, j.reply)).unzip();
+        match apply(db, data, meta, ops) {
             Ok(outcomes) => {
-                for (job, outcome) in group.into_iter().zip(outcomes) {
-                    let _ = job.reply.send(Ok(outcome));
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, jobs = group.len(), "write group failed; none of it was committed");
-                for job in group {
-                    let _ = job.reply.send(Err(e.to_string()));
+                tracing::error!(error = %e, jobs = replies.len(), "write group failed; none of it was committed");
+                for reply in replies {
+                    let _ = reply.send(Err(e.to_string()));
                 }
             }
         }
@@ -253,15 +255,15 @@ fn write_loop(db: &Database, data: &Keyspace, meta: &Keyspace, jobs: mpsc::Recei
 /// Folds a group of writes into the final state of each key they touch (last write wins,
 /// so every key appears once in the batch: a fjall batch gives all its items one sequence
 /// number), commits it durably, and returns each write's outcome.
-fn apply<'a>(
+fn apply(
     db: &Database,
     data: &Keyspace,
     meta: &Keyspace,
-    ops: impl Iterator<Item = &'a WriteOp>,
+    ops: Vec<WriteOp>,
 ) -> Result<Vec<WriteOutcome>, NodeError> {
     // key -> Some(value) to write, None to delete.
     let mut state: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-    let mut ring: Option<&[u8]> = None;
+    let mut ring: Option<Vec<u8>> = None;
     let exists =
         |state: &HashMap<Vec<u8>, Option<Vec<u8>>>, key: &[u8]| -> Result<bool, NodeError> {
             match state.get(key) {
@@ -273,18 +275,18 @@ fn apply<'a>(
     for op in ops {
         outcomes.push(match op {
             WriteOp::Put { key, value } => {
-                let created = !exists(&state, key)?;
-                state.insert(key.clone(), Some(value.clone()));
+                let created = !exists(&state, &key)?;
+                state.insert(key, Some(value));
                 WriteOutcome::Put { created }
             }
             WriteOp::Delete { key } => {
-                let existed = exists(&state, key)?;
-                state.insert(key.clone(), None);
+                let existed = exists(&state, &key)?;
+                state.insert(key, None);
                 WriteOutcome::Delete { existed }
             }
             WriteOp::PutBatch(entries) => {
                 for e in entries {
-                    state.insert(storage_key(&e.key), Some(e.value.clone()));
+                    state.insert(storage_key(&e.key), Some(e.value));
                 }
                 WriteOutcome::Done
             }

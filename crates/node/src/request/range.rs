@@ -4,6 +4,8 @@ use ringkv_wire::{
     ErrorKind, KeyRange, NodeEntry, ReplyBody, Request, RequestBody, StorageEntry, TransferStats,
 };
 
+use futures::stream::{FuturesUnordered, StreamExt};
+
 use super::{error, storage_error};
 use crate::Node;
 
@@ -19,45 +21,60 @@ pub async fn unlock(node: &Node, range: KeyRange) -> ReplyBody {
     ReplyBody::Ok
 }
 
-/// `TransferRange`: streams a consistent snapshot of `range` to `to` in batches; each batch
-/// is acknowledged by `to` only after it persisted it. Replies `Transferred` when all are.
+/// Transfer batches in flight at once: enough to keep the link and the receiver's disk busy
+/// while the next batch is read.
+const TRANSFER_WINDOW: usize = 4;
+
+/// `TransferRange`: streams a consistent snapshot of `range` to `to` in batches, several in
+/// flight; each batch is acknowledged by `to` only after it persisted it. Replies
+/// `Transferred` when all are.
 pub async fn transfer(node: &Node, range: KeyRange, to: NodeEntry) -> ReplyBody {
     let mut batches = node
         .store
         .scan_range(range, node.config.transfer_batch_bytes);
     let mut stats = TransferStats::default();
     let version = node.metadata_version();
-    while let Some(batch) = batches.recv().await {
-        let entries = match batch {
-            Ok(entries) => entries,
-            Err(e) => return storage_error(e),
-        };
+    let send = |entries: Vec<StorageEntry>| {
         let n = entries.len() as u64;
         let bytes: u64 = entries
             .iter()
             .map(|e| (e.key.len() + e.value.len()) as u64)
             .sum();
         let request = Request::new(version, RequestBody::PutBatch { entries });
-        match node.peers.request(&to.addr, &request).await {
-            Ok(reply) if reply.body == ReplyBody::Ok => {
+        let to = &to;
+        async move {
+            match node.peers.request(&to.addr, &request).await {
+                Ok(reply) if reply.body == ReplyBody::Ok => Ok((n, bytes)),
+                Ok(reply) => Err(format!(
+                    "{} refused a transfer batch: {:?}",
+                    to.name, reply.body
+                )),
+                Err(e) => Err(format!("transfer to {} failed: {e}", to.name)),
+            }
+        }
+    };
+    let mut in_flight = FuturesUnordered::new();
+    let mut scanned_all = false;
+    loop {
+        while !scanned_all && in_flight.len() < TRANSFER_WINDOW {
+            match batches.recv().await {
+                Some(Ok(entries)) => in_flight.push(send(entries)),
+                Some(Err(e)) => return storage_error(e),
+                None => scanned_all = true,
+            }
+        }
+        match in_flight.next().await {
+            Some(Ok((n, bytes))) => {
                 stats.entries += n;
                 stats.bytes += bytes;
             }
-            Ok(reply) => {
+            Some(Err(message)) => {
                 return error(
                     ErrorKind::Peer,
-                    format!("{} refused a transfer batch: {:?}", to.name, reply.body),
+                    format!("{message} (after {} entries acknowledged)", stats.entries),
                 )
             }
-            Err(e) => {
-                return error(
-                    ErrorKind::Peer,
-                    format!(
-                        "transfer to {} failed after {} entries: {e}",
-                        to.name, stats.entries
-                    ),
-                )
-            }
+            None => break, // nothing in flight and nothing left to scan
         }
     }
     tracing::info!(node = %node.config.name, to = %to.name, range = ?range, entries = stats.entries, bytes = stats.bytes, "range transferred");
