@@ -1,0 +1,352 @@
+#!/usr/bin/env bash
+# ringkv next to redis, in ONE run on the same machine (issue #7; DESIGN §9: only ratios measured
+# side by side at the same moment mean anything on a shared 2-core machine).
+#
+#   bench/compare.sh                     # ~120 s of measuring in total
+#   BENCH_SECONDS=40 bench/compare.sh    # shorter: the budget is split over all runs
+#
+# Builds release, makes certificates with ringkv-certs, starts one ringkv node and two
+# redis-servers (plain: no persistence; durable: appendonly + appendfsync always), then for
+# each scenario runs ringkv-bench --json and redis-benchmark --csv with the same clients, value
+# size, operation and keyspace and prints one table. ringkv puts are always durable (fsync group
+# commit), so they are compared with redis `appendfsync always`; gets with plain redis. If this
+# redis is built with TLS, a mutual-TLS redis row is added (ringkv is always mTLS), using the
+# same CA and certificates as ringkv.
+#
+# Environment:
+#   BENCH_SECONDS   total measuring time of all runs (default 120); each run gets an equal share,
+#                   at least 1 s. Build, preloads, warmups and redis calibration come on top.
+#   BENCH_KEYSPACE  distinct keys (default 10000; ringkv-bench --keyspace, redis-benchmark -r)
+#   BENCH_TMPDIR    where data, certs and logs go (default: target/, on the same disk as the
+#                   work tree, because /tmp may be a tmpfs where fsync costs nothing)
+#   BENCH_SKIP_BUILD=1  reuse target/release as it is
+# Needs redis-server, redis-benchmark, redis-cli and jq; installs them with apt-get if missing.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=$ROOT/target/release
+BENCH_SECONDS=${BENCH_SECONDS:-120}
+KEYSPACE=${BENCH_KEYSPACE:-10000}
+SIZES=(100 4096)
+CLIENT_COUNTS=(50 1)
+OPS=(get put)
+
+say() { echo "compare: $*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+
+# --- tools ---------------------------------------------------------------------------------------
+install_missing() {
+    local missing=()
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v redis-benchmark >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-tools)
+    command -v jq >/dev/null || missing+=(jq)
+    [[ ${#missing[@]} -eq 0 ]] && return
+    say "installing ${missing[*]} with apt-get"
+    local sudo=()
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# --- processes and cleanup ---------------------------------------------------------------------------
+TMP=
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    [[ -n $TMP ]] && rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A port that nothing on this machine listens on or uses, over TCP or UDP.
+free_port() {
+    local port
+    while :; do
+        port=$((20000 + RANDOM % 40000))
+        if ! ss -Htuan | awk '{print $5}' | grep -q ":$port\$"; then
+            echo "$port"
+            return
+        fi
+    done
+}
+
+wait_until() { # seconds description command...
+    local deadline=$((SECONDS + $1)) what=$2
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "$what did not come up (logs in $TMP)"
+        sleep 0.1
+    done
+}
+
+# --- servers -----------------------------------------------------------------------------------------
+start_ringkv() {
+    RINGKV_PORT=$(free_port)
+    RINGKV_ADDR=127.0.0.1:$RINGKV_PORT
+    RUST_LOG=warn "$BIN/ringkv-node" --name n1 --listen "$RINGKV_ADDR" --start \
+        --data-dir "$TMP/ringkv-n1" --certs "$TMP/certs" >"$TMP/ringkv-n1.log" 2>&1 &
+    PIDS+=($!)
+    wait_until 20 "ringkv-node" "$BIN/ringkv" --seed "$RINGKV_ADDR" --certs "$TMP/certs" ring
+    say "ringkv-node n1 on $RINGKV_ADDR (data in $TMP/ringkv-n1)"
+}
+
+# The 3-node cluster: `ringkv-ecs serve` and three `ringkv-node` processes (own certificate,
+# port and data dir each), added to the ring through the ECS like an operator would. Sets
+# RINGKV3_SEEDS (comma-separated). Redis stays one process: its multi-node equivalent would
+# be a cluster with replicas, a different thing, so 3-node rows compare with the same redis.
+start_ringkv_three_nodes() {
+    local ecs_port i port seeds=()
+    ecs_port=$(free_port)
+    RUST_LOG=warn "$BIN/ringkv-ecs" --certs "$TMP/certs" --identity ecs serve \
+        --listen "127.0.0.1:$ecs_port" --state-dir "$TMP/ecs-state" >"$TMP/ecs.log" 2>&1 &
+    PIDS+=($!)
+    for i in 1 2 3; do
+        port=$(free_port)
+        RUST_LOG=warn "$BIN/ringkv-node" --name "c$i" --listen "127.0.0.1:$port" \
+            --data-dir "$TMP/ringkv3-c$i" --certs "$TMP/certs" >"$TMP/ringkv3-c$i.log" 2>&1 &
+        PIDS+=($!)
+        seeds+=("127.0.0.1:$port")
+    done
+    wait_until 20 "ringkv-ecs" "$BIN/ringkv-ecs" --ecs "127.0.0.1:$ecs_port" --certs "$TMP/certs" ring
+    sleep 1 # the nodes bind their sockets at once; give them a moment before the ECS dials
+    for i in 1 2 3; do
+        "$BIN/ringkv-ecs" --ecs "127.0.0.1:$ecs_port" --certs "$TMP/certs" \
+            add-node --name "c$i" --addr "${seeds[$((i - 1))]}" >>"$TMP/ecs.log" ||
+            die "adding c$i failed (see $TMP/ecs.log)"
+    done
+    RINGKV3_SEEDS=$(IFS=,; echo "${seeds[*]}")
+    say "3-node cluster c1..c3 on $RINGKV3_SEEDS, ECS on 127.0.0.1:$ecs_port"
+}
+
+REDIS_TLS=0
+REDIS_TLS_WHY=""
+REDIS_TLS_CLIENT=()
+
+# start_redis NAME extra-args...: sets REDIS_PORT and REDIS_TLS_PORT (0 without TLS).
+start_redis() {
+    local name=$1 port tls_port=0 dir=$TMP/redis-$1
+    shift
+    port=$(free_port)
+    mkdir -p "$dir"
+    local tls=()
+    if [[ $REDIS_TLS == 1 ]]; then
+        tls_port=$(free_port)
+        # Mutual TLS like ringkv: tls-auth-clients defaults to yes.
+        tls=(--tls-port "$tls_port" --tls-cert-file "$TMP/certs/n1.pem"
+            --tls-key-file "$TMP/certs/n1.key" --tls-ca-cert-file "$TMP/certs/ca.pem")
+    fi
+    redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" --save '' --daemonize no \
+        --logfile "$dir/redis.log" "${tls[@]}" "$@" &
+    PIDS+=($!)
+    wait_until 10 "redis-server ($name)" redis-cli -p "$port" ping
+    REDIS_PORT=$port
+    REDIS_TLS_PORT=$tls_port
+    local tls_note=""
+    [[ $REDIS_TLS == 1 ]] && tls_note=" and mTLS on :$tls_port"
+    say "redis-server $name on 127.0.0.1:$port$tls_note ($*)"
+}
+
+# Whether this redis can do TLS, and cheaply: reuse ringkv's CA and node/client certificates.
+probe_redis_tls() {
+    if ! redis-benchmark --help 2>&1 | grep -q -- '--tls'; then
+        REDIS_TLS_WHY="redis-benchmark has no --tls (redis built without TLS)"
+        return
+    fi
+    # The server's TLS support shows by starting it with TLS options.
+    local port tls_port dir=$TMP/redis-tls-probe
+    port=$(free_port)
+    tls_port=$(free_port)
+    mkdir -p "$dir"
+    redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" --save '' --daemonize no \
+        --logfile "$dir/redis.log" --tls-port "$tls_port" --tls-cert-file "$TMP/certs/n1.pem" \
+        --tls-key-file "$TMP/certs/n1.key" --tls-ca-cert-file "$TMP/certs/ca.pem" &
+    local pid=$!
+    PIDS+=("$pid")
+    REDIS_TLS_CLIENT=(--tls --cert "$TMP/certs/client.pem" --key "$TMP/certs/client.key"
+        --cacert "$TMP/certs/ca.pem")
+    local deadline=$((SECONDS + 5))
+    while ((SECONDS < deadline)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            REDIS_TLS_WHY="redis-server refused the TLS options: $(tail -n 1 "$dir/redis.log")"
+            return
+        fi
+        if [[ $(redis-cli -p "$tls_port" "${REDIS_TLS_CLIENT[@]}" ping 2>/dev/null) == PONG ]]; then
+            REDIS_TLS=1
+            break
+        fi
+        sleep 0.1
+    done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    PIDS=("${PIDS[@]/$pid/}")
+    [[ $REDIS_TLS == 1 ]] || REDIS_TLS_WHY="no TLS PING answer within 5 s (see $dir/redis.log)"
+}
+
+# Puts key:000000000000 .. key:<KEYSPACE-1> with SIZE-byte values into redis, so GETs hit.
+preload_redis() { # port size
+    awk -v n="$KEYSPACE" -v d="$2" 'BEGIN {
+        v = sprintf("%*s", d, ""); gsub(/ /, "x", v)
+        for (i = 0; i < n; i++) {
+            k = sprintf("key:%012d", i)
+            printf "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n", length(k), k, d, v
+        }
+    }' | redis-cli -p "$1" --pipe >/dev/null
+}
+
+# --- one measurement each: prints "ops/s p50_us p99_us note" -------------------------------------------
+run_ringkv() { # clients size op seconds [seeds]
+    local ratio=1:0 out
+    [[ $3 == put ]] && ratio=0:1
+    out=$("$BIN/ringkv-bench" --seed "${5:-$RINGKV_ADDR}" --certs "$TMP/certs" --clients "$1" \
+        --value-size "$2" --ratio "$ratio" --duration "$4" --warmup 1 --keyspace "$KEYSPACE" \
+        --seed-rng 1 --json 2>>"$TMP/ringkv-bench.log") || die "ringkv-bench failed (see $TMP/ringkv-bench.log)"
+    jq -r --arg op "$3" '[(.[$op].ops_per_sec | round), (.[$op].latency_us.p50 // "-"), (.[$op].latency_us.p99 // "-"),
+        (if (.errors | length) > 0 then "ERRORS:" + (.errors | map_values(.count) | tostring) else "" end)]
+        | map(tostring) | join(" ")' <<<"$out"
+}
+
+# redis-benchmark --csv: rps and (redis >= 7) latency columns in ms, found by header name.
+parse_redis_csv() {
+    awk -F, '{ gsub(/"/, "") }
+        NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
+        NF > 1 {
+            p50 = ("p50_latency_ms" in col) ? sprintf("%.0f", $col["p50_latency_ms"] * 1000) : "-"
+            p99 = ("p99_latency_ms" in col) ? sprintf("%.0f", $col["p99_latency_ms"] * 1000) : "-"
+            printf "%.0f %s %s\n", $col["rps"], p50, p99
+        }'
+}
+
+run_redis() { # port clients size op seconds tls(0/1)
+    local port=$1 clients=$2 size=$3 command=get seconds=$5 tls=() n rps
+    [[ $4 == put ]] && command="set"
+    [[ $6 == 1 ]] && tls=("${REDIS_TLS_CLIENT[@]}")
+    local common=(-h 127.0.0.1 -p "$port" -c "$clients" -d "$size" -r "$KEYSPACE" -t "$command" --csv "${tls[@]}")
+    # redis-benchmark counts requests, not seconds: a short calibration run (which also warms
+    # up) sizes -n to take about $seconds.
+    n=$((clients == 1 ? 2000 : 20000))
+    rps=$(redis-benchmark "${common[@]}" -n "$n" 2>/dev/null | parse_redis_csv | awk '{print $1}')
+    [[ -n $rps ]] || die "redis-benchmark calibration on port $port printed nothing"
+    n=$(awk -v r="$rps" -v s="$seconds" -v m="$n" 'BEGIN { n = int(r * s); print (n > m ? n : m) }')
+    redis-benchmark "${common[@]}" -n "$n" 2>/dev/null | parse_redis_csv | awk '{print $1, $2, $3, ""}'
+}
+
+# --- table ---------------------------------------------------------------------------------------------
+ROWS=()
+row() { ROWS+=("$(printf '%s|' "$@")"); }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+
+table_line() { printf '%-22s %-7s %-34s %10s %8s %8s %13s %s\n' "$@"; }
+
+print_table() {
+    table_line scenario system "config (durability)" "ops/s" "p50 us" "p99 us" "ringkv/redis" ""
+    printf '%.0s-' {1..112}
+    echo
+    local r
+    for r in "${ROWS[@]}"; do
+        IFS='|' read -r -a f <<<"$r"
+        table_line "${f[@]:0:8}"
+    done
+}
+
+# --- main ----------------------------------------------------------------------------------------------
+main() {
+    install_missing
+    if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+        say "building release"
+        (cd "$ROOT" && cargo build --release --bins --examples)
+    fi
+    local base=${BENCH_TMPDIR:-$ROOT/target}
+    mkdir -p "$base"
+    TMP=$(mktemp -d "$base/compare.XXXXXX")
+
+    "$BIN/ringkv-certs" init --dir "$TMP/certs" >/dev/null
+    "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role node --name n1 --san 127.0.0.1 --san localhost >/dev/null
+    "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role client --name client >/dev/null
+    "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role admin --name ecs --san 127.0.0.1 >/dev/null
+    "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role admin --name admin >/dev/null
+    local i
+    for i in 1 2 3; do
+        "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role node --name "c$i" --san 127.0.0.1 >/dev/null
+    done
+
+    probe_redis_tls
+    [[ $REDIS_TLS == 1 ]] || say "skipped: redis mTLS rows ($REDIS_TLS_WHY)"
+    start_ringkv
+    start_redis plain --appendonly no
+    local plain_port=$REDIS_PORT plain_tls_port=$REDIS_TLS_PORT
+    start_redis durable --appendonly yes --appendfsync always
+    local durable_port=$REDIS_PORT durable_tls_port=$REDIS_TLS_PORT
+    start_ringkv_three_nodes
+
+    local systems=$((2 + REDIS_TLS))
+    local scenarios=$((${#SIZES[@]} * ${#CLIENT_COUNTS[@]} * ${#OPS[@]}))
+    local per_run
+    per_run=$(awk -v t="$BENCH_SECONDS" -v n=$((scenarios * systems)) \
+        'BEGIN { s = t / n; printf "%.1f", (s < 1 ? 1 : s) }')
+    say "$scenarios scenarios x $systems systems, $per_run s each (BENCH_SECONDS=$BENCH_SECONDS)"
+
+    local size clients op
+    for size in "${SIZES[@]}"; do
+        preload_redis "$plain_port" "$size"
+        for clients in "${CLIENT_COUNTS[@]}"; do
+            for op in "${OPS[@]}"; do
+                local name="$op ${size}B c=$clients 1node"
+                local port=$plain_port tls_port=$plain_tls_port rconf="no persistence"
+                local kconf="1 QUIC conn, mTLS"
+                if [[ $op == put ]]; then
+                    port=$durable_port tls_port=$durable_tls_port rconf="appendfsync always"
+                    kconf="fsync group commit, mTLS"
+                fi
+                local k_ops k_p50 k_p99 k_note r_ops r_p50 r_p99 t_ops t_p50 t_p99
+                say "$name: ringkv"
+                read -r k_ops k_p50 k_p99 k_note <<<"$(run_ringkv "$clients" "$size" "$op" "$per_run")"
+                [[ -n $k_ops ]] || die "no ringkv result for $name"
+                say "$name: redis ($rconf)"
+                read -r r_ops r_p50 r_p99 _ <<<"$(run_redis "$port" "$clients" "$size" "$op" "$per_run" 0)"
+                [[ -n $r_ops ]] || die "no redis result for $name"
+                row "$name" ringkv "$kconf" "$k_ops" "$k_p50" "$k_p99" "-" "${k_note:-}"
+                row "" redis "$rconf" "$r_ops" "$r_p50" "$r_p99" "$(ratio "$k_ops" "$r_ops")" ""
+                if [[ $REDIS_TLS == 1 ]]; then
+                    say "$name: redis (mTLS, $rconf)"
+                    read -r t_ops t_p50 t_p99 _ <<<"$(run_redis "$tls_port" "$clients" "$size" "$op" "$per_run" 1)"
+                    [[ -n $t_ops ]] || die "no redis mTLS result for $name"
+                    row "" redis "mTLS, $rconf" "$t_ops" "$t_p50" "$t_p99" "$(ratio "$k_ops" "$t_ops")" ""
+                fi
+            done
+        done
+    done
+
+    # 3 nodes on the same 2 cores: 100 B, 50 clients, against the same redis servers.
+    for op in "${OPS[@]}"; do
+        local name="$op 100B c=50 3nodes" port=$plain_port rconf="no persistence"
+        local kconf="3 nodes, mTLS"
+        if [[ $op == put ]]; then
+            port=$durable_port rconf="appendfsync always" kconf="3 nodes, fsync group commit, mTLS"
+        fi
+        say "$name: ringkv"
+        read -r k_ops k_p50 k_p99 k_note <<<"$(run_ringkv 50 100 "$op" "$per_run" "$RINGKV3_SEEDS")"
+        [[ -n $k_ops ]] || die "no ringkv result for $name"
+        say "$name: redis ($rconf)"
+        read -r r_ops r_p50 r_p99 _ <<<"$(run_redis "$port" 50 100 "$op" "$per_run" 0)"
+        row "$name" ringkv "$kconf" "$k_ops" "$k_p50" "$k_p99" "-" "${k_note:-}"
+        row "" redis "$rconf" "$r_ops" "$r_p50" "$r_p99" "$(ratio "$k_ops" "$r_ops")" ""
+    done
+
+    echo
+    echo "ringkv vs redis on $(nproc) cores, $(uname -r), data on $(df -PT "$TMP" | awk 'NR == 2 { print $2 }');" \
+        "$per_run s per run, keyspace $KEYSPACE, $(redis-server --version | awk '{print $3}')"
+    echo "ringkv/redis = ringkv ops/s / that redis row's ops/s; latencies in µs (redis: its ms figures x1000)"
+    print_table
+    [[ $REDIS_TLS == 1 ]] || echo "redis mTLS rows skipped: $REDIS_TLS_WHY"
+}
+
+main "$@"

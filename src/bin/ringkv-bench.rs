@@ -1,0 +1,682 @@
+//! `ringkv-bench`: a load generator for a ringkv cluster, built on the `kvstore` client.
+//!
+//! `--clients` logical clients run as tasks on one current-thread runtime (DESIGN §9: a
+//! multi-thread runtime was 3x slower on 2 cores). They share `--connections` [`KvStore`]s
+//! round-robin; each store holds one QUIC connection per node, so 50 clients on one store
+//! multiplex 50 requests in flight over one connection. Each client has one request in flight
+//! at a time, picks get or put by `--ratio` and a key uniformly from `--keyspace`.
+//!
+//! Latencies of requests *started* after `--warmup` go into HDR histograms (µs), one per
+//! operation; errors are counted by [`KvError`] variant. A run with gets first puts every key
+//! of the keyspace, so that gets hit. A progress line goes to stderr every second; the
+//! report goes to stdout, as text or (`--json`) as one JSON object.
+//!
+//! ```text
+//! ringkv-bench --seed 127.0.0.1:7001 --certs certs --clients 50 --ratio 9:1 --duration 10
+//! ringkv-bench --seed 127.0.0.1:7001 --requests 100000 --value-size 4096 --ratio 0:1 --json
+//! ```
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::str::FromStr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use kvstore::{ClientConfig, KvError, KvStore};
+use rand::rngs::SmallRng;
+use rand::{Rng, RngExt, SeedableRng};
+use ringkv_certs::Identity;
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+/// Highest latency the histograms resolve (60 s, above the client's retry deadline); slower
+/// requests are recorded as this value.
+const MAX_LATENCY_US: u64 = 60_000_000;
+/// Concurrent puts while preloading the keyspace (not measured).
+const PRELOAD_CONCURRENCY: usize = 64;
+/// Measured seconds when neither --duration nor --requests is given.
+const DEFAULT_DURATION_S: f64 = 10.0;
+
+/// ringkv load generator: throughput and latency of gets and puts.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ringkv-bench",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Args {
+    /// `rebalance`: the range-move benchmark instead of the load benchmark.
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    /// Seed node address (host:port); repeat or comma-separate for several.
+    #[arg(
+        long = "seed",
+        env = "RINGKV_SEEDS",
+        value_delimiter = ',',
+        required = true
+    )]
+    seeds: Vec<String>,
+    /// Directory holding ca.pem and the client certificate.
+    #[arg(long, env = "RINGKV_CERTS", default_value = "certs")]
+    certs: PathBuf,
+    /// Name of the client certificate in the certs directory (<name>.pem, <name>.key).
+    #[arg(long, env = "RINGKV_IDENTITY", default_value = "client")]
+    identity: String,
+    /// Concurrent logical clients, each with one request in flight.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    clients: u32,
+    /// KvStore instances (= QUIC connections per node) shared round-robin by the clients.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    connections: u32,
+    /// Stop after this many measured requests (all clients together).
+    #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
+    requests: Option<u64>,
+    /// Measure for this many seconds [default: 10 unless --requests is given].
+    #[arg(long, value_parser = positive_seconds)]
+    duration: Option<f64>,
+    /// Relative weights of gets and puts, GET:PUT (1:1, 9:1, 0:1 = puts only, 1:0 = gets only).
+    #[arg(long, default_value = "1:1")]
+    ratio: Ratio,
+    /// Value size of puts, in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Number of distinct keys (key:000000000000 .. key:<K-1>, as redis-benchmark -r).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    keyspace: u64,
+    /// Seconds of load before measuring starts.
+    #[arg(long, default_value_t = 1.0, value_parser = seconds)]
+    warmup: f64,
+    /// Seed of the random key/operation/value choices [default: from the clock, reported].
+    #[arg(long)]
+    seed_rng: Option<u64>,
+    /// Print the report as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds >= 0")),
+    }
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match seconds(s)? {
+        v if v > 0.0 => Ok(v),
+        _ => Err("must be > 0".into()),
+    }
+}
+
+/// Relative weights of gets and puts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ratio {
+    get: u32,
+    put: u32,
+}
+
+impl FromStr for Ratio {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected GET:PUT weights such as 1:1, 9:1 or 0:1");
+        let (get, put) = s.split_once(':').ok_or_else(bad)?;
+        let ratio = Self {
+            get: get.trim().parse().map_err(|_| bad())?,
+            put: put.trim().parse().map_err(|_| bad())?,
+        };
+        if ratio.get == 0 && ratio.put == 0 {
+            return Err(format!("{s:?}: at least one weight must be > 0"));
+        }
+        Ok(ratio)
+    }
+}
+
+impl Ratio {
+    fn pick(self, rng: &mut SmallRng) -> Op {
+        if self.put == 0 || (self.get > 0 && rng.random_ratio(self.get, self.get + self.put)) {
+            Op::Get
+        } else {
+            Op::Put
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Get,
+    Put,
+}
+
+/// Measurements of one operation type.
+struct OpTally {
+    /// Latencies of successful measured requests, µs.
+    latency: Histogram<u64>,
+    /// Exact maximum (the histogram's is rounded to its precision).
+    max_us: u64,
+    /// Gets that found no value (should be 0 after the preload).
+    misses: u64,
+    /// All requests completed so far, warmup included (for the progress line).
+    completed: u64,
+}
+
+impl OpTally {
+    fn new() -> Self {
+        Self {
+            latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+                .expect("constant histogram bounds are valid"),
+            max_us: 0,
+            misses: 0,
+            completed: 0,
+        }
+    }
+
+    /// The latency at `q`, µs. The histogram reports the top of the value's bucket, which may
+    /// exceed the exact maximum.
+    fn quantile(&self, q: f64) -> u64 {
+        self.latency.value_at_quantile(q).min(self.max_us)
+    }
+
+    fn json(&self, elapsed: f64) -> serde_json::Value {
+        let h = &self.latency;
+        let latency = (!h.is_empty()).then(|| {
+            json!({
+                "p50": self.quantile(0.50),
+                "p99": self.quantile(0.99),
+                "p999": self.quantile(0.999),
+                "max": self.max_us,
+                "mean": round2(h.mean()),
+            })
+        });
+        json!({
+            "requests": h.len(),
+            "ops_per_sec": round2(rate(h.len(), elapsed)),
+            "misses": self.misses,
+            "latency_us": latency,
+        })
+    }
+}
+
+/// An error kind's count and its first message.
+struct ErrorTally {
+    count: u64,
+    first: String,
+}
+
+/// What the clients measured; shared by all client tasks (one thread, so a `RefCell`).
+struct Tally {
+    get: OpTally,
+    put: OpTally,
+    /// Errors of measured requests, by `KvError` variant name.
+    errors: BTreeMap<String, ErrorTally>,
+    /// All errors, warmup included (for the progress line).
+    errors_seen: u64,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            get: OpTally::new(),
+            put: OpTally::new(),
+            errors: BTreeMap::new(),
+            errors_seen: 0,
+        }
+    }
+
+    fn op(&mut self, op: Op) -> &mut OpTally {
+        match op {
+            Op::Get => &mut self.get,
+            Op::Put => &mut self.put,
+        }
+    }
+
+    fn record(&mut self, op: Op, measured: bool, latency: Duration, result: Result<bool, KvError>) {
+        let t = self.op(op);
+        t.completed += 1;
+        match result {
+            Ok(found) => {
+                if measured {
+                    let us = u64::try_from(latency.as_micros())
+                        .unwrap_or(u64::MAX)
+                        .max(1);
+                    t.latency.saturating_record(us);
+                    t.max_us = t.max_us.max(us);
+                    t.misses += u64::from(!found);
+                }
+            }
+            Err(e) => {
+                self.errors_seen += 1;
+                if measured {
+                    let entry = self.errors.entry(error_kind(&e)).or_insert(ErrorTally {
+                        count: 0,
+                        first: e.to_string(),
+                    });
+                    entry.count += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The variant name of `e` (its `Debug` form up to the first non-identifier character), so
+/// that variants added to `KvError` later are named without a change here.
+fn error_kind(e: &KvError) -> String {
+    format!("{e:?}")
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The values puts send: random bytes, each put takes `size` of them at a random offset, so
+/// that values differ without an allocation per request.
+struct Values {
+    pool: Vec<u8>,
+    size: usize,
+}
+
+impl Values {
+    fn new(size: usize, rng: &mut SmallRng) -> Self {
+        let mut pool = vec![0u8; size + 4096];
+        rng.fill(&mut pool[..]);
+        Self { pool, size }
+    }
+
+    fn pick<'a>(&'a self, rng: &mut SmallRng) -> &'a [u8] {
+        let offset = rng.random_range(0..=self.pool.len() - self.size);
+        &self.pool[offset..offset + self.size]
+    }
+}
+
+/// One benchmark run's parameters and shared state.
+struct Run {
+    ratio: Ratio,
+    keyspace: u64,
+    values: Rc<Values>,
+    started: Instant,
+    /// Requests started from here on are measured.
+    measure_from: Instant,
+    /// Duration mode: no request starts after this.
+    end: Option<Instant>,
+    /// Requests mode: measured requests not yet started.
+    budget: RefCell<Option<u64>>,
+    tally: RefCell<Tally>,
+}
+
+impl Run {
+    /// Whether a client may start one more request at `now`; claims it in requests mode.
+    fn may_start(&self, now: Instant) -> bool {
+        if let Some(end) = self.end {
+            return now < end;
+        }
+        if now < self.measure_from {
+            return true; // warmup requests do not count against --requests
+        }
+        match &mut *self.budget.borrow_mut() {
+            Some(0) => false,
+            Some(left) => {
+                *left -= 1;
+                true
+            }
+            None => true,
+        }
+    }
+}
+
+/// `key:` and `k` in 12 digits, as redis-benchmark's `key:__rand_int__` with `-r`.
+fn write_key(key: &mut Vec<u8>, k: u64) {
+    key.clear();
+    write!(key, "key:{k:012}").expect("writing to a Vec cannot fail");
+}
+
+/// One logical client: one request at a time until the run ends.
+async fn client(store: Rc<KvStore>, run: Rc<Run>, seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut key = Vec::with_capacity(32);
+    loop {
+        let started = Instant::now();
+        if !run.may_start(started) {
+            return;
+        }
+        let measured = started >= run.measure_from;
+        let op = run.ratio.pick(&mut rng);
+        write_key(&mut key, rng.random_range(0..run.keyspace));
+        let result = match op {
+            Op::Get => store.get(&key).await.map(|v| v.is_some()),
+            Op::Put => store
+                .put(&key, run.values.pick(&mut rng))
+                .await
+                .map(|_| true),
+        };
+        let latency = started.elapsed();
+        run.tally.borrow_mut().record(op, measured, latency, result);
+    }
+}
+
+/// Puts every key of the keyspace once, so that gets hit.
+async fn preload(
+    stores: &[Rc<KvStore>],
+    keyspace: u64,
+    values: &Rc<Values>,
+    rng: &mut SmallRng,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    eprintln!("ringkv-bench: preloading {keyspace} keys");
+    let workers = PRELOAD_CONCURRENCY as u64;
+    let tasks: Vec<JoinHandle<Result<(), KvError>>> = (0..workers.min(keyspace))
+        .map(|w| {
+            let store = stores[w as usize % stores.len()].clone();
+            let values = values.clone();
+            let mut rng = SmallRng::seed_from_u64(rng.next_u64());
+            tokio::task::spawn_local(async move {
+                let mut key = Vec::with_capacity(32);
+                for k in (w..keyspace).step_by(PRELOAD_CONCURRENCY) {
+                    write_key(&mut key, k);
+                    store.put(&key, values.pick(&mut rng)).await?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await
+            .context("preload task")?
+            .context("preloading the keyspace")?;
+    }
+    eprintln!(
+        "ringkv-bench: preloaded {keyspace} keys in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Prints a progress line to stderr every second until aborted.
+async fn progress(run: Rc<Run>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await; // the first tick is immediate
+    let (mut gets, mut puts, mut errors) = (0, 0, 0);
+    let mut last = Instant::now();
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        // The phase the past second began in.
+        let started_in = std::mem::replace(&mut last, now);
+        let phase = if started_in < run.measure_from {
+            "warmup"
+        } else {
+            "measuring"
+        };
+        let t = run.tally.borrow();
+        eprintln!(
+            "ringkv-bench [{:6.1}s] {phase:9} get {:>8}/s  put {:>8}/s  errors {:>6}/s",
+            now.duration_since(run.started).as_secs_f64(),
+            t.get.completed - gets,
+            t.put.completed - puts,
+            t.errors_seen - errors,
+        );
+        (gets, puts, errors) = (t.get.completed, t.put.completed, t.errors_seen);
+    }
+}
+
+/// The outcome of a run.
+struct Report {
+    nodes: usize,
+    seed_rng: u64,
+    /// Measured time: from the end of the warmup until the last client finished.
+    elapsed: f64,
+    tally: Tally,
+}
+
+async fn bench(args: &Args) -> anyhow::Result<Report> {
+    let identity = Identity::from_dir(&args.certs, &args.identity).with_context(|| {
+        format!(
+            "loading client identity '{}' from {}",
+            args.identity,
+            args.certs.display()
+        )
+    })?;
+    let config = ClientConfig::new(args.seeds.clone(), identity);
+    let mut stores = Vec::new();
+    for _ in 0..args.connections {
+        let store = KvStore::connect(config.clone())
+            .await
+            .with_context(|| format!("connecting to {}", args.seeds.join(",")))?;
+        stores.push(Rc::new(store));
+    }
+    let nodes = stores[0].metadata().nodes.len();
+
+    // A default seed below 2^53 survives JSON tools that read numbers as doubles (jq).
+    let seed_rng = args.seed_rng.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            & ((1 << 53) - 1)
+    });
+    let mut rng = SmallRng::seed_from_u64(seed_rng);
+    let values = Rc::new(Values::new(args.value_size, &mut rng));
+    if args.ratio.get > 0 {
+        preload(&stores, args.keyspace, &values, &mut rng).await?;
+    }
+
+    let started = Instant::now();
+    let measure_from = started + Duration::from_secs_f64(args.warmup);
+    let end = args.requests.is_none().then(|| {
+        measure_from + Duration::from_secs_f64(args.duration.unwrap_or(DEFAULT_DURATION_S))
+    });
+    let run = Rc::new(Run {
+        ratio: args.ratio,
+        keyspace: args.keyspace,
+        values,
+        started,
+        measure_from,
+        end,
+        budget: RefCell::new(args.requests),
+        tally: RefCell::new(Tally::new()),
+    });
+    let reporter = tokio::task::spawn_local(progress(run.clone()));
+    let clients: Vec<JoinHandle<()>> = (0..args.clients as usize)
+        .map(|c| {
+            let store = stores[c % stores.len()].clone();
+            tokio::task::spawn_local(client(store, run.clone(), rng.next_u64()))
+        })
+        .collect();
+    for c in clients {
+        c.await.context("client task")?;
+    }
+    let elapsed = Instant::now()
+        .saturating_duration_since(run.measure_from)
+        .as_secs_f64();
+    reporter.abort();
+    let _ = reporter.await;
+    for store in &stores {
+        store.disconnect().await;
+    }
+    Ok(Report {
+        nodes,
+        seed_rng,
+        elapsed,
+        tally: run.tally.replace(Tally::new()),
+    })
+}
+
+fn rate(count: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+fn report_json(args: &Args, r: &Report) -> serde_json::Value {
+    let t = &r.tally;
+    let total = t.get.latency.len() + t.put.latency.len();
+    let errors: serde_json::Map<String, serde_json::Value> = t
+        .errors
+        .iter()
+        .map(|(kind, e)| (kind.clone(), json!({ "count": e.count, "first": e.first })))
+        .collect();
+    json!({
+        "config": {
+            "seeds": args.seeds,
+            "nodes": r.nodes,
+            "clients": args.clients,
+            "connections": args.connections,
+            "ratio": { "get": args.ratio.get, "put": args.ratio.put },
+            "value_size": args.value_size,
+            "keyspace": args.keyspace,
+            "warmup_s": args.warmup,
+            "duration_s": args.requests.is_none().then(|| args.duration.unwrap_or(DEFAULT_DURATION_S)),
+            "requests": args.requests,
+            "seed_rng": r.seed_rng,
+        },
+        "elapsed_s": round2(r.elapsed),
+        "total": { "requests": total, "ops_per_sec": round2(rate(total, r.elapsed)) },
+        "get": t.get.json(r.elapsed),
+        "put": t.put.json(r.elapsed),
+        "errors": errors,
+    })
+}
+
+fn print_text(args: &Args, r: &Report) {
+    let t = &r.tally;
+    println!(
+        "ringkv-bench: {} clients over {} connection(s) to {} node(s); get:put {}:{}; {} B values; \
+         keyspace {}; seed-rng {}",
+        args.clients,
+        args.connections,
+        r.nodes,
+        args.ratio.get,
+        args.ratio.put,
+        args.value_size,
+        args.keyspace,
+        r.seed_rng
+    );
+    println!(
+        "measured {:.2} s after {:.1} s warmup\n",
+        r.elapsed, args.warmup
+    );
+    println!(
+        "{:<6} {:>10} {:>11} {:>9} {:>9} {:>9} {:>9}",
+        "op", "requests", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs"
+    );
+    for (name, op) in [("get", &t.get), ("put", &t.put)] {
+        let h = &op.latency;
+        if h.is_empty() {
+            println!("{name:<6} {:>10}", 0);
+            continue;
+        }
+        println!(
+            "{name:<6} {:>10} {:>11.0} {:>9} {:>9} {:>9} {:>9}",
+            h.len(),
+            rate(h.len(), r.elapsed),
+            op.quantile(0.50),
+            op.quantile(0.99),
+            op.quantile(0.999),
+            op.max_us
+        );
+    }
+    let total = t.get.latency.len() + t.put.latency.len();
+    println!(
+        "{:<6} {:>10} {:>11.0}",
+        "total",
+        total,
+        rate(total, r.elapsed)
+    );
+    if t.get.misses > 0 {
+        println!("\nget misses: {}", t.get.misses);
+    }
+    if t.errors.is_empty() {
+        println!("\nerrors: none");
+    } else {
+        println!("\nerrors:");
+        for (kind, e) in &t.errors {
+            println!("  {kind:<16} {:>8}  first: {}", e.count, e.first);
+        }
+    }
+}
+
+/// Benchmarks other than the load benchmark.
+#[derive(Debug, clap::Subcommand)]
+enum BenchCommand {
+    /// Start a local cluster (ECS + one node), load it, add a second node while a writer
+    /// runs; report MB/s moved, move time and how long writes were blocked by the handover.
+    Rebalance(ringkv::rebalance::RebalanceArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    kvstore::cli::init_tracing();
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if let Some(BenchCommand::Rebalance(rebalance)) = &args.command {
+        print!("{}", runtime.block_on(ringkv::rebalance::run(rebalance))?);
+        return Ok(());
+    }
+    let report = tokio::task::LocalSet::new().block_on(&runtime, bench(&args))?;
+    if args.json {
+        println!("{}", report_json(&args, &report));
+    } else {
+        print_text(&args, &report);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_ratios() {
+        assert_eq!("9:1".parse(), Ok(Ratio { get: 9, put: 1 }));
+        assert_eq!("0:1".parse(), Ok(Ratio { get: 0, put: 1 }));
+        assert!("0:0".parse::<Ratio>().is_err());
+        assert!("1".parse::<Ratio>().is_err());
+        assert!("a:b".parse::<Ratio>().is_err());
+    }
+
+    #[test]
+    fn ratio_extremes_pick_one_operation() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let gets_only = Ratio { get: 1, put: 0 };
+        let puts_only = Ratio { get: 0, put: 1 };
+        for _ in 0..100 {
+            assert!(matches!(gets_only.pick(&mut rng), Op::Get));
+            assert!(matches!(puts_only.pick(&mut rng), Op::Put));
+        }
+    }
+
+    #[test]
+    fn keys_look_like_redis_benchmark_keys() {
+        let mut key = Vec::new();
+        write_key(&mut key, 42);
+        assert_eq!(key, b"key:000000000042");
+    }
+
+    #[test]
+    fn error_kind_is_the_variant_name() {
+        assert_eq!(error_kind(&KvError::Disconnected), "Disconnected");
+        let e = KvError::Timeout {
+            elapsed: Duration::from_secs(1),
+            attempts: 3,
+            last: "x".into(),
+        };
+        assert_eq!(error_kind(&e), "Timeout");
+    }
+}

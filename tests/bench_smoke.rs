@@ -1,0 +1,65 @@
+//! `ringkv-bench` against one in-process node: it runs, reports JSON, and every request
+//! succeeds. Speed is not asserted.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Certs, TestNode};
+
+#[tokio::test]
+async fn bench_reports_gets_and_puts_without_errors() {
+    let certs = Certs::new();
+    let node = TestNode::start(&certs, "n1", true).await;
+
+    // The node is a task of this runtime: wait for the child without blocking it.
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringkv-bench"))
+        .args(["--seed", &node.addr, "--identity", "client"])
+        .arg("--certs")
+        .arg(certs.path())
+        .args(["--json", "--clients", "4", "--ratio", "1:1"])
+        .args(["--duration", "1", "--warmup", "0.2", "--keyspace", "500"])
+        .args(["--seed-rng", "7"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("ringkv-bench finishes")
+        .expect("ringkv-bench runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "ringkv-bench failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ringkv-bench printed no JSON ({e}): {}\nstderr: {stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+
+    let count = |path: &str| {
+        report
+            .pointer(path)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or_else(|| panic!("{path} missing in {report}"))
+    };
+    assert!(count("/get/requests") > 0, "{report}");
+    assert!(count("/put/requests") > 0, "{report}");
+    assert_eq!(
+        count("/total/requests"),
+        count("/get/requests") + count("/put/requests")
+    );
+    assert_eq!(count("/get/misses"), 0, "the preload makes every get hit");
+    assert_eq!(count("/config/nodes"), 1);
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    for op in ["get", "put"] {
+        let latency = &report[op]["latency_us"];
+        assert!(latency["p50"].as_u64().unwrap_or(0) > 0, "{report}");
+        assert!(
+            latency["p50"].as_u64() <= latency["max"].as_u64(),
+            "{report}"
+        );
+    }
+
+    node.stop().await;
+}
