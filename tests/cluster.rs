@@ -60,6 +60,8 @@ async fn stale_client_is_redirected_to_the_new_owner() {
     assert_eq!(store.metadata().version, 1);
     cluster.add_node("n2").await;
     cluster.add_node("n3").await;
+    // The ECS seeded v3 at the nodes the join affected; n1 may get it only by gossip.
+    cluster.wait_converged().await;
     let current: RingMetadata = cluster.ecs.ecs.metadata();
     assert_eq!(current.version, 3);
 
@@ -130,7 +132,8 @@ async fn join_and_leave_move_exactly_the_right_keys() {
     assert_eq!(cluster.ecs.ecs.metadata().version, 5);
     assert_all_readable(&store, &keys).await;
     assert_each_node_holds_its_range(&cluster, &keys);
-    // Every remaining node holds the current metadata.
+    // Every remaining node holds the current metadata (the unaffected one by gossip).
+    cluster.wait_converged().await;
     for node in &cluster.nodes {
         assert_eq!(node.node.metadata_version(), 5);
         assert!(node.node.view().own_range.is_some());
@@ -287,11 +290,103 @@ async fn killing_the_joining_node_mid_transfer_aborts_cleanly() {
     );
 }
 
+/// Deletes and overwrites made while a range is being copied (before its handover lock)
+/// reach the new owner through the delta: nothing stale resurfaces there.
+#[tokio::test]
+async fn writes_and_deletes_during_the_bulk_copy_reach_the_new_owner() {
+    let mut cluster = TestCluster::start(1).await;
+    let store = Arc::new(cluster.client().await);
+    let value = vec![b'o'; 1024];
+    let keys: Vec<String> = (0..20_000).map(|i| format!("m-{i}")).collect();
+    for chunk in keys.chunks(500) {
+        let puts = chunk.iter().map(|k| store.put(k.as_bytes(), &value));
+        for r in futures::future::join_all(puts).await {
+            r.unwrap();
+        }
+    }
+    // While n2 joins, delete every 3rd key and overwrite every 3rd+1 key, in a loop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (store, keys, stop) = (store.clone(), keys.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for (i, key) in keys.iter().enumerate().step_by(97) {
+                    match i % 3 {
+                        0 => {
+                            store.delete(key.as_bytes()).await.unwrap();
+                        }
+                        1 => {
+                            store
+                                .put(key.as_bytes(), format!("new-{rounds}").as_bytes())
+                                .await
+                                .unwrap();
+                        }
+                        _ => {}
+                    }
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reply = cluster.add_node("n2").await;
+    stop.store(true, Ordering::Relaxed);
+    let rounds = churn.await.unwrap();
+    let AdminReply::Changed {
+        moved: Some(moved), ..
+    } = reply
+    else {
+        unreachable!()
+    };
+    println!(
+        "moved {} entries; range locked {} ms of {} ms; {rounds} churn rounds",
+        moved.entries, moved.locked_ms, moved.total_ms
+    );
+
+    let metadata = cluster.ecs.ecs.metadata();
+    for (i, key) in keys.iter().enumerate() {
+        let got = store.get(key.as_bytes()).await.unwrap();
+        let expected = if i % 97 != 0 || i % 3 == 2 {
+            Some(value.clone())
+        } else if i % 3 == 0 {
+            None
+        } else {
+            Some(format!("new-{}", rounds - 1).into_bytes())
+        };
+        assert_eq!(got, expected, "{key}");
+        // And the owner's store agrees (no stale copy elsewhere answers for it).
+        let owner = metadata.responsible_for_key(key.as_bytes()).unwrap();
+        assert_eq!(
+            cluster
+                .node(&owner.name)
+                .node
+                .store()
+                .get(key.as_bytes())
+                .unwrap(),
+            expected,
+            "{key} at {}",
+            owner.name
+        );
+    }
+    assert_each_node_holds_its_range(
+        &cluster,
+        &keys
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 97 != 0 || i % 3 != 0)
+            .map(|(_, k)| k.clone())
+            .collect::<Vec<_>>(),
+    );
+}
+
 #[tokio::test]
 async fn ecs_restart_keeps_ring_and_version() {
     let mut cluster = TestCluster::start(2).await;
     cluster.add_node("n3").await;
     cluster.remove_node("n1").await;
+    cluster.wait_converged().await;
     let before = cluster.ecs.ecs.metadata();
     assert_eq!(before.version, 4);
 
@@ -331,6 +426,7 @@ async fn ecs_status_cli_after_join_and_leave() {
     put_keys(&store, &keys).await;
     cluster.add_node("n3").await;
     cluster.remove_node("n1").await;
+    cluster.wait_converged().await;
 
     // The ECS runs on this test's runtime: run the binary without blocking it.
     let run = |args: &[&str]| {
@@ -353,6 +449,15 @@ async fn ecs_status_cli_after_join_and_leave() {
     assert_eq!(code, Some(0), "{err}");
     println!("{out}");
     assert!(out.starts_with("ring version 4, 2 nodes\n"), "{out}");
+    assert_eq!(
+        out.lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["NAME", "ADDRESS", "RANGE", "KEYS", "VERSION", "LIVENESS", "STATE"],
+        "{out}"
+    );
     assert!(!out.contains("n1 "), "{out}");
     let mut total = 0;
     for name in ["n2", "n3"] {
@@ -363,9 +468,10 @@ async fn ecs_status_cli_after_join_and_leave() {
         assert!(line.contains(&cluster.node(name).addr), "{line}");
         assert!(line.ends_with("running"), "{line}");
         let fields: Vec<&str> = line.split_whitespace().collect();
-        // NAME ADDRESS (start…, end…] KEYS VERSION STATE
-        let keys_field: u64 = fields[fields.len() - 3].parse().unwrap();
-        assert_eq!(fields[fields.len() - 2], "4", "{line}");
+        // NAME ADDRESS (start…, end…] KEYS VERSION LIVENESS STATE
+        let keys_field: u64 = fields[fields.len() - 4].parse().unwrap();
+        assert_eq!(fields[fields.len() - 3], "4", "{line}");
+        assert_eq!(fields[fields.len() - 2], "alive", "{line}");
         assert_eq!(keys_field, cluster.node(name).node.store().len().unwrap());
         total += keys_field;
     }

@@ -272,11 +272,22 @@ async fn client_certificates_cannot_send_internal_requests() {
         RequestBody::PutBatch {
             entries: vec![StorageEntry {
                 key: b"x".to_vec(),
-                value: b"y".to_vec(),
+                value: Some(b"y".to_vec()),
             }],
         },
         RequestBody::InstallMetadata {
             metadata: Default::default(),
+        },
+        RequestBody::Gossip {
+            digest: ringkv_wire::GossipDigest {
+                from: "n1".into(),
+                metadata_version: 9,
+                heartbeat: u64::MAX,
+                heartbeats: vec![],
+            },
+        },
+        RequestBody::GossipPush {
+            metadata: ringkv_wire::EncodedMetadata::encode(&Default::default()).unwrap(),
         },
     ];
     for body in internal {

@@ -112,8 +112,21 @@ impl TestNode {
 
     /// Starts node `name` with the given data dir.
     pub async fn start_in(certs: &Certs, name: &str, start: bool, data: TempDir) -> Self {
+        Self::start_with(certs, name, start, data, |_| {}).await
+    }
+
+    /// Starts node `name` with the given data dir and `configure` applied to its
+    /// configuration (e.g. its gossip timing).
+    pub async fn start_with(
+        certs: &Certs,
+        name: &str,
+        start: bool,
+        data: TempDir,
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> Self {
         let mut config = NodeConfig::new(name, "127.0.0.1:0".parse().unwrap(), data.path());
         config.start = start;
+        configure(&mut config);
         let (endpoint, node) = ringkv_node::bind(config, &certs.identity(name))
             .await
             .expect("bind node");
@@ -226,6 +239,14 @@ impl NodeProcess {
         }
     }
 
+    /// Sends `signal` to the process (e.g. `libc::SIGSTOP` to freeze it, `libc::SIGCONT` to
+    /// let it go on).
+    pub fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -260,7 +281,17 @@ pub struct TestEcs {
 impl TestEcs {
     /// Starts an ECS on a free loopback port with its state in `state_dir`.
     pub async fn start(certs: &Certs, state_dir: &Path) -> Self {
-        let config = EcsConfig::new("127.0.0.1:0".parse().unwrap(), state_dir);
+        Self::start_with(certs, state_dir, |_| {}).await
+    }
+
+    /// Starts an ECS with `configure` applied to its configuration.
+    pub async fn start_with(
+        certs: &Certs,
+        state_dir: &Path,
+        configure: impl FnOnce(&mut EcsConfig),
+    ) -> Self {
+        let mut config = EcsConfig::new("127.0.0.1:0".parse().unwrap(), state_dir);
+        configure(&mut config);
         let (endpoint, ecs) = ringkv_ecs::bind(config, &certs.ecs_identity())
             .await
             .expect("bind ECS");
@@ -373,6 +404,29 @@ impl TestCluster {
     /// A connected client.
     pub async fn client(&self) -> KvStore {
         self.certs.client(self.seeds()).await
+    }
+
+    /// Waits (up to 10 s) until every in-process node holds the ECS's metadata version:
+    /// the ECS seeds a new version at the nodes a change affects, gossip brings it to the
+    /// others.
+    pub async fn wait_converged(&self) {
+        let version = self.ecs.ecs.metadata().version;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .nodes
+            .iter()
+            .any(|n| n.node.metadata_version() < version)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "gossip did not bring version {version} to every node: {:?}",
+                self.nodes
+                    .iter()
+                    .map(|n| (n.node.config().name.clone(), n.node.metadata_version()))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The in-process node called `name`.

@@ -46,6 +46,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the ECS service (long-running; SIGINT/SIGTERM stop it).
     Serve {
+        /// TOML file of defaults for the flags of `serve` and the global ones: keys are the
+        /// long flag names (`listen`, `state-dir`, `certs`, ...); a flag given on the command
+        /// line (or its environment variable) wins.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// UDP address to listen on.
         #[arg(long, default_value = "127.0.0.1:7000")]
         listen: SocketAddr,
@@ -55,6 +60,10 @@ pub enum Command {
         /// Seconds allowed for one request to a node.
         #[arg(long, default_value_t = 5)]
         node_timeout: u64,
+        /// Milliseconds `status` waits for each node (all are asked at once); a node that has
+        /// not answered by then is reported from its peers' gossip views.
+        #[arg(long, default_value_t = 2000)]
+        status_timeout_ms: u64,
     },
     /// Show the ring and every node's state (reachability, version, keys, locks).
     Status,
@@ -83,7 +92,7 @@ pub enum Command {
 
 /// Parses the command line and runs it on a current-thread runtime. Returns the exit code.
 pub fn main() -> anyhow::Result<i32> {
-    let cli = Cli::parse();
+    let cli: Cli = kvstore::config_file::parse()?;
     let default_level = if matches!(cli.command, Command::Serve { .. }) {
         "info"
     } else {
@@ -115,9 +124,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             listen,
             state_dir,
             node_timeout,
+            status_timeout_ms,
+            config: _, // already applied by the parser
         } => {
             let mut config = EcsConfig::new(listen, state_dir);
             config.node_timeout = Duration::from_secs(node_timeout);
+            config.status_timeout = Duration::from_millis(status_timeout_ms);
             let (endpoint, ecs) = crate::bind(config, &identity)
                 .await
                 .context("starting the ECS")?;
@@ -190,7 +202,11 @@ pub fn ring_text(metadata: &RingMetadata) -> String {
         metadata.version,
         metadata.nodes.len()
     );
-    let _ = writeln!(s, "{:<10} {:<22} {:<12} RANGE", "NAME", "ADDRESS", "POSITION");
+    let _ = writeln!(
+        s,
+        "{:<10} {:<22} {:<12} RANGE",
+        "NAME", "ADDRESS", "POSITION"
+    );
     for (node, range) in metadata.ranges() {
         let _ = writeln!(
             s,
@@ -205,7 +221,10 @@ pub fn ring_text(metadata: &RingMetadata) -> String {
     s
 }
 
-/// The ring with every node's report as a table.
+/// The ring with every node's report as a table. LIVENESS is `alive` for a node that
+/// answered the ECS, otherwise what the other nodes' gossip sees of it (`alive`,
+/// `suspected` or `dead`; `unknown` if nobody knows); VERSION is the metadata version the
+/// node reported (`-` if it did not answer).
 pub fn status_text(metadata: &RingMetadata, nodes: &[NodeReport]) -> String {
     let mut s = format!(
         "ring version {}, {} nodes\n",
@@ -214,14 +233,15 @@ pub fn status_text(metadata: &RingMetadata, nodes: &[NodeReport]) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<10} {:<22} {:<27} {:>9} {:>8} STATE",
-        "NAME", "ADDRESS", "RANGE", "KEYS", "VERSION"
+        "{:<10} {:<22} {:<27} {:>9} {:>8} {:<10} STATE",
+        "NAME", "ADDRESS", "RANGE", "KEYS", "VERSION", "LIVENESS"
     );
     for n in nodes {
         let range = n
             .range
             .map(|r| format!("({}…, {}…]", short(r.start.to_hex()), short(r.end.to_hex())))
             .unwrap_or_default();
+        let liveness = n.liveness.map_or("unknown", |l| l.as_str());
         match (&n.status, &n.error) {
             (Some(st), _) => {
                 let mut state = if st.running {
@@ -234,19 +254,20 @@ pub fn status_text(metadata: &RingMetadata, nodes: &[NodeReport]) -> String {
                 }
                 let _ = writeln!(
                     s,
-                    "{:<10} {:<22} {:<27} {:>9} {:>8} {}",
-                    n.name, n.addr, range, st.keys, st.metadata_version, state
+                    "{:<10} {:<22} {:<27} {:>9} {:>8} {:<10} {}",
+                    n.name, n.addr, range, st.keys, st.metadata_version, liveness, state
                 );
             }
             (None, error) => {
                 let _ = writeln!(
                     s,
-                    "{:<10} {:<22} {:<27} {:>9} {:>8} unreachable: {}",
+                    "{:<10} {:<22} {:<27} {:>9} {:>8} {:<10} unreachable: {}",
                     n.name,
                     n.addr,
                     range,
                     "-",
                     "-",
+                    liveness,
                     error.as_deref().unwrap_or("no answer")
                 );
             }

@@ -15,16 +15,21 @@ pub struct EcsConfig {
     pub node_timeout: Duration,
     /// Timeout of a whole range transfer.
     pub transfer_timeout: Duration,
+    /// How long `status` waits for each node (all are asked at once); a node that has not
+    /// answered by then is reported from its peers' gossip views.
+    pub status_timeout: Duration,
 }
 
 impl EcsConfig {
-    /// A configuration with default timeouts (5 s per request, 1 h per transfer).
+    /// A configuration with default timeouts (5 s per request, 1 h per transfer, 2 s per
+    /// node for `status`).
     pub fn new(listen: SocketAddr, state_dir: impl Into<PathBuf>) -> Self {
         Self {
             listen,
             state_dir: state_dir.into(),
             node_timeout: Duration::from_secs(5),
             transfer_timeout: Duration::from_secs(3600),
+            status_timeout: Duration::from_secs(2),
         }
     }
 }

@@ -2,9 +2,14 @@
 //! executor runs the steps against the nodes; everything about *which* steps, in *what*
 //! order, and how to undo them is decided here and unit-tested without a network.
 //!
+//! A move streams a snapshot of the range while writes go on (the sender remembers which
+//! keys they touch), then write-locks the range and sends only those keys again: the lock
+//! is held for the delta and the metadata handover, not for the bulk copy.
+//!
 //! Invariants every plan keeps:
-//! - The range is write-locked at the sender before it is transferred, and the transfer is
-//!   acknowledged (persisted by the receiver) before the new metadata is committed.
+//! - The delta is sent with the range write-locked at the sender, and every batch is
+//!   acknowledged (persisted by the receiver) before the new metadata is committed; the lock
+//!   waits for writes in flight, so the snapshot plus the delta hold every acknowledged write.
 //! - [`Step::Commit`] (the ECS persisting the new metadata) is the point of no return:
 //!   a failure before it is rolled back ([`Plan::rollback`]), a failure after it is
 //!   reported and the remaining steps still run.
@@ -12,6 +17,15 @@
 //!   believe they own the range; in between, clients back off and retry.
 //! - Data is deleted from the sender only after it holds the new metadata (nodes also
 //!   refuse to delete a range they still own).
+//! - Only the nodes the change affects get the new metadata from the ECS: the sender and
+//!   the receiver of the move (the joining or the leaving node is one of them). Gossip
+//!   carries it to the others within a few intervals (DESIGN §6). That is safe before it
+//!   arrives: a join or a leave changes the owner of the moved range only, so every other
+//!   node owns the same range under both versions. A client routed by either version to
+//!   such a node is served there as before; a client routed by the old version into the
+//!   moved range reaches the sender, which already holds the new version and answers
+//!   `NotResponsible` with it; and an unaffected node that hands out its old metadata
+//!   (`GetMetadata`, `NotResponsible`) only ever sends clients to the sender for that range.
 
 use ringkv_wire::{KeyRange, NodeEntry, RangeMove, RingMetadata};
 
@@ -35,8 +49,18 @@ pub enum Step {
         /// The range.
         range: KeyRange,
     },
-    /// Stream `range` from `from` to `to`; done when `to` persisted every batch.
+    /// Stream a snapshot of `range` from `from` to `to` (writes stay open; the sender
+    /// tracks the keys they touch); done when `to` persisted every batch.
     Transfer {
+        /// Sender.
+        from: NodeEntry,
+        /// Receiver.
+        to: NodeEntry,
+        /// The range.
+        range: KeyRange,
+    },
+    /// With `range` locked, send `to` every key written since the snapshot.
+    TransferDelta {
         /// Sender.
         from: NodeEntry,
         /// Receiver.
@@ -74,6 +98,10 @@ impl Step {
             Step::Transfer { from, to, range } => {
                 format!("transfer {range:?} from {} to {}", from.name, to.name)
             }
+            Step::TransferDelta { from, to, range } => format!(
+                "transfer the writes made meanwhile in {range:?} from {} to {}",
+                from.name, to.name
+            ),
             Step::Commit => "persist the new metadata".to_string(),
             Step::Install { node } => format!("install the new metadata at {}", node.name),
             Step::Start { node } => format!("start {}", node.name),
@@ -123,13 +151,48 @@ impl Plan {
     }
 }
 
-/// Installs the new metadata at every node of `nodes` not already listed in `done`.
-fn install_rest(steps: &mut Vec<Step>, nodes: &[NodeEntry], done: &[&NodeEntry]) {
-    for node in nodes {
-        if !done.iter().any(|d| d.name == node.name) {
-            steps.push(Step::Install { node: node.clone() });
-        }
+/// The steps that move `mv.range` from `mv.from` to `mv.to` and seed the new metadata at
+/// both (gossip takes it to the other nodes); `start_receiver` for a joining node, which
+/// must also start serving.
+fn move_steps(mv: &RangeMove, start_receiver: bool) -> Vec<Step> {
+    let (from, to, range) = (&mv.from, &mv.to, mv.range);
+    let mut steps = vec![
+        Step::Clear {
+            node: to.clone(),
+            range,
+        },
+        Step::Transfer {
+            from: from.clone(),
+            to: to.clone(),
+            range,
+        },
+        Step::Lock {
+            node: from.clone(),
+            range,
+        },
+        Step::TransferDelta {
+            from: from.clone(),
+            to: to.clone(),
+            range,
+        },
+        Step::Commit,
+        Step::Install { node: from.clone() },
+        Step::Install { node: to.clone() },
+    ];
+    if start_receiver {
+        steps.push(Step::Start { node: to.clone() });
     }
+    steps.extend([
+        Step::Unlock {
+            node: from.clone(),
+            range,
+        },
+        Step::Clear {
+            node: from.clone(),
+            range,
+        },
+    ]);
+    steps
 }
 
 /// The plan for `node` joining the ring `current`.
@@ -147,42 +210,7 @@ pub fn join(current: &RingMetadata, node: NodeEntry) -> Result<Plan, EcsError> {
             ],
         });
     };
-    let mut steps = vec![
-        Step::Clear {
-            node: mv.to.clone(),
-            range: mv.range,
-        },
-        Step::Lock {
-            node: mv.from.clone(),
-            range: mv.range,
-        },
-        Step::Transfer {
-            from: mv.from.clone(),
-            to: mv.to.clone(),
-            range: mv.range,
-        },
-        Step::Commit,
-        Step::Install {
-            node: mv.from.clone(),
-        },
-        Step::Install {
-            node: mv.to.clone(),
-        },
-        Step::Start {
-            node: mv.to.clone(),
-        },
-    ];
-    install_rest(&mut steps, &metadata.nodes, &[&mv.from, &mv.to]);
-    steps.extend([
-        Step::Unlock {
-            node: mv.from.clone(),
-            range: mv.range,
-        },
-        Step::Clear {
-            node: mv.from.clone(),
-            range: mv.range,
-        },
-    ]);
+    let steps = move_steps(&mv, true);
     Ok(Plan {
         metadata,
         moved: Some(mv),
@@ -196,39 +224,7 @@ pub fn leave(current: &RingMetadata, name: &str) -> Result<Plan, EcsError> {
     let Some(mv) = current.leave_move(name)? else {
         return Err(EcsError::LastNode(name.to_string()));
     };
-    let mut steps = vec![
-        Step::Clear {
-            node: mv.to.clone(),
-            range: mv.range,
-        },
-        Step::Lock {
-            node: mv.from.clone(),
-            range: mv.range,
-        },
-        Step::Transfer {
-            from: mv.from.clone(),
-            to: mv.to.clone(),
-            range: mv.range,
-        },
-        Step::Commit,
-        Step::Install {
-            node: mv.from.clone(),
-        },
-        Step::Install {
-            node: mv.to.clone(),
-        },
-    ];
-    install_rest(&mut steps, &metadata.nodes, &[&mv.from, &mv.to]);
-    steps.extend([
-        Step::Unlock {
-            node: mv.from.clone(),
-            range: mv.range,
-        },
-        Step::Clear {
-            node: mv.from.clone(),
-            range: mv.range,
-        },
-    ]);
+    let steps = move_steps(&mv, false);
     Ok(Plan {
         metadata,
         moved: Some(mv),
@@ -270,7 +266,10 @@ mod tests {
         assert_eq!(plan.metadata.version, 2);
         let lock = position_of(&plan, |s| matches!(s, Step::Lock { .. }));
         let transfer = position_of(&plan, |s| matches!(s, Step::Transfer { .. }));
+        let delta = position_of(&plan, |s| matches!(s, Step::TransferDelta { .. }));
         let commit = plan.commit_index();
+        // Bulk copy unlocked, then lock, then the delta, then the commit.
+        assert!(transfer < lock && lock < delta && delta < commit);
         let install_from = position_of(&plan, |s| {
             *s == Step::Install {
                 node: mv.from.clone(),
@@ -287,18 +286,20 @@ mod tests {
             &plan,
             |s| matches!(s, Step::Clear { node, .. } if *node == mv.from),
         );
-        assert!(lock < transfer && transfer < commit && commit < install_from);
+        assert!(commit < install_from);
         assert!(install_from < install_to && install_to < start && start < unlock);
         assert!(unlock < delete_at_sender);
-        // Every node of the new ring gets the metadata exactly once.
-        for node in &plan.metadata.nodes {
-            let n = plan
-                .steps
-                .iter()
-                .filter(|s| **s == Step::Install { node: node.clone() })
-                .count();
-            assert_eq!(n, 1, "{}", node.name);
-        }
+        // The ECS seeds the new metadata at the sender and the receiver only; gossip
+        // carries it to the rest.
+        let installs: Vec<&NodeEntry> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Install { node } => Some(node),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(installs, vec![&mv.from, &mv.to]);
         // The receiver is cleared before anything is sent to it.
         assert_eq!(
             plan.steps[0],
@@ -333,8 +334,11 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(installs.len(), 3);
-        assert_eq!(installs[0], leaving.name, "the sender adopts first");
+        assert_eq!(
+            installs,
+            vec![leaving.name.clone(), mv.to.name.clone()],
+            "the sender adopts first; the unaffected node is left to gossip"
+        );
         assert!(plan.commit_index() > position_of(&plan, |s| matches!(s, Step::Transfer { .. })));
     }
 

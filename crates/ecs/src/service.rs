@@ -10,8 +10,8 @@ use kvstore::{KvError, Transport};
 use quinn::Endpoint;
 use ringkv_certs::{Identity, Role};
 use ringkv_wire::{
-    AdminReply, AdminRequest, Limits, MoveReport, NodeEntry, NodeReport, Reply, ReplyBody, Request,
-    RequestBody, RingMetadata, TransferStats, WireError,
+    AdminReply, AdminRequest, Limits, Liveness, MoveReport, NodeEntry, NodeReport, NodeStatus,
+    Reply, ReplyBody, Request, RequestBody, RingMetadata, TransferStats, WireError,
 };
 
 use crate::plan::{self, Plan, Step};
@@ -147,8 +147,10 @@ impl Ecs {
         let mut locked_at = None;
         let mut locked_for = Duration::ZERO;
         for (i, step) in plan.steps.iter().enumerate() {
-            tracing::info!(step = %step.describe(), "step");
-            match self.run_step(step, &plan).await {
+            let step_started = Instant::now();
+            let result = self.run_step(step, &plan).await;
+            tracing::info!(step = %step.describe(), elapsed = ?step_started.elapsed(), ok = result.is_ok(), "step");
+            match result {
                 Ok(stats) => {
                     match step {
                         Step::Lock { .. } => locked_at = Some(Instant::now()),
@@ -158,7 +160,8 @@ impl Ecs {
                         _ => {}
                     }
                     if let Some(s) = stats {
-                        moved = s;
+                        moved.entries += s.entries;
+                        moved.bytes += s.bytes;
                     }
                 }
                 Err(reason) if i < commit => {
@@ -175,8 +178,8 @@ impl Ecs {
                     });
                 }
                 Err(reason) => {
-                    // Past the commit the change stands; nodes that missed it catch up on
-                    // the next republish (ECS start, `status`).
+                    // Past the commit the change stands; nodes that missed it catch up by
+                    // gossip, or on the next republish (ECS start, `status`).
                     tracing::warn!(step = %step.describe(), %reason, "step failed after commit; continuing");
                 }
             }
@@ -222,6 +225,14 @@ impl Ecs {
             Step::Transfer { from, to, range } => (
                 from,
                 RequestBody::TransferRange {
+                    range: *range,
+                    to: to.clone(),
+                },
+                self.config.transfer_timeout,
+            ),
+            Step::TransferDelta { from, to, range } => (
+                from,
+                RequestBody::TransferDelta {
                     range: *range,
                     to: to.clone(),
                 },
@@ -292,30 +303,41 @@ impl Ecs {
         })
     }
 
-    /// The ring plus each node's own report. Nodes found behind the ECS's version get the
-    /// current metadata again (anti-entropy for nodes that were down during a change).
+    /// The ring plus each node's own report, asked of every node at once (each within
+    /// `status_timeout`). A node that answers is alive; for one that does not, the report
+    /// says what the answering nodes' gossip sees of it ([`aggregate_liveness`]). Nodes
+    /// found behind the ECS's version get the current metadata again (anti-entropy for a
+    /// node that gossip has not reached, e.g. one cut off from its peers).
     async fn status(&self) -> AdminReply {
         let metadata = self.metadata();
+        let timeout = self.config.status_timeout;
+        let asks = metadata.nodes.iter().map(|node| async move {
+            let asked =
+                tokio::time::timeout(timeout, self.call(node, RequestBody::Status, timeout)).await;
+            match asked {
+                Ok(Ok(ReplyBody::Status(s))) => Ok(s),
+                Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        let answered: Vec<&NodeStatus> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
         let mut nodes = Vec::new();
-        for (node, range) in metadata.ranges() {
-            let (status, error) = match self
-                .call(node, RequestBody::Status, self.config.node_timeout)
-                .await
-            {
-                Ok(ReplyBody::Status(s)) => (Some(s), None),
-                Ok(other) => (None, Some(format!("unexpected reply {other:?}"))),
-                Err(e) => (None, Some(e.to_string())),
+        let mut behind = Vec::new();
+        for ((node, range), answer) in metadata.ranges().into_iter().zip(&answers) {
+            let (status, error) = match answer {
+                Ok(s) => (Some(s.clone()), None),
+                Err(e) => (None, Some(e.clone())),
             };
             if status
                 .as_ref()
                 .is_some_and(|s| s.metadata_version < metadata.version)
             {
-                let body = RequestBody::InstallMetadata {
-                    metadata: metadata.clone(),
-                };
-                let _ = self.call(node, body, self.config.node_timeout).await;
+                behind.push(node);
             }
             nodes.push(NodeReport {
+                liveness: aggregate_liveness(&node.name, status.is_some(), &answered),
                 name: node.name.clone(),
                 addr: node.addr.clone(),
                 range: Some(range),
@@ -323,6 +345,79 @@ impl Ecs {
                 error,
             });
         }
+        for node in behind {
+            let body = RequestBody::InstallMetadata {
+                metadata: metadata.clone(),
+            };
+            let _ = self.call(node, body, self.config.node_timeout).await;
+        }
         AdminReply::Status { metadata, nodes }
+    }
+}
+
+/// The liveness `status` reports for the node `name`: `Alive` if it answered the ECS
+/// itself; otherwise the most alive view any answering node's gossip has of it (one node
+/// that still hears its heartbeat advancing is proof enough that it ran recently), or
+/// `None` if no answering node knows it.
+pub fn aggregate_liveness(
+    name: &str,
+    answered_itself: bool,
+    answered: &[&NodeStatus],
+) -> Option<Liveness> {
+    if answered_itself {
+        return Some(Liveness::Alive);
+    }
+    answered
+        .iter()
+        .filter_map(|s| s.peers.iter().find(|p| p.name == name))
+        .map(|p| p.liveness)
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use ringkv_wire::PeerLiveness;
+
+    use super::*;
+
+    fn status_seeing(views: &[(&str, Liveness)]) -> NodeStatus {
+        NodeStatus {
+            name: "x".into(),
+            addr: "h:1".into(),
+            running: true,
+            metadata_version: 1,
+            keys: 0,
+            locked: vec![],
+            peers: views
+                .iter()
+                .map(|(name, liveness)| PeerLiveness {
+                    name: name.to_string(),
+                    liveness: *liveness,
+                    heartbeat: 1,
+                    silent_ms: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn liveness_is_the_direct_answer_else_the_most_alive_gossip_view() {
+        let a = status_seeing(&[("n3", Liveness::Dead), ("n4", Liveness::Dead)]);
+        let b = status_seeing(&[("n3", Liveness::Suspected), ("n4", Liveness::Dead)]);
+        let views = [&a, &b];
+        assert_eq!(
+            aggregate_liveness("n3", true, &views),
+            Some(Liveness::Alive)
+        );
+        assert_eq!(
+            aggregate_liveness("n3", false, &views),
+            Some(Liveness::Suspected)
+        );
+        assert_eq!(
+            aggregate_liveness("n4", false, &views),
+            Some(Liveness::Dead)
+        );
+        assert_eq!(aggregate_liveness("n5", false, &views), None);
+        assert_eq!(aggregate_liveness("n3", false, &[]), None);
     }
 }

@@ -14,6 +14,10 @@ use crate::NodeConfig;
 #[derive(Debug, Parser)]
 #[command(name = "ringkv-node", version, about = "ringkv storage node")]
 pub struct Args {
+    /// TOML file of defaults for these flags: keys are the long flag names (`listen`,
+    /// `advertise`, `data-dir`, ...); a flag given on the command line wins.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Node name: its name in the ring and the name of its certificate in --certs.
     #[arg(long)]
     pub name: String,
@@ -42,6 +46,9 @@ pub struct Args {
     /// Maximum value length in bytes.
     #[arg(long, default_value_t = ringkv_wire::limits::DEFAULT_MAX_VALUE)]
     pub max_value: usize,
+    /// Gossip and failure detection.
+    #[command(flatten)]
+    pub gossip: crate::gossip::GossipArgs,
 }
 
 impl Args {
@@ -53,6 +60,7 @@ impl Args {
         }
         config.start = self.start;
         config.limits = Limits::new(self.max_key, self.max_value);
+        config.gossip = self.gossip.config();
         config
     }
 }
@@ -62,7 +70,7 @@ pub fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
-    let args = Args::parse();
+    let args: Args = kvstore::config_file::parse()?;
     // One thread serves the endpoint: measured ~3x faster than a multi-threaded runtime
     // on 2 cores (DESIGN §9); storage writes have their own thread.
     let runtime = tokio::runtime::Builder::new_current_thread()

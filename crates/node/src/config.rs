@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use ringkv_wire::Limits;
 
+use crate::gossip::GossipConfig;
+
 /// How a node runs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -24,10 +26,12 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Size of the batches a range transfer sends.
     pub transfer_batch_bytes: usize,
+    /// Gossip interval, fanout, failure-detection timeouts, digest bound.
+    pub gossip: GossipConfig,
 }
 
 impl NodeConfig {
-    /// A configuration with default limits, advertising the listen address.
+    /// A configuration with default limits and gossip, advertising the listen address.
     pub fn new(name: impl Into<String>, listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
         Self {
             name: name.into(),
@@ -37,6 +41,7 @@ impl NodeConfig {
             start: false,
             limits: Limits::default(),
             transfer_batch_bytes: 1 << 20,
+            gossip: GossipConfig::default(),
         }
     }
 }

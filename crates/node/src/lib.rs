@@ -11,6 +11,8 @@
 //! - [`node`]: [`Node`], the node's state (metadata view, write locks, running flag) and the
 //!   dispatch of a request to its handler.
 //! - [`request`]: one module per kind of request (data, metadata, admin, range).
+//! - [`gossip`]: metadata dissemination and failure detection: the state machine, its
+//!   tokio driver and its configuration.
 //! - [`server`]: the QUIC accept loop and per-stream framing; [`server::run`].
 //! - [`storage`]: [`storage::Store`], redb with a group-commit writer thread.
 //! - [`error`]: the error type, [`NodeError`].
@@ -20,6 +22,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod gossip;
 pub mod node;
 pub mod request;
 pub mod server;

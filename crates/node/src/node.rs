@@ -1,14 +1,18 @@
 //! [`Node`]: the state of a storage node and the dispatch of requests.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use kvstore::Transport;
 use ringkv_certs::Role;
 use ringkv_wire::{
-    key_position, ErrorKind, KeyRange, Reply, ReplyBody, Request, RequestBody, RingMetadata,
+    EncodedMetadata, ErrorKind, HashedKey, KeyRange, PeerLiveness, Position, Reply, ReplyBody,
+    Request, RequestBody, RingMetadata,
 };
 
+use crate::gossip::{self, GossipState, Membership};
 use crate::request;
 use crate::storage::Store;
 use crate::{NodeConfig, NodeError};
@@ -34,7 +38,12 @@ pub struct Node {
     view: RwLock<RingView>,
     running: AtomicBool,
     pub(crate) locks: tokio::sync::RwLock<Vec<KeyRange>>,
+    /// Ranges being transferred, with the user keys written in them since the transfer's
+    /// snapshot (sent again, locked, by `TransferDelta`).
+    tracked: std::sync::Mutex<Vec<(KeyRange, HashSet<Vec<u8>>)>>,
     pub(crate) peers: Transport,
+    /// The gossip state machine; held only for synchronous steps, never across an await.
+    pub(crate) gossip: std::sync::Mutex<GossipState>,
 }
 
 impl Node {
@@ -51,10 +60,20 @@ impl Node {
             tracing::info!(node = %config.name, "bootstrapped a one-node ring");
         }
         let member = metadata.node(&config.name).is_some();
+        let view = view_of(&config.name, metadata);
+        let gossip = GossipState::new(
+            config.name.clone(),
+            config.gossip.clone(),
+            Arc::new(Membership::new(view.metadata.clone())?),
+            gossip::first_heartbeat(),
+            Instant::now(),
+        );
         let node = Node {
-            view: RwLock::new(view_of(&config.name, metadata)),
+            view: RwLock::new(view),
+            gossip: std::sync::Mutex::new(gossip),
             running: AtomicBool::new(config.start || member),
             locks: tokio::sync::RwLock::new(Vec::new()),
+            tracked: std::sync::Mutex::new(Vec::new()),
             config,
             store,
             peers,
@@ -96,18 +115,70 @@ impl Node {
     /// Adopts `metadata` if it is newer than the node's, persisting it first. Returns
     /// whether it was adopted.
     pub async fn install_metadata(&self, metadata: RingMetadata) -> Result<bool, NodeError> {
+        self.install(metadata, None, "ecs").await
+    }
+
+    /// Adopts metadata a peer gossiped (already decoded from `encoded`), like
+    /// [`Node::install_metadata`].
+    pub(crate) async fn install_gossiped(
+        &self,
+        metadata: RingMetadata,
+        encoded: EncodedMetadata,
+    ) -> Result<bool, NodeError> {
+        self.install(metadata, Some(encoded), "gossip").await
+    }
+
+    async fn install(
+        &self,
+        metadata: RingMetadata,
+        encoded: Option<EncodedMetadata>,
+        source: &'static str,
+    ) -> Result<bool, NodeError> {
         if metadata.version <= self.metadata_version() {
             return Ok(false);
         }
         self.store.save_metadata(&metadata).await?;
-        let mut view = self.view.write().expect("view lock");
-        // Another install may have raced us while we persisted.
-        if metadata.version <= view.metadata.version {
-            return Ok(false);
+        let installed = {
+            let mut view = self.view.write().expect("view lock");
+            // Another install may have raced us while we persisted.
+            if metadata.version <= view.metadata.version {
+                return Ok(false);
+            }
+            tracing::info!(node = %self.config.name, version = metadata.version, source, "installed ring metadata");
+            *view = view_of(&self.config.name, metadata);
+            view.metadata.clone()
+        };
+        // Gossip follows (it ignores a version older than the one it holds, should two
+        // installs finish out of order).
+        let previous = self
+            .gossip
+            .lock()
+            .expect("gossip lock")
+            .membership()
+            .clone();
+        let membership = match encoded {
+            Some(encoded) => Ok(Membership::with_encoded(installed, encoded)),
+            None => Membership::new(installed),
+        };
+        match membership {
+            Ok(m) => self
+                .gossip
+                .lock()
+                .expect("gossip lock")
+                .set_membership(Arc::new(m.succeeding(&previous)), Instant::now()),
+            Err(e) => {
+                tracing::error!(node = %self.config.name, error = %e, "cannot encode metadata for gossip")
+            }
         }
-        tracing::info!(node = %self.config.name, version = metadata.version, "installed ring metadata");
-        *view = view_of(&self.config.name, metadata);
         Ok(true)
+    }
+
+    /// This node's gossip view of every other node of its ring.
+    pub fn peer_liveness(&self) -> Vec<PeerLiveness> {
+        self.gossip
+            .lock()
+            .expect("gossip lock")
+            .peers(Instant::now())
     }
 
     /// Write-locks `range`, waiting for writes in flight to finish (see the type's invariant).
@@ -119,20 +190,59 @@ impl Node {
         tracing::info!(node = %self.config.name, range = ?range, "range write-locked");
     }
 
-    /// Releases the write lock on `range`. Returns whether it was held.
+    /// Releases the write lock on `range` and ends any tracking of it (the move is over,
+    /// done or aborted). Returns whether the lock was held.
     pub async fn unlock_range(&self, range: KeyRange) -> bool {
         let mut locks = self.locks.write().await;
+        self.stop_tracking(&range);
         let before = locks.len();
         locks.retain(|r| *r != range);
         tracing::info!(node = %self.config.name, range = ?range, "range unlocked");
         locks.len() != before
     }
 
-    /// `Ok(())` if this node owns `key` under its metadata, else the `NotResponsible` reply.
-    pub(crate) fn check_owner(&self, key: &[u8]) -> Result<(), ReplyBody> {
+    /// Whether `range` is write-locked right now.
+    pub async fn is_locked(&self, range: &KeyRange) -> bool {
+        self.locks.read().await.contains(range)
+    }
+
+    /// Starts remembering which keys of `range` are written, before a transfer snapshot is
+    /// taken, so that every write the snapshot misses is remembered.
+    ///
+    /// Takes the lock table for writing meanwhile, which waits for writes in flight: a
+    /// write that checked for tracking before this call has committed (and is in the
+    /// snapshot taken after it), every later write sees the tracking.
+    pub(crate) async fn start_tracking(&self, range: KeyRange) {
+        let _no_writes_in_flight = self.locks.write().await;
+        let mut tracked = self.tracked.lock().expect("tracked lock");
+        tracked.retain(|(r, _)| *r != range);
+        tracked.push((range, HashSet::new()));
+    }
+
+    /// Stops tracking `range`, returning the keys written in it meanwhile.
+    pub(crate) fn stop_tracking(&self, range: &KeyRange) -> Option<HashSet<Vec<u8>>> {
+        let mut tracked = self.tracked.lock().expect("tracked lock");
+        let idx = tracked.iter().position(|(r, _)| r == range)?;
+        Some(tracked.swap_remove(idx).1)
+    }
+
+    /// Records a write of `key` in every tracked range holding it. Called by every write
+    /// before it commits, under the lock table's read guard.
+    pub(crate) fn track_write(&self, key: &HashedKey<'_>) {
+        let mut tracked = self.tracked.lock().expect("tracked lock");
+        for (range, keys) in tracked.iter_mut() {
+            if range.contains(&key.position) {
+                keys.insert(key.key.to_vec());
+            }
+        }
+    }
+
+    /// `Ok(())` if this node owns `position` under its metadata, else the `NotResponsible`
+    /// reply.
+    pub(crate) fn check_owner(&self, position: &Position) -> Result<(), ReplyBody> {
         let view = self.view.read().expect("view lock");
         match view.own_range {
-            Some(range) if range.contains(&key_position(key)) => Ok(()),
+            Some(range) if range.contains(position) => Ok(()),
             _ => Err(ReplyBody::NotResponsible {
                 metadata: (*view.metadata).clone(),
             }),
@@ -154,7 +264,7 @@ impl Node {
     }
 
     async fn dispatch(&self, body: RequestBody) -> ReplyBody {
-        use request::{admin, data, metadata, range};
+        use request::{admin, data, gossip, metadata, range};
         match body {
             RequestBody::Get { key } => data::get(self, &key),
             RequestBody::Put { key, value } => data::put(self, &key, &value).await,
@@ -167,8 +277,13 @@ impl Node {
             RequestBody::LockRange { range } => range::lock(self, range).await,
             RequestBody::UnlockRange { range } => range::unlock(self, range).await,
             RequestBody::TransferRange { range, to } => range::transfer(self, range, to).await,
+            RequestBody::TransferDelta { range, to } => {
+                range::transfer_delta(self, range, to).await
+            }
             RequestBody::PutBatch { entries } => range::put_batch(self, entries).await,
             RequestBody::DeleteRange { range } => range::delete(self, range).await,
+            RequestBody::Gossip { digest } => gossip::exchange(self, digest),
+            RequestBody::GossipPush { metadata } => gossip::push(self, metadata).await,
         }
     }
 }

@@ -39,10 +39,13 @@ pub async fn bind(
     Ok((endpoint, node))
 }
 
-/// Serves `node` on `endpoint` until `shutdown` completes, then closes connections
-/// gracefully. Every acknowledged write is already durable, so shutdown loses nothing.
+/// Serves `node` on `endpoint`, and gossips with its peers, until `shutdown` completes,
+/// then closes connections gracefully. Every acknowledged write is already durable, so
+/// shutdown loses nothing.
 pub async fn run(endpoint: Endpoint, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+    let gossip = tokio::spawn(crate::gossip::driver::run(node.clone()));
     kvstore::server::serve(endpoint, node, shutdown).await;
+    gossip.abort();
 }
 
 impl Service for Node {

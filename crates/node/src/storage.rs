@@ -16,7 +16,9 @@ use std::sync::mpsc;
 use std::thread;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
-use ringkv_wire::{codec, storage_key, KeyRange, RingMetadata, StorageEntry, StorageSpan};
+use ringkv_wire::{
+    codec, storage_key, HashedKey, KeyRange, RingMetadata, StorageEntry, StorageSpan,
+};
 use tokio::sync::oneshot;
 
 use crate::error::NodeError;
@@ -80,7 +82,12 @@ impl Store {
 
     /// The value of a user key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
-        Ok(self.data.get(storage_key(key))?.map(|v| v.to_vec()))
+        self.get_hashed(&HashedKey::new(key))
+    }
+
+    /// The value of a user key whose position is already known.
+    pub fn get_hashed(&self, key: &HashedKey<'_>) -> Result<Option<Vec<u8>>, NodeError> {
+        Ok(self.data.get(key.storage_key())?.map(|v| v.to_vec()))
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, NodeError> {
@@ -97,8 +104,13 @@ impl Store {
 
     /// Stores a user key durably. Returns whether it was new.
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<bool, NodeError> {
+        self.put_hashed(&HashedKey::new(key), value).await
+    }
+
+    /// [`Store::put`] for a key whose position is already known.
+    pub async fn put_hashed(&self, key: &HashedKey<'_>, value: &[u8]) -> Result<bool, NodeError> {
         let op = WriteOp::Put {
-            key: storage_key(key),
+            key: key.storage_key(),
             value: value.to_vec(),
         };
         match self.write(op).await? {
@@ -109,8 +121,13 @@ impl Store {
 
     /// Deletes a user key durably. Returns whether it existed.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, NodeError> {
+        self.delete_hashed(&HashedKey::new(key)).await
+    }
+
+    /// [`Store::delete`] for a key whose position is already known.
+    pub async fn delete_hashed(&self, key: &HashedKey<'_>) -> Result<bool, NodeError> {
         let op = WriteOp::Delete {
-            key: storage_key(key),
+            key: key.storage_key(),
         };
         match self.write(op).await? {
             WriteOutcome::Delete { existed } => Ok(existed),
@@ -118,7 +135,7 @@ impl Store {
         }
     }
 
-    /// Stores a batch of user entries durably (a range transfer batch).
+    /// Applies a batch of user entries durably (a range transfer batch; `None` deletes).
     pub async fn put_batch(&self, entries: Vec<StorageEntry>) -> Result<(), NodeError> {
         self.write(WriteOp::PutBatch(entries)).await.map(|_| ())
     }
@@ -190,7 +207,7 @@ impl Store {
                         size += key.len() + v.len() + 8;
                         batch.push(StorageEntry {
                             key,
-                            value: v.to_vec(),
+                            value: Some(v.to_vec()),
                         });
                         if size >= batch_bytes {
                             size = 0;
@@ -286,7 +303,7 @@ fn apply(
             }
             WriteOp::PutBatch(entries) => {
                 for e in entries {
-                    state.insert(storage_key(&e.key), Some(e.value));
+                    state.insert(storage_key(&e.key), e.value);
                 }
                 WriteOutcome::Done
             }

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::gossip::Liveness;
 use crate::message::NodeStatus;
 use crate::ring::{KeyRange, RingMetadata};
 
@@ -63,6 +64,9 @@ pub struct NodeReport {
     pub status: Option<NodeStatus>,
     /// Why it did not answer.
     pub error: Option<String>,
+    /// How alive it is: `Alive` if it answered the ECS; otherwise the most alive view the
+    /// answering nodes' gossip has of it; `None` if nobody knows.
+    pub liveness: Option<Liveness>,
 }
 
 /// The ECS's answer.

@@ -16,7 +16,7 @@ pub const FRAME_HEADER_LEN: usize = 4;
 ///
 /// Fails with [`WireError::FrameTooLarge`] if the payload would exceed `max_frame`.
 pub fn encode<T: Serialize>(msg: &T, max_frame: usize) -> Result<Vec<u8>, WireError> {
-    let mut buf = postcard::to_extend(msg, vec![0u8; FRAME_HEADER_LEN])
+    let mut buf = postcard::serialize_with_flavor(msg, FrameBuf(vec![0u8; FRAME_HEADER_LEN]))
         .map_err(|e| WireError::Malformed(e.to_string()))?;
     let len = buf.len() - FRAME_HEADER_LEN;
     if len > max_frame || len > u32::MAX as usize {
@@ -27,6 +27,29 @@ pub fn encode<T: Serialize>(msg: &T, max_frame: usize) -> Result<Vec<u8>, WireEr
     }
     buf[..FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(buf)
+}
+
+/// The output of [`encode`]: a `Vec` that byte strings are appended to with one
+/// `extend_from_slice` (postcard's `to_extend` copies them byte by byte, which costs
+/// seconds for large metadata in unoptimised test builds).
+struct FrameBuf(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for FrameBuf {
+    type Output = Vec<u8>;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
 }
 
 /// Reads the payload length from a frame header and checks it against `max_frame`.

@@ -11,6 +11,8 @@
 //! - [`codec`]: the length-prefixed postcard framing with a maximum frame size, checked
 //!   before anything is buffered.
 //! - [`limits`]: key/value/frame size limits and their validation.
+//! - [`gossip`]: what nodes gossip: bounded digests of versions and heartbeats,
+//!   [`EncodedMetadata`], and the [`Liveness`] a node sees in its peers.
 //! - [`admin`]: the ECS protocol an operator speaks ([`AdminRequest`], [`AdminReply`]).
 //! - [`error`]: [`WireError`], the one error type of this crate.
 #![warn(missing_docs)]
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod codec;
 pub mod error;
+pub mod gossip;
 pub mod limits;
 pub mod message;
 pub mod ring;
@@ -25,11 +28,12 @@ pub mod ring;
 pub use admin::{AdminReply, AdminRequest, MoveReport, NodeReport};
 pub use codec::{decode, encode, frame_len, FRAME_HEADER_LEN};
 pub use error::WireError;
+pub use gossip::{EncodedMetadata, GossipDigest, Heartbeat, Liveness, PeerLiveness};
 pub use limits::Limits;
 pub use message::{
     ErrorKind, NodeStatus, Reply, ReplyBody, Request, RequestBody, StorageEntry, TransferStats,
 };
 pub use ring::{
-    key_position, node_position, storage_key, KeyRange, NodeEntry, Position, RangeMove,
+    key_position, node_position, storage_key, HashedKey, KeyRange, NodeEntry, Position, RangeMove,
     RingMetadata, StorageSpan,
 };

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::gossip::{EncodedMetadata, GossipDigest, PeerLiveness};
 use crate::ring::{KeyRange, NodeEntry, RingMetadata};
 
 /// A request frame: the caller's metadata version and what it asks for.
@@ -28,15 +29,16 @@ impl Request {
     }
 }
 
-/// A key and its value as moved between nodes.
+/// A key and its value as moved between nodes; `None` is a deletion (a delta transfer
+/// carries the keys deleted since the snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorageEntry {
     /// The user key (not the storage key).
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
-    /// The value.
+    /// The value, or `None` if the key was deleted.
     #[serde(with = "serde_bytes")]
-    pub value: Vec<u8>,
+    pub value: Option<Vec<u8>>,
 }
 
 /// What a request asks for.
@@ -86,10 +88,20 @@ pub enum RequestBody {
         /// The range to unlock.
         range: KeyRange,
     },
-    /// Internal (admin): stream every key of `range` to node `to` in batches. Replies
-    /// `Transferred` once `to` acknowledged (persisted) every batch.
+    /// Internal (admin): stream a snapshot of every key of `range` to node `to` in batches,
+    /// and from then on remember which keys of the range are written. Replies `Transferred`
+    /// once `to` acknowledged (persisted) every batch. Writes stay open meanwhile.
     TransferRange {
         /// The range to send.
+        range: KeyRange,
+        /// The receiving node.
+        to: NodeEntry,
+    },
+    /// Internal (admin): with `range` write-locked, send `to` the current value (or the
+    /// deletion) of every key written since its `TransferRange` began. Replies
+    /// `Transferred`.
+    TransferDelta {
+        /// The range (as given to `TransferRange`).
         range: KeyRange,
         /// The receiving node.
         to: NodeEntry,
@@ -104,6 +116,18 @@ pub enum RequestBody {
     DeleteRange {
         /// The range to delete.
         range: KeyRange,
+    },
+    /// Internal (node/admin): a gossip exchange (see [`crate::gossip`]). Replies `Gossip`
+    /// with the responder's digest, and its metadata if that is newer than the digest's.
+    Gossip {
+        /// The caller's digest.
+        digest: GossipDigest,
+    },
+    /// Internal (node/admin): the last leg of a gossip exchange, newer metadata for a
+    /// responder whose digest showed an older version. Adopted only if newer; replies `Ok`.
+    GossipPush {
+        /// The caller's metadata.
+        metadata: EncodedMetadata,
     },
 }
 
@@ -133,8 +157,11 @@ impl RequestBody {
             RequestBody::LockRange { .. } => "lock_range",
             RequestBody::UnlockRange { .. } => "unlock_range",
             RequestBody::TransferRange { .. } => "transfer_range",
+            RequestBody::TransferDelta { .. } => "transfer_delta",
             RequestBody::PutBatch { .. } => "put_batch",
             RequestBody::DeleteRange { .. } => "delete_range",
+            RequestBody::Gossip { .. } => "gossip",
+            RequestBody::GossipPush { .. } => "gossip_push",
         }
     }
 }
@@ -205,6 +232,8 @@ pub struct NodeStatus {
     pub keys: u64,
     /// Ranges currently write-locked.
     pub locked: Vec<KeyRange>,
+    /// The node's gossip view of every other node of its ring: how alive each seems.
+    pub peers: Vec<PeerLiveness>,
 }
 
 /// The answer to a request.
@@ -247,6 +276,13 @@ pub enum ReplyBody {
     Transferred(TransferStats),
     /// A count (answer to `DeleteRange`).
     Count(u64),
+    /// The responder's side of a gossip exchange (answer to `Gossip`).
+    Gossip {
+        /// The responder's digest.
+        digest: GossipDigest,
+        /// The responder's metadata, if newer than the version in the caller's digest.
+        metadata: Option<EncodedMetadata>,
+    },
 }
 
 #[cfg(test)]
@@ -278,6 +314,53 @@ mod tests {
         })
     }
 
+    fn arb_digest() -> impl Strategy<Value = GossipDigest> {
+        let heartbeat = (any::<u32>(), any::<u64>())
+            .prop_map(|(node, counter)| crate::gossip::Heartbeat { node, counter });
+        (
+            "[a-z]{1,8}",
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(heartbeat, 0..8),
+        )
+            .prop_map(
+                |(from, metadata_version, heartbeat, heartbeats)| GossipDigest {
+                    from,
+                    metadata_version,
+                    heartbeat,
+                    heartbeats,
+                },
+            )
+    }
+
+    fn arb_encoded_metadata() -> impl Strategy<Value = EncodedMetadata> {
+        prop_oneof![
+            arb_metadata().prop_map(|md| EncodedMetadata::encode(&md).unwrap()),
+            // Whatever a peer may send: the outer codec carries it untouched.
+            (any::<u64>(), bytes()).prop_map(|(version, bytes)| EncodedMetadata {
+                version,
+                bytes: std::sync::Arc::new(bytes)
+            }),
+        ]
+    }
+
+    fn arb_peer_liveness() -> impl Strategy<Value = PeerLiveness> {
+        use crate::gossip::Liveness;
+        let liveness = prop_oneof![
+            Just(Liveness::Alive),
+            Just(Liveness::Suspected),
+            Just(Liveness::Dead)
+        ];
+        ("[a-z]{1,8}", liveness, any::<u64>(), any::<u64>()).prop_map(
+            |(name, liveness, heartbeat, silent_ms)| PeerLiveness {
+                name,
+                liveness,
+                heartbeat,
+                silent_ms,
+            },
+        )
+    }
+
     fn arb_request() -> impl Strategy<Value = Request> {
         let body = prop_oneof![
             bytes().prop_map(|key| RequestBody::Get { key }),
@@ -292,15 +375,21 @@ mod tests {
             arb_range().prop_map(|range| RequestBody::UnlockRange { range }),
             (arb_range(), arb_node())
                 .prop_map(|(range, to)| RequestBody::TransferRange { range, to }),
-            proptest::collection::vec((bytes(), bytes()), 0..4).prop_map(|v| {
-                RequestBody::PutBatch {
-                    entries: v
-                        .into_iter()
-                        .map(|(key, value)| StorageEntry { key, value })
-                        .collect(),
+            (arb_range(), arb_node())
+                .prop_map(|(range, to)| RequestBody::TransferDelta { range, to }),
+            proptest::collection::vec((bytes(), proptest::option::of(bytes())), 0..4).prop_map(
+                |v| {
+                    RequestBody::PutBatch {
+                        entries: v
+                            .into_iter()
+                            .map(|(key, value)| StorageEntry { key, value })
+                            .collect(),
+                    }
                 }
-            }),
+            ),
             arb_range().prop_map(|range| RequestBody::DeleteRange { range }),
+            arb_digest().prop_map(|digest| RequestBody::Gossip { digest }),
+            arb_encoded_metadata().prop_map(|metadata| RequestBody::GossipPush { metadata }),
         ];
         (any::<u64>(), body).prop_map(|(v, b)| Request::new(v, b))
     }
@@ -332,9 +421,10 @@ mod tests {
                 any::<bool>(),
                 any::<u64>(),
                 any::<u64>(),
-                proptest::collection::vec(arb_range(), 0..3)
+                proptest::collection::vec(arb_range(), 0..3),
+                proptest::collection::vec(arb_peer_liveness(), 0..3),
             )
-                .prop_map(|(n, running, metadata_version, keys, locked)| {
+                .prop_map(|(n, running, metadata_version, keys, locked, peers)| {
                     ReplyBody::Status(NodeStatus {
                         name: n.name,
                         addr: n.addr,
@@ -342,6 +432,7 @@ mod tests {
                         metadata_version,
                         keys,
                         locked,
+                        peers,
                     })
                 }),
             Just(ReplyBody::Ok),
@@ -349,6 +440,8 @@ mod tests {
                 TransferStats { entries, bytes }
             )),
             any::<u64>().prop_map(ReplyBody::Count),
+            (arb_digest(), proptest::option::of(arb_encoded_metadata()))
+                .prop_map(|(digest, metadata)| ReplyBody::Gossip { digest, metadata }),
         ];
         (any::<u64>(), body).prop_map(|(v, b)| Reply::new(v, b))
     }
@@ -419,8 +512,10 @@ mod tests {
                     metadata_version: 3,
                     keys: 9,
                     locked: range.into_iter().collect(),
+                    peers: vec![],
                 }),
                 error: (!up).then_some(err),
+                liveness: up.then_some(crate::Liveness::Alive),
                 name: n.name,
                 addr: n.addr,
                 range,

@@ -71,10 +71,35 @@ pub fn node_position(addr: &str) -> Position {
 /// The storage key of a user key: `SHA-1(key) ++ key`, so that a hash range is one
 /// contiguous range of storage keys.
 pub fn storage_key(key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(20 + key.len());
-    out.extend_from_slice(&key_position(key).0);
-    out.extend_from_slice(key);
-    out
+    HashedKey::new(key).storage_key()
+}
+
+/// A user key with its ring position, hashed once: a request needs the position for the
+/// ownership check, the write lock, and the storage key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashedKey<'a> {
+    /// The user key.
+    pub key: &'a [u8],
+    /// `SHA-1(key)`.
+    pub position: Position,
+}
+
+impl<'a> HashedKey<'a> {
+    /// Hashes `key`.
+    pub fn new(key: &'a [u8]) -> Self {
+        Self {
+            key,
+            position: key_position(key),
+        }
+    }
+
+    /// `position ++ key`.
+    pub fn storage_key(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(20 + self.key.len());
+        out.extend_from_slice(&self.position.0);
+        out.extend_from_slice(self.key);
+        out
+    }
 }
 
 /// A range of ring positions `(start, end]`, wrapping at 2^160. `start == end` is the whole

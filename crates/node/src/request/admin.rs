@@ -5,7 +5,8 @@ use ringkv_wire::{NodeStatus, ReplyBody};
 use super::storage_error;
 use crate::Node;
 
-/// `Status`: name, address, serving state, metadata version, key count, locked ranges.
+/// `Status`: name, address, serving state, metadata version, key count, locked ranges,
+/// and the node's gossip view of its peers' liveness.
 pub async fn status(node: &Node) -> ReplyBody {
     let keys = match node.store.len() {
         Ok(n) => n,
@@ -18,6 +19,7 @@ pub async fn status(node: &Node) -> ReplyBody {
         metadata_version: node.metadata_version(),
         keys,
         locked: node.locks.read().await.clone(),
+        peers: node.peer_liveness(),
     })
 }
 

@@ -1,6 +1,6 @@
 //! The client data path: `Get`, `Put`, `Delete`.
 
-use ringkv_wire::{key_position, ErrorKind, ReplyBody, WireError};
+use ringkv_wire::{ErrorKind, HashedKey, ReplyBody, WireError};
 
 use super::{error, storage_error};
 use crate::Node;
@@ -17,20 +17,21 @@ fn invalid(e: WireError) -> ReplyBody {
 }
 
 /// Checks everything a read needs: running, a valid key, ownership.
-fn admit(node: &Node, key: &[u8]) -> Result<(), ReplyBody> {
+fn admit(node: &Node, key: &HashedKey<'_>) -> Result<(), ReplyBody> {
     if !node.is_running() {
         return Err(ReplyBody::Stopped);
     }
-    node.config.limits.check_key(key).map_err(invalid)?;
-    node.check_owner(key)
+    node.config.limits.check_key(key.key).map_err(invalid)?;
+    node.check_owner(&key.position)
 }
 
 /// `Get`: served even while the key's range is write-locked.
 pub fn get(node: &Node, key: &[u8]) -> ReplyBody {
-    if let Err(reply) = admit(node, key) {
+    let key = HashedKey::new(key);
+    if let Err(reply) = admit(node, &key) {
         return reply;
     }
-    match node.store.get(key) {
+    match node.store.get_hashed(&key) {
         Ok(Some(v)) => ReplyBody::Value(v),
         Ok(None) => ReplyBody::NotFound,
         Err(e) => storage_error(e),
@@ -39,7 +40,7 @@ pub fn get(node: &Node, key: &[u8]) -> ReplyBody {
 
 /// Runs a write under the lock table's read guard (see [`Node`]'s invariant): ownership and
 /// write locks are checked, then the write is made durable, before the guard is released.
-async fn write<F, Fut>(node: &Node, key: &[u8], apply: F) -> ReplyBody
+async fn write<F, Fut>(node: &Node, key: &HashedKey<'_>, apply: F) -> ReplyBody
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ReplyBody>,
@@ -49,13 +50,13 @@ where
     }
     let locks = node.locks.read().await;
     // Ownership may have changed while we waited for the guard.
-    if let Err(reply) = node.check_owner(key) {
+    if let Err(reply) = node.check_owner(&key.position) {
         return reply;
     }
-    let pos = key_position(key);
-    if locks.iter().any(|r| r.contains(&pos)) {
+    if locks.iter().any(|r| r.contains(&key.position)) {
         return ReplyBody::WriteLocked;
     }
+    node.track_write(key);
     let reply = apply().await;
     drop(locks);
     reply
@@ -66,8 +67,9 @@ pub async fn put(node: &Node, key: &[u8], value: &[u8]) -> ReplyBody {
     if let Err(e) = node.config.limits.check_put(key, value) {
         return invalid(e);
     }
-    write(node, key, || async {
-        match node.store.put(key, value).await {
+    let key = HashedKey::new(key);
+    write(node, &key, || async {
+        match node.store.put_hashed(&key, value).await {
             Ok(created) => ReplyBody::PutOk { created },
             Err(e) => storage_error(e),
         }
@@ -77,8 +79,9 @@ pub async fn put(node: &Node, key: &[u8], value: &[u8]) -> ReplyBody {
 
 /// `Delete`: acknowledged once durable.
 pub async fn delete(node: &Node, key: &[u8]) -> ReplyBody {
-    write(node, key, || async {
-        match node.store.delete(key).await {
+    let key = HashedKey::new(key);
+    write(node, &key, || async {
+        match node.store.delete_hashed(&key).await {
             Ok(true) => ReplyBody::Deleted,
             Ok(false) => ReplyBody::NotFound,
             Err(e) => storage_error(e),

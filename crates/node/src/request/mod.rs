@@ -3,10 +3,12 @@
 //! - [`data`]: `Get`, `Put`, `Delete` (the client data path).
 //! - [`metadata`]: `GetMetadata`, `InstallMetadata`.
 //! - [`admin`]: `Status`, `Start`, `Stop`.
+//! - [`gossip`]: `Gossip`, `GossipPush`.
 //! - [`range`]: `LockRange`, `UnlockRange`, `TransferRange`, `PutBatch`, `DeleteRange`.
 
 pub mod admin;
 pub mod data;
+pub mod gossip;
 pub mod metadata;
 pub mod range;
 
@@ -17,7 +19,7 @@ use crate::NodeError;
 
 /// Whether a peer with certificate role `role` may send `body`: clients only the client
 /// requests; nodes also what nodes exchange among themselves (batches of a transfer,
-/// metadata, status); admins (the ECS) everything.
+/// metadata, status, gossip); admins (the ECS) everything.
 pub fn allowed(role: Role, body: &RequestBody) -> bool {
     match role {
         Role::Admin => true,
@@ -29,6 +31,8 @@ pub fn allowed(role: Role, body: &RequestBody) -> bool {
                     RequestBody::PutBatch { .. }
                         | RequestBody::InstallMetadata { .. }
                         | RequestBody::Status
+                        | RequestBody::Gossip { .. }
+                        | RequestBody::GossipPush { .. }
                 )
         }
     }

@@ -1,4 +1,5 @@
-//! Range moves: `LockRange`, `UnlockRange`, `TransferRange`, `PutBatch`, `DeleteRange`.
+//! Range moves: `LockRange`, `UnlockRange`, `TransferRange`, `TransferDelta`, `PutBatch`,
+//! `DeleteRange`.
 
 use ringkv_wire::{
     ErrorKind, KeyRange, NodeEntry, ReplyBody, Request, RequestBody, StorageEntry, TransferStats,
@@ -25,23 +26,85 @@ pub async fn unlock(node: &Node, range: KeyRange) -> ReplyBody {
 /// while the next batch is read.
 const TRANSFER_WINDOW: usize = 4;
 
-/// `TransferRange`: streams a consistent snapshot of `range` to `to` in batches, several in
-/// flight; each batch is acknowledged by `to` only after it persisted it. Replies
-/// `Transferred` when all are.
+/// `TransferRange`: starts tracking writes into `range`, then streams a consistent snapshot
+/// of it to `to` in batches, several in flight; each batch is acknowledged by `to` only
+/// after it persisted it. Replies `Transferred` when all are. Writes into the range go on
+/// meanwhile; `TransferDelta` sends what they changed.
 pub async fn transfer(node: &Node, range: KeyRange, to: NodeEntry) -> ReplyBody {
-    let mut batches = node
+    // Tracking starts before the snapshot: every write the snapshot misses is tracked.
+    node.start_tracking(range).await;
+    let batches = node
         .store
         .scan_range(range, node.config.transfer_batch_bytes);
+    let reply = send_batches(node, &to, batches).await;
+    if let ReplyBody::Transferred(stats) = &reply {
+        tracing::info!(node = %node.config.name, to = %to.name, range = ?range, entries = stats.entries, bytes = stats.bytes, "range snapshot transferred");
+    }
+    reply
+}
+
+/// `TransferDelta`: with `range` write-locked (so the set of changed keys is final), sends
+/// the current value or the deletion of every key written since the snapshot, and ends the
+/// tracking.
+pub async fn transfer_delta(node: &Node, range: KeyRange, to: NodeEntry) -> ReplyBody {
+    if !node.is_locked(&range).await {
+        return error(
+            ErrorKind::InvalidState,
+            format!("{range:?} must be write-locked for a delta transfer"),
+        );
+    }
+    let Some(keys) = node.stop_tracking(&range) else {
+        return error(
+            ErrorKind::InvalidState,
+            format!("no transfer of {range:?} is being tracked"),
+        );
+    };
+    let mut batches = vec![Vec::new()];
+    let mut size = 0;
+    for key in keys {
+        let value = match node.store.get(&key) {
+            Ok(v) => v,
+            Err(e) => return storage_error(e),
+        };
+        size += key.len() + value.as_ref().map_or(0, Vec::len) + 8;
+        batches
+            .last_mut()
+            .expect("one batch")
+            .push(StorageEntry { key, value });
+        if size >= node.config.transfer_batch_bytes {
+            batches.push(Vec::new());
+            size = 0;
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(batches.len());
+    for batch in batches.into_iter().filter(|b| !b.is_empty()) {
+        tx.try_send(Ok(batch))
+            .expect("channel sized for every batch");
+    }
+    drop(tx);
+    let reply = send_batches(node, &to, rx).await;
+    if let ReplyBody::Transferred(stats) = &reply {
+        tracing::info!(node = %node.config.name, to = %to.name, range = ?range, entries = stats.entries, "range delta transferred");
+    }
+    reply
+}
+
+/// Sends every batch from `batches` to `to` as `PutBatch` requests, up to
+/// [`TRANSFER_WINDOW`] in flight. Replies `Transferred` once all are acknowledged.
+async fn send_batches(
+    node: &Node,
+    to: &NodeEntry,
+    mut batches: tokio::sync::mpsc::Receiver<Result<Vec<StorageEntry>, crate::NodeError>>,
+) -> ReplyBody {
     let mut stats = TransferStats::default();
     let version = node.metadata_version();
     let send = |entries: Vec<StorageEntry>| {
         let n = entries.len() as u64;
         let bytes: u64 = entries
             .iter()
-            .map(|e| (e.key.len() + e.value.len()) as u64)
+            .map(|e| (e.key.len() + e.value.as_ref().map_or(0, Vec::len)) as u64)
             .sum();
         let request = Request::new(version, RequestBody::PutBatch { entries });
-        let to = &to;
         async move {
             match node.peers.request(&to.addr, &request).await {
                 Ok(reply) if reply.body == ReplyBody::Ok => Ok((n, bytes)),
@@ -74,17 +137,20 @@ pub async fn transfer(node: &Node, range: KeyRange, to: NodeEntry) -> ReplyBody 
                     format!("{message} (after {} entries acknowledged)", stats.entries),
                 )
             }
-            None => break, // nothing in flight and nothing left to scan
+            None => break, // nothing in flight and nothing left to send
         }
     }
-    tracing::info!(node = %node.config.name, to = %to.name, range = ?range, entries = stats.entries, bytes = stats.bytes, "range transferred");
     ReplyBody::Transferred(stats)
 }
 
 /// `PutBatch`: persists a transfer batch before acknowledging it.
 pub async fn put_batch(node: &Node, entries: Vec<StorageEntry>) -> ReplyBody {
     for e in &entries {
-        if let Err(err) = node.config.limits.check_put(&e.key, &e.value) {
+        let checked = match &e.value {
+            Some(value) => node.config.limits.check_put(&e.key, value),
+            None => node.config.limits.check_key(&e.key),
+        };
+        if let Err(err) = checked {
             return error(ErrorKind::Malformed, format!("bad entry in batch: {err}"));
         }
     }

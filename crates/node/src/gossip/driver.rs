@@ -1,0 +1,105 @@
+//! The tokio side of gossip: every interval, tick the node's [`super::GossipState`] and run
+//! the exchanges it asks for over the node's transport. All decisions are the state
+//! machine's; this only moves bytes and runs the timer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::rngs::SmallRng;
+use ringkv_wire::{GossipDigest, Reply, ReplyBody, Request, RequestBody};
+use tokio::task::JoinSet;
+
+use crate::Node;
+
+/// Runs gossip for `node` until the returned future is dropped (the server drops it at
+/// shutdown). Exchanges run as tasks of their own, each bounded by
+/// [`super::GossipConfig::exchange_timeout`], so a dead peer never delays the next round;
+/// dropping this future aborts them.
+pub async fn run(node: Arc<Node>) {
+    let config = node.config.gossip.clone();
+    let mut rng: SmallRng = rand::make_rng();
+    let mut timer = tokio::time::interval(config.interval);
+    // After a pause (SIGSTOP, a stalled runtime) go on at the normal pace, no burst.
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut exchanges = JoinSet::new();
+    loop {
+        timer.tick().await;
+        while exchanges.try_join_next().is_some() {}
+        let outgoing: Vec<(String, GossipDigest)> = {
+            let mut state = node.gossip.lock().expect("gossip lock");
+            let out = state.tick(Instant::now(), &mut rng);
+            let nodes = &state.membership().metadata().nodes;
+            out.into_iter()
+                .map(|(peer, digest)| (nodes[peer as usize].addr.clone(), digest))
+                .collect()
+        };
+        for (addr, digest) in outgoing {
+            exchanges.spawn(exchange(node.clone(), addr, digest));
+        }
+    }
+}
+
+/// One exchange as its initiator: send the digest; merge the reply; adopt newer metadata
+/// from it, or push ours if the peer is behind.
+async fn exchange(node: Arc<Node>, addr: String, digest: GossipDigest) {
+    let timeout = node.config.gossip.exchange_timeout();
+    let request = Request::new(node.metadata_version(), RequestBody::Gossip { digest });
+    let reply: Reply = match tokio::time::timeout(
+        timeout,
+        node.peers.call(&addr, &request, timeout),
+    )
+    .await
+    {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => {
+            tracing::debug!(node = %node.config.name, peer = %addr, error = %e, "gossip exchange failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(node = %node.config.name, peer = %addr, "gossip exchange timed out");
+            return;
+        }
+    };
+    let ReplyBody::Gossip { digest, metadata } = reply.body else {
+        tracing::warn!(node = %node.config.name, peer = %addr, reply = ?reply.body, "unexpected gossip reply");
+        return;
+    };
+    let outcome =
+        node.gossip
+            .lock()
+            .expect("gossip lock")
+            .on_reply(&digest, metadata, Instant::now());
+    if let Some(metadata) = outcome.adopt {
+        match metadata.decode() {
+            Ok(decoded) => {
+                if let Err(e) = node.install_gossiped(decoded, metadata).await {
+                    tracing::error!(node = %node.config.name, error = %e, "could not install gossiped metadata");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node = %node.config.name, peer = %addr, error = %e, "refused gossiped metadata")
+            }
+        }
+    }
+    if let Some(metadata) = outcome.push {
+        let version = metadata.version;
+        let push = Request::new(version, RequestBody::GossipPush { metadata });
+        match tokio::time::timeout(timeout, node.peers.call(&addr, &push, timeout)).await {
+            Ok(Ok(Reply {
+                body: ReplyBody::Ok,
+                ..
+            })) => {
+                tracing::debug!(node = %node.config.name, peer = %addr, version, "pushed metadata")
+            }
+            Ok(Ok(reply)) => {
+                tracing::warn!(node = %node.config.name, peer = %addr, reply = ?reply.body, "metadata push refused")
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(node = %node.config.name, peer = %addr, error = %e, "metadata push failed")
+            }
+            Err(_) => {
+                tracing::debug!(node = %node.config.name, peer = %addr, "metadata push timed out")
+            }
+        }
+    }
+}
