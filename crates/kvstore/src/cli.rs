@@ -96,6 +96,12 @@ fn config(cli: &Cli, seeds: Vec<String>) -> anyhow::Result<ClientConfig> {
     })?;
     let mut config = ClientConfig::new(seeds, identity);
     config.retry.deadline = Duration::from_secs(cli.timeout);
+    // No single connection attempt or request may outlast the whole deadline: with one
+    // node unreachable, `--timeout 2` must not mean "3 s per connection attempt". (At
+    // least 1 s each, so that `--timeout 0`, "do not retry", can still connect.)
+    let cap = config.retry.deadline.max(Duration::from_secs(1));
+    config.connect_timeout = config.connect_timeout.min(cap);
+    config.request_timeout = config.request_timeout.min(cap);
     Ok(config)
 }
 

@@ -202,11 +202,11 @@ impl KvStore {
     /// that is not "try again", or the deadline passes.
     async fn execute(&self, key: &[u8], body: RequestBody) -> Result<ReplyBody, KvError> {
         let started = Instant::now();
-        let seed = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        let mut backoff = Backoff::new(self.config.retry, seed ^ key.len() as u64);
+        // Built on the first retry: most requests never need one.
+        let mut backoff: Option<Backoff> = None;
         let mut attempts = 0u32;
+        // One request for every attempt; only its metadata version changes.
+        let mut request = Request::new(0, body);
         loop {
             if self.disconnected.load(Ordering::SeqCst) {
                 return Err(KvError::Disconnected);
@@ -216,7 +216,7 @@ impl KvStore {
             let Some(owner) = metadata.responsible_for_key(key) else {
                 return Err(KvError::NoRing);
             };
-            let request = Request::new(metadata.version, body.clone());
+            request.metadata_version = metadata.version;
             let last = match self.transport.request(&owner.addr, &request).await {
                 Ok(reply) => match reply.body {
                     ReplyBody::NotResponsible { metadata: theirs } => {
@@ -256,7 +256,14 @@ impl KvStore {
                 }
                 Err(e) => return Err(e),
             };
-            let delay = backoff.next_delay();
+            let delay = backoff
+                .get_or_insert_with(|| {
+                    let seed = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(1, |d| d.as_nanos() as u64);
+                    Backoff::new(self.config.retry, seed ^ key.len() as u64)
+                })
+                .next_delay();
             if started.elapsed() + delay > self.config.retry.deadline {
                 return Err(KvError::Timeout {
                     elapsed: started.elapsed(),

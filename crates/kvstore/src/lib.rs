@@ -29,11 +29,13 @@
 //!   [`server::Service`] trait), used by nodes and the ECS.
 //! - [`error`]: the error type, [`KvError`].
 //! - [`cli`]: the `ringkv` binary's code (one-shot commands and the interactive shell).
+//! - [`config_file`]: `--config FILE` of the binaries: TOML defaults for their flags.
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod config_file;
 pub mod error;
 pub mod net;
 pub mod retry;

@@ -91,9 +91,17 @@ impl Transport {
         let exchange = exchange(&conn, &frame, self.limits.max_frame);
         let result = match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(ExchangeError::Transport(format!(
-                "no reply within {timeout:?}"
-            ))),
+            Err(_) => {
+                // Close the connection rather than leave the request queued in it: QUIC
+                // would deliver it once the path heals, long after the caller gave up (a
+                // late unlock or range delete could then undo newer work). The next
+                // request dials afresh, which also avoids a connection stuck after a
+                // partition.
+                conn.close(2u32.into(), b"request timed out");
+                Err(ExchangeError::Transport(format!(
+                    "no reply within {timeout:?}"
+                )))
+            }
         };
         result.map_err(|e| {
             if conn.close_reason().is_some() {
@@ -113,10 +121,23 @@ impl Transport {
     }
 
     /// The cached connection to `addr`, or a new one.
+    ///
+    /// The fast path (an open connection exists) is one uncontended lock and a lookup
+    /// without allocating; only dialing goes through the per-peer async lock.
     async fn connection(&self, addr: &str) -> Result<Connection, KvError> {
         let slot = {
             let mut conns = self.conns.lock().expect("conns lock");
-            conns.entry(addr.to_string()).or_default().clone()
+            match conns.get(addr) {
+                Some(slot) => {
+                    if let Ok(guard) = slot.try_lock() {
+                        if let Some(conn) = guard.as_ref().filter(|c| c.close_reason().is_none()) {
+                            return Ok(conn.clone());
+                        }
+                    }
+                    slot.clone()
+                }
+                None => conns.entry(addr.to_string()).or_default().clone(),
+            }
         };
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref() {

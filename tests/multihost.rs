@@ -1,0 +1,601 @@
+//! A cluster across separate network hosts (Linux network namespaces on a private bridge,
+//! see `netns`): the ECS, every node and the client each on a host of its own, talking over
+//! real QUIC + mTLS between real addresses. Needs root (CI has it); without it these tests
+//! fail with the reason.
+//!
+//! Run alone: `cargo test --test multihost` (each test prints its duration).
+
+mod common;
+mod netns;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvstore::{KvError, KvStore};
+use netns::{HostCluster, Stopwatch, ECS_NODE_TIMEOUT_S};
+use ringkv_certs::Role;
+use ringkv_wire::RingMetadata;
+
+fn value_of(key: &str) -> Vec<u8> {
+    format!("v-{key}").into_bytes()
+}
+
+/// Puts every key (64 in flight at a time) with [`value_of`]; the first error, if any.
+async fn try_put_all(store: &KvStore, keys: &[String]) -> Result<(), KvError> {
+    for chunk in keys.chunks(64) {
+        let puts = chunk.iter().map(|k| async move {
+            let value = value_of(k);
+            store.put(k.as_bytes(), &value).await
+        });
+        for result in futures::future::join_all(puts).await {
+            result?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads every key, asserting it holds [`value_of`] it; the first error, if any.
+async fn try_read_all(store: &KvStore, keys: &[String]) -> Result<(), KvError> {
+    for chunk in keys.chunks(64) {
+        let gets = chunk.iter().map(|k| store.get(k.as_bytes()));
+        for (key, result) in chunk.iter().zip(futures::future::join_all(gets).await) {
+            assert_eq!(result?, Some(value_of(key)), "{key}");
+        }
+    }
+    Ok(())
+}
+
+async fn put_all(store: &KvStore, keys: &[String]) {
+    if let Err(e) = try_put_all(store, keys).await {
+        panic!("put: {e}");
+    }
+}
+
+async fn assert_all_readable(store: &KvStore, keys: &[String]) {
+    if let Err(e) = try_read_all(store, keys).await {
+        panic!("get: {e}");
+    }
+}
+
+fn keys(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// The ring version the ECS reports (`ringkv-ecs ring`, from `from`).
+fn ecs_version(cluster: &HostCluster, from: &netns::Host) -> u64 {
+    let out = cluster.ecs_cmd(from, &["ring"]).ok();
+    out.stdout
+        .strip_prefix("ring version ")
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected `ring` output: {}", out.stdout))
+}
+
+#[test]
+fn put_get_across_hosts_and_peers_verify_host_names() {
+    let _watch = Stopwatch::start("put_get_across_hosts_and_peers_verify_host_names");
+    let mut cluster = HostCluster::start(3);
+
+    // The library client on its own host: every key lands on the node that owns it.
+    let all = keys("key", 300);
+    let config = cluster.client_config();
+    let metadata = cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        put_all(&store, &all).await;
+        assert_all_readable(&store, &all).await;
+        let metadata = (*store.metadata()).clone();
+        store.disconnect().await;
+        metadata
+    });
+    assert_eq!(metadata.version, 3);
+    let mut stored = 0;
+    for node in &cluster.nodes {
+        let entry = metadata.node(&node.name).expect("in the ring");
+        assert_eq!(entry.addr, node.addr, "the ring holds the host's address");
+        let want = all
+            .iter()
+            .filter(|k| metadata.responsible_for_key(k.as_bytes()).unwrap().name == node.name)
+            .count() as u64;
+        let status = cluster.node_status(&node.addr).expect("status");
+        assert_eq!(status.keys, want, "keys on {}", node.name);
+        assert!(want > 0, "{} got no key of 300", node.name);
+        stored += status.keys;
+    }
+    assert_eq!(stored, all.len() as u64);
+
+    // The command-line client, on the client host too.
+    cluster.ringkv(&["put", "cli-key", "hello"]).ok();
+    let out = cluster.ringkv(&["get", "cli-key"]).ok();
+    assert_eq!(out.stdout.trim(), "hello");
+    let out = cluster.ringkv(&["ring"]).ok();
+    for node in &cluster.nodes {
+        assert!(out.stdout.contains(&node.addr), "{}", out.stdout);
+    }
+
+    // An impostor: a node whose certificate was issued for another address. Its peers
+    // dial its address and verify the certificate against it, so none will talk to it.
+    let impostor = cluster.add_host("impostor");
+    cluster
+        .lab
+        .issue(&impostor, Role::Node, "n4", &["10.77.0.99".to_string()]);
+    cluster.spawn_node(&impostor, "n4");
+    let addr = cluster.node("n4").addr.clone();
+    // The client host's dial fails on the certificate (which also shows the node is up).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        match cluster.node_status(&addr) {
+            Err(e) if e.to_string().contains("certificate") => break e.to_string(),
+            Ok(status) => panic!("the impostor was accepted: {status:?}"),
+            Err(e) => assert!(Instant::now() < deadline, "impostor never came up: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(refused.contains("not valid for name"), "{refused}");
+    // The ECS refuses to add it: the join aborts at its first step, nothing changes.
+    let out = cluster.ecs_cmd(
+        &cluster.client,
+        &["add-node", "--name", "n4", "--addr", &addr],
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("aborted"), "{}", out.stderr);
+    assert!(out.stderr.contains("not valid for name"), "{}", out.stderr);
+    assert_eq!(ecs_version(&cluster, &cluster.client), 3);
+    // A client given it as its only seed refuses it too.
+    let out = cluster.lab.exec(
+        &cluster.client,
+        &common::bin("ringkv"),
+        &[
+            "--seed".into(),
+            addr.clone(),
+            "--certs".into(),
+            cluster.client.certs_dir().display().to_string(),
+            "get".into(),
+            "cli-key".into(),
+        ],
+        netns::TOOL_LIMIT,
+    );
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(out.stderr.contains("not valid for name"), "{}", out.stderr);
+
+    // The same host with a certificate for its own address joins (the control).
+    cluster.kill_node("n4");
+    cluster.start_node(&impostor, "n5");
+    let out = cluster.add_node("n5");
+    assert!(out.stdout.contains("version 4"), "{}", out.stdout);
+    let config = cluster.client_config();
+    cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        assert_eq!(store.metadata().version, 4);
+        assert_all_readable(&store, &all).await;
+        store.disconnect().await;
+    });
+    assert!(cluster.node_status(&cluster.node("n5").addr).unwrap().keys > 0);
+}
+
+#[test]
+fn join_and_leave_on_a_fourth_host_lose_no_acknowledged_write() {
+    let _watch = Stopwatch::start("join_and_leave_on_a_fourth_host_lose_no_acknowledged_write");
+    let mut cluster = HostCluster::start(3);
+    let spare = cluster.add_host("n4");
+    cluster.start_node(&spare, "n4");
+    // Some data, so that the moves take a little while.
+    let preload = keys("pre", 3000);
+    let config = cluster.client_config();
+    cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        put_all(&store, &preload).await;
+        store.disconnect().await;
+    });
+
+    // Writers on the client host, each with its own connections, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = cluster.client_config();
+    let writers = cluster.client.spawn({
+        let stop = stop.clone();
+        move || async move {
+            let writer = |w: u32| {
+                let config = config.clone();
+                let stop = stop.clone();
+                async move {
+                    let store = KvStore::connect(config).await.expect("connect");
+                    let mut acked: HashMap<String, u32> = HashMap::new();
+                    let mut i = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        // New keys, plus rewrites of earlier ones.
+                        let key = format!("w{w}-{}", if i % 4 == 3 { i / 2 } else { i });
+                        store
+                            .put(key.as_bytes(), &i.to_le_bytes())
+                            .await
+                            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+                        acked.insert(key, i);
+                        i += 1;
+                    }
+                    let stats = store.stats();
+                    store.disconnect().await;
+                    (acked, stats)
+                }
+            };
+            futures::future::join_all((0..6).map(writer)).await
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let joined = cluster.add_node("n4");
+    assert!(joined.stdout.contains("version 4"), "{}", joined.stdout);
+    std::thread::sleep(Duration::from_millis(300));
+    let left = cluster
+        .ecs_cmd(&cluster.client, &["remove-node", "--name", "n4"])
+        .ok();
+    assert!(left.stdout.contains("version 5"), "{}", left.stdout);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let results = writers.join().expect("writers");
+    println!("join: {}leave: {}", joined.stdout, left.stdout);
+
+    let config = cluster.client_config();
+    let (writes, locked, redirected) = cluster.client.run(|| async {
+        let reader = KvStore::connect(config).await.expect("connect");
+        assert_eq!(reader.metadata().version, 5);
+        let (mut writes, mut locked, mut redirected) = (0usize, 0u64, 0u64);
+        for (acked, stats) in &results {
+            writes += acked.len();
+            locked += stats.write_locked;
+            redirected += stats.not_responsible;
+            for (key, i) in acked {
+                let got = reader.get(key.as_bytes()).await.expect("get");
+                assert_eq!(
+                    got,
+                    Some(i.to_le_bytes().to_vec()),
+                    "acknowledged {key} lost or stale"
+                );
+            }
+        }
+        assert_all_readable(&reader, &preload).await;
+        reader.disconnect().await;
+        (writes, locked, redirected)
+    });
+    println!(
+        "{writes} distinct keys acknowledged by 6 writers on the client host while n4 joined \
+         and left on its own host; {locked} writes met WRITE_LOCKED and {redirected} \
+         NOT_RESPONSIBLE, all retried"
+    );
+    assert!(writes > 100, "the writers barely ran: {writes}");
+    assert!(
+        locked + redirected > 0,
+        "no write met the moves; the test proved nothing"
+    );
+    // n4 handed everything back.
+    assert_eq!(
+        cluster.node_status(&cluster.node("n4").addr).unwrap().keys,
+        0
+    );
+}
+
+#[test]
+fn a_cut_off_node_host_fails_its_keys_quickly_and_catches_up_when_healed() {
+    let _watch =
+        Stopwatch::start("a_cut_off_node_host_fails_its_keys_quickly_and_catches_up_when_healed");
+    let mut cluster = HostCluster::start(3);
+    let all = keys("key", 300);
+    let config = cluster.client_config();
+    let metadata: RingMetadata = cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        put_all(&store, &all).await;
+        let metadata = (*store.metadata()).clone();
+        store.disconnect().await;
+        metadata
+    });
+    // The victim is cut off; meanwhile its successor leaves, handing its range to the third
+    // node, so the ring moves on without the victim.
+    let victim = metadata.nodes[0].name.clone();
+    let victim_addr = cluster.node(&victim).addr.clone();
+    let victim_host = cluster.node(&victim).host.clone();
+    let leaving = metadata.nodes[1].name.clone();
+    let owner = |k: &String| {
+        metadata
+            .responsible_for_key(k.as_bytes())
+            .unwrap()
+            .name
+            .clone()
+    };
+    let victim_keys: Vec<String> = all.iter().filter(|k| owner(k) == victim).cloned().collect();
+    let other_keys: Vec<String> = all.iter().filter(|k| owner(k) != victim).cloned().collect();
+    assert!(!victim_keys.is_empty() && !other_keys.is_empty());
+
+    // A client connected before the cut, on its own thread in the client host: the test
+    // sends it commands and gets a report for each.
+    let (to_client, commands) = std::sync::mpsc::channel::<&'static str>();
+    let (to_test, reports) = std::sync::mpsc::channel::<Report>();
+    let mut config = cluster.client_config();
+    config.retry.deadline = Duration::from_secs(3);
+    let client = cluster.client.spawn({
+        let (victim_keys, other_keys) = (victim_keys.clone(), other_keys.clone());
+        move || async move {
+            let store = KvStore::connect(config).await.expect("connect");
+            while let Ok(command) = commands.recv() {
+                let started = Instant::now();
+                let result = match command {
+                    // One read of the victim's: must fail with a clear error.
+                    "victim" => match store.get(victim_keys[0].as_bytes()).await {
+                        Err(e) => Err(e),
+                        Ok(v) => Ok(format!("read {v:?}")),
+                    },
+                    // Everything but the victim's keys.
+                    "others" => {
+                        async {
+                            try_put_all(&store, &other_keys).await?;
+                            try_read_all(&store, &other_keys).await?;
+                            Ok("ok".to_string())
+                        }
+                        .await
+                    }
+                    // Everything.
+                    _ => {
+                        async {
+                            try_put_all(&store, &victim_keys).await?;
+                            try_read_all(&store, &victim_keys).await?;
+                            try_read_all(&store, &other_keys).await?;
+                            Ok("ok".to_string())
+                        }
+                        .await
+                    }
+                };
+                let took = started.elapsed();
+                let report = Report { result, took };
+                to_test.send(report).expect("report");
+            }
+            store.disconnect().await;
+        }
+    });
+    let ask = |command: &'static str| {
+        to_client.send(command).expect("command");
+        let report = reports
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the client hangs");
+        println!("library client, {command}: {report:?}");
+        report
+    };
+    // Asks until the command succeeds, for at most 40 s after `since`.
+    let ask_until_ok = |command: &'static str, since: Instant| loop {
+        let report = ask(command);
+        if report.result.is_ok() {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(40),
+            "the long-lived client never got through: {report:?}"
+        );
+    };
+
+    cluster.lab.cut(&victim_host);
+    // The victim's keys: a clear error, within the retry deadline (3 s) plus the request
+    // (2 s) and metadata refresh (1 s connect) that may be in flight when it expires.
+    let report = ask("victim");
+    match &report.result {
+        Err(e @ KvError::Timeout { .. }) => {
+            assert!(e.to_string().contains(&victim_addr), "{e}")
+        }
+        other => panic!("expected a timeout naming {}: {other:?}", victim_addr),
+    }
+    assert!(report.took < Duration::from_secs(7), "{report:?}");
+    // Everyone else's keys: served as usual.
+    let report = ask("others");
+    assert!(report.result.is_ok(), "{report:?}");
+
+    // The command-line client (a fresh process): a clear error bounded by --timeout.
+    let out = cluster.ringkv(&["--timeout", "2", "get", &victim_keys[0]]);
+    println!(
+        "ringkv --timeout 2 get <victim's key>: {:?} in {:?}: {}",
+        out.code,
+        out.elapsed,
+        out.stderr.trim()
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("gave up after"), "{}", out.stderr);
+    assert!(out.stderr.contains(&victim_addr), "{}", out.stderr);
+    assert!(out.elapsed < Duration::from_secs(12), "{out:?}");
+    let out = cluster.ringkv(&["--timeout", "2", "get", &other_keys[0]]);
+    println!(
+        "ringkv --timeout 2 get <other key>: {:?} in {:?}",
+        out.code, out.elapsed
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout.trim().as_bytes(), value_of(&other_keys[0]));
+
+    // The ring changes while the victim cannot hear about it.
+    let out = cluster
+        .ecs_cmd(&cluster.client, &["remove-node", "--name", &leaving])
+        .ok();
+    println!(
+        "remove-node {leaving} while {} is cut off: {:?}: {}",
+        victim,
+        out.elapsed,
+        out.stdout.trim()
+    );
+    assert!(out.stdout.contains("version 4"), "{}", out.stdout);
+    let out = cluster.ecs_cmd(&cluster.client, &["status"]).ok();
+    println!("{}", out.stdout);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&victim))
+        .unwrap_or_else(|| panic!("{} missing from status:\n{}", victim, out.stdout));
+    assert!(
+        ["unreachable", "suspected", "dead"]
+            .iter()
+            .any(|state| line.contains(state)),
+        "{line}"
+    );
+    // TODO(gossip-suspected): once gossip liveness lands, assert that `status` marks the
+    // victim *suspected* (by its peers' heartbeats), not only unreachable from the ECS.
+    let report = ask("others");
+    assert!(report.result.is_ok(), "after the leave: {report:?}");
+
+    // Healed: it serves its keys again and catches up to the ring's current version.
+    cluster.lab.heal(&victim_host);
+    let healed = Instant::now();
+    // A fresh client reaches it at once.
+    let out = cluster.ringkv(&["--timeout", "5", "get", &victim_keys[0]]);
+    println!(
+        "ringkv get <victim's key> right after the heal: {:?} in {:?}",
+        out.code, out.elapsed
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout.trim().as_bytes(), value_of(&victim_keys[0]));
+    // The long-lived client's connection to it lived through the cut, with QUIC's probe
+    // timeout backed off exponentially meanwhile; it recovers once a probe gets through,
+    // at the latest when the connection's 30 s idle timeout replaces it.
+    ask_until_ok("all", healed);
+    println!(
+        "the long-lived client reads and writes all keys again {:?} after the heal",
+        healed.elapsed()
+    );
+    let caught_up = |cluster: &HostCluster| {
+        cluster
+            .node_status(&victim_addr)
+            .map(|s| s.metadata_version)
+            .unwrap_or(0)
+            == 4
+    };
+    // Gossip (when it exists) spreads version 4 by itself; today the ECS's status round
+    // re-sends the current metadata to every node found behind it.
+    // TODO(gossip-catch-up): once gossip lands, wait for the victim to catch up without the
+    // ECS's help and drop the `status` fallback.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !caught_up(&cluster) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if caught_up(&cluster) {
+        println!("{} caught up with version 4 by itself", victim);
+    } else {
+        cluster.ecs_cmd(&cluster.client, &["status"]).ok();
+        println!(
+            "{} caught up with version 4 through `ringkv-ecs status`",
+            victim
+        );
+    }
+    let status = cluster.node_status(&victim_addr).expect("status");
+    assert_eq!(status.metadata_version, 4, "{status:?}");
+    assert!(status.running, "{status:?}");
+
+    // Paused (SIGSTOP) instead of cut: the connection stays up but nothing answers; the
+    // client gives up within its bounds, and the node serves again once resumed.
+    let proc = cluster.node(&victim).proc.as_ref().expect("running");
+    proc.pause();
+    let report = ask("victim");
+    assert!(
+        matches!(report.result, Err(KvError::Timeout { .. })),
+        "while paused: {report:?}"
+    );
+    assert!(report.took < Duration::from_secs(7), "{report:?}");
+    proc.resume();
+    let resumed = Instant::now();
+    ask_until_ok("all", resumed);
+    println!(
+        "all keys served again {:?} after the resume",
+        resumed.elapsed()
+    );
+    drop(to_client);
+    client.join().expect("client thread");
+
+    // Killed (SIGKILL: no flush, no goodbye) and restarted from its config file on its
+    // host: it serves every key it acknowledged.
+    cluster.kill_node(&victim);
+    cluster.restart_node(&victim);
+    let config = cluster.client_config();
+    cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        assert_all_readable(&store, &victim_keys).await;
+        assert_all_readable(&store, &other_keys).await;
+        store.disconnect().await;
+    });
+}
+
+/// What the client thread of the cut-off test answers to a command.
+#[derive(Debug)]
+struct Report {
+    result: Result<String, KvError>,
+    took: Duration,
+}
+
+#[test]
+fn with_the_ecs_host_cut_off_data_is_served_and_membership_changes_are_refused() {
+    let _watch = Stopwatch::start(
+        "with_the_ecs_host_cut_off_data_is_served_and_membership_changes_are_refused",
+    );
+    let mut cluster = HostCluster::start(3);
+    let spare = cluster.add_host("n4");
+    cluster.start_node(&spare, "n4");
+    let before = keys("before", 200);
+    let during = keys("during", 200);
+    let config = cluster.client_config();
+    cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        put_all(&store, &before).await;
+        store.disconnect().await;
+    });
+
+    cluster.lab.cut(&cluster.ecs_host);
+    // The data path does not involve the ECS: a fresh client connects, reads and writes.
+    let started = Instant::now();
+    let config = cluster.client_config();
+    cluster.client.run(|| async {
+        let store = KvStore::connect(config)
+            .await
+            .expect("connect without the ECS");
+        assert_all_readable(&store, &before).await;
+        put_all(&store, &during).await;
+        assert_all_readable(&store, &during).await;
+        store.disconnect().await;
+    });
+    println!("400 requests with the ECS cut off: {:?}", started.elapsed());
+    let out = cluster.ringkv(&["get", &before[0]]).ok();
+    assert_eq!(out.stdout.trim().as_bytes(), value_of(&before[0]));
+
+    // The operator elsewhere cannot reach the ECS: a clear, bounded error.
+    let addr = cluster.node("n4").addr.clone();
+    let add = ["add-node", "--name", "n4", "--addr", addr.as_str()];
+    let out = cluster.ecs_cmd(&cluster.client, &add);
+    println!(
+        "add-node from the client host: {:?} in {:?}: {}",
+        out.code,
+        out.elapsed,
+        out.stderr.trim()
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("asking the ECS at"), "{}", out.stderr);
+    assert!(out.stderr.contains(&cluster.ecs_addr), "{}", out.stderr);
+    assert!(out.elapsed < Duration::from_secs(15), "{out:?}");
+    // The operator on the ECS's own host reaches it, but the ECS cannot reach the nodes:
+    // the change aborts at its first step, within the ECS's node timeout per step.
+    let out = cluster.ecs_cmd(&cluster.ecs_host, &add);
+    println!(
+        "add-node on the ECS host: {:?} in {:?}: {}",
+        out.code,
+        out.elapsed,
+        out.stderr.trim()
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("aborted"), "{}", out.stderr);
+    assert!(out.stderr.contains("n4"), "{}", out.stderr);
+    assert!(
+        out.elapsed < Duration::from_secs(4 * ECS_NODE_TIMEOUT_S + 5),
+        "{out:?}"
+    );
+    assert_eq!(ecs_version(&cluster, &cluster.ecs_host), 3);
+
+    // The ECS is back: the same change goes through, and nothing was lost.
+    cluster.lab.heal(&cluster.ecs_host);
+    let out = cluster.add_node("n4");
+    assert!(out.stdout.contains("version 4"), "{}", out.stdout);
+    let config = cluster.client_config();
+    cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        assert_eq!(store.metadata().version, 4);
+        assert_all_readable(&store, &before).await;
+        assert_all_readable(&store, &during).await;
+        store.disconnect().await;
+    });
+    assert!(cluster.node_status(&addr).unwrap().keys > 0);
+}

@@ -1,0 +1,913 @@
+//! The multi-host harness: test hosts as Linux network namespaces, ringkv binaries running
+//! in them as real processes, fault injection, and a teardown that leaves nothing behind.
+//!
+//! - [`Lab`]: one test's private network: a bridge with no address and no uplink, and one
+//!   namespace per [`Host`], joined to the bridge by a veth pair and holding one address of
+//!   `10.77.0.0/24`. Every lab has its own bridge, so parallel tests may use the same
+//!   addresses; names carry the test process's pid and a counter (`rk<pid>t<n>`), so parallel
+//!   test processes do not collide either, and the leftovers of a test process that was
+//!   killed (SIGKILL leaves no chance to clean up) are swept by the next lab.
+//! - [`Proc`]: a `ringkv-*` process started with `ip netns exec` inside a host, logging to
+//!   a file of the lab; killed when dropped (and by the kernel if the test process dies).
+//! - Faults: [`Lab::cut`] / [`Lab::heal`] take a host's link down / up (its cable pulled:
+//!   everything it sends or is sent is lost, traffic inside the host still works);
+//!   [`Proc::kill`], [`Proc::pause`] / [`Proc::resume`] (SIGKILL, SIGSTOP / SIGCONT).
+//! - Test code that talks to the cluster runs inside a host too: [`Host::run`] runs a future
+//!   on a thread that entered the host's namespace (`setns`) before building its tokio
+//!   runtime, so the real `KvStore` library is used as an application would use it, and
+//!   the test keeps its typed errors and can track acknowledged writes. Sockets belong to
+//!   the namespace of the thread that creates them, and threads a tokio runtime starts
+//!   inherit it. [`Lab::exec`] runs a command-line tool (`ringkv`, `ringkv-ecs`) in a host,
+//!   with a deadline: a tool that hangs fails the test.
+//! - [`HostCluster`]: an ECS host, node hosts and a client host, started from TOML config
+//!   files, each node with a certificate whose IP SAN is its host's address. Certificates
+//!   come from `common::Certs`; each host gets its own directory with `ca.pem` and only its
+//!   own certificates and keys, as a real deployment would.
+//!
+//! Needs root and iproute2. Where namespaces cannot be created, [`Lab::new`] panics with the
+//! reason: these tests fail rather than pass without having run.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::future::Future;
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use kvstore::{ClientConfig, KvError, Transport};
+use ringkv_certs::{Identity, IssueOptions, Role};
+use ringkv_wire::{Limits, NodeStatus, ReplyBody, Request, RequestBody};
+use tempfile::TempDir;
+
+use crate::common::{bin, Certs};
+
+/// First three octets of every lab's subnet (a /24).
+pub const SUBNET: &str = "10.77.0";
+/// Port of every node (each node has a host, hence an address, of its own).
+pub const NODE_PORT: u16 = 7001;
+/// Port of the ECS.
+pub const ECS_PORT: u16 = 7000;
+/// Where `ip netns` keeps its namespaces.
+const NETNS_DIR: &str = "/var/run/netns";
+/// Prefix of every namespace a lab creates.
+const NS_PREFIX: &str = "ringkv-";
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip ARGS`; the error is its stderr.
+fn ip(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip` (is iproute2 installed?): {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn must_ip(args: &[&str]) {
+    if let Err(e) = ip(args) {
+        panic!("{e}");
+    }
+}
+
+/// One test's network of hosts. Dropping it kills every process still running in its hosts
+/// and deletes the namespaces, veth pairs and bridge.
+pub struct Lab {
+    /// `rk<pid hex>t<n>`: prefix of the lab's interface names (at most 11 characters, so
+    /// `<id>h<host>` stays within the 15 that Linux allows).
+    id: String,
+    bridge: String,
+    hosts: Vec<Host>,
+    /// Logs, config files, data and per-host certificate directories.
+    dir: TempDir,
+    /// The cluster CA and the certificates issued so far (the "operator's workstation").
+    pub certs: Certs,
+    started: Instant,
+    next_output: AtomicU32,
+}
+
+/// A test host: a network namespace with one address on the lab's bridge.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Short name (`ecs`, `n1`, `client`, ...).
+    pub name: String,
+    /// The namespace's name.
+    pub ns: String,
+    /// The host's address.
+    pub ip: Ipv4Addr,
+    /// The root-namespace end of its veth pair (the one plugged into the bridge).
+    veth: String,
+    /// The host's own directory (certificates, config, data).
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    /// Creates the lab's bridge. Panics with an explanation if this machine cannot create
+    /// network namespaces (not root, no iproute2).
+    pub fn new() -> Lab {
+        if unsafe { libc::geteuid() } != 0 {
+            panic!(
+                "multi-host tests create network namespaces (`ip netns add`) and need root; \
+                 run them as root (CI does). They fail rather than skip so that a green run \
+                 means they ran."
+            );
+        }
+        if let Err(e) = ip(&["-V"]) {
+            panic!("multi-host tests need iproute2 (`apt-get install -y iproute2`): {e}");
+        }
+        sweep_dead_labs();
+        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed) % 100;
+        let id = format!("rk{:x}t{n}", std::process::id());
+        let bridge = format!("{id}br");
+        if let Err(e) = ip(&["link", "add", &bridge, "type", "bridge"]) {
+            panic!(
+                "cannot create the test bridge {bridge}: {e}. Multi-host tests need root \
+                 with CAP_NET_ADMIN (a container without it cannot run them)."
+            );
+        }
+        let lab = Lab {
+            id,
+            bridge,
+            hosts: Vec::new(),
+            dir: tempfile::tempdir().expect("lab dir"),
+            certs: Certs::new(),
+            started: Instant::now(),
+            next_output: AtomicU32::new(0),
+        };
+        must_ip(&["link", "set", &lab.bridge, "up"]);
+        std::fs::create_dir_all(lab.dir.path().join("logs")).expect("logs dir");
+        lab
+    }
+
+    /// The lab's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds host `name` with the next free address (`10.77.0.10`, `.11`, ...) and gives it
+    /// a certificate directory holding the cluster's `ca.pem`.
+    pub fn add_host(&mut self, name: &str) -> Host {
+        let idx = self.hosts.len();
+        assert!(idx < 90, "too many hosts");
+        let ns = format!("{NS_PREFIX}{}-{name}", self.id);
+        let veth = format!("{}h{idx}", self.id);
+        let ip_addr = Ipv4Addr::new(10, 77, 0, 10 + idx as u8);
+        let dir = self.dir.path().join(name);
+        let host = Host {
+            name: name.to_string(),
+            ns: ns.clone(),
+            ip: ip_addr,
+            veth: veth.clone(),
+            dir: dir.clone(),
+        };
+        if let Err(e) = ip(&["netns", "add", &ns]) {
+            panic!("cannot create network namespace {ns} (multi-host tests need root): {e}");
+        }
+        // Registered at once, so that a failure below still tears down what exists.
+        self.hosts.push(host.clone());
+        must_ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        must_ip(&["link", "set", &veth, "master", &self.bridge, "up"]);
+        let cidr = format!("{ip_addr}/24");
+        must_ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"]);
+        must_ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        must_ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        std::fs::create_dir_all(host.certs_dir()).expect("host certs dir");
+        let ca = ringkv_certs::ca_paths(self.certs.path());
+        std::fs::copy(&ca.cert, host.certs_dir().join("ca.pem")).expect("copy ca.pem");
+        host
+    }
+
+    /// Issues a certificate of `role` called `name` with `sans`, and installs it (certificate
+    /// and key) in `host`'s certificate directory.
+    pub fn issue(&self, host: &Host, role: Role, name: &str, sans: &[String]) {
+        let mut opts = IssueOptions::new(role, name);
+        opts.sans = sans.to_vec();
+        ringkv_certs::issue(self.certs.path(), &opts).expect("issue certificate");
+        self.install(host, name);
+    }
+
+    /// Copies the existing certificate and key `name` into `host`'s certificate directory.
+    pub fn install(&self, host: &Host, name: &str) {
+        let from = ringkv_certs::leaf_paths(self.certs.path(), name);
+        let to = ringkv_certs::leaf_paths(&host.certs_dir(), name);
+        std::fs::copy(&from.cert, &to.cert).expect("copy certificate");
+        std::fs::copy(&from.key, &to.key).expect("copy key"); // keeps mode 0600
+    }
+
+    /// Cuts `host` off the network: its link goes down, so everything it sends and
+    /// everything sent to it is lost (nothing is refused: peers see silence, as with a
+    /// pulled cable or a partition). Processes keep running; traffic inside the host works.
+    pub fn cut(&self, host: &Host) {
+        must_ip(&["link", "set", &host.veth, "down"]);
+    }
+
+    /// Undoes [`Lab::cut`].
+    pub fn heal(&self, host: &Host) {
+        must_ip(&["link", "set", &host.veth, "up"]);
+    }
+
+    /// Starts `program args` in `host` as a long-running process; its output goes to
+    /// `logs/<name>.log` in the lab directory.
+    pub fn spawn(&self, host: &Host, name: &str, program: &Path, args: &[String]) -> Proc {
+        let log = self.dir.path().join("logs").join(format!("{name}.log"));
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = host
+            .command(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} in {}: {e}", host.name));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    /// Runs `program args` in `host` to completion and returns what it printed. Panics if
+    /// it does not finish within `limit` (it is killed first): a hanging tool fails the test.
+    pub fn exec(&self, host: &Host, program: &Path, args: &[String], limit: Duration) -> Output {
+        let started = Instant::now();
+        let mut child = host
+            .command(program)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {} in {}: {e}", program.display(), host.name));
+        let drain = |mut pipe: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = pipe.read_to_string(&mut text);
+                text
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+        let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "`{} {}` in {} did not finish within {limit:?}: it hangs",
+                    program.display(),
+                    args.join(" "),
+                    host.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let output = Output {
+            code: status.code(),
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+            elapsed: started.elapsed(),
+        };
+        let n = self.next_output.fetch_add(1, Ordering::Relaxed);
+        let _ = std::fs::write(
+            self.dir
+                .path()
+                .join("logs")
+                .join(format!("exec-{n:03}.txt")),
+            format!(
+                "{} {}\nin {} -> {:?} after {:?}\n--- stdout\n{}--- stderr\n{}",
+                program.display(),
+                args.join(" "),
+                host.name,
+                output.code,
+                output.elapsed,
+                output.stdout,
+                output.stderr
+            ),
+        );
+        output
+    }
+
+    /// Prints the last lines of every log (called when a test fails).
+    fn dump_logs(&self) {
+        let Ok(entries) = std::fs::read_dir(self.dir.path().join("logs")) else {
+            return;
+        };
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            eprintln!(
+                "----- {} (last {} lines)\n{}",
+                path.display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for host in &self.hosts {
+            kill_all_in(&host.ns);
+        }
+        for host in &self.hosts {
+            // Deleting one end deletes the pair at once; deleting the namespace alone would
+            // leave its veth behind until the kernel's asynchronous cleanup.
+            let _ = ip(&["link", "del", &host.veth]);
+            if let Err(e) = ip(&["netns", "del", &host.ns]) {
+                eprintln!("teardown: {e}");
+            }
+        }
+        if let Err(e) = ip(&["link", "del", &self.bridge]) {
+            eprintln!("teardown: {e}");
+        }
+        eprintln!(
+            "lab {} ({} hosts) torn down after {:.1?}",
+            self.id,
+            self.hosts.len(),
+            self.started.elapsed()
+        );
+    }
+}
+
+/// SIGKILLs every process in namespace `ns` and waits (bounded) until none is left.
+fn kill_all_in(ns: &str) {
+    let me = std::process::id() as i32;
+    for _ in 0..100 {
+        let pids: Vec<i32> = ip(&["netns", "pids", ns])
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter(|&p| p != me)
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("teardown: processes still running in {ns}");
+}
+
+/// The pid encoded in a lab id prefix `rk<pid hex>t<n>...`, if `name` has one.
+fn lab_pid(name: &str) -> Option<(u32, String)> {
+    let rest = name.strip_prefix("rk")?;
+    let (pid_hex, after) = rest.split_once('t')?;
+    let pid = u32::from_str_radix(pid_hex, 16).ok()?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    if digits.is_empty() {
+        return None;
+    }
+    Some((pid, format!("rk{pid_hex}t{digits}")))
+}
+
+/// Removes namespaces, veths and bridges of labs whose test process is gone (killed before
+/// its `Drop` ran).
+fn sweep_dead_labs() {
+    let dead = |pid: u32| !Path::new(&format!("/proc/{pid}")).exists();
+    for ns in ip(&["netns", "list"]).unwrap_or_default().lines() {
+        let ns = ns.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = ns.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        if let Some((pid, _)) = lab_pid(rest) {
+            if dead(pid) {
+                eprintln!("sweeping namespace {ns} left by dead test process {pid}");
+                kill_all_in(ns);
+                let _ = ip(&["netns", "del", ns]);
+            }
+        }
+    }
+    for line in ip(&["-o", "link", "show"]).unwrap_or_default().lines() {
+        // "12: rk1a2bt0h3@if11: <...>" -> "rk1a2bt0h3"
+        let Some(name) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let name = name.split('@').next().unwrap_or_default();
+        if let Some((pid, id)) = lab_pid(name) {
+            let suffix = &name[id.len()..];
+            let ours = suffix == "br"
+                || suffix
+                    .strip_prefix('h')
+                    .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()));
+            if ours && dead(pid) {
+                eprintln!("sweeping interface {name} left by dead test process {pid}");
+                let _ = ip(&["link", "del", name]);
+            }
+        }
+    }
+}
+
+impl Host {
+    /// `ip:port` of this host.
+    pub fn addr(&self, port: u16) -> String {
+        format!("{}:{port}", self.ip)
+    }
+
+    /// The host's certificate directory (`ca.pem` and its own certificates).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    /// A command that runs `program` inside this host (`ip netns exec`). The process gets
+    /// SIGKILL if the test thread that started it dies.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns]).arg(program);
+        // `ip netns exec` execs the program in place, so the setting reaches it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Runs `make()`'s future to completion on a thread inside this host, on a
+    /// current-thread tokio runtime (built after entering the namespace, so every socket
+    /// it opens is the host's). Panics in it propagate.
+    pub fn run<F, Fut, T>(&self, make: F) -> T
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = T>,
+        T: Send,
+    {
+        std::thread::scope(|scope| {
+            let thread = std::thread::Builder::new()
+                .name(format!("host-{}", self.name))
+                .spawn_scoped(scope, || {
+                    enter_netns(&self.ns);
+                    runtime().block_on(make())
+                })
+                .expect("spawn host thread");
+            thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Like [`Host::run`], in the background: join the handle for the result.
+    pub fn spawn<F, Fut, T>(&self, make: F) -> std::thread::JoinHandle<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+        T: Send + 'static,
+    {
+        let ns = self.ns.clone();
+        std::thread::Builder::new()
+            .name(format!("host-{}", self.name))
+            .spawn(move || {
+                enter_netns(&ns);
+                runtime().block_on(make())
+            })
+            .expect("spawn host thread")
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Moves the calling thread (only it) into network namespace `ns`.
+fn enter_netns(ns: &str) {
+    let path = Path::new(NETNS_DIR).join(ns);
+    let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns into {ns}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit code (`None` if killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// Wall time from start to exit.
+    pub elapsed: Duration,
+}
+
+impl Output {
+    /// Panics unless it exited with 0.
+    pub fn ok(self) -> Output {
+        assert_eq!(self.code, Some(0), "command failed: {self:?}");
+        self
+    }
+}
+
+/// A process running in a host; SIGKILLed when dropped.
+pub struct Proc {
+    /// Its name in logs.
+    pub name: String,
+    child: Child,
+    /// Its stderr log.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// SIGKILL, and reap it: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGSTOP: the process freezes; its peers see silence, its sockets stay open.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Proc::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// SIGTERM, then waits for it to exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        self.signal(libc::SIGTERM);
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A node of a [`HostCluster`], alone on its host.
+pub struct HostNode {
+    /// Its name (and certificate name).
+    pub name: String,
+    /// Its host.
+    pub host: Host,
+    /// Its advertised address, `<host ip>:7001`.
+    pub addr: String,
+    /// The running process (`None` after [`HostCluster::kill_node`]).
+    pub proc: Option<Proc>,
+    /// Its config file.
+    pub config: PathBuf,
+}
+
+/// An ECS host, node hosts and a client host (where the operator's tools run too).
+pub struct HostCluster {
+    /// The network.
+    pub lab: Lab,
+    /// The ECS's host.
+    pub ecs_host: Host,
+    /// The ECS process.
+    pub ecs: Proc,
+    /// The ECS's address.
+    pub ecs_addr: String,
+    /// The host of clients and of the operator (client and admin certificates).
+    pub client: Host,
+    /// The nodes, in the order they were started.
+    pub nodes: Vec<HostNode>,
+}
+
+/// Seconds the ECS allows one request to a node in these tests (default 5): a cut-off node
+/// makes membership changes fail within this.
+pub const ECS_NODE_TIMEOUT_S: u64 = 2;
+/// Longest a command-line tool may run before the test calls it hung.
+pub const TOOL_LIMIT: Duration = Duration::from_secs(60);
+
+impl HostCluster {
+    /// An ECS host, `n` node hosts `n1..=n<n>` whose nodes the ECS added, and a client host.
+    pub fn start(n: usize) -> HostCluster {
+        let mut lab = Lab::new();
+        let ecs_host = lab.add_host("ecs");
+        let client = lab.add_host("client");
+        // The ECS serves with an admin certificate for its own address; the operator's
+        // admin certificate (no SAN: it only dials) lives on the client and ECS hosts.
+        lab.issue(&ecs_host, Role::Admin, "ecs", &[ecs_host.ip.to_string()]);
+        lab.install(&ecs_host, "admin");
+        lab.install(&client, "admin");
+        lab.install(&client, "client");
+        let ecs_addr = ecs_host.addr(ECS_PORT);
+        let config = ecs_host.dir.join("ecs.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "# ringkv-ecs serve --config {}\nlisten = \"{ecs_addr}\"\nstate-dir = \"{}\"\n\
+                 certs = \"{}\"\nidentity = \"ecs\"\nnode-timeout = {ECS_NODE_TIMEOUT_S}\n",
+                config.display(),
+                ecs_host.dir.join("state").display(),
+                ecs_host.certs_dir().display()
+            ),
+        )
+        .expect("write ECS config");
+        let ecs = lab.spawn(
+            &ecs_host,
+            "ecs",
+            &bin("ringkv-ecs"),
+            &[
+                "serve".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+        );
+        let mut cluster = HostCluster {
+            lab,
+            ecs_host,
+            ecs,
+            ecs_addr,
+            client,
+            nodes: Vec::new(),
+        };
+        cluster.wait_for_ecs();
+        for i in 1..=n {
+            let name = format!("n{i}");
+            let host = cluster.lab.add_host(&name);
+            cluster.start_node(&host, &name);
+            cluster.add_node(&name);
+        }
+        cluster
+    }
+
+    /// Adds a host to the lab.
+    pub fn add_host(&mut self, name: &str) -> Host {
+        self.lab.add_host(name)
+    }
+
+    /// [`HostCluster::spawn_node`], then waits until the node answers.
+    pub fn start_node(&mut self, host: &Host, name: &str) -> usize {
+        let i = self.spawn_node(host, name);
+        self.wait_answering(&self.nodes[i].addr);
+        i
+    }
+
+    /// Issues node `name` a certificate for `host`'s address (unless it has one), writes its
+    /// config file and starts `ringkv-node --config` on `host` (the node then waits for the
+    /// ECS to add it). Returns its index in `nodes`.
+    pub fn spawn_node(&mut self, host: &Host, name: &str) -> usize {
+        if !ringkv_certs::leaf_paths(&host.certs_dir(), name)
+            .cert
+            .exists()
+        {
+            self.lab
+                .issue(host, Role::Node, name, &[host.ip.to_string()]);
+        }
+        let addr = host.addr(NODE_PORT);
+        let config = host.dir.join(format!("{name}.toml"));
+        // Listening on every interface, advertising the host's address (the one in the
+        // certificate, the one the ring position is computed from).
+        std::fs::write(
+            &config,
+            format!(
+                "name = \"{name}\"\nlisten = \"0.0.0.0:{NODE_PORT}\"\nadvertise = \"{addr}\"\n\
+                 data-dir = \"{}\"\ncerts = \"{}\"\n",
+                host.dir.join(format!("{name}-data")).display(),
+                host.certs_dir().display()
+            ),
+        )
+        .expect("write node config");
+        let proc = self.lab.spawn(
+            host,
+            name,
+            &bin("ringkv-node"),
+            &["--config".into(), config.display().to_string()],
+        );
+        self.nodes.push(HostNode {
+            name: name.to_string(),
+            host: host.clone(),
+            addr: addr.clone(),
+            proc: Some(proc),
+            config,
+        });
+        self.nodes.len() - 1
+    }
+
+    /// SIGKILLs node `name`'s process (it stays in `nodes`, for [`HostCluster::restart_node`]).
+    pub fn kill_node(&mut self, name: &str) {
+        let i = self.index(name);
+        if let Some(mut proc) = self.nodes[i].proc.take() {
+            proc.kill();
+        }
+    }
+
+    /// Restarts the (killed) node `name` from its config file and data.
+    pub fn restart_node(&mut self, name: &str) {
+        let i = self.index(name);
+        let node = &self.nodes[i];
+        let proc = self.lab.spawn(
+            &node.host,
+            name,
+            &bin("ringkv-node"),
+            &["--config".into(), node.config.display().to_string()],
+        );
+        let addr = node.addr.clone();
+        self.nodes[i].proc = Some(proc);
+        self.wait_answering(&addr);
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> &HostNode {
+        &self.nodes[self.index(name)]
+    }
+
+    /// The operator's admin identity (on the client host).
+    pub fn admin_identity(&self) -> Identity {
+        Identity::from_dir(&self.client.certs_dir(), "admin").expect("admin identity")
+    }
+
+    /// A client configuration for the client host: every node a seed, the client
+    /// certificate, short timeouts so that a cut-off node fails requests quickly.
+    pub fn client_config(&self) -> ClientConfig {
+        let identity = Identity::from_dir(&self.client.certs_dir(), "client").expect("client id");
+        let mut config = ClientConfig::new(self.seeds(), identity);
+        config.connect_timeout = Duration::from_secs(1);
+        config.request_timeout = Duration::from_secs(2);
+        config.retry.deadline = Duration::from_secs(20);
+        config
+    }
+
+    /// Every node's address.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// A node's status, asked from the client host with the admin certificate.
+    pub fn node_status(&self, addr: &str) -> Result<NodeStatus, KvError> {
+        let identity = self.admin_identity();
+        self.client.run(|| async move {
+            // Bound inside the host: a socket belongs to the namespace it was created in.
+            let admin = Transport::bind_client(
+                &identity,
+                Limits::default(),
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+            )?;
+            let reply = admin
+                .request(addr, &Request::new(0, RequestBody::Status))
+                .await;
+            admin.close().await;
+            match reply?.body {
+                ReplyBody::Status(s) => Ok(s),
+                other => panic!("unexpected status reply {other:?}"),
+            }
+        })
+    }
+
+    /// Waits until the node at `addr` answers a status request from the client host.
+    pub fn wait_answering(&self, addr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.node_status(addr) {
+                Ok(_) => return,
+                Err(e) => assert!(Instant::now() < deadline, "node {addr} never answered: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for_ecs(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.ecs_cmd(&self.client, &["ring"]);
+            if out.code == Some(0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the ECS never answered: {out:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs the operator tool `ringkv-ecs --ecs <ECS> ARGS` on `from` (client or ECS host).
+    pub fn ecs_cmd(&self, from: &Host, args: &[&str]) -> Output {
+        let mut all: Vec<String> = vec![
+            "--ecs".into(),
+            self.ecs_addr.clone(),
+            "--certs".into(),
+            from.certs_dir().display().to_string(),
+            "--identity".into(),
+            "admin".into(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        self.lab.exec(from, &bin("ringkv-ecs"), &all, TOOL_LIMIT)
+    }
+
+    /// Adds the started node `name` through the ECS; panics if the ECS refuses.
+    pub fn add_node(&self, name: &str) -> Output {
+        let addr = self.node(name).addr.clone();
+        self.ecs_cmd(&self.client, &["add-node", "--name", name, "--addr", &addr])
+            .ok()
+    }
+
+    /// Runs the client tool `ringkv --seed <every node> ARGS` on the client host.
+    pub fn ringkv(&self, args: &[&str]) -> Output {
+        let mut all: Vec<String> = vec![
+            "--seed".into(),
+            self.seeds().join(","),
+            "--certs".into(),
+            self.client.certs_dir().display().to_string(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        self.lab
+            .exec(&self.client, &bin("ringkv"), &all, TOOL_LIMIT)
+    }
+}
+
+/// Prints how long a test took when dropped, also when it fails.
+pub struct Stopwatch {
+    name: &'static str,
+    started: Instant,
+}
+
+impl Stopwatch {
+    /// Starts timing `name`.
+    pub fn start(name: &'static str) -> Stopwatch {
+        Stopwatch {
+            name,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Stopwatch {
+    fn drop(&mut self) {
+        let outcome = if std::thread::panicking() {
+            "FAILED"
+        } else {
+            "passed"
+        };
+        eprintln!(
+            "[multihost] {} {outcome} in {:.1?}",
+            self.name,
+            self.started.elapsed()
+        );
+    }
+}
