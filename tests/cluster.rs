@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bin, free_port, node_status, NodeProcess, TestCluster, TestEcs};
+use common::{bin, free_port, node_status, write_until_stopped, NodeProcess, TestCluster, TestEcs};
 use kvstore::KvStore;
 use ringkv_wire::{AdminReply, AdminRequest, RingMetadata};
 
@@ -153,18 +153,7 @@ async fn no_acknowledged_write_is_lost_while_nodes_join_and_leave() {
         let store = cluster.client().await;
         let stop = stop.clone();
         writers.push(tokio::spawn(async move {
-            let mut acked: HashMap<String, u32> = HashMap::new();
-            let mut i = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                // Unique keys, plus rewrites of earlier ones.
-                let key = format!("w{w}-{}", if i % 4 == 3 { i / 2 } else { i });
-                store
-                    .put(key.as_bytes(), &i.to_le_bytes())
-                    .await
-                    .expect("put acknowledged");
-                acked.insert(key, i);
-                i += 1;
-            }
+            let acked = write_until_stopped(&store, w, &stop).await;
             (acked, store.stats(), store)
         }));
     }

@@ -8,7 +8,6 @@
 mod common;
 mod netns;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -200,18 +199,7 @@ fn join_and_leave_on_a_fourth_host_lose_no_acknowledged_write() {
                 let stop = stop.clone();
                 async move {
                     let store = KvStore::connect(config).await.expect("connect");
-                    let mut acked: HashMap<String, u32> = HashMap::new();
-                    let mut i = 0u32;
-                    while !stop.load(Ordering::Relaxed) {
-                        // New keys, plus rewrites of earlier ones.
-                        let key = format!("w{w}-{}", if i % 4 == 3 { i / 2 } else { i });
-                        store
-                            .put(key.as_bytes(), &i.to_le_bytes())
-                            .await
-                            .unwrap_or_else(|e| panic!("put {key}: {e}"));
-                        acked.insert(key, i);
-                        i += 1;
-                    }
+                    let acked = common::write_until_stopped(&store, w, &stop).await;
                     let stats = store.stats();
                     store.disconnect().await;
                     (acked, stats)

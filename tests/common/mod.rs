@@ -449,3 +449,25 @@ pub async fn node_status(admin: &Transport, addr: &str) -> NodeStatus {
         other => panic!("unexpected status reply {other:?}"),
     }
 }
+
+/// A writer for zero-loss tests: puts new keys `w<w>-<i>` (every fourth put rewrites an
+/// earlier key) until `stop`, and returns the last value it saw acknowledged for each key.
+/// Panics if a put fails: every write must eventually be acknowledged.
+pub async fn write_until_stopped(
+    store: &KvStore,
+    w: u32,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::collections::HashMap<String, u32> {
+    let mut acked = std::collections::HashMap::new();
+    let mut i = 0u32;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = format!("w{w}-{}", if i % 4 == 3 { i / 2 } else { i });
+        store
+            .put(key.as_bytes(), &i.to_le_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+        acked.insert(key, i);
+        i += 1;
+    }
+    acked
+}
