@@ -194,7 +194,12 @@ async fn no_acknowledged_write_is_lost_while_nodes_join_and_leave() {
 
 #[tokio::test]
 async fn killing_the_joining_node_mid_transfer_aborts_cleanly() {
-    let cluster = TestCluster::start(1).await;
+    let mut cluster = TestCluster::start(0).await;
+    // Small transfer batches, so that the move takes many round trips and the kill below
+    // lands in the middle of it.
+    cluster
+        .add_node_with("n1", |c| c.transfer_batch_bytes = 16 * 1024)
+        .await;
     let store = cluster.client().await;
     // Enough data that the transfer takes a while: 40,000 × 1 KiB.
     let value = vec![b'x'; 1024];
@@ -246,9 +251,20 @@ async fn killing_the_joining_node_mid_transfer_aborts_cleanly() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     joining.kill();
+    let would_move = {
+        let after = cluster
+            .ecs
+            .ecs
+            .metadata()
+            .with_node(ringkv_wire::NodeEntry::new("n2", addr.to_string()))
+            .unwrap();
+        keys.iter()
+            .filter(|k| after.responsible_for_key(k.as_bytes()).unwrap().name == "n2")
+            .count() as u64
+    };
     assert!(
-        seen > 0 && seen < 40_000,
-        "the kill did not land mid-transfer (saw {seen} keys)"
+        seen > 0 && seen < would_move,
+        "the kill did not land mid-transfer (saw {seen} of {would_move} keys)"
     );
 
     let reply = join.await.unwrap();

@@ -363,7 +363,17 @@ impl TestCluster {
 
     /// Starts node `name` (waiting for the ECS) and adds it; panics if the ECS refuses.
     pub async fn add_node(&mut self, name: &str) -> AdminReply {
-        let node = TestNode::start(&self.certs, name, false).await;
+        self.add_node_with(name, |_| {}).await
+    }
+
+    /// [`TestCluster::add_node`] with `configure` applied to the node's configuration.
+    pub async fn add_node_with(
+        &mut self,
+        name: &str,
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> AdminReply {
+        let data = tempfile::tempdir().expect("tempdir");
+        let node = TestNode::start_with(&self.certs, name, false, data, configure).await;
         let reply = self
             .ask(AdminRequest::AddNode {
                 name: name.into(),

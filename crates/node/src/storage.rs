@@ -28,11 +28,14 @@ const RING_KEY: &[u8] = b"ring";
 /// Most writes folded into one commit; bounds the latency of the first writer of a batch.
 const MAX_BATCH: usize = 4096;
 
+/// Keys removed per commit by [`Store::delete_range`].
+const DELETE_CHUNK: usize = 4096;
+
 enum WriteOp {
     Put { key: Vec<u8>, value: Vec<u8> },
     Delete { key: Vec<u8> },
     PutBatch(Vec<StorageEntry>),
-    DeleteRange(KeyRange),
+    DeleteKeys(Vec<Vec<u8>>),
     SetMetadata(Vec<u8>),
 }
 
@@ -41,7 +44,6 @@ enum WriteOp {
 enum WriteOutcome {
     Put { created: bool },
     Delete { existed: bool },
-    Removed(u64),
     Done,
 }
 
@@ -140,12 +142,29 @@ impl Store {
         self.write(WriteOp::PutBatch(entries)).await.map(|_| ())
     }
 
-    /// Deletes every key of `range` durably. Returns how many were removed.
+    /// Deletes every key of `range` durably, [`DELETE_CHUNK`] keys per commit so that
+    /// writes queued behind a large range wait for one chunk, not for all of it. Not atomic:
+    /// a crash midway leaves part of the range, which is harmless because this is only used
+    /// on ranges the node does not own (and clears again before receiving them). Returns how
+    /// many keys were removed.
     pub async fn delete_range(&self, range: KeyRange) -> Result<u64, NodeError> {
-        match self.write(WriteOp::DeleteRange(range)).await? {
-            WriteOutcome::Removed(n) => Ok(n),
-            other => unreachable!("delete_range answered {other:?}"),
+        let data = self.data.clone();
+        let keys = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>, NodeError> {
+            let mut keys = Vec::new();
+            for span in range.storage_spans() {
+                for guard in data.range::<&[u8], _>(span_bounds(&span)) {
+                    keys.push(guard.key()?.to_vec());
+                }
+            }
+            Ok(keys)
+        })
+        .await
+        .map_err(|e| NodeError::WriteFailed(format!("range scan task failed: {e}")))??;
+        let removed = keys.len() as u64;
+        for chunk in keys.chunks(DELETE_CHUNK) {
+            self.write(WriteOp::DeleteKeys(chunk.to_vec())).await?;
         }
+        Ok(removed)
     }
 
     /// Persists the ring metadata.
@@ -198,27 +217,23 @@ impl Store {
         let data = self.data.clone();
         thread::spawn(move || {
             let scan = || -> Result<(), NodeError> {
-                let mut batch = Vec::new();
-                let mut size = 0;
+                let mut batcher = Batcher::new(batch_bytes);
                 for span in range.storage_spans() {
                     for guard in snapshot.range::<&[u8], _>(&data, span_bounds(&span)) {
                         let (k, v) = guard.into_inner()?;
-                        let key = k[20..].to_vec();
-                        size += key.len() + v.len() + 8;
-                        batch.push(StorageEntry {
-                            key,
+                        let entry = StorageEntry {
+                            key: k[20..].to_vec(),
                             value: Some(v.to_vec()),
-                        });
-                        if size >= batch_bytes {
-                            size = 0;
-                            if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                        };
+                        if let Some(full) = batcher.push(entry) {
+                            if tx.blocking_send(Ok(full)).is_err() {
                                 return Ok(()); // the receiver gave up
                             }
                         }
                     }
                 }
-                if !batch.is_empty() {
-                    let _ = tx.blocking_send(Ok(batch));
+                if let Some(last) = batcher.finish() {
+                    let _ = tx.blocking_send(Ok(last));
                 }
                 Ok(())
             };
@@ -227,6 +242,43 @@ impl Store {
             }
         });
         rx
+    }
+}
+
+/// Groups transfer entries into batches of at most `max_bytes`, or of one entry if that
+/// entry alone is bigger; so a batch always fits in a frame when its entries do (a single
+/// entry is at most a maximal key and value).
+pub(crate) struct Batcher {
+    max_bytes: usize,
+    size: usize,
+    batch: Vec<StorageEntry>,
+}
+
+impl Batcher {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            size: 0,
+            batch: Vec::new(),
+        }
+    }
+
+    /// Adds `entry`; returns the batch so far if `entry` would not fit in it.
+    pub(crate) fn push(&mut self, entry: StorageEntry) -> Option<Vec<StorageEntry>> {
+        // 8: room for the encoded lengths of key and value.
+        let size = entry.key.len() + entry.value.as_ref().map_or(0, Vec::len) + 8;
+        let full = (!self.batch.is_empty() && self.size + size > self.max_bytes).then(|| {
+            self.size = 0;
+            std::mem::take(&mut self.batch)
+        });
+        self.size += size;
+        self.batch.push(entry);
+        full
+    }
+
+    /// The last, partial batch, if any.
+    pub(crate) fn finish(self) -> Option<Vec<StorageEntry>> {
+        (!self.batch.is_empty()).then_some(self.batch)
     }
 }
 
@@ -307,25 +359,11 @@ fn apply(
                 }
                 WriteOutcome::Done
             }
-            WriteOp::DeleteRange(range) => {
-                let mut removed = 0u64;
-                for span in range.storage_spans() {
-                    for guard in data.range::<&[u8], _>(span_bounds(&span)) {
-                        let key = guard.key()?.to_vec();
-                        if state.get(&key).is_none_or(|v| v.is_some()) {
-                            removed += 1;
-                        }
-                        state.insert(key, None);
-                    }
+            WriteOp::DeleteKeys(keys) => {
+                for key in keys {
+                    state.insert(key, None);
                 }
-                // Keys written earlier in this same group are not in the keyspace yet.
-                for (key, value) in state.iter_mut() {
-                    if value.is_some() && range.contains_storage_key(key) {
-                        *value = None;
-                        removed += 1;
-                    }
-                }
-                WriteOutcome::Removed(removed)
+                WriteOutcome::Done
             }
             WriteOp::SetMetadata(bytes) => {
                 ring = Some(bytes);
@@ -369,6 +407,23 @@ mod tests {
         assert_eq!(store.get(b"b").unwrap(), Some(b"3".to_vec()));
         assert_eq!(store.get(b"a").unwrap(), None);
         assert_eq!(store.load_metadata().unwrap(), Some(md));
+    }
+
+    #[test]
+    fn batches_never_exceed_the_limit_unless_one_entry_does() {
+        let entry = |n: usize| StorageEntry {
+            key: b"k".to_vec(),
+            value: Some(vec![0; n]),
+        };
+        let mut b = Batcher::new(100);
+        assert_eq!(b.push(entry(50)), None);
+        // 59 + 59 > 100: the first goes out alone.
+        assert_eq!(b.push(entry(50)).map(|v| v.len()), Some(1));
+        // An entry bigger than the limit never joins others.
+        assert_eq!(b.push(entry(1000)).map(|v| v.len()), Some(1));
+        assert_eq!(b.push(entry(1)).map(|v| v.len()), Some(1));
+        assert_eq!(b.finish().map(|v| v.len()), Some(1));
+        assert_eq!(Batcher::new(10).finish(), None);
     }
 
     #[tokio::test]

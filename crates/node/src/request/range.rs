@@ -8,6 +8,7 @@ use ringkv_wire::{
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::{error, storage_error};
+use crate::storage::Batcher;
 use crate::Node;
 
 /// `LockRange`: returns once no write into the range is in flight.
@@ -59,25 +60,18 @@ pub async fn transfer_delta(node: &Node, range: KeyRange, to: NodeEntry) -> Repl
             format!("no transfer of {range:?} is being tracked"),
         );
     };
-    let mut batches = vec![Vec::new()];
-    let mut size = 0;
+    let mut batcher = Batcher::new(node.config.transfer_batch_bytes);
+    let mut batches = Vec::new();
     for key in keys {
         let value = match node.store.get(&key) {
             Ok(v) => v,
             Err(e) => return storage_error(e),
         };
-        size += key.len() + value.as_ref().map_or(0, Vec::len) + 8;
-        batches
-            .last_mut()
-            .expect("one batch")
-            .push(StorageEntry { key, value });
-        if size >= node.config.transfer_batch_bytes {
-            batches.push(Vec::new());
-            size = 0;
-        }
+        batches.extend(batcher.push(StorageEntry { key, value }));
     }
-    let (tx, rx) = tokio::sync::mpsc::channel(batches.len());
-    for batch in batches.into_iter().filter(|b| !b.is_empty()) {
+    batches.extend(batcher.finish());
+    let (tx, rx) = tokio::sync::mpsc::channel(batches.len().max(1));
+    for batch in batches {
         tx.try_send(Ok(batch))
             .expect("channel sized for every batch");
     }
