@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{free_port, node_status, NodeProcess, TestCluster, TestEcs, TestNode};
-use ringkv_ecs::plan::{self, Step};
+use ringkv_ecs::plan;
 use ringkv_node::gossip::GossipConfig;
 use ringkv_wire::{AdminReply, AdminRequest, Liveness, NodeEntry, NodeReport};
 
@@ -98,14 +98,7 @@ async fn a_version_seeded_at_the_affected_nodes_reaches_all_five_by_gossip() {
     })
     .await;
     let planned = plan::join(&before, NodeEntry::new("n5", n5.addr.clone())).unwrap();
-    let seeded: Vec<String> = planned
-        .steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Install { node } => Some(node.name.clone()),
-            _ => None,
-        })
-        .collect();
+    let seeded = planned.installed_at();
     let sender = planned.moved.as_ref().unwrap().from.name.clone();
     assert_eq!(seeded, vec![sender.clone(), "n5".to_string()]);
 

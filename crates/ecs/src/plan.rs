@@ -130,6 +130,17 @@ impl Plan {
             .expect("every plan commits")
     }
 
+    /// Names of the nodes the plan sends the new metadata to, in order.
+    pub fn installed_at(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Install { node } => Some(node.name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The steps that undo a failure before the commit: release the lock and remove any
     /// partial copy at the receiver. Best effort: the nodes they target may be down, which
     /// is harmless (a restarted node holds no lock; a partial copy is never served, and the
@@ -326,14 +337,7 @@ mod tests {
         assert_eq!(mv.from, leaving);
         assert_eq!(mv.to, current.nodes[2]);
         assert!(plan.metadata.node(&leaving.name).is_none());
-        let installs: Vec<_> = plan
-            .steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::Install { node } => Some(node.name.clone()),
-                _ => None,
-            })
-            .collect();
+        let installs = plan.installed_at();
         assert_eq!(
             installs,
             vec![leaving.name.clone(), mv.to.name.clone()],

@@ -210,8 +210,11 @@ impl Transport {
     }
 }
 
-enum ExchangeError {
+/// Why a frame could not be had from a stream.
+pub(crate) enum ExchangeError {
+    /// The stream or connection failed (or ended early).
     Transport(String),
+    /// The frame was oversized or did not decode.
     Protocol(WireError),
 }
 
@@ -229,7 +232,9 @@ async fn exchange<A: DeserializeOwned>(
     read_frame(&mut recv, max_frame).await
 }
 
-async fn read_frame<A: DeserializeOwned>(
+/// Reads one frame (header checked against `max_frame` before the payload is buffered) and
+/// decodes it: the one framing loop on a stream, for both the calling and the serving side.
+pub(crate) async fn read_frame<A: DeserializeOwned>(
     recv: &mut RecvStream,
     max_frame: usize,
 ) -> Result<A, ExchangeError> {

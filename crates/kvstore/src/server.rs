@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use quinn::{Endpoint, RecvStream, SendStream};
 use ringkv_certs::Role;
-use ringkv_wire::{codec, WireError, FRAME_HEADER_LEN};
+use ringkv_wire::{codec, WireError};
 use serde::{de::DeserializeOwned, Serialize};
+
+use crate::net::{read_frame, ExchangeError};
 
 /// A request handler served by [`serve`].
 pub trait Service: Send + Sync + 'static {
@@ -83,30 +85,6 @@ async fn serve_connection<S: Service>(service: Arc<S>, incoming: quinn::Incoming
     }
 }
 
-/// Why a request could not be read from a stream.
-enum ReadFailure {
-    /// The stream ended or was reset: nobody to answer.
-    Gone,
-    /// The frame was bad: answer with an error.
-    Bad(WireError),
-}
-
-async fn read_request<Q: DeserializeOwned>(
-    recv: &mut RecvStream,
-    max_frame: usize,
-) -> Result<Q, ReadFailure> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut header)
-        .await
-        .map_err(|_| ReadFailure::Gone)?;
-    let len = codec::frame_len(header, max_frame).map_err(ReadFailure::Bad)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|_| ReadFailure::Gone)?;
-    codec::decode(&payload).map_err(ReadFailure::Bad)
-}
-
 async fn serve_stream<S: Service>(
     service: Arc<S>,
     role: Role,
@@ -114,10 +92,11 @@ async fn serve_stream<S: Service>(
     mut recv: RecvStream,
 ) {
     let max_frame = service.max_frame();
-    let reply = match read_request(&mut recv, max_frame).await {
+    let reply = match read_frame(&mut recv, max_frame).await {
         Ok(request) => service.handle(role, request).await,
-        Err(ReadFailure::Gone) => return,
-        Err(ReadFailure::Bad(e)) => {
+        // The stream ended or was reset: nobody to answer.
+        Err(ExchangeError::Transport(_)) => return,
+        Err(ExchangeError::Protocol(e)) => {
             tracing::warn!(service = service.name(), ?role, error = %e, "bad request frame");
             // Do not read the rest of an oversized or broken frame.
             let _ = recv.stop(0u32.into());
