@@ -46,7 +46,7 @@ async fn exchange(node: Arc<Node>, addr: String, digest: GossipDigest) {
     let request = Request::new(node.metadata_version(), RequestBody::Gossip { digest });
     let reply: Reply = match tokio::time::timeout(
         timeout,
-        node.peers.call(&addr, &request, timeout),
+        node.peers.call(&addr, &request, transport_timeout(&node)),
     )
     .await
     {
@@ -84,7 +84,12 @@ async fn exchange(node: Arc<Node>, addr: String, digest: GossipDigest) {
     if let Some(metadata) = outcome.push {
         let version = metadata.version;
         let push = Request::new(version, RequestBody::GossipPush { metadata });
-        match tokio::time::timeout(timeout, node.peers.call(&addr, &push, timeout)).await {
+        match tokio::time::timeout(
+            timeout,
+            node.peers.call(&addr, &push, transport_timeout(&node)),
+        )
+        .await
+        {
             Ok(Ok(Reply {
                 body: ReplyBody::Ok,
                 ..
@@ -102,4 +107,15 @@ async fn exchange(node: Arc<Node>, addr: String, digest: GossipDigest) {
             }
         }
     }
+}
+
+/// The transport's own timeout for gossip calls, longer than the exchange's: a slow
+/// exchange is abandoned by the driver's timeout (dropping its stream; gossip is harmless
+/// if it arrives late), never by the transport's, which closes the connection it shares
+/// with range transfers to the same peer.
+fn transport_timeout(node: &Node) -> std::time::Duration {
+    node.config
+        .gossip
+        .dead_after
+        .max(node.config.gossip.exchange_timeout() * 10)
 }
