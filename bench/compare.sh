@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ringkv next to redis, in ONE run on the same machine (issue #7; DESIGN §9: only ratios measured
+# ringkv next to redis, in ONE run on the same machine (issue #7; ARCHITECTURE.md §9: only ratios measured
 # side by side at the same moment mean anything on a shared 2-core machine).
 #
 #   bench/compare.sh                     # ~120 s of measuring in total

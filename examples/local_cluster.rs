@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
             cluster.add_node(i).await?;
         }
         if let AdminReply::Status { metadata, nodes } = cluster.ask(AdminRequest::Status).await? {
-            print!("{}", ringkv_ecs::cli::status_text(&metadata, &nodes));
+            print!("{}", ringkv::cli::ecs::status_text(&metadata, &nodes));
         }
         let (ecs, certs) = (cluster.ecs_addr, cluster.certs());
         let certs = certs.display();
@@ -89,7 +89,7 @@ fn main() -> anyhow::Result<()> {
         println!("  cargo run --release --bin ringkv-ecs -- --ecs {ecs} --certs {certs} remove-node --name n1");
         println!();
         println!("Ctrl-C stops the cluster.");
-        kvstore::server::shutdown_signal().await;
+        ringkv_transport::shutdown_signal().await;
         anyhow::Ok(cluster)
     })?;
     cluster.shutdown();

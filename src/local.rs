@@ -8,10 +8,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use kvstore::Transport;
 use ringkv_certs::{Identity, IssueOptions, Role};
 use ringkv_ecs::EcsConfig;
 use ringkv_node::NodeConfig;
+use ringkv_transport::Transport;
 use ringkv_wire::{AdminReply, AdminRequest, Limits};
 use tokio::sync::watch;
 

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Certs, TestNode};
-use kvstore::{KvError, PutOutcome, Transport};
+use kvstore::{KvError, PutOutcome};
 use ringkv_certs::{IssueOptions, Role};
+use ringkv_transport::Transport;
 use ringkv_wire::{ErrorKind, Limits, ReplyBody, Request, RequestBody, StorageEntry};
 
 #[tokio::test]

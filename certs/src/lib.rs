@@ -26,10 +26,11 @@
 //!   certificates ([`role_of_cert`]).
 //! - `tls`: building quinn/rustls configs ([`server_config`], [`client_config`],
 //!   [`transport_config`]) and reading the role of a connected peer ([`peer_role`]).
-//! - [`cli`]: the `ringkv-certs` command line (`init`, `issue`).
+//!
+//! The `ringkv-certs` command line (`init`, `issue`) lives with the binaries (the umbrella
+//! package's `src/cli/certs.rs`).
 #![warn(missing_docs)]
 
-pub mod cli;
 mod error;
 mod files;
 mod identity;

@@ -10,10 +10,12 @@ pub(crate) const ROLE_URI_PREFIX: &str = "ringkv:role:";
 
 /// What a certificate holder may do in the cluster.
 ///
-/// - `Node`: a storage node; serves data and may transfer ranges and gossip with other nodes.
+/// - `Node`: a storage node; serves data, and may send other nodes transfer batches, ring
+///   metadata, gossip and status requests.
 /// - `Client`: may only issue client requests (get/put/delete/metadata).
-/// - `Admin`: the ECS; the only role allowed to change membership.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+/// - `Admin`: the ECS and the operators who administer it; the only role the ECS answers, and
+///   the only one a node takes locks, transfers, range deletion and start/stop from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// A storage node.
     Node,
@@ -100,14 +102,5 @@ mod tests {
         }
         assert!(Role::from_san_uri("https://example.com").is_none());
         assert!(Role::from_san_uri("ringkv:role:root").unwrap().is_err());
-    }
-
-    #[test]
-    fn clap_value_names_match_display() {
-        use clap::ValueEnum;
-        for role in Role::ALL {
-            let value = role.to_possible_value().unwrap();
-            assert_eq!(value.get_name(), role.as_str());
-        }
     }
 }

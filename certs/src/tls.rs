@@ -113,8 +113,25 @@ mod tests {
     }
 
     #[test]
-    fn transport_config_builds() {
-        // TransportConfig has no getters; building it must simply not panic.
-        let _ = transport_config();
+    fn transport_config_carries_the_documented_settings() {
+        // TransportConfig has no getters; its Debug output names every field.
+        let debug = format!("{:?}", transport_config());
+        for (field, value) in [
+            ("max_concurrent_bidi_streams", MAX_BIDI_STREAMS.to_string()),
+            ("stream_receive_window", STREAM_RECEIVE_WINDOW.to_string()),
+            ("receive_window", CONNECTION_WINDOW.to_string()),
+            ("send_window", CONNECTION_WINDOW.to_string()),
+            ("keep_alive_interval", format!("Some({KEEP_ALIVE:?})")),
+            ("max_idle_timeout", IDLE_TIMEOUT_MS.to_string()),
+        ] {
+            let at = debug
+                .find(&format!(" {field}: "))
+                .unwrap_or_else(|| panic!("{field} missing from {debug}"));
+            let shown = &debug[at..debug[at..].find(',').map_or(debug.len(), |e| at + e)];
+            assert!(
+                shown.contains(&value),
+                "{field}: expected {value}, got {shown}"
+            );
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! `ringkv-bench`: a load generator for a ringkv cluster, built on the `kvstore` client.
 //!
-//! `--clients` logical clients run as tasks on one current-thread runtime (DESIGN §9: a
+//! `--clients` logical clients run as tasks on one current-thread runtime (ARCHITECTURE.md §9: a
 //! multi-thread runtime was 3x slower on 2 cores). They share `--connections` [`KvStore`]s
 //! round-robin; each store holds one QUIC connection per node, so 50 clients on one store
 //! multiplex 50 requests in flight over one connection. Each client has one request in flight
@@ -614,11 +614,9 @@ enum BenchCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    kvstore::cli::init_tracing();
+    ringkv::cli::init_tracing("warn");
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = ringkv::cli::runtime()?;
     if let Some(BenchCommand::Rebalance(rebalance)) = &args.command {
         print!("{}", runtime.block_on(ringkv::rebalance::run(rebalance))?);
         return Ok(());

@@ -1,3 +1,4 @@
+//! `ringkv-certs`: the certificate tool (see `ringkv::cli::certs`).
 fn main() -> anyhow::Result<()> {
-    ringkv_certs::cli::main()
+    ringkv::cli::certs::main()
 }

@@ -1,6 +1,6 @@
 //! `ringkv-ecs`: the External Configuration Service and its operator commands (see
-//! `ringkv_ecs::cli`).
+//! `ringkv::cli::ecs`).
 fn main() -> anyhow::Result<std::process::ExitCode> {
-    let code = ringkv_ecs::cli::main()?;
+    let code = ringkv::cli::ecs::main()?;
     Ok(std::process::ExitCode::from(code as u8))
 }

@@ -1,4 +1,4 @@
-//! `ringkv-node`: the storage node (see `ringkv_node::cli`).
+//! `ringkv-node`: the storage node (see `ringkv::cli::node`).
 fn main() -> anyhow::Result<()> {
-    ringkv_node::cli::main()
+    ringkv::cli::node::main()
 }

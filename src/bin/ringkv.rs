@@ -1,5 +1,5 @@
-//! `ringkv`: the command-line client (see `kvstore::cli`).
+//! `ringkv`: the command-line client (see `ringkv::cli::client`).
 fn main() -> anyhow::Result<std::process::ExitCode> {
-    let code = kvstore::cli::main()?;
+    let code = ringkv::cli::client::main()?;
     Ok(std::process::ExitCode::from(code as u8))
 }

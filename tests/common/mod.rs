@@ -8,10 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvstore::{ClientConfig, KvStore, Transport};
+use kvstore::{ClientConfig, KvStore};
 use ringkv_certs::{Identity, IssueOptions, Role};
 use ringkv_ecs::{Ecs, EcsConfig};
 use ringkv_node::{Node, NodeConfig};
+use ringkv_transport::Transport;
 use ringkv_wire::{AdminReply, AdminRequest, Limits, NodeStatus, ReplyBody, Request, RequestBody};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -455,7 +456,7 @@ pub async fn node_status(admin: &Transport, addr: &str) -> NodeStatus {
         .await
         .expect("status reply");
     match reply.body {
-        ReplyBody::Status(s) => s,
+        ReplyBody::Status(s) => *s,
         other => panic!("unexpected status reply {other:?}"),
     }
 }

@@ -40,8 +40,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use kvstore::{ClientConfig, KvError, Transport};
+use kvstore::{ClientConfig, KvError};
 use ringkv_certs::{Identity, IssueOptions, Role};
+use ringkv_transport::Transport;
 use ringkv_wire::{Limits, NodeStatus, ReplyBody, Request, RequestBody};
 use tempfile::TempDir;
 
@@ -816,7 +817,7 @@ impl HostCluster {
                 .await;
             admin.close().await;
             match reply?.body {
-                ReplyBody::Status(s) => Ok(s),
+                ReplyBody::Status(s) => Ok(*s),
                 other => panic!("unexpected status reply {other:?}"),
             }
         })

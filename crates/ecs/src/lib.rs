@@ -2,7 +2,7 @@
 //!
 //! An operator (with an `admin` certificate) asks the ECS to add or remove nodes; the ECS
 //! plans the change, write-locks the affected range, has the data moved between neighbours,
-//! persists and publishes the new metadata version, then releases the lock (DESIGN §5).
+//! persists and publishes the new metadata version, then releases the lock (ARCHITECTURE.md §5).
 //! Its ring survives restarts in a state file.
 //!
 //! # Layout
@@ -12,10 +12,11 @@
 //! - [`state`]: the atomically replaced ring file.
 //! - [`config`]: the configuration, [`EcsConfig`].
 //! - [`error`]: the error type, [`EcsError`].
-//! - [`cli`]: the `ringkv-ecs` binary's code (the service and the operator commands).
+//!
+//! The `ringkv-ecs` command line (the service and the operator commands) lives with the
+//! binaries (the umbrella package's `src/cli/ecs.rs`).
 #![warn(missing_docs)]
 
-pub mod cli;
 pub mod config;
 pub mod error;
 pub mod plan;

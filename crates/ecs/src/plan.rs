@@ -1,4 +1,4 @@
-//! Membership changes as plans: pure, synchronous decisions (DESIGN §5). The ECS's
+//! Membership changes as plans: pure, synchronous decisions (ARCHITECTURE.md §5). The ECS's
 //! executor runs the steps against the nodes; everything about *which* steps, in *what*
 //! order, and how to undo them is decided here and unit-tested without a network.
 //!
@@ -19,7 +19,7 @@
 //!   refuse to delete a range they still own).
 //! - Only the nodes the change affects get the new metadata from the ECS: the sender and
 //!   the receiver of the move (the joining or the leaving node is one of them). Gossip
-//!   carries it to the others within a few intervals (DESIGN §6). That is safe before it
+//!   carries it to the others within a few intervals (ARCHITECTURE.md §6). That is safe before it
 //!   arrives: a join or a leave changes the owner of the moved range only, so every other
 //!   node owns the same range under both versions. A client routed by either version to
 //!   such a node is served there as before; a client routed by the old version into the

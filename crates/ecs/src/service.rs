@@ -5,10 +5,10 @@ use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use kvstore::server::Service;
-use kvstore::{KvError, Transport};
 use quinn::Endpoint;
 use ringkv_certs::{Identity, Role};
+use ringkv_transport::Service;
+use ringkv_transport::{Transport, TransportError};
 use ringkv_wire::{
     AdminReply, AdminRequest, Limits, Liveness, MoveReport, NodeEntry, NodeReport, NodeStatus,
     Reply, ReplyBody, Request, RequestBody, RingMetadata, TransferStats, WireError,
@@ -68,7 +68,7 @@ pub async fn run(endpoint: Endpoint, ecs: Arc<Ecs>, shutdown: impl Future<Output
     tokio::spawn(async move {
         republish.republish().await;
     });
-    kvstore::server::serve(endpoint, ecs, shutdown).await;
+    ringkv_transport::serve(endpoint, ecs, shutdown).await;
 }
 
 impl Service for Ecs {
@@ -260,7 +260,7 @@ impl Ecs {
         node: &NodeEntry,
         body: RequestBody,
         timeout: Duration,
-    ) -> Result<ReplyBody, KvError> {
+    ) -> Result<ReplyBody, TransportError> {
         let request = Request::new(self.metadata().version, body);
         let reply: Reply = self.nodes.call(&node.addr, &request, timeout).await?;
         Ok(reply.body)
@@ -315,7 +315,7 @@ impl Ecs {
             let asked =
                 tokio::time::timeout(timeout, self.call(node, RequestBody::Status, timeout)).await;
             match asked {
-                Ok(Ok(ReplyBody::Status(s))) => Ok(s),
+                Ok(Ok(ReplyBody::Status(s))) => Ok(*s),
                 Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("no answer within {timeout:?}")),
@@ -387,6 +387,8 @@ mod tests {
             running: true,
             metadata_version: 1,
             keys: 0,
+            writes: 0,
+            write_commits: 0,
             locked: vec![],
             peers: views
                 .iter()

@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ringkv_wire::{codec, RingMetadata};
+use ringkv_wire::RingMetadata;
 
 use crate::EcsError;
 
@@ -46,11 +46,7 @@ impl RingFile {
             path: self.path.clone(),
             reason,
         };
-        match codec::decode_frame(&bytes, usize::MAX >> 1) {
-            Ok(Some((metadata, used))) if used == bytes.len() => Ok(metadata),
-            Ok(_) => Err(corrupt("truncated or trailing bytes".into())),
-            Err(e) => Err(corrupt(e.to_string())),
-        }
+        RingMetadata::from_frame(&bytes).map_err(|e| corrupt(e.to_string()))
     }
 
     /// Replaces the persisted ring with `metadata`, durably.
@@ -59,7 +55,7 @@ impl RingFile {
             path: self.path.clone(),
             source,
         };
-        let frame = codec::encode(metadata, usize::MAX >> 1)?;
+        let frame = metadata.to_frame()?;
         let tmp = self.path.with_extension("tmp");
         let mut f = File::create(&tmp).map_err(io)?;
         f.write_all(&frame).map_err(io)?;

@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use ringkv_transport::Transport;
 use ringkv_wire::{ReplyBody, Request, RequestBody, RingMetadata};
 
-use crate::{Backoff, ClientConfig, KvError, Transport};
+use crate::{Backoff, ClientConfig, KvError};
 
 /// Whether a put created the key or replaced an existing value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,8 +127,13 @@ impl KvStore {
         self.metadata.read().expect("metadata lock").clone()
     }
 
-    /// Replaces the cached metadata with `metadata` if it is newer. Returns whether it was.
+    /// Replaces the cached metadata with `metadata` if it is valid and newer. Returns whether
+    /// it was.
     pub fn adopt_metadata(&self, metadata: RingMetadata) -> bool {
+        if let Err(e) = metadata.validate() {
+            tracing::warn!(version = metadata.version, error = %e, "refused ring metadata");
+            return false;
+        }
         let mut current = self.metadata.write().expect("metadata lock");
         if metadata.is_newer_than(&current) {
             tracing::debug!(version = metadata.version, "adopted ring metadata");
@@ -174,7 +180,7 @@ impl KvStore {
                     self.adopt_metadata(m);
                 }
                 Ok(other) => last = Some(unexpected("get_metadata", other)),
-                Err(e) => last = Some(e),
+                Err(e) => last = Some(KvError::from(e)),
             }
         }
         if !answered {
@@ -254,7 +260,7 @@ impl KvStore {
                     let _ = self.refresh_metadata().await;
                     e.to_string()
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             let delay = backoff
                 .get_or_insert_with(|| {

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use ringkv_transport::TransportError;
 use ringkv_wire::{ErrorKind, WireError};
 
 /// Errors of the client library. None of them leaves the store in a partial state: a write
@@ -95,6 +96,20 @@ pub enum KvError {
     /// The store was disconnected.
     #[error("the store is disconnected")]
     Disconnected,
+}
+
+impl From<TransportError> for KvError {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::Encode(e) => KvError::Invalid(e),
+            TransportError::Tls(e) => KvError::Tls(e),
+            TransportError::Bind(e) => KvError::Bind(e),
+            TransportError::Address { addr, reason } => KvError::Address { addr, reason },
+            TransportError::Connect { addr, reason } => KvError::Connect { addr, reason },
+            TransportError::Stream { addr, reason } => KvError::Transport { addr, reason },
+            TransportError::Protocol { addr, source } => KvError::Protocol { addr, source },
+        }
+    }
 }
 
 impl KvError {

@@ -1,4 +1,4 @@
-//! `kvstore`: the ringkv client library and the `ringkv` command-line client.
+//! `kvstore`: the ringkv client library.
 //!
 //! An application talks to "the store"; this crate talks to single nodes. It caches the
 //! versioned ring metadata, sends each request straight to the node responsible for the key,
@@ -23,26 +23,20 @@
 //! - [`config`]: [`ClientConfig`] and its defaults.
 //! - [`retry`]: [`RetryPolicy`] and [`Backoff`], pure delay computation (the one retry policy
 //!   of the workspace).
-//! - [`net`]: [`Transport`], one reused QUIC connection per peer and one stream per request;
-//!   nodes and the ECS use it to talk to peers too.
-//! - [`server`]: the serving side of the same layer ([`server::serve`] and the
-//!   [`server::Service`] trait), used by nodes and the ECS.
 //! - [`error`]: the error type, [`KvError`].
-//! - [`cli`]: the `ringkv` binary's code (one-shot commands and the interactive shell).
-//! - [`config_file`]: `--config FILE` of the binaries: TOML defaults for their flags.
+//!
+//! Connections come from `ringkv-transport` (one reused QUIC connection per node, one stream
+//! per request). The `ringkv` command-line client lives with the binaries (the umbrella
+//! package's `src/cli/client.rs`), so an application embedding this crate compiles the client
+//! and nothing else.
 #![warn(missing_docs)]
 
-pub mod cli;
 pub mod client;
 pub mod config;
-pub mod config_file;
 pub mod error;
-pub mod net;
 pub mod retry;
-pub mod server;
 
 pub use client::{ClientStats, KvStore, PutOutcome};
 pub use config::ClientConfig;
 pub use error::KvError;
-pub use net::Transport;
 pub use retry::{Backoff, RetryPolicy};

@@ -24,9 +24,9 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Exponential backoff with "full jitter": the n-th delay is uniform in
-/// `[d/2, d]` with `d = min(max, initial * 2^n)`, so that clients released by the same
-/// unlock do not retry in lock step.
+/// Exponential backoff with "equal jitter": the n-th delay is uniform in `[d/2, d]` with
+/// `d = min(max, initial * 2^n)`, so that clients released by the same unlock do not retry
+/// in lock step, while each still waits at least half the nominal delay.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     policy: RetryPolicy,

@@ -26,6 +26,10 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Size of the batches a range transfer sends.
     pub transfer_batch_bytes: usize,
+    /// Most bytes per second a range snapshot sends (`None`: as fast as the link and the
+    /// receiver's disk allow), so that a move does not starve client traffic. The delta,
+    /// sent while the range is write-locked, is never throttled.
+    pub transfer_rate_limit: Option<u64>,
     /// Gossip interval, fanout, failure-detection timeouts, digest bound.
     pub gossip: GossipConfig,
 }
@@ -41,6 +45,7 @@ impl NodeConfig {
             start: false,
             limits: Limits::default(),
             transfer_batch_bytes: 1 << 20,
+            transfer_rate_limit: None,
             gossip: GossipConfig::default(),
         }
     }

@@ -3,23 +3,26 @@
 //! A node serves the keys of its ring range `(predecessor, self]` durably over QUIC with
 //! mutual TLS. It answers `NotResponsible` (with its metadata) for keys outside that range,
 //! `WriteLocked` for writes into a range being moved, and `Stopped` while it is not serving.
-//! Internal requests (range locks and transfers, metadata installation, status) are accepted
-//! only from `node` and `admin` certificates.
+//! What each certificate role may send is decided in one place, [`request::allowed`]
+//! (ARCHITECTURE.md §4): clients the data path; nodes also transfer batches, metadata,
+//! gossip and status; admins everything, including locks, transfers and range deletion.
 //!
 //! # Layout
 //! - [`config`]: the configuration, [`NodeConfig`].
 //! - [`node`]: [`Node`], the node's state (metadata view, write locks, running flag) and the
 //!   dispatch of a request to its handler.
-//! - [`request`]: one module per kind of request (data, metadata, admin, range).
+//! - [`request`]: one module per kind of request (data, metadata, admin, gossip, range).
 //! - [`gossip`]: metadata dissemination and failure detection: the state machine, its
 //!   tokio driver and its configuration.
-//! - [`server`]: the QUIC accept loop and per-stream framing; [`server::run`].
-//! - [`storage`]: [`storage::Store`], redb with a group-commit writer thread.
+//! - [`server`]: binding the endpoint and serving the node through `ringkv-transport`;
+//!   [`server::bind`] and [`server::run`].
+//! - [`storage`]: [`storage::Store`], fjall with a group-commit writer thread.
 //! - [`error`]: the error type, [`NodeError`].
-//! - [`cli`]: the `ringkv-node` binary's code.
+//!
+//! The `ringkv-node` command line lives with the binaries (the umbrella package's
+//! `src/cli/node.rs`).
 #![warn(missing_docs)]
 
-pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gossip;

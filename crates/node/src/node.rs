@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use kvstore::Transport;
 use ringkv_certs::Role;
+use ringkv_transport::Transport;
 use ringkv_wire::{
     EncodedMetadata, ErrorKind, HashedKey, KeyRange, PeerLiveness, Position, Reply, ReplyBody,
     Request, RequestBody, RingMetadata,

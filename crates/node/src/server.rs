@@ -1,14 +1,13 @@
 //! The QUIC side of a node: binding the endpoint and serving requests through the shared
-//! connection layer ([`kvstore::server`]).
+//! connection layer (`ringkv-transport`).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvstore::server::Service;
-use kvstore::Transport;
 use quinn::Endpoint;
 use ringkv_certs::{Identity, Role};
+use ringkv_transport::{Service, Transport};
 use ringkv_wire::{ErrorKind, Reply, ReplyBody, Request, WireError};
 
 use crate::{Node, NodeConfig, NodeError};
@@ -44,7 +43,7 @@ pub async fn bind(
 /// shutdown loses nothing.
 pub async fn run(endpoint: Endpoint, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
     let gossip = tokio::spawn(crate::gossip::driver::run(node.clone()));
-    kvstore::server::serve(endpoint, node, shutdown).await;
+    ringkv_transport::serve(endpoint, node, shutdown).await;
     gossip.abort();
 }
 
@@ -65,11 +64,7 @@ impl Service for Node {
     }
 
     fn bad_frame(&self, error: WireError) -> Reply {
-        let kind = match error {
-            WireError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
-            _ => ErrorKind::Malformed,
-        };
-        self.error_reply(kind, error.to_string())
+        self.error_reply(error.kind(), error.to_string())
     }
 
     fn unencodable(&self, error: WireError) -> Reply {

@@ -1,5 +1,7 @@
 //! The error type of the wire crate.
 
+use crate::ErrorKind;
+
 /// Everything that can go wrong while encoding, decoding or validating protocol data.
 ///
 /// None of these leave any state behind: the codec and the validators are pure.
@@ -43,4 +45,24 @@ pub enum WireError {
     /// A ring operation named a node the metadata does not hold.
     #[error("node {0} is not in the ring")]
     UnknownNode(String),
+    /// Ring metadata breaks a structural invariant (see `RingMetadata::validate`).
+    #[error("invalid ring metadata: {0}")]
+    InvalidRing(String),
+}
+
+impl WireError {
+    /// The [`ErrorKind`] an error reply carries for this error: the one mapping from
+    /// validation failures to what a peer is told.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            WireError::EmptyKey => ErrorKind::EmptyKey,
+            WireError::KeyTooLarge { .. } => ErrorKind::KeyTooLarge,
+            WireError::ValueTooLarge { .. } => ErrorKind::ValueTooLarge,
+            WireError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
+            WireError::Malformed(_)
+            | WireError::DuplicateNode(_)
+            | WireError::UnknownNode(_)
+            | WireError::InvalidRing(_) => ErrorKind::Malformed,
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! What nodes gossip (DESIGN §6; the algorithm is in `GOSSIP.md`).
+//! What nodes gossip (ARCHITECTURE.md §6; the algorithm is in `GOSSIP.md`).
 //!
 //! An exchange is push-pull over one request and its reply, plus a third message when the
 //! initiator turns out to hold the newer metadata:
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::ring::RingMetadata;
-use crate::{codec, WireError};
+use crate::WireError;
 
 /// One node's heartbeat counter as another node last saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,35 +91,19 @@ impl EncodedMetadata {
     pub fn encode(metadata: &RingMetadata) -> Result<Self, WireError> {
         Ok(Self {
             version: metadata.version,
-            bytes: Arc::new(codec::encode(metadata, usize::MAX >> 1)?),
+            bytes: Arc::new(metadata.to_frame()?),
         })
     }
 
-    /// Decodes the metadata, checking what a peer could get wrong: the frame decodes, its
-    /// version is the announced one, and its nodes are strictly sorted by position.
+    /// Decodes the metadata ([`RingMetadata::from_frame`]: one frame, fully validated) and
+    /// checks that its version is the announced one.
     pub fn decode(&self) -> Result<RingMetadata, WireError> {
-        let metadata: RingMetadata = match codec::decode_frame(&self.bytes, usize::MAX >> 1)? {
-            Some((metadata, used)) if used == self.bytes.len() => metadata,
-            _ => {
-                return Err(WireError::Malformed(
-                    "truncated or trailing bytes in encoded metadata".into(),
-                ))
-            }
-        };
+        let metadata = RingMetadata::from_frame(&self.bytes)?;
         if metadata.version != self.version {
             return Err(WireError::Malformed(format!(
                 "encoded metadata announced version {} but holds version {}",
                 self.version, metadata.version
             )));
-        }
-        if metadata
-            .nodes
-            .windows(2)
-            .any(|w| w[0].position >= w[1].position)
-        {
-            return Err(WireError::Malformed(
-                "encoded metadata nodes are not sorted by position".into(),
-            ));
         }
         Ok(metadata)
     }
@@ -193,7 +177,7 @@ mod tests {
         let mut unsorted = md.clone();
         unsorted.nodes.reverse();
         let enc = EncodedMetadata::encode(&unsorted).unwrap();
-        assert!(matches!(enc.decode(), Err(WireError::Malformed(_))));
+        assert!(matches!(enc.decode(), Err(WireError::InvalidRing(_))));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! # Layout
 //! - [`ring`]: SHA-1 positions on the 160-bit ring, [`KeyRange`], [`RingMetadata`] and the
 //!   ownership math (who owns a key, which range moves on a join or a leave).
-//! - [`message`]: the request and reply enums carried in frames (DESIGN §3).
+//! - [`message`]: the request and reply enums carried in frames (ARCHITECTURE.md §3).
 //! - [`codec`]: the length-prefixed postcard framing with a maximum frame size, checked
 //!   before anything is buffered.
 //! - [`limits`]: key/value/frame size limits and their validation.
@@ -15,6 +15,12 @@
 //!   [`EncodedMetadata`], and the [`Liveness`] a node sees in its peers.
 //! - [`admin`]: the ECS protocol an operator speaks ([`AdminRequest`], [`AdminReply`]).
 //! - [`error`]: [`WireError`], the one error type of this crate.
+//!
+//! The gossip types ([`Liveness`], [`PeerLiveness`]) and the operator protocol
+//! ([`AdminRequest`], [`NodeReport`]) stay here although only some parts use them: they
+//! cross the wire between parts (node ↔ node, node → ECS in `Status`, operator → ECS), so
+//! both ends need them, and the only crate both ends share without depending on each other is
+//! this one.
 #![warn(missing_docs)]
 
 pub mod admin;

@@ -1,4 +1,4 @@
-//! Size limits for keys, values and frames (DESIGN §3), shared by client and node.
+//! Size limits for keys, values and frames (ARCHITECTURE.md §3), shared by client and node.
 
 use crate::WireError;
 

@@ -1,4 +1,4 @@
-//! Requests and replies (DESIGN §3).
+//! Requests and replies (ARCHITECTURE.md §3).
 //!
 //! Every request carries the caller's metadata version and every reply the responder's, so
 //! either side learns it is stale from any exchange. Client requests are `Get`, `Put`,
@@ -230,6 +230,11 @@ pub struct NodeStatus {
     pub metadata_version: u64,
     /// Keys stored on this node.
     pub keys: u64,
+    /// Writes committed since the node started.
+    pub writes: u64,
+    /// Commits (each one fsync) since the node started: `writes / write_commits` is the
+    /// mean group-commit size.
+    pub write_commits: u64,
     /// Ranges currently write-locked.
     pub locked: Vec<KeyRange>,
     /// The node's gossip view of every other node of its ring: how alive each seems.
@@ -269,7 +274,7 @@ pub enum ReplyBody {
     /// The responder's metadata (answer to `GetMetadata`).
     Metadata(RingMetadata),
     /// The responder's status (answer to `Status`).
-    Status(NodeStatus),
+    Status(Box<NodeStatus>),
     /// Generic success of an internal request.
     Ok,
     /// Result of a `TransferRange`.
@@ -425,15 +430,17 @@ mod tests {
                 proptest::collection::vec(arb_peer_liveness(), 0..3),
             )
                 .prop_map(|(n, running, metadata_version, keys, locked, peers)| {
-                    ReplyBody::Status(NodeStatus {
+                    ReplyBody::Status(Box::new(NodeStatus {
                         name: n.name,
                         addr: n.addr,
                         running,
                         metadata_version,
                         keys,
+                        writes: keys / 2,
+                        write_commits: keys / 4,
                         locked,
                         peers,
-                    })
+                    }))
                 }),
             Just(ReplyBody::Ok),
             (any::<u64>(), any::<u64>()).prop_map(|(entries, bytes)| ReplyBody::Transferred(
@@ -511,6 +518,8 @@ mod tests {
                     running: true,
                     metadata_version: 3,
                     keys: 9,
+                    writes: 12,
+                    write_commits: 4,
                     locked: range.into_iter().collect(),
                     peers: vec![],
                 }),

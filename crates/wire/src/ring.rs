@@ -1,4 +1,4 @@
-//! The consistent-hashing ring (DESIGN §2).
+//! The consistent-hashing ring (ARCHITECTURE.md §2).
 //!
 //! Positions are SHA-1 digests read as 160-bit big-endian unsigned integers, so comparing the
 //! 20-byte arrays lexicographically is comparing the integers. A node at position `p` with
@@ -14,7 +14,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
-use crate::WireError;
+use crate::{codec, WireError};
 
 /// A point on the 160-bit ring.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -229,6 +229,46 @@ impl NodeEntry {
     }
 }
 
+/// Most nodes a ring may hold; bigger metadata is refused as invalid.
+pub const MAX_RING_NODES: usize = 16_384;
+/// Longest node name, in bytes.
+pub const MAX_NODE_NAME: usize = 64;
+
+/// A node name: 1..=[`MAX_NODE_NAME`] bytes of `[A-Za-z0-9._-]` (the certificate names the
+/// cert tool issues).
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NODE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad node name {name:?}: expected 1..={MAX_NODE_NAME} bytes of [A-Za-z0-9._-]"
+        ))
+    }
+}
+
+/// A node address: `host:port` with a non-empty host (a DNS name, an IPv4 address or a
+/// bracketed IPv6 address) and a port in 1..=65535.
+pub fn check_node_addr(addr: &str) -> Result<(), String> {
+    let bad = || Err(format!("bad address {addr:?}: expected host:port"));
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad();
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(()),
+        _ => bad(),
+    }
+}
+
 /// A range that changes owner, and between whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RangeMove {
@@ -268,7 +308,71 @@ impl RingMetadata {
                 return Err(WireError::DuplicateNode(n.name.clone()));
             }
         }
-        Ok(Self { version, nodes })
+        let metadata = Self { version, nodes };
+        metadata.validate()?;
+        Ok(metadata)
+    }
+
+    /// Checks every structural invariant a peer could get wrong: at most
+    /// [`MAX_RING_NODES`] nodes, strictly sorted by position, unique names and addresses,
+    /// names of 1..=[`MAX_NODE_NAME`] bytes of `[A-Za-z0-9._-]`, addresses of the form
+    /// `host:port`, and each position equal to SHA-1 of its address. Linear in the ring size
+    /// (plus hashing), so it is cheap enough to run on everything that comes off the wire.
+    pub fn validate(&self) -> Result<(), WireError> {
+        let bad = |why: String| Err(WireError::InvalidRing(why));
+        if self.nodes.len() > MAX_RING_NODES {
+            return bad(format!(
+                "{} nodes, more than the maximum of {MAX_RING_NODES}",
+                self.nodes.len()
+            ));
+        }
+        let mut names = std::collections::HashSet::with_capacity(self.nodes.len());
+        let mut addrs = std::collections::HashSet::with_capacity(self.nodes.len());
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Err(why) = check_node_name(&n.name) {
+                return bad(why);
+            }
+            if let Err(why) = check_node_addr(&n.addr) {
+                return bad(format!("node {}: {why}", n.name));
+            }
+            if n.position != node_position(&n.addr) {
+                return bad(format!(
+                    "node {}: position is not SHA-1 of its address {}",
+                    n.name, n.addr
+                ));
+            }
+            if i > 0 && self.nodes[i - 1].position >= n.position {
+                return bad("nodes are not strictly sorted by position".into());
+            }
+            if !names.insert(n.name.as_str()) {
+                return bad(format!("node name {} appears twice", n.name));
+            }
+            if !addrs.insert(n.addr.as_str()) {
+                return bad(format!("address {} appears twice", n.addr));
+            }
+        }
+        Ok(())
+    }
+
+    /// The one encoding of ring metadata outside a message (the ECS's ring file, a node's
+    /// persisted ring, [`crate::EncodedMetadata`]): a codec frame.
+    pub fn to_frame(&self) -> Result<Vec<u8>, WireError> {
+        codec::encode(self, usize::MAX >> 1)
+    }
+
+    /// The one decoding of [`RingMetadata::to_frame`]: exactly one frame, no trailing
+    /// bytes, and [`RingMetadata::validate`]d.
+    pub fn from_frame(bytes: &[u8]) -> Result<Self, WireError> {
+        let metadata: RingMetadata = match codec::decode_frame(bytes, usize::MAX >> 1)? {
+            Some((metadata, used)) if used == bytes.len() => metadata,
+            _ => {
+                return Err(WireError::Malformed(
+                    "truncated or trailing bytes in encoded ring metadata".into(),
+                ))
+            }
+        };
+        metadata.validate()?;
+        Ok(metadata)
     }
 
     /// Whether `self` should replace `other` (strictly higher version).
@@ -390,6 +494,68 @@ mod tests {
             .map(|(i, a)| NodeEntry::new(format!("n{i}"), a.clone()))
             .collect();
         RingMetadata::new(1, nodes).unwrap()
+    }
+
+    #[test]
+    fn validate_refuses_every_broken_invariant() {
+        let good = ring_of(&["h:1".into(), "h:2".into(), "h:3".into()]);
+        assert_eq!(good.validate(), Ok(()));
+        assert_eq!(
+            RingMetadata::default().validate(),
+            Ok(()),
+            "no ring yet is valid"
+        );
+        let refused = |m: &RingMetadata, why: &str| {
+            let e = m.validate().expect_err(why);
+            assert!(matches!(e, WireError::InvalidRing(_)), "{why}: {e}");
+            assert_eq!(e.kind(), crate::ErrorKind::Malformed);
+        };
+        let mut m = good.clone();
+        m.nodes.swap(0, 1);
+        refused(&m, "unsorted");
+        let mut m = good.clone();
+        m.nodes[1].name = m.nodes[0].name.clone();
+        refused(&m, "duplicate name");
+        let mut m = good.clone();
+        m.nodes[1].position = Position([0xff; 20]);
+        refused(&m, "position not SHA-1 of the address");
+        for addr in ["", "h", "h:", ":1", "h:0", "h:65536", "h x:1", "h:port"] {
+            let mut m = good.clone();
+            m.nodes[0] = NodeEntry::new("n0", addr);
+            m.nodes.sort_by_key(|n| n.position);
+            refused(&m, addr);
+        }
+        for name in ["", "a b", "n\n", &"x".repeat(MAX_NODE_NAME + 1)] {
+            let mut m = good.clone();
+            m.nodes[0].name = name.to_string();
+            refused(&m, name);
+        }
+        let mut nodes: Vec<NodeEntry> = (0..=MAX_RING_NODES)
+            .map(|i| NodeEntry::new(format!("n{i}"), format!("10.0.{}.{}:1", i >> 8, i & 255)))
+            .collect();
+        nodes.sort_by_key(|n| n.position);
+        refused(&RingMetadata { version: 1, nodes }, "too many nodes");
+        // The one frame decoding validates too.
+        let mut m = good.clone();
+        m.nodes.swap(0, 1);
+        let frame = m.to_frame().unwrap();
+        assert!(matches!(
+            RingMetadata::from_frame(&frame),
+            Err(WireError::InvalidRing(_))
+        ));
+        let frame = good.to_frame().unwrap();
+        assert_eq!(RingMetadata::from_frame(&frame).unwrap(), good);
+        assert!(RingMetadata::from_frame(&frame[..frame.len() - 1]).is_err());
+        let mut trailing = frame.clone();
+        trailing.push(0);
+        assert!(RingMetadata::from_frame(&trailing).is_err());
+    }
+
+    #[test]
+    fn ipv6_and_dns_addresses_are_valid() {
+        assert_eq!(check_node_addr("[::1]:7001"), Ok(()));
+        assert_eq!(check_node_addr("node-1.example.com:7001"), Ok(()));
+        assert_eq!(check_node_addr("10.0.0.1:7001"), Ok(()));
     }
 
     fn pos(b: u8) -> Position {

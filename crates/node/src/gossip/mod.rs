@@ -1,4 +1,4 @@
-//! Gossip: metadata dissemination and failure detection among nodes (DESIGN §6). The
+//! Gossip: metadata dissemination and failure detection among nodes (ARCHITECTURE.md §6). The
 //! algorithm, its parameters and the simulation that checks them are written up in
 //! `GOSSIP.md` at the repository root.
 //!
@@ -7,7 +7,7 @@
 //! - [`driver`]: the tokio task that runs it every interval over the node's transport.
 //! - `sim` (tests only): a deterministic simulation of thousands of nodes over an in-memory
 //!   network that still serializes every message with the real codec.
-//! - [`GossipConfig`] and the `ringkv-node` flags that set it, [`GossipArgs`].
+//! - [`GossipConfig`] (the `ringkv-node` flags that set it live with the binary).
 
 pub mod driver;
 #[cfg(test)]
@@ -67,40 +67,6 @@ pub const DEFAULT_SUSPECT_MS: u64 = 2_000;
 pub const DEFAULT_DEAD_MS: u64 = 10_000;
 /// Default bound on other nodes' heartbeats per digest.
 pub const DEFAULT_MAX_HEARTBEATS: usize = 128;
-
-/// The gossip flags of `ringkv-node`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct GossipArgs {
-    /// Gossip interval T in milliseconds: every T the node advances its heartbeat and
-    /// exchanges digests with --gossip-fanout random peers.
-    #[arg(long, default_value_t = DEFAULT_INTERVAL_MS)]
-    pub gossip_interval_ms: u64,
-    /// Gossip fanout k: peers contacted per interval.
-    #[arg(long, default_value_t = DEFAULT_FANOUT)]
-    pub gossip_fanout: usize,
-    /// A peer whose heartbeat has not advanced for this many milliseconds is suspected.
-    #[arg(long, default_value_t = DEFAULT_SUSPECT_MS)]
-    pub suspect_after_ms: u64,
-    /// A peer whose heartbeat has not advanced for this many milliseconds is dead.
-    #[arg(long, default_value_t = DEFAULT_DEAD_MS)]
-    pub dead_after_ms: u64,
-    /// Most other nodes' heartbeats carried in one gossip digest (bounds its size).
-    #[arg(long, default_value_t = DEFAULT_MAX_HEARTBEATS)]
-    pub gossip_max_heartbeats: usize,
-}
-
-impl GossipArgs {
-    /// The configuration these flags describe.
-    pub fn config(&self) -> GossipConfig {
-        GossipConfig {
-            interval: Duration::from_millis(self.gossip_interval_ms.max(1)),
-            fanout: self.gossip_fanout,
-            suspect_after: Duration::from_millis(self.suspect_after_ms),
-            dead_after: Duration::from_millis(self.dead_after_ms.max(self.suspect_after_ms)),
-            max_heartbeats: self.gossip_max_heartbeats,
-        }
-    }
-}
 
 /// The first heartbeat counter of a node starting now: the wall-clock time in
 /// milliseconds. A node beats at most once per millisecond, so a restarted node starts

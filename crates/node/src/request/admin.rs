@@ -12,15 +12,18 @@ pub async fn status(node: &Node) -> ReplyBody {
         Ok(n) => n,
         Err(e) => return storage_error(e),
     };
-    ReplyBody::Status(NodeStatus {
+    let stats = node.store.write_stats();
+    ReplyBody::Status(Box::new(NodeStatus {
         name: node.config.name.clone(),
         addr: node.config.advertise.clone(),
         running: node.is_running(),
         metadata_version: node.metadata_version(),
         keys,
+        writes: stats.writes,
+        write_commits: stats.commits,
         locked: node.locks.read().await.clone(),
         peers: node.peer_liveness(),
-    })
+    }))
 }
 
 /// `Start` / `Stop`.

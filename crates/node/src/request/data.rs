@@ -1,19 +1,12 @@
 //! The client data path: `Get`, `Put`, `Delete`.
 
-use ringkv_wire::{ErrorKind, HashedKey, ReplyBody, WireError};
+use ringkv_wire::{HashedKey, ReplyBody, WireError};
 
 use super::{error, storage_error};
 use crate::Node;
 
 fn invalid(e: WireError) -> ReplyBody {
-    let kind = match e {
-        WireError::EmptyKey => ErrorKind::EmptyKey,
-        WireError::KeyTooLarge { .. } => ErrorKind::KeyTooLarge,
-        WireError::ValueTooLarge { .. } => ErrorKind::ValueTooLarge,
-        WireError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
-        _ => ErrorKind::Malformed,
-    };
-    error(kind, e.to_string())
+    error(e.kind(), e.to_string())
 }
 
 /// Checks everything a read needs: running, a valid key, ownership.

@@ -4,7 +4,8 @@
 //! - [`metadata`]: `GetMetadata`, `InstallMetadata`.
 //! - [`admin`]: `Status`, `Start`, `Stop`.
 //! - [`gossip`]: `Gossip`, `GossipPush`.
-//! - [`range`]: `LockRange`, `UnlockRange`, `TransferRange`, `PutBatch`, `DeleteRange`.
+//! - [`range`]: `LockRange`, `UnlockRange`, `TransferRange`, `TransferDelta`, `PutBatch`,
+//!   `DeleteRange`.
 
 pub mod admin;
 pub mod data;

@@ -37,7 +37,7 @@ pub async fn transfer(node: &Node, range: KeyRange, to: NodeEntry) -> ReplyBody 
     let batches = node
         .store
         .scan_range(range, node.config.transfer_batch_bytes);
-    let reply = send_batches(node, &to, batches).await;
+    let reply = send_batches(node, &to, batches, node.config.transfer_rate_limit).await;
     if let ReplyBody::Transferred(stats) = &reply {
         tracing::info!(node = %node.config.name, to = %to.name, range = ?range, entries = stats.entries, bytes = stats.bytes, "range snapshot transferred");
     }
@@ -76,7 +76,7 @@ pub async fn transfer_delta(node: &Node, range: KeyRange, to: NodeEntry) -> Repl
             .expect("channel sized for every batch");
     }
     drop(tx);
-    let reply = send_batches(node, &to, rx).await;
+    let reply = send_batches(node, &to, rx, None).await;
     if let ReplyBody::Transferred(stats) = &reply {
         tracing::info!(node = %node.config.name, to = %to.name, range = ?range, entries = stats.entries, "range delta transferred");
     }
@@ -84,20 +84,21 @@ pub async fn transfer_delta(node: &Node, range: KeyRange, to: NodeEntry) -> Repl
 }
 
 /// Sends every batch from `batches` to `to` as `PutBatch` requests, up to
-/// [`TRANSFER_WINDOW`] in flight. Replies `Transferred` once all are acknowledged.
+/// [`TRANSFER_WINDOW`] in flight and, with a `rate_limit`, no faster than that many bytes
+/// per second on average. Replies `Transferred` once all are acknowledged.
 async fn send_batches(
     node: &Node,
     to: &NodeEntry,
     mut batches: tokio::sync::mpsc::Receiver<Result<Vec<StorageEntry>, crate::NodeError>>,
+    rate_limit: Option<u64>,
 ) -> ReplyBody {
+    let started = tokio::time::Instant::now();
+    let mut sent_bytes = 0u64;
     let mut stats = TransferStats::default();
     let version = node.metadata_version();
     let send = |entries: Vec<StorageEntry>| {
         let n = entries.len() as u64;
-        let bytes: u64 = entries
-            .iter()
-            .map(|e| (e.key.len() + e.value.as_ref().map_or(0, Vec::len)) as u64)
-            .sum();
+        let bytes = entry_bytes(&entries);
         let request = Request::new(version, RequestBody::PutBatch { entries });
         async move {
             match node.peers.request(&to.addr, &request).await {
@@ -115,7 +116,16 @@ async fn send_batches(
     loop {
         while !scanned_all && in_flight.len() < TRANSFER_WINDOW {
             match batches.recv().await {
-                Some(Ok(entries)) => in_flight.push(send(entries)),
+                Some(Ok(entries)) => {
+                    if let Some(rate) = rate_limit.filter(|r| *r > 0) {
+                        // Pace: the bytes sent so far may not have left before `due`.
+                        let due = started
+                            + std::time::Duration::from_secs_f64(sent_bytes as f64 / rate as f64);
+                        tokio::time::sleep_until(due).await;
+                        sent_bytes += entry_bytes(&entries);
+                    }
+                    in_flight.push(send(entries))
+                }
                 Some(Err(e)) => return storage_error(e),
                 None => scanned_all = true,
             }
@@ -135,6 +145,14 @@ async fn send_batches(
         }
     }
     ReplyBody::Transferred(stats)
+}
+
+/// User bytes (keys and values) of a batch.
+fn entry_bytes(entries: &[StorageEntry]) -> u64 {
+    entries
+        .iter()
+        .map(|e| (e.key.len() + e.value.as_ref().map_or(0, Vec::len)) as u64)
+        .sum()
 }
 
 /// `PutBatch`: persists a transfer batch before acknowledging it.

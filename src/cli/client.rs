@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use ringkv_certs::Identity;
 
-use crate::{ClientConfig, KvStore, PutOutcome};
+use kvstore::{ClientConfig, KvStore, PutOutcome};
 
 /// ringkv command-line client.
 #[derive(Debug, Parser)]
@@ -65,22 +65,9 @@ pub enum Command {
 /// Parses the command line and runs it on a current-thread runtime. Returns the process
 /// exit code.
 pub fn main() -> anyhow::Result<i32> {
-    init_tracing();
+    super::init_tracing("warn");
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(cli))
-}
-
-/// Logs to stderr, `warn` by default, `RUST_LOG` to change.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    super::runtime()?.block_on(run(cli))
 }
 
 fn config(cli: &Cli, seeds: Vec<String>) -> anyhow::Result<ClientConfig> {

@@ -6,15 +6,15 @@
 //! ringkv-certs issue --dir certs --role client --name app
 //! ```
 //!
-//! This module is the whole binary (the `ringkv-certs` bin is a one-line wrapper), so, unlike
-//! the rest of the library, it prints to stdout: the paths it wrote.
+//! This module is the whole binary (the `ringkv-certs` bin is a one-line wrapper): it prints
+//! the paths it wrote to stdout.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use time::{Duration, OffsetDateTime};
 
-use crate::{init_ca, issue, CertPaths, IssueOptions, Role};
+use ringkv_certs::{init_ca, issue, CertPaths, IssueOptions, Role};
 
 /// ringkv certificate tool: cluster CA and node/client/admin certificates.
 #[derive(Debug, Parser)]
@@ -40,7 +40,7 @@ pub enum Command {
     /// Issue a certificate (NAME.pem, NAME.key) signed by the CA in DIR.
     Issue {
         /// Role granted by the certificate.
-        #[arg(long, value_enum)]
+        #[arg(long, value_parser = parse_role)]
         role: Role,
         /// Common name and file stem: [A-Za-z0-9._-], not starting with '.', not "ca".
         #[arg(long)]
@@ -58,6 +58,13 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse().map_err(|_| {
+        let names: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+        format!("unknown role {s:?}; expected one of: {}", names.join(", "))
+    })
 }
 
 /// Runs a parsed command line, printing the paths it wrote.
@@ -174,7 +181,8 @@ mod tests {
         ])
         .unwrap())
         .unwrap();
-        let id = crate::Identity::from_dir(dir.path().join("certs").as_path(), "ecs").unwrap();
+        let id =
+            ringkv_certs::Identity::from_dir(dir.path().join("certs").as_path(), "ecs").unwrap();
         assert_eq!(id.role().unwrap(), Role::Admin);
         // A second init without --force is refused.
         assert!(run(Cli::try_parse_from(["ringkv-certs", "init", "--dir", d]).unwrap()).is_err());

@@ -1,5 +1,5 @@
 //! The connection layer: one reused QUIC connection per peer, one bidirectional stream per
-//! request (DESIGN §3). Clients, nodes (for range transfers) and the ECS all use it, so there
+//! request (ARCHITECTURE.md §3). Clients, nodes (for range transfers) and the ECS all use it, so there
 //! is one framing loop on the calling side.
 //!
 //! Invariant: at most one connection attempt per peer is in flight; concurrent callers for
@@ -10,12 +10,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quinn::{Connection, Endpoint, RecvStream};
+use quinn::{Connection, Endpoint};
 use ringkv_certs::Identity;
-use ringkv_wire::{codec, Limits, Reply, Request, WireError, FRAME_HEADER_LEN};
+use ringkv_wire::{codec, Limits, Reply, Request};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::KvError;
+use crate::frame::{read_frame, FrameError};
+use crate::TransportError;
 
 type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
 
@@ -54,11 +55,11 @@ impl Transport {
         limits: Limits,
         connect_timeout: Duration,
         request_timeout: Duration,
-    ) -> Result<Self, KvError> {
+    ) -> Result<Self, TransportError> {
         ringkv_certs::install_crypto_provider();
         let client_config = ringkv_certs::client_config(identity)?;
         let endpoint =
-            Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(KvError::Bind)?;
+            Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(TransportError::Bind)?;
         Ok(Self::new(
             endpoint,
             client_config,
@@ -74,7 +75,7 @@ impl Transport {
     }
 
     /// Sends `request` to `addr` and waits for the reply, reusing (or opening) the connection.
-    pub async fn request(&self, addr: &str, request: &Request) -> Result<Reply, KvError> {
+    pub async fn request(&self, addr: &str, request: &Request) -> Result<Reply, TransportError> {
         self.call(addr, request, self.request_timeout).await
     }
 
@@ -85,8 +86,9 @@ impl Transport {
         addr: &str,
         request: &Q,
         timeout: Duration,
-    ) -> Result<A, KvError> {
-        let frame = codec::encode(request, self.limits.max_frame)?;
+    ) -> Result<A, TransportError> {
+        let frame =
+            codec::encode(request, self.limits.max_frame).map_err(TransportError::Encode)?;
         let conn = self.connection(addr).await?;
         let exchange = exchange(&conn, &frame, self.limits.max_frame);
         let result = match tokio::time::timeout(timeout, exchange).await {
@@ -98,9 +100,7 @@ impl Transport {
                 // request dials afresh, which also avoids a connection stuck after a
                 // partition.
                 conn.close(2u32.into(), b"request timed out");
-                Err(ExchangeError::Transport(format!(
-                    "no reply within {timeout:?}"
-                )))
+                Err(FrameError::Stream(format!("no reply within {timeout:?}")))
             }
         };
         result.map_err(|e| {
@@ -108,11 +108,11 @@ impl Transport {
                 self.forget(addr);
             }
             match e {
-                ExchangeError::Transport(reason) => KvError::Transport {
+                FrameError::Stream(reason) => TransportError::Stream {
                     addr: addr.to_string(),
                     reason,
                 },
-                ExchangeError::Protocol(source) => KvError::Protocol {
+                FrameError::Protocol(source) => TransportError::Protocol {
                     addr: addr.to_string(),
                     source,
                 },
@@ -124,7 +124,7 @@ impl Transport {
     ///
     /// The fast path (an open connection exists) is one uncontended lock and a lookup
     /// without allocating; only dialing goes through the per-peer async lock.
-    async fn connection(&self, addr: &str) -> Result<Connection, KvError> {
+    async fn connection(&self, addr: &str) -> Result<Connection, TransportError> {
         let slot = {
             let mut conns = self.conns.lock().expect("conns lock");
             match conns.get(addr) {
@@ -150,8 +150,8 @@ impl Transport {
         Ok(conn)
     }
 
-    async fn dial(&self, addr: &str) -> Result<Connection, KvError> {
-        let bad = |reason: String| KvError::Address {
+    async fn dial(&self, addr: &str) -> Result<Connection, TransportError> {
+        let bad = |reason: String| TransportError::Address {
             addr: addr.to_string(),
             reason,
         };
@@ -164,7 +164,7 @@ impl Transport {
             .map_err(|e| bad(e.to_string()))?
             .find(|a| a.is_ipv4())
             .ok_or_else(|| bad("no IPv4 address".into()))?;
-        let fail = |reason: String| KvError::Connect {
+        let fail = |reason: String| TransportError::Connect {
             addr: addr.to_string(),
             reason,
         };
@@ -210,42 +210,16 @@ impl Transport {
     }
 }
 
-/// Why a frame could not be had from a stream.
-pub(crate) enum ExchangeError {
-    /// The stream or connection failed (or ended early).
-    Transport(String),
-    /// The frame was oversized or did not decode.
-    Protocol(WireError),
-}
-
 /// One request/reply on a fresh stream. Never waits for the peer's ACK of our finished send:
-/// the reply itself proves receipt (DESIGN §9).
+/// the reply itself proves receipt (ARCHITECTURE.md §9).
 async fn exchange<A: DeserializeOwned>(
     conn: &Connection,
     frame: &[u8],
     max_frame: usize,
-) -> Result<A, ExchangeError> {
-    let t = |e: &dyn std::fmt::Display| ExchangeError::Transport(e.to_string());
+) -> Result<A, FrameError> {
+    let t = |e: &dyn std::fmt::Display| FrameError::Stream(e.to_string());
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| t(&e))?;
     send.write_all(frame).await.map_err(|e| t(&e))?;
     send.finish().map_err(|e| t(&e))?;
     read_frame(&mut recv, max_frame).await
-}
-
-/// Reads one frame (header checked against `max_frame` before the payload is buffered) and
-/// decodes it: the one framing loop on a stream, for both the calling and the serving side.
-pub(crate) async fn read_frame<A: DeserializeOwned>(
-    recv: &mut RecvStream,
-    max_frame: usize,
-) -> Result<A, ExchangeError> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut header)
-        .await
-        .map_err(|e| ExchangeError::Transport(e.to_string()))?;
-    let len = codec::frame_len(header, max_frame).map_err(ExchangeError::Protocol)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload)
-        .await
-        .map_err(|e| ExchangeError::Transport(e.to_string()))?;
-    codec::decode(&payload).map_err(ExchangeError::Protocol)
 }

@@ -237,7 +237,7 @@ mod tests {
     struct WithSub {
         #[arg(
             long,
-            env = "KVSTORE_CONFIG_FILE_TEST_CERTS",
+            env = "RINGKV_CONFIG_FILE_TEST_CERTS",
             default_value = "certs",
             global = true
         )]

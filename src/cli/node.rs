@@ -2,13 +2,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use ringkv_certs::Identity;
 use ringkv_wire::Limits;
 
-use crate::NodeConfig;
+use ringkv_node::gossip::{
+    GossipConfig, DEFAULT_DEAD_MS, DEFAULT_FANOUT, DEFAULT_INTERVAL_MS, DEFAULT_MAX_HEARTBEATS,
+    DEFAULT_SUSPECT_MS,
+};
+use ringkv_node::NodeConfig;
 
 /// ringkv storage node.
 #[derive(Debug, Parser)]
@@ -46,9 +51,14 @@ pub struct Args {
     /// Maximum value length in bytes.
     #[arg(long, default_value_t = ringkv_wire::limits::DEFAULT_MAX_VALUE)]
     pub max_value: usize,
+    /// Most bytes per second a range snapshot sends to a joining or receiving node, so that
+    /// moves do not starve client traffic (0: unlimited). The short delta sent while the
+    /// range is write-locked is never throttled.
+    #[arg(long, default_value_t = 0)]
+    pub transfer_rate_limit: u64,
     /// Gossip and failure detection.
     #[command(flatten)]
-    pub gossip: crate::gossip::GossipArgs,
+    pub gossip: GossipArgs,
 }
 
 impl Args {
@@ -61,22 +71,16 @@ impl Args {
         config.start = self.start;
         config.limits = Limits::new(self.max_key, self.max_value);
         config.gossip = self.gossip.config();
+        config.transfer_rate_limit = Some(self.transfer_rate_limit).filter(|r| *r > 0);
         config
     }
 }
 
 /// Parses arguments and runs the node on a current-thread runtime until SIGINT/SIGTERM.
 pub fn main() -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
-    let args: Args = kvstore::config_file::parse()?;
-    // One thread serves the endpoint: measured ~3x faster than a multi-threaded runtime
-    // on 2 cores (DESIGN §9); storage writes have their own thread.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    super::init_tracing("info");
+    let args: Args = super::config_file::parse()?;
+    super::runtime()?.block_on(async {
         let cert_name = args.cert_name.clone().unwrap_or_else(|| args.name.clone());
         let identity = Identity::from_dir(&args.certs, &cert_name).with_context(|| {
             format!(
@@ -84,10 +88,44 @@ pub fn main() -> anyhow::Result<()> {
                 args.certs.display()
             )
         })?;
-        let (endpoint, node) = crate::bind(args.config(), &identity)
+        let (endpoint, node) = ringkv_node::bind(args.config(), &identity)
             .await
             .context("starting the node")?;
-        crate::run(endpoint, node, kvstore::server::shutdown_signal()).await;
+        ringkv_node::run(endpoint, node, ringkv_transport::shutdown_signal()).await;
         Ok(())
     })
+}
+
+/// The gossip flags of `ringkv-node`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GossipArgs {
+    /// Gossip interval T in milliseconds: every T the node advances its heartbeat and
+    /// exchanges digests with --gossip-fanout random peers.
+    #[arg(long, default_value_t = DEFAULT_INTERVAL_MS)]
+    pub gossip_interval_ms: u64,
+    /// Gossip fanout k: peers contacted per interval.
+    #[arg(long, default_value_t = DEFAULT_FANOUT)]
+    pub gossip_fanout: usize,
+    /// A peer whose heartbeat has not advanced for this many milliseconds is suspected.
+    #[arg(long, default_value_t = DEFAULT_SUSPECT_MS)]
+    pub suspect_after_ms: u64,
+    /// A peer whose heartbeat has not advanced for this many milliseconds is dead.
+    #[arg(long, default_value_t = DEFAULT_DEAD_MS)]
+    pub dead_after_ms: u64,
+    /// Most other nodes' heartbeats carried in one gossip digest (bounds its size).
+    #[arg(long, default_value_t = DEFAULT_MAX_HEARTBEATS)]
+    pub gossip_max_heartbeats: usize,
+}
+
+impl GossipArgs {
+    /// The configuration these flags describe.
+    pub fn config(&self) -> GossipConfig {
+        GossipConfig {
+            interval: Duration::from_millis(self.gossip_interval_ms.max(1)),
+            fanout: self.gossip_fanout,
+            suspect_after: Duration::from_millis(self.suspect_after_ms),
+            dead_after: Duration::from_millis(self.dead_after_ms.max(self.suspect_after_ms)),
+            max_heartbeats: self.gossip_max_heartbeats,
+        }
+    }
 }

@@ -12,7 +12,7 @@ use ringkv_certs::Role;
 use ringkv_wire::{codec, WireError};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::net::{read_frame, ExchangeError};
+use crate::frame::{read_frame, FrameError};
 
 /// A request handler served by [`serve`].
 pub trait Service: Send + Sync + 'static {
@@ -95,8 +95,8 @@ async fn serve_stream<S: Service>(
     let reply = match read_frame(&mut recv, max_frame).await {
         Ok(request) => service.handle(role, request).await,
         // The stream ended or was reset: nobody to answer.
-        Err(ExchangeError::Transport(_)) => return,
-        Err(ExchangeError::Protocol(e)) => {
+        Err(FrameError::Stream(_)) => return,
+        Err(FrameError::Protocol(e)) => {
             tracing::warn!(service = service.name(), ?role, error = %e, "bad request frame");
             // Do not read the rest of an oversized or broken frame.
             let _ = recv.stop(0u32.into());
@@ -108,7 +108,7 @@ async fn serve_stream<S: Service>(
         Err(e) => codec::encode(&service.unencodable(e), max_frame)
             .expect("a short error reply always fits"),
     };
-    // Never wait for the peer's ACK here (DESIGN §9): write, finish, done.
+    // Never wait for the peer's ACK here (ARCHITECTURE.md §9): write, finish, done.
     if send.write_all(&frame).await.is_ok() {
         let _ = send.finish();
     }

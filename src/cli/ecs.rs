@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kvstore::Transport;
 use ringkv_certs::Identity;
+use ringkv_ecs::EcsConfig;
+use ringkv_transport::Transport;
 use ringkv_wire::{AdminReply, AdminRequest, Limits, NodeReport, RingMetadata};
-
-use crate::EcsConfig;
 
 /// ringkv External Configuration Service and its operator commands.
 #[derive(Debug, Parser)]
@@ -57,9 +56,13 @@ pub enum Command {
         /// Directory of the persisted ring.
         #[arg(long, default_value = "ecs-state")]
         state_dir: PathBuf,
-        /// Seconds allowed for one request to a node.
+        /// Seconds allowed for one short request to a node (lock, install, start, status).
         #[arg(long, default_value_t = 5)]
         node_timeout: u64,
+        /// Seconds allowed for one whole range copy from one node to another during a join
+        /// or a leave; set it above the largest range's size divided by the transfer rate.
+        #[arg(long, default_value_t = ringkv_ecs::config::DEFAULT_TRANSFER_TIMEOUT.as_secs())]
+        transfer_timeout: u64,
         /// Milliseconds `status` waits for each node (all are asked at once); a node that has
         /// not answered by then is reported from its peers' gossip views.
         #[arg(long, default_value_t = 2000)]
@@ -92,22 +95,13 @@ pub enum Command {
 
 /// Parses the command line and runs it on a current-thread runtime. Returns the exit code.
 pub fn main() -> anyhow::Result<i32> {
-    let cli: Cli = kvstore::config_file::parse()?;
-    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+    let cli: Cli = super::config_file::parse()?;
+    super::init_tracing(if matches!(cli.command, Command::Serve { .. }) {
         "info"
     } else {
         "warn"
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(cli))
+    });
+    super::runtime()?.block_on(run(cli))
 }
 
 /// Runs one parsed command line. Returns the exit code.
@@ -124,16 +118,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             listen,
             state_dir,
             node_timeout,
+            transfer_timeout,
             status_timeout_ms,
             config: _, // already applied by the parser
         } => {
             let mut config = EcsConfig::new(listen, state_dir);
             config.node_timeout = Duration::from_secs(node_timeout);
+            config.transfer_timeout = Duration::from_secs(transfer_timeout);
             config.status_timeout = Duration::from_millis(status_timeout_ms);
-            let (endpoint, ecs) = crate::bind(config, &identity)
+            let (endpoint, ecs) = ringkv_ecs::bind(config, &identity)
                 .await
                 .context("starting the ECS")?;
-            crate::run(endpoint, ecs, kvstore::server::shutdown_signal()).await;
+            ringkv_ecs::run(endpoint, ecs, ringkv_transport::shutdown_signal()).await;
             return Ok(0);
         }
         Command::Status => AdminRequest::Status,

@@ -1,0 +1,27 @@
+//! `ringkv-transport`: the connection layer every ringkv part speaks through
+//! (ARCHITECTURE.md §3).
+//!
+//! Every link is QUIC with mutual TLS (the configs come from `ringkv-certs`). One connection
+//! per peer is opened once and reused; every request is one bidirectional stream carrying one
+//! request frame and one reply frame (`ringkv-wire`'s codec). Clients, nodes (range transfers,
+//! gossip) and the ECS all call through [`Transport`]; nodes and the ECS all serve through
+//! [`serve`], so framing, frame limits and the handling of bad frames exist once.
+//!
+//! # Layout
+//! - [`client`]: [`Transport`], the calling side: connection cache, dialing, one exchange per
+//!   stream, timeouts that close the connection.
+//! - [`server`]: the serving side: [`serve`] and the [`Service`] trait a request handler
+//!   implements; [`shutdown_signal`] for the binaries.
+//! - [`error`]: the error type, [`TransportError`].
+//! - `frame`: [`read_frame`], the one framing loop for both sides of a stream.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod error;
+mod frame;
+pub mod server;
+
+pub use client::Transport;
+pub use error::TransportError;
+pub use frame::{read_frame, FrameError};
+pub use server::{serve, shutdown_signal, Service};
