@@ -11,7 +11,7 @@ use common::{Certs, TestEcs, TestNode};
 use ringkv_certs::Role;
 use ringkv_transport::Transport;
 use ringkv_wire::{
-    AdminReply, AdminRequest, EncodedMetadata, ErrorKind, GossipDigest, KeyRange, Limits,
+    AdminReply, AdminRequest, EncodedMetadata, ErrorKind, GossipDigest, KeyRange, Limits, MoveId,
     NodeEntry, Position, ReplyBody, Request, RequestBody,
 };
 
@@ -42,7 +42,8 @@ fn node_allows(body: &RequestBody) -> [bool; 3] {
         RequestBody::Start
         | RequestBody::Stop
         | RequestBody::LockRange { .. }
-        | RequestBody::UnlockRange { .. }
+        | RequestBody::AbortMove { .. }
+        | RequestBody::PrepareReceive { .. }
         | RequestBody::TransferRange { .. }
         | RequestBody::TransferDelta { .. }
         | RequestBody::DeleteRange { .. } => ADMIN,
@@ -50,12 +51,18 @@ fn node_allows(body: &RequestBody) -> [bool; 3] {
 }
 
 /// One harmless request of every kind (Stop comes before Start, so the node ends running;
-/// the ranges hold no key; the transfer target does not exist).
+/// the ranges hold no key; the transfer target does not exist; the lock is aborted again
+/// at the end).
 fn every_request_kind() -> Vec<RequestBody> {
     let mut end = [0u8; 20];
     end[19] = 1;
     let range = KeyRange::new(Position([0; 20]), Position(end));
     let nowhere = NodeEntry::new("nowhere", "127.0.0.1:9");
+    // A move of a version far ahead, so nothing here can commit it.
+    let id = MoveId {
+        change: 1,
+        target_version: 1000,
+    };
     vec![
         RequestBody::Get {
             key: b"perm".to_vec(),
@@ -74,14 +81,25 @@ fn every_request_kind() -> Vec<RequestBody> {
         RequestBody::InstallMetadata {
             metadata: Default::default(),
         },
-        RequestBody::LockRange { range },
-        RequestBody::UnlockRange { range },
+        RequestBody::LockRange { id, range },
+        RequestBody::AbortMove { id, range },
+        RequestBody::PrepareReceive { id, range },
         RequestBody::TransferRange {
+            id,
             range,
             to: nowhere.clone(),
         },
-        RequestBody::TransferDelta { range, to: nowhere },
-        RequestBody::PutBatch { entries: vec![] },
+        RequestBody::TransferDelta {
+            id,
+            range,
+            to: nowhere,
+            last: false,
+        },
+        RequestBody::PutBatch {
+            id,
+            entries: vec![],
+        },
+        RequestBody::AbortMove { id, range },
         RequestBody::DeleteRange { range },
         RequestBody::Gossip {
             digest: GossipDigest {

@@ -271,6 +271,10 @@ async fn client_certificates_cannot_send_internal_requests() {
         RequestBody::Status,
         RequestBody::Stop,
         RequestBody::PutBatch {
+            id: ringkv_wire::MoveId {
+                change: 1,
+                target_version: 9,
+            },
             entries: vec![StorageEntry {
                 key: b"x".to_vec(),
                 value: Some(b"y".to_vec()),

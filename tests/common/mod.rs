@@ -2,6 +2,7 @@
 //! with real certificates on loopback, each with its own storage in a temp dir.
 #![allow(dead_code)] // each test binary uses part of it
 
+pub mod history;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -248,6 +249,11 @@ impl NodeProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -317,6 +323,90 @@ impl TestEcs {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+    }
+}
+
+/// A `ringkv-ecs serve` process (with the `ecs` certificate); killed on drop.
+pub struct EcsProcess {
+    child: Child,
+    /// Its address.
+    pub addr: String,
+}
+
+impl EcsProcess {
+    /// Spawns the ECS on `addr` with its state in `state_dir` and waits until it answers.
+    /// Every step of a change it completes increments `steps` (read from its log).
+    pub async fn spawn(
+        certs: &Certs,
+        addr: SocketAddr,
+        state_dir: &Path,
+        steps: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Self {
+        certs.ecs_identity(); // make sure the certificate exists
+        let mut child = Command::new(bin("ringkv-ecs"))
+            .arg("--certs")
+            .arg(certs.path())
+            .args(["--identity", "ecs", "serve", "--listen", &addr.to_string()])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("RUST_LOG", "ringkv_ecs=info,warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringkv-ecs");
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains(" step ") || line.contains("step=") && line.contains("elapsed") {
+                    steps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        });
+        let ecs = Self {
+            child,
+            addr: addr.to_string(),
+        };
+        // Short attempts: the first ones may reach it before it listens.
+        let admin = Transport::bind_client(
+            &certs.identity("admin"),
+            Limits::default(),
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+        )
+        .expect("admin transport");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while admin
+            .call::<_, AdminReply>(&ecs.addr, &AdminRequest::Ring, Duration::from_secs(1))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the ECS never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        admin.close().await;
+        ecs
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EcsProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -8,6 +8,18 @@ use std::time::Duration;
 /// loopback (README, performance).
 pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// A function the executor calls just before it sends each step of a change to its node,
+/// with the step: for observing a change (metrics, logs) and for tests that inject a fault
+/// at an exact step. It runs on the ECS's runtime thread and must not block for long.
+#[derive(Clone)]
+pub struct StepHook(pub std::sync::Arc<dyn Fn(&crate::plan::Step) + Send + Sync>);
+
+impl std::fmt::Debug for StepHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepHook")
+    }
+}
+
 /// How the ECS runs.
 #[derive(Debug, Clone)]
 pub struct EcsConfig {
@@ -20,6 +32,12 @@ pub struct EcsConfig {
     /// Timeout of one whole range copy (`TransferRange` or `TransferDelta`): set it above
     /// the largest range's size divided by the transfer rate.
     pub transfer_timeout: Duration,
+    /// How long a change retries steps that must eventually succeed (after its commit, or
+    /// the aborts of a rollback) before the operator's request returns `Pending`; the ECS
+    /// keeps retrying in the background.
+    pub retry_budget: Duration,
+    /// Called before each step of a change is sent (see [`StepHook`]).
+    pub before_step: Option<StepHook>,
     /// How long `status` waits for each node (all are asked at once); a node that has not
     /// answered by then is reported from its peers' gossip views.
     pub status_timeout: Duration,
@@ -35,6 +53,8 @@ impl EcsConfig {
             node_timeout: Duration::from_secs(5),
             transfer_timeout: DEFAULT_TRANSFER_TIMEOUT,
             status_timeout: Duration::from_secs(2),
+            retry_budget: Duration::from_secs(30),
+            before_step: None,
         }
     }
 }

@@ -21,6 +21,16 @@ pub enum EcsError {
         /// The (unchanged) metadata version.
         version: u64,
     },
+    /// The change could not be completed in time (a node it needs is unreachable); it stays
+    /// in the intent log and the ECS keeps driving it in the background. A committed change
+    /// is decided: the ring is at its new version.
+    #[error("the change is {state}: {reason}; the ECS keeps retrying in the background")]
+    Pending {
+        /// Committed (and at which version), or being rolled back.
+        state: String,
+        /// The last failure.
+        reason: String,
+    },
     /// Reading or writing the ECS's state file failed.
     #[error("state file {path}: {source}")]
     State {

@@ -6,6 +6,8 @@
 //! Its ring survives restarts in a state file.
 //!
 //! # Layout
+//! - [`executor`]: the executor of a plan as a synchronous state machine, and the intent
+//!   log entry it keeps ([`executor::Intent`]).
 //! - [`plan`]: membership changes as pure step lists, with their rollback.
 //! - [`service`]: [`Ecs`], the executor of plans and the answers to operator requests;
 //!   [`bind`] and [`run`].
@@ -19,6 +21,7 @@
 
 pub mod config;
 pub mod error;
+pub mod executor;
 pub mod plan;
 pub mod service;
 pub mod state;

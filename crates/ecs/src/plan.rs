@@ -6,15 +6,24 @@
 //! keys they touch), then write-locks the range and sends only those keys again: the lock
 //! is held for the delta and the metadata handover, not for the bulk copy.
 //!
-//! Invariants every plan keeps:
-//! - The delta is sent with the range write-locked at the sender, and every batch is
+//! A move streams a snapshot with writes open, then sends what writes changed meanwhile in
+//! rounds (still open) until little is left, then write-locks the range and sends the rest:
+//! the lock covers only the last, small delta and the handover.
+//!
+//! Invariants every plan keeps (the executor, [`crate::executor`], runs the steps):
+//! - The last delta is sent with the range write-locked at the sender, and every batch is
 //!   acknowledged (persisted by the receiver) before the new metadata is committed; the lock
-//!   waits for writes in flight, so the snapshot plus the delta hold every acknowledged write.
-//! - [`Step::Commit`] (the ECS persisting the new metadata) is the point of no return:
-//!   a failure before it is rolled back ([`Plan::rollback`]), a failure after it is
-//!   reported and the remaining steps still run.
-//! - The sender adopts the new metadata before the receiver, so at no moment do both
-//!   believe they own the range; in between, clients back off and retry.
+//!   waits for writes in flight, so the snapshot plus the deltas hold every acknowledged
+//!   write.
+//! - [`Step::Commit`] (the ECS persisting its intent as committed, then the new metadata) is
+//!   the point of no return: a failure before it is rolled back ([`Plan::rollback`], aborts
+//!   delivered to both ends until they are), every step after it is retried until it
+//!   succeeds.
+//! - The sender's lock is durable and is released only by the sender adopting the new
+//!   version (or by an abort before the commit): there is no unlock step, so the sender
+//!   never accepts a write for the range again once the change has committed. The sender is
+//!   installed before the receiver, so it also stops serving reads of the range before the
+//!   receiver starts serving it; in between, clients back off and retry.
 //! - Data is deleted from the sender only after it holds the new metadata (nodes also
 //!   refuse to delete a range they still own).
 //! - Only the nodes the change affects get the new metadata from the ECS: the sender and
@@ -28,21 +37,30 @@
 //!   (`GetMetadata`, `NotResponsible`) only ever sends clients to the sender for that range.
 
 use ringkv_wire::{KeyRange, NodeEntry, RangeMove, RingMetadata};
+use serde::{Deserialize, Serialize};
 
 use crate::EcsError;
 
-/// One action of a plan, run against one node (or, for `Commit`, the ECS itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One action of a plan, run against one node (or, for `Commit`, the ECS itself). Every
+/// request a step sends names the change's [`ringkv_wire::MoveId`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Step {
-    /// Delete `range` at `node`, which does not own it: stale copies from an earlier,
-    /// aborted move must not resurface.
+    /// At the receiver: delete any stale copy of `range` (from an earlier, aborted move) and
+    /// accept this move's batches from now on.
+    Prepare {
+        /// The receiver.
+        node: NodeEntry,
+        /// The range.
+        range: KeyRange,
+    },
+    /// Delete `range` at `node`, which no longer owns it (the sender, after the move).
     Clear {
         /// The node.
         node: NodeEntry,
         /// The range.
         range: KeyRange,
     },
-    /// Write-lock `range` at `node` (writes answer `WriteLocked`, reads are served).
+    /// Write-lock `range` at `node`, durably (writes answer `WriteLocked`, reads are served).
     Lock {
         /// The node.
         node: NodeEntry,
@@ -59,7 +77,9 @@ pub enum Step {
         /// The range.
         range: KeyRange,
     },
-    /// With `range` locked, send `to` every key written since the snapshot.
+    /// Send `to` every key written since the previous round. Rounds with `last == false`
+    /// run with writes open and are repeated by the executor while they still carry much;
+    /// the `last` one needs the range locked.
     TransferDelta {
         /// Sender.
         from: NodeEntry,
@@ -67,6 +87,8 @@ pub enum Step {
         to: NodeEntry,
         /// The range.
         range: KeyRange,
+        /// Whether this is the locked, final round.
+        last: bool,
     },
     /// Persist the new metadata at the ECS: the change is now decided.
     Commit,
@@ -80,8 +102,9 @@ pub enum Step {
         /// The node.
         node: NodeEntry,
     },
-    /// Release the write lock on `range` at `node`.
-    Unlock {
+    /// Give up the move at `node` (sender: release its lock and tracking; receiver: refuse
+    /// further batches, delete the partial copy).
+    Abort {
         /// The node.
         node: NodeEntry,
         /// The range.
@@ -93,25 +116,35 @@ impl Step {
     /// A one-line description for logs and operator messages.
     pub fn describe(&self) -> String {
         match self {
+            Step::Prepare { node, range } => {
+                format!("prepare {} to receive {range:?}", node.name)
+            }
             Step::Clear { node, range } => format!("clear {range:?} at {}", node.name),
             Step::Lock { node, range } => format!("write-lock {range:?} at {}", node.name),
             Step::Transfer { from, to, range } => {
                 format!("transfer {range:?} from {} to {}", from.name, to.name)
             }
-            Step::TransferDelta { from, to, range } => format!(
-                "transfer the writes made meanwhile in {range:?} from {} to {}",
-                from.name, to.name
+            Step::TransferDelta {
+                from,
+                to,
+                range,
+                last,
+            } => format!(
+                "transfer the writes made meanwhile in {range:?} from {} to {}{}",
+                from.name,
+                to.name,
+                if *last { " (locked)" } else { "" }
             ),
             Step::Commit => "persist the new metadata".to_string(),
             Step::Install { node } => format!("install the new metadata at {}", node.name),
             Step::Start { node } => format!("start {}", node.name),
-            Step::Unlock { node, range } => format!("unlock {range:?} at {}", node.name),
+            Step::Abort { node, range } => format!("abort the move of {range:?} at {}", node.name),
         }
     }
 }
 
 /// A membership change: the metadata it leads to and the steps that get there.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// The metadata after the change (version + 1).
     pub metadata: RingMetadata,
@@ -130,6 +163,12 @@ impl Plan {
             .expect("every plan commits")
     }
 
+    /// Whether a failure of `step` during a rollback is accepted rather than retried: the
+    /// receiver's abort (see [`Plan::rollback`]).
+    pub fn best_effort(&self, step: &Step) -> bool {
+        matches!((step, &self.moved), (Step::Abort { node, .. }, Some(mv)) if *node == mv.to)
+    }
+
     /// Names of the nodes the plan sends the new metadata to, in order.
     pub fn installed_at(&self) -> Vec<String> {
         self.steps
@@ -141,18 +180,21 @@ impl Plan {
             .collect()
     }
 
-    /// The steps that undo a failure before the commit: release the lock and remove any
-    /// partial copy at the receiver. Best effort: the nodes they target may be down, which
-    /// is harmless (a restarted node holds no lock; a partial copy is never served, and the
-    /// next move to that node clears it first).
+    /// The steps that undo a failure before the commit: abort the move at the sender
+    /// (releasing its durable lock, which nothing else would) and at the receiver (refusing
+    /// late batches, deleting the partial copy). The executor delivers the sender's until it
+    /// is acknowledged (a sender that is down keeps the range locked until it is back, and
+    /// serves none of it meanwhile anyway); the receiver's is tried once
+    /// ([`Plan::best_effort`]): a receiver that is down has lost its receiving state with its
+    /// memory, and its partial copy is never served and is cleared by the next `Prepare`.
     pub fn rollback(&self) -> Vec<Step> {
         match &self.moved {
             Some(mv) => vec![
-                Step::Unlock {
+                Step::Abort {
                     node: mv.from.clone(),
                     range: mv.range,
                 },
-                Step::Clear {
+                Step::Abort {
                     node: mv.to.clone(),
                     range: mv.range,
                 },
@@ -168,7 +210,7 @@ impl Plan {
 fn move_steps(mv: &RangeMove, start_receiver: bool) -> Vec<Step> {
     let (from, to, range) = (&mv.from, &mv.to, mv.range);
     let mut steps = vec![
-        Step::Clear {
+        Step::Prepare {
             node: to.clone(),
             range,
         },
@@ -176,6 +218,12 @@ fn move_steps(mv: &RangeMove, start_receiver: bool) -> Vec<Step> {
             from: from.clone(),
             to: to.clone(),
             range,
+        },
+        Step::TransferDelta {
+            from: from.clone(),
+            to: to.clone(),
+            range,
+            last: false,
         },
         Step::Lock {
             node: from.clone(),
@@ -185,6 +233,7 @@ fn move_steps(mv: &RangeMove, start_receiver: bool) -> Vec<Step> {
             from: from.clone(),
             to: to.clone(),
             range,
+            last: true,
         },
         Step::Commit,
         Step::Install { node: from.clone() },
@@ -193,16 +242,10 @@ fn move_steps(mv: &RangeMove, start_receiver: bool) -> Vec<Step> {
     if start_receiver {
         steps.push(Step::Start { node: to.clone() });
     }
-    steps.extend([
-        Step::Unlock {
-            node: from.clone(),
-            range,
-        },
-        Step::Clear {
-            node: from.clone(),
-            range,
-        },
-    ]);
+    steps.push(Step::Clear {
+        node: from.clone(),
+        range,
+    });
     steps
 }
 
@@ -268,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn join_orders_lock_transfer_commit_install_unlock_delete() {
+    fn join_orders_prepare_copy_lock_commit_install_start_delete() {
         let current = ring(3);
         let new = NodeEntry::new("new", "127.0.0.1:9999");
         let plan = join(&current, new.clone()).unwrap();
@@ -277,10 +320,15 @@ mod tests {
         assert_eq!(plan.metadata.version, 2);
         let lock = position_of(&plan, |s| matches!(s, Step::Lock { .. }));
         let transfer = position_of(&plan, |s| matches!(s, Step::Transfer { .. }));
-        let delta = position_of(&plan, |s| matches!(s, Step::TransferDelta { .. }));
+        let open_delta = position_of(&plan, |s| {
+            matches!(s, Step::TransferDelta { last: false, .. })
+        });
+        let delta = position_of(&plan, |s| {
+            matches!(s, Step::TransferDelta { last: true, .. })
+        });
         let commit = plan.commit_index();
-        // Bulk copy unlocked, then lock, then the delta, then the commit.
-        assert!(transfer < lock && lock < delta && delta < commit);
+        // Bulk copy and a delta round unlocked, then lock, then the last delta, then commit.
+        assert!(transfer < open_delta && open_delta < lock && lock < delta && delta < commit);
         let install_from = position_of(&plan, |s| {
             *s == Step::Install {
                 node: mv.from.clone(),
@@ -292,14 +340,16 @@ mod tests {
             }
         });
         let start = position_of(&plan, |s| matches!(s, Step::Start { .. }));
-        let unlock = position_of(&plan, |s| matches!(s, Step::Unlock { .. }));
         let delete_at_sender = position_of(
             &plan,
             |s| matches!(s, Step::Clear { node, .. } if *node == mv.from),
         );
         assert!(commit < install_from);
-        assert!(install_from < install_to && install_to < start && start < unlock);
-        assert!(unlock < delete_at_sender);
+        assert!(install_from < install_to && install_to < start && start < delete_at_sender);
+        assert!(
+            !plan.steps.iter().any(|s| matches!(s, Step::Abort { .. })),
+            "the sender's lock ends by its install, never by an unlock"
+        );
         // The ECS seeds the new metadata at the sender and the receiver only; gossip
         // carries it to the rest.
         let installs: Vec<&NodeEntry> = plan
@@ -311,20 +361,26 @@ mod tests {
             })
             .collect();
         assert_eq!(installs, vec![&mv.from, &mv.to]);
-        // The receiver is cleared before anything is sent to it.
+        // The receiver is prepared (cleared) before anything is sent to it.
         assert_eq!(
             plan.steps[0],
-            Step::Clear {
-                node: new,
+            Step::Prepare {
+                node: new.clone(),
                 range: mv.range
             }
         );
         assert_eq!(
-            plan.rollback()[0],
-            Step::Unlock {
-                node: mv.from.clone(),
-                range: mv.range
-            }
+            plan.rollback(),
+            vec![
+                Step::Abort {
+                    node: mv.from.clone(),
+                    range: mv.range
+                },
+                Step::Abort {
+                    node: new,
+                    range: mv.range
+                }
+            ]
         );
     }
 

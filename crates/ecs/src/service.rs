@@ -10,12 +10,13 @@ use ringkv_certs::{Identity, Role};
 use ringkv_transport::Service;
 use ringkv_transport::{Transport, TransportError};
 use ringkv_wire::{
-    AdminReply, AdminRequest, Limits, Liveness, MoveReport, NodeEntry, NodeReport, NodeStatus,
-    Reply, ReplyBody, Request, RequestBody, RingMetadata, TransferStats, WireError,
+    AdminReply, AdminRequest, Limits, Liveness, MoveId, MoveReport, NodeEntry, NodeReport,
+    NodeStatus, Reply, ReplyBody, Request, RequestBody, RingMetadata, WireError,
 };
 
+use crate::executor::{Action, Executor, Intent, Outcome, Phase};
 use crate::plan::{self, Plan, Step};
-use crate::state::RingFile;
+use crate::state::{IntentFile, IntentLog, RingFile};
 use crate::{EcsConfig, EcsError};
 
 /// The External Configuration Service.
@@ -28,6 +29,9 @@ pub struct Ecs {
     file: RingFile,
     metadata: RwLock<RingMetadata>,
     change: tokio::sync::Mutex<()>,
+    intents: IntentFile,
+    /// The intent log as persisted.
+    log: std::sync::Mutex<IntentLog>,
 }
 
 /// Binds the ECS endpoint and loads its persisted ring.
@@ -36,7 +40,15 @@ pub async fn bind(
     identity: &Identity,
 ) -> Result<(Endpoint, Arc<Ecs>), EcsError> {
     ringkv_certs::install_crypto_provider();
-    let endpoint = Endpoint::server(ringkv_certs::server_config(identity)?, config.listen)?;
+    // A stable stateless-reset key (kept in the state dir): operators' and tests'
+    // connections to an ECS that restarted are reset at once instead of timing out.
+    std::fs::create_dir_all(&config.state_dir)?;
+    let secret = ringkv_transport::reset_secret(&config.state_dir)?;
+    let endpoint = ringkv_transport::bind_endpoint(
+        config.listen,
+        ringkv_certs::server_config(identity)?,
+        Some(&secret),
+    )?;
     let nodes = Transport::new(
         endpoint.clone(),
         ringkv_certs::client_config(identity)?,
@@ -45,7 +57,17 @@ pub async fn bind(
         config.node_timeout,
     );
     let file = RingFile::in_dir(&config.state_dir)?;
-    let metadata = file.load()?;
+    let mut metadata = file.load()?;
+    let intents = IntentFile::in_dir(&config.state_dir);
+    let log = intents.load()?;
+    if let Some(intent) = &log.pending {
+        tracing::warn!(change = intent.change, phase = ?intent.phase, version = intent.plan.metadata.version, "a change was in progress when the ECS stopped; it will be finished or rolled back");
+        if intent.phase == Phase::Committed && intent.plan.metadata.version > metadata.version {
+            // Committed, but the ring file was not written: the intent log is the record.
+            metadata = intent.plan.metadata.clone();
+            file.save(&metadata)?;
+        }
+    }
     tracing::info!(
         version = metadata.version,
         nodes = metadata.nodes.len(),
@@ -57,18 +79,31 @@ pub async fn bind(
         file,
         metadata: RwLock::new(metadata),
         change: tokio::sync::Mutex::new(()),
+        intents,
+        log: std::sync::Mutex::new(log),
     });
     Ok((endpoint, ecs))
 }
 
-/// Serves the ECS until `shutdown`. On start it republishes its ring to every node (best
-/// effort), so nodes that missed a version while it was down catch up.
+/// How often the ECS looks for a pending change to drive on.
+const RESUME_EVERY: Duration = Duration::from_secs(1);
+
+/// Serves the ECS until `shutdown`. On start it finishes (or rolls back) a change a crash
+/// interrupted, then republishes its ring to every node (best effort), so nodes that missed a
+/// version while it was down catch up; from then on it keeps driving any change whose steps
+/// could not be completed in time (an unreachable node) until it is over.
 pub async fn run(endpoint: Endpoint, ecs: Arc<Ecs>, shutdown: impl Future<Output = ()>) {
-    let republish = ecs.clone();
-    tokio::spawn(async move {
-        republish.republish().await;
+    let background = ecs.clone();
+    let task = tokio::spawn(async move {
+        background.resume_pending().await;
+        background.republish().await;
+        loop {
+            tokio::time::sleep(RESUME_EVERY).await;
+            background.resume_pending().await;
+        }
     });
     ringkv_transport::serve(endpoint, ecs, shutdown).await;
+    task.abort();
 }
 
 impl Service for Ecs {
@@ -123,6 +158,7 @@ impl Ecs {
     /// Adds `node` to the ring, moving its range to it.
     pub async fn add_node(&self, node: NodeEntry) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
+        self.finish_pending().await?;
         let plan = plan::join(&self.metadata(), node)?;
         self.execute(plan).await
     }
@@ -130,83 +166,195 @@ impl Ecs {
     /// Removes the node `name` from the ring, moving its range to its successor.
     pub async fn remove_node(&self, name: &str) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
+        self.finish_pending().await?;
         let plan = plan::leave(&self.metadata(), name)?;
         self.execute(plan).await
     }
 
+    /// The change in progress in the intent log, if any.
+    pub fn pending_change(&self) -> Option<Intent> {
+        self.log.lock().expect("log lock").pending.clone()
+    }
+
+    /// Drives the change left in the intent log (by a crash, or by steps that could not be
+    /// completed yet) to its end, if there is one. Called with `change` held.
+    async fn finish_pending(&self) -> Result<(), EcsError> {
+        let Some(intent) = self.pending_change() else {
+            return Ok(());
+        };
+        tracing::info!(change = intent.change, phase = ?intent.phase, version = intent.plan.metadata.version, "resuming a change from the intent log");
+        let (exec, first) = Executor::resume(intent);
+        match self.drive(exec, first).await {
+            Ok(_) | Err(EcsError::Aborted { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resumes the pending change, if any, unless a change is running (the background task
+    /// of [`run`] calls this periodically).
+    pub async fn resume_pending(&self) {
+        if self.pending_change().is_none() {
+            return;
+        }
+        let Ok(_change) = self.change.try_lock() else {
+            return;
+        };
+        match self.finish_pending().await {
+            Ok(()) => tracing::info!("pending change finished"),
+            Err(e) => tracing::warn!(error = %e, "pending change still not finished"),
+        }
+    }
+
     async fn execute(&self, plan: Plan) -> Result<AdminReply, EcsError> {
-        let started = Instant::now();
-        let version = self.metadata().version;
+        let change = {
+            let mut log = self.log.lock().expect("log lock");
+            let change = log.next_change.max(1);
+            log.next_change = change + 1;
+            change
+        };
         tracing::info!(
+            change,
             version = plan.metadata.version,
             steps = plan.steps.len(),
             "membership change starting"
         );
-        let commit = plan.commit_index();
-        let mut moved = TransferStats::default();
-        let mut locked_at = None;
-        let mut locked_for = Duration::ZERO;
-        for (i, step) in plan.steps.iter().enumerate() {
-            let step_started = Instant::now();
-            let result = self.run_step(step, &plan).await;
-            tracing::info!(step = %step.describe(), elapsed = ?step_started.elapsed(), ok = result.is_ok(), "step");
-            match result {
-                Ok(stats) => {
+        let (exec, first) = Executor::new(plan, change);
+        self.drive(exec, first).await
+    }
+
+    /// Performs the executor's actions until the change is over, or until its retries have
+    /// taken longer than `config.retry_budget` (then the change stays in the intent log and
+    /// the background task goes on with it).
+    async fn drive(&self, mut exec: Executor, first: Action) -> Result<AdminReply, EcsError> {
+        let started = Instant::now();
+        let version_before = self.metadata().version;
+        let plan = exec.intent().plan.clone();
+        let sender = plan.moved.as_ref().map(|mv| mv.from.name.clone());
+        let (mut locked_at, mut locked_for) = (None, Duration::ZERO);
+        let mut retrying = Duration::ZERO;
+        let mut last_failure = String::new();
+        let mut action = first;
+        loop {
+            let outcome = match &action {
+                Action::Persist(intent) => self.persist_intent(Some(intent.clone())),
+                Action::Commit(intent) => self.commit(intent),
+                Action::Run(step) => {
+                    if let Some(hook) = &self.config.before_step {
+                        (hook.0)(step);
+                    }
+                    let step_started = Instant::now();
+                    let outcome = self.run_step(step, exec.move_id(), &plan).await;
+                    let ok = matches!(outcome, Outcome::Ok { .. });
+                    tracing::info!(change = exec.move_id().change, step = %step.describe(), elapsed = ?step_started.elapsed(), ok, "step");
+                    if let Outcome::Failed(reason) = &outcome {
+                        last_failure = format!("{}: {reason}", step.describe());
+                    }
                     match step {
-                        Step::Lock { .. } => locked_at = Some(Instant::now()),
-                        Step::Unlock { .. } => {
+                        Step::Lock { .. } if ok => locked_at = Some(Instant::now()),
+                        Step::Install { node } if ok && Some(&node.name) == sender.as_ref() => {
                             locked_for = locked_at.map_or(Duration::ZERO, |t| t.elapsed())
                         }
                         _ => {}
                     }
-                    if let Some(s) = stats {
-                        moved.entries += s.entries;
-                        moved.bytes += s.bytes;
-                    }
+                    outcome
                 }
-                Err(reason) if i < commit => {
-                    tracing::warn!(step = %step.describe(), %reason, "step failed before commit; rolling back");
-                    for undo in plan.rollback() {
-                        if let Err(e) = self.run_step(&undo, &plan).await {
-                            tracing::warn!(step = %undo.describe(), error = %e, "rollback step failed (harmless, see Plan::rollback)");
+                Action::Wait(delay) => {
+                    if retrying + *delay > self.config.retry_budget {
+                        let state = if exec.committed() {
+                            format!(
+                                "committed at version {}, but not finished",
+                                plan.metadata.version
+                            )
+                        } else {
+                            "being rolled back".to_string()
+                        };
+                        return Err(EcsError::Pending {
+                            state,
+                            reason: last_failure,
+                        });
+                    }
+                    tokio::time::sleep(*delay).await;
+                    retrying += *delay;
+                    Outcome::ok()
+                }
+                Action::Finish(result) => {
+                    if let Outcome::Failed(e) = self.persist_intent(None) {
+                        tracing::error!(error = %e, "could not clear the intent log");
+                    }
+                    return match result {
+                        Ok(moved) => {
+                            tracing::info!(version = plan.metadata.version, elapsed = ?started.elapsed(), "membership change done");
+                            Ok(AdminReply::Changed {
+                                metadata: plan.metadata.clone(),
+                                moved: plan.moved.as_ref().map(|mv| MoveReport {
+                                    from: mv.from.name.clone(),
+                                    to: mv.to.name.clone(),
+                                    range: mv.range,
+                                    entries: moved.entries,
+                                    bytes: moved.bytes,
+                                    locked_ms: locked_for.as_millis() as u64,
+                                    total_ms: started.elapsed().as_millis() as u64,
+                                }),
+                            })
                         }
-                    }
-                    return Err(EcsError::Aborted {
-                        step: step.describe(),
-                        reason,
-                        version,
-                    });
+                        Err((step, reason)) => {
+                            tracing::warn!(%step, %reason, "membership change rolled back");
+                            Err(EcsError::Aborted {
+                                step: step.clone(),
+                                reason: reason.clone(),
+                                version: version_before.min(self.metadata().version),
+                            })
+                        }
+                    };
                 }
-                Err(reason) => {
-                    // Past the commit the change stands; nodes that missed it catch up by
-                    // gossip, or on the next republish (ECS start, `status`).
-                    tracing::warn!(step = %step.describe(), %reason, "step failed after commit; continuing");
-                }
-            }
+            };
+            action = exec.next(outcome);
         }
-        tracing::info!(version = plan.metadata.version, elapsed = ?started.elapsed(), "membership change done");
-        Ok(AdminReply::Changed {
-            metadata: plan.metadata.clone(),
-            moved: plan.moved.as_ref().map(|mv| MoveReport {
-                from: mv.from.name.clone(),
-                to: mv.to.name.clone(),
-                range: mv.range,
-                entries: moved.entries,
-                bytes: moved.bytes,
-                locked_ms: locked_for.as_millis() as u64,
-                total_ms: started.elapsed().as_millis() as u64,
-            }),
-        })
     }
 
-    /// Runs one step; `Ok(Some(stats))` for a transfer.
-    async fn run_step(&self, step: &Step, plan: &Plan) -> Result<Option<TransferStats>, String> {
-        let (node, body, timeout) = match step {
-            Step::Commit => {
-                self.file.save(&plan.metadata).map_err(|e| e.to_string())?;
-                *self.metadata.write().expect("metadata lock") = plan.metadata.clone();
-                return Ok(None);
+    /// Replaces the intent log's pending change, durably.
+    fn persist_intent(&self, pending: Option<Intent>) -> Outcome {
+        let mut log = self.log.lock().expect("log lock").clone();
+        log.pending = pending;
+        match self.intents.save(&log) {
+            Ok(()) => {
+                *self.log.lock().expect("log lock") = log;
+                Outcome::ok()
             }
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+
+    /// The commit point: the committed intent is persisted, then the ring.
+    fn commit(&self, intent: &Intent) -> Outcome {
+        if let Outcome::Failed(e) = self.persist_intent(Some(intent.clone())) {
+            return Outcome::Failed(e);
+        }
+        self.adopt_committed(&intent.plan.metadata);
+        Outcome::ok()
+    }
+
+    /// Makes committed metadata the ECS's ring (a failed ring write is logged: the intent
+    /// log holds the committed ring, and a restart adopts it from there).
+    fn adopt_committed(&self, metadata: &RingMetadata) {
+        if self.metadata().version >= metadata.version {
+            return;
+        }
+        if let Err(e) = self.file.save(metadata) {
+            tracing::error!(error = %e, "could not persist the committed ring; the intent log keeps it");
+        }
+        *self.metadata.write().expect("metadata lock") = metadata.clone();
+    }
+
+    /// Runs one step of move `id` against its node.
+    async fn run_step(&self, step: &Step, id: MoveId, plan: &Plan) -> Outcome {
+        let (node, body, timeout) = match step {
+            Step::Commit => unreachable!("the commit is an action of its own"),
+            Step::Prepare { node, range } => (
+                node,
+                RequestBody::PrepareReceive { id, range: *range },
+                self.config.node_timeout,
+            ),
             Step::Clear { node, range } => (
                 node,
                 RequestBody::DeleteRange { range: *range },
@@ -214,27 +362,35 @@ impl Ecs {
             ),
             Step::Lock { node, range } => (
                 node,
-                RequestBody::LockRange { range: *range },
+                RequestBody::LockRange { id, range: *range },
                 self.config.node_timeout,
             ),
-            Step::Unlock { node, range } => (
+            Step::Abort { node, range } => (
                 node,
-                RequestBody::UnlockRange { range: *range },
+                RequestBody::AbortMove { id, range: *range },
                 self.config.node_timeout,
             ),
             Step::Transfer { from, to, range } => (
                 from,
                 RequestBody::TransferRange {
+                    id,
                     range: *range,
                     to: to.clone(),
                 },
                 self.config.transfer_timeout,
             ),
-            Step::TransferDelta { from, to, range } => (
+            Step::TransferDelta {
+                from,
+                to,
+                range,
+                last,
+            } => (
                 from,
                 RequestBody::TransferDelta {
+                    id,
                     range: *range,
                     to: to.clone(),
+                    last: *last,
                 },
                 self.config.transfer_timeout,
             ),
@@ -248,10 +404,18 @@ impl Ecs {
             Step::Start { node } => (node, RequestBody::Start, self.config.node_timeout),
         };
         match self.call(node, body, timeout).await {
-            Ok(ReplyBody::Ok | ReplyBody::Count(_)) => Ok(None),
-            Ok(ReplyBody::Transferred(stats)) => Ok(Some(stats)),
-            Ok(other) => Err(format!("{} answered {other:?}", node.name)),
-            Err(e) => Err(e.to_string()),
+            Ok(reply) => match reply.body {
+                ReplyBody::Ok | ReplyBody::Count(_) => Outcome::Ok {
+                    stats: None,
+                    node_version: reply.metadata_version,
+                },
+                ReplyBody::Transferred(stats) => Outcome::Ok {
+                    stats: Some(stats),
+                    node_version: reply.metadata_version,
+                },
+                other => Outcome::Failed(format!("{} answered {other:?}", node.name)),
+            },
+            Err(e) => Outcome::Failed(e.to_string()),
         }
     }
 
@@ -260,14 +424,20 @@ impl Ecs {
         node: &NodeEntry,
         body: RequestBody,
         timeout: Duration,
-    ) -> Result<ReplyBody, TransportError> {
+    ) -> Result<Reply, TransportError> {
         let request = Request::new(self.metadata().version, body);
-        let reply: Reply = self.nodes.call(&node.addr, &request, timeout).await?;
-        Ok(reply.body)
+        self.nodes.call(&node.addr, &request, timeout).await
     }
 
-    /// Sends the current metadata to every node of the ring (best effort).
+    /// Sends the current metadata to every node of the ring (best effort), unless a change
+    /// is running or pending (it installs its version in its own order).
     pub async fn republish(&self) {
+        let Ok(_no_change) = self.change.try_lock() else {
+            return;
+        };
+        if self.pending_change().is_some() {
+            return;
+        }
         let metadata = self.metadata();
         for node in &metadata.nodes {
             let body = RequestBody::InstallMetadata {
@@ -286,6 +456,7 @@ impl Ecs {
             match self
                 .call(node, body.clone(), self.config.node_timeout)
                 .await
+                .map(|r| r.body)
             {
                 Ok(ReplyBody::Ok) => {}
                 Ok(other) => failed.push(format!("{}: {other:?}", node.name)),
@@ -307,14 +478,16 @@ impl Ecs {
     /// `status_timeout`). A node that answers is alive; for one that does not, the report
     /// says what the answering nodes' gossip sees of it ([`aggregate_liveness`]). Nodes
     /// found behind the ECS's version get the current metadata again (anti-entropy for a
-    /// node that gossip has not reached, e.g. one cut off from its peers).
+    /// node that gossip has not reached, e.g. one cut off from its peers), but only while no
+    /// change is running or pending: a change installs its version in its own order (the
+    /// sender before the receiver).
     async fn status(&self) -> AdminReply {
         let metadata = self.metadata();
         let timeout = self.config.status_timeout;
         let asks = metadata.nodes.iter().map(|node| async move {
             let asked =
                 tokio::time::timeout(timeout, self.call(node, RequestBody::Status, timeout)).await;
-            match asked {
+            match asked.map(|r| r.map(|reply| reply.body)) {
                 Ok(Ok(ReplyBody::Status(s))) => Ok(*s),
                 Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -345,11 +518,15 @@ impl Ecs {
                 error,
             });
         }
-        for node in behind {
-            let body = RequestBody::InstallMetadata {
-                metadata: metadata.clone(),
-            };
-            let _ = self.call(node, body, self.config.node_timeout).await;
+        if let Ok(_no_change) = self.change.try_lock() {
+            if self.pending_change().is_none() && self.metadata().version == metadata.version {
+                for node in behind {
+                    let body = RequestBody::InstallMetadata {
+                        metadata: metadata.clone(),
+                    };
+                    let _ = self.call(node, body, self.config.node_timeout).await;
+                }
+            }
         }
         AdminReply::Status { metadata, nodes }
     }

@@ -11,6 +11,8 @@
 //! - [`config`]: the configuration, [`NodeConfig`].
 //! - [`node`]: [`Node`], the node's state (metadata view, write locks, running flag) and the
 //!   dispatch of a request to its handler.
+//! - [`moves`]: [`moves::MoveState`], the node's part in range moves (durable write locks,
+//!   tracking rounds, the moves it receives) as a synchronous state machine.
 //! - [`request`]: one module per kind of request (data, metadata, admin, gossip, range).
 //! - [`gossip`]: metadata dissemination and failure detection: the state machine, its
 //!   tokio driver and its configuration.
@@ -26,6 +28,7 @@
 pub mod config;
 pub mod error;
 pub mod gossip;
+pub mod moves;
 pub mod node;
 pub mod request;
 pub mod server;

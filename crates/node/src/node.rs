@@ -1,6 +1,5 @@
 //! [`Node`]: the state of a storage node and the dispatch of requests.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -8,14 +7,18 @@ use std::time::Instant;
 use ringkv_certs::Role;
 use ringkv_transport::Transport;
 use ringkv_wire::{
-    EncodedMetadata, ErrorKind, HashedKey, KeyRange, PeerLiveness, Position, Reply, ReplyBody,
-    Request, RequestBody, RingMetadata,
+    EncodedMetadata, ErrorKind, KeyRange, PeerLiveness, Position, Reply, ReplyBody, Request,
+    RequestBody, RingMetadata,
 };
 
 use crate::gossip::{self, GossipState, Membership};
+use crate::moves::{MoveError, MoveState};
 use crate::request;
 use crate::storage::Store;
 use crate::{NodeConfig, NodeError};
+
+/// Proof that a write was admitted (see [`Node`]'s invariant); dropped once it is durable.
+pub type WriteAdmission = tokio::sync::OwnedRwLockReadGuard<()>;
 
 /// The metadata a node routes with, and its own range under it (derived once per version).
 #[derive(Debug, Clone)]
@@ -28,19 +31,20 @@ pub struct RingView {
 
 /// A storage node.
 ///
-/// Invariant (zero loss on moves): a write checks ownership and the write locks while
-/// holding `locks` for reading, and keeps holding it until the write is durable. Taking a
-/// write lock needs `locks` for writing, so once [`Node::lock_range`] returns, no write into
-/// the range is in flight and every acknowledged one is in the store.
+/// Invariant (zero loss on moves): a write checks ownership and the move state's locks while
+/// holding the write gate for reading, and keeps holding it until the write is durable.
+/// Every move transition (lock, tracking rounds, abort, prepare) and every metadata install
+/// takes the gate for writing, so when one returns no write is in flight: a lock leaves every
+/// acknowledged write of the range in the store, a tracking round swap misses none, and a
+/// write never commits under an ownership the node has just given up.
 pub struct Node {
     pub(crate) config: NodeConfig,
     pub(crate) store: Store,
     view: RwLock<RingView>,
     running: AtomicBool,
-    pub(crate) locks: tokio::sync::RwLock<Vec<KeyRange>>,
-    /// Ranges being transferred, with the user keys written in them since the transfer's
-    /// snapshot (sent again, locked, by `TransferDelta`).
-    tracked: std::sync::Mutex<Vec<(KeyRange, HashSet<Vec<u8>>)>>,
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// Locks, tracking and receiving of range moves ([`MoveState`]).
+    moves: std::sync::Mutex<MoveState>,
     pub(crate) peers: Transport,
     /// The gossip state machine; held only for synchronous steps, never across an await.
     pub(crate) gossip: std::sync::Mutex<GossipState>,
@@ -60,6 +64,10 @@ impl Node {
             tracing::info!(node = %config.name, "bootstrapped a one-node ring");
         }
         let member = metadata.node(&config.name).is_some();
+        let moves = MoveState::restore(store.load_locks()?, metadata.version);
+        if !moves.persisted().is_empty() {
+            tracing::warn!(node = %config.name, locked = ?moves.locked_ranges(), "restarted in the middle of a move: ranges stay write-locked until the move commits or is aborted");
+        }
         let view = view_of(&config.name, metadata);
         let gossip = GossipState::new(
             config.name.clone(),
@@ -72,8 +80,8 @@ impl Node {
             view: RwLock::new(view),
             gossip: std::sync::Mutex::new(gossip),
             running: AtomicBool::new(config.start || member),
-            locks: tokio::sync::RwLock::new(Vec::new()),
-            tracked: std::sync::Mutex::new(Vec::new()),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
+            moves: std::sync::Mutex::new(moves),
             config,
             store,
             peers,
@@ -138,6 +146,9 @@ impl Node {
             return Ok(false);
         }
         self.store.save_metadata(&metadata).await?;
+        // No write in flight across the change of ownership, and the moves this version
+        // commits end here (their locks are released: the range is no longer ours).
+        let _no_writes_in_flight = self.gate.write().await;
         let installed = {
             let mut view = self.view.write().expect("view lock");
             // Another install may have raced us while we persisted.
@@ -148,6 +159,17 @@ impl Node {
             *view = view_of(&self.config.name, metadata);
             view.metadata.clone()
         };
+        let released = {
+            let mut moves = self.moves();
+            moves
+                .adopt(installed.version)
+                .then(|| moves.persisted().to_vec())
+        };
+        if let Some(locks) = released {
+            // A crash before this lands is harmless: a restart drops the locks of every
+            // move its persisted metadata version commits.
+            self.store.save_locks(&locks).await?;
+        }
         // Gossip follows (it ignores a version older than the one it holds, should two
         // installs finish out of order).
         let previous = self
@@ -181,60 +203,46 @@ impl Node {
             .peers(Instant::now())
     }
 
-    /// Write-locks `range`, waiting for writes in flight to finish (see the type's invariant).
-    pub async fn lock_range(&self, range: KeyRange) {
-        let mut locks = self.locks.write().await;
-        if !locks.contains(&range) {
-            locks.push(range);
-        }
-        tracing::info!(node = %self.config.name, range = ?range, "range write-locked");
+    /// The move state, for a synchronous look or transition (never held across an await).
+    pub(crate) fn moves(&self) -> std::sync::MutexGuard<'_, MoveState> {
+        self.moves.lock().expect("moves lock")
     }
 
-    /// Releases the write lock on `range` and ends any tracking of it (the move is over,
-    /// done or aborted). Returns whether the lock was held.
-    pub async fn unlock_range(&self, range: KeyRange) -> bool {
-        let mut locks = self.locks.write().await;
-        self.stop_tracking(&range);
-        let before = locks.len();
-        locks.retain(|r| *r != range);
-        tracing::info!(node = %self.config.name, range = ?range, "range unlocked");
-        locks.len() != before
-    }
-
-    /// Whether `range` is write-locked right now.
-    pub async fn is_locked(&self, range: &KeyRange) -> bool {
-        self.locks.read().await.contains(range)
-    }
-
-    /// Starts remembering which keys of `range` are written, before a transfer snapshot is
-    /// taken, so that every write the snapshot misses is remembered.
-    ///
-    /// Takes the lock table for writing meanwhile, which waits for writes in flight: a
-    /// write that checked for tracking before this call has committed (and is in the
-    /// snapshot taken after it), every later write sees the tracking.
-    pub(crate) async fn start_tracking(&self, range: KeyRange) {
-        let _no_writes_in_flight = self.locks.write().await;
-        let mut tracked = self.tracked.lock().expect("tracked lock");
-        tracked.retain(|(r, _)| *r != range);
-        tracked.push((range, HashSet::new()));
-    }
-
-    /// Stops tracking `range`, returning the keys written in it meanwhile.
-    pub(crate) fn stop_tracking(&self, range: &KeyRange) -> Option<HashSet<Vec<u8>>> {
-        let mut tracked = self.tracked.lock().expect("tracked lock");
-        let idx = tracked.iter().position(|(r, _)| r == range)?;
-        Some(tracked.swap_remove(idx).1)
-    }
-
-    /// Records a write of `key` in every tracked range holding it. Called by every write
-    /// before it commits, under the lock table's read guard.
-    pub(crate) fn track_write(&self, key: &HashedKey<'_>) {
-        let mut tracked = self.tracked.lock().expect("tracked lock");
-        for (range, keys) in tracked.iter_mut() {
-            if range.contains(&key.position) {
-                keys.insert(key.key.to_vec());
+    /// Runs a move transition with no write in flight (under the write gate), persisting the
+    /// sender locks first if it changed them, so that what was acknowledged survives a
+    /// restart. `Err` from the transition is returned as is; a persistence failure as
+    /// `Ok(Err(..))`.
+    pub(crate) async fn transition<T>(
+        &self,
+        f: impl FnOnce(&mut MoveState, u64) -> Result<(T, bool), MoveError>,
+    ) -> Result<Result<T, NodeError>, MoveError> {
+        let _no_writes_in_flight = self.gate.write().await;
+        let (value, locks) = {
+            let mut moves = self.moves();
+            let (value, changed) = f(&mut moves, self.metadata_version())?;
+            (value, changed.then(|| moves.persisted().to_vec()))
+        };
+        if let Some(locks) = locks {
+            if let Err(e) = self.store.save_locks(&locks).await {
+                return Ok(Err(e));
             }
+            tracing::info!(node = %self.config.name, locked = ?locks.iter().map(|l| l.range).collect::<Vec<_>>(), "write locks persisted");
         }
+        Ok(Ok(value))
+    }
+
+    /// Waits until no write is in flight, and keeps new ones out while the guard lives.
+    pub(crate) async fn quiesce(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().await
+    }
+
+    /// Admits a write; the guard is held from the ownership and lock checks until the write
+    /// is durable. It is owned so that it can travel with the write to the storage writer
+    /// ([`crate::storage::Store::put_hashed`] and friends take it): a handler cancelled
+    /// because its caller went away must not release the gate before its queued write
+    /// commits.
+    pub(crate) async fn admit_write(&self) -> WriteAdmission {
+        self.gate.clone().read_owned().await
     }
 
     /// `Ok(())` if this node owns `position` under its metadata, else the `NotResponsible`
@@ -274,13 +282,21 @@ impl Node {
             RequestBody::Status => admin::status(self).await,
             RequestBody::Start => admin::set_running(self, true),
             RequestBody::Stop => admin::set_running(self, false),
-            RequestBody::LockRange { range } => range::lock(self, range).await,
-            RequestBody::UnlockRange { range } => range::unlock(self, range).await,
-            RequestBody::TransferRange { range, to } => range::transfer(self, range, to).await,
-            RequestBody::TransferDelta { range, to } => {
-                range::transfer_delta(self, range, to).await
+            RequestBody::LockRange { id, range } => range::lock(self, id, range).await,
+            RequestBody::AbortMove { id, range } => range::abort(self, id, range).await,
+            RequestBody::PrepareReceive { id, range } => {
+                range::prepare_receive(self, id, range).await
             }
-            RequestBody::PutBatch { entries } => range::put_batch(self, entries).await,
+            RequestBody::TransferRange { id, range, to } => {
+                range::transfer(self, id, range, to).await
+            }
+            RequestBody::TransferDelta {
+                id,
+                range,
+                to,
+                last,
+            } => range::transfer_delta(self, id, range, to, last).await,
+            RequestBody::PutBatch { id, entries } => range::put_batch(self, id, entries).await,
             RequestBody::DeleteRange { range } => range::delete(self, range).await,
             RequestBody::Gossip { digest } => gossip::exchange(self, digest),
             RequestBody::GossipPush { metadata } => gossip::push(self, metadata).await,

@@ -14,6 +14,12 @@ use crate::{Node, NodeConfig, NodeError};
 
 /// Binds the node's QUIC endpoint (server and, for transfers, client) and opens the node.
 ///
+/// The endpoint's stateless-reset key comes from the secret in `<data-dir>/reset.key`
+/// (created on first start), so after a crash and restart on the same address and data
+/// directory the node answers its peers' packets on their old connections with a stateless
+/// reset, and they learn at once that those connections are dead
+/// (`ringkv_transport::endpoint`).
+///
 /// Listening on port 0 picks a free port; if the advertised address was the listen address,
 /// it becomes the bound one (tests rely on this).
 pub async fn bind(
@@ -23,7 +29,10 @@ pub async fn bind(
     ringkv_certs::install_crypto_provider();
     let server_config = ringkv_certs::server_config(identity)?;
     let client_config = ringkv_certs::client_config(identity)?;
-    let endpoint = Endpoint::server(server_config, config.listen)?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    let reset_secret = ringkv_transport::reset_secret(&config.data_dir)?;
+    let endpoint =
+        ringkv_transport::bind_endpoint(config.listen, server_config, Some(&reset_secret))?;
     if config.listen.port() == 0 && config.advertise == config.listen.to_string() {
         config.advertise = endpoint.local_addr()?.to_string();
     }

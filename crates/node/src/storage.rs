@@ -21,8 +21,12 @@ use ringkv_wire::{storage_key, HashedKey, KeyRange, RingMetadata, StorageEntry, 
 use tokio::sync::oneshot;
 
 use crate::error::NodeError;
+use crate::moves::SendLock;
+use crate::node::WriteAdmission;
 
 const RING_KEY: &[u8] = b"ring";
+/// Key of the sender write locks of unfinished moves ([`crate::moves::SendLock`]).
+const LOCKS_KEY: &[u8] = b"move-locks";
 
 /// Most writes folded into one commit; bounds the latency of the first writer of a batch.
 const MAX_BATCH: usize = 4096;
@@ -31,11 +35,17 @@ const MAX_BATCH: usize = 4096;
 const DELETE_CHUNK: usize = 4096;
 
 enum WriteOp {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
     PutBatch(Vec<StorageEntry>),
     DeleteKeys(Vec<Vec<u8>>),
-    SetMetadata(Vec<u8>),
+    /// A value of the `meta` keyspace (the ring, the move locks).
+    SetMeta(&'static [u8], Vec<u8>),
 }
 
 /// What a write did.
@@ -49,6 +59,9 @@ enum WriteOutcome {
 struct WriteJob {
     op: WriteOp,
     reply: oneshot::Sender<Result<WriteOutcome, String>>,
+    /// Dropped by the writer once the job's group is committed (or failed), whether or not
+    /// anyone still waits for the reply: a write admission guard.
+    hold: Option<WriteAdmission>,
 }
 
 /// Counts of the writer thread since the store was opened.
@@ -119,9 +132,17 @@ impl Store {
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, NodeError> {
+        self.write_holding(op, None).await
+    }
+
+    async fn write_holding(
+        &self,
+        op: WriteOp,
+        hold: Option<WriteAdmission>,
+    ) -> Result<WriteOutcome, NodeError> {
         let (reply, done) = oneshot::channel();
         self.writer
-            .send(WriteJob { op, reply })
+            .send(WriteJob { op, reply, hold })
             .map_err(|_| NodeError::StoreClosed)?;
         match done.await {
             Ok(Ok(outcome)) => Ok(outcome),
@@ -132,16 +153,23 @@ impl Store {
 
     /// Stores a user key durably. Returns whether it was new.
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<bool, NodeError> {
-        self.put_hashed(&HashedKey::new(key), value).await
+        self.put_hashed(&HashedKey::new(key), value, None).await
     }
 
-    /// [`Store::put`] for a key whose position is already known.
-    pub async fn put_hashed(&self, key: &HashedKey<'_>, value: &[u8]) -> Result<bool, NodeError> {
+    /// [`Store::put`] for a key whose position is already known; `hold` (a write
+    /// admission) is released only once the write is committed, even if this future is
+    /// dropped before.
+    pub async fn put_hashed(
+        &self,
+        key: &HashedKey<'_>,
+        value: &[u8],
+        hold: Option<WriteAdmission>,
+    ) -> Result<bool, NodeError> {
         let op = WriteOp::Put {
             key: key.storage_key(),
             value: value.to_vec(),
         };
-        match self.write(op).await? {
+        match self.write_holding(op, hold).await? {
             WriteOutcome::Put { created } => Ok(created),
             other => unreachable!("put answered {other:?}"),
         }
@@ -149,23 +177,35 @@ impl Store {
 
     /// Deletes a user key durably. Returns whether it existed.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, NodeError> {
-        self.delete_hashed(&HashedKey::new(key)).await
+        self.delete_hashed(&HashedKey::new(key), None).await
     }
 
-    /// [`Store::delete`] for a key whose position is already known.
-    pub async fn delete_hashed(&self, key: &HashedKey<'_>) -> Result<bool, NodeError> {
+    /// [`Store::delete`] for a key whose position is already known; `hold` as for
+    /// [`Store::put_hashed`].
+    pub async fn delete_hashed(
+        &self,
+        key: &HashedKey<'_>,
+        hold: Option<WriteAdmission>,
+    ) -> Result<bool, NodeError> {
         let op = WriteOp::Delete {
             key: key.storage_key(),
         };
-        match self.write(op).await? {
+        match self.write_holding(op, hold).await? {
             WriteOutcome::Delete { existed } => Ok(existed),
             other => unreachable!("delete answered {other:?}"),
         }
     }
 
-    /// Applies a batch of user entries durably (a range transfer batch; `None` deletes).
-    pub async fn put_batch(&self, entries: Vec<StorageEntry>) -> Result<(), NodeError> {
-        self.write(WriteOp::PutBatch(entries)).await.map(|_| ())
+    /// Applies a batch of user entries durably (a range transfer batch; `None` deletes);
+    /// `hold` as for [`Store::put_hashed`].
+    pub async fn put_batch(
+        &self,
+        entries: Vec<StorageEntry>,
+        hold: Option<WriteAdmission>,
+    ) -> Result<(), NodeError> {
+        self.write_holding(WriteOp::PutBatch(entries), hold)
+            .await
+            .map(|_| ())
     }
 
     /// Deletes every key of `range` durably, [`DELETE_CHUNK`] keys per commit so that
@@ -196,7 +236,9 @@ impl Store {
     /// Persists the ring metadata.
     pub async fn save_metadata(&self, metadata: &RingMetadata) -> Result<(), NodeError> {
         let bytes = metadata.to_frame()?;
-        self.write(WriteOp::SetMetadata(bytes)).await.map(|_| ())
+        self.write(WriteOp::SetMeta(RING_KEY, bytes))
+            .await
+            .map(|_| ())
     }
 
     /// The persisted ring metadata, if any.
@@ -205,6 +247,27 @@ impl Store {
             return Ok(None);
         };
         Ok(Some(RingMetadata::from_frame(&frame)?))
+    }
+
+    /// Persists the sender write locks of unfinished moves (replacing the previous set).
+    pub async fn save_locks(&self, locks: &[SendLock]) -> Result<(), NodeError> {
+        let bytes = postcard::to_stdvec(locks)
+            .map_err(|e| NodeError::WriteFailed(format!("encoding move locks: {e}")))?;
+        self.write(WriteOp::SetMeta(LOCKS_KEY, bytes))
+            .await
+            .map(|_| ())
+    }
+
+    /// The persisted sender write locks (none if never saved).
+    pub fn load_locks(&self) -> Result<Vec<SendLock>, NodeError> {
+        match self.meta.get(LOCKS_KEY)? {
+            None => Ok(Vec::new()),
+            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| {
+                NodeError::CorruptMetadata(ringkv_wire::WireError::Malformed(format!(
+                    "persisted move locks: {e}"
+                )))
+            }),
+        }
     }
 
     /// Number of keys stored (a full scan of the key space).
@@ -334,9 +397,19 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let (ops, replies): (Vec<WriteOp>, Vec<_>) =
-            group.into_iter().map(|j| (j.op, j.reply)).unzip();
-        match apply(db, data, meta, ops) {
+        let mut ops = Vec::with_capacity(group.len());
+        let mut replies = Vec::with_capacity(group.len());
+        let mut holds = Vec::new();
+        for job in group {
+            ops.push(job.op);
+            replies.push(job.reply);
+            holds.extend(job.hold);
+        }
+        let applied = apply(db, data, meta, ops);
+        // Durable (or failed as a whole): writes admitted under the gate may now let a move
+        // transition through.
+        drop(holds);
+        match applied {
             Ok(outcomes) => {
                 counters.commits.fetch_add(1, Ordering::Relaxed);
                 counters
@@ -367,7 +440,7 @@ fn apply(
 ) -> Result<Vec<WriteOutcome>, NodeError> {
     // key -> Some(value) to write, None to delete.
     let mut state: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-    let mut ring: Option<Vec<u8>> = None;
+    let mut meta_values: Vec<(&'static [u8], Vec<u8>)> = Vec::new();
     let exists =
         |state: &HashMap<Vec<u8>, Option<Vec<u8>>>, key: &[u8]| -> Result<bool, NodeError> {
             match state.get(key) {
@@ -400,8 +473,9 @@ fn apply(
                 }
                 WriteOutcome::Done
             }
-            WriteOp::SetMetadata(bytes) => {
-                ring = Some(bytes);
+            WriteOp::SetMeta(key, bytes) => {
+                meta_values.retain(|(k, _)| *k != key);
+                meta_values.push((key, bytes));
                 WriteOutcome::Done
             }
         });
@@ -413,8 +487,8 @@ fn apply(
             None => batch.remove(data, key),
         }
     }
-    if let Some(bytes) = ring {
-        batch.insert(meta, RING_KEY, bytes);
+    for (key, bytes) in meta_values {
+        batch.insert(meta, key, bytes);
     }
     batch.commit()?;
     Ok(outcomes)

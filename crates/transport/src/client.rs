@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint};
 use ringkv_certs::Identity;
@@ -81,6 +81,20 @@ impl Transport {
 
     /// Sends any request message to `addr` and waits up to `timeout` for its reply (the ECS
     /// protocol and long range transfers use this).
+    ///
+    /// If the exchange fails because a connection that was already open before this call
+    /// turns out to be dead (closed or reset by the peer, e.g. by the stateless reset of a
+    /// peer that restarted, ARCHITECTURE.md §3), the request is sent **once more** on a new
+    /// connection, within what is left of `timeout` and only if that is at least a quarter
+    /// of it: the whole call never takes longer than `timeout` (plus the dial, if it had to
+    /// dial first). A request on a connection dialled by this very call is not retried.
+    /// Nor is one that timed out: it used the whole of `timeout`, and cutting it shorter to
+    /// make room for a retry would abandon slow but live requests (a long `TransferRange`).
+    ///
+    /// The retry can deliver a request twice (the first attempt may have reached the peer
+    /// before the connection died): the at-least-once semantics a client retry already has
+    /// (ARCHITECTURE.md §7). A failed retry is reported as [`TransportError::Stream`] even if
+    /// it could not connect, because the first attempt may have been applied.
     pub async fn call<Q: Serialize, A: DeserializeOwned>(
         &self,
         addr: &str,
@@ -89,49 +103,101 @@ impl Transport {
     ) -> Result<A, TransportError> {
         let frame =
             codec::encode(request, self.limits.max_frame).map_err(TransportError::Encode)?;
-        let conn = self.connection(addr).await?;
-        let exchange = exchange(&conn, &frame, self.limits.max_frame);
-        let result = match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => {
-                // Close the connection rather than leave the request queued in it: QUIC
-                // would deliver it once the path heals, long after the caller gave up (a
-                // late unlock or range delete could then undo newer work). The next
-                // request dials afresh, which also avoids a connection stuck after a
-                // partition.
-                conn.close(2u32.into(), b"request timed out");
-                Err(FrameError::Stream(format!("no reply within {timeout:?}")))
-            }
+        let (conn, reused) = self.connection(addr).await?;
+        let started = Instant::now();
+        let first = match self.attempt(addr, &conn, &frame, timeout).await {
+            Ok(reply) => return Ok(reply),
+            Err(failure) => failure,
         };
-        result.map_err(|e| {
-            if conn.close_reason().is_some() {
-                self.forget(addr);
-            }
-            match e {
-                FrameError::Stream(reason) => TransportError::Stream {
-                    addr: addr.to_string(),
-                    reason,
-                },
-                FrameError::Protocol(source) => TransportError::Protocol {
-                    addr: addr.to_string(),
-                    source,
-                },
-            }
-        })
+        let deadline = started + timeout;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let first_reason = match first {
+            Failure {
+                error: FrameError::Stream(reason),
+                dead: true,
+            } if reused && left >= timeout / 4 => reason,
+            Failure { error, .. } => return Err(error.into_transport(addr)),
+        };
+        tracing::debug!(peer = addr, reason = %first_reason, ?left, "connection found dead; sending again on a new connection");
+        let retried = |reason: &dyn std::fmt::Display| TransportError::Stream {
+            addr: addr.to_string(),
+            reason: format!("{first_reason}; again on a new connection: {reason}"),
+        };
+        let conn = match tokio::time::timeout_at(deadline.into(), self.connection(addr)).await {
+            Ok(Ok((conn, _))) => conn,
+            Ok(Err(e)) => return Err(retried(&e)),
+            Err(_) => return Err(retried(&format!("no connection within {left:?}"))),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.attempt(addr, &conn, &frame, left).await {
+            Ok(reply) => Ok(reply),
+            Err(Failure {
+                error: FrameError::Stream(reason),
+                ..
+            }) => Err(retried(&reason)),
+            Err(Failure { error, .. }) => Err(error.into_transport(addr)),
+        }
     }
 
-    /// The cached connection to `addr`, or a new one.
+    /// One exchange on `conn` within `timeout`. On timeout the connection is **closed** and
+    /// forgotten rather than left with the request queued in it: QUIC would deliver it once
+    /// the path heals, long after the caller gave up (a late unlock or range delete could
+    /// then undo newer work). The next request dials afresh, which also avoids a connection
+    /// stuck after a partition. A connection found closed is forgotten too.
+    async fn attempt<A: DeserializeOwned>(
+        &self,
+        addr: &str,
+        conn: &Connection,
+        frame: &[u8],
+        timeout: Duration,
+    ) -> Result<A, Failure> {
+        match tokio::time::timeout(timeout, exchange(conn, frame, self.limits.max_frame)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(error)) => {
+                let Some(closed) = conn.close_reason() else {
+                    return Err(Failure { error, dead: false });
+                };
+                self.forget_connection(addr, conn);
+                match error {
+                    // Say why ("connection lost" alone does not).
+                    FrameError::Stream(reason) => {
+                        let closed = closed.to_string();
+                        Err(Failure {
+                            error: FrameError::Stream(if reason.contains(&closed) {
+                                reason
+                            } else {
+                                format!("{reason}: {closed}")
+                            }),
+                            dead: true,
+                        })
+                    }
+                    error => Err(Failure { error, dead: false }),
+                }
+            }
+            Err(_) => {
+                conn.close(2u32.into(), b"request timed out");
+                self.forget_connection(addr, conn);
+                Err(Failure {
+                    error: FrameError::Stream(format!("no reply within {timeout:?}")),
+                    dead: false,
+                })
+            }
+        }
+    }
+
+    /// The cached connection to `addr`, or a new one, and whether it was already open
+    /// (`true`) rather than dialled now.
     ///
     /// The fast path (an open connection exists) is one uncontended lock and a lookup
     /// without allocating; only dialing goes through the per-peer async lock.
-    async fn connection(&self, addr: &str) -> Result<Connection, TransportError> {
+    async fn connection(&self, addr: &str) -> Result<(Connection, bool), TransportError> {
         let slot = {
             let mut conns = self.conns.lock().expect("conns lock");
             match conns.get(addr) {
                 Some(slot) => {
                     if let Ok(guard) = slot.try_lock() {
                         if let Some(conn) = guard.as_ref().filter(|c| c.close_reason().is_none()) {
-                            return Ok(conn.clone());
+                            return Ok((conn.clone(), true));
                         }
                     }
                     slot.clone()
@@ -142,12 +208,28 @@ impl Transport {
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref() {
             if conn.close_reason().is_none() {
-                return Ok(conn.clone());
+                return Ok((conn.clone(), true));
             }
         }
         let conn = self.dial(addr).await?;
         *guard = Some(conn.clone());
-        Ok(conn)
+        Ok((conn, false))
+    }
+
+    /// Drops `conn` from the cache if it is still the cached connection to `addr` (a
+    /// concurrent caller may already have replaced it with a new one, which stays).
+    fn forget_connection(&self, addr: &str, conn: &Connection) {
+        let mut conns = self.conns.lock().expect("conns lock");
+        let cached = conns.get(addr).is_some_and(|slot| {
+            slot.try_lock().is_ok_and(|guard| {
+                guard
+                    .as_ref()
+                    .is_some_and(|c| c.stable_id() == conn.stable_id())
+            })
+        });
+        if cached {
+            conns.remove(addr);
+        }
     }
 
     async fn dial(&self, addr: &str) -> Result<Connection, TransportError> {
@@ -207,6 +289,28 @@ impl Transport {
     pub async fn shutdown_endpoint(&self) {
         self.endpoint.close(0u32.into(), b"disconnect");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Why one exchange failed, and whether its connection was found dead (closed by either
+/// side or reset; not closed by this exchange's own timeout).
+struct Failure {
+    error: FrameError,
+    dead: bool,
+}
+
+impl FrameError {
+    fn into_transport(self, addr: &str) -> TransportError {
+        match self {
+            FrameError::Stream(reason) => TransportError::Stream {
+                addr: addr.to_string(),
+                reason,
+            },
+            FrameError::Protocol(source) => TransportError::Protocol {
+                addr: addr.to_string(),
+                source,
+            },
+        }
     }
 }
 

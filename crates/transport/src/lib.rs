@@ -12,16 +12,23 @@
 //!   stream, timeouts that close the connection.
 //! - [`server`]: the serving side: [`serve`] and the [`Service`] trait a request handler
 //!   implements; [`shutdown_signal`] for the binaries.
+//! - [`endpoint`]: [`bind_endpoint`], a serving endpoint whose stateless-reset key is derived
+//!   from a secret kept across restarts ([`reset_secret`]), so that peers of a restarted node
+//!   learn at their first packet that their old connections are dead.
 //! - [`error`]: the error type, [`TransportError`].
 //! - `frame`: [`read_frame`], the one framing loop for both sides of a stream.
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod endpoint;
 pub mod error;
 mod frame;
 pub mod server;
+#[cfg(test)]
+mod tests;
 
 pub use client::Transport;
+pub use endpoint::{bind_endpoint, reset_secret};
 pub use error::TransportError;
 pub use frame::{read_frame, FrameError};
 pub use server::{serve, shutdown_signal, Service};

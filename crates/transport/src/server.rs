@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{Endpoint, RecvStream, SendStream};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use ringkv_certs::Role;
 use ringkv_wire::{codec, WireError};
 use serde::{de::DeserializeOwned, Serialize};
@@ -38,7 +38,8 @@ pub trait Service: Send + Sync + 'static {
 }
 
 /// Serves `service` on `endpoint` until `shutdown` completes, then closes connections
-/// gracefully (bounded wait).
+/// gracefully (bounded wait). A handler still running when its connection closes (the
+/// caller went away, or the endpoint shut down) is cancelled.
 pub async fn serve<S: Service>(
     endpoint: Endpoint,
     service: Arc<S>,
@@ -81,19 +82,37 @@ async fn serve_connection<S: Service>(service: Arc<S>, incoming: quinn::Incoming
     };
     tracing::debug!(service = service.name(), %remote, ?role, "peer connected");
     while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream(service.clone(), role, send, recv));
+        tokio::spawn(serve_stream(
+            service.clone(),
+            role,
+            conn.clone(),
+            send,
+            recv,
+        ));
     }
 }
 
+/// Reads one request from the stream, runs the handler and writes its reply. The handler
+/// is dropped (cancelled at its next await) as soon as the connection closes: the caller
+/// is gone (it closed the connection, e.g. on its timeout, or it died and its connection
+/// timed out or was reset), so nobody can receive the reply, and work such as streaming a
+/// range transfer would go on for nothing.
 async fn serve_stream<S: Service>(
     service: Arc<S>,
     role: Role,
+    conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
     let max_frame = service.max_frame();
     let reply = match read_frame(&mut recv, max_frame).await {
-        Ok(request) => service.handle(role, request).await,
+        Ok(request) => tokio::select! {
+            reply = service.handle(role, request) => reply,
+            reason = conn.closed() => {
+                tracing::debug!(service = service.name(), ?role, remote = %conn.remote_address(), %reason, "connection closed; handler cancelled");
+                return;
+            }
+        },
         // The stream ended or was reset: nobody to answer.
         Err(FrameError::Stream(_)) => return,
         Err(FrameError::Protocol(e)) => {

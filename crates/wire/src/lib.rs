@@ -37,7 +37,8 @@ pub use error::WireError;
 pub use gossip::{EncodedMetadata, GossipDigest, Heartbeat, Liveness, PeerLiveness};
 pub use limits::Limits;
 pub use message::{
-    ErrorKind, NodeStatus, Reply, ReplyBody, Request, RequestBody, StorageEntry, TransferStats,
+    ErrorKind, MoveId, NodeStatus, Reply, ReplyBody, Request, RequestBody, StorageEntry,
+    TransferStats,
 };
 pub use ring::{
     key_position, node_position, storage_key, HashedKey, KeyRange, NodeEntry, Position, RangeMove,

@@ -29,6 +29,19 @@ impl Request {
     }
 }
 
+/// One attempt at one range move, named in every request of the move so that a node can
+/// fence it: `change` is unique per attempt (the ECS allocates it from a persisted counter,
+/// so a retried join gets a new one), `target_version` is the metadata version the move
+/// leads to. A node that adopts `target_version` (or newer) is past the move, whatever
+/// happened to its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MoveId {
+    /// Unique per attempt.
+    pub change: u64,
+    /// The metadata version the move commits.
+    pub target_version: u64,
+}
+
 /// A key and its value as moved between nodes; `None` is a deletion (a delta transfer
 /// carries the keys deleted since the snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,37 +91,66 @@ pub enum RequestBody {
         /// The metadata to adopt.
         metadata: RingMetadata,
     },
-    /// Internal (admin): write-lock a range; writes there answer `WriteLocked`. Replies `Ok`.
+    /// Internal (admin), at the sender of move `id`: write-lock `range` (writes there answer
+    /// `WriteLocked`), durably: the lock survives a restart and is released only when the
+    /// node adopts `id.target_version` or receives `AbortMove` for `id`. Replies `Ok` once
+    /// persisted and no write into the range is in flight.
     LockRange {
+        /// The move.
+        id: MoveId,
         /// The range to lock.
         range: KeyRange,
     },
-    /// Internal (admin): release a write lock. Replies `Ok`.
-    UnlockRange {
-        /// The range to unlock.
+    /// Internal (admin): give up move `id`. At the sender, releases its lock and tracking
+    /// (refused once the node holds `id.target_version`: the move is then done); at the
+    /// receiver, refuses further batches of `id` and deletes its partial copy of `range`.
+    /// Replies `Ok`.
+    AbortMove {
+        /// The move.
+        id: MoveId,
+        /// The range it moves.
+        range: KeyRange,
+    },
+    /// Internal (admin), at the receiver of move `id`: delete any stale copy of `range` (the
+    /// node must not own any of it) and accept `PutBatch`es of `id` from now on. Replies `Ok`.
+    PrepareReceive {
+        /// The move.
+        id: MoveId,
+        /// The range that will arrive.
         range: KeyRange,
     },
     /// Internal (admin): stream a snapshot of every key of `range` to node `to` in batches,
     /// and from then on remember which keys of the range are written. Replies `Transferred`
     /// once `to` acknowledged (persisted) every batch. Writes stay open meanwhile.
     TransferRange {
+        /// The move.
+        id: MoveId,
         /// The range to send.
         range: KeyRange,
         /// The receiving node.
         to: NodeEntry,
     },
-    /// Internal (admin): with `range` write-locked, send `to` the current value (or the
-    /// deletion) of every key written since its `TransferRange` began. Replies
-    /// `Transferred`.
+    /// Internal (admin): send `to` the current value (or the deletion) of every key of
+    /// `range` written since the previous round of move `id` (its `TransferRange` or its
+    /// last `TransferDelta`), and start a new round. `last` rounds need the range
+    /// write-locked (so the set is final); earlier ones run with writes open and shrink
+    /// what the locked round has to send. Replies `Transferred`.
     TransferDelta {
+        /// The move.
+        id: MoveId,
         /// The range (as given to `TransferRange`).
         range: KeyRange,
         /// The receiving node.
         to: NodeEntry,
+        /// Whether this is the final, locked round.
+        last: bool,
     },
-    /// Internal (node/admin): store these entries durably (a batch of a range transfer).
-    /// Replies `Ok` after they are persisted.
+    /// Internal (node/admin): store these entries of move `id` durably. Refused unless the
+    /// receiver was prepared for `id` (and not aborted since). Replies `Ok` after they are
+    /// persisted.
     PutBatch {
+        /// The move.
+        id: MoveId,
         /// The entries.
         entries: Vec<StorageEntry>,
     },
@@ -155,7 +197,8 @@ impl RequestBody {
             RequestBody::Stop => "stop",
             RequestBody::InstallMetadata { .. } => "install_metadata",
             RequestBody::LockRange { .. } => "lock_range",
-            RequestBody::UnlockRange { .. } => "unlock_range",
+            RequestBody::AbortMove { .. } => "abort_move",
+            RequestBody::PrepareReceive { .. } => "prepare_receive",
             RequestBody::TransferRange { .. } => "transfer_range",
             RequestBody::TransferDelta { .. } => "transfer_delta",
             RequestBody::PutBatch { .. } => "put_batch",
@@ -366,6 +409,13 @@ mod tests {
         )
     }
 
+    fn arb_id() -> impl Strategy<Value = MoveId> {
+        (any::<u64>(), any::<u64>()).prop_map(|(change, target_version)| MoveId {
+            change,
+            target_version,
+        })
+    }
+
     fn arb_request() -> impl Strategy<Value = Request> {
         let body = prop_oneof![
             bytes().prop_map(|key| RequestBody::Get { key }),
@@ -376,22 +426,33 @@ mod tests {
             Just(RequestBody::Start),
             Just(RequestBody::Stop),
             arb_metadata().prop_map(|metadata| RequestBody::InstallMetadata { metadata }),
-            arb_range().prop_map(|range| RequestBody::LockRange { range }),
-            arb_range().prop_map(|range| RequestBody::UnlockRange { range }),
-            (arb_range(), arb_node())
-                .prop_map(|(range, to)| RequestBody::TransferRange { range, to }),
-            (arb_range(), arb_node())
-                .prop_map(|(range, to)| RequestBody::TransferDelta { range, to }),
-            proptest::collection::vec((bytes(), proptest::option::of(bytes())), 0..4).prop_map(
-                |v| {
+            (arb_id(), arb_range()).prop_map(|(id, range)| RequestBody::LockRange { id, range }),
+            (arb_id(), arb_range()).prop_map(|(id, range)| RequestBody::AbortMove { id, range }),
+            (arb_id(), arb_range())
+                .prop_map(|(id, range)| RequestBody::PrepareReceive { id, range }),
+            (arb_id(), arb_range(), arb_node())
+                .prop_map(|(id, range, to)| RequestBody::TransferRange { id, range, to }),
+            (arb_id(), arb_range(), arb_node(), any::<bool>()).prop_map(|(id, range, to, last)| {
+                RequestBody::TransferDelta {
+                    id,
+                    range,
+                    to,
+                    last,
+                }
+            }),
+            (
+                arb_id(),
+                proptest::collection::vec((bytes(), proptest::option::of(bytes())), 0..4)
+            )
+                .prop_map(|(id, v)| {
                     RequestBody::PutBatch {
+                        id,
                         entries: v
                             .into_iter()
                             .map(|(key, value)| StorageEntry { key, value })
                             .collect(),
                     }
-                }
-            ),
+                }),
             arb_range().prop_map(|range| RequestBody::DeleteRange { range }),
             arb_digest().prop_map(|digest| RequestBody::Gossip { digest }),
             arb_encoded_metadata().prop_map(|metadata| RequestBody::GossipPush { metadata }),
@@ -572,6 +633,13 @@ mod tests {
     fn client_requests_are_the_four() {
         assert!(RequestBody::GetMetadata.is_client_request());
         assert!(!RequestBody::Status.is_client_request());
-        assert!(!RequestBody::PutBatch { entries: vec![] }.is_client_request());
+        assert!(!RequestBody::PutBatch {
+            id: MoveId {
+                change: 1,
+                target_version: 2
+            },
+            entries: vec![]
+        }
+        .is_client_request());
     }
 }

@@ -270,7 +270,7 @@ pub fn check_node_addr(addr: &str) -> Result<(), String> {
 }
 
 /// A range that changes owner, and between whom.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeMove {
     /// The positions that move.
     pub range: KeyRange,

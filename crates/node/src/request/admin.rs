@@ -21,7 +21,7 @@ pub async fn status(node: &Node) -> ReplyBody {
         keys,
         writes: stats.writes,
         write_commits: stats.commits,
-        locked: node.locks.read().await.clone(),
+        locked: node.moves().locked_ranges(),
         peers: node.peer_liveness(),
     }))
 }

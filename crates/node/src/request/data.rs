@@ -3,6 +3,7 @@
 use ringkv_wire::{HashedKey, ReplyBody, WireError};
 
 use super::{error, storage_error};
+use crate::node::WriteAdmission;
 use crate::Node;
 
 fn invalid(e: WireError) -> ReplyBody {
@@ -31,28 +32,31 @@ pub fn get(node: &Node, key: &[u8]) -> ReplyBody {
     }
 }
 
-/// Runs a write under the lock table's read guard (see [`Node`]'s invariant): ownership and
+/// Runs a write under the write gate's read guard (see [`Node`]'s invariant): ownership and
 /// write locks are checked, then the write is made durable, before the guard is released.
 async fn write<F, Fut>(node: &Node, key: &HashedKey<'_>, apply: F) -> ReplyBody
 where
-    F: FnOnce() -> Fut,
+    F: FnOnce(WriteAdmission) -> Fut,
     Fut: std::future::Future<Output = ReplyBody>,
 {
     if let Err(reply) = admit(node, key) {
         return reply;
     }
-    let locks = node.locks.read().await;
+    let admitted = node.admit_write().await;
     // Ownership may have changed while we waited for the guard.
     if let Err(reply) = node.check_owner(&key.position) {
         return reply;
     }
-    if locks.iter().any(|r| r.contains(&key.position)) {
-        return ReplyBody::WriteLocked;
+    {
+        let mut moves = node.moves();
+        if moves.is_locked(&key.position) {
+            return ReplyBody::WriteLocked;
+        }
+        moves.track(key);
     }
-    node.track_write(key);
-    let reply = apply().await;
-    drop(locks);
-    reply
+    // The admission travels with the write to the storage writer, which releases it once
+    // the write is durable, even if this handler is cancelled meanwhile.
+    apply(admitted).await
 }
 
 /// `Put`: acknowledged once durable.
@@ -61,8 +65,8 @@ pub async fn put(node: &Node, key: &[u8], value: &[u8]) -> ReplyBody {
         return invalid(e);
     }
     let key = HashedKey::new(key);
-    write(node, &key, || async {
-        match node.store.put_hashed(&key, value).await {
+    write(node, &key, |admitted| async {
+        match node.store.put_hashed(&key, value, Some(admitted)).await {
             Ok(created) => ReplyBody::PutOk { created },
             Err(e) => storage_error(e),
         }
@@ -73,8 +77,8 @@ pub async fn put(node: &Node, key: &[u8], value: &[u8]) -> ReplyBody {
 /// `Delete`: acknowledged once durable.
 pub async fn delete(node: &Node, key: &[u8]) -> ReplyBody {
     let key = HashedKey::new(key);
-    write(node, &key, || async {
-        match node.store.delete_hashed(&key).await {
+    write(node, &key, |admitted| async {
+        match node.store.delete_hashed(&key, Some(admitted)).await {
             Ok(true) => ReplyBody::Deleted,
             Ok(false) => ReplyBody::NotFound,
             Err(e) => storage_error(e),

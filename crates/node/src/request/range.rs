@@ -1,26 +1,96 @@
-//! Range moves: `LockRange`, `UnlockRange`, `TransferRange`, `TransferDelta`, `PutBatch`,
-//! `DeleteRange`.
+//! Range moves (ARCHITECTURE.md §5): `LockRange`, `AbortMove`, `PrepareReceive`,
+//! `TransferRange`, `TransferDelta`, `PutBatch`, `DeleteRange`. Every transition of the
+//! node's move state is decided by [`crate::moves::MoveState`]; this module moves the bytes.
 
 use ringkv_wire::{
-    ErrorKind, KeyRange, NodeEntry, ReplyBody, Request, RequestBody, StorageEntry, TransferStats,
+    ErrorKind, KeyRange, MoveId, NodeEntry, ReplyBody, Request, RequestBody, StorageEntry,
+    TransferStats,
 };
 
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::{error, storage_error};
+use crate::moves::{MoveError, Round};
 use crate::storage::Batcher;
-use crate::Node;
+use crate::{Node, NodeError};
 
-/// `LockRange`: returns once no write into the range is in flight.
-pub async fn lock(node: &Node, range: KeyRange) -> ReplyBody {
-    node.lock_range(range).await;
+/// The reply to a refused move transition.
+fn refused(e: MoveError) -> ReplyBody {
+    error(ErrorKind::InvalidState, e.to_string())
+}
+
+/// The reply to a transition's outcome.
+fn done(result: Result<Result<(), NodeError>, MoveError>) -> ReplyBody {
+    match result {
+        Ok(Ok(())) => ReplyBody::Ok,
+        Ok(Err(e)) => storage_error(e),
+        Err(e) => refused(e),
+    }
+}
+
+/// `LockRange`: returns once the lock is durable and no write into the range is in flight.
+pub async fn lock(node: &Node, id: MoveId, range: KeyRange) -> ReplyBody {
+    let reply = done(
+        node.transition(|m, version| Ok(((), m.lock(id, range, version)?)))
+            .await,
+    );
+    if reply == ReplyBody::Ok {
+        tracing::info!(node = %node.config.name, change = id.change, target = id.target_version, range = ?range, "range write-locked");
+    }
+    reply
+}
+
+/// `AbortMove`: releases the sender's lock and tracking of the move, or ends the receiver's
+/// part and deletes its partial copy (with no batch of the move in flight: batches hold the
+/// write gate while they commit).
+pub async fn abort(node: &Node, id: MoveId, range: KeyRange) -> ReplyBody {
+    let receiving = match node
+        .transition(|m, version| {
+            let (unlocked, receiving) = m.abort(id, version)?;
+            Ok((receiving, unlocked))
+        })
+        .await
+    {
+        Ok(Ok(receiving)) => receiving,
+        Ok(Err(e)) => return storage_error(e),
+        Err(e) => return refused(e),
+    };
+    tracing::info!(node = %node.config.name, change = id.change, range = ?range, receiving, "move aborted");
+    // A receiver's partial copy goes (also one whose receiving state a restart lost); a
+    // sender keeps its range, which it still owns.
+    let owns = node
+        .view()
+        .own_range
+        .is_some_and(|own| own.intersects(&range));
+    if !owns {
+        if let Err(e) = node.store.delete_range(range).await {
+            return storage_error(e);
+        }
+    }
     ReplyBody::Ok
 }
 
-/// `UnlockRange`.
-pub async fn unlock(node: &Node, range: KeyRange) -> ReplyBody {
-    node.unlock_range(range).await;
-    ReplyBody::Ok
+/// `PrepareReceive`: deletes any stale copy of `range` (refused if the node owns any of it)
+/// and accepts the move's batches from now on.
+pub async fn prepare_receive(node: &Node, id: MoveId, range: KeyRange) -> ReplyBody {
+    if let Some(own) = node.view().own_range {
+        if own.intersects(&range) {
+            return error(
+                ErrorKind::InvalidState,
+                format!("refusing to receive {range:?}: this node owns {own:?}"),
+            );
+        }
+    }
+    // Stop any earlier move's batches first (a superseded attempt), then clear, then open.
+    let _quiet = node.quiesce().await;
+    if let Err(e) = node.store.delete_range(range).await {
+        return storage_error(e);
+    }
+    let version = node.metadata_version();
+    match node.moves().prepare_receive(id, range, version) {
+        Ok(()) => ReplyBody::Ok,
+        Err(e) => refused(e),
+    }
 }
 
 /// Transfer batches in flight at once: enough to keep the link and the receiver's disk busy
@@ -30,55 +100,76 @@ const TRANSFER_WINDOW: usize = 4;
 /// `TransferRange`: starts tracking writes into `range`, then streams a consistent snapshot
 /// of it to `to` in batches, several in flight; each batch is acknowledged by `to` only
 /// after it persisted it. Replies `Transferred` when all are. Writes into the range go on
-/// meanwhile; `TransferDelta` sends what they changed.
-pub async fn transfer(node: &Node, range: KeyRange, to: NodeEntry) -> ReplyBody {
-    // Tracking starts before the snapshot: every write the snapshot misses is tracked.
-    node.start_tracking(range).await;
+/// meanwhile; `TransferDelta` rounds send what they changed.
+pub async fn transfer(node: &Node, id: MoveId, range: KeyRange, to: NodeEntry) -> ReplyBody {
+    // Tracking starts before the snapshot (with no write in flight): every write the
+    // snapshot misses is tracked.
+    if let Err(e) = node
+        .transition(|m, version| Ok((m.start_tracking(id, range, version)?, false)))
+        .await
+    {
+        return refused(e);
+    }
     let batches = node
         .store
         .scan_range(range, node.config.transfer_batch_bytes);
-    let reply = send_batches(node, &to, batches, node.config.transfer_rate_limit).await;
+    let reply = send_batches(node, id, &to, batches, node.config.transfer_rate_limit).await;
     if let ReplyBody::Transferred(stats) = &reply {
         tracing::info!(node = %node.config.name, to = %to.name, range = ?range, entries = stats.entries, bytes = stats.bytes, "range snapshot transferred");
     }
     reply
 }
 
-/// `TransferDelta`: with `range` write-locked (so the set of changed keys is final), sends
-/// the current value or the deletion of every key written since the snapshot, and ends the
-/// tracking.
-pub async fn transfer_delta(node: &Node, range: KeyRange, to: NodeEntry) -> ReplyBody {
-    if !node.is_locked(&range).await {
-        return error(
-            ErrorKind::InvalidState,
-            format!("{range:?} must be write-locked for a delta transfer"),
-        );
-    }
-    let Some(keys) = node.stop_tracking(&range) else {
-        return error(
-            ErrorKind::InvalidState,
-            format!("no transfer of {range:?} is being tracked"),
-        );
+/// `TransferDelta`: sends the current value (or the deletion) of every key written since
+/// the previous round, starting the next round with no write in flight (so none is missed).
+/// The `last` round needs the range write-locked by this move, so its set is final.
+pub async fn transfer_delta(
+    node: &Node,
+    id: MoveId,
+    range: KeyRange,
+    to: NodeEntry,
+    last: bool,
+) -> ReplyBody {
+    let round = node
+        .transition(|m, _| Ok((m.next_round(id, &range, last)?, false)))
+        .await;
+    let round = match round {
+        Ok(Ok(round)) => round,
+        Ok(Err(e)) => return storage_error(e),
+        Err(e) => return refused(e),
     };
-    let mut batcher = Batcher::new(node.config.transfer_batch_bytes);
-    let mut batches = Vec::new();
-    for key in keys {
-        let value = match node.store.get(&key) {
-            Ok(v) => v,
-            Err(e) => return storage_error(e),
-        };
-        batches.extend(batcher.push(StorageEntry { key, value }));
-    }
-    batches.extend(batcher.finish());
-    let (tx, rx) = tokio::sync::mpsc::channel(batches.len().max(1));
-    for batch in batches {
-        tx.try_send(Ok(batch))
-            .expect("channel sized for every batch");
-    }
-    drop(tx);
-    let reply = send_batches(node, &to, rx, None).await;
+    let rx = match round {
+        Round::Rescan => node
+            .store
+            .scan_range(range, node.config.transfer_batch_bytes),
+        Round::Keys(keys) => {
+            let mut batcher = Batcher::new(node.config.transfer_batch_bytes);
+            let mut batches = Vec::new();
+            for key in keys {
+                let value = match node.store.get(&key) {
+                    Ok(v) => v,
+                    Err(e) => return storage_error(e),
+                };
+                batches.extend(batcher.push(StorageEntry { key, value }));
+            }
+            batches.extend(batcher.finish());
+            let (tx, rx) = tokio::sync::mpsc::channel(batches.len().max(1));
+            for batch in batches {
+                tx.try_send(Ok(batch))
+                    .expect("channel sized for every batch");
+            }
+            rx
+        }
+    };
+    // Only the rounds with writes open are paced; the locked one must be quick.
+    let pace = if last {
+        None
+    } else {
+        node.config.transfer_rate_limit
+    };
+    let reply = send_batches(node, id, &to, rx, pace).await;
     if let ReplyBody::Transferred(stats) = &reply {
-        tracing::info!(node = %node.config.name, to = %to.name, range = ?range, entries = stats.entries, "range delta transferred");
+        tracing::info!(node = %node.config.name, to = %to.name, range = ?range, last, entries = stats.entries, "range delta transferred");
     }
     reply
 }
@@ -88,6 +179,7 @@ pub async fn transfer_delta(node: &Node, range: KeyRange, to: NodeEntry) -> Repl
 /// per second on average. Replies `Transferred` once all are acknowledged.
 async fn send_batches(
     node: &Node,
+    id: MoveId,
     to: &NodeEntry,
     mut batches: tokio::sync::mpsc::Receiver<Result<Vec<StorageEntry>, crate::NodeError>>,
     rate_limit: Option<u64>,
@@ -99,7 +191,7 @@ async fn send_batches(
     let send = |entries: Vec<StorageEntry>| {
         let n = entries.len() as u64;
         let bytes = entry_bytes(&entries);
-        let request = Request::new(version, RequestBody::PutBatch { entries });
+        let request = Request::new(version, RequestBody::PutBatch { id, entries });
         async move {
             match node.peers.request(&to.addr, &request).await {
                 Ok(reply) if reply.body == ReplyBody::Ok => Ok((n, bytes)),
@@ -155,8 +247,10 @@ fn entry_bytes(entries: &[StorageEntry]) -> u64 {
         .sum()
 }
 
-/// `PutBatch`: persists a transfer batch before acknowledging it.
-pub async fn put_batch(node: &Node, entries: Vec<StorageEntry>) -> ReplyBody {
+/// `PutBatch`: persists a batch of a move this node was prepared to receive, before
+/// acknowledging it. Holds the write gate while it commits, so an `AbortMove` or a new
+/// `PrepareReceive` waits for it and no batch of an aborted move lands after either.
+pub async fn put_batch(node: &Node, id: MoveId, entries: Vec<StorageEntry>) -> ReplyBody {
     for e in &entries {
         let checked = match &e.value {
             Some(value) => node.config.limits.check_put(&e.key, value),
@@ -166,7 +260,17 @@ pub async fn put_batch(node: &Node, entries: Vec<StorageEntry>) -> ReplyBody {
             return error(ErrorKind::Malformed, format!("bad entry in batch: {err}"));
         }
     }
-    match node.store.put_batch(entries).await {
+    let admitted = node.admit_write().await;
+    if !node.moves().accepts_batch(id) {
+        return error(
+            ErrorKind::InvalidState,
+            format!(
+                "not receiving move {} (never prepared, aborted, superseded or done)",
+                id.change
+            ),
+        );
+    }
+    match node.store.put_batch(entries, Some(admitted)).await {
         Ok(()) => ReplyBody::Ok,
         Err(e) => storage_error(e),
     }

@@ -1,0 +1,580 @@
+//! The executor of a [`Plan`], as a synchronous state machine (ARCHITECTURE.md §5): every
+//! decision (which step next, repeat a delta round, roll back, retry, finish) is made here,
+//! from the outcome of the previous action; the ECS's tokio code only performs the actions
+//! (persist the intent, run a step against a node, wait) and feeds their outcomes back. So
+//! every fault can be injected deterministically (`tests/move_sim.rs`).
+//!
+//! The executor's [`Intent`] is the ECS's intent log: it is persisted before the first step,
+//! when the change commits (that write *is* the commit point) and when a rollback starts,
+//! and cleared when the change is over. An ECS that restarts with an intent on disk resumes
+//! it with [`Executor::resume`]: a committed change is driven to its end, any other is
+//! rolled back. No change needs a person to finish it.
+//!
+//! Rules:
+//! - Before the commit, a failed step rolls the change back: `Abort` at the sender, retried
+//!   (with backoff) until acknowledged if its `Lock` may have been sent (its lock is durable
+//!   and only an abort or the commit releases it; [`Intent::lock_sent`] is persisted before
+//!   the lock is sent), tried once otherwise; then `Abort` at the receiver, tried once
+//!   (`Plan::best_effort`).
+//! - After the commit, every step is retried until it succeeds; an `Install` succeeds only
+//!   when the node reports holding the new version. There is no unlock step: the sender's
+//!   lock ends when it adopts the new version.
+//! - A delta round with writes open is repeated while it carried at least
+//!   [`PRECOPY_DONE_BELOW`] keys (at most [`MAX_PRECOPY_ROUNDS`] times), so the locked last
+//!   round is short whatever the write rate.
+
+use std::time::Duration;
+
+use ringkv_wire::{MoveId, TransferStats};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{Plan, Step};
+
+/// A delta round with writes open that carried fewer keys than this ends the pre-copy.
+pub const PRECOPY_DONE_BELOW: u64 = 256;
+/// Most delta rounds with writes open.
+pub const MAX_PRECOPY_ROUNDS: u32 = 8;
+/// First delay before retrying a step that must eventually succeed.
+pub const RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// Longest delay between retries.
+pub const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Where a change stands, as persisted in the intent log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Before the commit: a crash rolls it back.
+    Forward,
+    /// Committed: a crash resumes it.
+    Committed,
+    /// Being rolled back: a crash goes on rolling it back.
+    RollingBack,
+}
+
+/// The intent log entry of a change in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// The change's unique number (the `change` of its [`MoveId`]).
+    pub change: u64,
+    /// What it does.
+    pub plan: Plan,
+    /// Where it stands.
+    pub phase: Phase,
+    /// Why it is being rolled back: the step that failed, and the reason.
+    pub failure: Option<(String, String)>,
+    /// Whether the sender's `Lock` may have been sent (persisted before it is): only then must
+    /// a rollback's abort reach the sender, whose lock is durable.
+    pub lock_sent: bool,
+}
+
+impl Intent {
+    /// The id every request of the change carries.
+    pub fn move_id(&self) -> MoveId {
+        MoveId {
+            change: self.change,
+            target_version: self.plan.metadata.version,
+        }
+    }
+}
+
+/// What happened to the last action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It succeeded; `node_version` is the version the node's reply carried (0 for actions
+    /// that do not involve a node), `stats` what a transfer moved.
+    Ok {
+        /// What a transfer step moved.
+        stats: Option<TransferStats>,
+        /// The metadata version the node reported.
+        node_version: u64,
+    },
+    /// It failed (refused, unreachable, timed out).
+    Failed(String),
+}
+
+impl Outcome {
+    /// Success of an action that involves no node or carries nothing.
+    pub fn ok() -> Self {
+        Outcome::Ok {
+            stats: None,
+            node_version: 0,
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Persist this intent (replacing the previous one), then report `Outcome::ok()`.
+    Persist(Intent),
+    /// Persist this (committed) intent, then the new ring, and adopt it: the commit point.
+    /// Report `Ok` if the intent was persisted (a failed ring write is repaired on resume).
+    Commit(Intent),
+    /// Run this step of the change against its node.
+    Run(Step),
+    /// Wait this long, then report `Outcome::ok()` (the step is then retried).
+    Wait(Duration),
+    /// The change is over: clear the intent log. `Ok` with what the transfers moved, or the
+    /// step that failed and why (the change was rolled back and the ring is unchanged).
+    Finish(Result<TransferStats, (String, String)>),
+}
+
+/// What the executor waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaiting {
+    Persisted,
+    StepResult,
+    Waited,
+    Finished,
+}
+
+/// A plan being executed. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Executor {
+    intent: Intent,
+    /// Index into the steps of the current phase (all steps when forward or committed; the
+    /// rollback steps when rolling back).
+    cursor: usize,
+    awaiting: Awaiting,
+    attempts: u32,
+    precopy_rounds: u32,
+    moved: TransferStats,
+}
+
+impl Executor {
+    /// A new change numbered `change`. Its first action persists the intent.
+    pub fn new(plan: Plan, change: u64) -> (Self, Action) {
+        Self::start(
+            Intent {
+                change,
+                plan,
+                phase: Phase::Forward,
+                failure: None,
+                lock_sent: false,
+            },
+            0,
+        )
+    }
+
+    /// A change found in the intent log after a restart: a committed one resumes after its
+    /// commit (every step from there on is idempotent), any other is rolled back.
+    pub fn resume(mut intent: Intent) -> (Self, Action) {
+        let cursor = match intent.phase {
+            Phase::Committed => intent.plan.commit_index() + 1,
+            Phase::Forward | Phase::RollingBack => {
+                intent.phase = Phase::RollingBack;
+                intent.failure.get_or_insert_with(|| {
+                    (
+                        "the change".into(),
+                        "the ECS restarted before it committed".into(),
+                    )
+                });
+                0
+            }
+        };
+        Self::start(intent, cursor)
+    }
+
+    fn start(intent: Intent, cursor: usize) -> (Self, Action) {
+        let exec = Self {
+            intent,
+            cursor,
+            awaiting: Awaiting::Persisted,
+            attempts: 0,
+            precopy_rounds: 0,
+            moved: TransferStats::default(),
+        };
+        let action = Action::Persist(exec.intent.clone());
+        (exec, action)
+    }
+
+    /// The intent as it stands.
+    pub fn intent(&self) -> &Intent {
+        &self.intent
+    }
+
+    /// The id every request of the change carries.
+    pub fn move_id(&self) -> MoveId {
+        self.intent.move_id()
+    }
+
+    /// Whether the change has committed.
+    pub fn committed(&self) -> bool {
+        self.intent.phase == Phase::Committed
+    }
+
+    /// The steps of the current phase.
+    fn steps(&self) -> Vec<Step> {
+        match self.intent.phase {
+            Phase::RollingBack => self.intent.plan.rollback(),
+            Phase::Forward | Phase::Committed => self.intent.plan.steps.clone(),
+        }
+    }
+
+    /// The next action, given the outcome of the previous one.
+    pub fn next(&mut self, outcome: Outcome) -> Action {
+        match self.awaiting {
+            Awaiting::Finished => panic!("the change is over"),
+            Awaiting::Persisted | Awaiting::Waited => {
+                // A failed intent write before anything ran: nothing happened, give up.
+                if let (Outcome::Failed(reason), Awaiting::Persisted, true) = (
+                    &outcome,
+                    self.awaiting,
+                    self.cursor == 0 && self.intent.phase == Phase::Forward,
+                ) {
+                    return self.finish(Err(("persist the intent".into(), reason.clone())));
+                }
+                self.run_current()
+            }
+            Awaiting::StepResult => self.on_result(outcome),
+        }
+    }
+
+    fn run_current(&mut self) -> Action {
+        let steps = self.steps();
+        let Some(step) = steps.get(self.cursor).cloned() else {
+            return match self.intent.phase {
+                Phase::RollingBack => {
+                    let failure = self.intent.failure.clone().unwrap_or_default();
+                    self.finish(Err(failure))
+                }
+                Phase::Forward | Phase::Committed => self.finish(Ok(self.moved)),
+            };
+        };
+        if matches!(step, Step::Lock { .. }) && !self.intent.lock_sent {
+            // Recorded before the lock can exist, so that a rollback (even by a restarted
+            // ECS) knows it must release it.
+            self.intent.lock_sent = true;
+            self.awaiting = Awaiting::Persisted;
+            return Action::Persist(self.intent.clone());
+        }
+        self.awaiting = Awaiting::StepResult;
+        if step == Step::Commit {
+            let mut committed = self.intent.clone();
+            committed.phase = Phase::Committed;
+            return Action::Commit(committed);
+        }
+        Action::Run(step)
+    }
+
+    fn on_result(&mut self, outcome: Outcome) -> Action {
+        let steps = self.steps();
+        let step = steps[self.cursor].clone();
+        let failure = match (&outcome, &step) {
+            (Outcome::Failed(reason), _) => Some(reason.clone()),
+            (Outcome::Ok { node_version, .. }, Step::Install { node })
+                if *node_version < self.intent.plan.metadata.version =>
+            {
+                Some(format!(
+                    "{} still holds v{node_version} after the install of v{}",
+                    node.name, self.intent.plan.metadata.version
+                ))
+            }
+            _ => None,
+        };
+        if let Some(reason) = failure {
+            return match self.intent.phase {
+                Phase::Forward if step == Step::Commit => {
+                    // The commit record was not written: still before the commit.
+                    self.roll_back(step.describe(), reason)
+                }
+                Phase::Forward => self.roll_back(step.describe(), reason),
+                Phase::RollingBack if self.best_effort(&step) => {
+                    self.cursor += 1;
+                    self.run_current()
+                }
+                Phase::Committed | Phase::RollingBack => {
+                    self.attempts += 1;
+                    self.awaiting = Awaiting::Waited;
+                    Action::Wait(backoff(self.attempts))
+                }
+            };
+        }
+        self.attempts = 0;
+        if let Outcome::Ok {
+            stats: Some(stats), ..
+        } = &outcome
+        {
+            self.moved.entries += stats.entries;
+            self.moved.bytes += stats.bytes;
+            if matches!(step, Step::TransferDelta { last: false, .. }) {
+                self.precopy_rounds += 1;
+                if stats.entries >= PRECOPY_DONE_BELOW && self.precopy_rounds < MAX_PRECOPY_ROUNDS {
+                    return self.run_current(); // another round with writes open
+                }
+            }
+        }
+        if step == Step::Commit {
+            self.intent.phase = Phase::Committed;
+        }
+        self.cursor += 1;
+        self.run_current()
+    }
+
+    /// Whether a rollback step's failure is accepted rather than retried: the receiver's
+    /// abort always ([`Plan::best_effort`]), the sender's while its lock was never sent (it
+    /// then only drops tracking, which a restart drops too).
+    fn best_effort(&self, step: &Step) -> bool {
+        self.intent.plan.best_effort(step)
+            || (!self.intent.lock_sent && matches!(step, Step::Abort { .. }))
+    }
+
+    fn roll_back(&mut self, step: String, reason: String) -> Action {
+        self.intent.phase = Phase::RollingBack;
+        self.intent.failure = Some((step, reason));
+        self.cursor = 0;
+        self.attempts = 0;
+        self.awaiting = Awaiting::Persisted;
+        Action::Persist(self.intent.clone())
+    }
+
+    fn finish(&mut self, result: Result<TransferStats, (String, String)>) -> Action {
+        self.awaiting = Awaiting::Finished;
+        Action::Finish(result)
+    }
+}
+
+/// Delay before the `attempt`-th retry: doubling from [`RETRY_INITIAL`] to [`RETRY_MAX`].
+pub fn backoff(attempt: u32) -> Duration {
+    RETRY_INITIAL
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan;
+    use ringkv_wire::{NodeEntry, RingMetadata};
+
+    fn join_plan() -> Plan {
+        let ring = RingMetadata::new(
+            3,
+            vec![
+                NodeEntry::new("a", "127.0.0.1:7001"),
+                NodeEntry::new("b", "127.0.0.1:7002"),
+            ],
+        )
+        .unwrap();
+        plan::join(&ring, NodeEntry::new("c", "127.0.0.1:7003")).unwrap()
+    }
+
+    fn ok_at(version: u64, entries: u64) -> Outcome {
+        Outcome::Ok {
+            stats: Some(TransferStats { entries, bytes: 0 }),
+            node_version: version,
+        }
+    }
+
+    /// Runs `exec` from `first` answering every action with `answer`, returning the actions.
+    fn run(
+        mut exec: Executor,
+        first: Action,
+        mut answer: impl FnMut(&Action) -> Outcome,
+    ) -> Vec<Action> {
+        let mut actions = vec![first];
+        while !matches!(actions.last(), Some(Action::Finish(_))) {
+            assert!(actions.len() < 1000, "runaway: {actions:?}");
+            let outcome = answer(actions.last().unwrap());
+            actions.push(exec.next(outcome));
+        }
+        actions
+    }
+
+    #[test]
+    fn a_clean_join_persists_commits_and_finishes() {
+        let plan = join_plan();
+        let target = plan.metadata.version;
+        let (exec, first) = Executor::new(plan.clone(), 7);
+        assert_eq!(exec.move_id().change, 7);
+        let actions = run(exec, first, |_| ok_at(target, 0));
+        assert!(matches!(&actions[0], Action::Persist(i) if i.phase == Phase::Forward));
+        let ran: Vec<&Step> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Run(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ran.len(),
+            plan.steps.len() - 1,
+            "every step once, Commit apart"
+        );
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Commit(i) if i.phase == Phase::Committed)));
+        assert!(matches!(actions.last(), Some(Action::Finish(Ok(_)))));
+    }
+
+    #[test]
+    fn delta_rounds_repeat_while_they_carry_much() {
+        let plan = join_plan();
+        let target = plan.metadata.version;
+        let (exec, first) = Executor::new(plan, 1);
+        let mut rounds = 0;
+        let actions = run(exec, first, |a| match a {
+            Action::Run(Step::TransferDelta { last: false, .. }) => {
+                rounds += 1;
+                ok_at(0, if rounds < 3 { 10_000 } else { 10 })
+            }
+            _ => ok_at(target, 0),
+        });
+        assert_eq!(rounds, 3);
+        assert!(matches!(actions.last(), Some(Action::Finish(Ok(_)))));
+        // Bounded even if writes never slow down.
+        let (exec, first) = Executor::new(join_plan(), 1);
+        let mut rounds = 0;
+        run(exec, first, |a| match a {
+            Action::Run(Step::TransferDelta { last: false, .. }) => {
+                rounds += 1;
+                ok_at(0, 1_000_000)
+            }
+            _ => ok_at(target, 0),
+        });
+        assert_eq!(rounds, MAX_PRECOPY_ROUNDS);
+    }
+
+    #[test]
+    fn a_failure_before_the_commit_rolls_back_until_both_aborts_land() {
+        let plan = join_plan();
+        let receiver = plan.moved.clone().unwrap().to;
+        let (exec, first) = Executor::new(plan.clone(), 1);
+        let mut abort_failures = 2;
+        let actions = run(exec, first, |a| match a {
+            Action::Run(Step::Lock { .. }) => Outcome::Failed("timeout".into()),
+            Action::Run(Step::Abort { node, .. }) if abort_failures > 0 || *node == receiver => {
+                abort_failures -= 1;
+                Outcome::Failed("unreachable".into())
+            }
+            _ => Outcome::ok(),
+        });
+        assert!(!actions.iter().any(|a| matches!(a, Action::Commit(_))));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Persist(i) if i.phase == Phase::RollingBack)));
+        assert!(
+            actions.iter().any(
+                |a| matches!(a, Action::Persist(i) if i.lock_sent && i.phase == Phase::Forward)
+            ),
+            "the lock is recorded before it is sent"
+        );
+        let aborts = actions
+            .iter()
+            .filter(|a| matches!(a, Action::Run(Step::Abort { .. })))
+            .count();
+        assert_eq!(
+            aborts, 4,
+            "the sender's twice retried until delivered, the receiver's tried once"
+        );
+        assert_eq!(
+            actions
+                .iter()
+                .filter(|a| matches!(a, Action::Wait(_)))
+                .count(),
+            2
+        );
+        match actions.last() {
+            Some(Action::Finish(Err((step, reason)))) => {
+                assert!(step.contains("write-lock"), "{step}");
+                assert_eq!(reason, "timeout");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failure_before_the_lock_does_not_wait_for_an_unreachable_sender() {
+        let (exec, first) = Executor::new(join_plan(), 1);
+        let actions = run(exec, first, |a| match a {
+            Action::Run(Step::Transfer { .. } | Step::Abort { .. }) => {
+                Outcome::Failed("cannot connect".into())
+            }
+            _ => Outcome::ok(),
+        });
+        assert!(!actions.iter().any(|a| matches!(a, Action::Wait(_))));
+        assert!(matches!(actions.last(), Some(Action::Finish(Err(_)))));
+    }
+
+    #[test]
+    fn after_the_commit_an_install_is_retried_until_the_node_holds_the_version() {
+        let plan = join_plan();
+        let target = plan.metadata.version;
+        let sender = plan.moved.clone().unwrap().from;
+        let (exec, first) = Executor::new(plan, 1);
+        let mut tries = 0;
+        let actions = run(exec, first, |a| match a {
+            Action::Run(Step::Install { node }) if *node == sender => {
+                tries += 1;
+                match tries {
+                    1 => Outcome::Failed("no reply within 5s".into()),
+                    2 => ok_at(target - 1, 0), // answered, but did not adopt
+                    _ => ok_at(target, 0),
+                }
+            }
+            _ => ok_at(target, 0),
+        });
+        assert_eq!(tries, 3);
+        // Nothing was run at the receiver before the sender held the version.
+        let first_sender_ok = actions
+            .iter()
+            .rposition(|a| matches!(a, Action::Run(Step::Install { node }) if *node == sender))
+            .unwrap();
+        assert!(!actions[..first_sender_ok]
+            .iter()
+            .any(|a| matches!(a, Action::Run(Step::Install { node }) if *node != sender)));
+        assert!(matches!(actions.last(), Some(Action::Finish(Ok(_)))));
+    }
+
+    #[test]
+    fn resume_finishes_a_committed_change_and_rolls_back_any_other() {
+        let plan = join_plan();
+        let target = plan.metadata.version;
+        let committed = Intent {
+            change: 4,
+            plan: plan.clone(),
+            phase: Phase::Committed,
+            failure: None,
+            lock_sent: true,
+        };
+        let (exec, first) = Executor::resume(committed);
+        let actions = run(exec, first, |_| ok_at(target, 0));
+        let ran: Vec<&Step> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Run(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ran,
+            plan.steps[plan.commit_index() + 1..]
+                .iter()
+                .collect::<Vec<_>>()
+        );
+        let forward = Intent {
+            change: 4,
+            plan: plan.clone(),
+            phase: Phase::Forward,
+            failure: None,
+            lock_sent: true,
+        };
+        let (exec, first) = Executor::resume(forward);
+        let actions = run(exec, first, |_| Outcome::ok());
+        let ran: Vec<Step> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Run(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ran, plan.rollback());
+        assert!(matches!(actions.last(), Some(Action::Finish(Err(_)))));
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), RETRY_INITIAL);
+        assert_eq!(backoff(2), RETRY_INITIAL * 2);
+        assert_eq!(backoff(30), RETRY_MAX);
+    }
+}

@@ -1,0 +1,238 @@
+//! In-process tests of the connection layer over real QUIC and mutual TLS on loopback: a
+//! restarted server resets its old connections and `Transport::call` retries on a new one;
+//! a handler is cancelled when its caller goes away.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::Endpoint;
+use ringkv_certs::{Identity, IssueOptions, Role};
+use ringkv_wire::{Limits, WireError};
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+
+use crate::endpoint::tests::TempDir;
+use crate::{bind_endpoint, serve, Service, Transport, TransportError};
+
+/// Echoes its request; `"hang"` never answers and sets `dropped` when its handler is dropped.
+struct Echo {
+    dropped: Arc<AtomicBool>,
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Service for Echo {
+    type Request = String;
+    type Reply = String;
+
+    fn name(&self) -> &str {
+        "echo"
+    }
+
+    fn max_frame(&self) -> usize {
+        1 << 16
+    }
+
+    fn handle(&self, _role: Role, request: String) -> impl Future<Output = String> + Send {
+        let dropped = self.dropped.clone();
+        async move {
+            if request == "hang" {
+                let _guard = SetOnDrop(dropped);
+                std::future::pending::<()>().await;
+            }
+            request
+        }
+    }
+
+    fn bad_frame(&self, error: WireError) -> String {
+        format!("bad frame: {error}")
+    }
+
+    fn unencodable(&self, error: WireError) -> String {
+        format!("unencodable: {error}")
+    }
+}
+
+struct Setup {
+    dir: TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        ringkv_certs::install_crypto_provider();
+        let dir = TempDir::new("certs");
+        ringkv_certs::init_ca(&dir.0, false).unwrap();
+        let mut server = IssueOptions::new(Role::Node, "server");
+        server.sans = vec!["127.0.0.1".into()];
+        ringkv_certs::issue(&dir.0, &server).unwrap();
+        ringkv_certs::issue(&dir.0, &IssueOptions::new(Role::Client, "client")).unwrap();
+        Self { dir }
+    }
+
+    fn identity(&self, name: &str) -> Identity {
+        Identity::from_dir(&self.dir.0, name).unwrap()
+    }
+
+    /// A server endpoint on a free port serving [`Echo`]; stops when the sender is dropped.
+    fn server(
+        &self,
+        secret: Option<&[u8; 32]>,
+        dropped: Arc<AtomicBool>,
+    ) -> (Endpoint, oneshot::Sender<()>) {
+        let config = ringkv_certs::server_config(&self.identity("server")).unwrap();
+        let endpoint = bind_endpoint("127.0.0.1:0".parse().unwrap(), config, secret).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(serve(endpoint.clone(), Arc::new(Echo { dropped }), async {
+            let _ = rx.await;
+        }));
+        (endpoint, tx)
+    }
+
+    fn client(&self) -> Transport {
+        Transport::bind_client(
+            &self.identity("client"),
+            Limits::default(),
+            Duration::from_secs(3),
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    }
+}
+
+/// A UDP relay standing for "the server's address": clients talk to its front socket, it
+/// talks to the current upstream from one back socket and drops whatever comes from any
+/// other address. Switching the upstream is a crash and restart on the same address: the
+/// old server never hears from its clients again, and they never hear from it.
+struct Relay {
+    addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
+}
+
+impl Relay {
+    async fn start(upstream: SocketAddr) -> Self {
+        let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let upstream = Arc::new(Mutex::new(upstream));
+        let current = upstream.clone();
+        tokio::spawn(async move {
+            let mut client = None;
+            let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut up) => {
+                        client = Some(from);
+                        let to = *current.lock().unwrap();
+                        let _ = back.send_to(&up[..n], to).await;
+                    }
+                    Ok((n, from)) = back.recv_from(&mut down) => {
+                        let to = *current.lock().unwrap();
+                        if let (true, Some(client)) = (from == to, client) {
+                            let _ = front.send_to(&down[..n], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        Self { addr, upstream }
+    }
+
+    fn switch_to(&self, upstream: SocketAddr) {
+        *self.upstream.lock().unwrap() = upstream;
+    }
+}
+
+async fn echo(transport: &Transport, addr: &str, text: &str, timeout: Duration) -> String {
+    let reply: String = transport
+        .call(addr, &text.to_string(), timeout)
+        .await
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+    reply
+}
+
+/// Restarts the server behind the relay (a new endpoint with `new_secret`) after one
+/// exchange, and returns the outcome and duration of the next call on the old connection.
+async fn call_across_restart(
+    new_secret: Option<&[u8; 32]>,
+    timeout: Duration,
+) -> (Result<String, TransportError>, Duration, Endpoint) {
+    let setup = Setup::new();
+    let secret = [7u8; 32];
+    let flag = Arc::new(AtomicBool::new(false));
+    let (old, _old_stop) = setup.server(Some(&secret), flag.clone());
+    let relay = Relay::start(old.local_addr().unwrap()).await;
+    let addr = relay.addr.to_string();
+    let transport = setup.client();
+    assert_eq!(echo(&transport, &addr, "one", timeout).await, "one");
+
+    let (new, _new_stop) = setup.server(new_secret, flag);
+    relay.switch_to(new.local_addr().unwrap());
+    let started = Instant::now();
+    let result = transport.call(&addr, &"two".to_string(), timeout).await;
+    (result, started.elapsed(), new)
+}
+
+#[tokio::test]
+async fn restarted_server_resets_old_connection_and_the_call_is_retried() {
+    let (result, elapsed, new) =
+        call_across_restart(Some(&[7u8; 32]), Duration::from_secs(5)).await;
+    println!("call across a restart with the same reset secret: {elapsed:?}");
+    assert_eq!(result.unwrap(), "two");
+    assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
+    // It was answered on a new connection to the new server.
+    assert_eq!(new.stats().accepted_handshakes, 1);
+}
+
+/// The control: a restarted server with another reset key cannot reset the old connection
+/// (its packets are dropped without an answer), so the call waits its whole timeout.
+#[tokio::test]
+async fn restarted_server_without_the_secret_stays_silent() {
+    let timeout = Duration::from_millis(1500);
+    let (result, elapsed, new) = call_across_restart(None, timeout).await;
+    println!("call across a restart with a new reset key: {elapsed:?}");
+    match result {
+        Err(TransportError::Stream { reason, .. }) => {
+            assert!(reason.contains("no reply within"), "{reason}")
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(elapsed >= timeout);
+    assert_eq!(new.stats().accepted_handshakes, 0);
+}
+
+#[tokio::test]
+async fn handler_is_cancelled_when_the_caller_goes_away() {
+    let setup = Setup::new();
+    let dropped = Arc::new(AtomicBool::new(false));
+    let (server, _stop) = setup.server(None, dropped.clone());
+    let addr = server.local_addr().unwrap().to_string();
+    let transport = setup.client();
+    // Gives up after 300 ms and closes the connection.
+    let e = transport
+        .call::<_, String>(&addr, &"hang".to_string(), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TransportError::Stream { .. }), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !dropped.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the handler outlived its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The server still serves (a new connection).
+    assert_eq!(
+        echo(&transport, &addr, "after", Duration::from_secs(5)).await,
+        "after"
+    );
+}
