@@ -388,10 +388,10 @@ fn error_classification() {
         last: "write-locked".into(),
     };
     assert_eq!(classify_error(&timeout), OpResult::Unknown);
-    let transport = KvError::Transport {
+    let transport = KvError::Transport(ringkv_transport::TransportError::Stream {
         addr: "127.0.0.1:1".into(),
         reason: "reset".into(),
-    };
+    });
     assert_eq!(classify_error(&transport), OpResult::Unknown);
     assert_eq!(classify_error(&KvError::Disconnected), OpResult::Unknown);
 }

@@ -7,11 +7,15 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::load::{keys_for, Load};
 use common::{free_port, Certs, NodeProcess, TestEcs};
 use ringkv_transport::Transport;
-use ringkv_wire::{AdminReply, AdminRequest, Limits, Request, RequestBody};
+use ringkv_wire::{
+    AdminReply, AdminRequest, KeyRange, Limits, NodeEntry, Position, Request, RequestBody,
+};
 
 /// Waits (up to 20 s) until the node at `addr` answers a `Status` on a new connection of a
 /// new transport, and returns when it did.
@@ -89,6 +93,21 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
     for key in &keys {
         client.put(key.as_bytes(), key.as_bytes()).await.unwrap();
     }
+    // And a recorded workload runs through everything below (other keys, other client).
+    let all = KeyRange::new(Position::MAX, Position::MAX);
+    let load_keys: Vec<Vec<u8>> = keys_for(&all, 24, 0)
+        .into_iter()
+        .map(|k| [b"load-".as_slice(), &k].concat())
+        .collect();
+    let load = Load::start(
+        Arc::new(
+            certs
+                .client(nodes.iter().map(|n| n.addr.clone()).collect())
+                .await,
+        ),
+        load_keys,
+        4,
+    );
     let metadata = ecs.ecs.metadata();
     let victim_key = keys
         .iter()
@@ -129,6 +148,49 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
             None => "reachable".to_string(),
             Some(e) => format!("unreachable: {e}"),
         }
+    );
+
+    // A join that moves a range out of the restarted node (it is the sender), right after
+    // the restart: every step of the move reaches it at once.
+    let n3_addr: SocketAddr = (0..1000)
+        .map(|_| {
+            format!("127.0.0.1:{}", free_port())
+                .parse::<SocketAddr>()
+                .unwrap()
+        })
+        .find(|a| {
+            ecs.ecs
+                .metadata()
+                .join_move(&NodeEntry::new("n3", a.to_string()))
+                .unwrap()
+                .is_some_and(|mv| mv.from.name == "n1")
+        })
+        .expect("an address whose range comes from n1");
+    let n3_dir = tempfile::tempdir().unwrap();
+    let n3 = NodeProcess::spawn_with(&certs, "n3", n3_addr, n3_dir.path(), &[]);
+    wait_answers(&certs, &n3.addr).await;
+    nodes[0].kill();
+    nodes[0] = NodeProcess::spawn_with(&certs, "n1", addr, dirs[0].path(), &[]);
+    wait_answers(&certs, &nodes[0].addr).await;
+    let started = Instant::now();
+    let joined = ask(
+        &admin,
+        &ecs.addr,
+        AdminRequest::AddNode {
+            name: "n3".into(),
+            addr: n3.addr.clone(),
+        },
+    )
+    .await;
+    let join_took = started.elapsed();
+    println!("AddNode moving a range out of the node right after its restart: {join_took:?}");
+    assert!(
+        matches!(joined, AdminReply::Changed { .. }),
+        "join n3: {joined:?}"
+    );
+    assert!(
+        join_took < Duration::from_secs(5),
+        "AddNode took {join_took:?}"
     );
 
     // Kill and restart it once more, with the ECS connected to it (another status makes
@@ -173,7 +235,7 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
         "RemoveNode took {remove_took:?}"
     );
 
-    // Every key is still there (now all at n2), read by the old client.
+    // Every key is still there (now at n2 and n3), read by the old client.
     for key in &keys {
         assert_eq!(
             client.get(key.as_bytes()).await.unwrap(),
@@ -182,5 +244,7 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
         );
     }
     client.disconnect().await;
+    load.stop_and_check(&certs, vec![nodes[1].addr.clone(), n3.addr.clone()])
+        .await;
     ecs.stop().await;
 }

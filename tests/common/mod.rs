@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses part of it
 
 pub mod history;
+pub mod load;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

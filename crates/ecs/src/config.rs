@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Default bound on one range copy: 15 minutes, ~36 GB at the ~40 MB/s a move measured on
+/// Default bound on one range copy: 15 minutes, ~90 GB at the ~100 MB/s a move measured on
 /// loopback (README, performance).
 pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(900);
 

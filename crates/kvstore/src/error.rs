@@ -17,44 +17,10 @@ pub enum KvError {
     /// Loading certificates or building the TLS configuration failed.
     #[error("TLS setup: {0}")]
     Tls(#[from] ringkv_certs::CertError),
-    /// Binding the local UDP socket failed.
-    #[error("cannot bind local endpoint: {0}")]
-    Bind(#[source] std::io::Error),
-    /// A peer address did not resolve or parse.
-    #[error("bad address {addr}: {reason}")]
-    Address {
-        /// The address as given.
-        addr: String,
-        /// Why it failed.
-        reason: String,
-    },
-    /// Establishing the QUIC connection (including the mutual TLS handshake) failed or timed
-    /// out.
-    #[error("cannot connect to {addr}: {reason}")]
-    Connect {
-        /// The peer.
-        addr: String,
-        /// Why it failed.
-        reason: String,
-    },
-    /// The connection broke or the request timed out in flight; the request may or may not
-    /// have been applied.
-    #[error("request to {addr} failed: {reason}")]
-    Transport {
-        /// The peer.
-        addr: String,
-        /// Why it failed.
-        reason: String,
-    },
-    /// The peer sent a frame that does not decode or is over the size limit.
-    #[error("protocol error from {addr}: {source}")]
-    Protocol {
-        /// The peer.
-        addr: String,
-        /// The decoding error.
-        #[source]
-        source: WireError,
-    },
+    /// Reaching a node failed (binding, resolving, connecting, or the exchange itself: see
+    /// [`TransportError`], which says whether the request may have been applied).
+    #[error(transparent)]
+    Transport(TransportError),
     /// The node refused the request with an error reply; nothing was applied.
     #[error("server error ({kind:?}): {message}")]
     Server {
@@ -101,13 +67,9 @@ pub enum KvError {
 impl From<TransportError> for KvError {
     fn from(e: TransportError) -> Self {
         match e {
+            // Over the frame limit: refused before anything was sent, like an oversized value.
             TransportError::Encode(e) => KvError::Invalid(e),
-            TransportError::Tls(e) => KvError::Tls(e),
-            TransportError::Bind(e) => KvError::Bind(e),
-            TransportError::Address { addr, reason } => KvError::Address { addr, reason },
-            TransportError::Connect { addr, reason } => KvError::Connect { addr, reason },
-            TransportError::Stream { addr, reason } => KvError::Transport { addr, reason },
-            TransportError::Protocol { addr, source } => KvError::Protocol { addr, source },
+            e => KvError::Transport(e),
         }
     }
 }
@@ -115,9 +77,6 @@ impl From<TransportError> for KvError {
 impl KvError {
     /// Whether the error comes from reaching a peer (worth trying another node).
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            KvError::Connect { .. } | KvError::Transport { .. } | KvError::Address { .. }
-        )
+        matches!(self, KvError::Transport(e) if e.is_unreachable())
     }
 }

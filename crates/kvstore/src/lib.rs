@@ -40,3 +40,6 @@ pub use client::{ClientStats, KvStore, PutOutcome};
 pub use config::ClientConfig;
 pub use error::KvError;
 pub use retry::{Backoff, RetryPolicy};
+/// The transport error inside [`KvError::Transport`], re-exported so applications need not
+/// depend on `ringkv-transport`.
+pub use ringkv_transport::TransportError;
