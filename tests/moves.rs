@@ -150,9 +150,12 @@ async fn assert_settled(s: &Setup, version: u64) {
 
 #[tokio::test]
 async fn sender_frozen_across_its_install_hands_over_without_a_second_owner() {
-    let s = setup(|pid| {
+    let frozen = Arc::new(AtomicBool::new(false));
+    let flag = frozen.clone();
+    let s = setup(move |pid| {
         // Frozen past the ECS's 5 s request timeout: its install times out at least once.
         unsafe { libc::kill(pid, libc::SIGSTOP) };
+        flag.store(true, Ordering::SeqCst);
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(7));
             unsafe { libc::kill(pid, libc::SIGCONT) };
@@ -160,7 +163,26 @@ async fn sender_frozen_across_its_install_hands_over_without_a_second_owner() {
     })
     .await;
     let started = Instant::now();
-    add_node(&s.admin, &s.ecs.addr, "n2", &s.n2.addr).await;
+    let (admin, ecs_addr, n2_addr) = (s.certs.admin(), s.ecs.addr.clone(), s.n2.addr.clone());
+    let join = tokio::spawn(async move { add_node(&admin, &ecs_addr, "n2", &n2_addr).await });
+    while !frozen.load(Ordering::SeqCst) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no install at n1"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // An operator's `status` meanwhile finds n2 behind the ECS's new version, but must not
+    // install it there before n1 holds it: n2 would serve the range while n1 still serves
+    // reads of it.
+    let reply = ask(&s.admin, &s.ecs.addr, AdminRequest::Status).await;
+    assert!(matches!(reply, AdminReply::Status { .. }), "{reply:?}");
+    let n2 = node_status(&s.admin, &s.n2.addr).await;
+    assert!(
+        n2.metadata_version < 2 && !n2.running,
+        "the receiver got the new version while the sender was frozen: {n2:?}"
+    );
+    join.await.unwrap();
     println!(
         "join with the sender frozen across its install: {:?}",
         started.elapsed()
