@@ -18,26 +18,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::load::{keys_for, Load};
-use common::{free_port, node_status, Certs, EcsProcess, NodeProcess, TestCluster, TestEcs};
+use common::{
+    add_node_via, ask_ecs, free_port, node_status, wait_answers, Certs, EcsProcess, NodeProcess,
+    TestCluster, TestEcs,
+};
 use ringkv_ecs::config::StepHook;
 use ringkv_ecs::plan::{self, Step};
 use ringkv_transport::Transport;
-use ringkv_wire::{
-    AdminReply, AdminRequest, KeyRange, NodeEntry, Request, RequestBody, RingMetadata,
-};
-
-/// Waits until the node at `addr` answers a status request.
-async fn wait_answering(admin: &Transport, addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while admin
-        .request(addr, &Request::new(0, RequestBody::Status))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "{addr} never answered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use ringkv_wire::{AdminReply, AdminRequest, KeyRange, NodeEntry, RingMetadata};
 
 fn loopback() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
@@ -46,30 +34,8 @@ fn loopback() -> SocketAddr {
 /// A node process `name` started without `--start` (the ECS adds it), answering.
 async fn node_process(certs: &Certs, name: &str, addr: SocketAddr, dir: &Path) -> NodeProcess {
     let proc = NodeProcess::spawn_with(certs, name, addr, dir, &[]);
-    let admin = certs.admin();
-    wait_answering(&admin, &proc.addr).await;
-    admin.close().await;
+    wait_answers(certs, &proc.addr).await;
     proc
-}
-
-async fn ask(admin: &Transport, ecs: &str, request: AdminRequest) -> AdminReply {
-    admin
-        .call(ecs, &request, Duration::from_secs(600))
-        .await
-        .expect("the ECS answers")
-}
-
-/// Adds node `name` at `addr` through the ECS at `ecs`; panics unless the ring changed.
-async fn add_node(admin: &Transport, ecs: &str, name: &str, addr: &str) {
-    let request = AdminRequest::AddNode {
-        name: name.into(),
-        addr: addr.into(),
-    };
-    let reply = ask(admin, ecs, request).await;
-    assert!(
-        matches!(reply, AdminReply::Changed { .. }),
-        "add {name}: {reply:?}"
-    );
 }
 
 /// An in-process ECS whose hook runs `on_install_of_n1` when it is about to install the new
@@ -108,7 +74,7 @@ async fn setup(on_install_of_n1: impl Fn(i32) + Send + Sync + 'static) -> Setup 
     let n1_dir = tempfile::tempdir().unwrap();
     let n1 = node_process(&certs, "n1", loopback(), n1_dir.path()).await;
     pid.store(n1.pid(), Ordering::SeqCst);
-    add_node(&admin, &ecs.addr, "n1", &n1.addr).await;
+    add_node_via(&admin, &ecs.addr, "n1", &n1.addr).await;
     let n2_dir = tempfile::tempdir().unwrap();
     let n2_addr = loopback();
     let range = plan::join(
@@ -164,7 +130,7 @@ async fn sender_frozen_across_its_install_hands_over_without_a_second_owner() {
     .await;
     let started = Instant::now();
     let (admin, ecs_addr, n2_addr) = (s.certs.admin(), s.ecs.addr.clone(), s.n2.addr.clone());
-    let join = tokio::spawn(async move { add_node(&admin, &ecs_addr, "n2", &n2_addr).await });
+    let join = tokio::spawn(async move { add_node_via(&admin, &ecs_addr, "n2", &n2_addr).await });
     while !frozen.load(Ordering::SeqCst) {
         assert!(
             started.elapsed() < Duration::from_secs(60),
@@ -175,7 +141,7 @@ async fn sender_frozen_across_its_install_hands_over_without_a_second_owner() {
     // An operator's `status` meanwhile finds n2 behind the ECS's new version, but must not
     // install it there before n1 holds it: n2 would serve the range while n1 still serves
     // reads of it.
-    let reply = ask(&s.admin, &s.ecs.addr, AdminRequest::Status).await;
+    let reply = ask_ecs(&s.admin, &s.ecs.addr, AdminRequest::Status).await;
     assert!(matches!(reply, AdminReply::Status { .. }), "{reply:?}");
     let n2 = node_status(&s.admin, &s.n2.addr).await;
     assert!(
@@ -208,7 +174,7 @@ async fn sender_killed_after_the_delta_comes_back_locked_and_loses_nothing() {
     .await;
     let (admin, ecs_addr, n2_addr) = (s.certs.admin(), s.ecs.addr.clone(), s.n2.addr.clone());
     let join = tokio::spawn(async move {
-        ask(
+        ask_ecs(
             &admin,
             &ecs_addr,
             AdminRequest::AddNode {
@@ -230,7 +196,7 @@ async fn sender_killed_after_the_delta_comes_back_locked_and_loses_nothing() {
     let addr: SocketAddr = s.n1.addr.parse().unwrap();
     s.n1 = NodeProcess::spawn_with(&s.certs, "n1", addr, s.n1_dir.path(), &[]);
     s.pid.store(s.n1.pid(), Ordering::SeqCst);
-    wait_answering(&s.admin, &s.n1.addr).await;
+    wait_answers(&s.certs, &s.n1.addr).await;
     let st = node_status(&s.admin, &s.n1.addr).await;
     println!(
         "n1 restarted: version {}, locked {:?}",
@@ -275,8 +241,8 @@ async fn ecs_killed_at_a_random_step_of_a_join_finishes_or_rolls_it_back_by_itse
         n1_dir.path(),
         &["--transfer-rate-limit", "1000000"],
     );
-    wait_answering(&admin, &n1.addr).await;
-    add_node(&admin, &ecs.addr, "n1", &n1.addr).await;
+    wait_answers(&certs, &n1.addr).await;
+    add_node_via(&admin, &ecs.addr, "n1", &n1.addr).await;
     let store = Arc::new(certs.client(vec![n1.addr.clone()]).await);
     let value = vec![b'x'; 1024];
     for i in 0..1000 {
@@ -294,7 +260,7 @@ async fn ecs_killed_at_a_random_step_of_a_join_finishes_or_rolls_it_back_by_itse
         .range;
     let load = Load::start(store, keys_for(&range, 12, 4), 4);
     let n2 = NodeProcess::spawn_with(&certs, "n2", n2_addr, n2_dir.path(), &[]);
-    wait_answering(&admin, &n2.addr).await;
+    wait_answers(&certs, &n2.addr).await;
 
     let (join_admin, join_ecs, join_n2) = (certs.admin(), ecs.addr.clone(), n2.addr.clone());
     let started = Instant::now();
@@ -338,7 +304,7 @@ async fn ecs_killed_at_a_random_step_of_a_join_finishes_or_rolls_it_back_by_itse
     // By itself: the restarted ECS finishes the change or rolls it back.
     let deadline = Instant::now() + Duration::from_secs(60);
     let version = loop {
-        let AdminReply::Ring(ring) = ask(&admin, &ecs.addr, AdminRequest::Ring).await else {
+        let AdminReply::Ring(ring) = ask_ecs(&admin, &ecs.addr, AdminRequest::Ring).await else {
             unreachable!()
         };
         let (s1, s2) = (
@@ -373,7 +339,7 @@ async fn ecs_killed_at_a_random_step_of_a_join_finishes_or_rolls_it_back_by_itse
     if version == 1 {
         // The operator retries: a new attempt (a new change id) succeeds, and no batch of
         // the aborted one can land in it.
-        add_node(&admin, &ecs.addr, "n2", &n2.addr).await;
+        add_node_via(&admin, &ecs.addr, "n2", &n2.addr).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     load.stop_and_check(&certs, vec![n1.addr.clone(), n2.addr.clone()])

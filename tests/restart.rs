@@ -11,43 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::load::{keys_for, Load};
-use common::{free_port, Certs, NodeProcess, TestEcs};
-use ringkv_transport::Transport;
-use ringkv_wire::{
-    AdminReply, AdminRequest, KeyRange, Limits, NodeEntry, Position, Request, RequestBody,
-};
-
-/// Waits (up to 20 s) until the node at `addr` answers a `Status` on a new connection of a
-/// new transport, and returns when it did.
-async fn wait_answers(certs: &Certs, addr: &str) -> Instant {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let fresh = Transport::bind_client(
-            &certs.identity("admin"),
-            Limits::default(),
-            Duration::from_millis(200),
-            Duration::from_millis(500),
-        )
-        .expect("admin transport");
-        let answered = fresh
-            .request(addr, &Request::new(0, RequestBody::Status))
-            .await
-            .is_ok();
-        fresh.close().await;
-        if answered {
-            return Instant::now();
-        }
-        assert!(Instant::now() < deadline, "{addr} never answered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn ask(admin: &Transport, ecs: &str, request: AdminRequest) -> AdminReply {
-    admin
-        .call(ecs, &request, Duration::from_secs(60))
-        .await
-        .expect("ECS answers")
-}
+use common::{add_node_via, ask_ecs, free_port, wait_answers, Certs, NodeProcess, TestEcs};
+use ringkv_wire::{AdminReply, AdminRequest, KeyRange, NodeEntry, Position};
 
 #[tokio::test]
 async fn peers_of_a_restarted_node_reconnect_at_once() {
@@ -64,19 +29,7 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let node = NodeProcess::spawn_with(&certs, name, addr, data.path(), &[]);
         wait_answers(&certs, &node.addr).await;
-        let reply = ask(
-            &admin,
-            &ecs.addr,
-            AdminRequest::AddNode {
-                name: name.into(),
-                addr: node.addr.clone(),
-            },
-        )
-        .await;
-        assert!(
-            matches!(reply, AdminReply::Changed { .. }),
-            "add {name}: {reply:?}"
-        );
+        add_node_via(&admin, &ecs.addr, name, &node.addr).await;
         nodes.push(node);
         dirs.push(data);
     }
@@ -133,7 +86,7 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
 
     // The ECS's first status sees n1 reachable.
     let started = Instant::now();
-    let reply = ask(&admin, &ecs.addr, AdminRequest::Status).await;
+    let reply = ask_ecs(&admin, &ecs.addr, AdminRequest::Status).await;
     let status_took = started.elapsed();
     let AdminReply::Status { nodes: reports, .. } = reply else {
         panic!("status: {reply:?}")
@@ -173,7 +126,7 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
     nodes[0] = NodeProcess::spawn_with(&certs, "n1", addr, dirs[0].path(), &[]);
     wait_answers(&certs, &nodes[0].addr).await;
     let started = Instant::now();
-    let joined = ask(
+    let joined = ask_ecs(
         &admin,
         &ecs.addr,
         AdminRequest::AddNode {
@@ -196,12 +149,12 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
     // Kill and restart it once more, with the ECS connected to it (another status makes
     // sure of that even if the first one failed): the ECS's connection and n2's are to the
     // dead process again. Removing the restarted node goes through at once.
-    ask(&admin, &ecs.addr, AdminRequest::Status).await;
+    ask_ecs(&admin, &ecs.addr, AdminRequest::Status).await;
     nodes[0].kill();
     nodes[0] = NodeProcess::spawn_with(&certs, "n1", addr, dirs[0].path(), &[]);
     wait_answers(&certs, &nodes[0].addr).await;
     let started = Instant::now();
-    let removed = ask(
+    let removed = ask_ecs(
         &admin,
         &ecs.addr,
         AdminRequest::RemoveNode { name: "n1".into() },

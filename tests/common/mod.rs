@@ -363,7 +363,8 @@ impl EcsProcess {
                 .lines()
                 .map_while(Result::ok)
             {
-                if line.contains(" step ") || line.contains("step=") && line.contains("elapsed") {
+                // The executor's one line per step: `step change=.. step=.. elapsed=.. ok=..`.
+                if line.contains("step=") && line.contains("elapsed=") {
                     steps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
@@ -538,6 +539,53 @@ impl TestCluster {
             .find(|n| n.node.config().name == name)
             .expect("known node")
     }
+}
+
+/// Waits (up to 20 s) until the node at `addr` answers a `Status` on a new connection of a
+/// new transport (so no connection to an earlier process of it is reused), and returns when
+/// it did.
+pub async fn wait_answers(certs: &Certs, addr: &str) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let fresh = Transport::bind_client(
+            &certs.identity("admin"),
+            Limits::default(),
+            Duration::from_millis(200),
+            Duration::from_millis(500),
+        )
+        .expect("admin transport");
+        let answered = fresh
+            .request(addr, &Request::new(0, RequestBody::Status))
+            .await
+            .is_ok();
+        fresh.close().await;
+        if answered {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "{addr} never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends `request` to the ECS at `ecs` and waits (up to 60 s) for its answer.
+pub async fn ask_ecs(admin: &Transport, ecs: &str, request: AdminRequest) -> AdminReply {
+    admin
+        .call(ecs, &request, Duration::from_secs(60))
+        .await
+        .expect("the ECS answers")
+}
+
+/// Adds node `name` at `addr` through the ECS at `ecs`; panics unless the ring changed.
+pub async fn add_node_via(admin: &Transport, ecs: &str, name: &str, addr: &str) {
+    let request = AdminRequest::AddNode {
+        name: name.into(),
+        addr: addr.into(),
+    };
+    let reply = ask_ecs(admin, ecs, request).await;
+    assert!(
+        matches!(reply, AdminReply::Changed { .. }),
+        "add {name}: {reply:?}"
+    );
 }
 
 /// A node's status, asked over the network with the admin certificate.

@@ -365,6 +365,17 @@ mod tests {
         }
     }
 
+    /// The steps `actions` ran, in order.
+    fn steps_run(actions: &[Action]) -> Vec<Step> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Run(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Runs `exec` from `first` answering every action with `answer`, returning the actions.
     fn run(
         mut exec: Executor,
@@ -388,15 +399,8 @@ mod tests {
         assert_eq!(exec.move_id().change, 7);
         let actions = run(exec, first, |_| ok_at(target, 0));
         assert!(matches!(&actions[0], Action::Persist(i) if i.phase == Phase::Forward));
-        let ran: Vec<&Step> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Run(s) => Some(s),
-                _ => None,
-            })
-            .collect();
         assert_eq!(
-            ran.len(),
+            steps_run(&actions).len(),
             plan.steps.len() - 1,
             "every step once, Commit apart"
         );
@@ -538,19 +542,7 @@ mod tests {
         };
         let (exec, first) = Executor::resume(committed);
         let actions = run(exec, first, |_| ok_at(target, 0));
-        let ran: Vec<&Step> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Run(s) => Some(s),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(
-            ran,
-            plan.steps[plan.commit_index() + 1..]
-                .iter()
-                .collect::<Vec<_>>()
-        );
+        assert_eq!(steps_run(&actions), plan.steps[plan.commit_index() + 1..]);
         let forward = Intent {
             change: 4,
             plan: plan.clone(),
@@ -560,14 +552,7 @@ mod tests {
         };
         let (exec, first) = Executor::resume(forward);
         let actions = run(exec, first, |_| Outcome::ok());
-        let ran: Vec<Step> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Run(s) => Some(s.clone()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(ran, plan.rollback());
+        assert_eq!(steps_run(&actions), plan.rollback());
         assert!(matches!(actions.last(), Some(Action::Finish(Err(_)))));
     }
 

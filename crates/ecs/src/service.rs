@@ -227,7 +227,6 @@ impl Ecs {
     /// the background task goes on with it).
     async fn drive(&self, mut exec: Executor, first: Action) -> Result<AdminReply, EcsError> {
         let started = Instant::now();
-        let version_before = self.metadata().version;
         let plan = exec.intent().plan.clone();
         let sender = plan.moved.as_ref().map(|mv| mv.from.name.clone());
         let (mut locked_at, mut locked_for) = (None, Duration::ZERO);
@@ -302,7 +301,8 @@ impl Ecs {
                             Err(EcsError::Aborted {
                                 step: step.clone(),
                                 reason: reason.clone(),
-                                version: version_before.min(self.metadata().version),
+                                // Rolled back: the ring is the one before the change.
+                                version: self.metadata().version,
                             })
                         }
                     };

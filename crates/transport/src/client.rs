@@ -264,11 +264,6 @@ impl Transport {
         }
     }
 
-    /// Drops the cached connection to `addr` (the next request dials again).
-    pub fn forget(&self, addr: &str) {
-        self.conns.lock().expect("conns lock").remove(addr);
-    }
-
     /// Closes every connection gracefully and waits (bounded) for the peers to learn it.
     pub async fn close(&self) {
         let slots: Vec<Slot> = self
