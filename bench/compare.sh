@@ -271,7 +271,7 @@ main() {
     "$BIN/ringkv-certs" init --dir "$TMP/certs" >/dev/null
     "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role node --name n1 --san 127.0.0.1 --san localhost >/dev/null
     "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role client --name client >/dev/null
-    "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role admin --name ecs --san 127.0.0.1 >/dev/null
+    "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role ecs --name ecs --san 127.0.0.1 >/dev/null
     "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role admin --name admin >/dev/null
     local i
     for i in 1 2 3; do

@@ -75,7 +75,7 @@ impl LocalCluster {
         if !certs.join("ca.pem").exists() {
             ringkv_certs::init_ca(&certs, false)?;
         }
-        issue(&certs, Role::Admin, "ecs", true)?;
+        issue(&certs, Role::Ecs, "ecs", true)?;
         issue(&certs, Role::Admin, "admin", false)?;
         issue(&certs, Role::Client, "client", false)?;
         for i in 1..=cert_nodes {

@@ -31,7 +31,8 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
     let (code, _, err) = certs_tool(&["init"]);
     assert_ne!(code, 0);
     assert!(err.contains("exists") || err.contains("force"), "{err}");
-    for (role, name) in [("node", "n1"), ("client", "client")] {
+    // The ecs certificate signs the standalone node's one-node ring.
+    for (role, name) in [("node", "n1"), ("client", "client"), ("ecs", "ecs")] {
         let mut args = vec!["issue", "--role", role, "--name", name];
         if role == "node" {
             args.extend(["--san", "127.0.0.1"]);

@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use ringkv_ecs::executor::{Action, Executor, Intent, Outcome};
 use ringkv_ecs::plan::{self, Plan, Step};
 use ringkv_node::moves::{MoveState, Round};
-use ringkv_wire::{HashedKey, KeyRange, MoveId, NodeEntry, RingMetadata, TransferStats};
+use ringkv_wire::{
+    key_position, HashedKey, KeyRange, MoveId, NodeEntry, RingMetadata, TransferStats,
+};
 
 /// A node: what survives a crash (ring, data, persisted locks) and what does not.
 struct SimNode {
@@ -273,7 +275,8 @@ impl Sim {
                 }
                 n.delete_range(range);
                 let version = n.metadata.version;
-                match n.moves.prepare_receive(id, *range, version) {
+                let sender = plan.moved.as_ref().map_or("", |m| m.from.name.as_str());
+                match n.moves.prepare_receive(id, *range, sender, version) {
                     Ok(()) => ok(n, None),
                     Err(e) => refused(&e),
                 }
@@ -378,7 +381,12 @@ impl Sim {
         if !receiver.up {
             return Outcome::Failed(format!("{to} is down"));
         }
-        if !receiver.moves.accepts_batch(id) {
+        let positions: Vec<_> = entries.iter().map(|(k, _)| key_position(k)).collect();
+        if receiver
+            .moves
+            .check_batch(id, from, positions.iter())
+            .is_err()
+        {
             return Outcome::Failed(format!("{to} refused the batch"));
         }
         let n = entries.len() as u64;

@@ -11,42 +11,45 @@ use common::{Certs, TestEcs, TestNode};
 use ringkv_certs::Role;
 use ringkv_transport::Transport;
 use ringkv_wire::{
-    AdminReply, AdminRequest, EncodedMetadata, ErrorKind, GossipDigest, KeyRange, Limits, MoveId,
-    NodeEntry, Position, ReplyBody, Request, RequestBody,
+    AdminReply, AdminRequest, ErrorKind, GossipDigest, KeyRange, Limits, MoveId, NodeEntry,
+    Position, ReplyBody, Request, RequestBody,
 };
 
 /// The roles a certificate may carry, with the certificate name the test uses for each.
-const ROLES: [(Role, &str); 3] = [
+const ROLES: [(Role, &str); 4] = [
     (Role::Client, "client"),
     (Role::Node, "n2"),
     (Role::Admin, "admin"),
+    (Role::Ecs, "ecs"),
 ];
 
-/// Which roles a node serves `body` for (client, node, admin).
-fn node_allows(body: &RequestBody) -> [bool; 3] {
-    const ALL: [bool; 3] = [true, true, true];
-    const NODE_AND_ADMIN: [bool; 3] = [false, true, true];
-    const ADMIN: [bool; 3] = [false, false, true];
+/// Which roles a node serves `body` for (client, node, admin, ecs).
+fn node_allows(body: &RequestBody) -> [bool; 4] {
+    const ALL: [bool; 4] = [true, true, true, true];
+    const NOT_CLIENT: [bool; 4] = [false, true, true, true];
+    const NODE: [bool; 4] = [false, true, false, false];
+    const ECS: [bool; 4] = [false, false, false, true];
     match body {
         RequestBody::Get { .. }
         | RequestBody::Put { .. }
         | RequestBody::Delete { .. }
         | RequestBody::GetMetadata => ALL,
-        // Until metadata is signed and batches are tied to announced moves (the security
-        // work), node certificates may send these.
-        RequestBody::InstallMetadata { .. }
-        | RequestBody::PutBatch { .. }
-        | RequestBody::Status
+        RequestBody::Status => NOT_CLIENT,
+        // What nodes exchange among themselves (a batch is further checked against the
+        // move the ECS announced; a digest against the sender's certificate name).
+        RequestBody::PutBatch { .. }
         | RequestBody::Gossip { .. }
-        | RequestBody::GossipPush { .. } => NODE_AND_ADMIN,
-        RequestBody::Start
+        | RequestBody::GossipPush { .. } => NODE,
+        // Only the ECS speaks for the ring and drives moves; operators go through it.
+        RequestBody::InstallMetadata { .. }
+        | RequestBody::Start
         | RequestBody::Stop
         | RequestBody::LockRange { .. }
         | RequestBody::AbortMove { .. }
         | RequestBody::PrepareReceive { .. }
         | RequestBody::TransferRange { .. }
         | RequestBody::TransferDelta { .. }
-        | RequestBody::DeleteRange { .. } => ADMIN,
+        | RequestBody::DeleteRange { .. } => ECS,
     }
 }
 
@@ -79,11 +82,15 @@ fn every_request_kind() -> Vec<RequestBody> {
         RequestBody::Stop,
         RequestBody::Start,
         RequestBody::InstallMetadata {
-            metadata: Default::default(),
+            metadata: common::unsigned(&Default::default()),
         },
         RequestBody::LockRange { id, range },
         RequestBody::AbortMove { id, range },
-        RequestBody::PrepareReceive { id, range },
+        RequestBody::PrepareReceive {
+            id,
+            range,
+            from: "n2".into(),
+        },
         RequestBody::TransferRange {
             id,
             range,
@@ -110,7 +117,7 @@ fn every_request_kind() -> Vec<RequestBody> {
             },
         },
         RequestBody::GossipPush {
-            metadata: EncodedMetadata::encode(&Default::default()).unwrap(),
+            metadata: common::unsigned(&Default::default()),
         },
     ]
 }
@@ -155,22 +162,23 @@ async fn every_node_request_kind_by_every_role() {
         }
         caller.close().await;
     }
-    assert_eq!(checked, 3 * every_request_kind().len());
+    assert_eq!(checked, ROLES.len() * every_request_kind().len());
     // The refused requests changed nothing; the allowed ones left the node serving.
     assert!(node.node.is_running());
     assert_eq!(node.node.store().get(b"perm").unwrap(), None);
     node.stop().await;
 }
 
-/// Which roles the ECS answers `request` for (client, node, admin): only admins administer.
-fn ecs_allows(request: &AdminRequest) -> [bool; 3] {
+/// Which roles the ECS answers `request` for (client, node, admin, ecs): only operators
+/// administer.
+fn ecs_allows(request: &AdminRequest) -> [bool; 4] {
     match request {
         AdminRequest::AddNode { .. }
         | AdminRequest::RemoveNode { .. }
         | AdminRequest::Ring
         | AdminRequest::Status
         | AdminRequest::Start
-        | AdminRequest::Stop => [false, false, true],
+        | AdminRequest::Stop => [false, false, true, false],
     }
 }
 

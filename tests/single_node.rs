@@ -281,7 +281,7 @@ async fn client_certificates_cannot_send_internal_requests() {
             }],
         },
         RequestBody::InstallMetadata {
-            metadata: Default::default(),
+            metadata: common::unsigned(&Default::default()),
         },
         RequestBody::Gossip {
             digest: ringkv_wire::GossipDigest {
@@ -292,7 +292,7 @@ async fn client_certificates_cannot_send_internal_requests() {
             },
         },
         RequestBody::GossipPush {
-            metadata: ringkv_wire::EncodedMetadata::encode(&Default::default()).unwrap(),
+            metadata: common::unsigned(&Default::default()),
         },
     ];
     for body in internal {
@@ -316,7 +316,7 @@ async fn client_certificates_cannot_send_internal_requests() {
     assert!(node.node.is_running());
     assert_eq!(node.node.store().get(b"x").unwrap(), None);
 
-    // The admin certificate may.
+    // An operator's admin certificate may read the status.
     let admin = transport("admin");
     let reply = admin
         .request(&node.addr, &Request::new(0, RequestBody::Status))
@@ -329,9 +329,10 @@ async fn client_certificates_cannot_send_internal_requests() {
         }
         other => panic!("{other:?}"),
     }
-    // Stopped nodes answer Stopped to clients, and serve again after Start.
-    admin
-        .request(&node.addr, &Request::new(0, RequestBody::Stop))
+    // Only the ECS stops and starts nodes. Stopped nodes answer Stopped to clients, and
+    // serve again after Start.
+    let ecs = transport("ecs");
+    ecs.request(&node.addr, &Request::new(0, RequestBody::Stop))
         .await
         .unwrap();
     let reply = client
@@ -342,8 +343,7 @@ async fn client_certificates_cannot_send_internal_requests() {
         .await
         .unwrap();
     assert_eq!(reply.body, ReplyBody::Stopped);
-    admin
-        .request(&node.addr, &Request::new(0, RequestBody::Start))
+    ecs.request(&node.addr, &Request::new(0, RequestBody::Start))
         .await
         .unwrap();
     let reply = client

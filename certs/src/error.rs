@@ -59,7 +59,7 @@ pub enum CertError {
 
     /// A role name (from the command line or from a `ringkv:role:*` SAN) is not one of
     /// `node`, `client`, `admin`.
-    #[error("unknown role {value:?} (expected node, client or admin)")]
+    #[error("unknown role {value:?} (expected node, client, admin or ecs)")]
     UnknownRole {
         /// The unrecognised role text.
         value: String,
@@ -68,6 +68,14 @@ pub enum CertError {
     /// A certificate carries no `ringkv:role:*` URI SAN, so it grants no role.
     #[error("certificate carries no ringkv:role:* URI SAN")]
     NoRole,
+
+    /// A certificate's subject has no common name, so it names no peer.
+    #[error("certificate subject has no common name")]
+    NoName,
+
+    /// Ring metadata whose signature did not verify (see [`crate::MetadataVerifier`]).
+    #[error("ring metadata signature refused: {0}")]
+    BadSignature(String),
 
     /// A certificate carries more than one `ringkv:role:*` URI SAN; it is ambiguous and
     /// therefore rejected rather than granting either role.

@@ -105,6 +105,23 @@ pub fn role_of_cert(cert: &CertificateDer<'_>) -> Result<Role> {
     found.ok_or(CertError::NoRole)
 }
 
+/// The name of `cert`: its subject's common name, which `ringkv-certs issue` sets to the
+/// certificate's name (for a node, its name in the ring). Like [`role_of_cert`], apply it only
+/// to certificates TLS has verified.
+///
+/// Errors: [`CertError::BadCertificate`] if it does not parse, [`CertError::NoName`] if the
+/// subject has no UTF-8 common name.
+pub fn name_of_cert(cert: &CertificateDer<'_>) -> Result<String> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).map_err(x509_error)?;
+    let name = x509
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(CertError::NoName)?;
+    Ok(name.to_owned())
+}
+
 /// Decodes every `CERTIFICATE` item of a PEM buffer read from `path`; at least one.
 pub(crate) fn parse_pem_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_slice_iter(pem)

@@ -2,7 +2,7 @@
 //!
 //! Every ringkv endpoint (node, ECS, client) speaks QUIC with mutual TLS. Trust is rooted in a
 //! single cluster CA; every peer presents a leaf certificate signed by it. The *role* of a peer
-//! (`node`, `client`, `admin`) is carried inside its certificate as a URI SAN
+//! (`node`, `client`, `admin`, `ecs`) is carried inside its certificate as a URI SAN
 //! (`ringkv:role:<role>`), so a peer cannot claim a role in a message: it is read from the
 //! verified certificate with [`peer_role`].
 //!
@@ -24,6 +24,8 @@
 //!   [`IssueOptions`]) with rcgen.
 //! - `identity`: loading PEM material into an [`Identity`]; reading roles out of
 //!   certificates ([`role_of_cert`]).
+//! - `authority`: signing ring metadata as the ECS ([`MetadataSigner`]) and checking such
+//!   signatures ([`MetadataVerifier`]).
 //! - `tls`: building quinn/rustls configs ([`server_config`], [`client_config`],
 //!   [`transport_config`]) and reading the role of a connected peer ([`peer_role`]).
 //!
@@ -31,6 +33,7 @@
 //! package's `src/cli/certs.rs`).
 #![warn(missing_docs)]
 
+mod authority;
 mod error;
 mod files;
 mod identity;
@@ -38,12 +41,16 @@ mod issue;
 mod role;
 mod tls;
 
+pub use authority::{MetadataSigner, MetadataVerifier, Signature};
 pub use error::{CertError, Result};
 pub use files::{ca_paths, leaf_paths, CertPaths};
-pub use identity::{role_of_cert, Identity};
+pub use identity::{name_of_cert, role_of_cert, Identity};
 pub use issue::{init_ca, issue, IssueOptions};
 pub use role::Role;
-pub use tls::{client_config, install_crypto_provider, peer_role, server_config, transport_config};
+pub use tls::{
+    client_config, install_crypto_provider, peer_identity, peer_role, server_config,
+    transport_config, PeerIdentity,
+};
 
 /// The ALPN protocol identifier every ringkv QUIC endpoint offers and requires.
 pub const ALPN: &[u8] = b"ringkv/1";

@@ -10,31 +10,37 @@ pub(crate) const ROLE_URI_PREFIX: &str = "ringkv:role:";
 
 /// What a certificate holder may do in the cluster.
 ///
-/// - `Node`: a storage node; serves data, and may send other nodes transfer batches, ring
-///   metadata, gossip and status requests.
+/// - `Node`: a storage node; serves data, and may send other nodes the batches of a move it
+///   was told to make, gossip and status requests.
 /// - `Client`: may only issue client requests (get/put/delete/metadata).
-/// - `Admin`: the ECS and the operators who administer it; the only role the ECS answers, and
-///   the only one a node takes locks, transfers, range deletion and start/stop from.
+/// - `Admin`: an operator; administers the cluster through the ECS (the only role the ECS
+///   answers besides its own), and may read a node's status.
+/// - `Ecs`: the External Configuration Service itself; the only role whose signature makes
+///   ring metadata valid, and the only one a node takes metadata, locks, transfers, range
+///   deletion and start/stop from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// A storage node.
     Node,
     /// An application client.
     Client,
-    /// The External Configuration Service (membership administrator).
+    /// An operator administering the cluster through the ECS.
     Admin,
+    /// The External Configuration Service: signs ring metadata and drives moves.
+    Ecs,
 }
 
 impl Role {
     /// All roles, in a fixed order.
-    pub const ALL: [Role; 3] = [Role::Node, Role::Client, Role::Admin];
+    pub const ALL: [Role; 4] = [Role::Node, Role::Client, Role::Admin, Role::Ecs];
 
-    /// Lower-case name: `"node"`, `"client"` or `"admin"`.
+    /// Lower-case name: `"node"`, `"client"`, `"admin"` or `"ecs"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Node => "node",
             Role::Client => "client",
             Role::Admin => "admin",
+            Role::Ecs => "ecs",
         }
     }
 
@@ -81,6 +87,7 @@ mod tests {
         assert_eq!(Role::Node.to_string(), "node");
         assert_eq!(Role::Client.to_string(), "client");
         assert_eq!(Role::Admin.to_string(), "admin");
+        assert_eq!(Role::Ecs.to_string(), "ecs");
     }
 
     #[test]

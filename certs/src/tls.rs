@@ -10,7 +10,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
-use crate::{role_of_cert, CertError, Identity, Result, Role, ALPN};
+use crate::{name_of_cert, role_of_cert, CertError, Identity, Result, Role, ALPN};
 
 /// Keep-alive interval: well under the idle timeout, so idle peer connections stay open.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
@@ -50,7 +50,7 @@ pub fn transport_config() -> Arc<TransportConfig> {
     Arc::new(config)
 }
 
-fn root_store(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>> {
+pub(crate) fn root_store(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
     for cert in ca {
         roots.add(cert.clone())?;
@@ -94,11 +94,34 @@ pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig> {
 /// certificate. Both sides of a ringkv connection present certificates, so this works on
 /// servers (client's role) and clients (server's role) alike.
 pub fn peer_role(conn: &quinn::Connection) -> Result<Role> {
+    role_of_cert(&peer_leaf(conn)?)
+}
+
+/// Who the peer of an established connection is, from its verified leaf certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// Its role.
+    pub role: Role,
+    /// Its certificate's name (subject common name); for a node, its name in the ring.
+    pub name: String,
+}
+
+/// The role and name of the peer of an established connection ([`peer_role`],
+/// [`name_of_cert`]).
+pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity> {
+    let leaf = peer_leaf(conn)?;
+    Ok(PeerIdentity {
+        role: role_of_cert(&leaf)?,
+        name: name_of_cert(&leaf)?,
+    })
+}
+
+fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>> {
     let identity = conn.peer_identity().ok_or(CertError::NoPeerIdentity)?;
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| CertError::NoPeerIdentity)?;
-    role_of_cert(chain.first().ok_or(CertError::NoPeerIdentity)?)
+    chain.first().cloned().ok_or(CertError::NoPeerIdentity)
 }
 
 #[cfg(test)]

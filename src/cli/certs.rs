@@ -171,7 +171,7 @@ mod tests {
             "ringkv-certs",
             "issue",
             "--role",
-            "admin",
+            "ecs",
             "--name",
             "ecs",
             "--days",
@@ -183,7 +183,7 @@ mod tests {
         .unwrap();
         let id =
             ringkv_certs::Identity::from_dir(dir.path().join("certs").as_path(), "ecs").unwrap();
-        assert_eq!(id.role().unwrap(), Role::Admin);
+        assert_eq!(id.role().unwrap(), Role::Ecs);
         // A second init without --force is refused.
         assert!(run(Cli::try_parse_from(["ringkv-certs", "init", "--dir", d]).unwrap()).is_err());
     }

@@ -36,15 +36,18 @@ pub struct Args {
     /// Directory of the node's data.
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// Directory holding ca.pem and <cert-name>.pem/.key.
+    /// Directory holding ca.pem and <name>.pem/.key (a node's certificate is issued to its
+    /// name).
     #[arg(long, default_value = "certs")]
     pub certs: PathBuf,
-    /// Certificate name in --certs (default: --name).
-    #[arg(long)]
-    pub cert_name: Option<String>,
-    /// Serve at once; with no persisted ring, bootstrap a one-node ring (standalone mode).
+    /// Serve at once; with no persisted ring, bootstrap a one-node ring (standalone mode),
+    /// signed with the ecs-role certificate --standalone-cert.
     #[arg(long)]
     pub start: bool,
+    /// Standalone mode: the ecs-role certificate in --certs that signs the one-node ring
+    /// (clients accept no ring the ECS did not sign).
+    #[arg(long, default_value = "ecs")]
+    pub standalone_cert: String,
     /// Maximum key length in bytes.
     #[arg(long, default_value_t = ringkv_wire::limits::DEFAULT_MAX_KEY)]
     pub max_key: usize,
@@ -81,14 +84,33 @@ pub fn main() -> anyhow::Result<()> {
     super::init_tracing("info");
     let args: Args = super::config_file::parse()?;
     super::runtime()?.block_on(async {
-        let cert_name = args.cert_name.clone().unwrap_or_else(|| args.name.clone());
-        let identity = Identity::from_dir(&args.certs, &cert_name).with_context(|| {
+        let identity = Identity::from_dir(&args.certs, &args.name).with_context(|| {
             format!(
-                "loading node identity '{cert_name}' from {}",
+                "loading node identity '{}' from {}",
+                args.name,
                 args.certs.display()
             )
         })?;
-        let (endpoint, node) = ringkv_node::bind(args.config(), &identity)
+        let mut config = args.config();
+        if args.start
+            && args
+                .certs
+                .join(format!("{}.pem", args.standalone_cert))
+                .exists()
+        {
+            let signer = Identity::from_dir(&args.certs, &args.standalone_cert)
+                .map_err(anyhow::Error::from)
+                .and_then(|id| Ok(ringkv_transport::RingSigner::new(&id)?))
+                .with_context(|| {
+                    format!(
+                        "loading the standalone signer '{}' from {}",
+                        args.standalone_cert,
+                        args.certs.display()
+                    )
+                })?;
+            config.standalone_signer = Some(std::sync::Arc::new(signer));
+        }
+        let (endpoint, node) = ringkv_node::bind(config, &identity)
             .await
             .context("starting the node")?;
         ringkv_node::run(endpoint, node, ringkv_transport::shutdown_signal()).await;

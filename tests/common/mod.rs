@@ -14,7 +14,7 @@ use kvstore::{ClientConfig, KvStore};
 use ringkv_certs::{Identity, IssueOptions, Role};
 use ringkv_ecs::{Ecs, EcsConfig};
 use ringkv_node::{Node, NodeConfig};
-use ringkv_transport::Transport;
+use ringkv_transport::{RingSigner, Transport};
 use ringkv_wire::{AdminReply, AdminRequest, Limits, NodeStatus, ReplyBody, Request, RequestBody};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -26,33 +26,35 @@ pub struct Certs {
 }
 
 impl Certs {
-    /// A CA plus `client` (client role) and `admin` (admin role) certificates.
+    /// A CA plus `client` (client role), `admin` (admin role) and `ecs` (ecs role, valid for
+    /// loopback: it also serves) certificates.
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         ringkv_certs::init_ca(dir.path(), false).expect("init CA");
         let certs = Self { dir };
         certs.issue(Role::Client, "client");
         certs.issue(Role::Admin, "admin");
+        certs.issue(Role::Ecs, "ecs");
         certs
     }
 
     /// Issues a certificate of `role` called `name` (node certs valid for loopback).
     pub fn issue(&self, role: Role, name: &str) {
         let mut opts = IssueOptions::new(role, name);
-        if role == Role::Node {
+        if matches!(role, Role::Node | Role::Ecs) {
             opts.sans = vec!["127.0.0.1".into(), "localhost".into()];
         }
         ringkv_certs::issue(self.dir.path(), &opts).expect("issue certificate");
     }
 
-    /// The ECS's identity: an admin certificate valid for loopback (it also serves).
+    /// The ECS's identity (ecs role).
     pub fn ecs_identity(&self) -> Identity {
-        if !self.dir.path().join("ecs.pem").exists() {
-            let mut opts = IssueOptions::new(Role::Admin, "ecs");
-            opts.sans = vec!["127.0.0.1".into(), "localhost".into()];
-            ringkv_certs::issue(self.dir.path(), &opts).expect("issue ECS certificate");
-        }
         Identity::from_dir(self.dir.path(), "ecs").expect("load ECS identity")
+    }
+
+    /// The ECS's metadata signer, for nodes in standalone mode.
+    pub fn ecs_signer(&self) -> Arc<RingSigner> {
+        Arc::new(RingSigner::new(&self.ecs_identity()).expect("ECS signer"))
     }
 
     /// An operator's transport (admin certificate).
@@ -129,6 +131,9 @@ impl TestNode {
     ) -> Self {
         let mut config = NodeConfig::new(name, "127.0.0.1:0".parse().unwrap(), data.path());
         config.start = start;
+        if start {
+            config.standalone_signer = Some(certs.ecs_signer());
+        }
         configure(&mut config);
         let (endpoint, node) = ringkv_node::bind(config, &certs.identity(name))
             .await
@@ -620,4 +625,10 @@ pub async fn write_until_stopped(
         i += 1;
     }
     acked
+}
+
+/// `metadata` encoded with no valid signature: what a peer without the ECS's key can send.
+pub fn unsigned(metadata: &ringkv_wire::RingMetadata) -> ringkv_wire::SignedMetadata {
+    ringkv_wire::SignedMetadata::sign(metadata, |_| Ok(Default::default()))
+        .expect("a valid ring encodes")
 }

@@ -198,6 +198,8 @@ impl Lab {
     pub fn issue(&self, host: &Host, role: Role, name: &str, sans: &[String]) {
         let mut opts = IssueOptions::new(role, name);
         opts.sans = sans.to_vec();
+        // For this host's address (the shared `Certs` may hold one of that name already).
+        opts.force = true;
         ringkv_certs::issue(self.certs.path(), &opts).expect("issue certificate");
         self.install(host, name);
     }
@@ -645,9 +647,10 @@ impl HostCluster {
         let mut lab = Lab::new();
         let ecs_host = lab.add_host("ecs");
         let client = lab.add_host("client");
-        // The ECS serves with an admin certificate for its own address; the operator's
-        // admin certificate (no SAN: it only dials) lives on the client and ECS hosts.
-        lab.issue(&ecs_host, Role::Admin, "ecs", &[ecs_host.ip.to_string()]);
+        // The ECS serves (and signs the ring) with an ecs certificate for its own address;
+        // the operator's admin certificate (no SAN: it only dials) lives on the client and
+        // ECS hosts.
+        lab.issue(&ecs_host, Role::Ecs, "ecs", &[ecs_host.ip.to_string()]);
         lab.install(&ecs_host, "admin");
         lab.install(&client, "admin");
         lab.install(&client, "client");

@@ -6,12 +6,12 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use quinn::Endpoint;
-use ringkv_certs::{Identity, Role};
+use ringkv_certs::{Identity, PeerIdentity, Role};
 use ringkv_transport::Service;
-use ringkv_transport::{Transport, TransportError};
+use ringkv_transport::{RingSigner, Transport, TransportError};
 use ringkv_wire::{
     AdminReply, AdminRequest, Limits, Liveness, MoveId, MoveReport, NodeEntry, NodeReport,
-    NodeStatus, Reply, ReplyBody, Request, RequestBody, RingMetadata, WireError,
+    NodeStatus, Reply, ReplyBody, Request, RequestBody, RingMetadata, SignedMetadata, WireError,
 };
 
 use crate::executor::{Action, Executor, Intent, Outcome, Phase};
@@ -26,6 +26,8 @@ use crate::{EcsConfig, EcsError};
 pub struct Ecs {
     config: EcsConfig,
     nodes: Transport,
+    /// Signs every metadata version the ECS sends (ARCHITECTURE.md §4).
+    signer: RingSigner,
     file: RingFile,
     metadata: RwLock<RingMetadata>,
     change: tokio::sync::Mutex<()>,
@@ -40,6 +42,8 @@ pub async fn bind(
     identity: &Identity,
 ) -> Result<(Endpoint, Arc<Ecs>), EcsError> {
     ringkv_certs::install_crypto_provider();
+    // Only an ecs-role certificate speaks for the ring: refuse to start with anything else.
+    let signer = RingSigner::new(identity)?;
     // A stable stateless-reset key (kept in the state dir): operators' and tests'
     // connections to an ECS that restarted are reset at once instead of timing out.
     std::fs::create_dir_all(&config.state_dir)?;
@@ -76,6 +80,7 @@ pub async fn bind(
     let ecs = Arc::new(Ecs {
         config,
         nodes,
+        signer,
         file,
         metadata: RwLock::new(metadata),
         change: tokio::sync::Mutex::new(()),
@@ -118,10 +123,11 @@ impl Service for Ecs {
         Limits::default().max_frame
     }
 
-    async fn handle(&self, role: Role, request: AdminRequest) -> AdminReply {
-        if role != Role::Admin {
+    async fn handle(&self, peer: &PeerIdentity, request: AdminRequest) -> AdminReply {
+        if peer.role != Role::Admin {
             return AdminReply::Error(format!(
-                "a {role} certificate may not talk to the ECS; an admin certificate is needed"
+                "a {} certificate may not talk to the ECS; an admin certificate is needed",
+                peer.role
             ));
         }
         self.answer(request).await
@@ -346,13 +352,26 @@ impl Ecs {
         *self.metadata.write().expect("metadata lock") = metadata.clone();
     }
 
+    /// `metadata` signed with the ECS's key, as every node and client requires.
+    fn sign(&self, metadata: &RingMetadata) -> Result<SignedMetadata, WireError> {
+        self.signer.sign(metadata)
+    }
+
     /// Runs one step of move `id` against its node.
     async fn run_step(&self, step: &Step, id: MoveId, plan: &Plan) -> Outcome {
         let (node, body, timeout) = match step {
             Step::Commit => unreachable!("the commit is an action of its own"),
             Step::Prepare { node, range } => (
                 node,
-                RequestBody::PrepareReceive { id, range: *range },
+                RequestBody::PrepareReceive {
+                    id,
+                    range: *range,
+                    // The move's sender: the only peer whose batches the receiver accepts.
+                    from: plan
+                        .moved
+                        .as_ref()
+                        .map_or_else(String::new, |m| m.from.name.clone()),
+                },
                 self.config.node_timeout,
             ),
             Step::Clear { node, range } => (
@@ -394,18 +413,21 @@ impl Ecs {
                 },
                 self.config.transfer_timeout,
             ),
-            Step::Install { node } => (
-                node,
-                RequestBody::InstallMetadata {
-                    metadata: plan.metadata.clone(),
-                },
-                self.config.node_timeout,
-            ),
+            Step::Install { node } => match self.sign(&plan.metadata) {
+                Ok(metadata) => (
+                    node,
+                    RequestBody::InstallMetadata { metadata },
+                    self.config.node_timeout,
+                ),
+                Err(e) => return Outcome::Failed(e.to_string()),
+            },
             Step::Start { node } => (node, RequestBody::Start, self.config.node_timeout),
         };
         match self.call(node, body, timeout).await {
             Ok(reply) => match reply.body {
-                ReplyBody::Ok | ReplyBody::Count(_) => Outcome::Ok {
+                // An install is checked by the executor: the reply's version must be at
+                // least the plan's (adopted now or before).
+                ReplyBody::Ok | ReplyBody::Count(_) | ReplyBody::Installed { .. } => Outcome::Ok {
                     stats: None,
                     node_version: reply.metadata_version,
                 },
@@ -439,12 +461,25 @@ impl Ecs {
             return;
         }
         let metadata = self.metadata();
+        let signed = match self.sign(&metadata) {
+            Ok(signed) => signed,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign the ring to republish it");
+                return;
+            }
+        };
         for node in &metadata.nodes {
             let body = RequestBody::InstallMetadata {
-                metadata: metadata.clone(),
+                metadata: signed.clone(),
             };
-            if let Err(e) = self.call(node, body, self.config.node_timeout).await {
-                tracing::warn!(node = %node.name, error = %e, "could not republish metadata");
+            match self.call(node, body, self.config.node_timeout).await {
+                Ok(reply) if reply.metadata_version >= metadata.version => {}
+                Ok(reply) => {
+                    tracing::warn!(node = %node.name, reply = ?reply.body, "node did not adopt the republished metadata")
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "could not republish metadata")
+                }
             }
         }
     }
@@ -520,11 +555,13 @@ impl Ecs {
         }
         if let Ok(_no_change) = self.change.try_lock() {
             if self.pending_change().is_none() && self.metadata().version == metadata.version {
-                for node in behind {
-                    let body = RequestBody::InstallMetadata {
-                        metadata: metadata.clone(),
-                    };
-                    let _ = self.call(node, body, self.config.node_timeout).await;
+                if let Ok(signed) = self.sign(&metadata) {
+                    for node in behind {
+                        let body = RequestBody::InstallMetadata {
+                            metadata: signed.clone(),
+                        };
+                        let _ = self.call(node, body, self.config.node_timeout).await;
+                    }
                 }
             }
         }
@@ -566,6 +603,7 @@ mod tests {
             keys: 0,
             writes: 0,
             write_commits: 0,
+            metadata_refused: 0,
             locked: vec![],
             peers: views
                 .iter()

@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ringkv_transport::Transport;
-use ringkv_wire::{ReplyBody, Request, RequestBody, RingMetadata};
+use ringkv_transport::{RingAuthority, Transport};
+use ringkv_wire::{ReplyBody, Request, RequestBody, RingMetadata, SignedMetadata};
 
 use crate::{Backoff, ClientConfig, KvError};
 
@@ -31,6 +31,8 @@ pub struct ClientStats {
     pub unreachable: u64,
     /// Times newer metadata was adopted.
     pub metadata_adopted: u64,
+    /// Metadata refused because the ECS had not signed it (or it was not a valid ring).
+    pub metadata_refused: u64,
 }
 
 #[derive(Default)]
@@ -47,6 +49,8 @@ struct Counters {
 pub struct KvStore {
     transport: Transport,
     config: ClientConfig,
+    /// Opens metadata only if the ECS signed it.
+    authority: RingAuthority,
     metadata: RwLock<Arc<RingMetadata>>,
     counters: Counters,
     disconnected: AtomicBool,
@@ -63,8 +67,11 @@ impl KvStore {
             config.connect_timeout,
             config.request_timeout,
         )?;
+        let authority =
+            RingAuthority::new(&config.identity).map_err(ringkv_transport::TransportError::from)?;
         let store = Self {
             transport,
+            authority,
             config,
             metadata: RwLock::new(Arc::new(RingMetadata::default())),
             counters: Counters::default(),
@@ -127,13 +134,16 @@ impl KvStore {
         self.metadata.read().expect("metadata lock").clone()
     }
 
-    /// Replaces the cached metadata with `metadata` if it is valid and newer. Returns whether
-    /// it was.
-    pub fn adopt_metadata(&self, metadata: RingMetadata) -> bool {
-        if let Err(e) = metadata.validate() {
-            tracing::warn!(version = metadata.version, error = %e, "refused ring metadata");
+    /// Replaces the cached metadata with the one `signed` holds if it is newer, the ECS
+    /// signed it and it is a valid ring. Returns whether it did. Metadata that does not verify
+    /// is refused and counted ([`ClientStats::metadata_refused`]), whoever sent it.
+    pub fn adopt_metadata(&self, signed: &SignedMetadata) -> bool {
+        if signed.version <= self.metadata().version {
             return false;
         }
+        let Ok(metadata) = self.authority.open(signed, "client") else {
+            return false;
+        };
         let mut current = self.metadata.write().expect("metadata lock");
         if metadata.is_newer_than(&current) {
             tracing::debug!(version = metadata.version, "adopted ring metadata");
@@ -177,7 +187,9 @@ impl KvStore {
             match result.map(|reply| reply.body) {
                 Ok(ReplyBody::Metadata(m)) | Ok(ReplyBody::NotResponsible { metadata: m }) => {
                     answered = true;
-                    self.adopt_metadata(m);
+                    if let Some(m) = m {
+                        self.adopt_metadata(&m);
+                    }
                 }
                 Ok(other) => last = Some(unexpected("get_metadata", other)),
                 Err(e) => last = Some(KvError::from(e)),
@@ -201,6 +213,7 @@ impl KvStore {
             stopped: c.stopped.load(Ordering::Relaxed),
             unreachable: c.unreachable.load(Ordering::Relaxed),
             metadata_adopted: c.metadata_adopted.load(Ordering::Relaxed),
+            metadata_refused: self.authority.refused(),
         }
     }
 
@@ -229,8 +242,8 @@ impl KvStore {
                         self.counters
                             .not_responsible
                             .fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(node = %owner.name, theirs = theirs.version, ours = metadata.version, "not responsible");
-                        if self.adopt_metadata(theirs) {
+                        tracing::debug!(node = %owner.name, theirs = reply.metadata_version, ours = metadata.version, "not responsible");
+                        if theirs.is_some_and(|theirs| self.adopt_metadata(&theirs)) {
                             continue; // newer metadata: retry at once, maybe elsewhere
                         }
                         // The node is behind us; it will catch up. Back off.

@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use ringkv_transport::RingSigner;
 use ringkv_wire::Limits;
 
 use crate::gossip::GossipConfig;
@@ -20,8 +22,13 @@ pub struct NodeConfig {
     /// Directory of the storage engine's files.
     pub data_dir: PathBuf,
     /// Serve clients at once, bootstrapping a one-node ring if the node has no metadata
-    /// (standalone mode). Without it the node waits for the ECS.
+    /// (standalone mode, which needs [`NodeConfig::standalone_signer`]). Without it the node
+    /// waits for the ECS.
     pub start: bool,
+    /// Standalone mode only: the `ecs`-role key that signs the node's one-node ring, since
+    /// no client or peer accepts metadata the ECS did not sign. A node in a cluster has none:
+    /// its ring comes from the ECS.
+    pub standalone_signer: Option<Arc<RingSigner>>,
     /// Key/value/frame limits.
     pub limits: Limits,
     /// Size of the batches a range transfer sends.
@@ -43,6 +50,7 @@ impl NodeConfig {
             advertise: listen.to_string(),
             data_dir: data_dir.into(),
             start: false,
+            standalone_signer: None,
             limits: Limits::default(),
             transfer_batch_bytes: 1 << 20,
             transfer_rate_limit: None,

@@ -80,7 +80,36 @@ struct Tracking {
 pub struct MoveState {
     locks: Vec<SendLock>,
     tracking: Vec<Tracking>,
-    receiving: Vec<(MoveId, KeyRange)>,
+    receiving: Vec<Receiving>,
+}
+
+/// A move this node was prepared to receive: batches of `id` from `from`, for keys of `range`.
+#[derive(Debug)]
+struct Receiving {
+    id: MoveId,
+    range: KeyRange,
+    from: String,
+}
+
+/// Why a `PutBatch` was refused ([`MoveState::check_batch`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchRefused {
+    /// The node is not receiving this move.
+    #[error("not receiving move {0} (never prepared, aborted, superseded or done)")]
+    NotReceiving(u64),
+    /// The caller is not the sender the ECS announced.
+    #[error("move {change} is sent by {expected:?}, not {caller:?}")]
+    WrongSender {
+        /// The move's change.
+        change: u64,
+        /// The announced sender.
+        expected: String,
+        /// The caller's certificate name.
+        caller: String,
+    },
+    /// A key of the batch is outside the announced range.
+    #[error("key outside the range of move {0}")]
+    OutOfRange(u64),
 }
 
 impl MoveState {
@@ -135,7 +164,7 @@ impl MoveState {
         self.locks.retain(|l| l.id != id);
         self.tracking.retain(|t| t.id != id);
         let receiving = self.receiving.len();
-        self.receiving.retain(|(r, _)| *r != id);
+        self.receiving.retain(|r| r.id != id);
         Ok((
             self.locks.len() != before,
             self.receiving.len() != receiving,
@@ -148,7 +177,7 @@ impl MoveState {
         let before = self.locks.len();
         self.locks.retain(|l| l.id.target_version > version);
         self.tracking.retain(|t| t.id.target_version > version);
-        self.receiving.retain(|(id, _)| id.target_version > version);
+        self.receiving.retain(|r| r.id.target_version > version);
         self.locks.len() != before
     }
 
@@ -220,17 +249,44 @@ impl MoveState {
         &mut self,
         id: MoveId,
         range: KeyRange,
+        from: &str,
         version: u64,
     ) -> Result<(), MoveError> {
         committed(id, version)?;
-        self.receiving.retain(|(_, r)| *r != range);
-        self.receiving.push((id, range));
+        self.receiving.retain(|r| r.range != range);
+        self.receiving.push(Receiving {
+            id,
+            range,
+            from: from.to_owned(),
+        });
         Ok(())
     }
 
-    /// Whether a `PutBatch` of move `id` is accepted.
-    pub fn accepts_batch(&self, id: MoveId) -> bool {
-        self.receiving.iter().any(|(r, _)| *r == id)
+    /// Whether a `PutBatch` of move `id` with keys at `positions`, sent by the peer whose
+    /// certificate is called `caller`, is accepted: only within a move the ECS announced to
+    /// this node, from the sender it named, for keys of the range it named.
+    pub fn check_batch<'a>(
+        &self,
+        id: MoveId,
+        caller: &str,
+        mut positions: impl Iterator<Item = &'a Position>,
+    ) -> Result<(), BatchRefused> {
+        let r = self
+            .receiving
+            .iter()
+            .find(|r| r.id == id)
+            .ok_or(BatchRefused::NotReceiving(id.change))?;
+        if r.from != caller {
+            return Err(BatchRefused::WrongSender {
+                change: id.change,
+                expected: r.from.clone(),
+                caller: caller.to_owned(),
+            });
+        }
+        if !positions.all(|p| r.range.contains(p)) {
+            return Err(BatchRefused::OutOfRange(id.change));
+        }
+        Ok(())
     }
 }
 
@@ -369,14 +425,33 @@ mod tests {
     fn a_receiver_takes_batches_of_the_prepared_move_only() {
         let mut m = MoveState::default();
         let (old, new) = (id(1, 5), id(2, 5));
-        assert!(!m.accepts_batch(old));
-        m.prepare_receive(old, half(), 4).unwrap();
-        assert!(m.accepts_batch(old));
+        let inside = half().end;
+        let accepts = |m: &MoveState, id| m.check_batch(id, "s", [&inside].into_iter()).is_ok();
+        assert!(!accepts(&m, old));
+        m.prepare_receive(old, half(), "s", 4).unwrap();
+        assert!(accepts(&m, old));
         assert_eq!(m.abort(old, 4), Ok((false, true)));
-        assert!(!m.accepts_batch(old), "aborted");
-        m.prepare_receive(new, half(), 4).unwrap();
-        assert!(m.accepts_batch(new) && !m.accepts_batch(old), "superseded");
+        assert!(!accepts(&m, old), "aborted");
+        m.prepare_receive(new, half(), "s", 4).unwrap();
+        assert!(accepts(&m, new) && !accepts(&m, old), "superseded");
+
+        // Only from the announced sender, only keys of the announced range.
+        assert_eq!(
+            m.check_batch(new, "mallory", [&inside].into_iter()),
+            Err(BatchRefused::WrongSender {
+                change: 2,
+                expected: "s".into(),
+                caller: "mallory".into()
+            })
+        );
+        let outside = half().start;
+        assert!(!half().contains(&outside));
+        assert_eq!(
+            m.check_batch(new, "s", [&inside, &outside].into_iter()),
+            Err(BatchRefused::OutOfRange(2))
+        );
+
         m.adopt(5);
-        assert!(!m.accepts_batch(new), "done");
+        assert!(!accepts(&m, new), "done");
     }
 }

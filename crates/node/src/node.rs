@@ -4,11 +4,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use ringkv_certs::Role;
-use ringkv_transport::Transport;
+use ringkv_certs::PeerIdentity;
+use ringkv_transport::{RingAuthority, Transport};
 use ringkv_wire::{
-    EncodedMetadata, ErrorKind, KeyRange, PeerLiveness, Position, Reply, ReplyBody, Request,
-    RequestBody, RingMetadata,
+    ErrorKind, KeyRange, PeerLiveness, Position, Reply, ReplyBody, Request, RequestBody,
+    RingMetadata, SignedMetadata,
 };
 
 use crate::gossip::{self, GossipState, Membership};
@@ -25,6 +25,9 @@ pub type WriteAdmission = tokio::sync::OwnedRwLockReadGuard<()>;
 pub struct RingView {
     /// The metadata.
     pub metadata: Arc<RingMetadata>,
+    /// The metadata as the ECS signed it (`None` while the node holds none): what the node
+    /// hands out in `NotResponsible`, `GetMetadata` and gossip.
+    pub signed: Option<SignedMetadata>,
     /// This node's range, `None` if the node is not in the ring.
     pub own_range: Option<KeyRange>,
 }
@@ -42,10 +45,15 @@ pub struct Node {
     pub(crate) store: Store,
     view: RwLock<RingView>,
     running: AtomicBool,
+    /// Serialises metadata installs, so the persisted ring is always the newest adopted (two
+    /// racing installs could otherwise persist out of order).
+    installing: tokio::sync::Mutex<()>,
     gate: Arc<tokio::sync::RwLock<()>>,
     /// Locks, tracking and receiving of range moves ([`MoveState`]).
     moves: std::sync::Mutex<MoveState>,
     pub(crate) peers: Transport,
+    /// Opens ring metadata only if the ECS signed it, counting refusals.
+    pub(crate) authority: RingAuthority,
     /// The gossip state machine; held only for synchronous steps, never across an await.
     pub(crate) gossip: std::sync::Mutex<GossipState>,
 }
@@ -54,13 +62,39 @@ impl Node {
     /// Opens the node's store and restores its persisted metadata. With `config.start` and
     /// no metadata, bootstraps a one-node ring (version 1) and serves at once; otherwise the
     /// node serves if its persisted ring contains it, and waits for the ECS if not.
-    pub async fn open(config: NodeConfig, peers: Transport) -> Result<Arc<Node>, NodeError> {
+    ///
+    /// Persisted metadata is opened through `authority` like metadata from anywhere else;
+    /// if it does not verify (e.g. the cluster CA changed), the node logs why and starts
+    /// without a ring, waiting for the ECS to install one.
+    pub async fn open(
+        config: NodeConfig,
+        peers: Transport,
+        authority: RingAuthority,
+    ) -> Result<Arc<Node>, NodeError> {
         let store = Store::open(&config.data_dir)?;
-        let mut metadata = store.load_metadata()?.unwrap_or_default();
+        let mut signed = store.load_metadata()?;
+        let mut metadata = match signed.as_ref().map(|s| authority.open(s, "store")) {
+            None => RingMetadata::default(),
+            Some(Ok(metadata)) => metadata,
+            Some(Err(e)) => {
+                tracing::error!(node = %config.name, error = %e, "persisted ring metadata does not verify; waiting for the ECS to install a ring");
+                signed = None;
+                RingMetadata::default()
+            }
+        };
         if config.start && metadata.nodes.is_empty() {
+            let signer = config.standalone_signer.as_ref().ok_or_else(|| {
+                NodeError::Config(
+                    "standalone mode (start with no ring) needs an ecs-role certificate to sign \
+                     its one-node ring (ringkv-node --standalone-cert, default ecs)"
+                        .into(),
+                )
+            })?;
             let me = ringkv_wire::NodeEntry::new(config.name.clone(), config.advertise.clone());
             metadata = RingMetadata::new(1, vec![me])?;
-            store.save_metadata(&metadata).await?;
+            let bootstrap = signer.sign(&metadata)?;
+            store.save_metadata(&bootstrap).await?;
+            signed = Some(bootstrap);
             tracing::info!(node = %config.name, "bootstrapped a one-node ring");
         }
         let member = metadata.node(&config.name).is_some();
@@ -68,11 +102,11 @@ impl Node {
         if !moves.persisted().is_empty() {
             tracing::warn!(node = %config.name, locked = ?moves.locked_ranges(), "restarted in the middle of a move: ranges stay write-locked until the move commits or is aborted");
         }
-        let view = view_of(&config.name, metadata);
+        let view = view_of(&config.name, metadata, signed);
         let gossip = GossipState::new(
             config.name.clone(),
             config.gossip.clone(),
-            Arc::new(Membership::new(view.metadata.clone())?),
+            Arc::new(Membership::new(view.metadata.clone(), view.signed.clone())),
             gossip::first_heartbeat(),
             Instant::now(),
         );
@@ -80,11 +114,13 @@ impl Node {
             view: RwLock::new(view),
             gossip: std::sync::Mutex::new(gossip),
             running: AtomicBool::new(config.start || member),
+            installing: tokio::sync::Mutex::new(()),
             gate: Arc::new(tokio::sync::RwLock::new(())),
             moves: std::sync::Mutex::new(moves),
             config,
             store,
             peers,
+            authority,
         };
         Ok(Arc::new(node))
     }
@@ -120,32 +156,30 @@ impl Node {
         tracing::info!(node = %self.config.name, running, "serving state changed");
     }
 
-    /// Adopts `metadata` if it is newer than the node's, persisting it first. Returns
-    /// whether it was adopted.
-    pub async fn install_metadata(&self, metadata: RingMetadata) -> Result<bool, NodeError> {
-        self.install(metadata, None, "ecs").await
-    }
-
-    /// Adopts metadata a peer gossiped (already decoded from `encoded`), like
-    /// [`Node::install_metadata`].
-    pub(crate) async fn install_gossiped(
+    /// Adopts `signed` if the ECS signed it, it is a valid ring and it is newer than the
+    /// node's, persisting it first. Returns whether it was adopted; `Err(Refused)` if it
+    /// does not verify (counted by the authority). `source` names where it came from, for
+    /// the logs.
+    pub async fn install_metadata(
         &self,
-        metadata: RingMetadata,
-        encoded: EncodedMetadata,
-    ) -> Result<bool, NodeError> {
-        self.install(metadata, Some(encoded), "gossip").await
-    }
-
-    async fn install(
-        &self,
-        metadata: RingMetadata,
-        encoded: Option<EncodedMetadata>,
+        signed: SignedMetadata,
         source: &'static str,
-    ) -> Result<bool, NodeError> {
-        if metadata.version <= self.metadata_version() {
+    ) -> Result<bool, InstallError> {
+        if signed.version <= self.metadata_version() {
             return Ok(false);
         }
-        self.store.save_metadata(&metadata).await?;
+        let _one_at_a_time = self.installing.lock().await;
+        if signed.version <= self.metadata_version() {
+            return Ok(false);
+        }
+        let metadata = self
+            .authority
+            .open(&signed, source)
+            .map_err(InstallError::Refused)?;
+        self.store
+            .save_metadata(&signed)
+            .await
+            .map_err(InstallError::Storage)?;
         // No write in flight across the change of ownership, and the moves this version
         // commits end here (their locks are released: the range is no longer ours).
         let _no_writes_in_flight = self.gate.write().await;
@@ -156,7 +190,7 @@ impl Node {
                 return Ok(false);
             }
             tracing::info!(node = %self.config.name, version = metadata.version, source, "installed ring metadata");
-            *view = view_of(&self.config.name, metadata);
+            *view = view_of(&self.config.name, metadata, Some(signed.clone()));
             view.metadata.clone()
         };
         let released = {
@@ -168,7 +202,10 @@ impl Node {
         if let Some(locks) = released {
             // A crash before this lands is harmless: a restart drops the locks of every
             // move its persisted metadata version commits.
-            self.store.save_locks(&locks).await?;
+            self.store
+                .save_locks(&locks)
+                .await
+                .map_err(InstallError::Storage)?;
         }
         // Gossip follows (it ignores a version older than the one it holds, should two
         // installs finish out of order).
@@ -178,20 +215,11 @@ impl Node {
             .expect("gossip lock")
             .membership()
             .clone();
-        let membership = match encoded {
-            Some(encoded) => Ok(Membership::with_encoded(installed, encoded)),
-            None => Membership::new(installed),
-        };
-        match membership {
-            Ok(m) => self
-                .gossip
-                .lock()
-                .expect("gossip lock")
-                .set_membership(Arc::new(m.succeeding(&previous)), Instant::now()),
-            Err(e) => {
-                tracing::error!(node = %self.config.name, error = %e, "cannot encode metadata for gossip")
-            }
-        }
+        let membership = Membership::new(installed, Some(signed)).succeeding(&previous);
+        self.gossip
+            .lock()
+            .expect("gossip lock")
+            .set_membership(Arc::new(membership), Instant::now());
         Ok(true)
     }
 
@@ -252,17 +280,18 @@ impl Node {
         match view.own_range {
             Some(range) if range.contains(position) => Ok(()),
             _ => Err(ReplyBody::NotResponsible {
-                metadata: (*view.metadata).clone(),
+                metadata: view.signed.clone(),
             }),
         }
     }
 
-    /// Handles one request from a peer whose certificate has role `role`.
-    pub async fn handle(&self, role: Role, request: Request) -> Reply {
+    /// Handles one request from `peer` (role and name from its verified certificate).
+    pub async fn handle(&self, peer: &PeerIdentity, request: Request) -> Reply {
+        let role = peer.role;
         let body = if request::allowed(role, &request.body) {
-            self.dispatch(request.body).await
+            self.dispatch(peer, request.body).await
         } else {
-            tracing::warn!(node = %self.config.name, ?role, request = request.body.name(), "forbidden request");
+            tracing::warn!(node = %self.config.name, %role, peer = %peer.name, request = request.body.name(), "forbidden request");
             request::error(
                 ErrorKind::Forbidden,
                 format!("a {role} certificate may not send {}", request.body.name()),
@@ -271,7 +300,7 @@ impl Node {
         Reply::new(self.metadata_version(), body)
     }
 
-    async fn dispatch(&self, body: RequestBody) -> ReplyBody {
+    async fn dispatch(&self, peer: &PeerIdentity, body: RequestBody) -> ReplyBody {
         use request::{admin, data, gossip, metadata, range};
         match body {
             RequestBody::Get { key } => data::get(self, &key),
@@ -284,8 +313,8 @@ impl Node {
             RequestBody::Stop => admin::set_running(self, false),
             RequestBody::LockRange { id, range } => range::lock(self, id, range).await,
             RequestBody::AbortMove { id, range } => range::abort(self, id, range).await,
-            RequestBody::PrepareReceive { id, range } => {
-                range::prepare_receive(self, id, range).await
+            RequestBody::PrepareReceive { id, range, from } => {
+                range::prepare_receive(self, id, range, from).await
             }
             RequestBody::TransferRange { id, range, to } => {
                 range::transfer(self, id, range, to).await
@@ -296,17 +325,31 @@ impl Node {
                 to,
                 last,
             } => range::transfer_delta(self, id, range, to, last).await,
-            RequestBody::PutBatch { id, entries } => range::put_batch(self, id, entries).await,
+            RequestBody::PutBatch { id, entries } => {
+                range::put_batch(self, peer, id, entries).await
+            }
             RequestBody::DeleteRange { range } => range::delete(self, range).await,
-            RequestBody::Gossip { digest } => gossip::exchange(self, digest),
+            RequestBody::Gossip { digest } => gossip::exchange(self, peer, digest),
             RequestBody::GossipPush { metadata } => gossip::push(self, metadata).await,
         }
     }
 }
 
-fn view_of(name: &str, metadata: RingMetadata) -> RingView {
+fn view_of(name: &str, metadata: RingMetadata, signed: Option<SignedMetadata>) -> RingView {
     RingView {
         own_range: metadata.range_of(name),
         metadata: Arc::new(metadata),
+        signed,
     }
+}
+
+/// Why metadata was not installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// It was not signed by the ECS, or is not a valid ring.
+    #[error("{0}")]
+    Refused(ringkv_wire::WireError),
+    /// Persisting it failed; nothing changed.
+    #[error("{0}")]
+    Storage(NodeError),
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::Endpoint;
-use ringkv_certs::{Identity, Role};
-use ringkv_transport::{Service, Transport};
+use ringkv_certs::{Identity, PeerIdentity};
+use ringkv_transport::{RingAuthority, Service, Transport};
 use ringkv_wire::{ErrorKind, Reply, ReplyBody, Request, WireError};
 
 use crate::{Node, NodeConfig, NodeError};
@@ -27,6 +27,20 @@ pub async fn bind(
     identity: &Identity,
 ) -> Result<(Endpoint, Arc<Node>), NodeError> {
     ringkv_certs::install_crypto_provider();
+    // Peers know a node by its certificate: the ECS names the sender of a move by its ring
+    // name, and a receiver checks it against the caller's certificate name.
+    let leaf = identity
+        .chain
+        .first()
+        .ok_or(ringkv_certs::CertError::EmptyChain)?;
+    let cert_name = ringkv_certs::name_of_cert(leaf)?;
+    if cert_name != config.name {
+        return Err(NodeError::Config(format!(
+            "the node is called {:?} but its certificate is issued to {cert_name:?}: a node's \
+             name in the ring is its certificate's name",
+            config.name
+        )));
+    }
     let server_config = ringkv_certs::server_config(identity)?;
     let client_config = ringkv_certs::client_config(identity)?;
     std::fs::create_dir_all(&config.data_dir)?;
@@ -43,7 +57,7 @@ pub async fn bind(
         Duration::from_secs(3),
         Duration::from_secs(30),
     );
-    let node = Node::open(config, peers).await?;
+    let node = Node::open(config, peers, RingAuthority::new(identity)?).await?;
     Ok((endpoint, node))
 }
 
@@ -68,8 +82,8 @@ impl Service for Node {
         self.config.limits.max_frame
     }
 
-    fn handle(&self, role: Role, request: Request) -> impl Future<Output = Reply> + Send {
-        Node::handle(self, role, request)
+    fn handle(&self, peer: &PeerIdentity, request: Request) -> impl Future<Output = Reply> + Send {
+        Node::handle(self, peer, request)
     }
 
     fn bad_frame(&self, error: WireError) -> Reply {

@@ -17,7 +17,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
-use ringkv_wire::{storage_key, HashedKey, KeyRange, RingMetadata, StorageEntry, StorageSpan};
+use ringkv_wire::{storage_key, HashedKey, KeyRange, SignedMetadata, StorageEntry, StorageSpan};
 use tokio::sync::oneshot;
 
 use crate::error::NodeError;
@@ -233,20 +233,26 @@ impl Store {
         Ok(removed)
     }
 
-    /// Persists the ring metadata.
-    pub async fn save_metadata(&self, metadata: &RingMetadata) -> Result<(), NodeError> {
-        let bytes = metadata.to_frame()?;
+    /// Persists the ring metadata, as the ECS signed it.
+    pub async fn save_metadata(&self, metadata: &SignedMetadata) -> Result<(), NodeError> {
+        let bytes = postcard::to_stdvec(metadata)
+            .map_err(|e| NodeError::WriteFailed(format!("encoding ring metadata: {e}")))?;
         self.write(WriteOp::SetMeta(RING_KEY, bytes))
             .await
             .map(|_| ())
     }
 
-    /// The persisted ring metadata, if any.
-    pub fn load_metadata(&self) -> Result<Option<RingMetadata>, NodeError> {
-        let Some(frame) = self.meta.get(RING_KEY)? else {
+    /// The persisted ring metadata, if any, still signed: the caller opens it through its
+    /// ring authority like metadata from anywhere else.
+    pub fn load_metadata(&self) -> Result<Option<SignedMetadata>, NodeError> {
+        let Some(bytes) = self.meta.get(RING_KEY)? else {
             return Ok(None);
         };
-        Ok(Some(RingMetadata::from_frame(&frame)?))
+        postcard::from_bytes(&bytes).map(Some).map_err(|e| {
+            NodeError::CorruptMetadata(ringkv_wire::WireError::Malformed(format!(
+                "persisted ring metadata: {e}"
+            )))
+        })
     }
 
     /// Persists the sender write locks of unfinished moves (replacing the previous set).
@@ -497,7 +503,7 @@ fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringkv_wire::{key_position, NodeEntry, Position};
+    use ringkv_wire::{key_position, NodeEntry, Position, RingMetadata};
 
     #[tokio::test]
     async fn put_get_delete_and_reopen() {
@@ -510,6 +516,7 @@ mod tests {
         assert!(!store.delete(b"a").await.unwrap());
         store.put(b"b", b"3").await.unwrap();
         let md = RingMetadata::new(4, vec![NodeEntry::new("n", "h:1")]).unwrap();
+        let md = SignedMetadata::sign(&md, |_| Ok(Default::default())).unwrap();
         store.save_metadata(&md).await.unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();

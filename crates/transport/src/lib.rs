@@ -15,10 +15,13 @@
 //! - [`endpoint`]: [`bind_endpoint`], a serving endpoint whose stateless-reset key is derived
 //!   from a secret kept across restarts ([`reset_secret`]), so that peers of a restarted node
 //!   learn at their first packet that their old connections are dead.
+//! - [`authority`]: [`RingSigner`] (the ECS signs each metadata version) and
+//!   [`RingAuthority`] (everyone else opens metadata only through a signature check).
 //! - [`error`]: the error type, [`TransportError`].
 //! - `frame`: [`read_frame`], the one framing loop for both sides of a stream.
 #![warn(missing_docs)]
 
+pub mod authority;
 pub mod client;
 pub mod endpoint;
 pub mod error;
@@ -27,6 +30,7 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
+pub use authority::{RingAuthority, RingSigner};
 pub use client::Transport;
 pub use endpoint::{bind_endpoint, reset_secret};
 pub use error::TransportError;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
-use ringkv_certs::Role;
+use ringkv_certs::PeerIdentity;
 use ringkv_wire::{codec, WireError};
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -25,10 +25,11 @@ pub trait Service: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Largest request frame accepted; a bigger header is refused before any buffering.
     fn max_frame(&self) -> usize;
-    /// Answers one request from a peer whose certificate carries `role`.
+    /// Answers one request from `peer` (its role and name, read from its verified
+    /// certificate).
     fn handle(
         &self,
-        role: Role,
+        peer: &PeerIdentity,
         request: Self::Request,
     ) -> impl Future<Output = Self::Reply> + Send;
     /// The reply to a frame that was oversized or did not decode.
@@ -72,19 +73,19 @@ async fn serve_connection<S: Service>(service: Arc<S>, incoming: quinn::Incoming
             return;
         }
     };
-    let role = match ringkv_certs::peer_role(&conn) {
-        Ok(role) => role,
+    let peer = match ringkv_certs::peer_identity(&conn) {
+        Ok(peer) => Arc::new(peer),
         Err(e) => {
             tracing::warn!(service = service.name(), %remote, error = %e, "peer certificate has no usable role");
-            conn.close(1u32.into(), b"certificate carries no ringkv role");
+            conn.close(1u32.into(), b"certificate carries no ringkv role or name");
             return;
         }
     };
-    tracing::debug!(service = service.name(), %remote, ?role, "peer connected");
+    tracing::debug!(service = service.name(), %remote, role = %peer.role, name = %peer.name, "peer connected");
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(serve_stream(
             service.clone(),
-            role,
+            peer.clone(),
             conn.clone(),
             send,
             recv,
@@ -99,7 +100,7 @@ async fn serve_connection<S: Service>(service: Arc<S>, incoming: quinn::Incoming
 /// range transfer would go on for nothing.
 async fn serve_stream<S: Service>(
     service: Arc<S>,
-    role: Role,
+    peer: Arc<PeerIdentity>,
     conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -107,16 +108,16 @@ async fn serve_stream<S: Service>(
     let max_frame = service.max_frame();
     let reply = match read_frame(&mut recv, max_frame).await {
         Ok(request) => tokio::select! {
-            reply = service.handle(role, request) => reply,
+            reply = service.handle(&peer, request) => reply,
             reason = conn.closed() => {
-                tracing::debug!(service = service.name(), ?role, remote = %conn.remote_address(), %reason, "connection closed; handler cancelled");
+                tracing::debug!(service = service.name(), role = %peer.role, remote = %conn.remote_address(), %reason, "connection closed; handler cancelled");
                 return;
             }
         },
         // The stream ended or was reset: nobody to answer.
         Err(FrameError::Stream(_)) => return,
         Err(FrameError::Protocol(e)) => {
-            tracing::warn!(service = service.name(), ?role, error = %e, "bad request frame");
+            tracing::warn!(service = service.name(), role = %peer.role, name = %peer.name, error = %e, "bad request frame");
             // Do not read the rest of an oversized or broken frame.
             let _ = recv.stop(0u32.into());
             service.bad_frame(e)

@@ -42,7 +42,11 @@ impl Service for Echo {
         1 << 16
     }
 
-    fn handle(&self, _role: Role, request: String) -> impl Future<Output = String> + Send {
+    fn handle(
+        &self,
+        _peer: &ringkv_certs::PeerIdentity,
+        request: String,
+    ) -> impl Future<Output = String> + Send {
         let dropped = self.dropped.clone();
         async move {
             if request == "hang" {

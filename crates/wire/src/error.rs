@@ -48,6 +48,10 @@ pub enum WireError {
     /// Ring metadata breaks a structural invariant (see `RingMetadata::validate`).
     #[error("invalid ring metadata: {0}")]
     InvalidRing(String),
+    /// Ring metadata whose ECS signature is missing or did not verify (see
+    /// `SignedMetadata::open`).
+    #[error("unauthenticated ring metadata: {0}")]
+    Unauthenticated(String),
 }
 
 impl WireError {
@@ -59,6 +63,7 @@ impl WireError {
             WireError::KeyTooLarge { .. } => ErrorKind::KeyTooLarge,
             WireError::ValueTooLarge { .. } => ErrorKind::ValueTooLarge,
             WireError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
+            WireError::Unauthenticated(_) => ErrorKind::Unauthenticated,
             WireError::Malformed(_)
             | WireError::DuplicateNode(_)
             | WireError::UnknownNode(_)

@@ -10,16 +10,10 @@
 //!
 //! A digest is bounded: a version, the sender's own heartbeat and at most a configured
 //! number of other nodes' heartbeats, so its size does not grow with the cluster. The full
-//! metadata travels only when versions differ, as an [`EncodedMetadata`]: encoded once by
-//! the node that adopted it, forwarded byte for byte, decoded only by a node about to adopt
-//! it.
-
-use std::sync::Arc;
+//! metadata travels only when versions differ, as the [`crate::SignedMetadata`] the ECS
+//! made: forwarded byte for byte, verified and decoded only by a node about to adopt it.
 
 use serde::{Deserialize, Serialize};
-
-use crate::ring::RingMetadata;
-use crate::WireError;
 
 /// One node's heartbeat counter as another node last saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,67 +40,6 @@ pub struct GossipDigest {
     /// version ignores them (its indices mean other nodes); the versions agree again after
     /// this exchange.
     pub heartbeats: Vec<Heartbeat>,
-}
-
-/// Ring metadata in its encoded form (a postcard frame of a [`RingMetadata`]), with its
-/// version readable without decoding it. Cloning shares the bytes: a node hands the same
-/// encoded metadata to every peer that needs it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EncodedMetadata {
-    /// The version of the metadata inside.
-    pub version: u64,
-    /// The encoded [`RingMetadata`].
-    #[serde(with = "shared_bytes")]
-    pub bytes: Arc<Vec<u8>>,
-}
-
-/// Serde for `Arc<Vec<u8>>` as a byte string (as `serde_bytes` does for `Vec<u8>`).
-mod shared_bytes {
-    use std::sync::Arc;
-
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &Arc<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
-        serde_bytes::serialize(bytes.as_slice(), s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Vec<u8>>, D::Error> {
-        serde_bytes::deserialize::<Vec<u8>, D>(d).map(Arc::new)
-    }
-}
-
-impl std::fmt::Debug for EncodedMetadata {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "EncodedMetadata(v{}, {} bytes)",
-            self.version,
-            self.bytes.len()
-        )
-    }
-}
-
-impl EncodedMetadata {
-    /// Encodes `metadata`.
-    pub fn encode(metadata: &RingMetadata) -> Result<Self, WireError> {
-        Ok(Self {
-            version: metadata.version,
-            bytes: Arc::new(metadata.to_frame()?),
-        })
-    }
-
-    /// Decodes the metadata ([`RingMetadata::from_frame`]: one frame, fully validated) and
-    /// checks that its version is the announced one.
-    pub fn decode(&self) -> Result<RingMetadata, WireError> {
-        let metadata = RingMetadata::from_frame(&self.bytes)?;
-        if metadata.version != self.version {
-            return Err(WireError::Malformed(format!(
-                "encoded metadata announced version {} but holds version {}",
-                self.version, metadata.version
-            )));
-        }
-        Ok(metadata)
-    }
 }
 
 /// How alive a node seems to another, from its heartbeat counter.
@@ -153,32 +86,6 @@ pub struct PeerLiveness {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NodeEntry;
-
-    #[test]
-    fn encoded_metadata_round_trips_and_checks_what_it_holds() {
-        let md = RingMetadata::new(
-            4,
-            vec![NodeEntry::new("a", "h:1"), NodeEntry::new("b", "h:2")],
-        )
-        .unwrap();
-        let enc = EncodedMetadata::encode(&md).unwrap();
-        assert_eq!(enc.version, 4);
-        assert_eq!(enc.decode().unwrap(), md);
-
-        let mut lying = enc.clone();
-        lying.version = 5;
-        assert!(matches!(lying.decode(), Err(WireError::Malformed(_))));
-
-        let mut truncated = enc.clone();
-        Arc::make_mut(&mut truncated.bytes).pop();
-        assert!(truncated.decode().is_err());
-
-        let mut unsorted = md.clone();
-        unsorted.nodes.reverse();
-        let enc = EncodedMetadata::encode(&unsorted).unwrap();
-        assert!(matches!(enc.decode(), Err(WireError::InvalidRing(_))));
-    }
 
     #[test]
     fn liveness_orders_from_alive_to_dead() {

@@ -11,8 +11,10 @@
 //! - [`codec`]: the length-prefixed postcard framing with a maximum frame size, checked
 //!   before anything is buffered.
 //! - [`limits`]: key/value/frame size limits and their validation.
-//! - [`gossip`]: what nodes gossip: bounded digests of versions and heartbeats,
-//!   [`EncodedMetadata`], and the [`Liveness`] a node sees in its peers.
+//! - [`signed`]: [`SignedMetadata`], the one form in which ring metadata travels and is
+//!   stored: encoded once, signed by the ECS, opened only through a signature check.
+//! - [`gossip`]: what nodes gossip: bounded digests of versions and heartbeats, and the
+//!   [`Liveness`] a node sees in its peers.
 //! - [`admin`]: the ECS protocol an operator speaks ([`AdminRequest`], [`AdminReply`]).
 //! - [`error`]: [`WireError`], the one error type of this crate.
 //!
@@ -30,11 +32,12 @@ pub mod gossip;
 pub mod limits;
 pub mod message;
 pub mod ring;
+pub mod signed;
 
 pub use admin::{AdminReply, AdminRequest, MoveReport, NodeReport};
 pub use codec::{decode, encode, frame_len, FRAME_HEADER_LEN};
 pub use error::WireError;
-pub use gossip::{EncodedMetadata, GossipDigest, Heartbeat, Liveness, PeerLiveness};
+pub use gossip::{GossipDigest, Heartbeat, Liveness, PeerLiveness};
 pub use limits::Limits;
 pub use message::{
     ErrorKind, MoveId, NodeStatus, Reply, ReplyBody, Request, RequestBody, StorageEntry,
@@ -44,3 +47,4 @@ pub use ring::{
     key_position, node_position, storage_key, HashedKey, KeyRange, NodeEntry, Position, RangeMove,
     RingMetadata, StorageSpan,
 };
+pub use signed::{signed_message, MetadataSignature, SignedMetadata, SIGNED_DOMAIN};

@@ -7,8 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::gossip::{EncodedMetadata, GossipDigest, PeerLiveness};
-use crate::ring::{KeyRange, NodeEntry, RingMetadata};
+use crate::gossip::{GossipDigest, PeerLiveness};
+use crate::ring::{KeyRange, NodeEntry};
+use crate::signed::SignedMetadata;
 
 /// A request frame: the caller's metadata version and what it asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,10 +87,11 @@ pub enum RequestBody {
     Start,
     /// Internal (admin): stop serving clients (they get `Stopped`). Replies `Ok`.
     Stop,
-    /// Internal: adopt this metadata if it is newer than the node's. Replies `Ok`.
+    /// Internal (ecs): adopt this metadata if its signature verifies and it is newer than the
+    /// node's. Replies `Installed`.
     InstallMetadata {
         /// The metadata to adopt.
-        metadata: RingMetadata,
+        metadata: SignedMetadata,
     },
     /// Internal (admin), at the sender of move `id`: write-lock `range` (writes there answer
     /// `WriteLocked`), durably: the lock survives a restart and is released only when the
@@ -111,13 +113,17 @@ pub enum RequestBody {
         /// The range it moves.
         range: KeyRange,
     },
-    /// Internal (admin), at the receiver of move `id`: delete any stale copy of `range` (the
-    /// node must not own any of it) and accept `PutBatch`es of `id` from now on. Replies `Ok`.
+    /// Internal (ecs), at the receiver of move `id`: delete any stale copy of `range` (the
+    /// node must not own any of it) and accept `PutBatch`es of `id` from node `from`, for keys
+    /// of `range`, from now on. Replies `Ok`.
     PrepareReceive {
         /// The move.
         id: MoveId,
         /// The range that will arrive.
         range: KeyRange,
+        /// The sender's name (its certificate's name): the only peer whose batches of `id`
+        /// are accepted.
+        from: String,
     },
     /// Internal (admin): stream a snapshot of every key of `range` to node `to` in batches,
     /// and from then on remember which keys of the range are written. Replies `Transferred`
@@ -145,9 +151,10 @@ pub enum RequestBody {
         /// Whether this is the final, locked round.
         last: bool,
     },
-    /// Internal (node/admin): store these entries of move `id` durably. Refused unless the
-    /// receiver was prepared for `id` (and not aborted since). Replies `Ok` after they are
-    /// persisted.
+    /// Internal (node): store these entries of move `id` durably. Refused unless the receiver
+    /// was prepared for `id` (and not aborted since), the caller's certificate names the
+    /// sender the ECS announced, and every key lies in the announced range. Replies `Ok`
+    /// after they are persisted.
     PutBatch {
         /// The move.
         id: MoveId,
@@ -165,11 +172,12 @@ pub enum RequestBody {
         /// The caller's digest.
         digest: GossipDigest,
     },
-    /// Internal (node/admin): the last leg of a gossip exchange, newer metadata for a
-    /// responder whose digest showed an older version. Adopted only if newer; replies `Ok`.
+    /// Internal (node): the last leg of a gossip exchange, newer metadata for a responder
+    /// whose digest showed an older version. Adopted only if its signature verifies and it
+    /// is newer; replies `Ok`.
     GossipPush {
         /// The caller's metadata.
-        metadata: EncodedMetadata,
+        metadata: SignedMetadata,
     },
 }
 
@@ -249,6 +257,9 @@ pub enum ErrorKind {
     Peer,
     /// The request is not valid in the node's current state.
     InvalidState,
+    /// Ring metadata in the request was not signed by the ECS (or the signature did not
+    /// verify); it was refused and counted.
+    Unauthenticated,
 }
 
 /// Counters of a completed range transfer.
@@ -278,6 +289,9 @@ pub struct NodeStatus {
     /// Commits (each one fsync) since the node started: `writes / write_commits` is the
     /// mean group-commit size.
     pub write_commits: u64,
+    /// Ring metadata refused since the node started (not signed by the ECS, or not a valid
+    /// ring), from any source.
+    pub metadata_refused: u64,
     /// Ranges currently write-locked.
     pub locked: Vec<KeyRange>,
     /// The node's gossip view of every other node of its ring: how alive each seems.
@@ -298,10 +312,11 @@ pub enum ReplyBody {
     },
     /// The key was deleted, durably.
     Deleted,
-    /// This node does not own the key; here is its (newer) metadata.
+    /// This node does not own the key; here is its (newer) metadata, as the ECS signed it
+    /// (`None` if the node holds none yet).
     NotResponsible {
         /// The responder's metadata.
-        metadata: RingMetadata,
+        metadata: Option<SignedMetadata>,
     },
     /// The key's range is being moved; retry the write later. Reads are still served.
     WriteLocked,
@@ -314,12 +329,20 @@ pub enum ReplyBody {
         /// A human-readable explanation.
         message: String,
     },
-    /// The responder's metadata (answer to `GetMetadata`).
-    Metadata(RingMetadata),
+    /// The responder's metadata as the ECS signed it, `None` if it holds none yet (answer to
+    /// `GetMetadata`).
+    Metadata(Option<SignedMetadata>),
     /// The responder's status (answer to `Status`).
     Status(Box<NodeStatus>),
     /// Generic success of an internal request.
     Ok,
+    /// Answer to `InstallMetadata`: whether this request's metadata was adopted (`false`: the
+    /// node already held that version or a newer one; the reply's `metadata_version` says
+    /// which). Metadata that fails its signature or validation gets an `Error` instead.
+    Installed {
+        /// Whether the node adopted the metadata just now.
+        adopted: bool,
+    },
     /// Result of a `TransferRange`.
     Transferred(TransferStats),
     /// A count (answer to `DeleteRange`).
@@ -329,7 +352,7 @@ pub enum ReplyBody {
         /// The responder's digest.
         digest: GossipDigest,
         /// The responder's metadata, if newer than the version in the caller's digest.
-        metadata: Option<EncodedMetadata>,
+        metadata: Option<SignedMetadata>,
     },
 }
 
@@ -337,7 +360,7 @@ pub enum ReplyBody {
 mod tests {
     use super::*;
     use crate::codec::{decode, decode_frame, encode};
-    use crate::ring::Position;
+    use crate::ring::{Position, RingMetadata};
     use proptest::prelude::*;
 
     fn bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -381,15 +404,30 @@ mod tests {
             )
     }
 
-    fn arb_encoded_metadata() -> impl Strategy<Value = EncodedMetadata> {
-        prop_oneof![
-            arb_metadata().prop_map(|md| EncodedMetadata::encode(&md).unwrap()),
-            // Whatever a peer may send: the outer codec carries it untouched.
-            (any::<u64>(), bytes()).prop_map(|(version, bytes)| EncodedMetadata {
-                version,
-                bytes: std::sync::Arc::new(bytes)
-            }),
-        ]
+    fn arb_signed_metadata() -> impl Strategy<Value = SignedMetadata> {
+        let signature = (
+            any::<u16>(),
+            bytes(),
+            proptest::collection::vec(bytes(), 0..3),
+        )
+            .prop_map(|(scheme, signature, signer)| crate::MetadataSignature {
+                scheme,
+                signature,
+                signer: signer.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+            });
+        // Whatever a peer may send: the outer codec carries it untouched.
+        (
+            arb_metadata(),
+            any::<u64>(),
+            bytes(),
+            signature,
+            any::<bool>(),
+        )
+            .prop_map(|(md, version, junk, signature, valid)| SignedMetadata {
+                version: if valid { md.version } else { version },
+                ring: std::sync::Arc::new(if valid { md.to_frame().unwrap() } else { junk }),
+                signature: std::sync::Arc::new(signature),
+            })
     }
 
     fn arb_peer_liveness() -> impl Strategy<Value = PeerLiveness> {
@@ -425,11 +463,14 @@ mod tests {
             Just(RequestBody::Status),
             Just(RequestBody::Start),
             Just(RequestBody::Stop),
-            arb_metadata().prop_map(|metadata| RequestBody::InstallMetadata { metadata }),
+            arb_signed_metadata().prop_map(|metadata| RequestBody::InstallMetadata { metadata }),
             (arb_id(), arb_range()).prop_map(|(id, range)| RequestBody::LockRange { id, range }),
             (arb_id(), arb_range()).prop_map(|(id, range)| RequestBody::AbortMove { id, range }),
-            (arb_id(), arb_range())
-                .prop_map(|(id, range)| RequestBody::PrepareReceive { id, range }),
+            (arb_id(), arb_range()).prop_map(|(id, range)| RequestBody::PrepareReceive {
+                id,
+                range,
+                from: "n1".into()
+            }),
             (arb_id(), arb_range(), arb_node())
                 .prop_map(|(id, range, to)| RequestBody::TransferRange { id, range, to }),
             (arb_id(), arb_range(), arb_node(), any::<bool>()).prop_map(|(id, range, to, last)| {
@@ -455,7 +496,7 @@ mod tests {
                 }),
             arb_range().prop_map(|range| RequestBody::DeleteRange { range }),
             arb_digest().prop_map(|digest| RequestBody::Gossip { digest }),
-            arb_encoded_metadata().prop_map(|metadata| RequestBody::GossipPush { metadata }),
+            arb_signed_metadata().prop_map(|metadata| RequestBody::GossipPush { metadata }),
         ];
         (any::<u64>(), body).prop_map(|(v, b)| Request::new(v, b))
     }
@@ -477,11 +518,12 @@ mod tests {
             Just(ReplyBody::NotFound),
             any::<bool>().prop_map(|created| ReplyBody::PutOk { created }),
             Just(ReplyBody::Deleted),
-            arb_metadata().prop_map(|metadata| ReplyBody::NotResponsible { metadata }),
+            proptest::option::of(arb_signed_metadata())
+                .prop_map(|metadata| ReplyBody::NotResponsible { metadata }),
             Just(ReplyBody::WriteLocked),
             Just(ReplyBody::Stopped),
             (kind, ".{0,16}").prop_map(|(kind, message)| ReplyBody::Error { kind, message }),
-            arb_metadata().prop_map(ReplyBody::Metadata),
+            proptest::option::of(arb_signed_metadata()).prop_map(ReplyBody::Metadata),
             (
                 arb_node(),
                 any::<bool>(),
@@ -499,16 +541,18 @@ mod tests {
                         keys,
                         writes: keys / 2,
                         write_commits: keys / 4,
+                        metadata_refused: keys / 8,
                         locked,
                         peers,
                     }))
                 }),
             Just(ReplyBody::Ok),
+            any::<bool>().prop_map(|adopted| ReplyBody::Installed { adopted }),
             (any::<u64>(), any::<u64>()).prop_map(|(entries, bytes)| ReplyBody::Transferred(
                 TransferStats { entries, bytes }
             )),
             any::<u64>().prop_map(ReplyBody::Count),
-            (arb_digest(), proptest::option::of(arb_encoded_metadata()))
+            (arb_digest(), proptest::option::of(arb_signed_metadata()))
                 .prop_map(|(digest, metadata)| ReplyBody::Gossip { digest, metadata }),
         ];
         (any::<u64>(), body).prop_map(|(v, b)| Reply::new(v, b))
@@ -581,6 +625,7 @@ mod tests {
                     keys: 9,
                     writes: 12,
                     write_commits: 4,
+                    metadata_refused: 1,
                     locked: range.into_iter().collect(),
                     peers: vec![],
                 }),

@@ -64,21 +64,28 @@ async fn exchange(node: Arc<Node>, addr: String, digest: GossipDigest) {
         tracing::warn!(node = %node.config.name, peer = %addr, reply = ?reply.body, "unexpected gossip reply");
         return;
     };
+    // The responder speaks for itself only: its digest must name the node the ring has at
+    // the address we dialed (whose certificate TLS checked against that address).
+    let at_addr = node
+        .view()
+        .metadata
+        .nodes
+        .iter()
+        .find(|n| n.addr == addr)
+        .map(|n| n.name.clone());
+    if at_addr.as_deref() != Some(digest.from.as_str()) {
+        tracing::warn!(node = %node.config.name, peer = %addr, claimed = %digest.from, "ignored a gossip reply sent in another node's name");
+        return;
+    }
     let outcome =
         node.gossip
             .lock()
             .expect("gossip lock")
             .on_reply(&digest, metadata, Instant::now());
     if let Some(metadata) = outcome.adopt {
-        match metadata.decode() {
-            Ok(decoded) => {
-                if let Err(e) = node.install_gossiped(decoded, metadata).await {
-                    tracing::error!(node = %node.config.name, error = %e, "could not install gossiped metadata");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(node = %node.config.name, peer = %addr, error = %e, "refused gossiped metadata")
-            }
+        // Verified against the ECS's signature and counted if refused.
+        if let Err(e) = node.install_metadata(metadata, "gossip").await {
+            tracing::warn!(node = %node.config.name, peer = %addr, error = %e, "did not install gossiped metadata");
         }
     }
     if let Some(metadata) = outcome.push {

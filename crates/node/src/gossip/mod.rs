@@ -18,6 +18,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use state::{GossipState, Membership, ReplyOutcome};
 
+/// For the state machine's tests and the simulation, which exercise gossip, not signatures: a
+/// membership whose "signed" form carries an empty signature (opened with a verifier that
+/// accepts anything). Real nodes only ever hold metadata their ring authority verified.
+#[cfg(test)]
+pub(crate) fn stand_in_membership(metadata: ringkv_wire::RingMetadata) -> Membership {
+    let signed = ringkv_wire::SignedMetadata::sign(&metadata, |_| Ok(Default::default()))
+        .expect("a valid ring");
+    Membership::new(std::sync::Arc::new(metadata), Some(signed))
+}
+
 /// Gossip parameters. See `GOSSIP.md` for how they relate: `suspect_after` must exceed the
 /// time a heartbeat needs to reach every node (a few intervals for rings up to a few
 /// hundred nodes), and `dead_after` must exceed `suspect_after`.

@@ -22,12 +22,12 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use ringkv_wire::{
-    codec, EncodedMetadata, Liveness, NodeEntry, Reply, ReplyBody, Request, RequestBody,
-    RingMetadata,
+    codec, Liveness, NodeEntry, Reply, ReplyBody, Request, RequestBody, RingMetadata,
+    SignedMetadata,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::{GossipConfig, GossipState, Membership};
+use super::{stand_in_membership, GossipConfig, GossipState, Membership};
 
 /// When what a node learns during a round becomes visible to others (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub struct Sim {
     /// The order nodes tick in within a round (their phases).
     order: Vec<usize>,
     /// Adoptions waiting for the end of the round (`Synchronous`).
-    pending: Vec<(usize, EncodedMetadata)>,
+    pending: Vec<(usize, SignedMetadata)>,
     config: GossipConfig,
     t0: Instant,
     round: u64,
@@ -98,8 +98,7 @@ impl Sim {
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut rng);
-        let membership =
-            Arc::new(Membership::new(Arc::new(ring(1, 0..n))).expect("encode metadata"));
+        let membership = Arc::new(stand_in_membership(ring(1, 0..n)));
         let nodes = (0..n)
             .map(|i| GossipState::new(name(i), config.clone(), membership.clone(), 1, t0))
             .collect();
@@ -141,9 +140,7 @@ impl Sim {
     /// Gives node `i` the metadata `metadata`, as the ECS does.
     pub fn seed(&mut self, i: usize, metadata: RingMetadata) {
         let version = metadata.version;
-        let membership = Membership::new(Arc::new(metadata))
-            .expect("encode")
-            .succeeding(self.nodes[i].membership());
+        let membership = stand_in_membership(metadata).succeeding(self.nodes[i].membership());
         let membership = Arc::new(membership);
         self.memberships.insert(version, membership.clone());
         let now = self.now();
@@ -332,29 +329,29 @@ impl Sim {
 
     /// What a node does with newer encoded metadata: decode it (once per version for the
     /// whole simulation, see the module docs) and install it.
-    fn adopt(&mut self, id: usize, metadata: EncodedMetadata, now: Instant) {
+    fn adopt(&mut self, id: usize, metadata: SignedMetadata, now: Instant) {
         match self.timing {
             Timing::Phased => self.install(id, metadata, now),
             Timing::Synchronous => self.pending.push((id, metadata)),
         }
     }
 
-    fn install(&mut self, id: usize, metadata: EncodedMetadata, now: Instant) {
+    fn install(&mut self, id: usize, metadata: SignedMetadata, now: Instant) {
         if metadata.version <= self.nodes[id].version() {
             return;
         }
         let membership = match self.memberships.get(&metadata.version) {
             Some(m) => {
                 assert!(
-                    m.encoded().bytes == metadata.bytes,
+                    m.signed().map(|s| &s.ring) == Some(&metadata.ring),
                     "two different metadata with version {}",
                     metadata.version
                 );
                 m.clone()
             }
             None => {
-                let decoded = metadata.decode().expect("peer metadata decodes");
-                let m = Arc::new(Membership::with_encoded(Arc::new(decoded), metadata));
+                let decoded = metadata.open(|_, _| Ok(())).expect("peer metadata decodes");
+                let m = Arc::new(Membership::new(Arc::new(decoded), Some(metadata)));
                 self.memberships.insert(m.version(), m.clone());
                 m
             }

@@ -15,19 +15,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::{Rng, RngExt};
-use ringkv_wire::{
-    EncodedMetadata, GossipDigest, Heartbeat, Liveness, PeerLiveness, RingMetadata, WireError,
-};
+use ringkv_wire::{GossipDigest, Heartbeat, Liveness, PeerLiveness, RingMetadata, SignedMetadata};
 
 use super::GossipConfig;
 
+/// How far apart two nodes' wall clocks may be for their heartbeat counters to be believed
+/// (a day; see [`GossipState::plausible`]).
+pub const MAX_CLOCK_SKEW_MS: u64 = 24 * 3600 * 1000;
+
 /// The membership a metadata version defines: its nodes, their indices by name, and the
-/// metadata's encoded form (sent to peers holding an older version). Built once per version
+/// metadata as the ECS signed it (sent to peers holding an older version). Built once per version
 /// and shared.
 #[derive(Debug)]
 pub struct Membership {
     metadata: Arc<RingMetadata>,
-    encoded: EncodedMetadata,
+    signed: Option<SignedMetadata>,
     by_name: HashMap<String, u32>,
     /// Where the nodes were in the membership of another version: `(that version, carry
     /// runs)`, so a state at that version carries its heartbeats over without comparing
@@ -69,14 +71,9 @@ fn carry_runs(old: &RingMetadata, new: &RingMetadata) -> Vec<Carry> {
 }
 
 impl Membership {
-    /// The membership of `metadata`, encoding it.
-    pub fn new(metadata: Arc<RingMetadata>) -> Result<Self, WireError> {
-        let encoded = EncodedMetadata::encode(&metadata)?;
-        Ok(Self::with_encoded(metadata, encoded))
-    }
-
-    /// The membership of `metadata` whose encoded form is `encoded` (as received).
-    pub fn with_encoded(metadata: Arc<RingMetadata>, encoded: EncodedMetadata) -> Self {
+    /// The membership of `metadata`, whose signed form (as the ECS made it) is `signed`
+    /// (`None` only for the empty ring of a node that holds no metadata yet).
+    pub fn new(metadata: Arc<RingMetadata>, signed: Option<SignedMetadata>) -> Self {
         let by_name = metadata
             .nodes
             .iter()
@@ -85,7 +82,7 @@ impl Membership {
             .collect();
         Self {
             metadata,
-            encoded,
+            signed,
             by_name,
             carried: None,
         }
@@ -105,9 +102,9 @@ impl Membership {
         &self.metadata
     }
 
-    /// Its encoded form.
-    pub fn encoded(&self) -> &EncodedMetadata {
-        &self.encoded
+    /// Its signed form.
+    pub fn signed(&self) -> Option<&SignedMetadata> {
+        self.signed.as_ref()
     }
 
     /// The metadata version.
@@ -136,9 +133,9 @@ impl Membership {
 pub struct ReplyOutcome {
     /// Newer metadata the responder sent: decode, persist and install it, then
     /// [`GossipState::set_membership`].
-    pub adopt: Option<EncodedMetadata>,
+    pub adopt: Option<SignedMetadata>,
     /// The responder is behind: send it this (`GossipPush`).
-    pub push: Option<EncodedMetadata>,
+    pub push: Option<SignedMetadata>,
 }
 
 /// One node's gossip state: its heartbeat, what it knows of everybody else's, and its
@@ -155,6 +152,9 @@ pub struct GossipState {
     me: Option<u32>,
     /// This node's own counter.
     heartbeat: u64,
+    /// Its first value, the base of the plausibility bound on counters heard
+    /// ([`GossipState::plausible`]).
+    first_heartbeat: u64,
     /// Highest counter seen per node index (0: none yet).
     counters: Vec<u64>,
     /// When each counter last grew, in ms since `epoch` (or when the node entered the
@@ -191,6 +191,7 @@ impl GossipState {
             heard_ms: vec![0; n],
             membership,
             heartbeat: first_heartbeat,
+            first_heartbeat,
             news: Vec::new(),
             news_next: 0,
             cursor: 0,
@@ -270,7 +271,7 @@ impl GossipState {
         let Some(me) = self.me else {
             return Vec::new();
         };
-        self.heartbeat += 1;
+        self.heartbeat = self.heartbeat.saturating_add(1);
         let n = self.membership.len() as u32;
         if n < 2 {
             return Vec::new();
@@ -381,10 +382,11 @@ impl GossipState {
         &mut self,
         digest: &GossipDigest,
         now: Instant,
-    ) -> (GossipDigest, Option<EncodedMetadata>) {
+    ) -> (GossipDigest, Option<SignedMetadata>) {
         self.merge(digest, now);
-        let metadata =
-            (digest.metadata_version < self.version()).then(|| self.membership.encoded.clone());
+        let metadata = (digest.metadata_version < self.version())
+            .then(|| self.membership.signed.clone())
+            .flatten();
         (self.answer(digest), metadata)
     }
 
@@ -393,14 +395,15 @@ impl GossipState {
     pub fn on_reply(
         &mut self,
         digest: &GossipDigest,
-        metadata: Option<EncodedMetadata>,
+        metadata: Option<SignedMetadata>,
         now: Instant,
     ) -> ReplyOutcome {
         self.merge(digest, now);
         ReplyOutcome {
             adopt: metadata.filter(|m| m.version > self.version()),
             push: (digest.metadata_version < self.version())
-                .then(|| self.membership.encoded.clone()),
+                .then(|| self.membership.signed.clone())
+                .flatten(),
         }
     }
 
@@ -421,12 +424,29 @@ impl GossipState {
         }
     }
 
+    /// Whether a heartbeat counter could be real at `now_ms`: counters start at their
+    /// node's wall-clock start time in milliseconds and grow by one per interval, so no
+    /// honest counter is far above our own start time plus twice our uptime (start time and
+    /// beats since) plus [`MAX_CLOCK_SKEW_MS`]. A counter above that (a peer lying, e.g.
+    /// `u64::MAX` to wrap or freeze a node's counter) is ignored.
+    fn plausible(&self, counter: u64, now_ms: u64) -> bool {
+        counter
+            <= self
+                .first_heartbeat
+                .saturating_add(now_ms.saturating_mul(2))
+                .saturating_add(MAX_CLOCK_SKEW_MS)
+    }
+
     fn heard(&mut self, i: u32, counter: u64, now_ms: u64) {
+        if !self.plausible(counter, now_ms) {
+            tracing::warn!(node = %self.name, peer = i, counter, "ignored an implausible heartbeat counter");
+            return;
+        }
         if Some(i) == self.me {
             // Somebody saw a counter of ours at least this high (we restarted with a
             // slow clock): move past it, so that our next beats count as news.
             if counter >= self.heartbeat {
-                self.heartbeat = counter + 1;
+                self.heartbeat = counter.saturating_add(1);
             }
             return;
         }
@@ -507,6 +527,7 @@ mod tests {
     use ringkv_wire::NodeEntry;
 
     use super::*;
+    use crate::gossip::stand_in_membership;
 
     fn config() -> GossipConfig {
         GossipConfig {
@@ -524,7 +545,7 @@ mod tests {
             .map(|n| NodeEntry::new(*n, format!("{n}:1")))
             .collect();
         let md = RingMetadata::new(version, nodes).unwrap();
-        Arc::new(Membership::new(Arc::new(md)).unwrap())
+        Arc::new(stand_in_membership(md))
     }
 
     fn ms(t0: Instant, ms: u64) -> Instant {
@@ -555,8 +576,8 @@ mod tests {
         let out = b.on_reply(&ack, md, t0);
         assert_eq!(out.adopt.as_ref().map(|m| m.version), Some(2));
         assert_eq!(out.push, None);
-        let decoded = out.adopt.unwrap().decode().unwrap();
-        b.set_membership(Arc::new(Membership::new(Arc::new(decoded)).unwrap()), t0);
+        let decoded = out.adopt.unwrap().open(|_, _| Ok(())).unwrap();
+        b.set_membership(Arc::new(stand_in_membership(decoded)), t0);
         assert_eq!(b.version(), 2);
         // An older membership never replaces a newer one.
         b.set_membership(membership(1, &names), t0);
@@ -685,12 +706,12 @@ mod tests {
             a.merge(&d, t0);
             b.merge(&d, t0);
         }
-        let md = Arc::new(v3.metadata().as_ref().clone());
+        let md = v3.metadata().as_ref().clone();
         a.set_membership(
-            Arc::new(Membership::new(md.clone()).unwrap().succeeding(&v1)),
+            Arc::new(stand_in_membership(md.clone()).succeeding(&v1)),
             t0,
         );
-        b.set_membership(Arc::new(Membership::new(md).unwrap()), t0);
+        b.set_membership(Arc::new(stand_in_membership(md)), t0);
         assert_eq!(a.counters, b.counters);
         for (i, name) in names.iter().enumerate().skip(1) {
             assert_eq!(a.counter(v3.index_of(name).unwrap()), 100 + i as u64);

@@ -21,6 +21,7 @@ pub async fn status(node: &Node) -> ReplyBody {
         keys,
         writes: stats.writes,
         write_commits: stats.commits,
+        metadata_refused: node.authority.refused(),
         locked: node.moves().locked_ranges(),
         peers: node.peer_liveness(),
     }))

@@ -4,8 +4,8 @@
 //! - [`metadata`]: `GetMetadata`, `InstallMetadata`.
 //! - [`admin`]: `Status`, `Start`, `Stop`.
 //! - [`gossip`]: `Gossip`, `GossipPush`.
-//! - [`range`]: `LockRange`, `UnlockRange`, `TransferRange`, `TransferDelta`, `PutBatch`,
-//!   `DeleteRange`.
+//! - [`range`]: `LockRange`, `AbortMove`, `PrepareReceive`, `TransferRange`, `TransferDelta`,
+//!   `PutBatch`, `DeleteRange`.
 
 pub mod admin;
 pub mod data;
@@ -18,19 +18,30 @@ use ringkv_wire::{ErrorKind, RequestBody};
 
 use crate::NodeError;
 
-/// Whether a peer with certificate role `role` may send `body`: clients only the client
-/// requests; nodes also what nodes exchange among themselves (batches of a transfer,
-/// metadata, status, gossip); admins (the ECS) everything.
+/// Whether a peer with certificate role `role` may send `body` (least privilege, README
+/// "Security model"):
+/// - `client`: the client requests only;
+/// - `admin` (an operator): the client requests and `Status`; operators change the cluster
+///   through the ECS, not by talking to nodes;
+/// - `node`: the client requests, `Status`, gossip, and the batches of a move the ECS
+///   announced ([`range::put_batch`] checks the rest);
+/// - `ecs`: everything else (metadata, locks, transfers, range deletion, start/stop), but
+///   neither batches nor gossip, which only nodes send.
 pub fn allowed(role: Role, body: &RequestBody) -> bool {
     match role {
-        Role::Admin => true,
+        Role::Ecs => !matches!(
+            body,
+            RequestBody::PutBatch { .. }
+                | RequestBody::Gossip { .. }
+                | RequestBody::GossipPush { .. }
+        ),
         Role::Client => body.is_client_request(),
+        Role::Admin => body.is_client_request() || matches!(body, RequestBody::Status),
         Role::Node => {
             body.is_client_request()
                 || matches!(
                     body,
                     RequestBody::PutBatch { .. }
-                        | RequestBody::InstallMetadata { .. }
                         | RequestBody::Status
                         | RequestBody::Gossip { .. }
                         | RequestBody::GossipPush { .. }

@@ -2,15 +2,16 @@
 //! `TransferRange`, `TransferDelta`, `PutBatch`, `DeleteRange`. Every transition of the
 //! node's move state is decided by [`crate::moves::MoveState`]; this module moves the bytes.
 
+use ringkv_certs::PeerIdentity;
 use ringkv_wire::{
-    ErrorKind, KeyRange, MoveId, NodeEntry, ReplyBody, Request, RequestBody, StorageEntry,
-    TransferStats,
+    key_position, ErrorKind, KeyRange, MoveId, NodeEntry, ReplyBody, Request, RequestBody,
+    StorageEntry, TransferStats,
 };
 
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::{error, storage_error};
-use crate::moves::{MoveError, Round};
+use crate::moves::{BatchRefused, MoveError, Round};
 use crate::storage::Batcher;
 use crate::{Node, NodeError};
 
@@ -72,7 +73,7 @@ pub async fn abort(node: &Node, id: MoveId, range: KeyRange) -> ReplyBody {
 
 /// `PrepareReceive`: deletes any stale copy of `range` (refused if the node owns any of it)
 /// and accepts the move's batches from now on.
-pub async fn prepare_receive(node: &Node, id: MoveId, range: KeyRange) -> ReplyBody {
+pub async fn prepare_receive(node: &Node, id: MoveId, range: KeyRange, from: String) -> ReplyBody {
     if let Some(own) = node.view().own_range {
         if own.intersects(&range) {
             return error(
@@ -87,7 +88,7 @@ pub async fn prepare_receive(node: &Node, id: MoveId, range: KeyRange) -> ReplyB
         return storage_error(e);
     }
     let version = node.metadata_version();
-    match node.moves().prepare_receive(id, range, version) {
+    match node.moves().prepare_receive(id, range, &from, version) {
         Ok(()) => ReplyBody::Ok,
         Err(e) => refused(e),
     }
@@ -248,9 +249,19 @@ fn entry_bytes(entries: &[StorageEntry]) -> u64 {
 }
 
 /// `PutBatch`: persists a batch of a move this node was prepared to receive, before
-/// acknowledging it. Holds the write gate while it commits, so an `AbortMove` or a new
+/// acknowledging it. Least privilege: a node certificate writes through a batch only within
+/// a move the ECS announced to both ends (`TransferRange` to the sender, `PrepareReceive` to
+/// this node), only as the sender it named, only keys of the range it named — a range this
+/// node does not own (checked at `PrepareReceive`), so no batch ever overwrites data the node
+/// serves. The sender's write lock, not the receiver's running state, is what holds the
+/// range still: a joining receiver is not serving yet. Holds the write gate while it commits, so an `AbortMove` or a new
 /// `PrepareReceive` waits for it and no batch of an aborted move lands after either.
-pub async fn put_batch(node: &Node, id: MoveId, entries: Vec<StorageEntry>) -> ReplyBody {
+pub async fn put_batch(
+    node: &Node,
+    peer: &PeerIdentity,
+    id: MoveId,
+    entries: Vec<StorageEntry>,
+) -> ReplyBody {
     for e in &entries {
         let checked = match &e.value {
             Some(value) => node.config.limits.check_put(&e.key, value),
@@ -260,15 +271,16 @@ pub async fn put_batch(node: &Node, id: MoveId, entries: Vec<StorageEntry>) -> R
             return error(ErrorKind::Malformed, format!("bad entry in batch: {err}"));
         }
     }
+    let positions: Vec<_> = entries.iter().map(|e| key_position(&e.key)).collect();
     let admitted = node.admit_write().await;
-    if !node.moves().accepts_batch(id) {
-        return error(
-            ErrorKind::InvalidState,
-            format!(
-                "not receiving move {} (never prepared, aborted, superseded or done)",
-                id.change
-            ),
-        );
+    let checked = node.moves().check_batch(id, &peer.name, positions.iter());
+    if let Err(refused) = checked {
+        tracing::warn!(node = %node.config.name, peer = %peer.name, error = %refused, "refused a transfer batch");
+        let kind = match refused {
+            BatchRefused::NotReceiving(_) => ErrorKind::InvalidState,
+            BatchRefused::WrongSender { .. } | BatchRefused::OutOfRange(_) => ErrorKind::Forbidden,
+        };
+        return error(kind, refused.to_string());
     }
     match node.store.put_batch(entries, Some(admitted)).await {
         Ok(()) => ReplyBody::Ok,

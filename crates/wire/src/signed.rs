@@ -1,0 +1,186 @@
+//! Ring metadata as it travels and is stored: encoded once, signed by the ECS.
+//!
+//! [`SignedMetadata`] is the only form in which ring metadata crosses the network (install,
+//! gossip, `NotResponsible`, `GetMetadata`) or sits in a node's store. It carries the encoded
+//! [`RingMetadata`] (a frame, see [`RingMetadata::to_frame`]), its version readable without
+//! decoding, and the ECS's signature over `SIGNED_DOMAIN ‖ frame` together with the signer's
+//! certificate chain. The only way to get a [`RingMetadata`] out of it is
+//! [`SignedMetadata::open`], which first has the caller's verifier check the signature and then
+//! decodes and validates the frame: metadata nobody verified is never routed with.
+//!
+//! This crate does no cryptography: the verifier and the signer are the caller's
+//! (`ringkv_transport::RingAuthority` wires them to `ringkv_certs`).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ring::RingMetadata;
+use crate::WireError;
+
+/// What precedes the encoded metadata in the signed message, so that a signature over ring
+/// metadata can never be taken for a signature over anything else the key signs (and the
+/// other way round).
+pub const SIGNED_DOMAIN: &[u8] = b"ringkv ring metadata v1\0";
+
+/// The ECS's signature over one encoded metadata version.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MetadataSignature {
+    /// The TLS `SignatureScheme` code of the algorithm.
+    pub scheme: u16,
+    /// The signature bytes.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+    /// The signer's certificate chain (DER), leaf first.
+    pub signer: Vec<serde_bytes::ByteBuf>,
+}
+
+/// Ring metadata in its encoded, signed form. Cloning shares the bytes: a node hands the same
+/// signed metadata to every peer that needs it, byte for byte as the ECS made it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedMetadata {
+    /// The version of the metadata inside (checked against it by [`SignedMetadata::open`]).
+    pub version: u64,
+    /// The encoded [`RingMetadata`].
+    #[serde(with = "shared_bytes")]
+    pub ring: Arc<Vec<u8>>,
+    /// The ECS's signature over [`SIGNED_DOMAIN`] followed by `ring`.
+    pub signature: Arc<MetadataSignature>,
+}
+
+/// Serde for `Arc<Vec<u8>>` as a byte string (as `serde_bytes` does for `Vec<u8>`).
+mod shared_bytes {
+    use std::sync::Arc;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Arc<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::serialize(bytes.as_slice(), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Vec<u8>>, D::Error> {
+        serde_bytes::deserialize::<Vec<u8>, D>(d).map(Arc::new)
+    }
+}
+
+impl std::fmt::Debug for SignedMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SignedMetadata(v{}, {} bytes, {} signature bytes)",
+            self.version,
+            self.ring.len(),
+            self.signature.signature.len()
+        )
+    }
+}
+
+/// The message a signature covers: [`SIGNED_DOMAIN`] followed by the encoded metadata.
+pub fn signed_message(ring: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(SIGNED_DOMAIN.len() + ring.len());
+    message.extend_from_slice(SIGNED_DOMAIN);
+    message.extend_from_slice(ring);
+    message
+}
+
+impl SignedMetadata {
+    /// Encodes `metadata` and signs it with `sign`, which is given the message to sign
+    /// ([`signed_message`]).
+    pub fn sign(
+        metadata: &RingMetadata,
+        sign: impl FnOnce(&[u8]) -> Result<MetadataSignature, String>,
+    ) -> Result<Self, WireError> {
+        metadata.validate()?;
+        let ring = metadata.to_frame()?;
+        let signature = sign(&signed_message(&ring)).map_err(WireError::Unauthenticated)?;
+        Ok(Self {
+            version: metadata.version,
+            ring: Arc::new(ring),
+            signature: Arc::new(signature),
+        })
+    }
+
+    /// The metadata inside, once `verify` accepted the signature (it is given the signature
+    /// and the signed message) and the frame decoded and validated
+    /// ([`RingMetadata::from_frame`]) with the announced version. Refusals:
+    /// [`WireError::Unauthenticated`] for the signature, the decoder's errors otherwise.
+    pub fn open(
+        &self,
+        verify: impl FnOnce(&MetadataSignature, &[u8]) -> Result<(), String>,
+    ) -> Result<RingMetadata, WireError> {
+        verify(&self.signature, &signed_message(&self.ring)).map_err(WireError::Unauthenticated)?;
+        let metadata = RingMetadata::from_frame(&self.ring)?;
+        if metadata.version != self.version {
+            return Err(WireError::Malformed(format!(
+                "signed metadata announced version {} but holds version {}",
+                self.version, metadata.version
+            )));
+        }
+        Ok(metadata)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NodeEntry;
+
+    /// A stand-in "signature": the message itself (this crate does no cryptography; the real
+    /// signer and verifier are tested in ringkv-certs and ringkv-transport).
+    fn sign(message: &[u8]) -> Result<MetadataSignature, String> {
+        Ok(MetadataSignature {
+            scheme: 1,
+            signature: message.to_vec(),
+            signer: Vec::new(),
+        })
+    }
+
+    fn verify(sig: &MetadataSignature, message: &[u8]) -> Result<(), String> {
+        if sig.signature == message {
+            Ok(())
+        } else {
+            Err("signature does not verify".into())
+        }
+    }
+
+    #[test]
+    fn open_checks_the_signature_then_what_it_holds() {
+        let md = RingMetadata::new(
+            4,
+            vec![NodeEntry::new("a", "h:1"), NodeEntry::new("b", "h:2")],
+        )
+        .unwrap();
+        let signed = SignedMetadata::sign(&md, sign).unwrap();
+        assert_eq!(signed.version, 4);
+        assert!(signed.signature.signature.starts_with(SIGNED_DOMAIN));
+        assert_eq!(signed.open(verify).unwrap(), md);
+
+        // Any change to the signed bytes is caught by the verifier, before decoding.
+        let mut forged = signed.clone();
+        let mut ring = (*forged.ring).clone();
+        *ring.last_mut().unwrap() ^= 1;
+        forged.ring = Arc::new(ring);
+        assert!(matches!(
+            forged.open(verify),
+            Err(WireError::Unauthenticated(_))
+        ));
+
+        // A version that lies about the contents is refused even if signed.
+        let mut lying = signed.clone();
+        lying.version = 5;
+        assert!(matches!(lying.open(verify), Err(WireError::Malformed(_))));
+
+        // Invalid rings are never signed.
+        let mut unsorted = md.clone();
+        unsorted.nodes.reverse();
+        assert!(matches!(
+            SignedMetadata::sign(&unsorted, sign),
+            Err(WireError::InvalidRing(_))
+        ));
+        // A refusing signer is an error, not an unsigned result.
+        assert!(matches!(
+            SignedMetadata::sign(&md, |_| Err("no key".into())),
+            Err(WireError::Unauthenticated(_))
+        ));
+    }
+}
