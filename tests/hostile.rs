@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{node_status, Certs, TestCluster};
-use ringkv_certs::{Identity, Role};
+use ringkv_certs::Identity;
 use ringkv_transport::{Service, Transport};
 use ringkv_wire::{
     AdminReply, AdminRequest, ErrorKind, GossipDigest, Heartbeat, KeyRange, Limits,
