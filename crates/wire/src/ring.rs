@@ -354,8 +354,8 @@ impl RingMetadata {
         Ok(())
     }
 
-    /// The one encoding of ring metadata outside a message (the ECS's ring file, a node's
-    /// persisted ring, [`crate::EncodedMetadata`]): a codec frame.
+    /// The one encoding of ring metadata outside a message (the ECS's ring file, and what
+    /// [`crate::SignedMetadata`] signs): a codec frame.
     pub fn to_frame(&self) -> Result<Vec<u8>, WireError> {
         codec::encode(self, usize::MAX >> 1)
     }

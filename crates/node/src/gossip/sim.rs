@@ -327,7 +327,7 @@ impl Sim {
         }
     }
 
-    /// What a node does with newer encoded metadata: decode it (once per version for the
+    /// What a node does with newer signed metadata: decode it (once per version for the
     /// whole simulation, see the module docs) and install it.
     fn adopt(&mut self, id: usize, metadata: SignedMetadata, now: Instant) {
         match self.timing {
