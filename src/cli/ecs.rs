@@ -248,6 +248,10 @@ pub fn status_text(metadata: &RingMetadata, nodes: &[NodeReport]) -> String {
                 if !st.locked.is_empty() {
                     let _ = write!(state, ", {} range(s) write-locked", st.locked.len());
                 }
+                if st.metadata_refused > 0 {
+                    // Forged or corrupt ring metadata reached this node (README "Security model").
+                    let _ = write!(state, ", {} unsigned ring(s) refused", st.metadata_refused);
+                }
                 let _ = writeln!(
                     s,
                     "{:<10} {:<22} {:<27} {:>9} {:>8} {:<10} {}",
