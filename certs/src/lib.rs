@@ -43,7 +43,10 @@ pub use files::{ca_paths, leaf_paths, CertPaths};
 pub use identity::{role_of_cert, Identity};
 pub use issue::{init_ca, issue, IssueOptions};
 pub use role::Role;
-pub use tls::{client_config, install_crypto_provider, peer_role, server_config, transport_config};
+pub use tls::{
+    base_transport_config, client_config, install_crypto_provider, peer_role, server_config,
+    transport_config,
+};
 
 /// The ALPN protocol identifier every ringkv QUIC endpoint offers and requires.
 pub const ALPN: &[u8] = b"ringkv/1";

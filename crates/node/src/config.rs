@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use ringkv_transport::ServeLimits;
 use ringkv_wire::Limits;
 
 use crate::gossip::GossipConfig;
@@ -32,6 +33,13 @@ pub struct NodeConfig {
     pub transfer_rate_limit: Option<u64>,
     /// Gossip interval, fanout, failure-detection timeouts, digest bound.
     pub gossip: GossipConfig,
+    /// What peers may make the node hold: connections, streams and windows by role, the
+    /// request read deadline, the idle timeout (ARCHITECTURE.md §3).
+    pub serve: ServeLimits,
+    /// Write jobs queued to (or being committed by) the storage writer at once; a write
+    /// waits for room beyond that, bounded by its client's request timeout
+    /// ([`crate::storage::DEFAULT_MAX_QUEUED_WRITES`] by default).
+    pub max_queued_writes: usize,
 }
 
 impl NodeConfig {
@@ -47,6 +55,8 @@ impl NodeConfig {
             transfer_batch_bytes: 1 << 20,
             transfer_rate_limit: None,
             gossip: GossipConfig::default(),
+            serve: ServeLimits::default(),
+            max_queued_writes: crate::storage::DEFAULT_MAX_QUEUED_WRITES,
         }
     }
 }

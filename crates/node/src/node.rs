@@ -55,7 +55,7 @@ impl Node {
     /// no metadata, bootstraps a one-node ring (version 1) and serves at once; otherwise the
     /// node serves if its persisted ring contains it, and waits for the ECS if not.
     pub async fn open(config: NodeConfig, peers: Transport) -> Result<Arc<Node>, NodeError> {
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open_with_queue(&config.data_dir, config.max_queued_writes)?;
         let mut metadata = store.load_metadata()?.unwrap_or_default();
         if config.start && metadata.nodes.is_empty() {
             let me = ringkv_wire::NodeEntry::new(config.name.clone(), config.advertise.clone());

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use quinn::Endpoint;
 use ringkv_certs::{Identity, Role};
-use ringkv_transport::{Service, Transport};
+use ringkv_transport::{ServeLimits, Service, Transport};
 use ringkv_wire::{ErrorKind, Reply, ReplyBody, Request, WireError};
 
 use crate::{Node, NodeConfig, NodeError};
@@ -27,7 +27,8 @@ pub async fn bind(
     identity: &Identity,
 ) -> Result<(Endpoint, Arc<Node>), NodeError> {
     ringkv_certs::install_crypto_provider();
-    let server_config = ringkv_certs::server_config(identity)?;
+    let mut server_config = ringkv_certs::server_config(identity)?;
+    config.serve.apply(&mut server_config);
     let client_config = ringkv_certs::client_config(identity)?;
     std::fs::create_dir_all(&config.data_dir)?;
     let reset_secret = ringkv_transport::reset_secret(&config.data_dir)?;
@@ -66,6 +67,10 @@ impl Service for Node {
 
     fn max_frame(&self) -> usize {
         self.config.limits.max_frame
+    }
+
+    fn serve_limits(&self) -> ServeLimits {
+        self.config.serve
     }
 
     fn handle(&self, role: Role, request: Request) -> impl Future<Output = Reply> + Send {

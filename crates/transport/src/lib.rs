@@ -15,14 +15,19 @@
 //! - [`endpoint`]: [`bind_endpoint`], a serving endpoint whose stateless-reset key is derived
 //!   from a secret kept across restarts ([`reset_secret`]), so that peers of a restarted node
 //!   learn at their first packet that their old connections are dead.
+//! - [`limits`]: [`ServeLimits`], the serving side's resource limits (connections in total
+//!   and per address, streams and receive window by role, request read deadline, idle
+//!   timeout), and the connection admission that enforces the connection limits.
 //! - [`error`]: the error type, [`TransportError`].
-//! - `frame`: [`read_frame`], the one framing loop for both sides of a stream.
+//! - `frame`: [`read_frame`], the one framing loop for both sides of a stream, whose buffer
+//!   grows with the bytes that arrived; [`read_frame_until`], the same with a deadline.
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod endpoint;
 pub mod error;
 mod frame;
+pub mod limits;
 pub mod server;
 #[cfg(test)]
 mod tests;
@@ -30,5 +35,6 @@ mod tests;
 pub use client::Transport;
 pub use endpoint::{bind_endpoint, reset_secret};
 pub use error::TransportError;
-pub use frame::{read_frame, FrameError};
+pub use frame::{read_frame, read_frame_until, FrameError, FIRST_CHUNK};
+pub use limits::{RoleLimits, ServeLimits};
 pub use server::{serve, shutdown_signal, Service};
