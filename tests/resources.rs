@@ -239,13 +239,14 @@ async fn a_hostile_client_cannot_grow_the_node_or_slow_other_clients() {
     println!("test took {:?}", started.elapsed());
 }
 
+/// One trickling stream's task: the stop code the node sent and when (after opening).
+type Trickle =
+    tokio::task::JoinHandle<(Result<Option<quinn::VarInt>, quinn::StoppedError>, Duration)>;
+
 /// Opens up to `n` streams on `conn` (as many as it may), each with a header claiming a
 /// maximal frame and one payload byte, then trickling a byte every 100 ms until the node stops it; each task returns the
 /// stop code and when it came (from the opening of the streams).
-async fn trickling_streams(
-    conn: &quinn::Connection,
-    n: usize,
-) -> Vec<tokio::task::JoinHandle<(Result<Option<quinn::VarInt>, quinn::StoppedError>, Duration)>> {
+async fn trickling_streams(conn: &quinn::Connection, n: usize) -> Vec<Trickle> {
     let max_frame = Limits::default().max_frame as u32;
     let opened = Instant::now();
     let mut streams = Vec::new();
@@ -275,11 +276,7 @@ async fn trickling_streams(
 }
 
 /// Every stream of a wave was stopped by the node's read deadline, and about at it.
-async fn check_cut_at_deadline(
-    wave: Vec<
-        tokio::task::JoinHandle<(Result<Option<quinn::VarInt>, quinn::StoppedError>, Duration)>,
-    >,
-) {
+async fn check_cut_at_deadline(wave: Vec<Trickle>) {
     let mut cut_after = Vec::new();
     for t in wave {
         let (code, elapsed) = tokio::time::timeout(READ_TIMEOUT + Duration::from_secs(5), t)
