@@ -504,5 +504,8 @@ async fn ecs_status_cli_after_join_and_leave() {
     // A client certificate is refused by the ECS.
     let (code, _, err) = run(&["--identity", "client", "status"]).await;
     assert_eq!(code, Some(1));
-    assert!(err.contains("admin certificate is needed"), "{err}");
+    assert!(
+        err.contains("ecs does not admit client certificates"),
+        "{err}"
+    );
 }

@@ -48,8 +48,8 @@ pub use identity::{name_of_cert, role_of_cert, Identity};
 pub use issue::{init_ca, issue, IssueOptions};
 pub use role::Role;
 pub use tls::{
-    client_config, install_crypto_provider, peer_identity, peer_role, server_config,
-    transport_config, PeerIdentity,
+    base_transport_config, client_config, install_crypto_provider, peer_identity, peer_role,
+    server_config, transport_config, PeerIdentity,
 };
 
 /// The ALPN protocol identifier every ringkv QUIC endpoint offers and requires.

@@ -39,6 +39,13 @@ fn provider() -> Arc<CryptoProvider> {
 /// 30 s, 4096 concurrent bidirectional streams, 16 MiB stream and 64 MiB connection
 /// windows for bulk transfer.
 pub fn transport_config() -> Arc<TransportConfig> {
+    Arc::new(base_transport_config())
+}
+
+/// The settings of [`transport_config`], to be adjusted further: a server narrows the
+/// stream count and windows it grants before it knows its peer's role
+/// (`ringkv_transport::ServeLimits`).
+pub fn base_transport_config() -> TransportConfig {
     let mut config = TransportConfig::default();
     config
         .keep_alive_interval(Some(KEEP_ALIVE))
@@ -47,7 +54,7 @@ pub fn transport_config() -> Arc<TransportConfig> {
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW));
-    Arc::new(config)
+    config
 }
 
 pub(crate) fn root_store(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>> {

@@ -298,6 +298,29 @@ mod tests {
     }
 
     #[test]
+    fn the_node_serving_limits_come_from_the_file() {
+        let f = file(
+            "name = \"n1\"\ndata-dir = \"/d\"\nrequest-read-timeout-ms = 2000\nidle_connection_timeout_ms = 60000\nmax-connections-per-ip = 16\nclient-max-streams = 32\nmax-queued-writes = 100\n",
+        );
+        let path = f.path().to_str().unwrap();
+        let a: crate::cli::node::Args =
+            try_parse_from(args(&["--config", path, "--max-connections", "64"])).unwrap();
+        let config = a.config().unwrap();
+        assert_eq!(
+            config.serve.request_read_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(
+            config.serve.idle_timeout,
+            std::time::Duration::from_secs(60)
+        );
+        assert_eq!(config.serve.max_connections, 64);
+        assert_eq!(config.serve.max_connections_per_ip, 16);
+        assert_eq!(config.serve.client.max_streams, 32);
+        assert_eq!(config.max_queued_writes, 100);
+    }
+
+    #[test]
     fn the_file_may_provide_required_flags() {
         let f = file("name = \"n1\"\n");
         let path = f.path().to_str().unwrap();

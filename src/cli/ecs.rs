@@ -13,6 +13,8 @@ use ringkv_ecs::EcsConfig;
 use ringkv_transport::Transport;
 use ringkv_wire::{AdminReply, AdminRequest, Limits, NodeReport, RingMetadata};
 
+use super::serve_limits::ServeLimitsArgs;
+
 /// ringkv External Configuration Service and its operator commands.
 #[derive(Debug, Parser)]
 #[command(
@@ -67,6 +69,9 @@ pub enum Command {
         /// not answered by then is reported from its peers' gossip views.
         #[arg(long, default_value_t = 2000)]
         status_timeout_ms: u64,
+        /// What peers may make the ECS hold (it admits `admin` certificates only).
+        #[command(flatten)]
+        serve: ServeLimitsArgs,
     },
     /// Show the ring and every node's state (reachability, version, keys, locks).
     Status,
@@ -120,12 +125,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             node_timeout,
             transfer_timeout,
             status_timeout_ms,
+            serve,
             config: _, // already applied by the parser
         } => {
             let mut config = EcsConfig::new(listen, state_dir);
             config.node_timeout = Duration::from_secs(node_timeout);
             config.transfer_timeout = Duration::from_secs(transfer_timeout);
             config.status_timeout = Duration::from_millis(status_timeout_ms);
+            config.serve = serve.limits(Limits::default().max_frame)?;
             let (endpoint, ecs) = ringkv_ecs::bind(config, &identity)
                 .await
                 .context("starting the ECS")?;

@@ -8,6 +8,7 @@
 //! - [`ecs`]: `ringkv-ecs`, the ECS service and the operator's commands.
 //! - [`certs`]: `ringkv-certs`, the certificate tool.
 //! - [`config_file`]: `--config FILE` of the server binaries: TOML defaults for their flags.
+//! - [`serve_limits`]: the serving-limit flags of both servers.
 //! - this module: the tracing and runtime setup every binary shares.
 
 pub mod certs;
@@ -15,6 +16,7 @@ pub mod client;
 pub mod config_file;
 pub mod ecs;
 pub mod node;
+pub mod serve_limits;
 
 /// Logs to stderr through `tracing`, at `default_level` unless `RUST_LOG` says otherwise.
 /// Idempotent: a second call (tests running several commands in one process) is a no-op.

@@ -15,6 +15,8 @@ use ringkv_node::gossip::{
 };
 use ringkv_node::NodeConfig;
 
+use super::serve_limits::ServeLimitsArgs;
+
 /// ringkv storage node.
 #[derive(Debug, Parser)]
 #[command(name = "ringkv-node", version, about = "ringkv storage node")]
@@ -59,14 +61,22 @@ pub struct Args {
     /// range is write-locked is never throttled.
     #[arg(long, default_value_t = 0)]
     pub transfer_rate_limit: u64,
+    /// Write jobs queued to the storage writer at once; beyond that a write waits for room
+    /// (its client's request timeout bounds the wait).
+    #[arg(long, default_value_t = ringkv_node::storage::DEFAULT_MAX_QUEUED_WRITES)]
+    pub max_queued_writes: usize,
     /// Gossip and failure detection.
     #[command(flatten)]
     pub gossip: GossipArgs,
+    /// What peers may make the node hold.
+    #[command(flatten)]
+    pub serve: ServeLimitsArgs,
 }
 
 impl Args {
-    /// The node configuration these arguments describe.
-    pub fn config(&self) -> NodeConfig {
+    /// The node configuration these arguments describe; fails on serving limits that
+    /// cannot work.
+    pub fn config(&self) -> anyhow::Result<NodeConfig> {
         let mut config = NodeConfig::new(self.name.clone(), self.listen, self.data_dir.clone());
         if let Some(a) = &self.advertise {
             config.advertise = a.clone();
@@ -75,7 +85,9 @@ impl Args {
         config.limits = Limits::new(self.max_key, self.max_value);
         config.gossip = self.gossip.config();
         config.transfer_rate_limit = Some(self.transfer_rate_limit).filter(|r| *r > 0);
-        config
+        config.max_queued_writes = self.max_queued_writes.max(1);
+        config.serve = self.serve.limits(config.limits.max_frame)?;
+        Ok(config)
     }
 }
 
@@ -91,7 +103,7 @@ pub fn main() -> anyhow::Result<()> {
                 args.certs.display()
             )
         })?;
-        let mut config = args.config();
+        let mut config = args.config()?;
         if args.start
             && args
                 .certs

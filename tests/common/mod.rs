@@ -210,8 +210,21 @@ impl NodeProcess {
         data_dir: &Path,
         extra: &[&str],
     ) -> Self {
+        Self::spawn_with_env(certs, name, addr, data_dir, extra, &[])
+    }
+
+    /// [`NodeProcess::spawn_with`] with extra environment variables.
+    pub fn spawn_with_env(
+        certs: &Certs,
+        name: &str,
+        addr: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         certs.identity(name); // make sure the certificate exists
         let child = Command::new(bin("ringkv-node"))
+            .envs(env.iter().copied())
             .args(["--name", name, "--listen", &addr.to_string()])
             .args(extra)
             .arg("--data-dir")
@@ -229,7 +242,8 @@ impl NodeProcess {
         }
     }
 
-    async fn wait_ready(&self, certs: &Certs) {
+    /// Waits (up to 20 s) until the node answers a client.
+    pub async fn wait_ready(&self, certs: &Certs) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let mut config = certs.client_config(vec![self.addr.clone()]);

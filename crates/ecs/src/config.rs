@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ringkv_transport::ServeLimits;
+
 /// Default bound on one range copy: 15 minutes, ~90 GB at the ~100 MB/s a move measured on
 /// loopback (README, performance).
 pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(900);
@@ -41,6 +43,10 @@ pub struct EcsConfig {
     /// How long `status` waits for each node (all are asked at once); a node that has not
     /// answered by then is reported from its peers' gossip views.
     pub status_timeout: Duration,
+    /// What peers may make the ECS hold: connections, streams and windows by role, the
+    /// request read deadline, the idle timeout (ARCHITECTURE.md §3). Only `admin`
+    /// certificates are admitted at all.
+    pub serve: ServeLimits,
 }
 
 impl EcsConfig {
@@ -55,6 +61,7 @@ impl EcsConfig {
             status_timeout: Duration::from_secs(2),
             retry_budget: Duration::from_secs(30),
             before_step: None,
+            serve: ServeLimits::default(),
         }
     }
 }

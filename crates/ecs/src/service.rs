@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use quinn::Endpoint;
 use ringkv_certs::{Identity, PeerIdentity, Role};
-use ringkv_transport::Service;
-use ringkv_transport::{RingSigner, Transport, TransportError};
+use ringkv_transport::{RingSigner, ServeLimits, Service};
+use ringkv_transport::{Transport, TransportError};
 use ringkv_wire::{
     AdminReply, AdminRequest, Limits, Liveness, MoveId, MoveReport, NodeEntry, NodeReport,
     NodeStatus, Reply, ReplyBody, Request, RequestBody, RingMetadata, SignedMetadata, WireError,
@@ -48,11 +48,9 @@ pub async fn bind(
     // connections to an ECS that restarted are reset at once instead of timing out.
     std::fs::create_dir_all(&config.state_dir)?;
     let secret = ringkv_transport::reset_secret(&config.state_dir)?;
-    let endpoint = ringkv_transport::bind_endpoint(
-        config.listen,
-        ringkv_certs::server_config(identity)?,
-        Some(&secret),
-    )?;
+    let mut server_config = ringkv_certs::server_config(identity)?;
+    config.serve.apply(&mut server_config);
+    let endpoint = ringkv_transport::bind_endpoint(config.listen, server_config, Some(&secret))?;
     let nodes = Transport::new(
         endpoint.clone(),
         ringkv_certs::client_config(identity)?,
@@ -121,6 +119,16 @@ impl Service for Ecs {
 
     fn max_frame(&self) -> usize {
         Limits::default().max_frame
+    }
+
+    fn serve_limits(&self) -> ServeLimits {
+        self.config.serve
+    }
+
+    /// Only administrators talk to the ECS: any other role is closed at connection time,
+    /// before a frame of it is read (`handle` checks again).
+    fn admits(&self, role: Role) -> bool {
+        role == Role::Admin
     }
 
     async fn handle(&self, peer: &PeerIdentity, request: AdminRequest) -> AdminReply {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ringkv_transport::RingSigner;
+use ringkv_transport::{RingSigner, ServeLimits};
 use ringkv_wire::Limits;
 
 use crate::gossip::GossipConfig;
@@ -39,6 +39,13 @@ pub struct NodeConfig {
     pub transfer_rate_limit: Option<u64>,
     /// Gossip interval, fanout, failure-detection timeouts, digest bound.
     pub gossip: GossipConfig,
+    /// What peers may make the node hold: connections, streams and windows by role, the
+    /// request read deadline, the idle timeout (ARCHITECTURE.md §3).
+    pub serve: ServeLimits,
+    /// Write jobs queued to (or being committed by) the storage writer at once; a write
+    /// waits for room beyond that, bounded by its client's request timeout
+    /// ([`crate::storage::DEFAULT_MAX_QUEUED_WRITES`] by default).
+    pub max_queued_writes: usize,
 }
 
 impl NodeConfig {
@@ -55,6 +62,8 @@ impl NodeConfig {
             transfer_batch_bytes: 1 << 20,
             transfer_rate_limit: None,
             gossip: GossipConfig::default(),
+            serve: ServeLimits::default(),
+            max_queued_writes: crate::storage::DEFAULT_MAX_QUEUED_WRITES,
         }
     }
 }

@@ -71,7 +71,7 @@ impl Node {
         peers: Transport,
         authority: RingAuthority,
     ) -> Result<Arc<Node>, NodeError> {
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open_with_queue(&config.data_dir, config.max_queued_writes)?;
         let mut signed = store.load_metadata()?;
         let mut metadata = match signed.as_ref().map(|s| authority.open(s, "store")) {
             None => RingMetadata::default(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use quinn::Endpoint;
 use ringkv_certs::{Identity, PeerIdentity};
-use ringkv_transport::{RingAuthority, Service, Transport};
+use ringkv_transport::{RingAuthority, ServeLimits, Service, Transport};
 use ringkv_wire::{ErrorKind, Reply, ReplyBody, Request, WireError};
 
 use crate::{Node, NodeConfig, NodeError};
@@ -41,7 +41,8 @@ pub async fn bind(
             config.name
         )));
     }
-    let server_config = ringkv_certs::server_config(identity)?;
+    let mut server_config = ringkv_certs::server_config(identity)?;
+    config.serve.apply(&mut server_config);
     let client_config = ringkv_certs::client_config(identity)?;
     std::fs::create_dir_all(&config.data_dir)?;
     let reset_secret = ringkv_transport::reset_secret(&config.data_dir)?;
@@ -80,6 +81,10 @@ impl Service for Node {
 
     fn max_frame(&self) -> usize {
         self.config.limits.max_frame
+    }
+
+    fn serve_limits(&self) -> ServeLimits {
+        self.config.serve
     }
 
     fn handle(&self, peer: &PeerIdentity, request: Request) -> impl Future<Output = Reply> + Send {

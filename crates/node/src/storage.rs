@@ -6,6 +6,12 @@
 //! So a write is acknowledged only once it is on disk, and N concurrent writers cost about
 //! one fsync per batch rather than N.
 //!
+//! The queue to the writer is bounded ([`DEFAULT_MAX_QUEUED_WRITES`] jobs by default): a write
+//! takes a place in it before it is queued and gives it back once its group is committed. When
+//! the queue is full a write **waits for room**, so a flood of writes is pushed back to its
+//! callers (whose request timeout bounds the wait) instead of growing memory without bound.
+//! What the queue holds is at most `max_queued × ` the largest write (one frame's worth).
+//!
 //! Storage keys are `SHA-1(key) ++ key` ([`ringkv_wire::storage_key`]), so a ring range is
 //! one or two contiguous key spans.
 
@@ -18,7 +24,7 @@ use std::thread;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use ringkv_wire::{storage_key, HashedKey, KeyRange, SignedMetadata, StorageEntry, StorageSpan};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::NodeError;
 use crate::moves::SendLock;
@@ -30,6 +36,9 @@ const LOCKS_KEY: &[u8] = b"move-locks";
 
 /// Most writes folded into one commit; bounds the latency of the first writer of a batch.
 const MAX_BATCH: usize = 4096;
+
+/// Default bound of the writer queue: write jobs queued or being committed at once.
+pub const DEFAULT_MAX_QUEUED_WRITES: usize = 4096;
 
 /// Keys removed per commit by [`Store::delete_range`].
 const DELETE_CHUNK: usize = 4096;
@@ -62,6 +71,8 @@ struct WriteJob {
     /// Dropped by the writer once the job's group is committed (or failed), whether or not
     /// anyone still waits for the reply: a write admission guard.
     hold: Option<WriteAdmission>,
+    /// The job's place in the bounded queue, given back by the writer with `hold`.
+    place: OwnedSemaphorePermit,
 }
 
 /// Counts of the writer thread since the store was opened.
@@ -86,13 +97,21 @@ pub struct Store {
     data: Keyspace,
     meta: Keyspace,
     writer: mpsc::Sender<WriteJob>,
+    /// Places in the writer queue ([`Store::open_with_queue`]).
+    queue: Arc<Semaphore>,
     counters: Arc<WriteCounters>,
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`, recovering its journal, and starts the writer
-    /// thread.
+    /// thread, with a queue of [`DEFAULT_MAX_QUEUED_WRITES`].
     pub fn open(dir: &Path) -> Result<Self, NodeError> {
+        Self::open_with_queue(dir, DEFAULT_MAX_QUEUED_WRITES)
+    }
+
+    /// [`Store::open`] with at most `max_queued` write jobs queued or being committed at once
+    /// (at least 1); a write waits for room beyond that.
+    pub fn open_with_queue(dir: &Path, max_queued: usize) -> Result<Self, NodeError> {
         std::fs::create_dir_all(dir)?;
         let db = Database::builder(dir.join("fjall")).open()?;
         let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
@@ -109,6 +128,7 @@ impl Store {
             data,
             meta,
             writer,
+            queue: Arc::new(Semaphore::new(max_queued.clamp(1, Semaphore::MAX_PERMITS))),
             counters,
         })
     }
@@ -140,9 +160,22 @@ impl Store {
         op: WriteOp,
         hold: Option<WriteAdmission>,
     ) -> Result<WriteOutcome, NodeError> {
+        // Waits for room in the queue (fair: first come, first served). Cancelling the wait
+        // (the caller went away) queues nothing.
+        let place = self
+            .queue
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| NodeError::StoreClosed)?;
         let (reply, done) = oneshot::channel();
         self.writer
-            .send(WriteJob { op, reply, hold })
+            .send(WriteJob {
+                op,
+                reply,
+                hold,
+                place,
+            })
             .map_err(|_| NodeError::StoreClosed)?;
         match done.await {
             Ok(Ok(outcome)) => Ok(outcome),
@@ -406,15 +439,18 @@ fn write_loop(
         let mut ops = Vec::with_capacity(group.len());
         let mut replies = Vec::with_capacity(group.len());
         let mut holds = Vec::new();
+        let mut places = Vec::with_capacity(group.len());
         for job in group {
             ops.push(job.op);
             replies.push(job.reply);
             holds.extend(job.hold);
+            places.push(job.place);
         }
         let applied = apply(db, data, meta, ops);
         // Durable (or failed as a whole): writes admitted under the gate may now let a move
-        // transition through.
+        // transition through, and queued writes may take the places of this group.
         drop(holds);
+        drop(places);
         match applied {
             Ok(outcomes) => {
                 counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -523,6 +559,34 @@ mod tests {
         assert_eq!(store.get(b"b").unwrap(), Some(b"3".to_vec()));
         assert_eq!(store.get(b"a").unwrap(), None);
         assert_eq!(store.load_metadata().unwrap(), Some(md));
+    }
+
+    #[tokio::test]
+    async fn a_full_writer_queue_makes_writes_wait_for_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with_queue(dir.path(), 2).unwrap();
+        let full = store.queue.clone().acquire_many_owned(2).await.unwrap();
+        let waiting = store.clone();
+        let put = tokio::spawn(async move { waiting.put(b"k", b"v").await });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!put.is_finished(), "a write went past a full queue");
+        assert_eq!(store.write_stats().writes, 0);
+        drop(full);
+        assert!(put.await.unwrap().unwrap());
+
+        // Many concurrent writers through a queue of two: all are committed, and every
+        // place is given back.
+        let puts: Vec<_> = (0..64u32)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.put(&i.to_le_bytes(), b"x").await })
+            })
+            .collect();
+        for put in puts {
+            assert!(put.await.unwrap().unwrap());
+        }
+        assert_eq!(store.write_stats().writes, 65);
+        assert_eq!(store.queue.available_permits(), 2);
     }
 
     #[test]

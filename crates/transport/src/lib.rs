@@ -17,8 +17,12 @@
 //!   learn at their first packet that their old connections are dead.
 //! - [`authority`]: [`RingSigner`] (the ECS signs each metadata version) and
 //!   [`RingAuthority`] (everyone else opens metadata only through a signature check).
+//! - [`limits`]: [`ServeLimits`], the serving side's resource limits (connections in total
+//!   and per address, streams and receive window by role, request read deadline, idle
+//!   timeout), and the connection admission that enforces the connection limits.
 //! - [`error`]: the error type, [`TransportError`].
-//! - `frame`: [`read_frame`], the one framing loop for both sides of a stream.
+//! - `frame`: [`read_frame`], the one framing loop for both sides of a stream, whose buffer
+//!   grows with the bytes that arrived; [`read_frame_until`], the same with a deadline.
 #![warn(missing_docs)]
 
 pub mod authority;
@@ -26,6 +30,7 @@ pub mod client;
 pub mod endpoint;
 pub mod error;
 mod frame;
+pub mod limits;
 pub mod server;
 #[cfg(test)]
 mod tests;
@@ -34,5 +39,6 @@ pub use authority::{RingAuthority, RingSigner};
 pub use client::Transport;
 pub use endpoint::{bind_endpoint, reset_secret};
 pub use error::TransportError;
-pub use frame::{read_frame, FrameError};
+pub use frame::{read_frame, read_frame_until, FrameError, FIRST_CHUNK};
+pub use limits::{RoleLimits, ServeLimits};
 pub use server::{serve, shutdown_signal, Service};

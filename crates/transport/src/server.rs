@@ -7,12 +7,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
-use ringkv_certs::PeerIdentity;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use ringkv_certs::{PeerIdentity, Role};
 use ringkv_wire::{codec, WireError};
 use serde::{de::DeserializeOwned, Serialize};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
-use crate::frame::{read_frame, FrameError};
+use crate::frame::{read_frame_until, FrameError};
+use crate::limits::{
+    ConnectionLimiter, ConnectionSlot, ServeLimits, CLOSE_IDLE, CLOSE_NO_ROLE,
+    CLOSE_ROLE_NOT_ADMITTED, STREAM_READ_TIMEOUT,
+};
 
 /// A request handler served by [`serve`].
 pub trait Service: Send + Sync + 'static {
@@ -25,6 +31,19 @@ pub trait Service: Send + Sync + 'static {
     fn name(&self) -> &str;
     /// Largest request frame accepted; a bigger header is refused before any buffering.
     fn max_frame(&self) -> usize;
+    /// The limits [`serve`] enforces (connections, streams, windows, deadlines). The
+    /// endpoint's server configuration should be made with the same value
+    /// ([`ServeLimits::apply`]), so that a peer gets no more before its role is known.
+    fn serve_limits(&self) -> ServeLimits {
+        ServeLimits::default()
+    }
+    /// Whether a peer whose certificate carries `role` may connect at all. A connection of a
+    /// role not admitted is closed ([`CLOSE_ROLE_NOT_ADMITTED`]) right after the handshake,
+    /// before any stream is accepted, so none of its frames is read. Every role by default.
+    fn admits(&self, role: Role) -> bool {
+        let _ = role;
+        true
+    }
     /// Answers one request from `peer` (its role and name, read from its verified
     /// certificate).
     fn handle(
@@ -41,19 +60,37 @@ pub trait Service: Send + Sync + 'static {
 /// Serves `service` on `endpoint` until `shutdown` completes, then closes connections
 /// gracefully (bounded wait). A handler still running when its connection closes (the
 /// caller went away, or the endpoint shut down) is cancelled.
+///
+/// Enforces [`Service::serve_limits`]: a connection over the total or per-address limit is
+/// refused before its handshake; after the handshake the connection gets the stream count
+/// and receive window of its peer's role, or is closed if the service does not admit the
+/// role; a connection without request streams for the idle timeout is closed; a request
+/// frame not whole within the read deadline is dropped and its stream reset.
 pub async fn serve<S: Service>(
     endpoint: Endpoint,
     service: Arc<S>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tracing::info!(service = service.name(), addr = ?endpoint.local_addr().ok(), "serving");
+    let limits = service.serve_limits();
+    let limiter = ConnectionLimiter::new(limits.max_connections, limits.max_connections_per_ip);
+    tracing::info!(service = service.name(), addr = ?endpoint.local_addr().ok(), ?limits, "serving");
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => {
-                    tokio::spawn(serve_connection(service.clone(), incoming));
+                    let remote = incoming.remote_address();
+                    match limiter.admit(remote.ip()) {
+                        Ok(slot) => {
+                            tokio::spawn(serve_connection(service.clone(), limits, incoming, slot));
+                        }
+                        Err(refusal) => {
+                            // Debug only: a flood of refusals must not become a flood of logs.
+                            tracing::debug!(service = service.name(), %remote, %refusal, "connection refused");
+                            incoming.refuse();
+                        }
+                    }
                 }
                 None => break,
             },
@@ -64,7 +101,14 @@ pub async fn serve<S: Service>(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
-async fn serve_connection<S: Service>(service: Arc<S>, incoming: quinn::Incoming) {
+/// One connection, holding its place (`_slot`) until it ends: handshake, role, admission,
+/// role limits, then one task per request stream until the connection closes or is idle.
+async fn serve_connection<S: Service>(
+    service: Arc<S>,
+    limits: ServeLimits,
+    incoming: quinn::Incoming,
+    _slot: ConnectionSlot,
+) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
@@ -76,48 +120,97 @@ async fn serve_connection<S: Service>(service: Arc<S>, incoming: quinn::Incoming
     let peer = match ringkv_certs::peer_identity(&conn) {
         Ok(peer) => Arc::new(peer),
         Err(e) => {
-            tracing::warn!(service = service.name(), %remote, error = %e, "peer certificate has no usable role");
-            conn.close(1u32.into(), b"certificate carries no ringkv role or name");
+            tracing::warn!(service = service.name(), %remote, error = %e, "peer certificate has no usable role or name");
+            conn.close(
+                CLOSE_NO_ROLE.into(),
+                b"certificate carries no ringkv role or name",
+            );
             return;
         }
     };
-    tracing::debug!(service = service.name(), %remote, role = %peer.role, name = %peer.name, "peer connected");
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream(
-            service.clone(),
-            peer.clone(),
-            conn.clone(),
-            send,
-            recv,
-        ));
+    let role = peer.role;
+    if !service.admits(role) {
+        tracing::info!(service = service.name(), %remote, ?role, "role not admitted; connection closed");
+        let reason = format!("{} does not admit {role} certificates", service.name());
+        conn.close(CLOSE_ROLE_NOT_ADMITTED.into(), reason.as_bytes());
+        return;
+    }
+    let granted = limits.for_role(role);
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(granted.max_streams));
+    conn.set_receive_window(VarInt::from_u32(granted.receive_window));
+    tracing::debug!(service = service.name(), %remote, %role, name = %peer.name, "peer connected");
+    let mut streams = JoinSet::new();
+    loop {
+        // The idle clock runs only while no request stream is open, and restarts at every
+        // event (a stream accepted or finished).
+        let idle_for = streams.is_empty().then_some(limits.idle_timeout);
+        let idle = async move {
+            match idle_for {
+                Some(timeout) => tokio::time::sleep(timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(serve_stream(
+                        service.clone(),
+                        peer.clone(),
+                        limits.request_read_timeout,
+                        conn.clone(),
+                        send,
+                        recv,
+                    ));
+                }
+                // Closed by either side, lost or timed out: the stream tasks race the same
+                // closing and are dropped with the set.
+                Err(_) => break,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            () = idle => {
+                tracing::debug!(service = service.name(), %remote, ?role, timeout = ?limits.idle_timeout, "idle connection closed");
+                conn.close(CLOSE_IDLE.into(), b"idle");
+                break;
+            }
+        }
     }
 }
 
-/// Reads one request from the stream, runs the handler and writes its reply. The handler
-/// is dropped (cancelled at its next await) as soon as the connection closes: the caller
-/// is gone (it closed the connection, e.g. on its timeout, or it died and its connection
-/// timed out or was reset), so nobody can receive the reply, and work such as streaming a
-/// range transfer would go on for nothing.
+/// Reads one request from the stream (within `read_timeout` of its acceptance), runs the
+/// handler and writes its reply. The handler is dropped (cancelled at its next await) as
+/// soon as the connection closes: the caller is gone (it closed the connection, e.g. on its
+/// timeout, or it died and its connection timed out or was reset), so nobody can receive
+/// the reply, and work such as streaming a range transfer would go on for nothing.
 async fn serve_stream<S: Service>(
     service: Arc<S>,
     peer: Arc<PeerIdentity>,
+    read_timeout: Duration,
     conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
     let max_frame = service.max_frame();
-    let reply = match read_frame(&mut recv, max_frame).await {
-        Ok(request) => tokio::select! {
+    let role = peer.role;
+    let deadline = Instant::now() + read_timeout;
+    let reply = match read_frame_until(&mut recv, max_frame, deadline).await {
+        Ok(Some(request)) => tokio::select! {
             reply = service.handle(&peer, request) => reply,
             reason = conn.closed() => {
-                tracing::debug!(service = service.name(), role = %peer.role, remote = %conn.remote_address(), %reason, "connection closed; handler cancelled");
+                tracing::debug!(service = service.name(), ?role, remote = %conn.remote_address(), %reason, "connection closed; handler cancelled");
                 return;
             }
         },
+        Ok(None) => {
+            // Silent or trickling: drop what arrived, tell the peer to stop, answer nothing.
+            tracing::debug!(service = service.name(), ?role, remote = %conn.remote_address(), ?read_timeout, "no whole request frame in time; stream reset");
+            let _ = recv.stop(STREAM_READ_TIMEOUT.into());
+            let _ = send.reset(STREAM_READ_TIMEOUT.into());
+            return;
+        }
         // The stream ended or was reset: nobody to answer.
         Err(FrameError::Stream(_)) => return,
         Err(FrameError::Protocol(e)) => {
-            tracing::warn!(service = service.name(), role = %peer.role, name = %peer.name, error = %e, "bad request frame");
+            tracing::warn!(service = service.name(), ?role, name = %peer.name, error = %e, "bad request frame");
             // Do not read the rest of an oversized or broken frame.
             let _ = recv.stop(0u32.into());
             service.bad_frame(e)

@@ -1,10 +1,11 @@
 //! In-process tests of the connection layer over real QUIC and mutual TLS on loopback: a
 //! restarted server resets its old connections and `Transport::call` retries on a new one;
-//! a handler is cancelled when its caller goes away.
+//! a handler is cancelled when its caller goes away; the serving limits (connections refused
+//! over the limits, idle connections closed, read deadline, roles not admitted).
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,11 +16,16 @@ use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
 use crate::endpoint::tests::TempDir;
-use crate::{bind_endpoint, serve, Service, Transport, TransportError};
+use crate::limits::{CLOSE_IDLE, CLOSE_ROLE_NOT_ADMITTED, STREAM_READ_TIMEOUT};
+use crate::{bind_endpoint, serve, ServeLimits, Service, Transport, TransportError};
 
-/// Echoes its request; `"hang"` never answers and sets `dropped` when its handler is dropped.
+/// Echoes its request; `"hang"` never answers and sets `dropped` when its handler is dropped;
+/// `"slow"` answers after 800 ms.
 struct Echo {
     dropped: Arc<AtomicBool>,
+    limits: ServeLimits,
+    admit_clients: bool,
+    handled: Arc<AtomicUsize>,
 }
 
 struct SetOnDrop(Arc<AtomicBool>);
@@ -42,16 +48,28 @@ impl Service for Echo {
         1 << 16
     }
 
+    fn serve_limits(&self) -> ServeLimits {
+        self.limits
+    }
+
+    fn admits(&self, role: Role) -> bool {
+        self.admit_clients || role != Role::Client
+    }
+
     fn handle(
         &self,
         _peer: &ringkv_certs::PeerIdentity,
         request: String,
     ) -> impl Future<Output = String> + Send {
         let dropped = self.dropped.clone();
+        self.handled.fetch_add(1, Ordering::SeqCst);
         async move {
             if request == "hang" {
                 let _guard = SetOnDrop(dropped);
                 std::future::pending::<()>().await;
+            }
+            if request == "slow" {
+                tokio::time::sleep(Duration::from_millis(800)).await;
             }
             request
         }
@@ -92,13 +110,51 @@ impl Setup {
         secret: Option<&[u8; 32]>,
         dropped: Arc<AtomicBool>,
     ) -> (Endpoint, oneshot::Sender<()>) {
-        let config = ringkv_certs::server_config(&self.identity("server")).unwrap();
+        let echo = Echo {
+            dropped,
+            limits: ServeLimits::default(),
+            admit_clients: true,
+            handled: Arc::default(),
+        };
+        self.serve(secret, echo)
+    }
+
+    fn serve(&self, secret: Option<&[u8; 32]>, echo: Echo) -> (Endpoint, oneshot::Sender<()>) {
+        let mut config = ringkv_certs::server_config(&self.identity("server")).unwrap();
+        echo.limits.apply(&mut config);
         let endpoint = bind_endpoint("127.0.0.1:0".parse().unwrap(), config, secret).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(serve(endpoint.clone(), Arc::new(Echo { dropped }), async {
+        tokio::spawn(serve(endpoint.clone(), Arc::new(echo), async {
             let _ = rx.await;
         }));
         (endpoint, tx)
+    }
+
+    /// A server with `limits`, admitting clients or not; returns its address and the count
+    /// of requests its handler was called for.
+    fn limited(
+        &self,
+        limits: ServeLimits,
+        admit_clients: bool,
+    ) -> (String, Arc<AtomicUsize>, oneshot::Sender<()>) {
+        let handled = Arc::new(AtomicUsize::new(0));
+        let echo = Echo {
+            dropped: Arc::default(),
+            limits,
+            admit_clients,
+            handled: handled.clone(),
+        };
+        let (endpoint, stop) = self.serve(None, echo);
+        (endpoint.local_addr().unwrap().to_string(), handled, stop)
+    }
+
+    /// A raw client endpoint with the client certificate, to hold connections and streams.
+    fn raw_client(&self) -> Endpoint {
+        let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(
+            ringkv_certs::client_config(&self.identity("client")).unwrap(),
+        );
+        endpoint
     }
 
     fn client(&self) -> Transport {
@@ -239,4 +295,153 @@ async fn handler_is_cancelled_when_the_caller_goes_away() {
         echo(&transport, &addr, "after", Duration::from_secs(5)).await,
         "after"
     );
+}
+
+async fn connect(
+    endpoint: &Endpoint,
+    addr: &str,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    endpoint
+        .connect(addr.parse().unwrap(), "127.0.0.1")
+        .unwrap()
+        .await
+}
+
+fn is_refused(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn_proto::TransportErrorCode::CONNECTION_REFUSED)
+}
+
+#[tokio::test]
+async fn connections_over_the_limits_are_refused_before_the_handshake() {
+    let setup = Setup::new();
+    let raw = setup.raw_client();
+    for (total, per_ip) in [(100, 3), (3, 100)] {
+        let limits = ServeLimits {
+            max_connections: total,
+            max_connections_per_ip: per_ip,
+            ..ServeLimits::default()
+        };
+        let (addr, _, _stop) = setup.limited(limits, true);
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(connect(&raw, &addr).await.unwrap());
+        }
+        let e = connect(&raw, &addr).await.unwrap_err();
+        assert!(is_refused(&e), "limits {total}/{per_ip}: {e}");
+        // A place comes back when a connection ends.
+        let first = open.remove(0);
+        first.close(0u32.into(), b"bye");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match connect(&raw, &addr).await {
+                Ok(conn) => break open.push(conn),
+                Err(e) if is_refused(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("no place came back: {e}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_the_transport_dials_again() {
+    let setup = Setup::new();
+    let limits = ServeLimits {
+        idle_timeout: Duration::from_millis(300),
+        ..ServeLimits::default()
+    };
+    let (addr, _, _stop) = setup.limited(limits, true);
+    let raw = setup.raw_client();
+    let conn = connect(&raw, &addr).await.unwrap();
+    let started = Instant::now();
+    match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, CLOSE_IDLE.into());
+            assert_eq!(&close.reason[..], b"idle");
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+    let idle = started.elapsed();
+    assert!(idle >= Duration::from_millis(250), "closed after {idle:?}");
+
+    // A request in flight longer than the idle timeout keeps its connection; a client whose
+    // connection was closed while idle simply dials again.
+    let transport = setup.client();
+    let timeout = Duration::from_secs(5);
+    assert_eq!(echo(&transport, &addr, "slow", timeout).await, "slow");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(echo(&transport, &addr, "again", timeout).await, "again");
+}
+
+#[tokio::test]
+async fn a_role_not_admitted_is_closed_before_any_frame_is_read() {
+    let setup = Setup::new();
+    let (addr, handled, _stop) = setup.limited(ServeLimits::default(), false);
+    let raw = setup.raw_client();
+    let conn = connect(&raw, &addr).await.unwrap();
+    match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, CLOSE_ROLE_NOT_ADMITTED.into());
+            assert_eq!(
+                &close.reason[..],
+                b"echo does not admit client certificates"
+            );
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+    let e = setup
+        .client()
+        .call::<_, String>(&addr, &"hi".to_string(), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("does not admit client"), "{e}");
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_silent_or_trickling_stream_is_reset_at_the_read_deadline() {
+    let setup = Setup::new();
+    let limits = ServeLimits {
+        request_read_timeout: Duration::from_millis(300),
+        ..ServeLimits::default()
+    };
+    let (addr, handled, _stop) = setup.limited(limits, true);
+    let raw = setup.raw_client();
+    let conn = connect(&raw, &addr).await.unwrap();
+    let started = Instant::now();
+    // One stream sends nothing (an empty write makes quinn open it), one a header and a byte.
+    let (mut silent, mut silent_recv) = conn.open_bi().await.unwrap();
+    silent.write_all(&[]).await.unwrap();
+    let (mut trickle, mut trickle_recv) = conn.open_bi().await.unwrap();
+    trickle.write_all(&1000u32.to_le_bytes()).await.unwrap();
+    trickle.write_all(b"x").await.unwrap();
+    for (send, recv) in [
+        (&mut silent, &mut silent_recv),
+        (&mut trickle, &mut trickle_recv),
+    ] {
+        assert_eq!(
+            send.stopped().await.unwrap(),
+            Some(STREAM_READ_TIMEOUT.into())
+        );
+        let e = recv.read_to_end(1024).await.unwrap_err();
+        assert!(
+            matches!(e, quinn::ReadToEndError::Read(quinn::ReadError::Reset(code)) if code == STREAM_READ_TIMEOUT.into()),
+            "{e}"
+        );
+    }
+    let cut = started.elapsed();
+    assert!(
+        cut >= Duration::from_millis(300) && cut < Duration::from_secs(3),
+        "{cut:?}"
+    );
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+    // The connection lives on.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let frame = ringkv_wire::codec::encode(&"fine".to_string(), 1 << 16).unwrap();
+    send.write_all(&frame).await.unwrap();
+    send.finish().unwrap();
+    let reply: String = crate::read_frame(&mut recv, 1 << 16).await.unwrap();
+    assert_eq!(reply, "fine");
 }
