@@ -51,6 +51,18 @@ fn error_kind(reply: &ReplyBody) -> Option<ErrorKind> {
     }
 }
 
+/// `caller` sends the node at `addr` a batch of move `id` putting `keys`.
+async fn put_batch(caller: &Transport, addr: &str, id: MoveId, keys: &[&Vec<u8>]) -> ReplyBody {
+    let entries = keys
+        .iter()
+        .map(|k| StorageEntry {
+            key: k.to_vec(),
+            value: Some(b"planted".to_vec()),
+        })
+        .collect();
+    send(caller, addr, RequestBody::PutBatch { id, entries }).await
+}
+
 /// `metadata` "signed" with `id`'s own key and certificate: what a node certificate can do.
 fn self_signed(metadata: &RingMetadata, id: &Identity) -> SignedMetadata {
     let key = rustls::crypto::ring::sign::any_supported_type(&id.key).expect("key");
@@ -273,14 +285,6 @@ async fn put_batch_only_within_an_announced_move_from_its_sender() {
     };
     let (mine, other) = (key_in(own), key_in(theirs));
     store.put(&mine, b"honest").await.unwrap();
-    let batch = |keys: &[&[u8]]| {
-        keys.iter()
-            .map(|k| StorageEntry {
-                key: k.to_vec(),
-                value: Some(b"planted".to_vec()),
-            })
-            .collect::<Vec<_>>()
-    };
     let mallory = transport(&cluster.certs, "mallory");
     let n2_cert = transport(&cluster.certs, "n2");
     let ecs = transport(&cluster.certs, "ecs");
@@ -291,15 +295,7 @@ async fn put_batch_only_within_an_announced_move_from_its_sender() {
 
     // No move announced: refused, from anyone, running or stopped.
     for (who, caller) in [("mallory", &mallory), ("n2", &n2_cert)] {
-        let reply = send(
-            caller,
-            &n1.addr,
-            RequestBody::PutBatch {
-                id,
-                entries: batch(&[&mine, &other]),
-            },
-        )
-        .await;
+        let reply = put_batch(caller, &n1.addr, id, &[&mine, &other]).await;
         assert_eq!(
             error_kind(&reply),
             Some(ErrorKind::InvalidState),
@@ -308,15 +304,7 @@ async fn put_batch_only_within_an_announced_move_from_its_sender() {
     }
     let reply = cluster.ask(AdminRequest::Stop).await;
     assert!(matches!(reply, AdminReply::Done(_)), "{reply:?}");
-    let reply = send(
-        &mallory,
-        &n1.addr,
-        RequestBody::PutBatch {
-            id,
-            entries: batch(&[&mine]),
-        },
-    )
-    .await;
+    let reply = put_batch(&mallory, &n1.addr, id, &[&mine]).await;
     assert!(error_kind(&reply).is_some(), "{reply:?}");
     let reply = cluster.ask(AdminRequest::Start).await;
     assert!(matches!(reply, AdminReply::Done(_)), "{reply:?}");
@@ -334,53 +322,21 @@ async fn put_batch_only_within_an_announced_move_from_its_sender() {
     .await;
     assert_eq!(reply, ReplyBody::Ok);
     // Another node certificate may not send its batches.
-    let reply = send(
-        &mallory,
-        &n1.addr,
-        RequestBody::PutBatch {
-            id,
-            entries: batch(&[&other]),
-        },
-    )
-    .await;
+    let reply = put_batch(&mallory, &n1.addr, id, &[&other]).await;
     assert_eq!(error_kind(&reply), Some(ErrorKind::Forbidden), "{reply:?}");
     // The named sender may not reach outside the announced range (into what n1 serves).
-    let reply = send(
-        &n2_cert,
-        &n1.addr,
-        RequestBody::PutBatch {
-            id,
-            entries: batch(&[&other, &mine]),
-        },
-    )
-    .await;
+    let reply = put_batch(&n2_cert, &n1.addr, id, &[&other, &mine]).await;
     assert_eq!(error_kind(&reply), Some(ErrorKind::Forbidden), "{reply:?}");
     // Nor send another move's batches.
     let other_id = MoveId { change: 78, ..id };
-    let reply = send(
-        &n2_cert,
-        &n1.addr,
-        RequestBody::PutBatch {
-            id: other_id,
-            entries: batch(&[&other]),
-        },
-    )
-    .await;
+    let reply = put_batch(&n2_cert, &n1.addr, other_id, &[&other]).await;
     assert_eq!(
         error_kind(&reply),
         Some(ErrorKind::InvalidState),
         "{reply:?}"
     );
     // What the ECS announced is accepted.
-    let reply = send(
-        &n2_cert,
-        &n1.addr,
-        RequestBody::PutBatch {
-            id,
-            entries: batch(&[&other]),
-        },
-    )
-    .await;
+    let reply = put_batch(&n2_cert, &n1.addr, id, &[&other]).await;
     assert_eq!(reply, ReplyBody::Ok);
     assert_eq!(
         n1.node.store().get(&other).unwrap(),
@@ -389,15 +345,7 @@ async fn put_batch_only_within_an_announced_move_from_its_sender() {
     // Once aborted, not even from the sender.
     let reply = send(&ecs, &n1.addr, RequestBody::AbortMove { id, range: theirs }).await;
     assert_eq!(reply, ReplyBody::Ok);
-    let reply = send(
-        &n2_cert,
-        &n1.addr,
-        RequestBody::PutBatch {
-            id,
-            entries: batch(&[&other]),
-        },
-    )
-    .await;
+    let reply = put_batch(&n2_cert, &n1.addr, id, &[&other]).await;
     assert_eq!(
         error_kind(&reply),
         Some(ErrorKind::InvalidState),
