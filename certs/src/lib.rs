@@ -13,13 +13,14 @@
 //! - Both sides always authenticate: servers require a client certificate chained to the
 //!   cluster CA; clients verify the server's name (DNS or IP SAN) against the CA as usual.
 //! - Private keys are written with mode 0600, and existing material is never overwritten
-//!   unless the caller asks for it (`force`).
+//!   unless the caller asks for it (`force`). Nothing is written through a symlink: with
+//!   `force`, a symlink at a target path is replaced, never its target.
 //!
 //! # Layout
 //! - `role`: the [`Role`] enum and its SAN URI encoding.
 //! - `error`: [`CertError`], the one error type of this crate.
 //! - `files`: the cert directory layout ([`CertPaths`], [`ca_paths`], [`leaf_paths`]) and the
-//!   careful file writing (mode 0600, no silent overwrite).
+//!   careful file writing (mode 0600, no silent overwrite, never through a symlink).
 //! - `issue`: creating the cluster CA ([`init_ca`]) and leaf certificates ([`issue`],
 //!   [`IssueOptions`]) with rcgen.
 //! - `identity`: loading PEM material into an [`Identity`]; reading roles out of

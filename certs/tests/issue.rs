@@ -168,3 +168,127 @@ fn load_reports_missing_and_malformed_files() {
         Err(CertError::BadPem { .. })
     ));
 }
+
+/// A victim file outside the cert directory, and its contents and mode.
+fn victim(dir: &Path, name: &str) -> (std::path::PathBuf, Vec<u8>) {
+    let path = dir.join(name);
+    let contents = format!("precious data of {name}\n").into_bytes();
+    std::fs::write(&path, &contents).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (path, contents)
+}
+
+/// `path` is a regular file (not a symlink) with `mode`.
+fn assert_regular_file(path: &Path, want_mode: u32) {
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    assert!(
+        meta.file_type().is_file(),
+        "{} is {:?}",
+        path.display(),
+        meta.file_type()
+    );
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        want_mode,
+        "{}",
+        path.display()
+    );
+}
+
+/// Only `expected` entries are in `dir` (no temporary file left behind).
+fn assert_entries(dir: &Path, expected: &[&str]) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, expected);
+}
+
+#[test]
+fn issue_force_replaces_symlinks_never_their_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    init_ca(tmp.path(), false).unwrap();
+    let (key_victim, key_before) = victim(elsewhere.path(), "victim-key");
+    let (cert_victim, cert_before) = victim(elsewhere.path(), "victim-cert");
+    let paths = leaf_paths(tmp.path(), "app");
+    std::os::unix::fs::symlink(&key_victim, &paths.key).unwrap();
+    std::os::unix::fs::symlink(&cert_victim, &paths.cert).unwrap();
+
+    let mut opts = IssueOptions::new(Role::Client, "app");
+    opts.force = true;
+    issue(tmp.path(), &opts).unwrap();
+
+    assert_eq!(
+        std::fs::read(&key_victim).unwrap(),
+        key_before,
+        "key victim overwritten"
+    );
+    assert_eq!(
+        std::fs::read(&cert_victim).unwrap(),
+        cert_before,
+        "cert victim overwritten"
+    );
+    assert_eq!(mode(&key_victim), 0o644, "key victim's mode changed");
+    assert_regular_file(&paths.key, 0o600);
+    assert_regular_file(&paths.cert, 0o644);
+    assert_eq!(
+        Identity::from_dir(tmp.path(), "app")
+            .unwrap()
+            .role()
+            .unwrap(),
+        Role::Client
+    );
+    assert_entries(tmp.path(), &["app.key", "app.pem", "ca.key", "ca.pem"]);
+}
+
+#[test]
+fn init_force_replaces_symlinked_ca_key_never_its_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (victim_path, before) = victim(elsewhere.path(), "victim");
+    let paths = ca_paths(tmp.path());
+    std::os::unix::fs::symlink(&victim_path, &paths.key).unwrap();
+
+    init_ca(tmp.path(), true).unwrap();
+
+    assert_eq!(
+        std::fs::read(&victim_path).unwrap(),
+        before,
+        "victim overwritten"
+    );
+    assert_regular_file(&paths.key, 0o600);
+    assert_regular_file(&paths.cert, 0o644);
+    // The new CA works: it can issue.
+    issue(tmp.path(), &IssueOptions::new(Role::Node, "n1")).unwrap();
+    assert_entries(tmp.path(), &["ca.key", "ca.pem", "n1.key", "n1.pem"]);
+}
+
+#[test]
+fn symlinks_refused_without_force_dangling_or_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    init_ca(tmp.path(), false).unwrap();
+    let (victim_path, before) = victim(elsewhere.path(), "victim");
+    let dangling = elsewhere.path().join("does-not-exist");
+    for (name, target) in [("live", &victim_path), ("dangling", &dangling)] {
+        let paths = leaf_paths(tmp.path(), name);
+        std::os::unix::fs::symlink(target, &paths.key).unwrap();
+        let err = issue(tmp.path(), &IssueOptions::new(Role::Client, name)).unwrap_err();
+        assert!(
+            matches!(err, CertError::AlreadyExists { .. }),
+            "{name}: {err}"
+        );
+        assert!(!paths.cert.exists(), "{name}: wrote half a pair");
+    }
+    assert_eq!(std::fs::read(&victim_path).unwrap(), before);
+    assert!(!dangling.exists(), "created the dangling symlink's target");
+
+    // The same for the CA.
+    let fresh = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&dangling, ca_paths(fresh.path()).key).unwrap();
+    let err = init_ca(fresh.path(), false).unwrap_err();
+    assert!(matches!(err, CertError::AlreadyExists { .. }), "{err}");
+    assert!(!dangling.exists(), "created the dangling symlink's target");
+}
