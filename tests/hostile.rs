@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{node_status, Certs, TestCluster};
-use ringkv_certs::Identity;
+use ringkv_certs::{Identity, Role};
 use ringkv_transport::{Service, Transport};
 use ringkv_wire::{
     AdminReply, AdminRequest, ErrorKind, GossipDigest, Heartbeat, KeyRange, Limits,
@@ -425,4 +425,39 @@ async fn gossip_speaks_only_for_its_sender() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+#[test]
+fn issue_force_does_not_follow_a_symlink_at_the_key_path() {
+    let certs = Certs::new();
+    let victim = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(victim.path(), b"precious").unwrap();
+    let key = certs.path().join("n9.key");
+    std::os::unix::fs::symlink(victim.path(), &key).unwrap();
+    let out = std::process::Command::new(common::bin("ringkv-certs"))
+        .args([
+            "issue", "--role", "node", "--name", "n9", "--force", "--dir",
+        ])
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(victim.path()).unwrap(), b"precious");
+    let meta = std::fs::symlink_metadata(&key).unwrap();
+    assert!(
+        meta.file_type().is_file(),
+        "the key path is a regular file now"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        Identity::from_dir(certs.path(), "n9")
+            .unwrap()
+            .role()
+            .unwrap(),
+        Role::Node
+    );
 }
