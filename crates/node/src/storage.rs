@@ -390,14 +390,18 @@ impl Batcher {
         }
     }
 
-    /// Adds `entry`; returns the batch so far if `entry` would not fit in it.
+    /// Adds `entry`; returns the batch so far if `entry` would not fit in it (by bytes, or by
+    /// count: a `PutBatch` holds at most [`ringkv_wire::MAX_BATCH_ENTRIES`]).
     pub(crate) fn push(&mut self, entry: StorageEntry) -> Option<Vec<StorageEntry>> {
         // 8: room for the encoded lengths of key and value.
         let size = entry.key.len() + entry.value.as_ref().map_or(0, Vec::len) + 8;
-        let full = (!self.batch.is_empty() && self.size + size > self.max_bytes).then(|| {
-            self.size = 0;
-            std::mem::take(&mut self.batch)
-        });
+        let full = (!self.batch.is_empty()
+            && (self.size + size > self.max_bytes
+                || self.batch.len() == ringkv_wire::MAX_BATCH_ENTRIES))
+            .then(|| {
+                self.size = 0;
+                std::mem::take(&mut self.batch)
+            });
         self.size += size;
         self.batch.push(entry);
         full
@@ -604,6 +608,16 @@ mod tests {
         assert_eq!(b.push(entry(1)).map(|v| v.len()), Some(1));
         assert_eq!(b.finish().map(|v| v.len()), Some(1));
         assert_eq!(Batcher::new(10).finish(), None);
+
+        // Tiny entries are cut by count, so a batch always decodes at the receiver.
+        let mut b = Batcher::new(usize::MAX);
+        let mut sizes = Vec::new();
+        for _ in 0..ringkv_wire::MAX_BATCH_ENTRIES * 2 + 1 {
+            sizes.extend(b.push(entry(0)).map(|v| v.len()));
+        }
+        sizes.extend(b.finish().map(|v| v.len()));
+        let max = ringkv_wire::MAX_BATCH_ENTRIES;
+        assert_eq!(sizes, vec![max, max, 1]);
     }
 
     #[tokio::test]

@@ -38,7 +38,8 @@ pub struct GossipDigest {
     pub heartbeat: u64,
     /// Other nodes' counters, indexed under `metadata_version`. A receiver holding another
     /// version ignores them (its indices mean other nodes); the versions agree again after
-    /// this exchange.
+    /// this exchange. At most one per ring node ([`crate::ring::MAX_RING_NODES`]).
+    #[serde(deserialize_with = "crate::bounded::heartbeats")]
     pub heartbeats: Vec<Heartbeat>,
 }
 

@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod bounded;
 pub mod codec;
 pub mod error;
 pub mod gossip;
@@ -35,6 +36,7 @@ pub mod ring;
 pub mod signed;
 
 pub use admin::{AdminReply, AdminRequest, MoveReport, NodeReport};
+pub use bounded::{MAX_BATCH_ENTRIES, MAX_SIGNER_CHAIN};
 pub use codec::{decode, encode, frame_len, FRAME_HEADER_LEN};
 pub use error::WireError;
 pub use gossip::{GossipDigest, Heartbeat, Liveness, PeerLiveness};

@@ -158,7 +158,8 @@ pub enum RequestBody {
     PutBatch {
         /// The move.
         id: MoveId,
-        /// The entries.
+        /// The entries; at most [`crate::MAX_BATCH_ENTRIES`].
+        #[serde(deserialize_with = "crate::bounded::batch_entries")]
         entries: Vec<StorageEntry>,
     },
     /// Internal (admin): delete every key of a range. Replies `Count` with the number deleted.

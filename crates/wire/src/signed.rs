@@ -31,7 +31,9 @@ pub struct MetadataSignature {
     /// The signature bytes.
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
-    /// The signer's certificate chain (DER), leaf first.
+    /// The signer's certificate chain (DER), leaf first; at most
+    /// [`crate::MAX_SIGNER_CHAIN`] certificates.
+    #[serde(deserialize_with = "crate::bounded::signer_chain")]
     pub signer: Vec<serde_bytes::ByteBuf>,
 }
 
