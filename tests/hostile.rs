@@ -426,6 +426,47 @@ async fn gossip_speaks_only_for_its_sender() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+#[tokio::test]
+async fn a_renewed_ecs_certificate_re_signs_the_ring_nodes_hold() {
+    let cluster = TestCluster::start(2).await;
+    let ring = cluster.ecs.ecs.metadata();
+    let n1 = cluster.node("n1");
+    let before = n1.node.view().signed.unwrap();
+    // The operator renews the ECS certificate (a new key); the ECS republishes the ring.
+    let mut opts = ringkv_certs::IssueOptions::new(Role::Ecs, "ecs");
+    opts.sans = vec!["127.0.0.1".into()];
+    opts.force = true;
+    ringkv_certs::issue(cluster.certs.path(), &opts).unwrap();
+    let renewed = cluster.certs.ecs_signer().sign(&ring).unwrap();
+    assert_ne!(renewed.signature.signer, before.signature.signer);
+    let ecs = transport(&cluster.certs, "ecs");
+    let reply = send(
+        &ecs,
+        &n1.addr,
+        RequestBody::InstallMetadata {
+            metadata: renewed.clone(),
+        },
+    )
+    .await;
+    assert_eq!(reply, ReplyBody::Installed { adopted: false });
+    // The node now hands out the fresh signature (also after a restart: it persisted it).
+    let reply = send(&ecs, &n1.addr, RequestBody::GetMetadata).await;
+    assert_eq!(reply, ReplyBody::Metadata(Some(renewed.clone())));
+    // Another ring at the same version is not taken, signed or not.
+    let mut other = ring.clone();
+    other.nodes.truncate(1);
+    let forged = common::unsigned(&other);
+    let reply = send(
+        &ecs,
+        &n1.addr,
+        RequestBody::InstallMetadata { metadata: forged },
+    )
+    .await;
+    assert_eq!(reply, ReplyBody::Installed { adopted: false });
+    assert_eq!(n1.node.view().signed, Some(renewed));
+    assert_eq!(n1.node.view().metadata.as_ref(), &ring);
+}
+
 #[test]
 fn issue_force_does_not_follow_a_symlink_at_the_key_path() {
     let certs = Certs::new();

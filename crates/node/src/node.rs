@@ -165,17 +165,24 @@ impl Node {
         signed: SignedMetadata,
         source: &'static str,
     ) -> Result<bool, InstallError> {
-        if signed.version <= self.metadata_version() {
+        let held = self.view();
+        if signed.version < held.metadata.version {
             return Ok(false);
         }
-        let _one_at_a_time = self.installing.lock().await;
-        if signed.version <= self.metadata_version() {
+        if signed.version == held.metadata.version {
+            self.resign(held, signed, source).await?;
             return Ok(false);
         }
+        // Verified before queueing behind other installs: forged pushes cannot hold up the
+        // ECS's.
         let metadata = self
             .authority
             .open(&signed, source)
             .map_err(InstallError::Refused)?;
+        let _one_at_a_time = self.installing.lock().await;
+        if signed.version <= self.metadata_version() {
+            return Ok(false);
+        }
         self.store
             .save_metadata(&signed)
             .await
@@ -221,6 +228,39 @@ impl Node {
             .expect("gossip lock")
             .set_membership(Arc::new(membership), Instant::now());
         Ok(true)
+    }
+
+    /// The ring the node holds, signed again (the ECS's certificate was renewed, and it
+    /// republished the same version): the node hands out the fresh signature from now on, so
+    /// clients keep accepting its metadata once the old certificate expires. Anything but
+    /// the same ring bytes with another valid signature changes nothing.
+    async fn resign(
+        &self,
+        held: RingView,
+        signed: SignedMetadata,
+        source: &'static str,
+    ) -> Result<(), InstallError> {
+        let same_ring = held
+            .signed
+            .as_ref()
+            .is_some_and(|h| h.ring == signed.ring && h.signature != signed.signature);
+        if !same_ring {
+            return Ok(());
+        }
+        self.authority
+            .open(&signed, source)
+            .map_err(InstallError::Refused)?;
+        let _one_at_a_time = self.installing.lock().await;
+        if self.metadata_version() != signed.version {
+            return Ok(());
+        }
+        self.store
+            .save_metadata(&signed)
+            .await
+            .map_err(InstallError::Storage)?;
+        self.view.write().expect("view lock").signed = Some(signed);
+        tracing::info!(node = %self.config.name, source, "took a fresh signature of the ring it holds");
+        Ok(())
     }
 
     /// This node's gossip view of every other node of its ring.

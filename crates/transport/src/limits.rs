@@ -24,7 +24,8 @@
 //! Memory bound per connection, worst case (a peer that really sends every byte it may):
 //! `receive_window + max_streams × max_frame`; for a client with the defaults
 //! 8 MiB + 256 × 4.06 MiB ≈ 1.05 GiB, held for at most the read deadline (10 s) unless the
-//! frames are whole requests being handled. A peer that only *claims* large frames or
+//! frames are whole requests being handled; a reply the peer does not read is dropped (its
+//! stream reset) after the same deadline. A peer that only *claims* large frames or
 //! trickles them costs ≈ 16 KiB per stream (the first chunk) plus the QUIC stream state, i.e.
 //! ≈ 4 MiB for 256 streams, and is cut off at the deadline. The totals multiply by the
 //! connection limits; those are there to bound the *number* of peers' states, the

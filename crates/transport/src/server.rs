@@ -221,9 +221,17 @@ async fn serve_stream<S: Service>(
         Err(e) => codec::encode(&service.unencodable(e), max_frame)
             .expect("a short error reply always fits"),
     };
-    // Never wait for the peer's ACK here (ARCHITECTURE.md §9): write, finish, done.
-    if send.write_all(&frame).await.is_ok() {
-        let _ = send.finish();
+    // Never wait for the peer's ACK here (ARCHITECTURE.md §9): write, finish, done. A peer
+    // that does not read its reply holds it for at most the read deadline again.
+    match tokio::time::timeout(read_timeout, send.write_all(&frame)).await {
+        Ok(Ok(())) => {
+            let _ = send.finish();
+        }
+        Ok(Err(_)) => {}
+        Err(_) => {
+            tracing::debug!(service = service.name(), ?role, remote = %conn.remote_address(), "reply not read in time; stream reset");
+            let _ = send.reset(STREAM_READ_TIMEOUT.into());
+        }
     }
 }
 

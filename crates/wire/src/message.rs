@@ -83,9 +83,9 @@ pub enum RequestBody {
     GetMetadata,
     /// Internal: the node's status. Replies `Status`.
     Status,
-    /// Internal (admin): start serving clients. Replies `Ok`.
+    /// Internal (ecs): start serving clients. Replies `Ok`.
     Start,
-    /// Internal (admin): stop serving clients (they get `Stopped`). Replies `Ok`.
+    /// Internal (ecs): stop serving clients (they get `Stopped`). Replies `Ok`.
     Stop,
     /// Internal (ecs): adopt this metadata if its signature verifies and it is newer than the
     /// node's. Replies `Installed`.
@@ -93,7 +93,7 @@ pub enum RequestBody {
         /// The metadata to adopt.
         metadata: SignedMetadata,
     },
-    /// Internal (admin), at the sender of move `id`: write-lock `range` (writes there answer
+    /// Internal (ecs), at the sender of move `id`: write-lock `range` (writes there answer
     /// `WriteLocked`), durably: the lock survives a restart and is released only when the
     /// node adopts `id.target_version` or receives `AbortMove` for `id`. Replies `Ok` once
     /// persisted and no write into the range is in flight.
@@ -103,7 +103,7 @@ pub enum RequestBody {
         /// The range to lock.
         range: KeyRange,
     },
-    /// Internal (admin): give up move `id`. At the sender, releases its lock and tracking
+    /// Internal (ecs): give up move `id`. At the sender, releases its lock and tracking
     /// (refused once the node holds `id.target_version`: the move is then done); at the
     /// receiver, refuses further batches of `id` and deletes its partial copy of `range`.
     /// Replies `Ok`.
@@ -125,7 +125,7 @@ pub enum RequestBody {
         /// are accepted.
         from: String,
     },
-    /// Internal (admin): stream a snapshot of every key of `range` to node `to` in batches,
+    /// Internal (ecs): stream a snapshot of every key of `range` to node `to` in batches,
     /// and from then on remember which keys of the range are written. Replies `Transferred`
     /// once `to` acknowledged (persisted) every batch. Writes stay open meanwhile.
     TransferRange {
@@ -136,7 +136,7 @@ pub enum RequestBody {
         /// The receiving node.
         to: NodeEntry,
     },
-    /// Internal (admin): send `to` the current value (or the deletion) of every key of
+    /// Internal (ecs): send `to` the current value (or the deletion) of every key of
     /// `range` written since the previous round of move `id` (its `TransferRange` or its
     /// last `TransferDelta`), and start a new round. `last` rounds need the range
     /// write-locked (so the set is final); earlier ones run with writes open and shrink
@@ -162,12 +162,12 @@ pub enum RequestBody {
         #[serde(deserialize_with = "crate::bounded::batch_entries")]
         entries: Vec<StorageEntry>,
     },
-    /// Internal (admin): delete every key of a range. Replies `Count` with the number deleted.
+    /// Internal (ecs): delete every key of a range. Replies `Count` with the number deleted.
     DeleteRange {
         /// The range to delete.
         range: KeyRange,
     },
-    /// Internal (node/admin): a gossip exchange (see [`crate::gossip`]). Replies `Gossip`
+    /// Internal (node): a gossip exchange (see [`crate::gossip`]). Replies `Gossip`
     /// with the responder's digest, and its metadata if that is newer than the digest's.
     Gossip {
         /// The caller's digest.

@@ -5,8 +5,10 @@
 //! Invariants:
 //! - The membership (who to gossip with, what a heartbeat index means) is always the one of
 //!   the newest metadata given to [`GossipState::set_membership`]; it never goes back.
-//! - Heartbeat counters only grow, and `heard_ms[i]` is when `counters[i]` last grew, so a
-//!   peer's liveness is a function of `now - heard_ms[i]` alone.
+//! - Heartbeat counters only grow, except that a node's own counter in a digest it sent
+//!   itself replaces a higher one (which a lying peer relayed); `heard_ms[i]` is when
+//!   `counters[i]` last changed, so a peer's liveness is a function of `now - heard_ms[i]`
+//!   alone.
 //! - Every digest holds at most `max_heartbeats` other nodes' counters, and building one costs
 //!   O(`max_heartbeats`), whatever the size of the ring.
 
@@ -412,7 +414,7 @@ impl GossipState {
     pub fn merge(&mut self, digest: &GossipDigest, now: Instant) {
         let now_ms = self.ms(now);
         if let Some(i) = self.membership.index_of(&digest.from) {
-            self.heard(i, digest.heartbeat, now_ms);
+            self.heard_from_itself(i, digest.heartbeat, now_ms);
         }
         if digest.metadata_version == self.version() {
             let n = self.counters.len() as u32;
@@ -435,6 +437,21 @@ impl GossipState {
                 .first_heartbeat
                 .saturating_add(now_ms.saturating_mul(2))
                 .saturating_add(MAX_CLOCK_SKEW_MS)
+    }
+
+    /// Node `i`'s own counter, from a digest it sent itself (the caller checked that `from`
+    /// is the sender's certificate name, or the ring name at the address it dialed): it is
+    /// authoritative, even below the counter stored, so that a counter some peer relayed
+    /// falsely high cannot hide the node's real beats beyond its next direct exchange.
+    fn heard_from_itself(&mut self, i: u32, counter: u64, now_ms: u64) {
+        let idx = i as usize;
+        if Some(i) != self.me && counter < self.counters[idx] {
+            tracing::warn!(node = %self.name, peer = i, counter, relayed = self.counters[idx], "a relayed counter was above the node's own; taking its own");
+            self.counters[idx] = counter;
+            self.heard_ms[idx] = now_ms;
+            return;
+        }
+        self.heard(i, counter, now_ms);
     }
 
     fn heard(&mut self, i: u32, counter: u64, now_ms: u64) {
@@ -550,6 +567,62 @@ mod tests {
 
     fn ms(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_falsely_relayed_counter_neither_wraps_nor_freezes_a_node() {
+        let t0 = Instant::now();
+        let names = ["a", "b", "c"];
+        let mut a = GossipState::new("a", config(), membership(1, &names), 100, t0);
+        let v = a.membership().index_of("c").unwrap();
+        let me = a.membership().index_of("a").unwrap();
+        // b relays absurd counters for c and for a itself: ignored.
+        let lie = |heartbeats| GossipDigest {
+            from: "b".into(),
+            metadata_version: 1,
+            heartbeat: 1,
+            heartbeats,
+        };
+        a.merge(
+            &lie(vec![Heartbeat {
+                node: v,
+                counter: u64::MAX,
+            }]),
+            t0,
+        );
+        a.merge(
+            &lie(vec![Heartbeat {
+                node: me,
+                counter: u64::MAX,
+            }]),
+            t0,
+        );
+        assert_eq!(a.counter(v), 0);
+        assert!(
+            a.digest().heartbeat < u64::MAX / 2,
+            "our own counter did not jump"
+        );
+        // A plausible but false relay for c, then c's real (lower) beats, directly: c's own
+        // word wins, and c stays alive as long as it beats.
+        a.merge(
+            &lie(vec![Heartbeat {
+                node: v,
+                counter: 1_000_000,
+            }]),
+            t0,
+        );
+        assert_eq!(a.counter(v), 1_000_000);
+        for t in 1..=10u64 {
+            let from_c = GossipDigest {
+                from: "c".into(),
+                metadata_version: 1,
+                heartbeat: 300 + t,
+                heartbeats: vec![],
+            };
+            a.merge(&from_c, ms(t0, t * 1000));
+            assert_eq!(a.counter(v), 300 + t);
+            assert_eq!(a.liveness(v, ms(t0, t * 1000 + 500)), Liveness::Alive);
+        }
     }
 
     #[test]

@@ -58,7 +58,9 @@ pub async fn abort(node: &Node, id: MoveId, range: KeyRange) -> ReplyBody {
     };
     tracing::info!(node = %node.config.name, change = id.change, range = ?range, receiving, "move aborted");
     // A receiver's partial copy goes (also one whose receiving state a restart lost); a
-    // sender keeps its range, which it still owns.
+    // sender keeps its range, which it still owns. Checked and deleted with the gate held, so
+    // no install makes the range ours in between.
+    let _quiet = node.quiesce().await;
     let owns = node
         .view()
         .own_range
@@ -74,6 +76,10 @@ pub async fn abort(node: &Node, id: MoveId, range: KeyRange) -> ReplyBody {
 /// `PrepareReceive`: deletes any stale copy of `range` (refused if the node owns any of it)
 /// and accepts the move's batches from now on.
 pub async fn prepare_receive(node: &Node, id: MoveId, range: KeyRange, from: String) -> ReplyBody {
+    // Stop any earlier move's batches first (a superseded attempt), then clear, then open.
+    // Ownership is checked with the gate held: an install (which takes it too) cannot make
+    // the range ours between the check and the deletion.
+    let _quiet = node.quiesce().await;
     if let Some(own) = node.view().own_range {
         if own.intersects(&range) {
             return error(
@@ -82,8 +88,6 @@ pub async fn prepare_receive(node: &Node, id: MoveId, range: KeyRange, from: Str
             );
         }
     }
-    // Stop any earlier move's batches first (a superseded attempt), then clear, then open.
-    let _quiet = node.quiesce().await;
     if let Err(e) = node.store.delete_range(range).await {
         return storage_error(e);
     }
