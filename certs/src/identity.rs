@@ -56,6 +56,11 @@ impl Identity {
     pub fn role(&self) -> Result<Role> {
         role_of_cert(self.chain.first().ok_or(CertError::EmptyChain)?)
     }
+
+    /// The name our own leaf certificate was issued to ([`name_of_cert`]).
+    pub fn name(&self) -> Result<String> {
+        name_of_cert(self.chain.first().ok_or(CertError::EmptyChain)?)
+    }
 }
 
 impl Clone for Identity {

@@ -11,7 +11,7 @@ use ringkv_transport::{RingSigner, ServeLimits, Service};
 use ringkv_transport::{Transport, TransportError};
 use ringkv_wire::{
     AdminReply, AdminRequest, Limits, Liveness, MoveId, MoveReport, NodeEntry, NodeReport,
-    NodeStatus, Reply, ReplyBody, Request, RequestBody, RingMetadata, SignedMetadata, WireError,
+    NodeStatus, Reply, ReplyBody, Request, RequestBody, RingMetadata, WireError,
 };
 
 use crate::executor::{Action, Executor, Intent, Outcome, Phase};
@@ -360,11 +360,6 @@ impl Ecs {
         *self.metadata.write().expect("metadata lock") = metadata.clone();
     }
 
-    /// `metadata` signed with the ECS's key, as every node and client requires.
-    fn sign(&self, metadata: &RingMetadata) -> Result<SignedMetadata, WireError> {
-        self.signer.sign(metadata)
-    }
-
     /// Runs one step of move `id` against its node.
     async fn run_step(&self, step: &Step, id: MoveId, plan: &Plan) -> Outcome {
         let (node, body, timeout) = match step {
@@ -421,7 +416,7 @@ impl Ecs {
                 },
                 self.config.transfer_timeout,
             ),
-            Step::Install { node } => match self.sign(&plan.metadata) {
+            Step::Install { node } => match self.signer.sign(&plan.metadata) {
                 Ok(metadata) => (
                     node,
                     RequestBody::InstallMetadata { metadata },
@@ -469,14 +464,24 @@ impl Ecs {
             return;
         }
         let metadata = self.metadata();
-        let signed = match self.sign(&metadata) {
+        self.install_at(&metadata, metadata.nodes.iter()).await;
+    }
+
+    /// Signs `metadata` and installs it at `nodes`, one after the other (best effort: a node
+    /// that fails or does not adopt it is logged).
+    async fn install_at<'a>(
+        &self,
+        metadata: &RingMetadata,
+        nodes: impl IntoIterator<Item = &'a NodeEntry>,
+    ) {
+        let signed = match self.signer.sign(metadata) {
             Ok(signed) => signed,
             Err(e) => {
                 tracing::error!(error = %e, "cannot sign the ring to republish it");
                 return;
             }
         };
-        for node in &metadata.nodes {
+        for node in nodes {
             let body = RequestBody::InstallMetadata {
                 metadata: signed.clone(),
             };
@@ -563,14 +568,7 @@ impl Ecs {
         }
         if let Ok(_no_change) = self.change.try_lock() {
             if self.pending_change().is_none() && self.metadata().version == metadata.version {
-                if let Ok(signed) = self.sign(&metadata) {
-                    for node in behind {
-                        let body = RequestBody::InstallMetadata {
-                            metadata: signed.clone(),
-                        };
-                        let _ = self.call(node, body, self.config.node_timeout).await;
-                    }
-                }
+                self.install_at(&metadata, behind).await;
             }
         }
         AdminReply::Status { metadata, nodes }

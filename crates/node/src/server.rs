@@ -29,11 +29,7 @@ pub async fn bind(
     ringkv_certs::install_crypto_provider();
     // Peers know a node by its certificate: the ECS names the sender of a move by its ring
     // name, and a receiver checks it against the caller's certificate name.
-    let leaf = identity
-        .chain
-        .first()
-        .ok_or(ringkv_certs::CertError::EmptyChain)?;
-    let cert_name = ringkv_certs::name_of_cert(leaf)?;
+    let cert_name = identity.name()?;
     if cert_name != config.name {
         return Err(NodeError::Config(format!(
             "the node is called {:?} but its certificate is issued to {cert_name:?}: a node's \

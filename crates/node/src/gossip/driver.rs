@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::rngs::SmallRng;
-use ringkv_wire::{GossipDigest, Reply, ReplyBody, Request, RequestBody};
+use ringkv_wire::{GossipDigest, NodeEntry, Reply, ReplyBody, Request, RequestBody};
 use tokio::task::JoinSet;
 
 use crate::Node;
@@ -25,23 +25,24 @@ pub async fn run(node: Arc<Node>) {
     loop {
         timer.tick().await;
         while exchanges.try_join_next().is_some() {}
-        let outgoing: Vec<(String, GossipDigest)> = {
+        let outgoing: Vec<(NodeEntry, GossipDigest)> = {
             let mut state = node.gossip.lock().expect("gossip lock");
             let out = state.tick(Instant::now(), &mut rng);
             let nodes = &state.membership().metadata().nodes;
             out.into_iter()
-                .map(|(peer, digest)| (nodes[peer as usize].addr.clone(), digest))
+                .map(|(peer, digest)| (nodes[peer as usize].clone(), digest))
                 .collect()
         };
-        for (addr, digest) in outgoing {
-            exchanges.spawn(exchange(node.clone(), addr, digest));
+        for (peer, digest) in outgoing {
+            exchanges.spawn(exchange(node.clone(), peer, digest));
         }
     }
 }
 
 /// One exchange as its initiator: send the digest; merge the reply; adopt newer metadata
 /// from it, or push ours if the peer is behind.
-async fn exchange(node: Arc<Node>, addr: String, digest: GossipDigest) {
+async fn exchange(node: Arc<Node>, peer: NodeEntry, digest: GossipDigest) {
+    let addr = peer.addr;
     let timeout = node.config.gossip.exchange_timeout();
     let request = Request::new(node.metadata_version(), RequestBody::Gossip { digest });
     let reply: Reply = match tokio::time::timeout(
@@ -64,16 +65,9 @@ async fn exchange(node: Arc<Node>, addr: String, digest: GossipDigest) {
         tracing::warn!(node = %node.config.name, peer = %addr, reply = ?reply.body, "unexpected gossip reply");
         return;
     };
-    // The responder speaks for itself only: its digest must name the node the ring has at
-    // the address we dialed (whose certificate TLS checked against that address).
-    let at_addr = node
-        .view()
-        .metadata
-        .nodes
-        .iter()
-        .find(|n| n.addr == addr)
-        .map(|n| n.name.clone());
-    if at_addr.as_deref() != Some(digest.from.as_str()) {
+    // The responder speaks for itself only: its digest must name the node we dialed (whose
+    // certificate TLS checked against that address).
+    if digest.from != peer.name {
         tracing::warn!(node = %node.config.name, peer = %addr, claimed = %digest.from, "ignored a gossip reply sent in another node's name");
         return;
     }

@@ -258,8 +258,9 @@ fn entry_bytes(entries: &[StorageEntry]) -> u64 {
 /// this node), only as the sender it named, only keys of the range it named — a range this
 /// node does not own (checked at `PrepareReceive`), so no batch ever overwrites data the node
 /// serves. The sender's write lock, not the receiver's running state, is what holds the
-/// range still: a joining receiver is not serving yet. Holds the write gate while it commits, so an `AbortMove` or a new
-/// `PrepareReceive` waits for it and no batch of an aborted move lands after either.
+/// range still: a joining receiver is not serving yet. Holds the write gate while it commits,
+/// so an `AbortMove` or a new `PrepareReceive` waits for it and no batch of an aborted move
+/// lands after either.
 pub async fn put_batch(
     node: &Node,
     peer: &PeerIdentity,
