@@ -10,6 +10,13 @@ use ringkv_transport::ServeLimits;
 /// loopback (README, performance).
 pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// Default replication factor of a new ring.
+pub const DEFAULT_REPLICATION: u8 = 3;
+/// Default time after which a node that answers no probe is failed over.
+pub const DEFAULT_FAILOVER_AFTER: Duration = Duration::from_secs(3);
+/// Default interval between liveness probes (and lease renewals).
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
 /// A function the executor calls just before it sends each step of a change to its node,
 /// with the step: for observing a change (metrics, logs) and for tests that inject a fault
 /// at an exact step. It runs on the ECS's runtime thread and must not block for long.
@@ -43,6 +50,16 @@ pub struct EcsConfig {
     /// How long `status` waits for each node (all are asked at once); a node that has not
     /// answered by then is reported from its peers' gossip views.
     pub status_timeout: Duration,
+    /// Copies of every key in a ring this ECS creates (1..=7; 1: no replication). A ring
+    /// keeps the factor it was created with.
+    pub replication: u8,
+    /// A node whose liveness probes have all failed for this long is declared failed and
+    /// replaced in its chains (with replication above 1). Shorter fails over sooner; too
+    /// short fails over nodes that were only slow (README, "Replication and failover").
+    pub failover_after: Duration,
+    /// How often the ECS probes every node; each probe also renews the node's lease
+    /// ([`EcsConfig::lease`]).
+    pub probe_interval: Duration,
     /// What peers may make the ECS hold: connections, streams and windows by role, the
     /// request read deadline, the idle timeout (ARCHITECTURE.md §3). Only `admin`
     /// certificates are admitted at all.
@@ -62,6 +79,16 @@ impl EcsConfig {
             retry_budget: Duration::from_secs(30),
             before_step: None,
             serve: ServeLimits::default(),
+            replication: DEFAULT_REPLICATION,
+            failover_after: DEFAULT_FAILOVER_AFTER,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
         }
+    }
+
+    /// The lease each probe grants: half of `failover_after`, so that a node cut off from
+    /// the ECS has stopped serving for at least as long again (covering clocks that run at
+    /// up to twice each other's rate) when the ECS replaces it.
+    pub fn lease(&self) -> Duration {
+        self.failover_after / 2
     }
 }

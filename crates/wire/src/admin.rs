@@ -17,7 +17,9 @@ pub enum AdminRequest {
         /// Its advertised `host:port`.
         addr: String,
     },
-    /// Remove a node from the ring; its range moves to its successor.
+    /// Remove a node from the ring, live or dead: its copies are rebuilt on the nodes that
+    /// take its place in the chains (with replication 1, its range moves to its successor,
+    /// so it must be live).
     RemoveNode {
         /// The node's name.
         name: String,
@@ -69,6 +71,17 @@ pub struct NodeReport {
     pub liveness: Option<Liveness>,
 }
 
+/// One ring range as `status` reports it: who replicates it and what is missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeReport {
+    /// The range.
+    pub range: KeyRange,
+    /// Its chain under the ECS's metadata, head first, tail last.
+    pub chain: Vec<String>,
+    /// Copies short of the replication factor (failed members not yet replaced).
+    pub missing: u8,
+}
+
 /// The ECS's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminReply {
@@ -87,6 +100,8 @@ pub enum AdminReply {
         metadata: RingMetadata,
         /// One report per node of the ring.
         nodes: Vec<NodeReport>,
+        /// One report per range: its chain and how many copies it lacks.
+        ranges: Vec<RangeReport>,
     },
     /// A request without a result completed.
     Done(String),

@@ -35,7 +35,7 @@ pub mod message;
 pub mod ring;
 pub mod signed;
 
-pub use admin::{AdminReply, AdminRequest, MoveReport, NodeReport};
+pub use admin::{AdminReply, AdminRequest, MoveReport, NodeReport, RangeReport};
 pub use bounded::{MAX_BATCH_ENTRIES, MAX_SIGNER_CHAIN};
 pub use codec::{decode, encode, frame_len, FRAME_HEADER_LEN};
 pub use error::WireError;
@@ -47,6 +47,6 @@ pub use message::{
 };
 pub use ring::{
     key_position, node_position, storage_key, HashedKey, KeyRange, NodeEntry, Position, RangeMove,
-    RingMetadata, StorageSpan,
+    RingMetadata, StorageSpan, MAX_REPLICATION,
 };
 pub use signed::{signed_message, MetadataSignature, SignedMetadata, SIGNED_DOMAIN};

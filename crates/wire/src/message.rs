@@ -173,6 +173,29 @@ pub enum RequestBody {
         /// The caller's digest.
         digest: GossipDigest,
     },
+    /// Internal (node), from a chain member to its successor in the chain of `key`'s range
+    /// (ARCHITECTURE.md §7): apply this write (`value: None` deletes), then pass it on to the
+    /// own successor, and reply `Ok` once every member down to the tail persisted it.
+    /// Refused (`NotResponsible`, with the receiver's metadata) unless both hold the same
+    /// metadata version (the request's) and the caller is the receiver's predecessor in that
+    /// chain.
+    Replicate {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The value, or `None` for a deletion.
+        #[serde(with = "serde_bytes")]
+        value: Option<Vec<u8>>,
+    },
+    /// Internal (ecs): the ECS's liveness probe, which also grants the node a lease of
+    /// `millis` milliseconds from its arrival. With replication, a node serves nothing
+    /// (client requests answer `Stopped`, `Replicate` is refused) while it holds no lease, so
+    /// a node cut off from the ECS stops before the ECS fails it over (README, "Replication
+    /// and failover"). Replies `Ok`.
+    Lease {
+        /// The lease's length.
+        millis: u32,
+    },
     /// Internal (node): the last leg of a gossip exchange, newer metadata for a responder
     /// whose digest showed an older version. Adopted only if its signature verifies and it
     /// is newer; replies `Ok`.
@@ -214,6 +237,8 @@ impl RequestBody {
             RequestBody::DeleteRange { .. } => "delete_range",
             RequestBody::Gossip { .. } => "gossip",
             RequestBody::GossipPush { .. } => "gossip_push",
+            RequestBody::Replicate { .. } => "replicate",
+            RequestBody::Lease { .. } => "lease",
         }
     }
 }
@@ -381,7 +406,7 @@ mod tests {
         (any::<u64>(), proptest::collection::vec(arb_node(), 0..4)).prop_map(|(v, nodes)| {
             RingMetadata::new(v, nodes.clone()).unwrap_or(RingMetadata {
                 version: v,
-                nodes: vec![],
+                ..RingMetadata::default()
             })
         })
     }
@@ -657,7 +682,7 @@ mod tests {
             (arb_metadata(), proptest::option::of(moved))
                 .prop_map(|(metadata, moved)| AdminReply::Changed { metadata, moved }),
             (arb_metadata(), proptest::collection::vec(report, 0..4))
-                .prop_map(|(metadata, nodes)| AdminReply::Status { metadata, nodes }),
+                .prop_map(|(metadata, nodes)| AdminReply::Status { metadata, nodes, ranges: vec![] }),
             ".{0,16}".prop_map(AdminReply::Done),
             ".{0,16}".prop_map(AdminReply::Error),
         ]

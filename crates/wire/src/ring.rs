@@ -280,14 +280,39 @@ pub struct RangeMove {
     pub to: NodeEntry,
 }
 
+/// Most copies of a key a ring may ask for.
+pub const MAX_REPLICATION: u8 = 7;
+
 /// Versioned ring metadata. Everybody adopts metadata only if its version is higher than the
 /// one held ([`RingMetadata::is_newer_than`]).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+///
+/// Replication (ARCHITECTURE.md §7): the range `(pred, n]` of node `n` is replicated on the
+/// *window* of `n` and the next `replication - 1` nodes clockwise (all nodes if there are
+/// fewer). Its **chain** is that window without the nodes marked `failed`, in ring order:
+/// the first is the *head* (takes writes), the last the *tail* (serves reads). A failed node
+/// keeps its ring position until the ECS has rebuilt its copies elsewhere and removes it, so
+/// a failure shortens the chains it was in without moving any other range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RingMetadata {
     /// Assigned by the ECS, strictly increasing with every change. 0 means "no ring yet".
     pub version: u64,
     /// Nodes sorted by position.
     pub nodes: Vec<NodeEntry>,
+    /// Copies of every key (1..=[`MAX_REPLICATION`]; 1: no replication).
+    pub replication: u8,
+    /// Names of ring nodes the ECS declared failed: in no chain, serving nothing.
+    pub failed: Vec<String>,
+}
+
+impl Default for RingMetadata {
+    fn default() -> Self {
+        Self {
+            version: 0,
+            nodes: Vec::new(),
+            replication: 1,
+            failed: Vec::new(),
+        }
+    }
 }
 
 impl RingMetadata {
@@ -308,9 +333,20 @@ impl RingMetadata {
                 return Err(WireError::DuplicateNode(n.name.clone()));
             }
         }
-        let metadata = Self { version, nodes };
+        let metadata = Self {
+            version,
+            nodes,
+            ..Self::default()
+        };
         metadata.validate()?;
         Ok(metadata)
+    }
+
+    /// The same ring with `replication` copies of every key.
+    pub fn with_replication(mut self, replication: u8) -> Result<Self, WireError> {
+        self.replication = replication;
+        self.validate()?;
+        Ok(self)
     }
 
     /// Checks every structural invariant a peer could get wrong: at most
@@ -320,6 +356,23 @@ impl RingMetadata {
     /// (plus hashing), so it is cheap enough to run on everything that comes off the wire.
     pub fn validate(&self) -> Result<(), WireError> {
         let bad = |why: String| Err(WireError::InvalidRing(why));
+        if !(1..=MAX_REPLICATION).contains(&self.replication) {
+            return bad(format!(
+                "replication factor {} outside 1..={MAX_REPLICATION}",
+                self.replication
+            ));
+        }
+        if self.failed.len() > self.nodes.len() {
+            return bad("more failed nodes than nodes".into());
+        }
+        for (i, name) in self.failed.iter().enumerate() {
+            if self.node(name).is_none() {
+                return bad(format!("failed node {name} is not in the ring"));
+            }
+            if self.failed[..i].contains(name) {
+                return bad(format!("failed node {name} appears twice"));
+            }
+        }
         if self.nodes.len() > MAX_RING_NODES {
             return bad(format!(
                 "{} nodes, more than the maximum of {MAX_RING_NODES}",
@@ -446,7 +499,90 @@ impl RingMetadata {
         Ok(RingMetadata {
             version: self.version + 1,
             nodes,
+            replication: self.replication,
+            failed: self.failed.iter().filter(|f| *f != name).cloned().collect(),
         })
+    }
+
+    /// The metadata after the node `name` is declared failed (version + 1): it leaves every
+    /// chain but keeps its position.
+    pub fn with_failed(&self, name: &str) -> Result<RingMetadata, WireError> {
+        if self.node(name).is_none() {
+            return Err(WireError::UnknownNode(name.to_string()));
+        }
+        let mut next = self.clone();
+        next.version += 1;
+        if !next.is_failed(name) {
+            next.failed.push(name.to_string());
+        }
+        Ok(next)
+    }
+
+    /// Whether the node `name` is marked failed.
+    pub fn is_failed(&self, name: &str) -> bool {
+        self.failed.iter().any(|f| f == name)
+    }
+
+    /// The chain of the ring range ending at node index `owner`: the window of `replication`
+    /// nodes from `owner` clockwise, without the failed ones.
+    fn chain_at(&self, owner: usize) -> Vec<&NodeEntry> {
+        let n = self.nodes.len();
+        let window = (self.replication as usize).clamp(1, n.max(1)).min(n);
+        (0..window)
+            .map(|k| &self.nodes[(owner + k) % n])
+            .filter(|node| !self.is_failed(&node.name))
+            .collect()
+    }
+
+    /// The chain of the range holding `pos`: head first, tail last. Empty on an empty ring
+    /// or when every node of the window failed.
+    pub fn chain(&self, pos: &Position) -> Vec<&NodeEntry> {
+        match self.owner_index(pos) {
+            Some(i) => self.chain_at(i),
+            None => Vec::new(),
+        }
+    }
+
+    /// The chain of the range holding `key`.
+    pub fn chain_for_key(&self, key: &[u8]) -> Vec<&NodeEntry> {
+        self.chain(&key_position(key))
+    }
+
+    /// The node that takes writes of `pos` (its chain's head).
+    pub fn head(&self, pos: &Position) -> Option<&NodeEntry> {
+        self.chain(pos).first().copied()
+    }
+
+    /// The node that serves reads of `pos` (its chain's tail).
+    pub fn tail(&self, pos: &Position) -> Option<&NodeEntry> {
+        self.chain(pos).last().copied()
+    }
+
+    /// Every ring range with its chain, in ring order.
+    pub fn chains(&self) -> Vec<(KeyRange, Vec<&NodeEntry>)> {
+        (0..self.nodes.len())
+            .map(|i| (self.range_at(i), self.chain_at(i)))
+            .collect()
+    }
+
+    /// The ring ranges whose chain holds the node `name` (the data it must hold), with its
+    /// index in each chain.
+    pub fn replicated_by(&self, name: &str) -> Vec<(KeyRange, usize)> {
+        self.chains()
+            .into_iter()
+            .filter_map(|(range, chain)| {
+                chain
+                    .iter()
+                    .position(|n| n.name == name)
+                    .map(|i| (range, i))
+            })
+            .collect()
+    }
+
+    /// How many copies a full chain has: the replication factor, or the ring size if that
+    /// is smaller.
+    pub fn full_chain(&self) -> usize {
+        (self.replication as usize).min(self.nodes.len())
     }
 
     /// The range that moves when `node` joins: `(predecessor, node]`, from the current owner
@@ -534,7 +670,14 @@ mod tests {
             .map(|i| NodeEntry::new(format!("n{i}"), format!("10.0.{}.{}:1", i >> 8, i & 255)))
             .collect();
         nodes.sort_by_key(|n| n.position);
-        refused(&RingMetadata { version: 1, nodes }, "too many nodes");
+        refused(
+            &RingMetadata {
+                version: 1,
+                nodes,
+                ..RingMetadata::default()
+            },
+            "too many nodes",
+        );
         // The one frame decoding validates too.
         let mut m = good.clone();
         m.nodes.swap(0, 1);

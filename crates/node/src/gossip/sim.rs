@@ -87,7 +87,11 @@ pub fn ring(version: u64, ids: impl IntoIterator<Item = usize>) -> RingMetadata 
         })
         .collect();
     nodes.sort_by_key(|n| n.position);
-    RingMetadata { version, nodes }
+    RingMetadata {
+        version,
+        nodes,
+        ..RingMetadata::default()
+    }
 }
 
 impl Sim {
