@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Parser;
 use ringkv::local::LocalCluster;
-use ringkv_wire::{AdminReply, AdminRequest};
+use ringkv_wire::AdminRequest;
 
 #[derive(Parser)]
 #[command(about = "Start a local ringkv cluster (ECS + N nodes) with fresh certificates")]
@@ -59,9 +59,8 @@ fn main() -> anyhow::Result<()> {
         for i in 1..=args.nodes {
             cluster.add_node(i).await?;
         }
-        if let AdminReply::Status { metadata, nodes } = cluster.ask(AdminRequest::Status).await? {
-            print!("{}", ringkv::cli::ecs::status_text(&metadata, &nodes));
-        }
+        let status = cluster.ask(AdminRequest::Status).await?;
+        print!("{}", ringkv::cli::ecs::reply_text(&status).1);
         let (ecs, certs) = (cluster.ecs_addr, cluster.certs());
         let certs = certs.display();
         let seed = cluster.nodes[0].1;

@@ -258,11 +258,21 @@ mod strategies {
             4 => (any::<u64>(), proptest::collection::vec(node(), 0..5)).prop_map(
                 |(version, nodes)| RingMetadata::new(version, nodes).unwrap_or(RingMetadata {
                     version,
-                    nodes: vec![],
+                    ..RingMetadata::default()
                 })
             ),
-            1 => (any::<u64>(), proptest::collection::vec(node(), 0..4))
-                .prop_map(|(version, nodes)| RingMetadata { version, nodes }),
+            1 => (
+                any::<u64>(),
+                proptest::collection::vec(node(), 0..4),
+                any::<u8>(),
+                proptest::collection::vec("[a-z]{1,3}", 0..2)
+            )
+                .prop_map(|(version, nodes, replication, failed)| RingMetadata {
+                    version,
+                    nodes,
+                    replication,
+                    failed
+                }),
         ]
     }
 
@@ -398,6 +408,9 @@ mod strategies {
             digest().prop_map(|digest| RequestBody::Gossip { digest }),
             prop_oneof![signed_metadata(), p.metadata.clone()]
                 .prop_map(|metadata| RequestBody::GossipPush { metadata }),
+            (p.key.clone(), proptest::option::of(p.value.clone()))
+                .prop_map(|(key, value)| RequestBody::Replicate { key, value }),
+            any::<u32>().prop_map(|millis| RequestBody::Lease { millis }),
         ]
         .boxed()
     }
@@ -431,9 +444,11 @@ mod strategies {
             RequestBody::DeleteRange { .. } => 14,
             RequestBody::Gossip { .. } => 15,
             RequestBody::GossipPush { .. } => 16,
+            RequestBody::Replicate { .. } => 17,
+            RequestBody::Lease { .. } => 18,
         }
     }
-    pub const REQUEST_VARIANTS: usize = 17;
+    pub const REQUEST_VARIANTS: usize = 19;
 
     pub fn error_kind() -> impl Strategy<Value = ErrorKind> + Clone {
         prop_oneof![
@@ -447,6 +462,7 @@ mod strategies {
             Just(ErrorKind::Peer),
             Just(ErrorKind::InvalidState),
             Just(ErrorKind::Unauthenticated),
+            Just(ErrorKind::Indeterminate),
         ]
     }
 
@@ -576,7 +592,7 @@ mod strategies {
             (metadata(), proptest::option::of(moved))
                 .prop_map(|(metadata, moved)| AdminReply::Changed { metadata, moved }),
             (metadata(), proptest::collection::vec(report, 0..3))
-                .prop_map(|(metadata, nodes)| AdminReply::Status { metadata, nodes }),
+                .prop_map(|(metadata, nodes)| AdminReply::Status { metadata, nodes, ranges: vec![] }),
             ".{0,16}".prop_map(AdminReply::Done),
             ".{0,16}".prop_map(AdminReply::Error),
         ]
@@ -1029,7 +1045,7 @@ mod handlers {
                 nodes.push(me.clone());
                 RingMetadata::new(version, nodes.clone()).unwrap_or(RingMetadata {
                     version,
-                    nodes: vec![],
+                    ..RingMetadata::default()
                 })
             });
         // Mostly signed by the ECS (so installs and gossip do adopt), sometimes forged.
@@ -1101,7 +1117,11 @@ mod handlers {
             | RequestBody::AbortMove { .. }
             | RequestBody::PrepareReceive { .. }
             | RequestBody::PutBatch { .. }
+            | RequestBody::Lease { .. }
             | RequestBody::GossipPush { .. } => refused || matches!(reply, R::Ok),
+            RequestBody::Replicate { .. } => {
+                refused || matches!(reply, R::Ok | R::NotResponsible { .. } | R::Stopped)
+            }
             RequestBody::TransferRange { .. } | RequestBody::TransferDelta { .. } => {
                 refused || matches!(reply, R::Transferred(_))
             }
@@ -1130,7 +1150,7 @@ mod handlers {
         // checked against the caller's name) the certificate name does not fit.
         let checks_name = matches!(
             request.body,
-            RequestBody::PutBatch { .. } | RequestBody::Gossip { .. }
+            RequestBody::PutBatch { .. } | RequestBody::Gossip { .. } | RequestBody::Replicate { .. }
         );
         prop_assert!(
             forbidden != allowed || (allowed && checks_name),

@@ -96,6 +96,7 @@ fn forgeries(mallory: &Identity, genuine: &SignedMetadata, addr: &str) -> Vec<Si
         nodes: (0..20_000)
             .map(|i| NodeEntry::new(format!("x{i}"), format!("10.{}.{}.1:7", i / 256, i % 256)))
             .collect(),
+        ..RingMetadata::default()
     };
     let huge = SignedMetadata {
         version: u64::MAX,

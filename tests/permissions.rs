@@ -37,7 +37,9 @@ fn node_allows(body: &RequestBody) -> [bool; 4] {
         RequestBody::Status => NOT_CLIENT,
         // What nodes exchange among themselves (a batch is further checked against the
         // move the ECS announced; a digest against the sender's certificate name).
+        // A chain write is further checked against the sender's place in the key's chain.
         RequestBody::PutBatch { .. }
+        | RequestBody::Replicate { .. }
         | RequestBody::Gossip { .. }
         | RequestBody::GossipPush { .. } => NODE,
         // Only the ECS speaks for the ring and drives moves; operators go through it.
@@ -49,7 +51,8 @@ fn node_allows(body: &RequestBody) -> [bool; 4] {
         | RequestBody::PrepareReceive { .. }
         | RequestBody::TransferRange { .. }
         | RequestBody::TransferDelta { .. }
-        | RequestBody::DeleteRange { .. } => ECS,
+        | RequestBody::DeleteRange { .. }
+        | RequestBody::Lease { .. } => ECS,
     }
 }
 
@@ -119,6 +122,11 @@ fn every_request_kind() -> Vec<RequestBody> {
         RequestBody::GossipPush {
             metadata: common::unsigned(&Default::default()),
         },
+        RequestBody::Replicate {
+            key: b"perm".to_vec(),
+            value: Some(b"v".to_vec()),
+        },
+        RequestBody::Lease { millis: 1000 },
     ]
 }
 

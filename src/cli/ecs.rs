@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use ringkv_certs::Identity;
 use ringkv_ecs::EcsConfig;
 use ringkv_transport::Transport;
-use ringkv_wire::{AdminReply, AdminRequest, Limits, NodeReport, RingMetadata};
+use ringkv_wire::{AdminReply, AdminRequest, Limits, NodeReport, RangeReport, RingMetadata};
 
 use super::serve_limits::ServeLimitsArgs;
 
@@ -69,6 +69,19 @@ pub enum Command {
         /// not answered by then is reported from its peers' gossip views.
         #[arg(long, default_value_t = 2000)]
         status_timeout_ms: u64,
+        /// Copies of every key in a ring this ECS creates (1..=7; 1: no replication, no
+        /// failover). An existing ring keeps the factor it was created with.
+        #[arg(long, default_value_t = ringkv_ecs::config::DEFAULT_REPLICATION,
+              value_parser = clap::value_parser!(u8).range(1..=7))]
+        replication_factor: u8,
+        /// With replication, fail over a node that has answered no probe for this long
+        /// (e.g. `3s`, `1500ms`). Shorter fails over sooner; too short fails over nodes that
+        /// were only slow or paused. A node stops serving after half of it without a probe.
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        failover_after: Duration,
+        /// How often the ECS probes (and renews the lease of) every node, e.g. `250ms`.
+        #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+        probe_interval: Duration,
         /// What peers may make the ECS hold (it admits `admin` certificates only).
         #[command(flatten)]
         serve: ServeLimitsArgs,
@@ -86,7 +99,9 @@ pub enum Command {
         #[arg(long)]
         addr: String,
     },
-    /// Remove a node from the ring; its range moves to its successor.
+    /// Remove a node from the ring, live or dead. With replication its copies are rebuilt
+    /// on the nodes that take its place (a dead node is failed over); without, its range
+    /// moves to its successor (it must be live).
     RemoveNode {
         /// The node's name.
         #[arg(long)]
@@ -125,10 +140,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             node_timeout,
             transfer_timeout,
             status_timeout_ms,
+            replication_factor,
+            failover_after,
+            probe_interval,
             serve,
             config: _, // already applied by the parser
         } => {
+            if probe_interval.is_zero() || failover_after < probe_interval * 2 {
+                anyhow::bail!(
+                    "--failover-after ({failover_after:?}) must be at least twice --probe-interval ({probe_interval:?})"
+                );
+            }
             let mut config = EcsConfig::new(listen, state_dir);
+            config.replication = replication_factor;
+            config.failover_after = failover_after;
+            config.probe_interval = probe_interval;
             config.node_timeout = Duration::from_secs(node_timeout);
             config.transfer_timeout = Duration::from_secs(transfer_timeout);
             config.status_timeout = Duration::from_millis(status_timeout_ms);
@@ -171,7 +197,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 pub fn reply_text(reply: &AdminReply) -> (i32, String) {
     match reply {
         AdminReply::Ring(metadata) => (0, ring_text(metadata)),
-        AdminReply::Status { metadata, nodes } => (0, status_text(metadata, nodes)),
+        AdminReply::Status {
+            metadata,
+            nodes,
+            ranges,
+        } => {
+            let mut text = status_text(metadata, nodes);
+            text.push_str(&ranges_text(metadata, ranges));
+            (0, text)
+        }
         AdminReply::Changed { metadata, moved } => {
             let mut s = format!(
                 "ring is now at version {} with {} nodes\n",
@@ -192,6 +226,56 @@ pub fn reply_text(reply: &AdminReply) -> (i32, String) {
         AdminReply::Done(message) => (0, format!("{message}\n")),
         AdminReply::Error(message) => (1, format!("error: {message}\n")),
     }
+}
+
+/// Parses a duration: `1500ms`, `3s`, `2.5s`, or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1.0)
+    } else {
+        (text, 1.0)
+    };
+    match number.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v * scale)),
+        _ => Err(format!("bad duration {text:?}: expected e.g. 3s, 1500ms or 2.5")),
+    }
+}
+
+/// Every range's replicas (head first, tail last) and what it lacks.
+pub fn ranges_text(metadata: &RingMetadata, ranges: &[RangeReport]) -> String {
+    let mut s = format!(
+        "\nreplicas ({} copies of every key{}):\n",
+        metadata.full_chain(),
+        if metadata.failed.is_empty() {
+            String::new()
+        } else {
+            format!("; failed: {}", metadata.failed.join(", "))
+        }
+    );
+    let mut short_of = 0;
+    for r in ranges {
+        let state = if r.missing == 0 {
+            "complete".to_string()
+        } else {
+            short_of += 1;
+            format!("{} copy(ies) missing", r.missing)
+        };
+        let _ = writeln!(
+            s,
+            "  ({}…, {}…]  {:<32} {}",
+            short(r.range.start.to_hex()),
+            short(r.range.end.to_hex()),
+            r.chain.join(" -> "),
+            state
+        );
+    }
+    if short_of > 0 {
+        let _ = writeln!(s, "{short_of} range(s) below the replication factor");
+    }
+    s
 }
 
 fn short(hex: String) -> String {

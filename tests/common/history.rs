@@ -115,6 +115,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvstore::{KvError, KvStore, PutOutcome};
+use ringkv_wire::ErrorKind;
 
 /// The client id of the final reads appended by [`check_with_final`].
 pub const FINAL_READ_CLIENT: usize = usize::MAX;
@@ -400,10 +401,15 @@ fn fits(op: &Op, result: &OpResult) -> bool {
 }
 
 /// How a client error counts: a server's error reply and a locally rejected request
-/// ([`KvError::Server`], [`KvError::Invalid`]) are [`OpResult::Failed`]; everything else
-/// (timeouts, transport and connection errors, ...) is [`OpResult::Unknown`].
+/// ([`KvError::Server`], [`KvError::Invalid`]) are [`OpResult::Failed`], except a chain
+/// write the head could not confirm ([`ErrorKind::Indeterminate`]); that one and everything
+/// else (timeouts, transport and connection errors, ...) is [`OpResult::Unknown`].
 pub fn classify_error(error: &KvError) -> OpResult {
     match error {
+        KvError::Server {
+            kind: ErrorKind::Indeterminate,
+            ..
+        } => OpResult::Unknown,
         KvError::Server { .. } | KvError::Invalid(_) => OpResult::Failed,
         _ => OpResult::Unknown,
     }

@@ -318,6 +318,8 @@ impl TestEcs {
         configure: impl FnOnce(&mut EcsConfig),
     ) -> Self {
         let mut config = EcsConfig::new("127.0.0.1:0".parse().unwrap(), state_dir);
+        // Tests that want replication ask for it.
+        config.replication = 1;
         configure(&mut config);
         let (endpoint, ecs) = ringkv_ecs::bind(config, &certs.ecs_identity())
             .await
@@ -362,6 +364,25 @@ impl EcsProcess {
         state_dir: &Path,
         steps: Arc<std::sync::atomic::AtomicUsize>,
     ) -> Self {
+        Self::spawn_with_args(
+            certs,
+            addr,
+            state_dir,
+            steps,
+            &["--replication-factor", "1"],
+        )
+        .await
+    }
+
+    /// [`EcsProcess::spawn`] with extra arguments for `serve` (no replication unless they
+    /// ask for it: `--replication-factor` defaults to the CLI's default otherwise).
+    pub async fn spawn_with_args(
+        certs: &Certs,
+        addr: SocketAddr,
+        state_dir: &Path,
+        steps: Arc<std::sync::atomic::AtomicUsize>,
+        extra: &[&str],
+    ) -> Self {
         certs.ecs_identity(); // make sure the certificate exists
         let mut child = Command::new(bin("ringkv-ecs"))
             .arg("--certs")
@@ -369,6 +390,7 @@ impl EcsProcess {
             .args(["--identity", "ecs", "serve", "--listen", &addr.to_string()])
             .arg("--state-dir")
             .arg(state_dir)
+            .args(extra)
             .env("RUST_LOG", "ringkv_ecs=info,warn")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

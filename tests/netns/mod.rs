@@ -642,8 +642,15 @@ pub const ECS_NODE_TIMEOUT_S: u64 = 2;
 pub const TOOL_LIMIT: Duration = Duration::from_secs(60);
 
 impl HostCluster {
-    /// An ECS host, `n` node hosts `n1..=n<n>` whose nodes the ECS added, and a client host.
+    /// An ECS host (without replication), `n` node hosts `n1..=n<n>` whose nodes the ECS
+    /// added, and a client host.
     pub fn start(n: usize) -> HostCluster {
+        Self::start_with(n, "replication-factor = 1\n")
+    }
+
+    /// [`HostCluster::start`] with `extra` appended to the ECS's configuration file (TOML
+    /// keys named like `serve`'s long flags).
+    pub fn start_with(n: usize, extra: &str) -> HostCluster {
         let mut lab = Lab::new();
         let ecs_host = lab.add_host("ecs");
         let client = lab.add_host("client");
@@ -660,7 +667,7 @@ impl HostCluster {
             &config,
             format!(
                 "# ringkv-ecs serve --config {}\nlisten = \"{ecs_addr}\"\nstate-dir = \"{}\"\n\
-                 certs = \"{}\"\nidentity = \"ecs\"\nnode-timeout = {ECS_NODE_TIMEOUT_S}\n",
+                 certs = \"{}\"\nidentity = \"ecs\"\nnode-timeout = {ECS_NODE_TIMEOUT_S}\n{extra}",
                 config.display(),
                 ecs_host.dir.join("state").display(),
                 ecs_host.certs_dir().display()

@@ -9,6 +9,7 @@
 //! - [`executor`]: the executor of a plan as a synchronous state machine, and the intent
 //!   log entry it keeps ([`executor::Intent`]).
 //! - [`plan`]: membership changes as pure step lists, with their rollback.
+//! - [`liveness`]: when each node last answered a probe (failure detection, leases).
 //! - [`service`]: [`Ecs`], the executor of plans and the answers to operator requests;
 //!   [`bind`] and [`run`].
 //! - [`state`]: the atomically replaced ring file.
@@ -22,6 +23,7 @@
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod liveness;
 pub mod plan;
 pub mod service;
 pub mod state;

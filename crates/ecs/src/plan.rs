@@ -410,3 +410,26 @@ mod tests {
         assert!(join(&ring(2), NodeEntry::new("x", "127.0.0.1:7000")).is_err());
     }
 }
+
+/// Stub until the generic planner lands.
+pub fn fail(current: &RingMetadata, name: &str) -> Result<Plan, EcsError> {
+    let metadata = current.with_failed(name)?;
+    let mut steps = vec![Step::Commit];
+    steps.extend(
+        metadata
+            .nodes
+            .iter()
+            .filter(|n| !metadata.is_failed(&n.name))
+            .map(|n| Step::Install { node: n.clone() }),
+    );
+    Ok(Plan {
+        metadata,
+        moved: None,
+        steps,
+    })
+}
+
+/// Stub until the generic planner lands.
+pub fn remove_failed(current: &RingMetadata, name: &str) -> Result<Plan, EcsError> {
+    leave(current, name)
+}

@@ -11,10 +11,11 @@ use ringkv_transport::{RingSigner, ServeLimits, Service};
 use ringkv_transport::{Transport, TransportError};
 use ringkv_wire::{
     AdminReply, AdminRequest, Limits, Liveness, MoveId, MoveReport, NodeEntry, NodeReport,
-    NodeStatus, Reply, ReplyBody, Request, RequestBody, RingMetadata, WireError,
+    NodeStatus, RangeReport, Reply, ReplyBody, Request, RequestBody, RingMetadata, WireError,
 };
 
 use crate::executor::{Action, Executor, Intent, Outcome, Phase};
+use crate::liveness::Probes;
 use crate::plan::{self, Plan, Step};
 use crate::state::{IntentFile, IntentLog, RingFile};
 use crate::{EcsConfig, EcsError};
@@ -34,6 +35,8 @@ pub struct Ecs {
     intents: IntentFile,
     /// The intent log as persisted.
     log: std::sync::Mutex<IntentLog>,
+    /// When each node last answered a liveness probe.
+    probes: std::sync::Mutex<Probes>,
 }
 
 /// Binds the ECS endpoint and loads its persisted ring.
@@ -84,6 +87,7 @@ pub async fn bind(
         change: tokio::sync::Mutex::new(()),
         intents,
         log: std::sync::Mutex::new(log),
+        probes: std::sync::Mutex::new(Probes::new(Instant::now())),
     });
     Ok((endpoint, ecs))
 }
@@ -96,6 +100,7 @@ const RESUME_EVERY: Duration = Duration::from_secs(1);
 /// version while it was down catch up; from then on it keeps driving any change whose steps
 /// could not be completed in time (an unreachable node) until it is over.
 pub async fn run(endpoint: Endpoint, ecs: Arc<Ecs>, shutdown: impl Future<Output = ()>) {
+    let prober = tokio::spawn(ecs.clone().watch_liveness());
     let background = ecs.clone();
     let task = tokio::spawn(async move {
         background.resume_pending().await;
@@ -107,6 +112,7 @@ pub async fn run(endpoint: Endpoint, ecs: Arc<Ecs>, shutdown: impl Future<Output
     });
     ringkv_transport::serve(endpoint, ecs, shutdown).await;
     task.abort();
+    prober.abort();
 }
 
 impl Service for Ecs {
@@ -177,12 +183,104 @@ impl Ecs {
         self.execute(plan).await
     }
 
-    /// Removes the node `name` from the ring, moving its range to its successor.
+    /// Removes the node `name` from the ring. A live node's copies (or, without
+    /// replication, its range) are moved first. With replication, a node that is marked
+    /// failed, or that does not answer a probe now, is failed over instead: its copies are
+    /// rebuilt from the surviving members of its chains.
     pub async fn remove_node(&self, name: &str) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
         self.finish_pending().await?;
-        let plan = plan::leave(&self.metadata(), name)?;
+        let metadata = self.metadata();
+        if metadata.replication > 1 && metadata.node(name).is_some() {
+            let dead = metadata.is_failed(name) || !self.probe(name).await;
+            if dead {
+                return self.fail_over(name).await;
+            }
+        }
+        let plan = plan::leave(&metadata, name)?;
         self.execute(plan).await
+    }
+
+    /// Fails the node `name` over (called with `change` held): marks it failed (if it is not
+    /// yet), then rebuilds its copies elsewhere and removes it from the ring.
+    async fn fail_over(&self, name: &str) -> Result<AdminReply, EcsError> {
+        let started = Instant::now();
+        if !self.metadata().is_failed(name) {
+            self.execute(plan::fail(&self.metadata(), name)?).await?;
+            tracing::warn!(node = name, elapsed = ?started.elapsed(), version = self.metadata().version, "node marked failed: its chains go on without it");
+        }
+        let reply = self
+            .execute(plan::remove_failed(&self.metadata(), name)?)
+            .await?;
+        tracing::warn!(node = name, elapsed = ?started.elapsed(), version = self.metadata().version, "failed node replaced and removed");
+        Ok(reply)
+    }
+
+    /// One liveness probe of `name` (a lease grant): whether it answered in time.
+    async fn probe(&self, name: &str) -> bool {
+        let Some(node) = self.metadata().node(name).cloned() else {
+            return false;
+        };
+        let lease = self.config.lease();
+        let body = RequestBody::Lease {
+            millis: lease.as_millis().min(u32::MAX as u128) as u32,
+        };
+        let timeout = self.config.probe_interval.max(Duration::from_millis(100)) * 2;
+        let answered = matches!(
+            self.call(&node, body, timeout).await.map(|r| r.body),
+            Ok(ReplyBody::Ok)
+        );
+        if answered {
+            self.probes
+                .lock()
+                .expect("probes lock")
+                .answered(name, Instant::now());
+        }
+        answered
+    }
+
+    /// The liveness loop ([`crate::liveness`]): probes (and leases) every live node of the
+    /// ring every `probe_interval`; with replication, fails over a node silent for
+    /// `failover_after`, and finishes the removal of failed nodes whose rebuild did not
+    /// complete.
+    async fn watch_liveness(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let metadata = self.metadata();
+            let live: Vec<&NodeEntry> = metadata
+                .nodes
+                .iter()
+                .filter(|n| !metadata.is_failed(&n.name))
+                .collect();
+            futures::future::join_all(live.iter().map(|n| self.probe(&n.name))).await;
+            if metadata.replication <= 1 {
+                continue;
+            }
+            let silent = self.probes.lock().expect("probes lock").silent(
+                live.iter().map(|n| n.name.as_str()),
+                self.config.failover_after,
+                Instant::now(),
+            );
+            let todo: Vec<String> = silent
+                .into_iter()
+                .chain(metadata.failed.iter().cloned())
+                .collect();
+            for name in todo {
+                let Ok(_change) = self.change.try_lock() else {
+                    break; // a change is running; look again at the next tick
+                };
+                if let Err(e) = self.finish_pending().await {
+                    tracing::warn!(error = %e, "pending change still not finished");
+                    break;
+                }
+                tracing::warn!(node = %name, silent = ?self.probes.lock().expect("probes lock").silent_for(&name, Instant::now()), "failing over a silent node");
+                if let Err(e) = self.fail_over(&name).await {
+                    tracing::warn!(node = %name, error = %e, "failover not finished; retrying");
+                }
+            }
+        }
     }
 
     /// The change in progress in the intent log, if any.
@@ -571,7 +669,21 @@ impl Ecs {
                 self.install_at(&metadata, behind).await;
             }
         }
-        AdminReply::Status { metadata, nodes }
+        let full = metadata.full_chain();
+        let ranges = metadata
+            .chains()
+            .into_iter()
+            .map(|(range, chain)| RangeReport {
+                range,
+                missing: full.saturating_sub(chain.len()) as u8,
+                chain: chain.into_iter().map(|n| n.name.clone()).collect(),
+            })
+            .collect();
+        AdminReply::Status {
+            metadata,
+            nodes,
+            ranges,
+        }
     }
 }
 

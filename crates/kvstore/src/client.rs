@@ -225,6 +225,7 @@ impl KvStore {
         let mut backoff: Option<Backoff> = None;
         let mut attempts = 0u32;
         // One request for every attempt; only its metadata version changes.
+        let write = !matches!(body, RequestBody::Get { .. });
         let mut request = Request::new(0, body);
         loop {
             if self.disconnected.load(Ordering::SeqCst) {
@@ -232,7 +233,11 @@ impl KvStore {
             }
             attempts += 1;
             let metadata = self.metadata();
-            let Some(owner) = metadata.responsible_for_key(key) else {
+            // Writes go to the head of the key's chain, reads to its tail (the same node
+            // without replication).
+            let chain = metadata.chain_for_key(key);
+            let target = if write { chain.first() } else { chain.last() };
+            let Some(owner) = target.copied() else {
                 return Err(KvError::NoRing);
             };
             request.metadata_version = metadata.version;
@@ -267,6 +272,14 @@ impl KvStore {
                     }
                     answer => return Ok(answer),
                 },
+                // A write that may have reached its node is not sent again: it may have
+                // been applied, and applying it again after someone else's write would
+                // undo theirs. The caller learns the outcome is unknown.
+                Err(e @ ringkv_transport::TransportError::Stream { .. }) if write => {
+                    self.counters.unreachable.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.refresh_metadata().await;
+                    return Err(e.into());
+                }
                 Err(e) if e.is_unreachable() => {
                     self.counters.unreachable.fetch_add(1, Ordering::Relaxed);
                     // Maybe the ring changed and we were not told: ask the others.

@@ -229,7 +229,7 @@ impl MoveState {
         let idx = self
             .tracking
             .iter()
-            .position(|t| t.id == id)
+            .position(|t| t.id == id && t.range == *range)
             .ok_or(MoveError::NotTracking(id.change))?;
         let t = &mut self.tracking[idx];
         let round = if t.overflowed {
@@ -271,22 +271,30 @@ impl MoveState {
         caller: &str,
         mut positions: impl Iterator<Item = &'a Position>,
     ) -> Result<(), BatchRefused> {
-        let r = self
-            .receiving
-            .iter()
-            .find(|r| r.id == id)
+        // One change may copy several ranges here, from several senders: the batch must
+        // fit one of them entirely.
+        let mut of_move = self.receiving.iter().filter(|r| r.id == id).peekable();
+        let first = of_move
+            .peek()
+            .map(|r| r.from.clone())
             .ok_or(BatchRefused::NotReceiving(id.change))?;
-        if r.from != caller {
+        let from_caller: Vec<&Receiving> = of_move.filter(|r| r.from == caller).collect();
+        if from_caller.is_empty() {
             return Err(BatchRefused::WrongSender {
                 change: id.change,
-                expected: r.from.clone(),
+                expected: first,
                 caller: caller.to_owned(),
             });
         }
-        if !positions.all(|p| r.range.contains(p)) {
-            return Err(BatchRefused::OutOfRange(id.change));
+        let positions: Vec<&Position> = positions.by_ref().collect();
+        if from_caller
+            .iter()
+            .any(|r| positions.iter().all(|p| r.range.contains(p)))
+        {
+            Ok(())
+        } else {
+            Err(BatchRefused::OutOfRange(id.change))
         }
-        Ok(())
     }
 }
 

@@ -1,14 +1,15 @@
 //! [`Node`]: the state of a storage node and the dispatch of requests.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use ringkv_certs::PeerIdentity;
 use ringkv_transport::{RingAuthority, Transport};
 use ringkv_wire::{
-    ErrorKind, KeyRange, PeerLiveness, Position, Reply, ReplyBody, Request, RequestBody,
-    RingMetadata, SignedMetadata,
+    ErrorKind, KeyRange, NodeEntry, PeerLiveness, Position, Reply, ReplyBody, Request,
+    RequestBody, RingMetadata, SignedMetadata,
 };
 
 use crate::gossip::{self, GossipState, Membership};
@@ -28,8 +29,53 @@ pub struct RingView {
     /// The metadata as the ECS signed it (`None` while the node holds none): what the node
     /// hands out in `NotResponsible`, `GetMetadata` and gossip.
     pub signed: Option<SignedMetadata>,
-    /// This node's range, `None` if the node is not in the ring.
+    /// The range ending at this node's ring position, `None` if the node is not in the
+    /// ring.
     pub own_range: Option<KeyRange>,
+    /// The ring ranges whose chain holds this node: the data it must hold (its own range
+    /// alone without replication).
+    pub held: Vec<KeyRange>,
+}
+
+impl RingView {
+    /// Whether the node holds (replicates) any position of `range`.
+    pub fn holds_any(&self, range: &KeyRange) -> bool {
+        self.held.iter().any(|h| h.intersects(range))
+    }
+
+    /// The chain of `pos` and this node's index in it.
+    pub fn chain_of(&self, name: &str, pos: &Position) -> (Vec<NodeEntry>, Option<usize>) {
+        let chain: Vec<NodeEntry> = self.metadata.chain(pos).into_iter().cloned().collect();
+        let me = chain.iter().position(|n| n.name == name);
+        (chain, me)
+    }
+}
+
+/// Stripes of the per-key write order at a chain head: two writes of one key never travel
+/// down a chain at the same time (ARCHITECTURE.md §7).
+const WRITE_STRIPES: usize = 4096;
+
+/// The chain writes a head has admitted and not yet finished (their positions), so that
+/// `LockRange` can wait until none in its range is still on its way down the chain.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    writes: std::sync::Mutex<HashMap<u64, Position>>,
+    next: AtomicU64,
+    finished: tokio::sync::Notify,
+}
+
+/// One chain write in flight; finished when dropped.
+pub(crate) struct InFlightWrite {
+    owner: Arc<Node>,
+    id: u64,
+}
+
+impl Drop for InFlightWrite {
+    fn drop(&mut self) {
+        let inflight = &self.owner.inflight;
+        inflight.writes.lock().expect("in-flight lock").remove(&self.id);
+        inflight.finished.notify_waiters();
+    }
 }
 
 /// A storage node.
@@ -56,6 +102,17 @@ pub struct Node {
     pub(crate) authority: RingAuthority,
     /// The gossip state machine; held only for synchronous steps, never across an await.
     pub(crate) gossip: std::sync::Mutex<GossipState>,
+    /// Per-key write order at a chain head (see [`WRITE_STRIPES`]).
+    stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Chain writes on their way down from this head.
+    pub(crate) inflight: InFlight,
+    /// The held metadata version, for chain writes waiting for a new chain.
+    version_tx: tokio::sync::watch::Sender<u64>,
+    /// End of the lease the ECS last granted (`None`: never granted). With replication the
+    /// node serves nothing outside a lease.
+    lease_until: std::sync::Mutex<Option<Instant>>,
+    /// This node, for the tasks that finish chain writes after their handler returned.
+    me: Weak<Node>,
 }
 
 impl Node {
@@ -110,7 +167,15 @@ impl Node {
             gossip::first_heartbeat(),
             Instant::now(),
         );
-        let node = Node {
+        let version = view.metadata.version;
+        let node = Arc::new_cyclic(|me| Node {
+            stripes: (0..WRITE_STRIPES)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect(),
+            inflight: InFlight::default(),
+            version_tx: tokio::sync::watch::Sender::new(version),
+            lease_until: std::sync::Mutex::new(None),
+            me: me.clone(),
             view: RwLock::new(view),
             gossip: std::sync::Mutex::new(gossip),
             running: AtomicBool::new(config.start || member),
@@ -121,8 +186,79 @@ impl Node {
             store,
             peers,
             authority,
-        };
-        Ok(Arc::new(node))
+        });
+        Ok(node)
+    }
+
+    /// This node as an `Arc` (it always lives in one).
+    pub(crate) fn arc(&self) -> Arc<Node> {
+        self.me.upgrade().expect("a node lives in an Arc")
+    }
+
+    /// Grants (extends) the node's lease: it may serve for `length` from now.
+    pub fn grant_lease(&self, length: Duration) {
+        let until = Instant::now() + length;
+        let mut lease = self.lease_until.lock().expect("lease lock");
+        if lease.is_none_or(|held| held < until) {
+            *lease = Some(until);
+        }
+    }
+
+    /// Whether the node may serve: always without replication (nothing else can take over
+    /// its range, so nothing needs fencing), else only within a lease from the ECS.
+    pub fn leased(&self) -> bool {
+        if self.view.read().expect("view lock").metadata.replication <= 1 {
+            return true;
+        }
+        self.lease_until
+            .lock()
+            .expect("lease lock")
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// The write-order stripe of `pos`.
+    pub(crate) fn stripe(&self, pos: &Position) -> Arc<tokio::sync::Mutex<()>> {
+        let i = u16::from_be_bytes([pos.0[0], pos.0[1]]) as usize % WRITE_STRIPES;
+        self.stripes[i].clone()
+    }
+
+    /// Registers a chain write of `pos` in flight until the returned guard is dropped.
+    pub(crate) fn enter_chain(&self, pos: Position) -> InFlightWrite {
+        let id = self.inflight.next.fetch_add(1, Ordering::Relaxed);
+        self.inflight
+            .writes
+            .lock()
+            .expect("in-flight lock")
+            .insert(id, pos);
+        InFlightWrite {
+            owner: self.arc(),
+            id,
+        }
+    }
+
+    /// Waits until no chain write into `range` is in flight.
+    pub(crate) async fn chain_drained(&self, range: &KeyRange) {
+        loop {
+            let finished = self.inflight.finished.notified();
+            let busy = self
+                .inflight
+                .writes
+                .lock()
+                .expect("in-flight lock")
+                .values()
+                .any(|p| range.contains(p));
+            if !busy {
+                return;
+            }
+            finished.await;
+        }
+    }
+
+    /// Waits until the node holds a metadata version other than `version` (returns at once
+    /// if it already does).
+    pub(crate) async fn version_changed(&self, version: u64) {
+        let mut rx = self.version_tx.subscribe();
+        let _ = rx.wait_for(|v| *v != version).await;
     }
 
     /// The node's configuration.
@@ -200,6 +336,7 @@ impl Node {
             *view = view_of(&self.config.name, metadata, Some(signed.clone()));
             view.metadata.clone()
         };
+        self.version_tx.send_replace(installed.version);
         let released = {
             let mut moves = self.moves();
             moves
@@ -313,12 +450,36 @@ impl Node {
         self.gate.clone().read_owned().await
     }
 
-    /// `Ok(())` if this node owns `position` under its metadata, else the `NotResponsible`
-    /// reply.
-    pub(crate) fn check_owner(&self, position: &Position) -> Result<(), ReplyBody> {
+    /// `Ok(())` if this node is the head of `position`'s chain (takes its writes) under its
+    /// metadata, else the `NotResponsible` reply.
+    pub(crate) fn check_head(&self, position: &Position) -> Result<(), ReplyBody> {
+        self.check_role(position, |chain| chain.first())
+    }
+
+    /// `Ok(())` if this node is the tail of `position`'s chain (serves its reads) under its
+    /// metadata, else the `NotResponsible` reply.
+    pub(crate) fn check_tail(&self, position: &Position) -> Result<(), ReplyBody> {
+        self.check_role(position, |chain| chain.last())
+    }
+
+    fn check_role(
+        &self,
+        position: &Position,
+        pick: impl for<'a> Fn(&'a [&'a NodeEntry]) -> Option<&'a &'a NodeEntry>,
+    ) -> Result<(), ReplyBody> {
         let view = self.view.read().expect("view lock");
-        match view.own_range {
-            Some(range) if range.contains(position) => Ok(()),
+        // Fast path without replication: the owner is head and tail.
+        if view.metadata.replication <= 1 && view.metadata.failed.is_empty() {
+            return match view.own_range {
+                Some(range) if range.contains(position) => Ok(()),
+                _ => Err(ReplyBody::NotResponsible {
+                    metadata: view.signed.clone(),
+                }),
+            };
+        }
+        let chain = view.metadata.chain(position);
+        match pick(&chain) {
+            Some(n) if n.name == self.config.name => Ok(()),
             _ => Err(ReplyBody::NotResponsible {
                 metadata: view.signed.clone(),
             }),
@@ -329,7 +490,8 @@ impl Node {
     pub async fn handle(&self, peer: &PeerIdentity, request: Request) -> Reply {
         let role = peer.role;
         let body = if request::allowed(role, &request.body) {
-            self.dispatch(peer, request.body).await
+            self.dispatch(peer, request.metadata_version, request.body)
+                .await
         } else {
             tracing::warn!(node = %self.config.name, %role, peer = %peer.name, request = request.body.name(), "forbidden request");
             request::error(
@@ -340,12 +502,19 @@ impl Node {
         Reply::new(self.metadata_version(), body)
     }
 
-    async fn dispatch(&self, peer: &PeerIdentity, body: RequestBody) -> ReplyBody {
+    async fn dispatch(&self, peer: &PeerIdentity, version: u64, body: RequestBody) -> ReplyBody {
         use request::{admin, data, gossip, metadata, range};
         match body {
             RequestBody::Get { key } => data::get(self, &key),
             RequestBody::Put { key, value } => data::put(self, &key, &value).await,
             RequestBody::Delete { key } => data::delete(self, &key).await,
+            RequestBody::Replicate { key, value } => {
+                data::replicate(self, peer, version, key, value).await
+            }
+            RequestBody::Lease { millis } => {
+                self.grant_lease(Duration::from_millis(millis.into()));
+                ReplyBody::Ok
+            }
             RequestBody::GetMetadata => metadata::get(self),
             RequestBody::InstallMetadata { metadata } => metadata::install(self, metadata).await,
             RequestBody::Status => admin::status(self).await,
@@ -378,6 +547,11 @@ impl Node {
 fn view_of(name: &str, metadata: RingMetadata, signed: Option<SignedMetadata>) -> RingView {
     RingView {
         own_range: metadata.range_of(name),
+        held: metadata
+            .replicated_by(name)
+            .into_iter()
+            .map(|(range, _)| range)
+            .collect(),
         metadata: Arc::new(metadata),
         signed,
     }

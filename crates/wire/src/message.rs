@@ -283,6 +283,10 @@ pub enum ErrorKind {
     Peer,
     /// The request is not valid in the node's current state.
     InvalidState,
+    /// A write was applied at the head of its chain but could not be confirmed at the tail
+    /// (a member failed and no new chain formed in time, or the head lost its place): it
+    /// may or may not take effect.
+    Indeterminate,
     /// Ring metadata in the request was not signed by the ECS (or the signature did not
     /// verify); it was refused and counted.
     Unauthenticated,

@@ -1,29 +1,55 @@
-//! The client data path: `Get`, `Put`, `Delete`.
+//! The client data path: `Get`, `Put`, `Delete`, and `Replicate`, which carries a write down
+//! its chain (ARCHITECTURE.md §7).
+//!
+//! A write enters at the head of its key's chain, is made durable there, then travels down
+//! the chain member by member (each persists it before passing it on), and is acknowledged
+//! once the tail has persisted it. Reads are served by the tail, which holds only writes
+//! every member holds. Without replication the chain is the owner alone and a write is
+//! acknowledged once it is durable there, as before.
 
-use ringkv_wire::{HashedKey, ReplyBody, WireError};
+use std::time::Duration;
+
+use ringkv_certs::PeerIdentity;
+use ringkv_wire::{ErrorKind, HashedKey, ReplyBody, Request, RequestBody, WireError};
 
 use super::{error, storage_error};
-use crate::node::WriteAdmission;
+use crate::node::{InFlightWrite, WriteAdmission};
 use crate::Node;
+
+/// How long one hop of a chain write may take before it is sent again (to the same
+/// successor, or to the one a newer chain names).
+const HOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause before sending a refused or failed hop again (unless the chain changes first).
+const HOP_RETRY: Duration = Duration::from_millis(50);
+/// A head gives up a chain write it could not finish for this long (the client sees an
+/// error: the write may or may not have been applied).
+const CHAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 fn invalid(e: WireError) -> ReplyBody {
     error(e.kind(), e.to_string())
 }
 
-/// Checks everything a read needs: running, a valid key, ownership.
+/// Checks what every client request needs: running, leased, a valid key.
 fn admit(node: &Node, key: &HashedKey<'_>) -> Result<(), ReplyBody> {
-    if !node.is_running() {
+    if !node.is_running() || !node.leased() {
         return Err(ReplyBody::Stopped);
     }
-    node.config.limits.check_key(key.key).map_err(invalid)?;
-    node.check_owner(&key.position)
+    node.config.limits.check_key(key.key).map_err(invalid)
 }
 
-/// `Get`: served even while the key's range is write-locked.
+/// `Get`: served by the tail of the key's chain, even while a move write-locks the key's
+/// range — except, with replication, at a tail whose range is locked by a change (the new
+/// tail may be serving it by then).
 pub fn get(node: &Node, key: &[u8]) -> ReplyBody {
     let key = HashedKey::new(key);
     if let Err(reply) = admit(node, &key) {
         return reply;
+    }
+    if let Err(reply) = node.check_tail(&key.position) {
+        return reply;
+    }
+    if node.view().metadata.replication > 1 && node.moves().is_locked(&key.position) {
+        return ReplyBody::WriteLocked;
     }
     match node.store.get_hashed(&key) {
         Ok(Some(v)) => ReplyBody::Value(v),
@@ -32,19 +58,64 @@ pub fn get(node: &Node, key: &[u8]) -> ReplyBody {
     }
 }
 
-/// Runs a write under the write gate's read guard (see [`Node`]'s invariant): ownership and
-/// write locks are checked, then the write is made durable, before the guard is released.
-async fn write<F, Fut>(node: &Node, key: &HashedKey<'_>, apply: F) -> ReplyBody
-where
-    F: FnOnce(WriteAdmission) -> Fut,
-    Fut: std::future::Future<Output = ReplyBody>,
-{
+/// A write's local effect, before its reply.
+enum Applied {
+    Put { created: bool },
+    Delete { existed: bool },
+}
+
+impl Applied {
+    fn reply(&self) -> ReplyBody {
+        match self {
+            Applied::Put { created } => ReplyBody::PutOk { created: *created },
+            Applied::Delete { existed: true } => ReplyBody::Deleted,
+            Applied::Delete { existed: false } => ReplyBody::NotFound,
+        }
+    }
+}
+
+/// Applies a put (`Some`) or delete (`None`) durably, releasing `admitted` once it is.
+async fn apply(
+    node: &Node,
+    key: &HashedKey<'_>,
+    value: Option<&[u8]>,
+    admitted: WriteAdmission,
+) -> Result<Applied, crate::NodeError> {
+    match value {
+        Some(value) => node
+            .store
+            .put_hashed(key, value, Some(admitted))
+            .await
+            .map(|created| Applied::Put { created }),
+        None => node
+            .store
+            .delete_hashed(key, Some(admitted))
+            .await
+            .map(|existed| Applied::Delete { existed }),
+    }
+}
+
+/// A client write at the head (see [`Node`]'s invariant): ownership and write locks are
+/// checked under the write gate, the write is made durable, then (with a chain) carried
+/// down to the tail before it is acknowledged.
+async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyBody {
     if let Err(reply) = admit(node, key) {
         return reply;
     }
+    if let Err(reply) = node.check_head(&key.position) {
+        return reply;
+    }
+    let replicated = node.view().metadata.replication > 1;
+    // One write of a key down the chain at a time, so every member applies them in the
+    // head's order.
+    let stripe = if replicated {
+        Some(node.stripe(&key.position).lock_owned().await)
+    } else {
+        None
+    };
     let admitted = node.admit_write().await;
     // Ownership may have changed while we waited for the guard.
-    if let Err(reply) = node.check_owner(&key.position) {
+    if let Err(reply) = node.check_head(&key.position) {
         return reply;
     }
     {
@@ -54,35 +125,193 @@ where
         }
         moves.track(key);
     }
+    let inflight = replicated.then(|| node.enter_chain(key.position));
     // The admission travels with the write to the storage writer, which releases it once
     // the write is durable, even if this handler is cancelled meanwhile.
-    apply(admitted).await
+    let applied = match apply(node, key, value, admitted).await {
+        Ok(applied) => applied,
+        Err(e) => return storage_error(e),
+    };
+    let (Some(stripe), Some(inflight)) = (stripe, inflight) else {
+        return applied.reply();
+    };
+    // Down the chain in a task of its own: a client that goes away must not cut a write
+    // off half way (the stripe and the in-flight mark go with it).
+    let task = tokio::spawn(down_the_chain(
+        node.arc(),
+        key.key.to_vec(),
+        value.map(<[u8]>::to_vec),
+        stripe,
+        inflight,
+    ));
+    match task.await {
+        Ok(Ok(())) => applied.reply(),
+        Ok(Err(message)) => error(ErrorKind::Indeterminate, message),
+        Err(e) => error(
+            ErrorKind::Indeterminate,
+            format!("chain write failed: {e}; it may or may not have been applied"),
+        ),
+    }
 }
 
-/// `Put`: acknowledged once durable.
+/// Carries a write the head has applied down its chain, and returns once the tail has it.
+/// Each attempt goes to this node's successor in the chain of the metadata it holds then;
+/// a refused or failed hop is sent again (the same write: applying it twice is applying it
+/// once) after a pause or as soon as a new chain is adopted (the ECS replaced a failed
+/// member), until the tail has it, this node is no longer in the chain or no longer leased,
+/// or [`CHAIN_DEADLINE`] passes.
+async fn down_the_chain(
+    node: std::sync::Arc<Node>,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+    _stripe: tokio::sync::OwnedMutexGuard<()>,
+    _inflight: InFlightWrite,
+) -> Result<(), String> {
+    let position = HashedKey::new(&key).position;
+    let deadline = tokio::time::Instant::now() + CHAIN_DEADLINE;
+    let unknown = |why: String| format!("{why}; the write may or may not have been applied");
+    let mut last = String::new();
+    loop {
+        if !node.leased() {
+            return Err(unknown("the node's lease expired".into()));
+        }
+        let view = node.view();
+        let version = view.metadata.version;
+        let (chain, me) = view.chain_of(&node.config.name, &position);
+        let Some(me) = me else {
+            return Err(unknown(format!(
+                "the node left the key's chain at metadata v{version}"
+            )));
+        };
+        let Some(next) = chain.get(me + 1) else {
+            return Ok(()); // this node is the tail now
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(unknown(format!(
+                "the write did not reach the tail in {CHAIN_DEADLINE:?} ({last})"
+            )));
+        }
+        let request = Request::new(
+            version,
+            RequestBody::Replicate {
+                key: key.clone(),
+                value: value.clone(),
+            },
+        );
+        let hop = tokio::select! {
+            hop = node.peers.call::<_, ringkv_wire::Reply>(&next.addr, &request, HOP_TIMEOUT) => Some(hop),
+            () = node.version_changed(version) => None,
+        };
+        match hop {
+            None => continue, // a new chain: send again along it
+            Some(Ok(reply)) => match reply.body {
+                ReplyBody::Ok => return Ok(()),
+                ReplyBody::NotResponsible { metadata } => {
+                    last = format!("{} holds metadata v{}", next.name, reply.metadata_version);
+                    match metadata {
+                        Some(theirs) if theirs.version > version => {
+                            // The successor is ahead: catch up and retry at once.
+                            let _ = node.install_metadata(theirs, "chain").await;
+                            continue;
+                        }
+                        _ if reply.metadata_version < version => {
+                            // The successor is behind: hand it ours.
+                            if let Some(ours) = view.signed.clone() {
+                                let push = Request::new(version, RequestBody::GossipPush { metadata: ours });
+                                let _ = node.peers.call::<_, ringkv_wire::Reply>(&next.addr, &push, HOP_TIMEOUT).await;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                other => last = format!("{} answered {other:?}", next.name),
+            },
+            Some(Err(e)) => last = e.to_string(),
+        }
+        tracing::debug!(node = %node.config.name, next = %next.name, %last, "chain hop failed; retrying");
+        tokio::select! {
+            () = tokio::time::sleep(HOP_RETRY) => {}
+            () = node.version_changed(version) => {}
+        }
+    }
+}
+
+/// `Put`: acknowledged once durable at every member of the key's chain.
 pub async fn put(node: &Node, key: &[u8], value: &[u8]) -> ReplyBody {
     if let Err(e) = node.config.limits.check_put(key, value) {
         return invalid(e);
     }
-    let key = HashedKey::new(key);
-    write(node, &key, |admitted| async {
-        match node.store.put_hashed(&key, value, Some(admitted)).await {
-            Ok(created) => ReplyBody::PutOk { created },
-            Err(e) => storage_error(e),
-        }
-    })
-    .await
+    write(node, &HashedKey::new(key), Some(value)).await
 }
 
-/// `Delete`: acknowledged once durable.
+/// `Delete`: acknowledged once durable at every member of the key's chain.
 pub async fn delete(node: &Node, key: &[u8]) -> ReplyBody {
-    let key = HashedKey::new(key);
-    write(node, &key, |admitted| async {
-        match node.store.delete_hashed(&key, Some(admitted)).await {
-            Ok(true) => ReplyBody::Deleted,
-            Ok(false) => ReplyBody::NotFound,
-            Err(e) => storage_error(e),
-        }
-    })
-    .await
+    write(node, &HashedKey::new(key), None).await
+}
+
+/// `Replicate` from `peer`, which sent it holding metadata `version`: accepted only from
+/// this node's predecessor in the key's chain, both holding the same version (so a write
+/// only ever travels along one chain); applied durably, then passed on to the successor,
+/// and answered `Ok` once the tail has it.
+pub async fn replicate(
+    node: &Node,
+    peer: &PeerIdentity,
+    version: u64,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+) -> ReplyBody {
+    if !node.leased() {
+        return ReplyBody::Stopped;
+    }
+    let checked = match &value {
+        Some(value) => node.config.limits.check_put(&key, value),
+        None => node.config.limits.check_key(&key),
+    };
+    if let Err(e) = checked {
+        return invalid(e);
+    }
+    let hashed = HashedKey::new(&key);
+    let admitted = node.admit_write().await;
+    let view = node.view();
+    if view.metadata.version != version {
+        return ReplyBody::NotResponsible {
+            metadata: view.signed.clone(),
+        };
+    }
+    let (chain, me) = view.chain_of(&node.config.name, &hashed.position);
+    let from_predecessor = me.is_some_and(|i| i > 0 && chain[i - 1].name == peer.name);
+    if !from_predecessor {
+        tracing::warn!(node = %node.config.name, peer = %peer.name, version, "refused a chain write from a node that is not this node's predecessor");
+        return error(
+            ErrorKind::Forbidden,
+            format!(
+                "{} is not this node's predecessor in the key's chain at metadata v{version}",
+                peer.name
+            ),
+        );
+    }
+    node.moves().track(&hashed);
+    if let Err(e) = apply(node, &hashed, value.as_deref(), admitted).await {
+        return storage_error(e);
+    }
+    let Some(next) = me.and_then(|i| chain.get(i + 1)) else {
+        return ReplyBody::Ok; // the tail
+    };
+    let request = Request::new(version, RequestBody::Replicate { key, value });
+    match node
+        .peers
+        .call::<_, ringkv_wire::Reply>(&next.addr, &request, HOP_TIMEOUT)
+        .await
+    {
+        Ok(reply) => match reply.body {
+            // The successor's refusal goes up the chain as is: the head retries (and
+            // catches up on newer metadata it carries).
+            ReplyBody::Ok | ReplyBody::NotResponsible { .. } | ReplyBody::Stopped => reply.body,
+            other => error(
+                ErrorKind::Peer,
+                format!("{} refused the chain write: {other:?}", next.name),
+            ),
+        },
+        Err(e) => error(ErrorKind::Peer, format!("chain write to {}: {e}", next.name)),
+    }
 }

@@ -23,10 +23,11 @@ use crate::NodeError;
 /// - `client`: the client requests only;
 /// - `admin` (an operator): the client requests and `Status`; operators change the cluster
 ///   through the ECS, not by talking to nodes;
-/// - `node`: the client requests, `Status`, gossip, and the batches of a move the ECS
-///   announced ([`range::put_batch`] checks the rest);
-/// - `ecs`: everything else (metadata, locks, transfers, range deletion, start/stop), but
-///   neither batches nor gossip, which only nodes send.
+/// - `node`: the client requests, `Status`, gossip, the batches of a move the ECS
+///   announced ([`range::put_batch`] checks the rest) and chain writes from its predecessor
+///   ([`data::replicate`] checks that);
+/// - `ecs`: everything else (metadata, leases, locks, transfers, range deletion,
+///   start/stop), but neither batches, chain writes nor gossip, which only nodes send.
 pub fn allowed(role: Role, body: &RequestBody) -> bool {
     match role {
         Role::Ecs => !matches!(
@@ -34,6 +35,7 @@ pub fn allowed(role: Role, body: &RequestBody) -> bool {
             RequestBody::PutBatch { .. }
                 | RequestBody::Gossip { .. }
                 | RequestBody::GossipPush { .. }
+                | RequestBody::Replicate { .. }
         ),
         Role::Client => body.is_client_request(),
         Role::Admin => body.is_client_request() || matches!(body, RequestBody::Status),
@@ -42,6 +44,7 @@ pub fn allowed(role: Role, body: &RequestBody) -> bool {
                 || matches!(
                     body,
                     RequestBody::PutBatch { .. }
+                        | RequestBody::Replicate { .. }
                         | RequestBody::Status
                         | RequestBody::Gossip { .. }
                         | RequestBody::GossipPush { .. }

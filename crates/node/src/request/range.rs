@@ -36,6 +36,9 @@ pub async fn lock(node: &Node, id: MoveId, range: KeyRange) -> ReplyBody {
             .await,
     );
     if reply == ReplyBody::Ok {
+        // New writes into the range are refused now; wait for those still on their way
+        // down a chain, so that every acknowledged write is at the tail when this returns.
+        node.chain_drained(&range).await;
         tracing::info!(node = %node.config.name, change = id.change, target = id.target_version, range = ?range, "range write-locked");
     }
     reply
@@ -61,11 +64,7 @@ pub async fn abort(node: &Node, id: MoveId, range: KeyRange) -> ReplyBody {
     // sender keeps its range, which it still owns. Checked and deleted with the gate held, so
     // no install makes the range ours in between.
     let _quiet = node.quiesce().await;
-    let owns = node
-        .view()
-        .own_range
-        .is_some_and(|own| own.intersects(&range));
-    if !owns {
+    if !node.view().holds_any(&range) {
         if let Err(e) = node.store.delete_range(range).await {
             return storage_error(e);
         }
@@ -80,13 +79,15 @@ pub async fn prepare_receive(node: &Node, id: MoveId, range: KeyRange, from: Str
     // Ownership is checked with the gate held: an install (which takes it too) cannot make
     // the range ours between the check and the deletion.
     let _quiet = node.quiesce().await;
-    if let Some(own) = node.view().own_range {
-        if own.intersects(&range) {
-            return error(
-                ErrorKind::InvalidState,
-                format!("refusing to receive {range:?}: this node owns {own:?}"),
-            );
-        }
+    let view = node.view();
+    if view.holds_any(&range) {
+        return error(
+            ErrorKind::InvalidState,
+            format!(
+                "refusing to receive {range:?}: this node holds {:?}",
+                view.held
+            ),
+        );
     }
     if let Err(e) = node.store.delete_range(range).await {
         return storage_error(e);
@@ -296,16 +297,15 @@ pub async fn put_batch(
 /// `DeleteRange`: refused while the node still owns any of the range under its metadata,
 /// so that data is never deleted before the new owner is official.
 pub async fn delete(node: &Node, range: KeyRange) -> ReplyBody {
-    if let Some(own) = node.view().own_range {
-        if own.intersects(&range) {
-            return error(
-                ErrorKind::InvalidState,
-                format!(
-                    "refusing to delete {range:?}: this node still owns {own:?} at metadata v{}",
-                    node.metadata_version()
-                ),
-            );
-        }
+    let view = node.view();
+    if view.holds_any(&range) {
+        return error(
+            ErrorKind::InvalidState,
+            format!(
+                "refusing to delete {range:?}: this node still holds {:?} at metadata v{}",
+                view.held, view.metadata.version
+            ),
+        );
     }
     match node.store.delete_range(range).await {
         Ok(n) => ReplyBody::Count(n),
