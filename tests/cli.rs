@@ -90,7 +90,7 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
     let (code, out, _) = cli(&["ring"]);
     assert_eq!(code, 0);
     assert!(
-        out.starts_with("ring metadata version 1 (1 nodes)"),
+        out.starts_with("ring metadata version 1 (1 nodes, "),
         "{out}"
     );
     assert!(out.contains(&addr.to_string()), "{out}");

@@ -10,12 +10,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quinn::{Connection, Endpoint};
+use quinn::{Connection, Endpoint, VarInt};
 use ringkv_certs::Identity;
 use ringkv_wire::{codec, Limits, Reply, Request};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::frame::{read_frame, FrameError};
+use crate::limits::{CLOSE_DRAINED, CLOSE_IDLE};
 use crate::TransportError;
 
 type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
@@ -111,11 +112,23 @@ impl Transport {
         };
         let deadline = started + timeout;
         let left = deadline.saturating_duration_since(Instant::now());
+        let not_taken = first.not_taken;
         let first_reason = match first {
             Failure {
                 error: FrameError::Stream(reason),
                 dead: true,
+                ..
             } if reused && left >= timeout / 4 => reason,
+            Failure {
+                error: FrameError::Stream(reason),
+                not_taken: true,
+                ..
+            } => {
+                return Err(TransportError::NotTaken {
+                    addr: addr.to_string(),
+                    reason,
+                })
+            }
             Failure { error, .. } => return Err(error.into_transport(addr)),
         };
         tracing::debug!(peer = addr, reason = %first_reason, ?left, "connection found dead; sending again on a new connection");
@@ -123,18 +136,34 @@ impl Transport {
             addr: addr.to_string(),
             reason: format!("{first_reason}; again on a new connection: {reason}"),
         };
+        // A request the peer did not take, that cannot be sent again, was not applied.
+        let unsent = |reason: &dyn std::fmt::Display| {
+            if not_taken {
+                TransportError::NotTaken {
+                    addr: addr.to_string(),
+                    reason: format!("{first_reason}; again on a new connection: {reason}"),
+                }
+            } else {
+                retried(reason)
+            }
+        };
         let conn = match tokio::time::timeout_at(deadline.into(), self.connection(addr)).await {
             Ok(Ok((conn, _))) => conn,
-            Ok(Err(e)) => return Err(retried(&e)),
-            Err(_) => return Err(retried(&format!("no connection within {left:?}"))),
+            Ok(Err(e)) => return Err(unsent(&e)),
+            Err(_) => return Err(unsent(&format!("no connection within {left:?}"))),
         };
         let left = deadline.saturating_duration_since(Instant::now());
         match self.attempt(addr, &conn, &frame, left).await {
             Ok(reply) => Ok(reply),
             Err(Failure {
                 error: FrameError::Stream(reason),
+                not_taken: again_not_taken,
                 ..
-            }) => Err(retried(&reason)),
+            }) => Err(if again_not_taken {
+                unsent(&reason)
+            } else {
+                retried(&reason)
+            }),
             Err(Failure { error, .. }) => Err(error.into_transport(addr)),
         }
     }
@@ -155,9 +184,21 @@ impl Transport {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(error)) => {
                 let Some(closed) = conn.close_reason() else {
-                    return Err(Failure { error, dead: false });
+                    return Err(Failure {
+                        error,
+                        dead: false,
+                        not_taken: false,
+                    });
                 };
                 self.forget_connection(addr, conn);
+                // Closed by a peer that answers every request it took before it closes
+                // this way: ours was not taken.
+                let not_taken = matches!(
+                    &closed,
+                    quinn::ConnectionError::ApplicationClosed(c)
+                        if c.error_code == VarInt::from_u32(CLOSE_DRAINED)
+                            || c.error_code == VarInt::from_u32(CLOSE_IDLE)
+                );
                 match error {
                     // Say why ("connection lost" alone does not).
                     FrameError::Stream(reason) => {
@@ -169,9 +210,14 @@ impl Transport {
                                 format!("{reason}: {closed}")
                             }),
                             dead: true,
+                            not_taken,
                         })
                     }
-                    error => Err(Failure { error, dead: false }),
+                    error => Err(Failure {
+                        error,
+                        dead: false,
+                        not_taken: false,
+                    }),
                 }
             }
             Err(_) => {
@@ -180,6 +226,7 @@ impl Transport {
                 Err(Failure {
                     error: FrameError::Stream(format!("no reply within {timeout:?}")),
                     dead: false,
+                    not_taken: false,
                 })
             }
         }
@@ -292,6 +339,9 @@ impl Transport {
 struct Failure {
     error: FrameError,
     dead: bool,
+    /// The peer closed the connection without taking the request ([`CLOSE_DRAINED`],
+    /// [`CLOSE_IDLE`]).
+    not_taken: bool,
 }
 
 impl FrameError {

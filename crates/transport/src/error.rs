@@ -43,6 +43,16 @@ pub enum TransportError {
         /// Why it failed.
         reason: String,
     },
+    /// The peer closed the connection without taking the request (it shut down, answering
+    /// every request it had taken first, or closed the connection as idle): nothing was
+    /// applied, and the request may be sent again.
+    #[error("{addr} did not take the request: {reason}")]
+    NotTaken {
+        /// The peer.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
     /// The peer sent a frame that does not decode or is over the size limit.
     #[error("protocol error from {addr}: {source}")]
     Protocol {
@@ -61,6 +71,7 @@ impl TransportError {
         matches!(
             self,
             TransportError::Connect { .. }
+                | TransportError::NotTaken { .. }
                 | TransportError::Stream { .. }
                 | TransportError::Address { .. }
         )

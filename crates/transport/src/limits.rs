@@ -71,8 +71,13 @@ pub const CLOSE_NO_ROLE: u32 = 1;
 /// Application close code: the service does not admit the certificate's role
 /// ([`crate::Service::admits`]).
 pub const CLOSE_ROLE_NOT_ADMITTED: u32 = 3;
-/// Application close code: no request stream for [`ServeLimits::idle_timeout`].
+/// Application close code: no request stream for [`ServeLimits::idle_timeout`] (a request
+/// without a reply was never taken, as with [`CLOSE_DRAINED`]).
 pub const CLOSE_IDLE: u32 = 4;
+/// Application close code: the service shut down after answering every request it had
+/// taken on this connection; a request without a reply was never taken (so it was not
+/// applied, and may be sent again anywhere).
+pub const CLOSE_DRAINED: u32 = 5;
 /// Stream error code (`STOP_SENDING` and `RESET_STREAM`): no whole request frame within
 /// [`ServeLimits::request_read_timeout`].
 pub const STREAM_READ_TIMEOUT: u32 = 1;

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::frame::{read_frame_until, FrameError};
 use crate::limits::{
+    CLOSE_DRAINED,
     ConnectionLimiter, ConnectionSlot, ServeLimits, CLOSE_IDLE, CLOSE_NO_ROLE,
     CLOSE_ROLE_NOT_ADMITTED, STREAM_READ_TIMEOUT,
 };
@@ -74,16 +75,25 @@ pub async fn serve<S: Service>(
     let limits = service.serve_limits();
     let limiter = ConnectionLimiter::new(limits.max_connections, limits.max_connections_per_ip);
     tracing::info!(service = service.name(), addr = ?endpoint.local_addr().ok(), ?limits, "serving");
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => {
                     let remote = incoming.remote_address();
                     match limiter.admit(remote.ip()) {
                         Ok(slot) => {
-                            tokio::spawn(serve_connection(service.clone(), limits, incoming, slot));
+                            connections.spawn(serve_connection(
+                                service.clone(),
+                                limits,
+                                incoming,
+                                slot,
+                                draining.clone(),
+                            ));
                         }
                         Err(refusal) => {
                             // Debug only: a flood of refusals must not become a flood of logs.
@@ -96,7 +106,15 @@ pub async fn serve<S: Service>(
             },
         }
     }
+    // Drain: every connection stops taking requests, answers those it took, and closes
+    // with CLOSE_DRAINED, so that a caller without a reply knows its request was not taken.
+    // Whatever is not drained in time is closed with code 0 (its requests may have run).
     tracing::info!(service = service.name(), "shutting down");
+    let _ = drain.send(true);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     endpoint.close(0u32.into(), b"shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
@@ -108,6 +126,7 @@ async fn serve_connection<S: Service>(
     limits: ServeLimits,
     incoming: quinn::Incoming,
     _slot: ConnectionSlot,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
@@ -172,9 +191,25 @@ async fn serve_connection<S: Service>(
                 conn.close(CLOSE_IDLE.into(), b"idle");
                 break;
             }
+            _ = draining.changed() => {
+                if !*draining.borrow_and_update() {
+                    continue;
+                }
+                // Shutting down: no new request; answer the ones taken, then close.
+                while streams.join_next().await.is_some() {}
+                // The replies were written but maybe not sent yet: a close drops unsent data.
+                tokio::time::sleep(REPLY_LINGER).await;
+                conn.close(CLOSE_DRAINED.into(), b"shutting down");
+                break;
+            }
         }
     }
 }
+
+/// Longest a shutdown waits for the requests in progress to be answered.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a draining connection lets its last replies leave before it closes.
+const REPLY_LINGER: Duration = Duration::from_millis(50);
 
 /// Reads one request from the stream (within `read_timeout` of its acceptance), runs the
 /// handler and writes its reply. The handler is dropped (cancelled at its next await) as

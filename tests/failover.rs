@@ -1,0 +1,375 @@
+//! Replication and automatic failover (README "Replication and failover", ARCHITECTURE.md
+//! §7), end to end: node processes over real QUIC + mTLS, the ECS as a task, clients
+//! recording every operation. A node is SIGKILLed under load; the ECS fails it over by
+//! itself; the history must be linearizable per key with no acknowledged write lost, and
+//! every key must be served again within `failover-after` and a few seconds.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::history::{check_with_final, record_get, record_put, History, OpResult};
+use common::load::{keys_for, Load};
+use common::{add_node_via, ask_ecs, free_port, node_status, wait_answers, Certs, NodeProcess};
+use common::TestEcs;
+use ringkv_transport::Transport;
+use ringkv_wire::{AdminReply, AdminRequest, KeyRange, Position, RingMetadata};
+use tempfile::TempDir;
+
+/// The failover timeout of these tests.
+const FAILOVER_AFTER: Duration = Duration::from_secs(2);
+/// What "within failover-after and a few seconds" allows on this 2-core machine.
+const SERVED_AGAIN_WITHIN: Duration = Duration::from_secs(8);
+
+struct Cluster {
+    certs: Arc<Certs>,
+    ecs: TestEcs,
+    _ecs_state: TempDir,
+    admin: Transport,
+    nodes: Vec<(String, NodeProcess, TempDir)>,
+}
+
+impl Cluster {
+    /// An ECS with replication `r` and nodes `n1..=n<n>` (processes), added one by one.
+    async fn start(n: usize, r: u8) -> Self {
+        let certs = Arc::new(Certs::new());
+        let ecs_state = tempfile::tempdir().unwrap();
+        let ecs = TestEcs::start_with(&certs, ecs_state.path(), |c| {
+            c.replication = r;
+            c.failover_after = FAILOVER_AFTER;
+            c.probe_interval = Duration::from_millis(200);
+        })
+        .await;
+        let admin = certs.admin();
+        let mut cluster = Self {
+            certs,
+            ecs,
+            _ecs_state: ecs_state,
+            admin,
+            nodes: Vec::new(),
+        };
+        for i in 1..=n {
+            cluster.add(&format!("n{i}")).await;
+        }
+        cluster
+    }
+
+    /// Starts node `name` as a process and adds it through the ECS.
+    async fn add(&mut self, name: &str) {
+        let data = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let node = NodeProcess::spawn_with(&self.certs, name, addr, data.path(), &[]);
+        wait_answers(&self.certs, &node.addr).await;
+        add_node_via(&self.admin, &self.ecs.addr, name, &node.addr).await;
+        self.nodes.push((name.to_string(), node, data));
+    }
+
+    fn metadata(&self) -> RingMetadata {
+        self.ecs.ecs.metadata()
+    }
+
+    fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|(_, n, _)| n.addr.clone()).collect()
+    }
+
+    fn node(&mut self, name: &str) -> &mut NodeProcess {
+        &mut self
+            .nodes
+            .iter_mut()
+            .find(|(n, _, _)| n == name)
+            .expect("known node")
+            .1
+    }
+
+    /// SIGKILLs `name` (it stays in `nodes`, dead).
+    fn kill(&mut self, name: &str) -> Instant {
+        self.node(name).kill();
+        Instant::now()
+    }
+
+    /// Waits (up to 30 s) until the ECS's ring no longer holds `name` and has no failed
+    /// node: the failover, rebuild included, is over.
+    async fn wait_replaced(&self, name: &str) -> Duration {
+        let started = Instant::now();
+        loop {
+            let md = self.metadata();
+            if md.node(name).is_none() && md.failed.is_empty() && self.ecs.ecs.pending_change().is_none() {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{name} was not failed over: ring v{} {:?} failed {:?}",
+                md.version,
+                md.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
+                md.failed
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Checks the data each live node holds against the ECS's ring: every node holds
+    /// exactly the keys whose chain contains it (`values`: every key's final value), and
+    /// every range has a full chain.
+    async fn assert_copies(&self, values: &HashMap<Vec<u8>, Option<Vec<u8>>>) {
+        let md = self.metadata();
+        for (range, chain) in md.chains() {
+            assert_eq!(chain.len(), md.full_chain(), "{range:?} is short of copies: {chain:?}");
+        }
+        // Gossip and installs settle within a moment; counts are compared once they do.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut mismatches = Vec::new();
+            for node in &md.nodes {
+                let expected = values
+                    .iter()
+                    .filter(|(k, v)| {
+                        v.is_some() && md.chain_for_key(k).iter().any(|n| n.name == node.name)
+                    })
+                    .count() as u64;
+                let status = node_status(&self.admin, &node.addr).await;
+                if status.keys != expected {
+                    mismatches.push(format!(
+                        "{} holds {} keys, its chains hold {expected}",
+                        node.name, status.keys
+                    ));
+                }
+            }
+            if mismatches.is_empty() {
+                println!("node-side counts match the chains of ring v{}", md.version);
+                return;
+            }
+            assert!(Instant::now() < deadline, "stray or missing copies: {mismatches:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Puts every key until the put succeeds (each attempt recorded), all at once; returns the
+/// longest time from `since` to a key's first successful put.
+async fn time_until_writable(
+    certs: &Certs,
+    seeds: Vec<String>,
+    history: &History,
+    keys: &[Vec<u8>],
+    since: Instant,
+) -> Duration {
+    let store = Arc::new(certs.client(seeds).await);
+    let probes = keys.iter().enumerate().map(|(i, key)| {
+        let (store, history, key) = (store.clone(), history.clone(), key.clone());
+        async move {
+            let client = 1000 + i;
+            for attempt in 0u32.. {
+                let value = format!("probe-{i}-{attempt}");
+                if record_put(&history, client, &store, &key, value.as_bytes())
+                    .await
+                    .is_ok()
+                {
+                    return since.elapsed();
+                }
+                assert!(since.elapsed() < Duration::from_secs(60), "key never writable again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            unreachable!()
+        }
+    });
+    let longest = futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .max()
+        .unwrap_or_default();
+    store.disconnect().await;
+    longest
+}
+
+/// Reads every key through a fresh client (recorded as the final reads).
+async fn final_values(
+    certs: &Certs,
+    seeds: Vec<String>,
+    keys: &[Vec<u8>],
+) -> HashMap<Vec<u8>, Option<Vec<u8>>> {
+    let reader = certs.client(seeds).await;
+    let mut finals = HashMap::new();
+    for key in keys {
+        let value = reader
+            .get(key)
+            .await
+            .unwrap_or_else(|e| panic!("final read of {}: {e}", String::from_utf8_lossy(key)));
+        finals.insert(key.clone(), value);
+    }
+    reader.disconnect().await;
+    finals
+}
+
+/// Which member of a chain a test kills.
+#[derive(Debug, Clone, Copy)]
+enum Member {
+    Head,
+    Middle,
+    Tail,
+}
+
+/// 4 nodes, R = 3, 8 clients over 16 keys (so they conflict): SIGKILL the `member` of the
+/// chain of the first key mid-load. With 4 nodes and R = 3 every node is the head of one
+/// range, the middle of another and the tail of a third, so each run also kills the other
+/// two roles elsewhere; the runs differ in which node and which key's view is measured.
+async fn kill_one_member_under_load(member: Member) {
+    let mut cluster = Cluster::start(4, 3).await;
+    let all = KeyRange::new(Position::MAX, Position::MAX);
+    let keys = keys_for(&all, 16, 0);
+    let md = cluster.metadata();
+    let chain = md.chain_for_key(&keys[0]);
+    assert_eq!(chain.len(), 3);
+    let victim = match member {
+        Member::Head => chain[0].name.clone(),
+        Member::Middle => chain[1].name.clone(),
+        Member::Tail => chain[2].name.clone(),
+    };
+    let affected: Vec<Vec<u8>> = keys
+        .iter()
+        .filter(|k| md.chain_for_key(k).iter().any(|n| n.name == victim))
+        .cloned()
+        .collect();
+    println!("killing {victim} ({member:?} of the first key's chain; {} of 16 keys have it in their chain)", affected.len());
+
+    let load = Load::start(Arc::new(cluster.certs.client(cluster.seeds()).await), keys.clone(), 8);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed = cluster.kill(&victim);
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .filter(|(n, _, _)| *n != victim)
+        .map(|(_, p, _)| p.addr.clone())
+        .collect();
+    let unavailable =
+        time_until_writable(&cluster.certs, seeds.clone(), &load.history, &affected, killed).await;
+    println!(
+        "{member:?} {victim} killed: every affected key writable again after {unavailable:?} (failover-after {FAILOVER_AFTER:?})"
+    );
+    assert!(
+        unavailable < SERVED_AGAIN_WITHIN,
+        "keys unavailable for {unavailable:?}"
+    );
+    let replaced = cluster.wait_replaced(&victim).await;
+    println!(
+        "{victim} failed over and its copies rebuilt {:?} after the kill (the last {replaced:?} of it observed)",
+        killed.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    load.stop_and_check(&cluster.certs, seeds.clone()).await;
+    let finals = final_values(&cluster.certs, seeds, &keys).await;
+    cluster.assert_copies(&finals).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_head_under_load_loses_nothing() {
+    kill_one_member_under_load(Member::Head).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_middle_replica_under_load_loses_nothing() {
+    kill_one_member_under_load(Member::Middle).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_tail_under_load_loses_nothing() {
+    kill_one_member_under_load(Member::Tail).await;
+}
+
+/// Two nodes killed one after the other (the second once the first is replaced), 5 nodes,
+/// R = 3, under load: nothing lost, every range back at 3 copies, no strays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_killed_one_after_the_other_lose_nothing() {
+    let mut cluster = Cluster::start(5, 3).await;
+    let all = KeyRange::new(Position::MAX, Position::MAX);
+    let keys = keys_for(&all, 24, 0);
+    let load = Load::start(Arc::new(cluster.certs.client(cluster.seeds()).await), keys.clone(), 8);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for victim in ["n2", "n4"] {
+        let killed = cluster.kill(victim);
+        let took = cluster.wait_replaced(victim).await;
+        println!("{victim} killed, failed over and rebuilt in {took:?} ({:?} since the kill)", killed.elapsed());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .filter(|(n, _, _)| n != "n2" && n != "n4")
+        .map(|(_, p, _)| p.addr.clone())
+        .collect();
+    load.stop_and_check(&cluster.certs, seeds.clone()).await;
+    let finals = final_values(&cluster.certs, seeds, &keys).await;
+    cluster.assert_copies(&finals).await;
+}
+
+/// Join and leave under load with R = 3: linearizable, nothing lost, R copies of every
+/// range at the end and no stray copy on any node (node-side key counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_and_leave_under_load_keep_three_copies_and_no_strays() {
+    let mut cluster = Cluster::start(4, 3).await;
+    let all = KeyRange::new(Position::MAX, Position::MAX);
+    let keys = keys_for(&all, 40, 0);
+    let load = Load::start(Arc::new(cluster.certs.client(cluster.seeds()).await), keys.clone(), 8);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    cluster.add("n5").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reply = ask_ecs(
+        &cluster.admin,
+        &cluster.ecs.addr,
+        AdminRequest::RemoveNode { name: "n2".into() },
+    )
+    .await;
+    assert!(matches!(reply, AdminReply::Changed { .. }), "{reply:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .filter(|(n, _, _)| n != "n2")
+        .map(|(_, p, _)| p.addr.clone())
+        .collect();
+    load.stop_and_check(&cluster.certs, seeds.clone()).await;
+    let finals = final_values(&cluster.certs, seeds, &keys).await;
+    assert_eq!(cluster.metadata().nodes.len(), 4);
+    cluster.assert_copies(&finals).await;
+}
+
+/// `ringkv-ecs remove-node` of a node that is dead (before the automatic failover would):
+/// the ECS fails it over at once; the history stays clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_node_works_on_a_dead_node() {
+    let mut cluster = Cluster::start(4, 3).await;
+    let all = KeyRange::new(Position::MAX, Position::MAX);
+    let keys = keys_for(&all, 16, 0);
+    let history = History::new();
+    let store = cluster.certs.client(cluster.seeds()).await;
+    for (i, key) in keys.iter().enumerate() {
+        record_put(&history, 0, &store, key, format!("v{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    cluster.kill("n3");
+    let reply = ask_ecs(
+        &cluster.admin,
+        &cluster.ecs.addr,
+        AdminRequest::RemoveNode { name: "n3".into() },
+    )
+    .await;
+    assert!(matches!(reply, AdminReply::Changed { .. }), "{reply:?}");
+    assert!(cluster.metadata().node("n3").is_none());
+    for key in &keys {
+        let got = record_get(&history, 0, &store, key).await;
+        assert!(got.is_ok(), "{got:?}");
+    }
+    assert!(history.entries().iter().all(|e| *e.status() != OpResult::Failed));
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .filter(|(n, _, _)| n != "n3")
+        .map(|(_, p, _)| p.addr.clone())
+        .collect();
+    let finals = final_values(&cluster.certs, seeds, &keys).await;
+    check_with_final(&history, &finals).unwrap_or_else(|v| panic!("{v}"));
+    cluster.assert_copies(&finals).await;
+}
