@@ -11,7 +11,7 @@ use ringkv_transport::{RingSigner, ServeLimits, Service};
 use ringkv_transport::{Transport, TransportError};
 use ringkv_wire::{
     AdminReply, AdminRequest, Limits, Liveness, MoveId, MoveReport, NodeEntry, NodeReport,
-    NodeStatus, Reply, ReplyBody, Request, RequestBody, RingMetadata, WireError,
+    NodeStatus, RangeReport, Reply, ReplyBody, Request, RequestBody, RingMetadata, WireError,
 };
 
 use crate::executor::{Action, Executor, Intent, Outcome, Phase};
@@ -571,7 +571,21 @@ impl Ecs {
                 self.install_at(&metadata, behind).await;
             }
         }
-        AdminReply::Status { metadata, nodes }
+        let full = metadata.full_chain();
+        let ranges = metadata
+            .chains()
+            .into_iter()
+            .map(|(range, chain)| RangeReport {
+                range,
+                missing: full.saturating_sub(chain.len()) as u8,
+                chain: chain.into_iter().map(|n| n.name.clone()).collect(),
+            })
+            .collect();
+        AdminReply::Status {
+            metadata,
+            nodes,
+            ranges,
+        }
     }
 }
 
