@@ -441,7 +441,7 @@ mod tests {
     #[test]
     fn a_failure_before_the_commit_rolls_back_until_both_aborts_land() {
         let plan = join_plan();
-        let receiver = plan.moved.clone().unwrap().to;
+        let receiver = plan.copies[0].to.clone();
         let (exec, first) = Executor::new(plan.clone(), 1);
         let mut abort_failures = 2;
         let actions = run(exec, first, |a| match a {
@@ -503,7 +503,7 @@ mod tests {
     fn after_the_commit_an_install_is_retried_until_the_node_holds_the_version() {
         let plan = join_plan();
         let target = plan.metadata.version;
-        let sender = plan.moved.clone().unwrap().from;
+        let sender = plan.copies[0].from.clone();
         let (exec, first) = Executor::new(plan, 1);
         let mut tries = 0;
         let actions = run(exec, first, |a| match a {
