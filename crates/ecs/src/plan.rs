@@ -750,4 +750,547 @@ mod tests {
         assert!(join(&ring(2), NodeEntry::new("n0", "elsewhere:1")).is_err());
         assert!(join(&ring(2), NodeEntry::new("x", "127.0.0.1:7000")).is_err());
     }
+
+    // ---- Replication: the generic rule, checked by simulating where data is held. ----
+
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn ring_r(n: usize, replication: u8) -> RingMetadata {
+        ring(n).with_replication(replication).unwrap()
+    }
+
+    /// Every node a step is sent to (or names as a peer).
+    fn nodes_of(step: &Step) -> Vec<&NodeEntry> {
+        match step {
+            Step::Prepare { node, from, .. } => vec![node, from],
+            Step::Transfer { from, to, .. } | Step::TransferDelta { from, to, .. } => {
+                vec![from, to]
+            }
+            Step::Clear { node, .. }
+            | Step::Lock { node, .. }
+            | Step::Abort { node, .. }
+            | Step::Install { node }
+            | Step::Start { node } => vec![node],
+            Step::Commit => vec![],
+        }
+    }
+
+    /// Which phase a step belongs to; plan steps must come in this order.
+    fn phase(step: &Step) -> u8 {
+        match step {
+            Step::Prepare { .. } => 0,
+            Step::Transfer { .. } | Step::TransferDelta { last: false, .. } => 1,
+            Step::Lock { .. } => 2,
+            Step::TransferDelta { last: true, .. } => 3,
+            Step::Commit => 4,
+            Step::Install { .. } => 5,
+            Step::Start { .. } => 6,
+            Step::Clear { .. } => 7,
+            Step::Abort { .. } => 8,
+        }
+    }
+
+    fn chain_names(ring: &RingMetadata, pos: &Position) -> BTreeSet<String> {
+        ring.chain(pos).iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// Runs `plan` from `current` on a model of which node holds which elementary arc
+    /// (`Transfer`: the receiver now holds the range; `Clear`: the node drops it), and
+    /// checks every rule of the module docs. Returns the copies per arc.
+    fn check_plan(current: &RingMetadata, plan: &Plan) {
+        let target = &plan.metadata;
+        assert_eq!(target.version, current.version + 1);
+        let arcs = elementary_arcs(current, target);
+        let failed: BTreeSet<&str> = current.failed.iter().map(|s| s.as_str()).collect();
+        let mut holds: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+        for (k, arc) in arcs.iter().enumerate() {
+            for n in current.chain(&arc.end) {
+                holds.entry(n.name.clone()).or_default().insert(k);
+            }
+        }
+        let holders = |holds: &BTreeMap<String, BTreeSet<usize>>, k: usize| -> BTreeSet<String> {
+            holds
+                .iter()
+                .filter(|(_, arcs)| arcs.contains(&k))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        // Phases in order; nothing is sent to a failed node.
+        for pair in plan.steps.windows(2) {
+            assert!(phase(&pair[0]) <= phase(&pair[1]), "{plan:#?}");
+        }
+        for step in plan.steps.iter().chain(&plan.rollback()) {
+            for n in nodes_of(step) {
+                assert!(
+                    !failed.contains(n.name.as_str()),
+                    "{step:?} at a failed node"
+                );
+            }
+        }
+        // Every copy covers whole arcs whose old chain ends at its source and starts at its
+        // head, and whose new chain (only) holds its receiver.
+        for c in &plan.copies {
+            let mut covered = 0;
+            for arc in arcs.iter().filter(|a| c.range.contains(&a.end)) {
+                covered += 1;
+                let old = current.chain(&arc.end);
+                assert_eq!(old.last().copied(), Some(&c.from), "source is the old tail");
+                assert_eq!(old.first().copied(), Some(&c.head), "head is the old head");
+                assert!(!old.contains(&&c.to));
+                assert!(target.chain(&arc.end).contains(&&c.to));
+            }
+            assert!(covered > 0);
+            // Locked at its head and its source before its last round.
+            let last = position_of(plan, |s| {
+                *s == Step::TransferDelta {
+                    from: c.from.clone(),
+                    to: c.to.clone(),
+                    range: c.range,
+                    last: true,
+                }
+            });
+            for n in [&c.head, &c.from] {
+                let lock = position_of(plan, |s| {
+                    *s == Step::Lock {
+                        node: n.clone(),
+                        range: c.range,
+                    }
+                });
+                assert!(lock < last);
+            }
+        }
+        // Arcs whose tail or head changes are locked at the old one (unless it is being
+        // failed).
+        for arc in &arcs {
+            let (old, new) = (current.chain(&arc.end), target.chain(&arc.end));
+            for (was, is) in [(old.first(), new.first()), (old.last(), new.last())] {
+                if let Some(was) = was {
+                    // A node being failed is dead: nothing can lock it.
+                    if Some(was) != is && !target.is_failed(&was.name) {
+                        assert!(
+                            plan.locks()
+                                .iter()
+                                .any(|(n, r)| n == was && r.contains(&arc.end)),
+                            "{arc:?} is handed over by {} unlocked",
+                            was.name
+                        );
+                    }
+                }
+            }
+        }
+        // Simulate.
+        let mut committed = false;
+        for step in &plan.steps {
+            match step {
+                Step::Transfer { from, to, range } => {
+                    for (k, arc) in arcs.iter().enumerate() {
+                        if range.contains(&arc.end) {
+                            assert!(
+                                holds.get(&from.name).is_some_and(|h| h.contains(&k)),
+                                "{} sends {arc:?} it does not hold",
+                                from.name
+                            );
+                            holds.entry(to.name.clone()).or_default().insert(k);
+                        }
+                    }
+                }
+                Step::Clear { node, range } => {
+                    assert!(committed, "a clear before the commit");
+                    for (k, arc) in arcs.iter().enumerate() {
+                        if range.contains(&arc.end) {
+                            holds.entry(node.name.clone()).or_default().remove(&k);
+                        }
+                    }
+                }
+                Step::Commit => committed = true,
+                _ => {}
+            }
+            for (k, arc) in arcs.iter().enumerate() {
+                let must = if committed {
+                    chain_names(target, &arc.end)
+                } else {
+                    chain_names(current, &arc.end)
+                };
+                let held = holders(&holds, k);
+                assert!(
+                    must.is_subset(&held),
+                    "after {step:?}: {arc:?} held by {held:?}, needs {must:?}"
+                );
+            }
+        }
+        // Everybody ends holding exactly what the target says (but a node failed by this
+        // change: it is dead, nothing can clear it, and what it holds is never served).
+        let mut everyone: BTreeSet<String> = holds.keys().cloned().collect();
+        everyone.extend(target.nodes.iter().map(|n| n.name.clone()));
+        for name in everyone.into_iter().filter(|n| !target.is_failed(n)) {
+            let want: BTreeSet<usize> = (0..arcs.len())
+                .filter(|k| {
+                    target
+                        .replicated_by(&name)
+                        .iter()
+                        .any(|(r, _)| r.contains(&arcs[*k].end))
+                })
+                .collect();
+            let held = holds.get(&name).cloned().unwrap_or_default();
+            assert_eq!(held, want, "{name} holds {held:?}, target says {want:?}");
+        }
+        // Rollback: every lock holder's range (retried), then every receiver's (best effort).
+        let rollback = plan.rollback();
+        let locks = plan.locks();
+        for (i, (node, range)) in locks.iter().enumerate() {
+            assert_eq!(
+                rollback[i],
+                Step::Abort {
+                    node: (*node).clone(),
+                    range: *range
+                }
+            );
+            assert!(!plan.best_effort(&rollback[i]));
+        }
+        for c in &plan.copies {
+            let abort = Step::Abort {
+                node: c.to.clone(),
+                range: c.range,
+            };
+            assert!(rollback[locks.len()..].contains(&abort) || rollback.contains(&abort));
+        }
+        for step in &rollback[locks.len()..] {
+            assert!(plan.best_effort(step));
+        }
+        assert!(
+            plan.installed_at()
+                .iter()
+                .all(|n| !failed.contains(n.as_str())),
+            "installs at failed nodes"
+        );
+    }
+
+    #[test]
+    fn replicated_join_copies_three_ranges_to_the_new_node() {
+        let current = ring_r(5, 3);
+        let new = NodeEntry::new("new", "127.0.0.1:9999");
+        let plan = join(&current, new.clone()).unwrap();
+        check_plan(&current, &plan);
+        assert_eq!(plan.metadata.replication, 3);
+        assert_eq!(plan.copies.len(), 3, "{:#?}", plan.copies);
+        let target_ranges: Vec<KeyRange> = plan
+            .metadata
+            .replicated_by("new")
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        for c in &plan.copies {
+            assert_eq!(c.to, new);
+            assert!(target_ranges.contains(&c.range), "{:?}", c.range);
+            assert_eq!(current.tail(&c.range.end), Some(&c.from));
+            assert_eq!(current.head(&c.range.end), Some(&c.head));
+        }
+        let clears: Vec<&Step> = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Clear { .. }))
+            .collect();
+        assert_eq!(clears.len(), 3, "{clears:#?}");
+        let cleared: BTreeSet<&str> = clears
+            .iter()
+            .map(|s| match s {
+                Step::Clear { node, .. } => node.name.as_str(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(cleared.len(), 3, "three different nodes drop a range");
+        let last_install = plan
+            .steps
+            .iter()
+            .rposition(|s| matches!(s, Step::Install { .. }))
+            .unwrap();
+        let start = position_of(&plan, |s| *s == Step::Start { node: new.clone() });
+        let first_clear = position_of(&plan, |s| matches!(s, Step::Clear { .. }));
+        assert!(last_install < start && start < first_clear);
+        assert_eq!(plan.installed_at().last().map(String::as_str), Some("new"));
+    }
+
+    #[test]
+    fn replicated_leave_rebuilds_each_range_once_at_the_replacement() {
+        let current = ring_r(5, 3);
+        for leaving in current.nodes.clone() {
+            let plan = leave(&current, &leaving.name).unwrap();
+            check_plan(&current, &plan);
+            let replicated = current.replicated_by(&leaving.name);
+            assert_eq!(replicated.len(), 3);
+            for (range, _) in replicated {
+                let new = plan.metadata.chain(&range.end);
+                let old = current.chain(&range.end);
+                let entering: Vec<&NodeEntry> =
+                    new.iter().copied().filter(|n| !old.contains(n)).collect();
+                assert_eq!(entering.len(), 1);
+                let copies: Vec<&Copy> = plan
+                    .copies
+                    .iter()
+                    .filter(|c| c.range.contains(&range.end))
+                    .collect();
+                assert_eq!(copies.len(), 1, "{range:?}: {copies:#?}");
+                assert_eq!(&copies[0].to, entering[0]);
+                if copies[0].from == leaving {
+                    assert_eq!(old.last(), Some(&&leaving), "only the old tail sends");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fail_moves_nothing_and_remove_failed_rebuilds_from_live_copies() {
+        let current = ring_r(4, 3);
+        let dead = current.nodes[1].clone();
+        let failed = fail(&current, &dead.name).unwrap();
+        check_plan(&current, &failed);
+        assert!(failed.copies.is_empty());
+        assert_eq!(failed.steps[0], Step::Commit);
+        assert_eq!(failed.installed_at().len(), 3);
+        assert!(!failed.installed_at().contains(&dead.name));
+        assert!(failed.rollback().is_empty());
+        assert!(failed.metadata.is_failed(&dead.name));
+
+        let ring = failed.metadata.clone();
+        let plan = remove_failed(&ring, &dead.name).unwrap();
+        check_plan(&ring, &plan);
+        assert!(plan.metadata.node(&dead.name).is_none());
+        assert!(!plan.copies.is_empty());
+        for (range, _) in current.replicated_by(&dead.name) {
+            let copies: Vec<&Copy> = plan
+                .copies
+                .iter()
+                .filter(|c| c.range.contains(&range.end))
+                .collect();
+            assert_eq!(copies.len(), 1, "{range:?}");
+            assert_ne!(copies[0].from, dead);
+        }
+        for step in plan.steps.iter().chain(&plan.rollback()) {
+            assert!(!nodes_of(step).contains(&&dead), "{step:?}");
+        }
+        // Removing it with a leave gives the same plan.
+        assert_eq!(leave(&ring, &dead.name).unwrap(), plan);
+    }
+
+    #[test]
+    fn replication_refusals() {
+        let r1 = ring(3);
+        assert!(matches!(fail(&r1, "n0"), Err(EcsError::Refused(_))));
+        let r3 = ring_r(3, 3);
+        assert!(matches!(fail(&r3, "nope"), Err(EcsError::Ring(_))));
+        let failed = fail(&r3, "n0").unwrap().metadata;
+        assert!(matches!(fail(&failed, "n0"), Err(EcsError::Refused(_))));
+        assert!(matches!(
+            remove_failed(&r3, "n0"),
+            Err(EcsError::Refused(_))
+        ));
+        assert!(matches!(
+            change(&r3, r3.clone(), None),
+            Err(EcsError::Refused(_))
+        ));
+        // Both other copies failed: the last live one may not leave.
+        let r2 = ring_r(3, 2);
+        let (a, b, c) = (&r2.nodes[0].name, &r2.nodes[1].name, &r2.nodes[2].name);
+        let r2 = fail(&r2, b).unwrap().metadata;
+        let r2 = fail(&r2, c).unwrap().metadata;
+        match leave(&r2, a) {
+            Err(e @ EcsError::NoLiveCopy { .. }) => {
+                assert!(e.to_string().contains("would lose its data"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            leave(&ring_r(1, 3), "n0"),
+            Err(EcsError::LastNode(_))
+        ));
+    }
+
+    #[test]
+    fn the_first_join_sets_the_replication_factor_and_later_joins_keep_it() {
+        let a = NodeEntry::new("a", "h:1");
+        let plan = join_with_replication(&RingMetadata::default(), a.clone(), 3).unwrap();
+        assert_eq!(plan.metadata.replication, 3);
+        assert_eq!(
+            plan.steps,
+            vec![
+                Step::Commit,
+                Step::Install { node: a.clone() },
+                Step::Start { node: a.clone() }
+            ]
+        );
+        let b = NodeEntry::new("b", "h:2");
+        let plan = join_with_replication(&plan.metadata, b.clone(), 1).unwrap();
+        assert_eq!(plan.metadata.replication, 3);
+        // Two nodes, three copies wanted: b gets all of the ring from a.
+        assert_eq!(plan.copies.len(), 1);
+        assert!(plan.copies[0].range.is_full());
+        assert_eq!((&plan.copies[0].from, &plan.copies[0].to), (&a, &b));
+        // A failed node stays failed when another joins.
+        let three = join(&plan.metadata, NodeEntry::new("c", "h:3")).unwrap();
+        check_plan(&plan.metadata, &three);
+        let failed = fail(&three.metadata, "a").unwrap().metadata;
+        let four = join(&failed, NodeEntry::new("d", "h:4")).unwrap();
+        check_plan(&failed, &four);
+        assert_eq!(four.metadata.failed, vec!["a".to_string()]);
+    }
+
+    /// The replication-1 plans of before chains: one move from the old owner to the new.
+    fn classic_steps(mv: &ringkv_wire::RangeMove, start_receiver: bool) -> Vec<Step> {
+        let (from, to, range) = (&mv.from, &mv.to, mv.range);
+        let mut steps = vec![
+            Step::Prepare {
+                node: to.clone(),
+                range,
+                from: from.clone(),
+            },
+            Step::Transfer {
+                from: from.clone(),
+                to: to.clone(),
+                range,
+            },
+            Step::TransferDelta {
+                from: from.clone(),
+                to: to.clone(),
+                range,
+                last: false,
+            },
+            Step::Lock {
+                node: from.clone(),
+                range,
+            },
+            Step::TransferDelta {
+                from: from.clone(),
+                to: to.clone(),
+                range,
+                last: true,
+            },
+            Step::Commit,
+            Step::Install { node: from.clone() },
+            Step::Install { node: to.clone() },
+        ];
+        if start_receiver {
+            steps.push(Step::Start { node: to.clone() });
+        }
+        steps.push(Step::Clear {
+            node: from.clone(),
+            range,
+        });
+        steps
+    }
+
+    fn arb_ring() -> impl Strategy<Value = RingMetadata> {
+        (
+            proptest::collection::hash_set(1u16..u16::MAX, 2..9),
+            1u8..=4,
+        )
+            .prop_map(|(ports, replication)| {
+                let nodes = ports
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| NodeEntry::new(format!("n{i}"), format!("10.0.0.1:{p}")))
+                    .collect();
+                RingMetadata::new(1, nodes)
+                    .unwrap()
+                    .with_replication(replication)
+                    .unwrap()
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn replication_one_plans_are_the_classic_moves(
+            ring in arb_ring(),
+            port in 1u16..u16::MAX,
+            which in any::<prop::sample::Index>(),
+        ) {
+            let ring = ring.with_replication(1).unwrap();
+            let new = NodeEntry::new("new", format!("10.0.0.2:{port}"));
+            let plan = join(&ring, new.clone()).unwrap();
+            let mv = ring.join_move(&new).unwrap().unwrap();
+            prop_assert_eq!(&plan.steps, &classic_steps(&mv, true));
+            prop_assert_eq!(plan.copies.len(), 1);
+            let leaving = &ring.nodes[which.index(ring.nodes.len())].name;
+            let plan = leave(&ring, leaving).unwrap();
+            let mv = ring.leave_move(leaving).unwrap().unwrap();
+            prop_assert_eq!(&plan.steps, &classic_steps(&mv, false));
+            prop_assert_eq!(
+                plan.rollback(),
+                vec![
+                    Step::Abort { node: mv.from.clone(), range: mv.range },
+                    Step::Abort { node: mv.to.clone(), range: mv.range },
+                ]
+            );
+        }
+
+        #[test]
+        fn every_change_ends_with_each_node_holding_its_target_ranges(
+            ring in arb_ring(),
+            op in 0u8..3,
+            which in any::<prop::sample::Index>(),
+            prefail in proptest::option::of(any::<prop::sample::Index>()),
+            port in 1u16..u16::MAX,
+        ) {
+            // Optionally one node already failed (with replication above 1).
+            let ring = match prefail {
+                Some(i) if ring.replication > 1 => {
+                    let name = ring.nodes[i.index(ring.nodes.len())].name.clone();
+                    let plan = fail(&ring, &name).unwrap();
+                    check_plan(&ring, &plan);
+                    plan.metadata
+                }
+                _ => ring,
+            };
+            let name = ring.nodes[which.index(ring.nodes.len())].name.clone();
+            match op {
+                0 => {
+                    let new = NodeEntry::new("new", format!("10.0.0.2:{port}"));
+                    match join(&ring, new) {
+                        Ok(plan) => check_plan(&ring, &plan),
+                        // Only when a range has no live copy at all.
+                        Err(EcsError::NoLiveCopy { range, .. }) => {
+                            prop_assert!(ring.chain(&range.end).is_empty())
+                        }
+                        Err(e) => prop_assert!(false, "{e}"),
+                    }
+                }
+                1 => match leave(&ring, &name) {
+                    Ok(plan) => check_plan(&ring, &plan),
+                    Err(EcsError::NoLiveCopy { range, .. }) => {
+                        let after = ring.without_node(&name).unwrap();
+                        prop_assert!(
+                            ring.chain(&range.end).is_empty() || after.chain(&range.end).is_empty()
+                        );
+                    }
+                    Err(e) => prop_assert!(false, "{e}"),
+                },
+                _ => {
+                    if ring.replication == 1 || ring.is_failed(&name) {
+                        prop_assert!(fail(&ring, &name).is_err());
+                    } else {
+                        let failed = fail(&ring, &name).unwrap();
+                        check_plan(&ring, &failed);
+                        prop_assert!(failed.copies.is_empty());
+                        let ring = failed.metadata;
+                        match remove_failed(&ring, &name) {
+                            Ok(plan) => {
+                                check_plan(&ring, &plan);
+                                for step in &plan.steps {
+                                    prop_assert!(nodes_of(step).iter().all(|n| n.name != name));
+                                }
+                            }
+                            Err(EcsError::NoLiveCopy { range, .. }) => {
+                                let after = ring.without_node(&name).unwrap();
+                                prop_assert!(
+                                    ring.chain(&range.end).is_empty()
+                                        || after.chain(&range.end).is_empty()
+                                );
+                            }
+                            Err(e) => prop_assert!(false, "{e}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
