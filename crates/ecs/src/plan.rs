@@ -553,8 +553,8 @@ fn with_joined(
     Ok(target)
 }
 
-/// The plan for `node` joining the ring `current` (an empty ring gets replication 1; see
-/// [`join_with_replication`]).
+/// The plan for `node` joining the ring `current`, keeping its replication factor (1 for
+/// [`RingMetadata::default`]; to start a ring with another, see [`join_with_replication`]).
 pub fn join(current: &RingMetadata, node: NodeEntry) -> Result<Plan, EcsError> {
     join_with_replication(current, node, current.replication)
 }
