@@ -104,7 +104,7 @@ async fn a_version_seeded_at_the_affected_nodes_reaches_all_five_by_gossip() {
     .await;
     let planned = plan::join(&before, NodeEntry::new("n5", n5.addr.clone())).unwrap();
     let seeded = planned.installed_at();
-    let sender = planned.moved.as_ref().unwrap().from.name.clone();
+    let sender = planned.copies[0].from.name.clone();
     assert_eq!(seeded, vec![sender.clone(), "n5".to_string()]);
 
     let reply = cluster

@@ -268,15 +268,14 @@ impl Sim {
             node_version: node.metadata.version,
         };
         match step {
-            Step::Prepare { node, range } => {
+            Step::Prepare { node, range, from } => {
                 let n = self.node(&node.name);
                 if n.owns_any(range) {
                     return Outcome::Failed("owns the range".into());
                 }
                 n.delete_range(range);
                 let version = n.metadata.version;
-                let sender = plan.moved.as_ref().map_or("", |m| m.from.name.as_str());
-                match n.moves.prepare_receive(id, *range, sender, version) {
+                match n.moves.prepare_receive(id, *range, &from.name, version) {
                     Ok(()) => ok(n, None),
                     Err(e) => refused(&e),
                 }
@@ -436,7 +435,7 @@ fn run(change: Change, fault: Option<(Fault, usize)>) -> usize {
         Change::Join => plan::join(&ring, joiner_or_leaver.clone()).unwrap(),
         Change::Leave => plan::leave(&ring, &joiner_or_leaver.name).unwrap(),
     };
-    let mv = plan.moved.clone().unwrap();
+    let mv = plan.copies[0].clone();
     let mut nodes: Vec<SimNode> = [a, b, c]
         .into_iter()
         .map(|e| SimNode::new(e, ring.clone()))

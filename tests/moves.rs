@@ -82,8 +82,7 @@ async fn setup(on_install_of_n1: impl Fn(i32) + Send + Sync + 'static) -> Setup 
         NodeEntry::new("n2", n2_addr.to_string()),
     )
     .unwrap()
-    .moved
-    .unwrap()
+    .copies[0]
     .range;
     let store = Arc::new(certs.client(vec![n1.addr.clone()]).await);
     let load = Load::start(store, keys_for(&range, 12, 4), 4);
@@ -255,8 +254,7 @@ async fn ecs_killed_at_a_random_step_of_a_join_finishes_or_rolls_it_back_by_itse
     let ring = RingMetadata::new(1, vec![NodeEntry::new("n1", n1.addr.clone())]).unwrap();
     let range = plan::join(&ring, NodeEntry::new("n2", n2_addr.to_string()))
         .unwrap()
-        .moved
-        .unwrap()
+        .copies[0]
         .range;
     let load = Load::start(store, keys_for(&range, 12, 4), 4);
     let n2 = NodeProcess::spawn_with(&certs, "n2", n2_addr, n2_dir.path(), &[]);

@@ -10,6 +10,19 @@ pub enum EcsError {
     /// Removing the last node would lose its data. Nothing was changed.
     #[error("refusing to remove {0}: it is the last node and its data would have nowhere to go")]
     LastNode(String),
+    /// The change would lose the data of `range`: no live node holds it to copy it from, or
+    /// none would hold it afterwards. Nothing was changed.
+    #[error("refusing the change: range {range} would lose its data: {why}; nothing was changed")]
+    NoLiveCopy {
+        /// The range.
+        range: ringkv_wire::KeyRange,
+        /// Why.
+        why: String,
+    },
+    /// The change is not valid in the ring's current state (e.g. failing over a node with
+    /// replication 1). Nothing was changed.
+    #[error("refusing the change: {0}")]
+    Refused(String),
     /// A step before the commit failed; the change was rolled back (lock released,
     /// partial copy removed where reachable) and the ring is unchanged.
     #[error("{step} failed: {reason}; change aborted and rolled back, ring unchanged at version {version}")]

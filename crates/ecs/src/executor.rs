@@ -11,14 +11,14 @@
 //! rolled back. No change needs a person to finish it.
 //!
 //! Rules:
-//! - Before the commit, a failed step rolls the change back: `Abort` at the sender, retried
-//!   (with backoff) until acknowledged if its `Lock` may have been sent (its lock is durable
-//!   and only an abort or the commit releases it; [`Intent::lock_sent`] is persisted before
-//!   the lock is sent), tried once otherwise; then `Abort` at the receiver, tried once
-//!   (`Plan::best_effort`).
+//! - Before the commit, a failed step rolls the change back: `Abort` at every lock holder,
+//!   retried (with backoff) until acknowledged if a `Lock` may have been sent (a lock is
+//!   durable and only an abort or the commit releases it; [`Intent::lock_sent`] is persisted
+//!   before the first lock is sent), tried once otherwise; then `Abort` at every receiver,
+//!   tried once (`Plan::best_effort`).
 //! - After the commit, every step is retried until it succeeds; an `Install` succeeds only
-//!   when the node reports holding the new version. There is no unlock step: the sender's
-//!   lock ends when it adopts the new version.
+//!   when the node reports holding the new version. There is no unlock step: a node's lock
+//!   ends when it adopts the new version.
 //! - A delta round with writes open is repeated while it carried at least
 //!   [`PRECOPY_DONE_BELOW`] keys (at most [`MAX_PRECOPY_ROUNDS`] times), so the locked last
 //!   round is short whatever the write rate.
@@ -61,8 +61,8 @@ pub struct Intent {
     pub phase: Phase,
     /// Why it is being rolled back: the step that failed, and the reason.
     pub failure: Option<(String, String)>,
-    /// Whether the sender's `Lock` may have been sent (persisted before it is): only then must
-    /// a rollback's abort reach the sender, whose lock is durable.
+    /// Whether a `Lock` may have been sent (persisted before the first is): only then must a
+    /// rollback's aborts reach the lock holders, whose locks are durable.
     pub lock_sent: bool,
 }
 
@@ -310,9 +310,9 @@ impl Executor {
         self.run_current()
     }
 
-    /// Whether a rollback step's failure is accepted rather than retried: the receiver's
-    /// abort always ([`Plan::best_effort`]), the sender's while its lock was never sent (it
-    /// then only drops tracking, which a restart drops too).
+    /// Whether a rollback step's failure is accepted rather than retried: a receiver's
+    /// abort always ([`Plan::best_effort`]), a lock holder's while no lock was sent (it then
+    /// only drops tracking, which a restart drops too).
     fn best_effort(&self, step: &Step) -> bool {
         self.intent.plan.best_effort(step)
             || (!self.intent.lock_sent && matches!(step, Step::Abort { .. }))
@@ -441,7 +441,7 @@ mod tests {
     #[test]
     fn a_failure_before_the_commit_rolls_back_until_both_aborts_land() {
         let plan = join_plan();
-        let receiver = plan.moved.clone().unwrap().to;
+        let receiver = plan.copies[0].to.clone();
         let (exec, first) = Executor::new(plan.clone(), 1);
         let mut abort_failures = 2;
         let actions = run(exec, first, |a| match a {
@@ -487,6 +487,47 @@ mod tests {
     }
 
     #[test]
+    fn a_replicated_rollback_retries_every_lock_holder_and_tries_receivers_once() {
+        let nodes = (1..=5)
+            .map(|i| NodeEntry::new(format!("n{i}"), format!("127.0.0.1:{}", 7000 + i)))
+            .collect();
+        let ring = RingMetadata::new(3, nodes)
+            .unwrap()
+            .with_replication(3)
+            .unwrap();
+        let plan = plan::join(&ring, NodeEntry::new("new", "127.0.0.1:7100")).unwrap();
+        assert_eq!(plan.copies.len(), 3);
+        let rollback = plan.rollback();
+        let locks = plan.locks().len();
+        assert!(locks >= 3);
+        let (exec, first) = Executor::new(plan.clone(), 1);
+        // Fail the last round; every abort fails once.
+        let mut failed_once = Vec::new();
+        let actions = run(exec, first, |a| match a {
+            Action::Run(Step::TransferDelta { last: true, .. }) => Outcome::Failed("boom".into()),
+            Action::Run(step @ Step::Abort { .. }) if !failed_once.contains(step) => {
+                failed_once.push(step.clone());
+                Outcome::Failed("unreachable".into())
+            }
+            _ => Outcome::ok(),
+        });
+        let aborts = steps_run(&actions)
+            .into_iter()
+            .filter(|s| matches!(s, Step::Abort { .. }))
+            .collect::<Vec<_>>();
+        // Each lock holder's abort twice (retried), each receiver's once.
+        let mut want = Vec::new();
+        for (i, step) in rollback.iter().enumerate() {
+            want.push(step.clone());
+            if i < locks {
+                want.push(step.clone());
+            }
+        }
+        assert_eq!(aborts, want);
+        assert!(matches!(actions.last(), Some(Action::Finish(Err(_)))));
+    }
+
+    #[test]
     fn a_failure_before_the_lock_does_not_wait_for_an_unreachable_sender() {
         let (exec, first) = Executor::new(join_plan(), 1);
         let actions = run(exec, first, |a| match a {
@@ -503,7 +544,7 @@ mod tests {
     fn after_the_commit_an_install_is_retried_until_the_node_holds_the_version() {
         let plan = join_plan();
         let target = plan.metadata.version;
-        let sender = plan.moved.clone().unwrap().from;
+        let sender = plan.copies[0].from.clone();
         let (exec, first) = Executor::new(plan, 1);
         let mut tries = 0;
         let actions = run(exec, first, |a| match a {

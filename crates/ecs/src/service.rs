@@ -179,7 +179,8 @@ impl Ecs {
     pub async fn add_node(&self, node: NodeEntry) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
         self.finish_pending().await?;
-        let plan = plan::join(&self.metadata(), node)?;
+        // A new ring gets the configured factor; a ring with nodes keeps its own.
+        let plan = plan::join_with_replication(&self.metadata(), node, self.config.replication)?;
         self.execute(plan).await
     }
 
@@ -340,7 +341,8 @@ impl Ecs {
     async fn drive(&self, mut exec: Executor, first: Action) -> Result<AdminReply, EcsError> {
         let started = Instant::now();
         let plan = exec.intent().plan.clone();
-        let sender = plan.moved.as_ref().map(|mv| mv.from.name.clone());
+        // Lock timing is measured at the first copy's head (the old owner with replication 1).
+        let sender = plan.copies.first().map(|c| c.head.name.clone());
         let (mut locked_at, mut locked_for) = (None, Duration::ZERO);
         let mut retrying = Duration::ZERO;
         let mut last_failure = String::new();
@@ -397,10 +399,11 @@ impl Ecs {
                             tracing::info!(version = plan.metadata.version, elapsed = ?started.elapsed(), "membership change done");
                             Ok(AdminReply::Changed {
                                 metadata: plan.metadata.clone(),
-                                moved: plan.moved.as_ref().map(|mv| MoveReport {
-                                    from: mv.from.name.clone(),
-                                    to: mv.to.name.clone(),
-                                    range: mv.range,
+                                // The first copy, with what all the copies moved.
+                                moved: plan.copies.first().map(|c| MoveReport {
+                                    from: c.from.name.clone(),
+                                    to: c.to.name.clone(),
+                                    range: c.range,
                                     entries: moved.entries,
                                     bytes: moved.bytes,
                                     locked_ms: locked_for.as_millis() as u64,
@@ -462,16 +465,13 @@ impl Ecs {
     async fn run_step(&self, step: &Step, id: MoveId, plan: &Plan) -> Outcome {
         let (node, body, timeout) = match step {
             Step::Commit => unreachable!("the commit is an action of its own"),
-            Step::Prepare { node, range } => (
+            Step::Prepare { node, range, from } => (
                 node,
                 RequestBody::PrepareReceive {
                     id,
                     range: *range,
-                    // The move's sender: the only peer whose batches the receiver accepts.
-                    from: plan
-                        .moved
-                        .as_ref()
-                        .map_or_else(String::new, |m| m.from.name.clone()),
+                    // The copy's source: the only peer whose batches the receiver accepts.
+                    from: from.name.clone(),
                 },
                 self.config.node_timeout,
             ),

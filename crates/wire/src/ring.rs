@@ -486,7 +486,11 @@ impl RingMetadata {
     pub fn with_node(&self, node: NodeEntry) -> Result<RingMetadata, WireError> {
         let mut nodes = self.nodes.clone();
         nodes.push(node);
-        RingMetadata::new(self.version + 1, nodes)
+        let mut next = RingMetadata::new(self.version + 1, nodes)?;
+        next.replication = self.replication;
+        next.failed = self.failed.clone();
+        next.validate()?;
+        Ok(next)
     }
 
     /// The metadata after the node `name` leaves, with version `self.version + 1`.
