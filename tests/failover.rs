@@ -35,6 +35,10 @@ struct Cluster {
 impl Cluster {
     /// An ECS with replication `r` and nodes `n1..=n<n>` (processes), added one by one.
     async fn start(n: usize, r: u8) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let certs = Arc::new(Certs::new());
         let ecs_state = tempfile::tempdir().unwrap();
         let ecs = TestEcs::start_with(&certs, ecs_state.path(), |c| {
@@ -163,11 +167,20 @@ async fn time_until_writable(
             let client = 1000 + i;
             for attempt in 0u32.. {
                 let value = format!("probe-{i}-{attempt}");
-                if record_put(&history, client, &store, &key, value.as_bytes())
-                    .await
-                    .is_ok()
-                {
-                    return since.elapsed();
+                let started = since.elapsed();
+                match record_put(&history, client, &store, &key, value.as_bytes()).await {
+                    Ok(_) => {
+                        println!(
+                            "{}: put from {started:?} done at {:?} (attempt {attempt})",
+                            String::from_utf8_lossy(&key),
+                            since.elapsed()
+                        );
+                        return since.elapsed();
+                    }
+                    Err(e) if attempt % 25 == 0 => {
+                        println!("{:?}: put {} failed: {e}", since.elapsed(), String::from_utf8_lossy(&key))
+                    }
+                    Err(_) => {}
                 }
                 assert!(since.elapsed() < Duration::from_secs(60), "key never writable again");
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -226,10 +226,14 @@ impl Ecs {
         let body = RequestBody::Lease {
             millis: lease.as_millis().min(u32::MAX as u128) as u32,
         };
+        // Dialing included: one dead node must not hold up the probes of the others.
         let timeout = self.config.probe_interval.max(Duration::from_millis(100)) * 2;
         let answered = matches!(
-            self.call(&node, body, timeout).await.map(|r| r.body),
-            Ok(ReplyBody::Ok)
+            tokio::time::timeout(timeout, self.call(&node, body, timeout)).await,
+            Ok(Ok(Reply {
+                body: ReplyBody::Ok,
+                ..
+            }))
         );
         if answered {
             self.probes
@@ -264,6 +268,12 @@ impl Ecs {
                 self.config.failover_after,
                 Instant::now(),
             );
+            if silent.len() * 2 > live.len() {
+                // Most of the ring silent at once is more likely the ECS cut off than the
+                // nodes dead: failing them over could leave no copy of some range.
+                tracing::error!(?silent, "most nodes answer no probe; not failing any over (is the ECS cut off?)");
+                continue;
+            }
             let todo: Vec<String> = silent
                 .into_iter()
                 .chain(metadata.failed.iter().cloned())

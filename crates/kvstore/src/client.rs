@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt;
 use ringkv_transport::{RingAuthority, Transport};
 use ringkv_wire::{ReplyBody, Request, RequestBody, RingMetadata, SignedMetadata};
 
@@ -55,6 +56,8 @@ pub struct KvStore {
     counters: Counters,
     disconnected: AtomicBool,
     refresh: tokio::sync::Mutex<()>,
+    /// Refreshes completed, so that callers queued behind one do not each start another.
+    refreshes: AtomicU64,
 }
 
 impl KvStore {
@@ -77,6 +80,7 @@ impl KvStore {
             counters: Counters::default(),
             disconnected: AtomicBool::new(false),
             refresh: tokio::sync::Mutex::new(()),
+            refreshes: AtomicU64::new(0),
         };
         let metadata = store.refresh_metadata().await?;
         if metadata.nodes.is_empty() {
@@ -162,9 +166,12 @@ impl KvStore {
     /// whoever finds one under way waits for it instead of starting another.
     pub async fn refresh_metadata(&self) -> Result<Arc<RingMetadata>, KvError> {
         let before = self.metadata().version;
+        let generation = self.refreshes.load(Ordering::SeqCst);
         let _refreshing = self.refresh.lock().await;
-        if self.metadata().version > before {
-            return Ok(self.metadata()); // someone else just refreshed
+        if self.metadata().version > before || self.refreshes.load(Ordering::SeqCst) != generation
+        {
+            // Someone else refreshed while we waited: theirs is as fresh as ours would be.
+            return Ok(self.metadata());
         }
         let mut candidates: Vec<String> = self
             .metadata()
@@ -178,15 +185,28 @@ impl KvStore {
             }
         }
         let request = Request::new(self.metadata().version, RequestBody::GetMetadata);
-        let asks = candidates
+        let mut asks: futures::stream::FuturesUnordered<_> = candidates
             .iter()
-            .map(|addr| self.transport.request(addr, &request));
+            .map(|addr| self.transport.request(addr, &request))
+            .collect();
         let mut last = None;
         let mut answered = false;
-        for result in futures::future::join_all(asks).await {
+        // Once someone answered, the others get a moment more: a dead node (a dial that
+        // times out) must not hold up every refresh.
+        let mut stragglers: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            let result = match &mut stragglers {
+                None => asks.next().await,
+                Some(deadline) => tokio::select! {
+                    next = asks.next() => next,
+                    () = deadline.as_mut() => break,
+                },
+            };
+            let Some(result) = result else { break };
             match result.map(|reply| reply.body) {
                 Ok(ReplyBody::Metadata(m)) | Ok(ReplyBody::NotResponsible { metadata: m }) => {
                     answered = true;
+                    stragglers.get_or_insert_with(|| Box::pin(tokio::time::sleep(STRAGGLERS)));
                     if let Some(m) = m {
                         self.adopt_metadata(&m);
                     }
@@ -195,6 +215,8 @@ impl KvStore {
                 Err(e) => last = Some(KvError::from(e)),
             }
         }
+        drop(asks);
+        self.refreshes.fetch_add(1, Ordering::SeqCst);
         if !answered {
             return Err(KvError::NoNodeReachable {
                 tried: candidates,
@@ -307,6 +329,9 @@ impl KvStore {
         }
     }
 }
+
+/// How long a metadata refresh waits for the other nodes once one has answered.
+const STRAGGLERS: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn unexpected(request: &'static str, reply: ReplyBody) -> KvError {
     KvError::UnexpectedReply {

@@ -29,6 +29,9 @@ pub struct Transport {
     connect_timeout: Duration,
     request_timeout: Duration,
     conns: Mutex<HashMap<String, Slot>>,
+    /// The last failed dial per address (when it ended, and why): callers that queued
+    /// behind a dial share its failure instead of each dialing (and timing out) in turn.
+    dial_failures: Mutex<HashMap<String, (Instant, String)>>,
 }
 
 impl Transport {
@@ -47,6 +50,7 @@ impl Transport {
             connect_timeout,
             request_timeout,
             conns: Mutex::new(HashMap::new()),
+            dial_failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -252,15 +256,39 @@ impl Transport {
                 None => conns.entry(addr.to_string()).or_default().clone(),
             }
         };
+        let queued = Instant::now();
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref() {
             if conn.close_reason().is_none() {
                 return Ok((conn.clone(), true));
             }
         }
-        let conn = self.dial(addr).await?;
-        *guard = Some(conn.clone());
-        Ok((conn, false))
+        let failed_meanwhile = self
+            .dial_failures
+            .lock()
+            .expect("dial failures lock")
+            .get(addr)
+            .filter(|(at, _)| *at >= queued)
+            .map(|(_, reason)| reason.clone());
+        if let Some(reason) = failed_meanwhile {
+            return Err(TransportError::Connect {
+                addr: addr.to_string(),
+                reason: format!("{reason} (a dial that was under way when this request came)"),
+            });
+        }
+        let dialed = self.dial(addr).await;
+        let mut failures = self.dial_failures.lock().expect("dial failures lock");
+        match dialed {
+            Ok(conn) => {
+                failures.remove(addr);
+                *guard = Some(conn.clone());
+                Ok((conn, false))
+            }
+            Err(e) => {
+                failures.insert(addr.to_string(), (Instant::now(), e.to_string()));
+                Err(e)
+            }
+        }
     }
 
     /// Drops `conn` from the cache if it is still the cached connection to `addr` (a
