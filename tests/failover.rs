@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::history::{check_with_final, record_get, record_put, History, OpResult};
 use common::load::{keys_for, Load};
-use common::{add_node_via, ask_ecs, free_port, node_status, wait_answers, Certs, NodeProcess};
 use common::TestEcs;
+use common::{add_node_via, ask_ecs, free_port, node_status, wait_answers, Certs, NodeProcess};
 use ringkv_transport::Transport;
 use ringkv_wire::{AdminReply, AdminRequest, KeyRange, Position, RingMetadata};
 use tempfile::TempDir;
@@ -100,7 +100,10 @@ impl Cluster {
         let started = Instant::now();
         loop {
             let md = self.metadata();
-            if md.node(name).is_none() && md.failed.is_empty() && self.ecs.ecs.pending_change().is_none() {
+            if md.node(name).is_none()
+                && md.failed.is_empty()
+                && self.ecs.ecs.pending_change().is_none()
+            {
                 return started.elapsed();
             }
             assert!(
@@ -120,7 +123,11 @@ impl Cluster {
     async fn assert_copies(&self, values: &HashMap<Vec<u8>, Option<Vec<u8>>>) {
         let md = self.metadata();
         for (range, chain) in md.chains() {
-            assert_eq!(chain.len(), md.full_chain(), "{range:?} is short of copies: {chain:?}");
+            assert_eq!(
+                chain.len(),
+                md.full_chain(),
+                "{range:?} is short of copies: {chain:?}"
+            );
         }
         // Gossip and installs settle within a moment; counts are compared once they do.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -145,7 +152,10 @@ impl Cluster {
                 println!("node-side counts match the chains of ring v{}", md.version);
                 return;
             }
-            assert!(Instant::now() < deadline, "stray or missing copies: {mismatches:?}");
+            assert!(
+                Instant::now() < deadline,
+                "stray or missing copies: {mismatches:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -178,11 +188,18 @@ async fn time_until_writable(
                         return since.elapsed();
                     }
                     Err(e) if attempt % 25 == 0 => {
-                        println!("{:?}: put {} failed: {e}", since.elapsed(), String::from_utf8_lossy(&key))
+                        println!(
+                            "{:?}: put {} failed: {e}",
+                            since.elapsed(),
+                            String::from_utf8_lossy(&key)
+                        )
                     }
                     Err(_) => {}
                 }
-                assert!(since.elapsed() < Duration::from_secs(60), "key never writable again");
+                assert!(
+                    since.elapsed() < Duration::from_secs(60),
+                    "key never writable again"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             unreachable!()
@@ -247,7 +264,11 @@ async fn kill_one_member_under_load(member: Member) {
         .collect();
     println!("killing {victim} ({member:?} of the first key's chain; {} of 16 keys have it in their chain)", affected.len());
 
-    let load = Load::start(Arc::new(cluster.certs.client(cluster.seeds()).await), keys.clone(), 8);
+    let load = Load::start(
+        Arc::new(cluster.certs.client(cluster.seeds()).await),
+        keys.clone(),
+        8,
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let killed = cluster.kill(&victim);
     let seeds: Vec<String> = cluster
@@ -256,8 +277,14 @@ async fn kill_one_member_under_load(member: Member) {
         .filter(|(n, _, _)| *n != victim)
         .map(|(_, p, _)| p.addr.clone())
         .collect();
-    let unavailable =
-        time_until_writable(&cluster.certs, seeds.clone(), &load.history, &affected, killed).await;
+    let unavailable = time_until_writable(
+        &cluster.certs,
+        seeds.clone(),
+        &load.history,
+        &affected,
+        killed,
+    )
+    .await;
     println!(
         "{member:?} {victim} killed: every affected key writable again after {unavailable:?} (failover-after {FAILOVER_AFTER:?})"
     );
@@ -298,12 +325,19 @@ async fn two_nodes_killed_one_after_the_other_lose_nothing() {
     let mut cluster = Cluster::start(5, 3).await;
     let all = KeyRange::new(Position::MAX, Position::MAX);
     let keys = keys_for(&all, 24, 0);
-    let load = Load::start(Arc::new(cluster.certs.client(cluster.seeds()).await), keys.clone(), 8);
+    let load = Load::start(
+        Arc::new(cluster.certs.client(cluster.seeds()).await),
+        keys.clone(),
+        8,
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     for victim in ["n2", "n4"] {
         let killed = cluster.kill(victim);
         let took = cluster.wait_replaced(victim).await;
-        println!("{victim} killed, failed over and rebuilt in {took:?} ({:?} since the kill)", killed.elapsed());
+        println!(
+            "{victim} killed, failed over and rebuilt in {took:?} ({:?} since the kill)",
+            killed.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let seeds: Vec<String> = cluster
@@ -324,7 +358,11 @@ async fn join_and_leave_under_load_keep_three_copies_and_no_strays() {
     let mut cluster = Cluster::start(4, 3).await;
     let all = KeyRange::new(Position::MAX, Position::MAX);
     let keys = keys_for(&all, 40, 0);
-    let load = Load::start(Arc::new(cluster.certs.client(cluster.seeds()).await), keys.clone(), 8);
+    let load = Load::start(
+        Arc::new(cluster.certs.client(cluster.seeds()).await),
+        keys.clone(),
+        8,
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     cluster.add("n5").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -375,7 +413,10 @@ async fn remove_node_works_on_a_dead_node() {
         let got = record_get(&history, 0, &store, key).await;
         assert!(got.is_ok(), "{got:?}");
     }
-    assert!(history.entries().iter().all(|e| *e.status() != OpResult::Failed));
+    assert!(history
+        .entries()
+        .iter()
+        .all(|e| *e.status() != OpResult::Failed));
     let seeds: Vec<String> = cluster
         .nodes
         .iter()

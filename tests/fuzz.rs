@@ -591,8 +591,13 @@ mod strategies {
             metadata().prop_map(AdminReply::Ring),
             (metadata(), proptest::option::of(moved))
                 .prop_map(|(metadata, moved)| AdminReply::Changed { metadata, moved }),
-            (metadata(), proptest::collection::vec(report, 0..3))
-                .prop_map(|(metadata, nodes)| AdminReply::Status { metadata, nodes, ranges: vec![] }),
+            (metadata(), proptest::collection::vec(report, 0..3)).prop_map(|(metadata, nodes)| {
+                AdminReply::Status {
+                    metadata,
+                    nodes,
+                    ranges: vec![],
+                }
+            }),
             ".{0,16}".prop_map(AdminReply::Done),
             ".{0,16}".prop_map(AdminReply::Error),
         ]
@@ -1150,7 +1155,9 @@ mod handlers {
         // checked against the caller's name) the certificate name does not fit.
         let checks_name = matches!(
             request.body,
-            RequestBody::PutBatch { .. } | RequestBody::Gossip { .. } | RequestBody::Replicate { .. }
+            RequestBody::PutBatch { .. }
+                | RequestBody::Gossip { .. }
+                | RequestBody::Replicate { .. }
         );
         prop_assert!(
             forbidden != allowed || (allowed && checks_name),

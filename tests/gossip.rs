@@ -254,7 +254,10 @@ async fn a_frozen_node_is_suspected_then_dead_and_catches_up_when_it_runs_again(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The status table says so too.
-    let AdminReply::Status { metadata, nodes, .. } = cluster.ask(AdminRequest::Status).await else {
+    let AdminReply::Status {
+        metadata, nodes, ..
+    } = cluster.ask(AdminRequest::Status).await
+    else {
         unreachable!()
     };
     let table = ringkv::cli::ecs::status_text(&metadata, &nodes);

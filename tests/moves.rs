@@ -83,7 +83,7 @@ async fn setup(on_install_of_n1: impl Fn(i32) + Send + Sync + 'static) -> Setup 
     )
     .unwrap()
     .copies[0]
-    .range;
+        .range;
     let store = Arc::new(certs.client(vec![n1.addr.clone()]).await);
     let load = Load::start(store, keys_for(&range, 12, 4), 4);
     let n2 = node_process(&certs, "n2", n2_addr, n2_dir.path()).await;

@@ -593,3 +593,210 @@ fn with_the_ecs_host_cut_off_data_is_served_and_membership_changes_are_refused()
     });
     assert!(cluster.node_status(&addr).unwrap().keys > 0);
 }
+
+/// Replication, a node cut off by a partition (README "Replication and failover"): 4 node
+/// hosts, R = 3. The victim is the tail (the reader) of some keys. A client *inside the
+/// victim's host* keeps reading and writing through the partition (it can reach the victim
+/// only), a client on the client host goes on with the rest of the cluster. The victim must
+/// stop serving (its lease runs out) before the ECS fails it over and another node serves
+/// its keys: no stale read in the history of both clients together, nothing acknowledged
+/// lost. Healed, the victim serves nothing until it is added again.
+#[test]
+fn a_partitioned_node_stops_serving_before_it_is_replaced_and_stays_out_when_healed() {
+    use common::history::{check_with_final, record_get, record_put, History, OpResult};
+    use ringkv_wire::{ReplyBody, Request, RequestBody};
+
+    let _watch = Stopwatch::start(
+        "a_partitioned_node_stops_serving_before_it_is_replaced_and_stays_out_when_healed",
+    );
+    let cluster = HostCluster::start_with(
+        4,
+        "replication-factor = 3\nfailover-after = \"2s\"\nprobe-interval = \"200ms\"\n",
+    );
+    let keys: Vec<Vec<u8>> = (0..16).map(|i| format!("p{i}").into_bytes()).collect();
+    let metadata: RingMetadata = {
+        let config = cluster.client_config();
+        cluster.client.run(|| async {
+            let store = KvStore::connect(config).await.expect("connect");
+            let md = (*store.metadata()).clone();
+            store.disconnect().await;
+            md
+        })
+    };
+    assert_eq!(metadata.replication, 3);
+    let victim = metadata
+        .tail(&ringkv_wire::key_position(&keys[0]))
+        .unwrap()
+        .name
+        .clone();
+    let victim_host = cluster.node(&victim).host.clone();
+    let victim_addr = cluster.node(&victim).addr.clone();
+    let tail_keys: Vec<Vec<u8>> = keys
+        .iter()
+        .filter(|k| metadata.chain_for_key(k).last().unwrap().name == victim)
+        .cloned()
+        .collect();
+    println!(
+        "victim {victim}: tail of {} of {} keys",
+        tail_keys.len(),
+        keys.len()
+    );
+    cluster.lab.install(&victim_host, "client");
+
+    let history = History::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Client 0..4: inside the victim's host. Client 4..8: on the client host.
+    // The inside clients only read the victim's keys (so they keep asking the victim
+    // itself); the outside clients read and write everything.
+    let workload = |host: &netns::Host,
+                    first: usize,
+                    config: kvstore::ClientConfig,
+                    keys: Vec<Vec<u8>>,
+                    writes: bool| {
+        let (history, stop) = (history.clone(), stop.clone());
+        host.spawn(move || async move {
+            let store = Arc::new(KvStore::connect(config).await.expect("connect"));
+            let tasks: Vec<_> = (first..first + 4)
+                .map(|c| {
+                    let (history, stop, keys, store) =
+                        (history.clone(), stop.clone(), keys.clone(), store.clone());
+                    tokio::spawn(async move {
+                        let mut i = 0usize;
+                        while !stop.load(Ordering::Relaxed) {
+                            let key = &keys[(i * 5 + c) % keys.len()];
+                            if i % 2 == 0 || !writes {
+                                let _ = record_get(&history, c, &store, key).await;
+                            } else {
+                                let value = format!("c{c}-{i}");
+                                let _ =
+                                    record_put(&history, c, &store, key, value.as_bytes()).await;
+                            }
+                            i += 1;
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            store.disconnect().await;
+        })
+    };
+    let mut inside = cluster.client_config();
+    inside.identity = ringkv_certs::Identity::from_dir(&victim_host.certs_dir(), "client")
+        .expect("client identity in the victim's host");
+    inside.retry.deadline = Duration::from_secs(2);
+    let outside = cluster.client_config();
+    let inside_load = workload(&victim_host, 0, inside, tail_keys.clone(), false);
+    let outside_load = workload(&cluster.client, 4, outside, keys.clone(), true);
+
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.lab.cut(&victim_host);
+    let cut = Instant::now();
+    // The ECS fails the victim over (failover-after 2 s) and rebuilds its copies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cluster.ecs_cmd(&cluster.client, &["ring"]);
+        if !out.stdout.contains(&victim_addr) && out.code == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the victim was never failed over:\n{}",
+            out.stdout
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("{victim} failed over {:?} after the cut", cut.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    let healed = Instant::now();
+    cluster.lab.heal(&victim_host);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    inside_load.join().expect("inside client");
+    outside_load.join().expect("outside client");
+
+    // Healed, the victim serves none of its old keys to anyone: asked directly, it
+    // redirects or refuses.
+    let identity = cluster.admin_identity();
+    let answers: Vec<ReplyBody> = cluster.client.run(|| async move {
+        let admin = ringkv_transport::Transport::bind_client(
+            &identity,
+            ringkv_wire::Limits::default(),
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let mut answers = Vec::new();
+        for key in &tail_keys {
+            let get = Request::new(0, RequestBody::Get { key: key.clone() });
+            answers.push(
+                admin
+                    .request(&victim_addr, &get)
+                    .await
+                    .expect("the victim answers")
+                    .body,
+            );
+        }
+        admin.close().await;
+        answers
+    });
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, ReplyBody::NotResponsible { .. } | ReplyBody::Stopped)),
+        "the healed victim serves: {answers:?}"
+    );
+
+    // Stopped serving before anyone else took over: until the heal the inside client
+    // reaches the victim only, so its last success before the heal is the victim's last
+    // answer; it must precede the outside client's first successful write of a key the
+    // victim was the tail of. And the whole history is linearizable with nothing lost.
+    let entries = history.entries();
+    let last_inside_ok = entries
+        .iter()
+        .filter(|e| e.client < 4 && e.is_ok())
+        .filter_map(|e| e.end)
+        .filter(|end| *end < healed)
+        .max();
+    let first_outside_write = entries
+        .iter()
+        .filter(|e| e.client >= 4 && e.start >= cut && e.is_ok())
+        .filter(|e| matches!(e.op, common::history::Op::Put { .. }))
+        .filter(|e| {
+            metadata
+                .chain_for_key(e.op.key())
+                .last()
+                .is_some_and(|n| n.name == victim)
+        })
+        .filter_map(|e| e.end)
+        .min();
+    let after_cut = |t: Option<Instant>| t.map(|t| t.saturating_duration_since(cut));
+    println!(
+        "inside client's last success {:?} after the cut; outside client's first write of a victim key {:?} after it",
+        after_cut(last_inside_ok),
+        after_cut(first_outside_write)
+    );
+    let (last, first) = (
+        last_inside_ok.expect("the victim served the inside client"),
+        first_outside_write.expect("the victim's keys were written again"),
+    );
+    assert!(last < first, "the victim served after its replacement did");
+    let failed = entries
+        .iter()
+        .filter(|e| *e.status() == OpResult::Failed)
+        .count();
+    println!("{} operations, {failed} refused", entries.len());
+    let config = cluster.client_config();
+    let finals = cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        let mut finals = std::collections::HashMap::new();
+        for key in &keys {
+            finals.insert(key.clone(), store.get(key).await.expect("final read"));
+        }
+        store.disconnect().await;
+        finals
+    });
+    let report = check_with_final(&history, &finals).unwrap_or_else(|v| panic!("{v}"));
+    println!("history: {report}");
+}

@@ -240,7 +240,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     match number.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v * scale)),
-        _ => Err(format!("bad duration {text:?}: expected e.g. 3s, 1500ms or 2.5")),
+        _ => Err(format!(
+            "bad duration {text:?}: expected e.g. 3s, 1500ms or 2.5"
+        )),
     }
 }
 

@@ -19,36 +19,42 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// When each node last answered a probe.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Probes {
-    /// Answers by node name.
+    /// By node name: its last answer, or when it was first probed if it never answered (so
+    /// a restarted ECS, or a node just added, gets a whole `failover_after` first).
     last_answer: HashMap<String, Instant>,
-    /// Nodes never heard from count from here (the ECS's start): a restarted ECS waits a
-    /// whole `failover_after` before it fails anyone over.
-    since: Instant,
 }
 
 impl Probes {
-    /// No answers yet, counting from `now`.
-    pub fn new(now: Instant) -> Self {
-        Self {
-            last_answer: HashMap::new(),
-            since: now,
-        }
+    /// No node probed yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `name` is being probed from `now` on (no effect if it already is).
+    pub fn probing(&mut self, name: &str, now: Instant) {
+        self.last_answer.entry(name.to_string()).or_insert(now);
     }
 
     /// `name` answered a probe at `at`.
     pub fn answered(&mut self, name: &str, at: Instant) {
-        let last = self
-            .last_answer
-            .entry(name.to_string())
-            .or_insert(self.since);
+        let last = self.last_answer.entry(name.to_string()).or_insert(at);
         *last = (*last).max(at);
     }
 
-    /// How long `name` has been silent at `now`.
+    /// How long `name` has been silent at `now` (zero if it is not being probed).
     pub fn silent_for(&self, name: &str, now: Instant) -> Duration {
-        now.saturating_duration_since(*self.last_answer.get(name).unwrap_or(&self.since))
+        self.last_answer
+            .get(name)
+            .map_or(Duration::ZERO, |last| now.saturating_duration_since(*last))
+    }
+
+    /// Stops tracking nodes not in `names` (they left the ring).
+    pub fn retain<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+        let keep: std::collections::HashSet<&str> = names.into_iter().collect();
+        self.last_answer
+            .retain(|name, _| keep.contains(name.as_str()));
     }
 
     /// Of `names`, those silent for longer than `limit` at `now`.
@@ -71,17 +77,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn silence_counts_from_the_last_answer_or_the_start() {
+    fn silence_counts_from_the_last_answer_or_the_first_probe() {
         let t0 = Instant::now();
-        let mut p = Probes::new(t0);
+        let mut p = Probes::new();
         let s = Duration::from_secs(1);
-        assert!(p.silent(["a"], s, t0 + s / 2).is_empty(), "grace after start");
+        assert!(
+            p.silent(["a"], s, t0 + 2 * s).is_empty(),
+            "never probed: not silent"
+        );
+        p.probing("a", t0);
+        assert!(
+            p.silent(["a"], s, t0 + s / 2).is_empty(),
+            "grace after the first probe"
+        );
         assert_eq!(p.silent(["a"], s, t0 + 2 * s), vec!["a".to_string()]);
         p.answered("a", t0 + 2 * s);
+        p.probing("a", t0 + 3 * s);
         assert!(p.silent(["a"], s, t0 + 2 * s + s / 2).is_empty());
         // An older answer arriving late does not turn the clock back.
         p.answered("a", t0);
         assert_eq!(p.silent_for("a", t0 + 3 * s), s);
+        p.probing("b", t0);
         assert_eq!(p.silent(["a", "b"], s, t0 + 4 * s), vec!["a", "b"]);
+        p.retain(["b"]);
+        assert_eq!(p.silent_for("a", t0 + 9 * s), Duration::ZERO);
     }
 }

@@ -10,8 +10,9 @@ use ringkv_certs::{Identity, PeerIdentity, Role};
 use ringkv_transport::{RingSigner, ServeLimits, Service};
 use ringkv_transport::{Transport, TransportError};
 use ringkv_wire::{
-    AdminReply, AdminRequest, Limits, Liveness, MoveId, MoveReport, NodeEntry, NodeReport,
-    NodeStatus, RangeReport, Reply, ReplyBody, Request, RequestBody, RingMetadata, WireError,
+    AdminReply, AdminRequest, KeyRange, Limits, Liveness, MoveId, MoveReport, NodeEntry,
+    NodeReport, NodeStatus, Position, RangeReport, Reply, ReplyBody, Request, RequestBody,
+    RingMetadata, WireError,
 };
 
 use crate::executor::{Action, Executor, Intent, Outcome, Phase};
@@ -87,10 +88,13 @@ pub async fn bind(
         change: tokio::sync::Mutex::new(()),
         intents,
         log: std::sync::Mutex::new(log),
-        probes: std::sync::Mutex::new(Probes::new(Instant::now())),
+        probes: std::sync::Mutex::new(Probes::new()),
     });
     Ok((endpoint, ecs))
 }
+
+/// How long the ECS waits before it tries again a failover that did not finish.
+const FAILOVER_RETRY: Duration = Duration::from_secs(2);
 
 /// How often the ECS looks for a pending change to drive on.
 const RESUME_EVERY: Duration = Duration::from_secs(1);
@@ -180,8 +184,58 @@ impl Ecs {
         let _change = self.change.lock().await;
         self.finish_pending().await?;
         // A new ring gets the configured factor; a ring with nodes keeps its own.
-        let plan = plan::join_with_replication(&self.metadata(), node, self.config.replication)?;
+        let current = self.metadata();
+        let plan = plan::join_with_replication(&current, node.clone(), self.config.replication)?;
+        self.wipe(&current, &node).await?;
         self.execute(plan).await
+    }
+
+    /// Deletes everything a joining node holds (a node that comes back after it was failed
+    /// over or removed rejoins empty; its copies come from the ring). It is first given the
+    /// current ring, in which it holds nothing, so that it may delete. Refused (and the join
+    /// with it) if the node still holds a ring it belongs to, newer than the ECS's.
+    async fn wipe(&self, current: &RingMetadata, node: &NodeEntry) -> Result<(), EcsError> {
+        if !current.nodes.is_empty() {
+            self.install_at(current, [node]).await;
+        }
+        let everything = KeyRange::new(Position::MAX, Position::MAX);
+        let wiped = self
+            .call(
+                node,
+                RequestBody::DeleteRange { range: everything },
+                self.config.node_timeout,
+            )
+            .await;
+        match wiped.map(|r| r.body) {
+            Ok(ReplyBody::Count(n)) => {
+                if n > 0 {
+                    tracing::warn!(node = %node.name, keys = n, "joining node held data; wiped it");
+                }
+                Ok(())
+            }
+            Ok(other) => Err(EcsError::Refused(format!(
+                "cannot wipe joining node {} before it joins: {other:?}",
+                node.name
+            ))),
+            Err(e) => Err(EcsError::Refused(format!(
+                "cannot reach joining node {} to wipe it: {e}",
+                node.name
+            ))),
+        }
+    }
+
+    /// Whether `node` has answered no probe for `failover_after` in a replicated ring: it is
+    /// (about to be) failed over, so a step a change still owes it can be skipped (an
+    /// install, start or clear after the commit; an abort of a rollback: its lock ends when it
+    /// adopts any later version, and it serves nothing meanwhile).
+    fn given_up(&self, node: &NodeEntry) -> bool {
+        self.metadata().replication > 1
+            && self
+                .probes
+                .lock()
+                .expect("probes lock")
+                .silent_for(&node.name, Instant::now())
+                > self.config.failover_after
     }
 
     /// Removes the node `name` from the ring. A live node's copies (or, without
@@ -251,6 +305,8 @@ impl Ecs {
     async fn watch_liveness(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A failover that did not finish is tried again, but not at every tick.
+        let mut retry_at: std::collections::HashMap<String, Instant> = Default::default();
         loop {
             tick.tick().await;
             let metadata = self.metadata();
@@ -259,6 +315,14 @@ impl Ecs {
                 .iter()
                 .filter(|n| !metadata.is_failed(&n.name))
                 .collect();
+            {
+                let mut probes = self.probes.lock().expect("probes lock");
+                probes.retain(live.iter().map(|n| n.name.as_str()));
+                let now = Instant::now();
+                for n in &live {
+                    probes.probing(&n.name, now);
+                }
+            }
             futures::future::join_all(live.iter().map(|n| self.probe(&n.name))).await;
             if metadata.replication <= 1 {
                 continue;
@@ -271,7 +335,10 @@ impl Ecs {
             if silent.len() * 2 > live.len() {
                 // Most of the ring silent at once is more likely the ECS cut off than the
                 // nodes dead: failing them over could leave no copy of some range.
-                tracing::error!(?silent, "most nodes answer no probe; not failing any over (is the ECS cut off?)");
+                tracing::error!(
+                    ?silent,
+                    "most nodes answer no probe; not failing any over (is the ECS cut off?)"
+                );
                 continue;
             }
             let todo: Vec<String> = silent
@@ -279,6 +346,9 @@ impl Ecs {
                 .chain(metadata.failed.iter().cloned())
                 .collect();
             for name in todo {
+                if retry_at.get(&name).is_some_and(|at| Instant::now() < *at) {
+                    continue;
+                }
                 let Ok(_change) = self.change.try_lock() else {
                     break; // a change is running; look again at the next tick
                 };
@@ -287,8 +357,14 @@ impl Ecs {
                     break;
                 }
                 tracing::warn!(node = %name, silent = ?self.probes.lock().expect("probes lock").silent_for(&name, Instant::now()), "failing over a silent node");
-                if let Err(e) = self.fail_over(&name).await {
-                    tracing::warn!(node = %name, error = %e, "failover not finished; retrying");
+                match self.fail_over(&name).await {
+                    Ok(_) => {
+                        retry_at.remove(&name);
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %name, error = %e, "failover not finished; retrying in {FAILOVER_RETRY:?}");
+                        retry_at.insert(name, Instant::now() + FAILOVER_RETRY);
+                    }
                 }
             }
         }
@@ -473,6 +549,19 @@ impl Ecs {
 
     /// Runs one step of move `id` against its node.
     async fn run_step(&self, step: &Step, id: MoveId, plan: &Plan) -> Outcome {
+        if let Step::Install { node }
+        | Step::Start { node }
+        | Step::Clear { node, .. }
+        | Step::Abort { node, .. } = step
+        {
+            if self.given_up(node) {
+                tracing::warn!(node = %node.name, step = %step.describe(), "skipped: the node is silent and will be failed over");
+                return Outcome::Ok {
+                    stats: None,
+                    node_version: plan.metadata.version,
+                };
+            }
+        }
         let (node, body, timeout) = match step {
             Step::Commit => unreachable!("the commit is an action of its own"),
             Step::Prepare { node, range, from } => (

@@ -168,8 +168,7 @@ impl KvStore {
         let before = self.metadata().version;
         let generation = self.refreshes.load(Ordering::SeqCst);
         let _refreshing = self.refresh.lock().await;
-        if self.metadata().version > before || self.refreshes.load(Ordering::SeqCst) != generation
-        {
+        if self.metadata().version > before || self.refreshes.load(Ordering::SeqCst) != generation {
             // Someone else refreshed while we waited: theirs is as fresh as ours would be.
             return Ok(self.metadata());
         }

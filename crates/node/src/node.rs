@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use ringkv_certs::PeerIdentity;
 use ringkv_transport::{RingAuthority, Transport};
 use ringkv_wire::{
-    ErrorKind, KeyRange, NodeEntry, PeerLiveness, Position, Reply, ReplyBody, Request,
-    RequestBody, RingMetadata, SignedMetadata,
+    ErrorKind, KeyRange, NodeEntry, PeerLiveness, Position, Reply, ReplyBody, Request, RequestBody,
+    RingMetadata, SignedMetadata,
 };
 
 use crate::gossip::{self, GossipState, Membership};
@@ -73,7 +73,11 @@ pub(crate) struct InFlightWrite {
 impl Drop for InFlightWrite {
     fn drop(&mut self) {
         let inflight = &self.owner.inflight;
-        inflight.writes.lock().expect("in-flight lock").remove(&self.id);
+        inflight
+            .writes
+            .lock()
+            .expect("in-flight lock")
+            .remove(&self.id);
         inflight.finished.notify_waiters();
     }
 }

@@ -16,8 +16,7 @@ use tokio::time::Instant;
 
 use crate::frame::{read_frame_until, FrameError};
 use crate::limits::{
-    CLOSE_DRAINED,
-    ConnectionLimiter, ConnectionSlot, ServeLimits, CLOSE_IDLE, CLOSE_NO_ROLE,
+    ConnectionLimiter, ConnectionSlot, ServeLimits, CLOSE_DRAINED, CLOSE_IDLE, CLOSE_NO_ROLE,
     CLOSE_ROLE_NOT_ADMITTED, STREAM_READ_TIMEOUT,
 };
 

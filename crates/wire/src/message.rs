@@ -685,8 +685,13 @@ mod tests {
             arb_metadata().prop_map(AdminReply::Ring),
             (arb_metadata(), proptest::option::of(moved))
                 .prop_map(|(metadata, moved)| AdminReply::Changed { metadata, moved }),
-            (arb_metadata(), proptest::collection::vec(report, 0..4))
-                .prop_map(|(metadata, nodes)| AdminReply::Status { metadata, nodes, ranges: vec![] }),
+            (arb_metadata(), proptest::collection::vec(report, 0..4)).prop_map(
+                |(metadata, nodes)| AdminReply::Status {
+                    metadata,
+                    nodes,
+                    ranges: vec![]
+                }
+            ),
             ".{0,16}".prop_map(AdminReply::Done),
             ".{0,16}".prop_map(AdminReply::Error),
         ]

@@ -217,8 +217,14 @@ async fn down_the_chain(
                         _ if reply.metadata_version < version => {
                             // The successor is behind: hand it ours.
                             if let Some(ours) = view.signed.clone() {
-                                let push = Request::new(version, RequestBody::GossipPush { metadata: ours });
-                                let _ = node.peers.call::<_, ringkv_wire::Reply>(&next.addr, &push, HOP_TIMEOUT).await;
+                                let push = Request::new(
+                                    version,
+                                    RequestBody::GossipPush { metadata: ours },
+                                );
+                                let _ = node
+                                    .peers
+                                    .call::<_, ringkv_wire::Reply>(&next.addr, &push, HOP_TIMEOUT)
+                                    .await;
                             }
                         }
                         _ => {}
@@ -312,6 +318,9 @@ pub async fn replicate(
                 format!("{} refused the chain write: {other:?}", next.name),
             ),
         },
-        Err(e) => error(ErrorKind::Peer, format!("chain write to {}: {e}", next.name)),
+        Err(e) => error(
+            ErrorKind::Peer,
+            format!("chain write to {}: {e}", next.name),
+        ),
     }
 }
