@@ -664,7 +664,7 @@ fn a_partitioned_node_stops_serving_before_it_is_replaced_and_stays_out_when_hea
                         let mut i = 0usize;
                         while !stop.load(Ordering::Relaxed) {
                             let key = &keys[(i * 5 + c) % keys.len()];
-                            if i % 2 == 0 || !writes {
+                            if i.is_multiple_of(2) || !writes {
                                 let _ = record_get(&history, c, &store, key).await;
                             } else {
                                 let value = format!("c{c}-{i}");

@@ -1,4 +1,4 @@
-//! Failure detection and automatic failover (ARCHITECTURE.md §7).
+//! Failure detection and automatic failover (ARCHITECTURE.md §11).
 //!
 //! Every [`EcsConfig::probe_interval`](crate::EcsConfig::probe_interval) the ECS sends each
 //! live node of its ring a `Lease` (a probe that also lets the node serve for

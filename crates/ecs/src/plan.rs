@@ -4,7 +4,7 @@
 //!
 //! One rule covers every change ([`change`]; [`join`], [`leave`], [`fail`] and
 //! [`remove_failed`] build on it). The circle is cut into elementary arcs at the positions
-//! of both rings, and each arc's *chain* (ARCHITECTURE.md §7) under the current metadata is
+//! of both rings, and each arc's *chain* (ARCHITECTURE.md §11) under the current metadata is
 //! compared with its chain under the target:
 //! - every node that newly enters an arc's chain gets a **copy** of it from the *old
 //!   chain's tail* (the one copy known to hold every acknowledged write); adjacent arcs with

@@ -52,7 +52,7 @@ impl RingView {
 }
 
 /// Stripes of the per-key write order at a chain head: two writes of one key never travel
-/// down a chain at the same time (ARCHITECTURE.md §7).
+/// down a chain at the same time (ARCHITECTURE.md §11).
 const WRITE_STRIPES: usize = 4096;
 
 /// The chain writes a head has admitted and not yet finished (their positions), so that
@@ -208,10 +208,15 @@ impl Node {
         }
     }
 
+    /// The replication factor of the ring the node holds.
+    pub fn replication(&self) -> u8 {
+        self.view.read().expect("view lock").metadata.replication
+    }
+
     /// Whether the node may serve: always without replication (nothing else can take over
     /// its range, so nothing needs fencing), else only within a lease from the ECS.
     pub fn leased(&self) -> bool {
-        if self.view.read().expect("view lock").metadata.replication <= 1 {
+        if self.replication() <= 1 {
             return true;
         }
         self.lease_until

@@ -97,9 +97,10 @@ impl Transport {
     /// make room for a retry would abandon slow but live requests (a long `TransferRange`).
     ///
     /// The retry can deliver a request twice (the first attempt may have reached the peer
-    /// before the connection died): the at-least-once semantics a client retry already has
-    /// (ARCHITECTURE.md §7). A failed retry is reported as [`TransportError::Stream`] even if
-    /// it could not connect, because the first attempt may have been applied.
+    /// before the connection died; ARCHITECTURE.md §3). A failed retry is reported as
+    /// [`TransportError::Stream`] even if it could not connect, because the first attempt may
+    /// have been applied — unless the peer had closed the connection saying it took no
+    /// request without answering it ([`TransportError::NotTaken`], ARCHITECTURE.md §11).
     pub async fn call<Q: Serialize, A: DeserializeOwned>(
         &self,
         addr: &str,

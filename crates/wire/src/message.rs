@@ -174,7 +174,7 @@ pub enum RequestBody {
         digest: GossipDigest,
     },
     /// Internal (node), from a chain member to its successor in the chain of `key`'s range
-    /// (ARCHITECTURE.md §7): apply this write (`value: None` deletes), then pass it on to the
+    /// (ARCHITECTURE.md §11): apply this write (`value: None` deletes), then pass it on to the
     /// own successor, and reply `Ok` once every member down to the tail persisted it.
     /// Refused (`NotResponsible`, with the receiver's metadata) unless both hold the same
     /// metadata version (the request's) and the caller is the receiver's predecessor in that

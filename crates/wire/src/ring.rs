@@ -286,7 +286,7 @@ pub const MAX_REPLICATION: u8 = 7;
 /// Versioned ring metadata. Everybody adopts metadata only if its version is higher than the
 /// one held ([`RingMetadata::is_newer_than`]).
 ///
-/// Replication (ARCHITECTURE.md §7): the range `(pred, n]` of node `n` is replicated on the
+/// Replication (ARCHITECTURE.md §11): the range `(pred, n]` of node `n` is replicated on the
 /// *window* of `n` and the next `replication - 1` nodes clockwise (all nodes if there are
 /// fewer). Its **chain** is that window without the nodes marked `failed`, in ring order:
 /// the first is the *head* (takes writes), the last the *tail* (serves reads). A failed node

@@ -1,5 +1,5 @@
 //! The client data path: `Get`, `Put`, `Delete`, and `Replicate`, which carries a write down
-//! its chain (ARCHITECTURE.md §7).
+//! its chain (ARCHITECTURE.md §11).
 //!
 //! A write enters at the head of its key's chain, is made durable there, then travels down
 //! the chain member by member (each persists it before passing it on), and is acknowledged
@@ -48,7 +48,7 @@ pub fn get(node: &Node, key: &[u8]) -> ReplyBody {
     if let Err(reply) = node.check_tail(&key.position) {
         return reply;
     }
-    if node.view().metadata.replication > 1 && node.moves().is_locked(&key.position) {
+    if node.replication() > 1 && node.moves().is_locked(&key.position) {
         return ReplyBody::WriteLocked;
     }
     match node.store.get_hashed(&key) {
@@ -105,7 +105,7 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
     if let Err(reply) = node.check_head(&key.position) {
         return reply;
     }
-    let replicated = node.view().metadata.replication > 1;
+    let replicated = node.replication() > 1;
     // One write of a key down the chain at a time, so every member applies them in the
     // head's order.
     let stripe = if replicated {
