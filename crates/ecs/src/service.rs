@@ -206,6 +206,12 @@ impl Ecs {
                 self.config.node_timeout,
             )
             .await;
+        // Reported like a change that failed at its first step (nothing changed).
+        let aborted = |reason: String| EcsError::Aborted {
+            step: format!("wipe {} before it joins", node.name),
+            reason,
+            version: current.version,
+        };
         match wiped.map(|r| r.body) {
             Ok(ReplyBody::Count(n)) => {
                 if n > 0 {
@@ -213,14 +219,8 @@ impl Ecs {
                 }
                 Ok(())
             }
-            Ok(other) => Err(EcsError::Refused(format!(
-                "cannot wipe joining node {} before it joins: {other:?}",
-                node.name
-            ))),
-            Err(e) => Err(EcsError::Refused(format!(
-                "cannot reach joining node {} to wipe it: {e}",
-                node.name
-            ))),
+            Ok(other) => Err(aborted(format!("{} answered {other:?}", node.name))),
+            Err(e) => Err(aborted(e.to_string())),
         }
     }
 
