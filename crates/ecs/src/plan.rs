@@ -462,6 +462,17 @@ pub fn change(
             affected.push(node);
         }
     }
+    // With replication every live node of the new ring gets it from the ECS, not only the
+    // affected ones: a version that changes no chain (removing a failed node whose chains
+    // were already re-formed) would otherwise reach nobody, and chain writes waiting for a
+    // new version see it at once. Without replication gossip carries it (as before).
+    if current.replication > 1 || target.replication > 1 {
+        for n in &target.nodes {
+            if !affected.contains(&n) {
+                affected.push(n);
+            }
+        }
+    }
     let ring_index =
         |ring: &RingMetadata, n: &NodeEntry| ring.nodes.iter().position(|m| m.name == n.name);
     let mut first: Vec<&NodeEntry> = in_old.clone();
