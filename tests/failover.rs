@@ -24,12 +24,18 @@ const FAILOVER_AFTER: Duration = Duration::from_secs(2);
 /// What "within failover-after and a few seconds" allows on this 2-core machine.
 const SERVED_AGAIN_WITHIN: Duration = Duration::from_secs(8);
 
+/// One cluster at a time: these tests time failovers, and five node processes per test
+/// running side by side on two cores would starve the leases they measure.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Cluster {
     certs: Arc<Certs>,
     ecs: TestEcs,
     _ecs_state: TempDir,
     admin: Transport,
     nodes: Vec<(String, NodeProcess, TempDir)>,
+    /// Last, so that it is released after the processes are gone.
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Cluster {
@@ -39,6 +45,7 @@ impl Cluster {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
+        let serial = ONE_AT_A_TIME.lock().await;
         let certs = Arc::new(Certs::new());
         let ecs_state = tempfile::tempdir().unwrap();
         let ecs = TestEcs::start_with(&certs, ecs_state.path(), |c| {
@@ -49,6 +56,7 @@ impl Cluster {
         .await;
         let admin = certs.admin();
         let mut cluster = Self {
+            _serial: serial,
             certs,
             ecs,
             _ecs_state: ecs_state,
