@@ -293,18 +293,28 @@ pub fn ring_text(metadata: &RingMetadata) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<10} {:<22} {:<12} RANGE",
-        "NAME", "ADDRESS", "POSITION"
+        "{:<10} {:<22} {:<12} {:<27} REPLICAS (head first)",
+        "NAME", "ADDRESS", "POSITION", "RANGE"
     );
-    for (node, range) in metadata.ranges() {
+    for ((node, range), (_, chain)) in metadata.ranges().into_iter().zip(metadata.chains()) {
+        let chain: Vec<&str> = chain.iter().map(|n| n.name.as_str()).collect();
+        let failed = if metadata.is_failed(&node.name) {
+            " (failed)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             s,
-            "{:<10} {:<22} {:<12} ({}…, {}…]",
+            "{:<10} {:<22} {:<12} {:<27} {}{failed}",
             node.name,
             node.addr,
             short(node.position.to_hex()),
-            short(range.start.to_hex()),
-            short(range.end.to_hex())
+            format!(
+                "({}…, {}…]",
+                short(range.start.to_hex()),
+                short(range.end.to_hex())
+            ),
+            chain.join(" -> ")
         );
     }
     s
