@@ -21,6 +21,12 @@
 #                   work tree, because /tmp may be a tmpfs where fsync costs nothing)
 #   BENCH_SKIP_BUILD=1  reuse target/release as it is
 # Needs redis-server, redis-benchmark, redis-cli and jq; installs them with apt-get if missing.
+# Holds /dev/cpu_dma_latency at 0 during the run (python3) when it may.
+#
+# The 3-node rows run two clusters side by side, replication 1 and replication 3 (explicit
+# --replication-factor: the ECS's default is 3), measured one after the other for each
+# scenario; a table of R=3 / R=1 ratios follows, with the node counters' mean group commit
+# of the put runs (`ringkv-bench node-stats`).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -88,6 +94,21 @@ wait_until() { # seconds description command...
     done
 }
 
+# Holds /dev/cpu_dma_latency at 0 (no deep C-states, which add wake-up latency to every
+# request) while this script runs.
+hold_cpu_dma_latency() {
+    if [[ ! -w /dev/cpu_dma_latency ]]; then
+        say "cannot write /dev/cpu_dma_latency: latencies include C-state exits"
+        return
+    fi
+    python3 -c 'import os, struct, time
+fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+os.write(fd, struct.pack("i", 0))
+time.sleep(1e6)' &
+    PIDS+=($!)
+    say "holding /dev/cpu_dma_latency at 0 (pid $!)"
+}
+
 # --- servers -----------------------------------------------------------------------------------------
 start_ringkv() {
     RINGKV_PORT=$(free_port)
@@ -99,32 +120,43 @@ start_ringkv() {
     say "ringkv-node n1 on $RINGKV_ADDR (data in $TMP/ringkv-n1)"
 }
 
-# The 3-node cluster: `ringkv-ecs serve` and three `ringkv-node` processes (own certificate,
-# port and data dir each), added to the ring through the ECS like an operator would. Sets
-# RINGKV3_SEEDS (comma-separated). Redis stays one process: its multi-node equivalent would
-# be a cluster with replicas, a different thing, so 3-node rows compare with the same redis.
-start_ringkv_three_nodes() {
-    local ecs_port i port seeds=()
+# A 3-node cluster: `ringkv-ecs serve --replication-factor R` and three `ringkv-node`
+# processes (own certificate, port and data dir each), added to the ring through the ECS like
+# an operator would. The factor is passed explicitly (the ECS's default is 3) and checked in
+# the ECS's status, so a changed default cannot silently change what a row means. Sets
+# CLUSTER_SEEDS (comma-separated) and CLUSTER_ECS. Redis stays one process: its multi-node
+# equivalent would be a cluster with replicas, a different thing, so 3-node rows compare with
+# the same redis.
+start_ringkv_cluster() { # tag (node names <tag>1..3) replication-factor
+    local tag=$1 rf=$2 ecs_port i port seeds=()
     ecs_port=$(free_port)
-    RUST_LOG=warn "$BIN/ringkv-ecs" --certs "$TMP/certs" --identity ecs serve \
-        --listen "127.0.0.1:$ecs_port" --state-dir "$TMP/ecs-state" >"$TMP/ecs.log" 2>&1 &
+    # info: the ECS logs a failover ("failing over a silent node") at warn, and the table
+    # says whether one happened during the run.
+    RUST_LOG=ringkv_ecs=info NO_COLOR=1 "$BIN/ringkv-ecs" --certs "$TMP/certs" --identity ecs serve \
+        --listen "127.0.0.1:$ecs_port" --state-dir "$TMP/ecs-$tag-state" \
+        --replication-factor "$rf" >"$TMP/ecs-$tag.log" 2>&1 &
     PIDS+=($!)
     for i in 1 2 3; do
         port=$(free_port)
-        RUST_LOG=warn "$BIN/ringkv-node" --name "c$i" --listen "127.0.0.1:$port" \
-            --data-dir "$TMP/ringkv3-c$i" --certs "$TMP/certs" >"$TMP/ringkv3-c$i.log" 2>&1 &
+        RUST_LOG=warn "$BIN/ringkv-node" --name "$tag$i" --listen "127.0.0.1:$port" \
+            --data-dir "$TMP/ringkv3-$tag$i" --certs "$TMP/certs" >"$TMP/ringkv3-$tag$i.log" 2>&1 &
         PIDS+=($!)
         seeds+=("127.0.0.1:$port")
     done
-    wait_until 20 "ringkv-ecs" "$BIN/ringkv-ecs" --ecs "127.0.0.1:$ecs_port" --certs "$TMP/certs" ring
+    wait_until 20 "ringkv-ecs ($tag)" "$BIN/ringkv-ecs" --ecs "127.0.0.1:$ecs_port" --certs "$TMP/certs" ring
     sleep 1 # the nodes bind their sockets at once; give them a moment before the ECS dials
     for i in 1 2 3; do
         "$BIN/ringkv-ecs" --ecs "127.0.0.1:$ecs_port" --certs "$TMP/certs" \
-            add-node --name "c$i" --addr "${seeds[$((i - 1))]}" >>"$TMP/ecs.log" ||
-            die "adding c$i failed (see $TMP/ecs.log)"
+            add-node --name "$tag$i" --addr "${seeds[$((i - 1))]}" >>"$TMP/ecs-$tag.log" ||
+            die "adding $tag$i failed (see $TMP/ecs-$tag.log)"
     done
-    RINGKV3_SEEDS=$(IFS=,; echo "${seeds[*]}")
-    say "3-node cluster c1..c3 on $RINGKV3_SEEDS, ECS on 127.0.0.1:$ecs_port"
+    local copies
+    copies=$("$BIN/ringkv-ecs" --ecs "127.0.0.1:$ecs_port" --certs "$TMP/certs" status |
+        sed -n 's/^replicas (\([0-9]*\) copies.*/\1/p')
+    [[ $copies == "$rf" ]] || die "cluster $tag: asked for replication $rf, its ECS reports ${copies:-nothing}"
+    CLUSTER_SEEDS=$(IFS=,; echo "${seeds[*]}")
+    CLUSTER_ECS=127.0.0.1:$ecs_port
+    say "3-node cluster ${tag}1..${tag}3 (R=$rf) on $CLUSTER_SEEDS, ECS on $CLUSTER_ECS"
 }
 
 REDIS_TLS=0
@@ -244,17 +276,51 @@ ROWS=()
 row() { ROWS+=("$(printf '%s|' "$@")"); }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 
-table_line() { printf '%-22s %-7s %-34s %10s %8s %8s %13s %s\n' "$@"; }
+table_line() { printf '%-26s %-7s %-40s %10s %8s %8s %13s %s\n' "$@"; }
 
 print_table() {
     table_line scenario system "config (durability)" "ops/s" "p50 us" "p99 us" "ringkv/redis" ""
-    printf '%.0s-' {1..112}
+    printf '%.0s-' {1..122}
     echo
     local r
     for r in "${ROWS[@]}"; do
         IFS='|' read -r -a f <<<"$r"
         table_line "${f[@]:0:8}"
     done
+}
+
+# R=1 vs R=3 of each 3-node scenario: "scenario|ops p50 p99 (R=1)|ops p50 p99 (R=3)".
+REPL_ROWS=()
+print_replication_table() {
+    echo "replication cost, 3 nodes, measured back to back in this run (ratio = R=3 / R=1):"
+    local fmt='%-16s %10s %10s %6s %8s %8s %6s %8s %8s %6s\n'
+    # shellcheck disable=SC2059
+    printf "$fmt" scenario "R=1 ops/s" "R=3 ops/s" ratio "R=1 p50" "R=3 p50" ratio "R=1 p99" "R=3 p99" ratio
+    local r name a b o1 p1 q1 o3 p3 q3
+    for r in "${REPL_ROWS[@]}"; do
+        IFS='|' read -r name a b <<<"$r"
+        read -r o1 p1 q1 <<<"$a"
+        read -r o3 p3 q3 <<<"$b"
+        # shellcheck disable=SC2059
+        printf "$fmt" "$name" "$o1" "$o3" "$(ratio "$o3" "$o1")" "$p1" "$p3" "$(ratio "$p3" "$p1")" \
+            "$q1" "$q3" "$(ratio "$q3" "$q1")"
+    done
+}
+
+# Every node's counters (JSON from `ringkv-bench node-stats`), or {} if the ECS did not answer.
+node_stats() { # ecs-addr
+    "$BIN/ringkv-bench" node-stats --ecs "$1" --certs "$TMP/certs" 2>>"$TMP/ringkv-bench.log" || echo '{}'
+}
+
+# "name: node writes/commits = mean group, ..." from two node_stats snapshots.
+COMMIT_NOTES=()
+commit_note() { # name before-json after-json
+    COMMIT_NOTES+=("$1: $(jq -rn --argjson b "$2" --argjson a "$3" '
+        [$a.nodes // {} | to_entries[] | .key as $n
+         | ((.value.writes // 0) - ($b.nodes[$n].writes // 0)) as $w
+         | ((.value.write_commits // 0) - ($b.nodes[$n].write_commits // 0)) as $c
+         | "\($n) \($w)/\($c) = \(if $c > 0 then ($w / $c * 10 | round / 10) else "-" end)"]
+        | join(", ")')")
 }
 
 # --- main ----------------------------------------------------------------------------------------------
@@ -275,9 +341,11 @@ main() {
     "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role admin --name admin >/dev/null
     local i
     for i in 1 2 3; do
-        "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role node --name "c$i" --san 127.0.0.1 >/dev/null
+        "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role node --name "r1n$i" --san 127.0.0.1 >/dev/null
+        "$BIN/ringkv-certs" issue --dir "$TMP/certs" --role node --name "r3n$i" --san 127.0.0.1 >/dev/null
     done
 
+    hold_cpu_dma_latency
     probe_redis_tls
     [[ $REDIS_TLS == 1 ]] || say "skipped: redis mTLS rows ($REDIS_TLS_WHY)"
     start_ringkv
@@ -285,21 +353,29 @@ main() {
     local plain_port=$REDIS_PORT plain_tls_port=$REDIS_TLS_PORT
     start_redis durable --appendonly yes --appendfsync always
     local durable_port=$REDIS_PORT durable_tls_port=$REDIS_TLS_PORT
-    start_ringkv_three_nodes
+    # Both 3-node clusters run from here on (idle but for the ECS's probes while the
+    # other is measured); only one system is measured at a time.
+    start_ringkv_cluster r1n 1
+    local r1_seeds=$CLUSTER_SEEDS r1_ecs=$CLUSTER_ECS
+    start_ringkv_cluster r3n 3
+    local r3_seeds=$CLUSTER_SEEDS r3_ecs=$CLUSTER_ECS
 
     local systems=$((2 + REDIS_TLS))
     local scenarios=$((${#SIZES[@]} * ${#CLIENT_COUNTS[@]} * ${#OPS[@]}))
+    # 3-node scenarios: 100 B, every client count, both operations; R=1, R=3 and redis each.
+    local scenarios3=$((${#CLIENT_COUNTS[@]} * ${#OPS[@]}))
+    local runs=$((scenarios * systems + scenarios3 * 3))
     local per_run
-    per_run=$(awk -v t="$BENCH_SECONDS" -v n=$((scenarios * systems)) \
+    per_run=$(awk -v t="$BENCH_SECONDS" -v n=$runs \
         'BEGIN { s = t / n; printf "%.1f", (s < 1 ? 1 : s) }')
-    say "$scenarios scenarios x $systems systems, $per_run s each (BENCH_SECONDS=$BENCH_SECONDS)"
+    say "$runs runs ($scenarios 1-node scenarios x $systems systems, $scenarios3 3-node scenarios x 3), $per_run s each (BENCH_SECONDS=$BENCH_SECONDS)"
 
     local size clients op
     for size in "${SIZES[@]}"; do
         preload_redis "$plain_port" "$size"
         for clients in "${CLIENT_COUNTS[@]}"; do
             for op in "${OPS[@]}"; do
-                local name="$op ${size}B c=$clients 1node"
+                local name="$op ${size}B c=$clients 1node R=1"
                 local port=$plain_port tls_port=$plain_tls_port rconf="no persistence"
                 local kconf="1 QUIC conn, mTLS"
                 if [[ $op == put ]]; then
@@ -325,28 +401,64 @@ main() {
         done
     done
 
-    # 3 nodes on the same 2 cores: 100 B, 50 clients, against the same redis servers.
-    for op in "${OPS[@]}"; do
-        local name="$op 100B c=50 3nodes" port=$plain_port rconf="no persistence"
-        local kconf="3 nodes, mTLS"
-        if [[ $op == put ]]; then
-            port=$durable_port rconf="appendfsync always" kconf="3 nodes, fsync group commit, mTLS"
-        fi
-        say "$name: ringkv"
-        read -r k_ops k_p50 k_p99 k_note <<<"$(run_ringkv 50 100 "$op" "$per_run" "$RINGKV3_SEEDS")"
-        [[ -n $k_ops ]] || die "no ringkv result for $name"
-        say "$name: redis ($rconf)"
-        read -r r_ops r_p50 r_p99 _ <<<"$(run_redis "$port" 50 100 "$op" "$per_run" 0)"
-        row "$name" ringkv "$kconf" "$k_ops" "$k_p50" "$k_p99" "-" "${k_note:-}"
-        row "" redis "$rconf" "$r_ops" "$r_p50" "$r_p99" "$(ratio "$k_ops" "$r_ops")" ""
+    # 3 nodes on the same 2 cores, replication 1 and 3 back to back: 100 B, against the same
+    # redis servers (plain redis holds 100 B values again: the loop above left 4 KiB ones).
+    preload_redis "$plain_port" 100
+    local r1 r3 before after
+    for clients in "${CLIENT_COUNTS[@]}"; do
+        for op in "${OPS[@]}"; do
+            local name="$op 100B c=$clients 3nodes" port=$plain_port rconf="no persistence"
+            local kconf="3 nodes, mTLS"
+            if [[ $op == put ]]; then
+                port=$durable_port rconf="appendfsync always" kconf="3 nodes, fsync group commit, mTLS"
+            fi
+            say "$name: ringkv R=1"
+            before=$(node_stats "$r1_ecs")
+            read -r k_ops k_p50 k_p99 k_note <<<"$(run_ringkv "$clients" 100 "$op" "$per_run" "$r1_seeds")"
+            [[ -n $k_ops ]] || die "no ringkv R=1 result for $name"
+            after=$(node_stats "$r1_ecs")
+            r1="$k_ops $k_p50 $k_p99"
+            row "$name R=1" ringkv "R=1, $kconf" "$k_ops" "$k_p50" "$k_p99" "-" "${k_note:-}"
+            [[ $op == put ]] && commit_note "$name R=1" "$before" "$after"
+            say "$name: ringkv R=3"
+            before=$(node_stats "$r3_ecs")
+            read -r k_ops k_p50 k_p99 k_note <<<"$(run_ringkv "$clients" 100 "$op" "$per_run" "$r3_seeds")"
+            [[ -n $k_ops ]] || die "no ringkv R=3 result for $name"
+            after=$(node_stats "$r3_ecs")
+            r3="$k_ops $k_p50 $k_p99"
+            row "$name R=3" ringkv "R=3, $kconf" "$k_ops" "$k_p50" "$k_p99" "-" "${k_note:-}"
+            [[ $op == put ]] && commit_note "$name R=3" "$before" "$after"
+            say "$name: redis ($rconf)"
+            read -r r_ops r_p50 r_p99 _ <<<"$(run_redis "$port" "$clients" 100 "$op" "$per_run" 0)"
+            [[ -n $r_ops ]] || die "no redis result for $name"
+            row "" redis "$rconf" "$r_ops" "$r_p50" "$r_p99" \
+                "$(ratio "${r1%% *}" "$r_ops") / $(ratio "${r3%% *}" "$r_ops")" ""
+            REPL_ROWS+=("$op 100B c=$clients|$r1|$r3")
+        done
     done
 
     echo
     echo "ringkv vs redis on $(nproc) cores, $(uname -r), data on $(df -PT "$TMP" | awk 'NR == 2 { print $2 }');" \
         "$per_run s per run, keyspace $KEYSPACE, $(redis-server --version | awk '{print $3}')"
     echo "ringkv/redis = ringkv ops/s / that redis row's ops/s; latencies in µs (redis: its ms figures x1000)"
+    echo "R=1 / R=3: the ring's replication factor (1node: a standalone node, always 1); in the 3-node"
+    echo "sections the redis row's ratio is R=1 row / redis and R=3 row / redis"
     print_table
     [[ $REDIS_TLS == 1 ]] || echo "redis mTLS rows skipped: $REDIS_TLS_WHY"
+    echo
+    print_replication_table
+    echo
+    echo "group commits of the 3-node put runs (node counters writes / write_commits over the run, per node):"
+    local n
+    for n in "${COMMIT_NOTES[@]}"; do echo "  $n"; done
+    local failovers
+    failovers=$(grep -h "failing over\|node marked failed" "$TMP"/ecs-r1n.log "$TMP"/ecs-r3n.log 2>/dev/null || true)
+    if [[ -n $failovers ]]; then
+        echo "WARNING: an ECS failed a node over during the run (its rows are suspect):"
+        echo "$failovers"
+    else
+        echo "no failover during the run (ECS logs checked)"
+    fi
 }
 
 main "$@"

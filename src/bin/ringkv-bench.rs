@@ -18,6 +18,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -605,21 +606,459 @@ fn print_text(args: &Args, r: &Report) {
     }
 }
 
+/// What `ringkv-bench failover` measures.
+#[derive(Debug, Clone, clap::Args)]
+struct FailoverArgs {
+    /// Seed node address (host:port); repeat or comma-separate for several.
+    #[arg(long = "seed", value_delimiter = ',', required = true)]
+    seeds: Vec<String>,
+    /// Directory holding ca.pem and the client certificate.
+    #[arg(long, default_value = "certs")]
+    certs: PathBuf,
+    /// Name of the client certificate in the certs directory.
+    #[arg(long, default_value = "client")]
+    identity: String,
+    /// Ring name of the node to kill.
+    #[arg(long)]
+    victim: String,
+    /// Process id of that node: it gets SIGKILL.
+    #[arg(long)]
+    kill_pid: i32,
+    /// Writes started per second, whatever their completion (open loop: a write stuck on
+    /// the dead node does not hold back the next ones).
+    #[arg(long, default_value_t = 200.0, value_parser = positive_seconds)]
+    rate: f64,
+    /// Most writes in flight at once; a start beyond it is skipped (and counted).
+    #[arg(long, default_value_t = 2000)]
+    max_in_flight: usize,
+    /// Number of distinct keys written.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    keyspace: u64,
+    /// Value size of the writes, in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Seconds of load before the kill.
+    #[arg(long, default_value_t = 2.0, value_parser = seconds)]
+    before: f64,
+    /// Seconds of load after every role (head, middle, tail) of the victim has seen a write
+    /// succeed again.
+    #[arg(long, default_value_t = 1.0, value_parser = seconds)]
+    after: f64,
+    /// Give up this many seconds after the kill.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
+    timeout: f64,
+    /// Print the report as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also write every write as a CSV line (started and done in ms since the kill, the
+    /// victim's role in the key's chain, the error if any) to this file.
+    #[arg(long)]
+    records: Option<PathBuf>,
+}
+
+/// The victim's place in a key's chain under the ring before the kill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    Head,
+    Middle,
+    Tail,
+    /// Not in the chain.
+    None,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Head => "head",
+            Role::Middle => "middle",
+            Role::Tail => "tail",
+            Role::None => "unaffected",
+        }
+    }
+}
+
+/// One write of the failover run.
+struct WriteRecord {
+    started: Instant,
+    done: Instant,
+    role: Role,
+    error: Option<String>,
+}
+
+/// Milliseconds from `from` to `to` (negative if `to` is earlier).
+fn ms_between(from: Instant, to: Instant) -> f64 {
+    if to >= from {
+        to.duration_since(from).as_secs_f64() * 1e3
+    } else {
+        -(from.duration_since(to).as_secs_f64() * 1e3)
+    }
+}
+
+/// Kills `--victim` under an open-loop write load and reports when writes to keys whose
+/// chain held it succeeded again.
+async fn failover(args: &FailoverArgs) -> anyhow::Result<serde_json::Value> {
+    let identity = Identity::from_dir(&args.certs, &args.identity)
+        .with_context(|| format!("loading client identity '{}'", args.identity))?;
+    let store = Rc::new(
+        KvStore::connect(ClientConfig::new(args.seeds.clone(), identity))
+            .await
+            .with_context(|| format!("connecting to {}", args.seeds.join(",")))?,
+    );
+    let before = store.refresh_metadata().await?;
+    if before.node(&args.victim).is_none() || before.is_failed(&args.victim) {
+        anyhow::bail!(
+            "{} is not a live node of ring version {}",
+            args.victim,
+            before.version
+        );
+    }
+    // Every key's role for the victim, under the ring before the kill.
+    let mut key = Vec::with_capacity(32);
+    let roles: Rc<Vec<Role>> = Rc::new(
+        (0..args.keyspace)
+            .map(|k| {
+                write_key(&mut key, k);
+                let chain = before.chain_for_key(&key);
+                match chain.iter().position(|n| n.name == args.victim) {
+                    None => Role::None,
+                    Some(0) => Role::Head,
+                    Some(i) if i + 1 == chain.len() => Role::Tail,
+                    Some(_) => Role::Middle,
+                }
+            })
+            .collect(),
+    );
+    let mut rng = SmallRng::seed_from_u64(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    );
+    let values = Rc::new(Values::new(args.value_size, &mut rng));
+    let records: Rc<RefCell<Vec<WriteRecord>>> = Rc::default();
+    let in_flight = Rc::new(std::cell::Cell::new(0usize));
+    let mut skipped = 0u64;
+    let mut tasks = Vec::new();
+
+    let period = Duration::from_secs_f64(1.0 / args.rate);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let started = Instant::now();
+    let kill_due = started + Duration::from_secs_f64(args.before);
+    let mut killed_at: Option<Instant> = None;
+    let mut killed_at_unix = 0.0;
+    let mut client_saw_failover: Option<Instant> = None;
+    let mut stop_at: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        if killed_at.is_none() && now >= kill_due {
+            // SAFETY: kill(2) with a pid given by the operator; no memory is involved.
+            if unsafe { libc::kill(args.kill_pid, libc::SIGKILL) } != 0 {
+                anyhow::bail!(
+                    "kill -9 {}: {}",
+                    args.kill_pid,
+                    std::io::Error::last_os_error()
+                );
+            }
+            killed_at = Some(Instant::now());
+            killed_at_unix = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            eprintln!(
+                "ringkv-bench: killed {} (pid {})",
+                args.victim, args.kill_pid
+            );
+        }
+        if let Some(k) = killed_at {
+            if client_saw_failover.is_none() {
+                let m = store.metadata();
+                if m.version > before.version
+                    && (m.is_failed(&args.victim) || m.node(&args.victim).is_none())
+                {
+                    client_saw_failover = Some(now);
+                }
+            }
+            if stop_at.is_none() {
+                let recs = records.borrow();
+                let recovered = [Role::Head, Role::Middle, Role::Tail]
+                    .iter()
+                    .filter(|role| roles.contains(role))
+                    .all(|role| {
+                        recs.iter()
+                            .any(|r| r.role == *role && r.error.is_none() && r.started >= k)
+                    });
+                if recovered {
+                    stop_at = Some(now + Duration::from_secs_f64(args.after));
+                }
+            }
+            if now.duration_since(k).as_secs_f64() > args.timeout
+                || stop_at.is_some_and(|s| now >= s)
+            {
+                break;
+            }
+        }
+        if in_flight.get() >= args.max_in_flight {
+            skipped += 1;
+            continue;
+        }
+        let k = rng.random_range(0..args.keyspace);
+        let role = roles[k as usize];
+        let value = values.pick(&mut rng).to_vec();
+        let (store, records, in_flight) = (store.clone(), records.clone(), in_flight.clone());
+        in_flight.set(in_flight.get() + 1);
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut key = Vec::with_capacity(32);
+            write_key(&mut key, k);
+            let started = Instant::now();
+            let result = store.put(&key, &value).await;
+            records.borrow_mut().push(WriteRecord {
+                started,
+                done: Instant::now(),
+                role,
+                error: result.err().map(|e| format!("{}: {e}", error_kind(&e))),
+            });
+            in_flight.set(in_flight.get() - 1);
+        }));
+    }
+    // Writes still in flight get a moment, then are dropped (and reported as such).
+    let grace = Instant::now() + Duration::from_secs(2);
+    while in_flight.get() > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let unfinished = in_flight.get();
+    for t in tasks {
+        t.abort();
+    }
+    let after = store.metadata();
+    store.disconnect().await;
+
+    let killed_at = killed_at.context("the run ended before the kill")?;
+    let recs = records.borrow();
+    if let Some(path) = &args.records {
+        let mut csv = String::from("started_ms,done_ms,role,error\n");
+        for r in recs.iter() {
+            let _ = writeln!(
+                csv,
+                "{:.2},{:.2},{},{}",
+                ms_between(killed_at, r.started),
+                ms_between(killed_at, r.done),
+                r.role.name(),
+                r.error.as_deref().unwrap_or("").replace(',', ";")
+            );
+        }
+        std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut by_role = serde_json::Map::new();
+    for role in [Role::Head, Role::Middle, Role::Tail, Role::None] {
+        let mine = || recs.iter().filter(move |r| r.role == role);
+        // Writes started after the kill: the first to succeed, and the slowest.
+        let first_ok = mine()
+            .filter(|r| r.started >= killed_at && r.error.is_none())
+            .map(|r| r.done)
+            .min();
+        let first_ok_start = mine()
+            .filter(|r| r.started >= killed_at && r.error.is_none())
+            .min_by_key(|r| r.done)
+            .map(|r| r.started);
+        let max_latency = mine()
+            .filter(|r| r.started >= killed_at)
+            .map(|r| r.done.duration_since(r.started))
+            .max();
+        // Writes started before the kill that finished after it: the last to finish.
+        let stalled_until = mine()
+            .filter(|r| r.started < killed_at && r.done >= killed_at)
+            .map(|r| r.done)
+            .max();
+        let errors = mine().filter(|r| r.error.is_some()).count();
+        by_role.insert(
+            role.name().into(),
+            json!({
+                "writes": mine().count(),
+                "started_after_kill": mine().filter(|r| r.started >= killed_at).count(),
+                "first_ok_after_kill_ms": first_ok.map(|t| round2(ms_between(killed_at, t))),
+                "that_write_started_ms": first_ok_start.map(|t| round2(ms_between(killed_at, t))),
+                "max_latency_after_kill_ms": max_latency.map(|d| round2(d.as_secs_f64() * 1e3)),
+                "in_flight_at_kill_done_by_ms": stalled_until.map(|t| round2(ms_between(killed_at, t))),
+                "errors": errors,
+            }),
+        );
+    }
+    let affected_first_ok = recs
+        .iter()
+        .filter(|r| r.role != Role::None && r.started >= killed_at && r.error.is_none())
+        .map(|r| r.done)
+        .min();
+    let mut errors: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for r in recs.iter() {
+        if let Some(e) = &r.error {
+            let kind = e.split(':').next().unwrap_or_default().to_string();
+            errors.entry(kind).or_insert((0, e.clone())).0 += 1;
+        }
+    }
+    let errors: serde_json::Map<String, serde_json::Value> = errors
+        .into_iter()
+        .map(|(k, (count, first))| (k, json!({ "count": count, "first": first })))
+        .collect();
+    Ok(json!({
+        "victim": args.victim,
+        "killed_at_unix": killed_at_unix,
+        "rate_per_s": args.rate,
+        "keyspace": args.keyspace,
+        "value_size": args.value_size,
+        "ring_version_before": before.version,
+        "ring_version_after": after.version,
+        "victim_failed_or_gone_after": after.is_failed(&args.victim) || after.node(&args.victim).is_none(),
+        "failover_ms": affected_first_ok.map(|t| round2(ms_between(killed_at, t))),
+        "client_saw_failover_ms": client_saw_failover.map(|t| round2(ms_between(killed_at, t))),
+        "by_role": by_role,
+        "writes": recs.len(),
+        "skipped_starts": skipped,
+        "unfinished": unfinished,
+        "errors": errors,
+    }))
+}
+
+fn print_failover_text(r: &serde_json::Value) {
+    let ms = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |m| format!("{m:.0}"));
+    println!(
+        "killed {} (ring version {} -> {}; client saw it failed after {} ms)",
+        r["victim"].as_str().unwrap_or_default(),
+        r["ring_version_before"],
+        r["ring_version_after"],
+        ms(&r["client_saw_failover_ms"])
+    );
+    println!(
+        "first successful write to a key whose chain held it, started after the kill: {} ms after the kill",
+        ms(&r["failover_ms"])
+    );
+    println!(
+        "{:<11} {:>7} {:>12} {:>14} {:>14} {:>16} {:>7}",
+        "victim was",
+        "writes",
+        "after kill",
+        "first ok ms",
+        "max lat ms",
+        "stalled done ms",
+        "errors"
+    );
+    for role in ["head", "middle", "tail", "unaffected"] {
+        let x = &r["by_role"][role];
+        println!(
+            "{role:<11} {:>7} {:>12} {:>14} {:>14} {:>16} {:>7}",
+            x["writes"],
+            x["started_after_kill"],
+            ms(&x["first_ok_after_kill_ms"]),
+            ms(&x["max_latency_after_kill_ms"]),
+            ms(&x["in_flight_at_kill_done_by_ms"]),
+            x["errors"]
+        );
+    }
+    println!(
+        "writes {}, skipped starts {}, unfinished {}, errors {}",
+        r["writes"], r["skipped_starts"], r["unfinished"], r["errors"]
+    );
+}
+
+/// What `ringkv-bench node-stats` asks.
+#[derive(Debug, Clone, clap::Args)]
+struct NodeStatsArgs {
+    /// Address of the ECS.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    ecs: String,
+    /// Directory holding ca.pem and the admin certificate.
+    #[arg(long, default_value = "certs")]
+    certs: PathBuf,
+    /// Name of the admin certificate in --certs.
+    #[arg(long, default_value = "admin")]
+    identity: String,
+}
+
+/// Every node's counters from the ECS's `status`, as one JSON object keyed by node name:
+/// keys, writes and write_commits (`writes / write_commits` is the mean group commit).
+async fn node_stats(args: &NodeStatsArgs) -> anyhow::Result<serde_json::Value> {
+    let identity = Identity::from_dir(&args.certs, &args.identity)
+        .with_context(|| format!("loading admin identity '{}'", args.identity))?;
+    let transport = ringkv_transport::Transport::bind_client(
+        &identity,
+        ringkv_wire::Limits::default(),
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )?;
+    let reply: ringkv_wire::AdminReply = transport
+        .call(
+            &args.ecs,
+            &ringkv_wire::AdminRequest::Status,
+            Duration::from_secs(30),
+        )
+        .await
+        .with_context(|| format!("asking the ECS at {}", args.ecs))?;
+    transport.close().await;
+    let ringkv_wire::AdminReply::Status {
+        metadata, nodes, ..
+    } = reply
+    else {
+        anyhow::bail!("unexpected reply to status: {reply:?}");
+    };
+    let nodes: serde_json::Map<String, serde_json::Value> = nodes
+        .iter()
+        .map(|n| {
+            let v = match &n.status {
+                Some(s) => json!({
+                    "keys": s.keys,
+                    "writes": s.writes,
+                    "write_commits": s.write_commits,
+                    "failed": metadata.is_failed(&n.name),
+                }),
+                None => json!({ "error": n.error, "failed": metadata.is_failed(&n.name) }),
+            };
+            (n.name.clone(), v)
+        })
+        .collect();
+    Ok(json!({
+        "version": metadata.version,
+        "replication": metadata.replication,
+        "nodes": nodes,
+    }))
+}
+
 /// Benchmarks other than the load benchmark.
 #[derive(Debug, clap::Subcommand)]
 enum BenchCommand {
     /// Start a local cluster (ECS + one node), load it, add a second node while a writer
     /// runs; report MB/s moved, move time and how long writes were blocked by the handover.
     Rebalance(ringkv::rebalance::RebalanceArgs),
+    /// Kill (SIGKILL) one node of a running replicated cluster under an open-loop write
+    /// load; report when writes to keys whose chain held it succeeded again, by the node's
+    /// role in the chain (head, middle, tail).
+    Failover(FailoverArgs),
+    /// Print every node's keys, writes and write_commits (from the ECS's status) as JSON.
+    NodeStats(NodeStatsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     ringkv::cli::init_tracing("warn");
     let args = Args::parse();
     let runtime = ringkv::cli::runtime()?;
-    if let Some(BenchCommand::Rebalance(rebalance)) = &args.command {
-        print!("{}", runtime.block_on(ringkv::rebalance::run(rebalance))?);
-        return Ok(());
+    match &args.command {
+        Some(BenchCommand::Rebalance(rebalance)) => {
+            print!("{}", runtime.block_on(ringkv::rebalance::run(rebalance))?);
+            return Ok(());
+        }
+        Some(BenchCommand::Failover(failover_args)) => {
+            let report =
+                tokio::task::LocalSet::new().block_on(&runtime, failover(failover_args))?;
+            if failover_args.json {
+                println!("{report}");
+            } else {
+                print_failover_text(&report);
+            }
+            return Ok(());
+        }
+        Some(BenchCommand::NodeStats(stats_args)) => {
+            println!("{}", runtime.block_on(node_stats(stats_args))?);
+            return Ok(());
+        }
+        None => {}
     }
     let report = tokio::task::LocalSet::new().block_on(&runtime, bench(&args))?;
     if args.json {
