@@ -238,6 +238,33 @@ impl KvStore {
         }
     }
 
+    /// Sends `request` to `addr`; if it is not answered within [`SLOW_REQUEST`], refreshes
+    /// the ring while still waiting for the answer (once), so that a dead node's replacement
+    /// is known to the requests that come next. The answer is this request's in any case.
+    async fn send_watching(
+        &self,
+        addr: &str,
+        request: &Request,
+    ) -> Result<ringkv_wire::Reply, ringkv_transport::TransportError> {
+        let answer = self.transport.request(addr, request);
+        tokio::pin!(answer);
+        tokio::select! {
+            biased;
+            reply = &mut answer => return reply,
+            () = tokio::time::sleep(SLOW_REQUEST) => {}
+        }
+        let refresh = self.refresh_metadata();
+        tokio::pin!(refresh);
+        let mut refreshing = true;
+        loop {
+            tokio::select! {
+                biased;
+                reply = &mut answer => return reply,
+                _ = &mut refresh, if refreshing => refreshing = false,
+            }
+        }
+    }
+
     /// Routes `body` for `key` to the responsible node and retries until it gets an answer
     /// that is not "try again", or the deadline passes.
     async fn execute(&self, key: &[u8], body: RequestBody) -> Result<ReplyBody, KvError> {
@@ -262,7 +289,7 @@ impl KvStore {
                 return Err(KvError::NoRing);
             };
             request.metadata_version = metadata.version;
-            let last = match self.transport.request(&owner.addr, &request).await {
+            let last = match self.send_watching(&owner.addr, &request).await {
                 Ok(reply) => match reply.body {
                     ReplyBody::NotResponsible { metadata: theirs } => {
                         self.counters
@@ -328,6 +355,10 @@ impl KvStore {
         }
     }
 }
+
+/// A request unanswered for this long makes the client refresh its ring meanwhile (the node
+/// may be dead and replaced: later requests then go to its successor at once).
+const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How long a metadata refresh waits for the other nodes once one has answered.
 const STRAGGLERS: std::time::Duration = std::time::Duration::from_millis(100);

@@ -1,9 +1,10 @@
 //! The client data path: `Get`, `Put`, `Delete`, and `Replicate`, which carries a write down
 //! its chain (ARCHITECTURE.md §11).
 //!
-//! A write enters at the head of its key's chain, is made durable there, then travels down
-//! the chain member by member (each persists it before passing it on), and is acknowledged
-//! once the tail has persisted it. Reads are served by the tail, which holds only writes
+//! A write enters at the head of its key's chain and travels down the chain member by
+//! member; each member persists it while passing it on, and answers its predecessor once it
+//! has persisted it and its successor has answered, so the head acknowledges it once every
+//! member has persisted it. Reads are served by the tail, which holds only writes
 //! every member holds. Without replication the chain is the owner alone and a write is
 //! acknowledged once it is durable there, as before.
 
@@ -125,18 +126,19 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
         }
         moves.track(key);
     }
-    let inflight = replicated.then(|| node.enter_chain(key.position));
-    // The admission travels with the write to the storage writer, which releases it once
-    // the write is durable, even if this handler is cancelled meanwhile.
-    let applied = match apply(node, key, value, admitted).await {
-        Ok(applied) => applied,
-        Err(e) => return storage_error(e),
+    let Some(stripe) = stripe else {
+        // The admission travels with the write to the storage writer, which releases it
+        // once the write is durable, even if this handler is cancelled meanwhile.
+        return match apply(node, key, value, admitted).await {
+            Ok(applied) => applied.reply(),
+            Err(e) => storage_error(e),
+        };
     };
-    let (Some(stripe), Some(inflight)) = (stripe, inflight) else {
-        return applied.reply();
-    };
-    // Down the chain in a task of its own: a client that goes away must not cut a write
-    // off half way (the stripe and the in-flight mark go with it).
+    let inflight = node.enter_chain(key.position);
+    // Down the chain in a task of its own, started at once so that the successors persist
+    // while this node does (the write is acknowledged once every member has): a client that
+    // goes away must not cut a write off half way (the stripe and the in-flight mark go
+    // with the task).
     let task = tokio::spawn(down_the_chain(
         node.arc(),
         key.key.to_vec(),
@@ -144,10 +146,19 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
         stripe,
         inflight,
     ));
-    match task.await {
-        Ok(Ok(())) => applied.reply(),
-        Ok(Err(message)) => error(ErrorKind::Indeterminate, message),
-        Err(e) => error(
+    let applied = apply(node, key, value, admitted).await;
+    let chained = task.await;
+    match (applied, chained) {
+        (Ok(applied), Ok(Ok(()))) => applied.reply(),
+        (Ok(_), Ok(Err(message))) => error(ErrorKind::Indeterminate, message),
+        (Err(e), _) => {
+            tracing::error!(node = %node.config.name, error = %e, "chain write failed in storage at the head");
+            error(
+                ErrorKind::Indeterminate,
+                format!("storage failed at the head ({e}) while the write went down the chain; it may or may not have been applied"),
+            )
+        }
+        (Ok(_), Err(e)) => error(
             ErrorKind::Indeterminate,
             format!("chain write failed: {e}; it may or may not have been applied"),
         ),
@@ -297,18 +308,30 @@ pub async fn replicate(
         );
     }
     node.moves().track(&hashed);
-    if let Err(e) = apply(node, &hashed, value.as_deref(), admitted).await {
+    let local = apply(node, &hashed, value.as_deref(), admitted);
+    let Some(next) = me.and_then(|i| chain.get(i + 1)) else {
+        // The tail.
+        return match local.await {
+            Ok(_) => ReplyBody::Ok,
+            Err(e) => storage_error(e),
+        };
+    };
+    // Persist here while the successor does (answered once both have).
+    let request = Request::new(
+        version,
+        RequestBody::Replicate {
+            key: key.clone(),
+            value: value.clone(),
+        },
+    );
+    let forward = node
+        .peers
+        .call::<_, ringkv_wire::Reply>(&next.addr, &request, HOP_TIMEOUT);
+    let (local, forwarded) = tokio::join!(local, forward);
+    if let Err(e) = local {
         return storage_error(e);
     }
-    let Some(next) = me.and_then(|i| chain.get(i + 1)) else {
-        return ReplyBody::Ok; // the tail
-    };
-    let request = Request::new(version, RequestBody::Replicate { key, value });
-    match node
-        .peers
-        .call::<_, ringkv_wire::Reply>(&next.addr, &request, HOP_TIMEOUT)
-        .await
-    {
+    match forwarded {
         Ok(reply) => match reply.body {
             // The successor's refusal goes up the chain as is: the head retries (and
             // catches up on newer metadata it carries).
