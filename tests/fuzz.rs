@@ -408,9 +408,20 @@ mod strategies {
             digest().prop_map(|digest| RequestBody::Gossip { digest }),
             prop_oneof![signed_metadata(), p.metadata.clone()]
                 .prop_map(|metadata| RequestBody::GossipPush { metadata }),
-            (p.key.clone(), proptest::option::of(p.value.clone()))
-                .prop_map(|(key, value)| RequestBody::Replicate { key, value }),
-            any::<u32>().prop_map(|millis| RequestBody::Lease { millis }),
+            (
+                p.key.clone(),
+                proptest::option::of(p.value.clone()),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(key, value, origin, seq)| RequestBody::Replicate {
+                    key,
+                    value,
+                    origin,
+                    seq
+                }),
+            (any::<u32>(), proptest::option::of(any::<u64>()))
+                .prop_map(|(millis, echo)| RequestBody::Lease { millis, echo }),
         ]
         .boxed()
     }
@@ -536,6 +547,7 @@ mod strategies {
                 TransferStats { entries, bytes }
             )),
             any::<u64>().prop_map(ReplyBody::Count),
+            any::<u64>().prop_map(|stamp| ReplyBody::Leased { stamp }),
             (digest(), proptest::option::of(signed_metadata()))
                 .prop_map(|(digest, metadata)| ReplyBody::Gossip { digest, metadata }),
         ];
@@ -1122,8 +1134,8 @@ mod handlers {
             | RequestBody::AbortMove { .. }
             | RequestBody::PrepareReceive { .. }
             | RequestBody::PutBatch { .. }
-            | RequestBody::Lease { .. }
             | RequestBody::GossipPush { .. } => refused || matches!(reply, R::Ok),
+            RequestBody::Lease { .. } => refused || matches!(reply, R::Leased { .. }),
             RequestBody::Replicate { .. } => {
                 refused || matches!(reply, R::Ok | R::NotResponsible { .. } | R::Stopped)
             }

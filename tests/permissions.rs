@@ -125,8 +125,13 @@ fn every_request_kind() -> Vec<RequestBody> {
         RequestBody::Replicate {
             key: b"perm".to_vec(),
             value: Some(b"v".to_vec()),
+            origin: 1,
+            seq: 1,
         },
-        RequestBody::Lease { millis: 1000 },
+        RequestBody::Lease {
+            millis: 1000,
+            echo: None,
+        },
     ]
 }
 

@@ -146,9 +146,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             serve,
             config: _, // already applied by the parser
         } => {
-            if probe_interval.is_zero() || failover_after < probe_interval * 2 {
+            if probe_interval.is_zero() || failover_after < probe_interval * 4 {
+                // The lease (half of it) must outlast two probe rounds.
                 anyhow::bail!(
-                    "--failover-after ({failover_after:?}) must be at least twice --probe-interval ({probe_interval:?})"
+                    "--failover-after ({failover_after:?}) must be at least four times --probe-interval ({probe_interval:?})"
                 );
             }
             let mut config = EcsConfig::new(listen, state_dir);

@@ -1,29 +1,36 @@
 //! Failure detection and automatic failover (ARCHITECTURE.md §11).
 //!
 //! Every [`EcsConfig::probe_interval`](crate::EcsConfig::probe_interval) the ECS sends each
-//! live node of its ring a `Lease` (a probe that also lets the node serve for
-//! [`EcsConfig::lease`](crate::EcsConfig::lease) from its arrival). [`Probes`] keeps, per
-//! node, when its last answer arrived. With replication, a node that has not answered for
+//! live node of its ring a `Lease`, from a task of its own that nothing else holds up (at
+//! most one probe per node under way). The node answers with a stamp of its own clock, which
+//! the next probe echoes; the node may then serve until that stamp plus
+//! [`EcsConfig::lease`](crate::EcsConfig::lease). [`Probes`] keeps, per node, when its last
+//! answer arrived and its stamp. With replication, a node that has not answered for
 //! [`EcsConfig::failover_after`](crate::EcsConfig::failover_after) (twice the lease) is
-//! failed over: a first change marks it failed (every chain it was in goes on without it,
-//! nothing moves), a second rebuilds its copies on the nodes that take its place and
-//! removes it from the ring.
+//! failed over by another task: a first change marks it failed (every chain it was in goes
+//! on without it, nothing moves), a second rebuilds its copies on the nodes that take its
+//! place and removes it from the ring.
 //!
-//! Fencing: the node's lease started when the probe reached it, before its answer reached
-//! the ECS, so it has ended by `last answer + lease`; the ECS acts no earlier than
-//! `last answer + failover_after = last answer + 2 × lease`. A node cut off from the ECS
-//! has therefore stopped serving (reads included) for at least a lease when its chains are
-//! re-formed without it, even if its clock ran at half the ECS's rate.
+//! Fencing: a lease counts from a stamp the node took before sending an answer the ECS
+//! received, so it has ended by `last answer + lease` however late any probe is delivered;
+//! the ECS acts no earlier than `last answer + failover_after = last answer + 2 × lease`. A
+//! node cut off from the ECS has therefore stopped serving (reads included) for a whole lease
+//! when its chains are re-formed without it if the clocks run at the same rate, and has
+//! stopped by then if its clock runs up to twice slower.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// When each node last answered a probe.
+/// When each node last answered a probe, its last stamp, and which probes are under way.
 #[derive(Debug, Default)]
 pub struct Probes {
     /// By node name: its last answer, or when it was first probed if it never answered (so
     /// a restarted ECS, or a node just added, gets a whole `failover_after` first).
     last_answer: HashMap<String, Instant>,
+    /// By node name: the stamp of its last answer, echoed by the next probe.
+    stamps: HashMap<String, u64>,
+    /// Nodes with a probe under way (a slow or dead node gets one at a time).
+    in_flight: std::collections::HashSet<String>,
 }
 
 impl Probes {
@@ -37,10 +44,28 @@ impl Probes {
         self.last_answer.entry(name.to_string()).or_insert(now);
     }
 
-    /// `name` answered a probe at `at`.
-    pub fn answered(&mut self, name: &str, at: Instant) {
+    /// `name` answered a probe at `at`, with `stamp`.
+    pub fn answered(&mut self, name: &str, at: Instant, stamp: u64) {
         let last = self.last_answer.entry(name.to_string()).or_insert(at);
-        *last = (*last).max(at);
+        if at >= *last {
+            *last = at;
+            self.stamps.insert(name.to_string(), stamp);
+        }
+    }
+
+    /// The stamp the next probe of `name` echoes.
+    pub fn echo(&self, name: &str) -> Option<u64> {
+        self.stamps.get(name).copied()
+    }
+
+    /// Marks a probe of `name` under way; `false` if one already is.
+    pub fn start(&mut self, name: &str) -> bool {
+        self.in_flight.insert(name.to_string())
+    }
+
+    /// The probe of `name` is over.
+    pub fn done(&mut self, name: &str) {
+        self.in_flight.remove(name);
     }
 
     /// How long `name` has been silent at `now` (zero if it is not being probed).
@@ -55,6 +80,7 @@ impl Probes {
         let keep: std::collections::HashSet<&str> = names.into_iter().collect();
         self.last_answer
             .retain(|name, _| keep.contains(name.as_str()));
+        self.stamps.retain(|name, _| keep.contains(name.as_str()));
     }
 
     /// Of `names`, those silent for longer than `limit` at `now`.
@@ -91,11 +117,20 @@ mod tests {
             "grace after the first probe"
         );
         assert_eq!(p.silent(["a"], s, t0 + 2 * s), vec!["a".to_string()]);
-        p.answered("a", t0 + 2 * s);
+        p.answered("a", t0 + 2 * s, 7);
+        assert_eq!(p.echo("a"), Some(7));
         p.probing("a", t0 + 3 * s);
         assert!(p.silent(["a"], s, t0 + 2 * s + s / 2).is_empty());
         // An older answer arriving late does not turn the clock back.
-        p.answered("a", t0);
+        p.answered("a", t0, 3);
+        assert_eq!(
+            p.echo("a"),
+            Some(7),
+            "an older answer does not replace the stamp"
+        );
+        assert!(p.start("a") && !p.start("a"), "one probe at a time");
+        p.done("a");
+        assert!(p.start("a"));
         assert_eq!(p.silent_for("a", t0 + 3 * s), s);
         p.probing("b", t0);
         assert_eq!(p.silent(["a", "b"], s, t0 + 4 * s), vec!["a", "b"]);

@@ -606,6 +606,14 @@ pub fn fail(current: &RingMetadata, name: &str) -> Result<Plan, EcsError> {
         return Err(EcsError::Refused(format!("{name} is already failed")));
     }
     let target = current.with_failed(name)?;
+    // Never the last live copy of a range: a chain left empty could not be rebuilt, and
+    // its data (still on the node, if it is only cut off) would be stranded.
+    if let Some((range, _)) = target.chains().into_iter().find(|(_, c)| c.is_empty()) {
+        return Err(EcsError::NoLiveCopy {
+            range,
+            why: format!("{name} holds its last live copy; failing it over would lose it"),
+        });
+    }
     let mut steps = vec![Step::Commit];
     steps.extend(
         target
@@ -1104,7 +1112,10 @@ mod tests {
         let r2 = ring_r(3, 2);
         let (a, b, c) = (&r2.nodes[0].name, &r2.nodes[1].name, &r2.nodes[2].name);
         let r2 = fail(&r2, b).unwrap().metadata;
-        let r2 = fail(&r2, c).unwrap().metadata;
+        // Failing over the last live copy of a range is refused...
+        assert!(matches!(fail(&r2, c), Err(EcsError::NoLiveCopy { .. })));
+        // ...and a ring where it happened anyway (both marked failed) refuses the leave.
+        let r2 = r2.with_failed(c).unwrap();
         match leave(&r2, a) {
             Err(e @ EcsError::NoLiveCopy { .. }) => {
                 assert!(e.to_string().contains("would lose its data"), "{e}")
@@ -1276,7 +1287,10 @@ mod tests {
                     Err(e) => prop_assert!(false, "{e}"),
                 },
                 _ => {
-                    if ring.replication == 1 || ring.is_failed(&name) {
+                    let empties = ring.with_failed(&name).is_ok_and(|after| {
+                        after.chains().iter().any(|(_, chain)| chain.is_empty())
+                    });
+                    if ring.replication == 1 || ring.is_failed(&name) || empties {
                         prop_assert!(fail(&ring, &name).is_err());
                     } else {
                         let failed = fail(&ring, &name).unwrap();

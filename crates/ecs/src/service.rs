@@ -38,6 +38,9 @@ pub struct Ecs {
     log: std::sync::Mutex<IntentLog>,
     /// When each node last answered a liveness probe.
     probes: std::sync::Mutex<Probes>,
+    /// Requests changes skipped for nodes that were silent, by node name, sent when the
+    /// node answers again ([`Ecs::pay_owed`]).
+    owed: std::sync::Mutex<std::collections::HashMap<String, Vec<RequestBody>>>,
 }
 
 /// Binds the ECS endpoint and loads its persisted ring.
@@ -89,6 +92,7 @@ pub async fn bind(
         intents,
         log: std::sync::Mutex::new(log),
         probes: std::sync::Mutex::new(Probes::new()),
+        owed: std::sync::Mutex::new(Default::default()),
     });
     Ok((endpoint, ecs))
 }
@@ -104,7 +108,8 @@ const RESUME_EVERY: Duration = Duration::from_secs(1);
 /// version while it was down catch up; from then on it keeps driving any change whose steps
 /// could not be completed in time (an unreachable node) until it is over.
 pub async fn run(endpoint: Endpoint, ecs: Arc<Ecs>, shutdown: impl Future<Output = ()>) {
-    let prober = tokio::spawn(ecs.clone().watch_liveness());
+    let prober = tokio::spawn(ecs.clone().probe_loop());
+    let failover = tokio::spawn(ecs.clone().failover_loop());
     let background = ecs.clone();
     let task = tokio::spawn(async move {
         background.resume_pending().await;
@@ -117,6 +122,7 @@ pub async fn run(endpoint: Endpoint, ecs: Arc<Ecs>, shutdown: impl Future<Output
     ringkv_transport::serve(endpoint, ecs, shutdown).await;
     task.abort();
     prober.abort();
+    failover.abort();
 }
 
 impl Service for Ecs {
@@ -225,9 +231,10 @@ impl Ecs {
     }
 
     /// Whether `node` has answered no probe for `failover_after` in a replicated ring: it is
-    /// (about to be) failed over, so a step a change still owes it can be skipped (an
-    /// install, start or clear after the commit; an abort of a rollback: its lock ends when it
-    /// adopts any later version, and it serves nothing meanwhile).
+    /// (about to be) failed over, so a step a change still has to send it (an install, start
+    /// or clear after the commit; an abort of a rollback) is skipped, so that a dead node
+    /// cannot wedge the change that would fail it over, and owed to it instead: sent if it
+    /// answers again ([`Ecs::pay_owed`]).
     fn given_up(&self, node: &NodeEntry) -> bool {
         self.metadata().replication > 1
             && self
@@ -247,13 +254,36 @@ impl Ecs {
         self.finish_pending().await?;
         let metadata = self.metadata();
         if metadata.replication > 1 && metadata.node(name).is_some() {
-            let dead = metadata.is_failed(name) || !self.probe(name).await;
-            if dead {
+            if metadata.is_failed(name) || self.silent_through_its_lease(name).await {
                 return self.fail_over(name).await;
             }
         }
         let plan = plan::leave(&metadata, name)?;
         self.execute(plan).await
+    }
+
+    /// For `remove-node`: whether `name` is dead rather than live. If it answers a probe now
+    /// it is live. If not, it is dead only once it has been silent for `failover_after`
+    /// (its lease is surely over then); this waits for that, unless it answers meanwhile.
+    async fn silent_through_its_lease(&self, name: &str) -> bool {
+        if self.probe(name).await {
+            return false;
+        }
+        let deadline = Instant::now() + self.config.failover_after * 2;
+        loop {
+            let silent = self
+                .probes
+                .lock()
+                .expect("probes lock")
+                .silent_for(name, Instant::now());
+            if silent >= self.config.failover_after {
+                return true;
+            }
+            if Instant::now() >= deadline || self.probe(name).await {
+                return false;
+            }
+            tokio::time::sleep(self.config.probe_interval).await;
+        }
     }
 
     /// Fails the node `name` over (called with `change` held): marks it failed (if it is not
@@ -271,7 +301,8 @@ impl Ecs {
         Ok(reply)
     }
 
-    /// One liveness probe of `name` (a lease grant): whether it answered in time.
+    /// One liveness probe of `name` (a lease renewal, echoing its last stamp): whether it
+    /// answered in time.
     async fn probe(&self, name: &str) -> bool {
         let Some(node) = self.metadata().node(name).cloned() else {
             return false;
@@ -279,65 +310,148 @@ impl Ecs {
         let lease = self.config.lease();
         let body = RequestBody::Lease {
             millis: lease.as_millis().min(u32::MAX as u128) as u32,
+            echo: self.probes.lock().expect("probes lock").echo(name),
         };
-        // Dialing included: one dead node must not hold up the probes of the others.
+        // Dialing included: a dead node's probe ends within this, and the next one waits
+        // for it (one per node under way), so it never holds up anyone else's.
         let timeout = self.config.probe_interval.max(Duration::from_millis(100)) * 2;
-        let answered = matches!(
-            tokio::time::timeout(timeout, self.call(&node, body, timeout)).await,
+        match tokio::time::timeout(timeout, self.call(&node, body, timeout)).await {
             Ok(Ok(Reply {
-                body: ReplyBody::Ok,
+                body: ReplyBody::Leased { stamp },
                 ..
-            }))
-        );
-        if answered {
-            self.probes
-                .lock()
-                .expect("probes lock")
-                .answered(name, Instant::now());
+            })) => {
+                self.probes
+                    .lock()
+                    .expect("probes lock")
+                    .answered(name, Instant::now(), stamp);
+                true
+            }
+            _ => false,
         }
-        answered
     }
 
-    /// The liveness loop ([`crate::liveness`]): probes (and leases) every live node of the
-    /// ring every `probe_interval`; with replication, fails over a node silent for
-    /// `failover_after`, and finishes the removal of failed nodes whose rebuild did not
-    /// complete.
-    async fn watch_liveness(self: Arc<Self>) {
+    /// The probe loop ([`crate::liveness`]): every `probe_interval`, probes (and leases)
+    /// every live node of the ring, each in a task of its own, at most one per node under
+    /// way; a node that answers gets the steps a change had to skip while it was silent.
+    /// Nothing else runs in this loop, so a failover or a long change never delays a lease.
+    async fn probe_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A failover that did not finish is tried again, but not at every tick.
+        loop {
+            tick.tick().await;
+            let metadata = self.metadata();
+            let live: Vec<NodeEntry> = metadata
+                .nodes
+                .iter()
+                .filter(|n| !metadata.is_failed(&n.name))
+                .cloned()
+                .collect();
+            let due: Vec<NodeEntry> = {
+                let mut probes = self.probes.lock().expect("probes lock");
+                probes.retain(live.iter().map(|n| n.name.as_str()));
+                let now = Instant::now();
+                live.into_iter()
+                    .filter(|n| {
+                        probes.probing(&n.name, now);
+                        probes.start(&n.name)
+                    })
+                    .collect()
+            };
+            self.owed
+                .lock()
+                .expect("owed lock")
+                .retain(|name, _| metadata.node(name).is_some());
+            for node in due {
+                let ecs = self.clone();
+                tokio::spawn(async move {
+                    let answered = ecs.probe(&node.name).await;
+                    ecs.probes.lock().expect("probes lock").done(&node.name);
+                    if answered {
+                        ecs.pay_owed(&node).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Sends `node` the steps changes skipped while it was silent (an install, a start, a
+    /// clear, an abort), between changes only: first the current ring (so that it judges
+    /// the rest by it: it refuses to delete a range it holds), then each step. A step the
+    /// node answered, in any way, is done.
+    async fn pay_owed(&self, node: &NodeEntry) {
+        if !self
+            .owed
+            .lock()
+            .expect("owed lock")
+            .contains_key(&node.name)
+        {
+            return;
+        }
+        let Ok(_no_change) = self.change.try_lock() else {
+            return; // at a later answer
+        };
+        let metadata = self.metadata();
+        self.install_at(&metadata, [node]).await;
+        let owed = self
+            .owed
+            .lock()
+            .expect("owed lock")
+            .remove(&node.name)
+            .unwrap_or_default();
+        let mut unpaid = Vec::new();
+        for body in owed {
+            let name = body.name();
+            match self
+                .call(node, body.clone(), self.config.node_timeout)
+                .await
+            {
+                Ok(reply) => {
+                    tracing::info!(node = %node.name, step = name, reply = ?reply.body, "sent a step skipped while the node was silent")
+                }
+                Err(_) => unpaid.push(body),
+            }
+        }
+        if !unpaid.is_empty() {
+            self.owed
+                .lock()
+                .expect("owed lock")
+                .entry(node.name.clone())
+                .or_default()
+                .extend(unpaid);
+        }
+    }
+
+    /// The failover loop ([`crate::liveness`]): with replication, fails over a node silent
+    /// for `failover_after` (unless most of the ring is silent at once), and finishes the
+    /// removal of failed nodes whose rebuild did not complete, retrying every
+    /// [`FAILOVER_RETRY`].
+    async fn failover_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry_at: std::collections::HashMap<String, Instant> = Default::default();
         loop {
             tick.tick().await;
             let metadata = self.metadata();
-            let live: Vec<&NodeEntry> = metadata
-                .nodes
-                .iter()
-                .filter(|n| !metadata.is_failed(&n.name))
-                .collect();
-            {
-                let mut probes = self.probes.lock().expect("probes lock");
-                probes.retain(live.iter().map(|n| n.name.as_str()));
-                let now = Instant::now();
-                for n in &live {
-                    probes.probing(&n.name, now);
-                }
-            }
-            futures::future::join_all(live.iter().map(|n| self.probe(&n.name))).await;
             if metadata.replication <= 1 {
                 continue;
             }
+            let live: Vec<&str> = metadata
+                .nodes
+                .iter()
+                .filter(|n| !metadata.is_failed(&n.name))
+                .map(|n| n.name.as_str())
+                .collect();
             let silent = self.probes.lock().expect("probes lock").silent(
-                live.iter().map(|n| n.name.as_str()),
+                live.iter().copied(),
                 self.config.failover_after,
                 Instant::now(),
             );
-            if silent.len() * 2 > live.len() {
-                // Most of the ring silent at once is more likely the ECS cut off than the
-                // nodes dead: failing them over could leave no copy of some range.
+            if !silent.is_empty() && silent.len() * 2 >= live.len() {
+                // Half the ring or more silent at once is more likely the ECS cut off than
+                // the nodes dead: failing them over could leave no copy of some range.
                 tracing::error!(
                     ?silent,
-                    "most nodes answer no probe; not failing any over (is the ECS cut off?)"
+                    "half the nodes or more answer no probe; failing none over (is the ECS cut off?)"
                 );
                 continue;
             }
@@ -356,7 +470,12 @@ impl Ecs {
                     tracing::warn!(error = %e, "pending change still not finished");
                     break;
                 }
-                tracing::warn!(node = %name, silent = ?self.probes.lock().expect("probes lock").silent_for(&name, Instant::now()), "failing over a silent node");
+                let silent_for = self
+                    .probes
+                    .lock()
+                    .expect("probes lock")
+                    .silent_for(&name, Instant::now());
+                tracing::warn!(node = %name, silent = ?silent_for, "failing over a silent node");
                 match self.fail_over(&name).await {
                     Ok(_) => {
                         retry_at.remove(&name);
@@ -555,7 +674,20 @@ impl Ecs {
         | Step::Abort { node, .. } = step
         {
             if self.given_up(node) {
-                tracing::warn!(node = %node.name, step = %step.describe(), "skipped: the node is silent and will be failed over");
+                tracing::warn!(node = %node.name, step = %step.describe(), "skipped: the node is silent and will be failed over; owed to it if it answers again");
+                let owed = match step {
+                    Step::Install { .. } => None, // paying starts with the current ring
+                    Step::Start { .. } => Some(RequestBody::Start),
+                    Step::Clear { range, .. } => Some(RequestBody::DeleteRange { range: *range }),
+                    Step::Abort { range, .. } => Some(RequestBody::AbortMove { id, range: *range }),
+                    _ => None,
+                };
+                self.owed
+                    .lock()
+                    .expect("owed lock")
+                    .entry(node.name.clone())
+                    .or_default()
+                    .extend(owed);
                 return Outcome::Ok {
                     stats: None,
                     node_version: plan.metadata.version,

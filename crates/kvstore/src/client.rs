@@ -283,9 +283,13 @@ impl KvStore {
             let metadata = self.metadata();
             // Writes go to the head of the key's chain, reads to its tail (the same node
             // without replication).
-            let chain = metadata.chain_for_key(key);
-            let target = if write { chain.first() } else { chain.last() };
-            let Some(owner) = target.copied() else {
+            let position = ringkv_wire::key_position(key);
+            let target = if write {
+                metadata.head(&position)
+            } else {
+                metadata.tail(&position)
+            };
+            let Some(owner) = target else {
                 return Err(KvError::NoRing);
             };
             request.metadata_version = metadata.version;

@@ -115,6 +115,19 @@ pub struct Node {
     /// End of the lease the ECS last granted (`None`: never granted). With replication the
     /// node serves nothing outside a lease.
     lease_until: std::sync::Mutex<Option<Instant>>,
+    /// When this process started: the origin of its lease stamps.
+    started: Instant,
+    /// This process's name as a chain head (`Replicate::origin`), random per start.
+    pub(crate) origin: u64,
+    /// The next write's place in this head's order (`Replicate::seq`).
+    next_seq: AtomicU64,
+    /// As a chain member: per (head, stripe), the newest write applied since the last
+    /// metadata install (older copies delivered late are ignored); guarded per stripe by
+    /// `member_stripes` so that checking and queueing a write are one step.
+    pub(crate) applied_seq: std::sync::Mutex<HashMap<(u64, u16), u64>>,
+    member_stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// The ring's replication factor, readable without the view lock.
+    replication: std::sync::atomic::AtomicU8,
     /// This node, for the tasks that finish chain writes after their handler returned.
     me: Weak<Node>,
 }
@@ -179,6 +192,14 @@ impl Node {
             inflight: InFlight::default(),
             version_tx: tokio::sync::watch::Sender::new(version),
             lease_until: std::sync::Mutex::new(None),
+            started: Instant::now(),
+            origin: rand::random(),
+            next_seq: AtomicU64::new(1),
+            applied_seq: std::sync::Mutex::new(HashMap::new()),
+            member_stripes: (0..WRITE_STRIPES)
+                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+                .collect(),
+            replication: std::sync::atomic::AtomicU8::new(view.metadata.replication),
             me: me.clone(),
             view: RwLock::new(view),
             gossip: std::sync::Mutex::new(gossip),
@@ -199,18 +220,27 @@ impl Node {
         self.me.upgrade().expect("a node lives in an Arc")
     }
 
-    /// Grants (extends) the node's lease: it may serve for `length` from now.
-    pub fn grant_lease(&self, length: Duration) {
-        let until = Instant::now() + length;
-        let mut lease = self.lease_until.lock().expect("lease lock");
-        if lease.is_none_or(|held| held < until) {
-            *lease = Some(until);
+    /// `Lease`: extends the lease to `echo + millis` (the echo is one of this node's own
+    /// stamps, so the lease is measured from a moment before an answer the ECS received) and
+    /// answers with a new stamp. An echo from the future (not a stamp of this process) grants
+    /// nothing.
+    fn lease(&self, millis: u32, echo: Option<u64>) -> ReplyBody {
+        let now = Instant::now();
+        let stamp = now.saturating_duration_since(self.started).as_micros() as u64;
+        if let Some(echo) = echo.filter(|echo| *echo <= stamp) {
+            let until =
+                self.started + Duration::from_micros(echo) + Duration::from_millis(millis.into());
+            let mut lease = self.lease_until.lock().expect("lease lock");
+            if lease.is_none_or(|held| held < until) {
+                *lease = Some(until);
+            }
         }
+        ReplyBody::Leased { stamp }
     }
 
     /// The replication factor of the ring the node holds.
     pub fn replication(&self) -> u8 {
-        self.view.read().expect("view lock").metadata.replication
+        self.replication.load(Ordering::Relaxed)
     }
 
     /// Whether the node may serve: always without replication (nothing else can take over
@@ -225,10 +255,25 @@ impl Node {
             .is_some_and(|until| Instant::now() < until)
     }
 
-    /// The write-order stripe of `pos`.
+    /// The write-order stripe index of `pos` (the same on every node).
+    pub(crate) fn stripe_of(pos: &Position) -> u16 {
+        (u16::from_be_bytes([pos.0[0], pos.0[1]]) as usize % WRITE_STRIPES) as u16
+    }
+
+    /// The write-order stripe of `pos`, at a head.
     pub(crate) fn stripe(&self, pos: &Position) -> Arc<tokio::sync::Mutex<()>> {
-        let i = u16::from_be_bytes([pos.0[0], pos.0[1]]) as usize % WRITE_STRIPES;
-        self.stripes[i].clone()
+        self.stripes[Self::stripe_of(pos) as usize].clone()
+    }
+
+    /// The stripe of `pos` on the member side (separate from the head's, which is held
+    /// across the whole chain: sharing them could deadlock two heads of each other's keys).
+    pub(crate) fn member_stripe(&self, pos: &Position) -> Arc<tokio::sync::Mutex<()>> {
+        self.member_stripes[Self::stripe_of(pos) as usize].clone()
+    }
+
+    /// The next write's place in this head's order.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Registers a chain write of `pos` in flight until the returned guard is dropped.
@@ -346,6 +391,10 @@ impl Node {
             view.metadata.clone()
         };
         self.version_tx.send_replace(installed.version);
+        // Writes of older versions are refused from now on anyway (same-version rule).
+        self.applied_seq.lock().expect("applied seq lock").clear();
+        self.replication
+            .store(installed.replication, Ordering::Relaxed);
         let released = {
             let mut moves = self.moves();
             moves
@@ -462,36 +511,33 @@ impl Node {
     /// `Ok(())` if this node is the head of `position`'s chain (takes its writes) under its
     /// metadata, else the `NotResponsible` reply.
     pub(crate) fn check_head(&self, position: &Position) -> Result<(), ReplyBody> {
-        self.check_role(position, |chain| chain.first())
+        self.check_role(position, RingMetadata::head)
     }
 
     /// `Ok(())` if this node is the tail of `position`'s chain (serves its reads) under its
     /// metadata, else the `NotResponsible` reply.
     pub(crate) fn check_tail(&self, position: &Position) -> Result<(), ReplyBody> {
-        self.check_role(position, |chain| chain.last())
+        self.check_role(position, RingMetadata::tail)
     }
 
     fn check_role(
         &self,
         position: &Position,
-        pick: impl for<'a> Fn(&'a [&'a NodeEntry]) -> Option<&'a &'a NodeEntry>,
+        pick: for<'a> fn(&'a RingMetadata, &Position) -> Option<&'a NodeEntry>,
     ) -> Result<(), ReplyBody> {
         let view = self.view.read().expect("view lock");
-        // Fast path without replication: the owner is head and tail.
-        if view.metadata.replication <= 1 && view.metadata.failed.is_empty() {
-            return match view.own_range {
-                Some(range) if range.contains(position) => Ok(()),
-                _ => Err(ReplyBody::NotResponsible {
-                    metadata: view.signed.clone(),
-                }),
-            };
-        }
-        let chain = view.metadata.chain(position);
-        match pick(&chain) {
-            Some(n) if n.name == self.config.name => Ok(()),
-            _ => Err(ReplyBody::NotResponsible {
+        // Without replication the owner is head and tail: its range is all it takes.
+        let mine = if view.metadata.replication <= 1 && view.metadata.failed.is_empty() {
+            view.own_range.is_some_and(|range| range.contains(position))
+        } else {
+            pick(&view.metadata, position).is_some_and(|n| n.name == self.config.name)
+        };
+        if mine {
+            Ok(())
+        } else {
+            Err(ReplyBody::NotResponsible {
                 metadata: view.signed.clone(),
-            }),
+            })
         }
     }
 
@@ -517,13 +563,16 @@ impl Node {
             RequestBody::Get { key } => data::get(self, &key),
             RequestBody::Put { key, value } => data::put(self, &key, &value).await,
             RequestBody::Delete { key } => data::delete(self, &key).await,
-            RequestBody::Replicate { key, value } => {
-                data::replicate(self, peer, version, key, value).await
+            RequestBody::Replicate {
+                key,
+                value,
+                origin,
+                seq,
+            } => {
+                let order = data::Order { origin, seq };
+                data::replicate(self, peer, version, key, value, order).await
             }
-            RequestBody::Lease { millis } => {
-                self.grant_lease(Duration::from_millis(millis.into()));
-                ReplyBody::Ok
-            }
+            RequestBody::Lease { millis, echo } => self.lease(millis, echo),
             RequestBody::GetMetadata => metadata::get(self),
             RequestBody::InstallMetadata { metadata } => metadata::install(self, metadata).await,
             RequestBody::Status => admin::status(self).await,

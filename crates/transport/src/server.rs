@@ -158,6 +158,7 @@ async fn serve_connection<S: Service>(
     conn.set_receive_window(VarInt::from_u32(granted.receive_window));
     tracing::debug!(service = service.name(), %remote, %role, name = %peer.name, "peer connected");
     let mut streams = JoinSet::new();
+    let replies = Arc::new(Replies::default());
     loop {
         // The idle clock runs only while no request stream is open, and restarts at every
         // event (a stream accepted or finished).
@@ -178,6 +179,7 @@ async fn serve_connection<S: Service>(
                         conn.clone(),
                         send,
                         recv,
+                        replies.clone(),
                     ));
                 }
                 // Closed by either side, lost or timed out: the stream tasks race the same
@@ -187,7 +189,11 @@ async fn serve_connection<S: Service>(
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
             () = idle => {
                 tracing::debug!(service = service.name(), %remote, ?role, timeout = ?limits.idle_timeout, "idle connection closed");
-                conn.close(CLOSE_IDLE.into(), b"idle");
+                // CLOSE_IDLE tells the peer that a request without a reply was not taken:
+                // true only if every earlier reply arrived.
+                let deadline = Instant::now() + Duration::from_millis(100);
+                let code = if replies.all_delivered(deadline).await { CLOSE_IDLE } else { 0 };
+                conn.close(code.into(), b"idle");
                 break;
             }
             _ = draining.changed() => {
@@ -196,9 +202,14 @@ async fn serve_connection<S: Service>(
                 }
                 // Shutting down: no new request; answer the ones taken, then close.
                 while streams.join_next().await.is_some() {}
-                // The replies were written but maybe not sent yet: a close drops unsent data.
-                tokio::time::sleep(REPLY_LINGER).await;
-                conn.close(CLOSE_DRAINED.into(), b"shutting down");
+                // The replies were written but maybe not delivered yet, and a close drops
+                // unsent data: wait for their acknowledgements before vouching for the drain.
+                let deadline = Instant::now() + DRAIN_TIMEOUT;
+                if replies.all_delivered(deadline).await {
+                    conn.close(CLOSE_DRAINED.into(), b"shutting down");
+                } else {
+                    conn.close(0u32.into(), b"shutting down");
+                }
                 break;
             }
         }
@@ -207,8 +218,6 @@ async fn serve_connection<S: Service>(
 
 /// Longest a shutdown waits for the requests in progress to be answered.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a draining connection lets its last replies leave before it closes.
-const REPLY_LINGER: Duration = Duration::from_millis(50);
 
 /// Reads one request from the stream (within `read_timeout` of its acceptance), runs the
 /// handler and writes its reply. The handler is dropped (cancelled at its next await) as
@@ -222,6 +231,7 @@ async fn serve_stream<S: Service>(
     conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
+    replies: Arc<Replies>,
 ) {
     let max_frame = service.max_frame();
     let role = peer.role;
@@ -260,12 +270,66 @@ async fn serve_stream<S: Service>(
     match tokio::time::timeout(read_timeout, send.write_all(&frame)).await {
         Ok(Ok(())) => {
             let _ = send.finish();
+            // Kept until the peer acknowledged it, so that a drain knows every reply arrived.
+            replies.keep(send);
         }
-        Ok(Err(_)) => {}
+        Ok(Err(_)) => replies.lost(),
         Err(_) => {
             tracing::debug!(service = service.name(), ?role, remote = %conn.remote_address(), "reply not read in time; stream reset");
             let _ = send.reset(STREAM_READ_TIMEOUT.into());
+            replies.lost();
         }
+    }
+}
+
+/// The replies of one connection that were written but maybe not yet acknowledged by the
+/// peer: a drain closes the connection with [`CLOSE_DRAINED`] ("no reply missing means the
+/// request was not taken") only once all of them are, since closing drops unsent data.
+/// Bounded: acknowledged ones are pruned as more are kept, and past the bound the connection
+/// simply loses its claim to a clean drain.
+#[derive(Default)]
+struct Replies {
+    unconfirmed: std::sync::Mutex<Vec<SendStream>>,
+    /// A reply was lost, reset or dropped unconfirmed: the drain cannot vouch for this
+    /// connection.
+    doubtful: std::sync::atomic::AtomicBool,
+}
+
+/// Most replies a connection keeps waiting for their acknowledgement.
+const MAX_UNCONFIRMED_REPLIES: usize = 1024;
+
+impl Replies {
+    fn keep(&self, send: SendStream) {
+        let mut unconfirmed = self.unconfirmed.lock().expect("replies lock");
+        if unconfirmed.len() >= MAX_UNCONFIRMED_REPLIES {
+            unconfirmed.retain(|s| {
+                use futures::FutureExt;
+                s.stopped().now_or_never().is_none()
+            });
+            if unconfirmed.len() >= MAX_UNCONFIRMED_REPLIES {
+                unconfirmed.clear();
+                self.lost();
+            }
+        }
+        unconfirmed.push(send);
+    }
+
+    fn lost(&self) {
+        self.doubtful
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waits (until `deadline`) for every kept reply to be acknowledged; whether all were,
+    /// and none was lost before.
+    async fn all_delivered(&self, deadline: Instant) -> bool {
+        let kept = std::mem::take(&mut *self.unconfirmed.lock().expect("replies lock"));
+        for send in &kept {
+            match tokio::time::timeout_at(deadline, send.stopped()).await {
+                Ok(Ok(None)) => {}
+                _ => self.lost(),
+            }
+        }
+        !self.doubtful.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -186,15 +186,25 @@ pub enum RequestBody {
         /// The value, or `None` for a deletion.
         #[serde(with = "serde_bytes")]
         value: Option<Vec<u8>>,
+        /// The head that ordered the write (a random number per head process).
+        origin: u64,
+        /// The write's place in its head's order (increasing; a write sent again keeps it).
+        /// A member ignores a write of a key's stripe older than one it already applied from
+        /// the same head, so a copy delayed on its way cannot undo a later write.
+        seq: u64,
     },
-    /// Internal (ecs): the ECS's liveness probe, which also grants the node a lease of
-    /// `millis` milliseconds from its arrival. With replication, a node serves nothing
-    /// (client requests answer `Stopped`, `Replicate` is refused) while it holds no lease, so
-    /// a node cut off from the ECS stops before the ECS fails it over (README, "Replication
-    /// and failover"). Replies `Ok`.
+    /// Internal (ecs): the ECS's liveness probe, which also renews the node's lease
+    /// (ARCHITECTURE.md §11). The node answers `Leased` with a stamp of its own clock; the
+    /// ECS echoes the last stamp it *received* in its next probe, and the node then may serve
+    /// until `echo + millis` by its own clock. A lease therefore ends a lease after an answer
+    /// the ECS got, however late a probe is delivered. With replication, a node serves
+    /// nothing (client requests answer `Stopped`, `Replicate` is refused) outside a lease, so
+    /// a node cut off from the ECS stops before the ECS fails it over.
     Lease {
         /// The lease's length.
         millis: u32,
+        /// The node's stamp from its last answer the ECS received, if any.
+        echo: Option<u64>,
     },
     /// Internal (node): the last leg of a gossip exchange, newer metadata for a responder
     /// whose digest showed an older version. Adopted only if its signature verifies and it
@@ -373,6 +383,11 @@ pub enum ReplyBody {
         /// Whether the node adopted the metadata just now.
         adopted: bool,
     },
+    /// Answer to `Lease`: the node's clock (microseconds since it started) when it answered.
+    Leased {
+        /// The stamp, to be echoed by the ECS's next probe.
+        stamp: u64,
+    },
     /// Result of a `TransferRange`.
     Transferred(TransferStats),
     /// A count (answer to `DeleteRange`).
@@ -527,6 +542,20 @@ mod tests {
             arb_range().prop_map(|range| RequestBody::DeleteRange { range }),
             arb_digest().prop_map(|digest| RequestBody::Gossip { digest }),
             arb_signed_metadata().prop_map(|metadata| RequestBody::GossipPush { metadata }),
+            (
+                bytes(),
+                proptest::option::of(bytes()),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(key, value, origin, seq)| RequestBody::Replicate {
+                    key,
+                    value,
+                    origin,
+                    seq
+                }),
+            (any::<u32>(), proptest::option::of(any::<u64>()))
+                .prop_map(|(millis, echo)| RequestBody::Lease { millis, echo }),
         ];
         (any::<u64>(), body).prop_map(|(v, b)| Request::new(v, b))
     }
@@ -582,6 +611,7 @@ mod tests {
                 TransferStats { entries, bytes }
             )),
             any::<u64>().prop_map(ReplyBody::Count),
+            any::<u64>().prop_map(|stamp| ReplyBody::Leased { stamp }),
             (arb_digest(), proptest::option::of(arb_signed_metadata()))
                 .prop_map(|(digest, metadata)| ReplyBody::Gossip { digest, metadata }),
         ];

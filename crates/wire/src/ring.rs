@@ -552,14 +552,24 @@ impl RingMetadata {
         self.chain(&key_position(key))
     }
 
-    /// The node that takes writes of `pos` (its chain's head).
-    pub fn head(&self, pos: &Position) -> Option<&NodeEntry> {
-        self.chain(pos).first().copied()
+    /// The window of the range holding `pos`, in ring order (failed nodes included); no
+    /// allocation.
+    fn window(&self, pos: &Position) -> impl DoubleEndedIterator<Item = &NodeEntry> {
+        let n = self.nodes.len();
+        let owner = self.owner_index(pos).unwrap_or(0);
+        let window = (self.replication as usize).max(1).min(n);
+        (0..window).map(move |k| &self.nodes[(owner + k) % n])
     }
 
-    /// The node that serves reads of `pos` (its chain's tail).
+    /// The node that takes writes of `pos` (its chain's head). Allocates nothing (it is on
+    /// every request's path).
+    pub fn head(&self, pos: &Position) -> Option<&NodeEntry> {
+        self.window(pos).find(|n| !self.is_failed(&n.name))
+    }
+
+    /// The node that serves reads of `pos` (its chain's tail). Allocates nothing.
     pub fn tail(&self, pos: &Position) -> Option<&NodeEntry> {
-        self.chain(pos).last().copied()
+        self.window(pos).rev().find(|n| !self.is_failed(&n.name))
     }
 
     /// Every ring range with its chain, in ring order.
@@ -777,6 +787,18 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn head_and_tail_are_the_ends_of_the_chain(addrs in arb_addrs(), p in arb_position(), r in 1u8..5, failed in 0usize..3) {
+            let mut ring = ring_of(&addrs).with_replication(r).unwrap();
+            let failed: Vec<String> = ring.nodes.iter().take(failed).map(|n| n.name.clone()).collect();
+            ring.failed = failed;
+            let chain = ring.chain(&p);
+            prop_assert_eq!(ring.head(&p), chain.first().copied());
+            prop_assert_eq!(ring.tail(&p), chain.last().copied());
+            prop_assert!(chain.len() <= r as usize);
+            prop_assert!(chain.iter().all(|n| !ring.is_failed(&n.name)));
+        }
+
         #[test]
         fn every_point_has_exactly_one_owner(addrs in arb_addrs(), p in arb_position()) {
             let ring = ring_of(&addrs);

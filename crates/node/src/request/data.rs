@@ -135,6 +135,10 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
         };
     };
     let inflight = node.enter_chain(key.position);
+    let order = Order {
+        origin: node.origin,
+        seq: node.next_seq(),
+    };
     // Down the chain in a task of its own, started at once so that the successors persist
     // while this node does (the write is acknowledged once every member has): a client that
     // goes away must not cut a write off half way (the stripe and the in-flight mark go
@@ -143,6 +147,7 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
         node.arc(),
         key.key.to_vec(),
         value.map(<[u8]>::to_vec),
+        order,
         stripe,
         inflight,
     ));
@@ -175,6 +180,7 @@ async fn down_the_chain(
     node: std::sync::Arc<Node>,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
+    order: Order,
     _stripe: tokio::sync::OwnedMutexGuard<()>,
     _inflight: InFlightWrite,
 ) -> Result<(), String> {
@@ -207,6 +213,8 @@ async fn down_the_chain(
             RequestBody::Replicate {
                 key: key.clone(),
                 value: value.clone(),
+                origin: order.origin,
+                seq: order.seq,
             },
         );
         let hop = tokio::select! {
@@ -221,9 +229,11 @@ async fn down_the_chain(
                     last = format!("{} holds metadata v{}", next.name, reply.metadata_version);
                     match metadata {
                         Some(theirs) if theirs.version > version => {
-                            // The successor is ahead: catch up and retry at once.
-                            let _ = node.install_metadata(theirs, "chain").await;
-                            continue;
+                            // Someone down the chain is ahead: catch up and retry at once
+                            // (after the pause if the install failed).
+                            if node.install_metadata(theirs, "chain").await.is_ok() {
+                                continue;
+                            }
                         }
                         _ if reply.metadata_version < version => {
                             // The successor is behind: hand it ours.
@@ -266,6 +276,15 @@ pub async fn delete(node: &Node, key: &[u8]) -> ReplyBody {
     write(node, &HashedKey::new(key), None).await
 }
 
+/// Where a chain write stands in its head's order (`Replicate::origin`, `Replicate::seq`).
+#[derive(Debug, Clone, Copy)]
+pub struct Order {
+    /// The head process.
+    pub origin: u64,
+    /// The write's place in that head's order.
+    pub seq: u64,
+}
+
 /// `Replicate` from `peer`, which sent it holding metadata `version`: accepted only from
 /// this node's predecessor in the key's chain, both holding the same version (so a write
 /// only ever travels along one chain); applied durably, then passed on to the successor,
@@ -276,6 +295,7 @@ pub async fn replicate(
     version: u64,
     key: Vec<u8>,
     value: Option<Vec<u8>>,
+    order: Order,
 ) -> ReplyBody {
     if !node.leased() {
         return ReplyBody::Stopped;
@@ -307,8 +327,31 @@ pub async fn replicate(
             ),
         );
     }
+    // Order: a copy of a write older than one already applied here from the same head (a
+    // hop sent again, whose first copy was delayed on its way) is ignored, so it cannot undo
+    // the later write. Checked and queued under the member's stripe, so that two writes of
+    // a stripe are queued (and applied: the writer is first in, first out) in the order
+    // they were checked.
+    let stripe = node.member_stripe(&hashed.position).lock_owned().await;
+    {
+        let slot = (order.origin, Node::stripe_of(&hashed.position));
+        let mut applied = node.applied_seq.lock().expect("applied seq lock");
+        match applied.get(&slot) {
+            Some(newest) if order.seq < *newest => {
+                tracing::debug!(node = %node.config.name, seq = order.seq, newest, "ignored a stale copy of a chain write");
+                return ReplyBody::Ok;
+            }
+            _ => {
+                applied.insert(slot, order.seq);
+            }
+        }
+    }
     node.moves().track(&hashed);
-    let local = apply(node, &hashed, value.as_deref(), admitted);
+    let local = async {
+        let applied = apply(node, &hashed, value.as_deref(), admitted).await;
+        drop(stripe);
+        applied
+    };
     let Some(next) = me.and_then(|i| chain.get(i + 1)) else {
         // The tail.
         return match local.await {
@@ -322,6 +365,8 @@ pub async fn replicate(
         RequestBody::Replicate {
             key: key.clone(),
             value: value.clone(),
+            origin: order.origin,
+            seq: order.seq,
         },
     );
     let forward = node
@@ -334,7 +379,18 @@ pub async fn replicate(
     match forwarded {
         Ok(reply) => match reply.body {
             // The successor's refusal goes up the chain as is: the head retries (and
-            // catches up on newer metadata it carries).
+            // catches up on newer metadata it carries). A successor behind us gets our
+            // metadata first, so that the retry finds it caught up.
+            ReplyBody::NotResponsible { .. } if reply.metadata_version < version => {
+                if let Some(ours) = view.signed.clone() {
+                    let push = Request::new(version, RequestBody::GossipPush { metadata: ours });
+                    let _ = node
+                        .peers
+                        .call::<_, ringkv_wire::Reply>(&next.addr, &push, HOP_TIMEOUT)
+                        .await;
+                }
+                reply.body
+            }
             ReplyBody::Ok | ReplyBody::NotResponsible { .. } | ReplyBody::Stopped => reply.body,
             other => error(
                 ErrorKind::Peer,
