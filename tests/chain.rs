@@ -1,0 +1,187 @@
+//! A chain member and its lease, up close (ARCHITECTURE.md §11): one node in process, real
+//! QUIC + mTLS, requests sent with the certificates of the ECS and of the node's
+//! predecessor. Each test pins a fencing or ordering rule that a failure test can only hit
+//! by luck.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Certs, TestNode};
+use ringkv_transport::Transport;
+use ringkv_wire::{
+    HashedKey, Limits, NodeEntry, Reply, ReplyBody, Request, RequestBody, RingMetadata,
+};
+
+fn transport(certs: &Certs, name: &str) -> Transport {
+    Transport::bind_client(
+        &certs.identity(name),
+        Limits::default(),
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
+    .unwrap()
+}
+
+/// Node `n2` in process, holding a signed two-node ring with replication 2 where `n1` (a
+/// certificate only, at an address nobody serves) is its neighbour: every chain is
+/// `[n1, n2]` or `[n2, n1]`.
+async fn member(certs: &Certs) -> (TestNode, RingMetadata) {
+    let node = TestNode::start(certs, "n2", false).await;
+    let ring = RingMetadata::new(
+        5,
+        vec![
+            NodeEntry::new("n1", "127.0.0.1:9"),
+            NodeEntry::new("n2", node.addr.clone()),
+        ],
+    )
+    .unwrap()
+    .with_replication(2)
+    .unwrap();
+    let signed = certs.ecs_signer().sign(&ring).unwrap();
+    assert!(node.node.install_metadata(signed, "test").await.unwrap());
+    (node, ring)
+}
+
+async fn lease(ecs: &Transport, node: &TestNode, millis: u32, echo: Option<u64>) -> u64 {
+    let reply: Reply = ecs
+        .request(
+            &node.addr,
+            &Request::new(0, RequestBody::Lease { millis, echo }),
+        )
+        .await
+        .unwrap();
+    match reply.body {
+        ReplyBody::Leased { stamp } => stamp,
+        other => panic!("lease answered {other:?}"),
+    }
+}
+
+/// A lease runs from a stamp the node took before an answer the ECS received, never from a
+/// probe's arrival: a probe delivered late (the ECS gave up on it, then failed the node
+/// over) cannot extend it.
+#[tokio::test]
+async fn a_lease_counts_from_an_echoed_stamp_not_from_a_late_probe() {
+    let certs = Certs::new();
+    let (node, _) = member(&certs).await;
+    let ecs = transport(&certs, "ecs");
+    assert!(
+        !node.node.leased(),
+        "with replication, no lease, no service"
+    );
+
+    let first = lease(&ecs, &node, 60_000, None).await;
+    assert!(
+        !node.node.leased(),
+        "a probe without an echo grants nothing"
+    );
+    lease(&ecs, &node, 300, Some(first)).await;
+    assert!(node.node.leased(), "an echoed stamp grants its lease");
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!node.node.leased(), "over after its length");
+    // The same echo, delivered late: it would have granted 300 ms from its arrival under a
+    // lease counted from arrival; from the stamp, it is already over.
+    lease(&ecs, &node, 300, Some(first)).await;
+    assert!(!node.node.leased(), "a late probe does not revive a lease");
+    // A stamp this process never gave out (from the future) grants nothing either.
+    lease(&ecs, &node, 60_000, Some(u64::MAX)).await;
+    assert!(!node.node.leased());
+
+    // Without a lease, the node refuses its predecessor's chain writes and clients alike.
+    let n1 = transport(&certs, "n1");
+    let put = Request::new(
+        5,
+        RequestBody::Replicate {
+            key: b"k".to_vec(),
+            value: Some(b"v".to_vec()),
+            origin: 1,
+            seq: 1,
+        },
+    );
+    let reply: Reply = n1.request(&node.addr, &put).await.unwrap();
+    assert_eq!(reply.body, ReplyBody::Stopped);
+}
+
+/// A copy of a chain write that arrives after a later write of the same stripe from the
+/// same head (a hop sent again, its first copy delayed on the way) is ignored; the same
+/// write sent again is applied again; another head's order is its own.
+#[tokio::test]
+async fn a_stale_copy_of_a_chain_write_cannot_undo_a_later_one() {
+    let certs = Certs::new();
+    let (node, ring) = member(&certs).await;
+    let ecs = transport(&certs, "ecs");
+    let stamp = lease(&ecs, &node, 60_000, None).await;
+    lease(&ecs, &node, 60_000, Some(stamp)).await;
+    assert!(node.node.leased());
+
+    // A key whose chain is [n1, n2]: n2 is its tail, n1 its head (our caller).
+    let key = (0u32..)
+        .map(|i| format!("key-{i}").into_bytes())
+        .find(|k| {
+            let chain = ring.chain(&HashedKey::new(k).position);
+            chain.len() == 2 && chain[0].name == "n1"
+        })
+        .unwrap();
+    let n1 = transport(&certs, "n1");
+    let write = |value: &str, origin: u64, seq: u64| {
+        Request::new(
+            ring.version,
+            RequestBody::Replicate {
+                key: key.clone(),
+                value: Some(value.as_bytes().to_vec()),
+                origin,
+                seq,
+            },
+        )
+    };
+    let value = || node.node.store().get(&key).unwrap();
+    let send = |request: Request| {
+        let (n1, addr) = (&n1, node.addr.clone());
+        async move {
+            let reply: Reply = n1.request(&addr, &request).await.unwrap();
+            assert_eq!(reply.body, ReplyBody::Ok, "{request:?}");
+        }
+    };
+
+    send(write("second", 7, 2)).await;
+    assert_eq!(value(), Some(b"second".to_vec()));
+    send(write("first", 7, 1)).await; // the delayed first copy of an earlier write
+    assert_eq!(
+        value(),
+        Some(b"second".to_vec()),
+        "a stale copy undid a later write"
+    );
+    send(write("second", 7, 2)).await; // the same write sent again
+    assert_eq!(value(), Some(b"second".to_vec()));
+    send(write("third", 7, 3)).await;
+    assert_eq!(value(), Some(b"third".to_vec()));
+    send(write("other head", 8, 1)).await; // a new head process: its own order
+    assert_eq!(value(), Some(b"other head".to_vec()));
+
+    // A chain write from a node that is not the key's predecessor, or at another version,
+    // is refused.
+    let impostor = transport(&certs, "n3");
+    let reply: Reply = impostor
+        .request(&node.addr, &write("impostor", 9, 1))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            reply.body,
+            ReplyBody::Error {
+                kind: ringkv_wire::ErrorKind::Forbidden,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    let mut stale = write("old version", 7, 9);
+    stale.metadata_version = ring.version - 1;
+    let reply: Reply = n1.request(&node.addr, &stale).await.unwrap();
+    assert!(
+        matches!(reply.body, ReplyBody::NotResponsible { .. }),
+        "{reply:?}"
+    );
+    assert_eq!(value(), Some(b"other head".to_vec()));
+}
