@@ -253,10 +253,11 @@ impl Ecs {
         let _change = self.change.lock().await;
         self.finish_pending().await?;
         let metadata = self.metadata();
-        if metadata.replication > 1 && metadata.node(name).is_some() {
-            if metadata.is_failed(name) || self.silent_through_its_lease(name).await {
-                return self.fail_over(name).await;
-            }
+        if metadata.replication > 1
+            && metadata.node(name).is_some()
+            && (metadata.is_failed(name) || self.silent_through_its_lease(name).await)
+        {
+            return self.fail_over(name).await;
         }
         let plan = plan::leave(&metadata, name)?;
         self.execute(plan).await

@@ -228,12 +228,13 @@ async fn down_the_chain(
                 ReplyBody::NotResponsible { metadata } => {
                     last = format!("{} holds metadata v{}", next.name, reply.metadata_version);
                     match metadata {
-                        Some(theirs) if theirs.version > version => {
-                            // Someone down the chain is ahead: catch up and retry at once
-                            // (after the pause if the install failed).
-                            if node.install_metadata(theirs, "chain").await.is_ok() {
-                                continue;
-                            }
+                        // Someone down the chain is ahead: catch up and retry at once
+                        // (after the pause if the install failed).
+                        Some(theirs)
+                            if theirs.version > version
+                                && node.install_metadata(theirs.clone(), "chain").await.is_ok() =>
+                        {
+                            continue;
                         }
                         _ if reply.metadata_version < version => {
                             // The successor is behind: hand it ours.
