@@ -66,39 +66,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 40000))
-        if ! ss -Htuan | awk '{print $5}' | grep -q ":$port\$"; then
-            echo "$port"
-            return
-        fi
-    done
-}
-
-wait_until() { # seconds description command...
-    local deadline=$((SECONDS + $1)) what=$2
-    shift 2
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || die "$what did not come up (logs in $TMP)"
-        sleep 0.1
-    done
-}
-
-# Holds /dev/cpu_dma_latency at 0 (no deep C-states) while this script runs.
-hold_cpu_dma_latency() {
-    if [[ ! -w /dev/cpu_dma_latency ]]; then
-        say "cannot write /dev/cpu_dma_latency: latencies include C-state exits"
-        return
-    fi
-    python3 -c 'import os, struct, time
-fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
-os.write(fd, struct.pack("i", 0))
-time.sleep(1e6)' &
-    PIDS+=($!)
-    say "holding /dev/cpu_dma_latency at 0 (pid $!)"
-}
+# free_port, wait_until, hold_cpu_dma_latency
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 # start_cluster TAG: an ECS (R=3) and 4 nodes <TAG>1..4, all added. Sets ECS, SEEDS,
 # NODE_PIDS (by index 1..4) and ECS_LOG.

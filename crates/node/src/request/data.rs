@@ -208,15 +208,7 @@ async fn down_the_chain(
                 "the write did not reach the tail in {CHAIN_DEADLINE:?} ({last})"
             )));
         }
-        let request = Request::new(
-            version,
-            RequestBody::Replicate {
-                key: key.clone(),
-                value: value.clone(),
-                origin: order.origin,
-                seq: order.seq,
-            },
-        );
+        let request = chain_write(version, &key, &value, order);
         let hop = tokio::select! {
             hop = node.peers.call::<_, ringkv_wire::Reply>(&next.addr, &request, HOP_TIMEOUT) => Some(hop),
             () = node.version_changed(version) => None,
@@ -237,17 +229,7 @@ async fn down_the_chain(
                             continue;
                         }
                         _ if reply.metadata_version < version => {
-                            // The successor is behind: hand it ours.
-                            if let Some(ours) = view.signed.clone() {
-                                let push = Request::new(
-                                    version,
-                                    RequestBody::GossipPush { metadata: ours },
-                                );
-                                let _ = node
-                                    .peers
-                                    .call::<_, ringkv_wire::Reply>(&next.addr, &push, HOP_TIMEOUT)
-                                    .await;
-                            }
+                            hand_ours(&node, &view, next).await; // the successor is behind
                         }
                         _ => {}
                     }
@@ -261,6 +243,34 @@ async fn down_the_chain(
             () = tokio::time::sleep(HOP_RETRY) => {}
             () = node.version_changed(version) => {}
         }
+    }
+}
+
+/// The `Replicate` request of a chain write, at metadata `version`.
+fn chain_write(version: u64, key: &[u8], value: &Option<Vec<u8>>, order: Order) -> Request {
+    Request::new(
+        version,
+        RequestBody::Replicate {
+            key: key.to_vec(),
+            value: value.clone(),
+            origin: order.origin,
+            seq: order.seq,
+        },
+    )
+}
+
+/// Hands `next`, found behind, the metadata of `view` (as gossip would), so that the chain
+/// write sent again finds it caught up.
+async fn hand_ours(node: &Node, view: &crate::node::RingView, next: &ringkv_wire::NodeEntry) {
+    if let Some(ours) = view.signed.clone() {
+        let push = Request::new(
+            view.metadata.version,
+            RequestBody::GossipPush { metadata: ours },
+        );
+        let _ = node
+            .peers
+            .call::<_, ringkv_wire::Reply>(&next.addr, &push, HOP_TIMEOUT)
+            .await;
     }
 }
 
@@ -361,15 +371,7 @@ pub async fn replicate(
         };
     };
     // Persist here while the successor does (answered once both have).
-    let request = Request::new(
-        version,
-        RequestBody::Replicate {
-            key: key.clone(),
-            value: value.clone(),
-            origin: order.origin,
-            seq: order.seq,
-        },
-    );
+    let request = chain_write(version, &key, &value, order);
     let forward = node
         .peers
         .call::<_, ringkv_wire::Reply>(&next.addr, &request, HOP_TIMEOUT);
@@ -383,13 +385,7 @@ pub async fn replicate(
             // catches up on newer metadata it carries). A successor behind us gets our
             // metadata first, so that the retry finds it caught up.
             ReplyBody::NotResponsible { .. } if reply.metadata_version < version => {
-                if let Some(ours) = view.signed.clone() {
-                    let push = Request::new(version, RequestBody::GossipPush { metadata: ours });
-                    let _ = node
-                        .peers
-                        .call::<_, ringkv_wire::Reply>(&next.addr, &push, HOP_TIMEOUT)
-                        .await;
-                }
+                hand_ours(node, &view, next).await;
                 reply.body
             }
             ReplyBody::Ok | ReplyBody::NotResponsible { .. } | ReplyBody::Stopped => reply.body,
