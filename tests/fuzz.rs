@@ -422,6 +422,26 @@ mod strategies {
                 }),
             (any::<u32>(), proptest::option::of(any::<u64>()))
                 .prop_map(|(millis, echo)| RequestBody::Lease { millis, echo }),
+            proptest::collection::vec(
+                (
+                    p.key.clone(),
+                    proptest::option::of(p.value.clone()),
+                    any::<u64>(),
+                    any::<u64>()
+                ),
+                0..3
+            )
+            .prop_map(|writes| RequestBody::ReplicateBatch {
+                writes: writes
+                    .into_iter()
+                    .map(|(key, value, origin, seq)| ringkv_wire::ChainWrite {
+                        key,
+                        value,
+                        origin,
+                        seq
+                    })
+                    .collect()
+            }),
         ]
         .boxed()
     }
@@ -457,9 +477,10 @@ mod strategies {
             RequestBody::GossipPush { .. } => 16,
             RequestBody::Replicate { .. } => 17,
             RequestBody::Lease { .. } => 18,
+            RequestBody::ReplicateBatch { .. } => 19,
         }
     }
-    pub const REQUEST_VARIANTS: usize = 19;
+    pub const REQUEST_VARIANTS: usize = 20;
 
     pub fn error_kind() -> impl Strategy<Value = ErrorKind> + Clone {
         prop_oneof![
@@ -548,6 +569,7 @@ mod strategies {
             )),
             any::<u64>().prop_map(ReplyBody::Count),
             any::<u64>().prop_map(|stamp| ReplyBody::Leased { stamp }),
+            proptest::collection::vec(Just(ReplyBody::Ok), 0..3).prop_map(ReplyBody::Replicated),
             (digest(), proptest::option::of(signed_metadata()))
                 .prop_map(|(digest, metadata)| ReplyBody::Gossip { digest, metadata }),
         ];
@@ -1136,6 +1158,12 @@ mod handlers {
             | RequestBody::PutBatch { .. }
             | RequestBody::GossipPush { .. } => refused || matches!(reply, R::Ok),
             RequestBody::Lease { .. } => refused || matches!(reply, R::Leased { .. }),
+            RequestBody::ReplicateBatch { writes } => {
+                // One answer per write, each one a Replicate may get (a refusal included).
+                matches!(reply, R::Replicated(answers) if answers.len() == writes.len()
+                    && answers.iter().all(|a| matches!(a,
+                        R::Ok | R::NotResponsible { .. } | R::Stopped | R::Error { .. })))
+            }
             RequestBody::Replicate { .. } => {
                 refused || matches!(reply, R::Ok | R::NotResponsible { .. } | R::Stopped)
             }

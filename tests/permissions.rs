@@ -40,6 +40,7 @@ fn node_allows(body: &RequestBody) -> [bool; 4] {
         // A chain write is further checked against the sender's place in the key's chain.
         RequestBody::PutBatch { .. }
         | RequestBody::Replicate { .. }
+        | RequestBody::ReplicateBatch { .. }
         | RequestBody::Gossip { .. }
         | RequestBody::GossipPush { .. } => NODE,
         // Only the ECS speaks for the ring and drives moves; operators go through it.
@@ -128,6 +129,7 @@ fn every_request_kind() -> Vec<RequestBody> {
             origin: 1,
             seq: 1,
         },
+        RequestBody::ReplicateBatch { writes: vec![] },
         RequestBody::Lease {
             millis: 1000,
             echo: None,

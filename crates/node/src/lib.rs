@@ -19,6 +19,7 @@
 //! - [`server`]: binding the endpoint and serving the node through `ringkv-transport`;
 //!   [`server::bind`] and [`server::run`].
 //! - [`storage`]: [`storage::Store`], fjall with a group-commit writer thread.
+//! - [`hops`]: chain writes to a successor, batched.
 //! - [`error`]: the error type, [`NodeError`].
 //!
 //! The `ringkv-node` command line lives with the binaries (the umbrella package's
@@ -28,6 +29,7 @@
 pub mod config;
 pub mod error;
 pub mod gossip;
+pub mod hops;
 pub mod moves;
 pub mod node;
 pub mod request;

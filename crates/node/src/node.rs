@@ -126,6 +126,8 @@ pub struct Node {
     /// `member_stripes` so that checking and queueing a write are one step.
     pub(crate) applied_seq: std::sync::Mutex<HashMap<(u64, u16), u64>>,
     member_stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Chain writes on their way to successors, batched per successor.
+    pub(crate) hops: crate::hops::Hops,
     /// The ring's replication factor, readable without the view lock.
     replication: std::sync::atomic::AtomicU8,
     /// This node, for the tasks that finish chain writes after their handler returned.
@@ -199,6 +201,7 @@ impl Node {
             member_stripes: (0..WRITE_STRIPES)
                 .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                 .collect(),
+            hops: Default::default(),
             replication: std::sync::atomic::AtomicU8::new(view.metadata.replication),
             me: me.clone(),
             view: RwLock::new(view),
@@ -571,6 +574,9 @@ impl Node {
             } => {
                 let order = data::Order { origin, seq };
                 data::replicate(self, peer, version, key, value, order).await
+            }
+            RequestBody::ReplicateBatch { writes } => {
+                data::replicate_batch(self, peer, version, writes).await
             }
             RequestBody::Lease { millis, echo } => self.lease(millis, echo),
             RequestBody::GetMetadata => metadata::get(self),

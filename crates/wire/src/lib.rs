@@ -42,7 +42,7 @@ pub use error::WireError;
 pub use gossip::{GossipDigest, Heartbeat, Liveness, PeerLiveness};
 pub use limits::Limits;
 pub use message::{
-    ErrorKind, MoveId, NodeStatus, Reply, ReplyBody, Request, RequestBody, StorageEntry,
+    ChainWrite, ErrorKind, MoveId, NodeStatus, Reply, ReplyBody, Request, RequestBody, StorageEntry,
     TransferStats,
 };
 pub use ring::{

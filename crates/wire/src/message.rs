@@ -43,6 +43,21 @@ pub struct MoveId {
     pub target_version: u64,
 }
 
+/// One write of a `ReplicateBatch` (the fields of `Replicate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainWrite {
+    /// The key.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// The value, or `None` for a deletion.
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+    /// The head that ordered the write.
+    pub origin: u64,
+    /// The write's place in its head's order.
+    pub seq: u64,
+}
+
 /// A key and its value as moved between nodes; `None` is a deletion (a delta transfer
 /// carries the keys deleted since the snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +208,15 @@ pub enum RequestBody {
         /// the same head, so a copy delayed on its way cannot undo a later write.
         seq: u64,
     },
+    /// Internal (node): several chain writes for the receiver at once, each handled as its
+    /// own `Replicate` (same checks, same order rules); the sender batches the writes waiting
+    /// for the same successor, so a hop costs one exchange for many writes. Replies
+    /// `Replicated` with one answer per write, in order.
+    ReplicateBatch {
+        /// The writes; at most [`crate::MAX_BATCH_ENTRIES`].
+        #[serde(deserialize_with = "crate::bounded::batch_entries")]
+        writes: Vec<ChainWrite>,
+    },
     /// Internal (ecs): the ECS's liveness probe, which also renews the node's lease
     /// (ARCHITECTURE.md §11). The node answers `Leased` with a stamp of its own clock; the
     /// ECS echoes the last stamp it *received* in its next probe, and the node then may serve
@@ -248,6 +272,7 @@ impl RequestBody {
             RequestBody::Gossip { .. } => "gossip",
             RequestBody::GossipPush { .. } => "gossip_push",
             RequestBody::Replicate { .. } => "replicate",
+            RequestBody::ReplicateBatch { .. } => "replicate_batch",
             RequestBody::Lease { .. } => "lease",
         }
     }
@@ -383,6 +408,9 @@ pub enum ReplyBody {
         /// Whether the node adopted the metadata just now.
         adopted: bool,
     },
+    /// Answer to `ReplicateBatch`: one answer per write, in order (each what a `Replicate`
+    /// of it would have answered).
+    Replicated(#[serde(deserialize_with = "crate::bounded::batch_entries")] Vec<ReplyBody>),
     /// Answer to `Lease`: the node's clock (microseconds since it started) when it answered.
     Leased {
         /// The stamp, to be echoed by the ECS's next probe.
@@ -556,6 +584,21 @@ mod tests {
                 }),
             (any::<u32>(), proptest::option::of(any::<u64>()))
                 .prop_map(|(millis, echo)| RequestBody::Lease { millis, echo }),
+            proptest::collection::vec(
+                (bytes(), proptest::option::of(bytes()), any::<u64>(), any::<u64>()),
+                0..4
+            )
+            .prop_map(|writes| RequestBody::ReplicateBatch {
+                writes: writes
+                    .into_iter()
+                    .map(|(key, value, origin, seq)| ChainWrite {
+                        key,
+                        value,
+                        origin,
+                        seq
+                    })
+                    .collect()
+            }),
         ];
         (any::<u64>(), body).prop_map(|(v, b)| Request::new(v, b))
     }
@@ -612,6 +655,11 @@ mod tests {
             )),
             any::<u64>().prop_map(ReplyBody::Count),
             any::<u64>().prop_map(|stamp| ReplyBody::Leased { stamp }),
+            proptest::collection::vec(
+                prop_oneof![Just(ReplyBody::Ok), Just(ReplyBody::Stopped)],
+                0..4
+            )
+            .prop_map(ReplyBody::Replicated),
             (arb_digest(), proptest::option::of(arb_signed_metadata()))
                 .prop_map(|(digest, metadata)| ReplyBody::Gossip { digest, metadata }),
         ];

@@ -11,9 +11,10 @@
 use std::time::Duration;
 
 use ringkv_certs::PeerIdentity;
-use ringkv_wire::{ErrorKind, HashedKey, ReplyBody, Request, RequestBody, WireError};
+use ringkv_wire::{ChainWrite, ErrorKind, HashedKey, ReplyBody, Request, RequestBody, WireError};
 
 use super::{error, storage_error};
+use crate::hops::Hops;
 use crate::node::{InFlightWrite, WriteAdmission};
 use crate::Node;
 
@@ -208,35 +209,35 @@ async fn down_the_chain(
                 "the write did not reach the tail in {CHAIN_DEADLINE:?} ({last})"
             )));
         }
-        let request = chain_write(version, &key, &value, order);
+        let write = chain_write(&key, &value, order);
         let hop = tokio::select! {
-            hop = node.peers.call::<_, ringkv_wire::Reply>(&next.addr, &request, HOP_TIMEOUT) => Some(hop),
+            hop = Hops::send(&node, &next.addr, version, write, HOP_TIMEOUT) => Some(hop),
             () = node.version_changed(version) => None,
         };
         match hop {
             None => continue, // a new chain: send again along it
-            Some(Ok(reply)) => match reply.body {
-                ReplyBody::Ok => return Ok(()),
-                ReplyBody::NotResponsible { metadata } => {
-                    last = format!("{} holds metadata v{}", next.name, reply.metadata_version);
-                    match metadata {
-                        // Someone down the chain is ahead: catch up and retry at once
-                        // (after the pause if the install failed).
-                        Some(theirs)
-                            if theirs.version > version
-                                && node.install_metadata(theirs.clone(), "chain").await.is_ok() =>
-                        {
-                            continue;
-                        }
-                        _ if reply.metadata_version < version => {
-                            hand_ours(&node, &view, next).await; // the successor is behind
-                        }
-                        _ => {}
+            Some(Ok(ReplyBody::Ok)) => return Ok(()),
+            Some(Ok(ReplyBody::NotResponsible { metadata })) => {
+                // The metadata of whoever down the chain refused it.
+                let theirs = metadata.as_ref().map_or(0, |m| m.version);
+                last = format!("a node down the chain holds metadata v{theirs}");
+                match metadata {
+                    // Someone down the chain is ahead: catch up and retry at once (after
+                    // the pause if the install failed).
+                    Some(theirs)
+                        if theirs.version > version
+                            && node.install_metadata(theirs.clone(), "chain").await.is_ok() =>
+                    {
+                        continue;
                     }
+                    _ if theirs < version => {
+                        hand_ours(&node, &view, next).await; // the successor is behind
+                    }
+                    _ => {}
                 }
-                other => last = format!("{} answered {other:?}", next.name),
-            },
-            Some(Err(e)) => last = e.to_string(),
+            }
+            Some(Ok(other)) => last = format!("{} answered {other:?}", next.name),
+            Some(Err(e)) => last = e,
         }
         tracing::debug!(node = %node.config.name, next = %next.name, %last, "chain hop failed; retrying");
         tokio::select! {
@@ -246,17 +247,34 @@ async fn down_the_chain(
     }
 }
 
-/// The `Replicate` request of a chain write, at metadata `version`.
-fn chain_write(version: u64, key: &[u8], value: &Option<Vec<u8>>, order: Order) -> Request {
-    Request::new(
-        version,
-        RequestBody::Replicate {
-            key: key.to_vec(),
-            value: value.clone(),
-            origin: order.origin,
-            seq: order.seq,
-        },
-    )
+/// A chain write as it travels in a `ReplicateBatch`.
+fn chain_write(key: &[u8], value: &Option<Vec<u8>>, order: Order) -> ChainWrite {
+    ChainWrite {
+        key: key.to_vec(),
+        value: value.clone(),
+        origin: order.origin,
+        seq: order.seq,
+    }
+}
+
+/// `ReplicateBatch` from `peer`: each write handled as its own `Replicate` (all at once;
+/// the head's stripes keep two writes of one stripe from one head out of the same batch),
+/// one answer per write.
+pub async fn replicate_batch(
+    node: &Node,
+    peer: &PeerIdentity,
+    version: u64,
+    writes: Vec<ChainWrite>,
+) -> ReplyBody {
+    let answers = futures::future::join_all(writes.into_iter().map(|w| {
+        let order = Order {
+            origin: w.origin,
+            seq: w.seq,
+        };
+        replicate(node, peer, version, w.key, w.value, order)
+    }))
+    .await;
+    ReplyBody::Replicated(answers)
 }
 
 /// Hands `next`, found behind, the metadata of `view` (as gossip would), so that the chain
@@ -371,32 +389,28 @@ pub async fn replicate(
         };
     };
     // Persist here while the successor does (answered once both have).
-    let request = chain_write(version, &key, &value, order);
-    let forward = node
-        .peers
-        .call::<_, ringkv_wire::Reply>(&next.addr, &request, HOP_TIMEOUT);
+    let write = chain_write(&key, &value, order);
+    let arc = node.arc();
+    let forward = Hops::send(&arc, &next.addr, version, write, HOP_TIMEOUT);
     let (local, forwarded) = tokio::join!(local, forward);
     if let Err(e) = local {
         return storage_error(e);
     }
     match forwarded {
-        Ok(reply) => match reply.body {
-            // The successor's refusal goes up the chain as is: the head retries (and
-            // catches up on newer metadata it carries). A successor behind us gets our
-            // metadata first, so that the retry finds it caught up.
-            ReplyBody::NotResponsible { .. } if reply.metadata_version < version => {
-                hand_ours(node, &view, next).await;
-                reply.body
-            }
-            ReplyBody::Ok | ReplyBody::NotResponsible { .. } | ReplyBody::Stopped => reply.body,
-            other => error(
-                ErrorKind::Peer,
-                format!("{} refused the chain write: {other:?}", next.name),
-            ),
-        },
-        Err(e) => error(
+        // The successor's refusal goes up the chain as is: the head retries (and catches up
+        // on newer metadata it carries). A successor behind us gets our metadata first, so
+        // that the retry finds it caught up.
+        Ok(ReplyBody::NotResponsible { metadata })
+            if metadata.as_ref().map_or(0, |m| m.version) < version =>
+        {
+            hand_ours(node, &view, next).await;
+            ReplyBody::NotResponsible { metadata }
+        }
+        Ok(body @ (ReplyBody::Ok | ReplyBody::NotResponsible { .. } | ReplyBody::Stopped)) => body,
+        Ok(other) => error(
             ErrorKind::Peer,
-            format!("chain write to {}: {e}", next.name),
+            format!("{} refused the chain write: {other:?}", next.name),
         ),
+        Err(e) => error(ErrorKind::Peer, format!("chain write to {}: {e}", next.name)),
     }
 }

@@ -36,6 +36,7 @@ pub fn allowed(role: Role, body: &RequestBody) -> bool {
                 | RequestBody::Gossip { .. }
                 | RequestBody::GossipPush { .. }
                 | RequestBody::Replicate { .. }
+                | RequestBody::ReplicateBatch { .. }
         ),
         Role::Client => body.is_client_request(),
         Role::Admin => body.is_client_request() || matches!(body, RequestBody::Status),
@@ -45,6 +46,7 @@ pub fn allowed(role: Role, body: &RequestBody) -> bool {
                     body,
                     RequestBody::PutBatch { .. }
                         | RequestBody::Replicate { .. }
+                        | RequestBody::ReplicateBatch { .. }
                         | RequestBody::Status
                         | RequestBody::Gossip { .. }
                         | RequestBody::GossipPush { .. }
