@@ -1,9 +1,16 @@
 //! Chain writes to a successor, batched (ARCHITECTURE.md §11): every write a node sends down
-//! a chain goes through [`Hops::send`], which queues it per (successor, metadata version);
-//! up to [`MAX_IN_FLIGHT`] `ReplicateBatch` requests per queue carry whatever is waiting, so
-//! a hop costs one exchange for many writes under load and adds nothing when idle (a lone
-//! write leaves at once in a batch of one). Each write gets the answer the successor gave to
-//! it (`Replicated`), or the batch's failure.
+//! a chain goes through [`Hops::send`], which queues it per (successor, metadata version).
+//! One task per queue takes whatever is waiting, sends it as one `ReplicateBatch` (in a task
+//! of its own: the batch's answer is not awaited here), yields once so that the writes made
+//! meanwhile can join the next batch, and stops when the queue is empty. A hop thus costs one
+//! exchange for many writes under load and adds nothing when idle (a lone write leaves at
+//! once in a batch of one). Each write gets the answer the successor gave to it
+//! (`Replicated`), or the batch's failure.
+//!
+//! Nothing here waits for a batch's answer before sending the next one: batches wait on the
+//! successors' own hops (a middle member answers once the tail did), and with every node the
+//! head of one chain and a middle member of another, a cap on batches in flight per successor
+//! would close a cycle of queues waiting on each other.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,8 +21,6 @@ use tokio::sync::oneshot;
 
 use crate::Node;
 
-/// Batches in flight at once per successor and version.
-pub const MAX_IN_FLIGHT: usize = 4;
 /// Most writes per batch (also bounded by the entry cap of the wire).
 pub const MAX_WRITES_PER_BATCH: usize = 512;
 
@@ -27,7 +32,8 @@ type Waiting = (ChainWrite, oneshot::Sender<HopResult>);
 #[derive(Default)]
 struct Queue {
     pending: Vec<Waiting>,
-    in_flight: usize,
+    /// Whether a task is taking this queue's writes.
+    flushing: bool,
 }
 
 /// The queues of a node's chain writes, by successor address and metadata version.
@@ -52,11 +58,7 @@ impl Hops {
             let mut queues = node.hops.queues.lock().expect("hops lock");
             let queue = queues.entry(key.clone()).or_default();
             queue.pending.push((write, tx));
-            let start = queue.in_flight < MAX_IN_FLIGHT;
-            if start {
-                queue.in_flight += 1;
-            }
-            start
+            !std::mem::replace(&mut queue.flushing, true)
         };
         if start_sender {
             tokio::spawn(flush(node.clone(), key, timeout));
@@ -71,12 +73,9 @@ async fn flush(node: Arc<Node>, key: (String, u64), timeout: Duration) {
     loop {
         let batch: Vec<Waiting> = {
             let mut queues = node.hops.queues.lock().expect("hops lock");
-            let queue = queues.get_mut(&key).expect("a queue with a sender exists");
+            let queue = queues.get_mut(&key).expect("a flushing queue exists");
             if queue.pending.is_empty() {
-                queue.in_flight -= 1;
-                if queue.in_flight == 0 {
-                    queues.remove(&key);
-                }
+                queues.remove(&key);
                 return;
             }
             let n = queue
@@ -86,43 +85,50 @@ async fn flush(node: Arc<Node>, key: (String, u64), timeout: Duration) {
                 .min(MAX_BATCH_ENTRIES);
             queue.pending.drain(..n).collect()
         };
-        let (writes, waiting): (Vec<ChainWrite>, Vec<oneshot::Sender<HopResult>>) =
-            batch.into_iter().unzip();
-        let count = writes.len();
-        let request = Request::new(key.1, RequestBody::ReplicateBatch { writes });
-        let answer = node
-            .peers
-            .call::<_, Reply>(&key.0, &request, timeout)
-            .await;
-        match answer {
-            Ok(Reply {
-                body: ReplyBody::Replicated(answers),
-                ..
-            }) if answers.len() == count => {
-                for (tx, answer) in waiting.into_iter().zip(answers) {
-                    let _ = tx.send(Ok(answer));
-                }
+        tokio::spawn(send_batch(node.clone(), key.clone(), batch, timeout));
+        // Let the writes made meanwhile gather for the next batch.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Sends one batch and hands each write its answer.
+async fn send_batch(node: Arc<Node>, key: (String, u64), batch: Vec<Waiting>, timeout: Duration) {
+    let (writes, waiting): (Vec<ChainWrite>, Vec<oneshot::Sender<HopResult>>) =
+        batch.into_iter().unzip();
+    let count = writes.len();
+    let request = Request::new(key.1, RequestBody::ReplicateBatch { writes });
+    let answer = node
+        .peers
+        .call::<_, Reply>(&key.0, &request, timeout)
+        .await;
+    match answer {
+        Ok(Reply {
+            body: ReplyBody::Replicated(answers),
+            ..
+        }) if answers.len() == count => {
+            for (tx, answer) in waiting.into_iter().zip(answers) {
+                let _ = tx.send(Ok(answer));
             }
-            // A refusal of the whole batch (not the successor's version, stopped, an
-            // error) is every write's answer.
-            Ok(reply) => {
-                let answer = match reply.body {
-                    ReplyBody::Replicated(answers) => Err(format!(
-                        "{} answered {} of {count} chain writes",
-                        key.0,
-                        answers.len()
-                    )),
-                    body => Ok(body),
-                };
-                for tx in waiting {
-                    let _ = tx.send(answer.clone());
-                }
+        }
+        // A refusal of the whole batch (not the successor's version, stopped, an error) is
+        // every write's answer.
+        Ok(reply) => {
+            let answer = match reply.body {
+                ReplyBody::Replicated(answers) => Err(format!(
+                    "{} answered {} of {count} chain writes",
+                    key.0,
+                    answers.len()
+                )),
+                body => Ok(body),
+            };
+            for tx in waiting {
+                let _ = tx.send(answer.clone());
             }
-            Err(e) => {
-                let why = e.to_string();
-                for tx in waiting {
-                    let _ = tx.send(Err(why.clone()));
-                }
+        }
+        Err(e) => {
+            let why = e.to_string();
+            for tx in waiting {
+                let _ = tx.send(Err(why.clone()));
             }
         }
     }
