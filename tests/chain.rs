@@ -185,3 +185,66 @@ async fn a_stale_copy_of_a_chain_write_cannot_undo_a_later_one() {
     );
     assert_eq!(value(), Some(b"other head".to_vec()));
 }
+
+/// A `ReplicateBatch` is answered write by write, each as its own `Replicate` would be: the
+/// writes of keys this node follows the caller for are applied, a write of a key it does
+/// not is refused, a stale copy is ignored, all in one exchange.
+#[tokio::test]
+async fn a_batch_of_chain_writes_is_answered_write_by_write() {
+    let certs = Certs::new();
+    let (node, ring) = member(&certs).await;
+    let ecs = transport(&certs, "ecs");
+    let stamp = lease(&ecs, &node, 60_000, None).await;
+    lease(&ecs, &node, 60_000, Some(stamp)).await;
+
+    let headed_by =
+        |k: &Vec<u8>, head: &str| ring.head(&HashedKey::new(k).position).unwrap().name == head;
+    let candidates = || (0u32..).map(|i| format!("key-{i}").into_bytes());
+    let ours: Vec<Vec<u8>> = candidates()
+        .filter(|k| headed_by(k, "n1"))
+        .take(2)
+        .collect(); // chain [n1, n2]
+    let theirs = candidates().find(|k| headed_by(k, "n2")).unwrap(); // chain [n2, n1]: n1 is not n2's predecessor
+    let write = |key: &[u8], value: &str, seq: u64| ringkv_wire::ChainWrite {
+        key: key.to_vec(),
+        value: Some(value.as_bytes().to_vec()),
+        origin: 7,
+        seq,
+    };
+    let n1 = transport(&certs, "n1");
+    let batch = |writes: Vec<ringkv_wire::ChainWrite>| {
+        Request::new(ring.version, RequestBody::ReplicateBatch { writes })
+    };
+    let reply: Reply = n1
+        .request(
+            &node.addr,
+            &batch(vec![
+                write(&ours[0], "a", 10),
+                write(&theirs, "x", 11),
+                write(&ours[1], "b", 12),
+            ]),
+        )
+        .await
+        .unwrap();
+    let ReplyBody::Replicated(answers) = reply.body else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(answers.len(), 3);
+    assert_eq!(answers[0], ReplyBody::Ok);
+    assert!(
+        matches!(
+            answers[1],
+            ReplyBody::Error {
+                kind: ringkv_wire::ErrorKind::Forbidden,
+                ..
+            }
+        ),
+        "{:?}",
+        answers[1]
+    );
+    assert_eq!(answers[2], ReplyBody::Ok);
+    let value = |key: &[u8]| node.node.store().get(key).unwrap();
+    assert_eq!(value(&ours[0]), Some(b"a".to_vec()));
+    assert_eq!(value(&ours[1]), Some(b"b".to_vec()));
+    assert_eq!(value(&theirs), None);
+}

@@ -97,10 +97,7 @@ async fn send_batch(node: Arc<Node>, key: (String, u64), batch: Vec<Waiting>, ti
         batch.into_iter().unzip();
     let count = writes.len();
     let request = Request::new(key.1, RequestBody::ReplicateBatch { writes });
-    let answer = node
-        .peers
-        .call::<_, Reply>(&key.0, &request, timeout)
-        .await;
+    let answer = node.peers.call::<_, Reply>(&key.0, &request, timeout).await;
     match answer {
         Ok(Reply {
             body: ReplyBody::Replicated(answers),

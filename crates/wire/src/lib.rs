@@ -42,8 +42,8 @@ pub use error::WireError;
 pub use gossip::{GossipDigest, Heartbeat, Liveness, PeerLiveness};
 pub use limits::Limits;
 pub use message::{
-    ChainWrite, ErrorKind, MoveId, NodeStatus, Reply, ReplyBody, Request, RequestBody, StorageEntry,
-    TransferStats,
+    ChainWrite, ErrorKind, MoveId, NodeStatus, Reply, ReplyBody, Request, RequestBody,
+    StorageEntry, TransferStats,
 };
 pub use ring::{
     key_position, node_position, storage_key, HashedKey, KeyRange, NodeEntry, Position, RangeMove,

@@ -585,7 +585,12 @@ mod tests {
             (any::<u32>(), proptest::option::of(any::<u64>()))
                 .prop_map(|(millis, echo)| RequestBody::Lease { millis, echo }),
             proptest::collection::vec(
-                (bytes(), proptest::option::of(bytes()), any::<u64>(), any::<u64>()),
+                (
+                    bytes(),
+                    proptest::option::of(bytes()),
+                    any::<u64>(),
+                    any::<u64>()
+                ),
                 0..4
             )
             .prop_map(|writes| RequestBody::ReplicateBatch {

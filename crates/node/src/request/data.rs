@@ -411,6 +411,9 @@ pub async fn replicate(
             ErrorKind::Peer,
             format!("{} refused the chain write: {other:?}", next.name),
         ),
-        Err(e) => error(ErrorKind::Peer, format!("chain write to {}: {e}", next.name)),
+        Err(e) => error(
+            ErrorKind::Peer,
+            format!("chain write to {}: {e}", next.name),
+        ),
     }
 }
