@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::history::{check_with_final, record_get, record_put, History, OpResult};
-use common::load::{keys_for, Load};
+use common::load::{final_values, keys_for, Load};
 use common::TestEcs;
 use common::{add_node_via, ask_ecs, free_port, node_status, wait_answers, Certs, NodeProcess};
 use ringkv_transport::Transport;
@@ -222,25 +222,6 @@ async fn time_until_writable(
     longest
 }
 
-/// Reads every key through a fresh client (recorded as the final reads).
-async fn final_values(
-    certs: &Certs,
-    seeds: Vec<String>,
-    keys: &[Vec<u8>],
-) -> HashMap<Vec<u8>, Option<Vec<u8>>> {
-    let reader = certs.client(seeds).await;
-    let mut finals = HashMap::new();
-    for key in keys {
-        let value = reader
-            .get(key)
-            .await
-            .unwrap_or_else(|e| panic!("final read of {}: {e}", String::from_utf8_lossy(key)));
-        finals.insert(key.clone(), value);
-    }
-    reader.disconnect().await;
-    finals
-}
-
 /// Which member of a chain a test kills.
 #[derive(Debug, Clone, Copy)]
 enum Member {
@@ -306,8 +287,7 @@ async fn kill_one_member_under_load(member: Member) {
         killed.elapsed()
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    load.stop_and_check(&cluster.certs, seeds.clone()).await;
-    let finals = final_values(&cluster.certs, seeds, &keys).await;
+    let finals = load.stop_and_check(&cluster.certs, seeds).await;
     cluster.assert_copies(&finals).await;
 }
 
@@ -354,8 +334,7 @@ async fn two_nodes_killed_one_after_the_other_lose_nothing() {
         .filter(|(n, _, _)| n != "n2" && n != "n4")
         .map(|(_, p, _)| p.addr.clone())
         .collect();
-    load.stop_and_check(&cluster.certs, seeds.clone()).await;
-    let finals = final_values(&cluster.certs, seeds, &keys).await;
+    let finals = load.stop_and_check(&cluster.certs, seeds).await;
     cluster.assert_copies(&finals).await;
 }
 
@@ -388,8 +367,7 @@ async fn join_and_leave_under_load_keep_three_copies_and_no_strays() {
         .filter(|(n, _, _)| n != "n2")
         .map(|(_, p, _)| p.addr.clone())
         .collect();
-    load.stop_and_check(&cluster.certs, seeds.clone()).await;
-    let finals = final_values(&cluster.certs, seeds, &keys).await;
+    let finals = load.stop_and_check(&cluster.certs, seeds).await;
     assert_eq!(cluster.metadata().nodes.len(), 4);
     cluster.assert_copies(&finals).await;
 }

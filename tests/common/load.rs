@@ -10,7 +10,7 @@ use kvstore::KvStore;
 use ringkv_wire::{HashedKey, KeyRange};
 use tokio::task::JoinHandle;
 
-use super::history::{check_with_final, record_get, record_put, History};
+use super::history::{check_with_final, record_get, record_put, History, Values};
 use super::Certs;
 
 /// `n` keys in `range` and `outside` keys elsewhere.
@@ -75,27 +75,35 @@ impl Load {
     }
 
     /// Stops the clients and checks their history, with a final read of every key from a
-    /// fresh client: linearizable per key, no acknowledged write lost.
-    pub async fn stop_and_check(self, certs: &Certs, seeds: Vec<String>) {
+    /// fresh client: linearizable per key, no acknowledged write lost. Returns the final
+    /// reads.
+    pub async fn stop_and_check(self, certs: &Certs, seeds: Vec<String>) -> Values {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             t.await.unwrap();
         }
-        let reader = certs.client(seeds).await;
-        let mut finals = HashMap::new();
-        for key in self.keys.iter() {
-            let value = reader
-                .get(key)
-                .await
-                .unwrap_or_else(|e| panic!("final read of {}: {e}", String::from_utf8_lossy(key)));
-            finals.insert(key.clone(), value);
-        }
-        reader.disconnect().await;
+        let finals = final_values(certs, seeds, &self.keys).await;
         let report = check_with_final(&self.history, &finals).unwrap_or_else(|v| panic!("{v}"));
         println!("history: {report}");
         assert!(
             report.ok > 50,
             "too few operations completed to mean anything: {report}"
         );
+        finals
     }
+}
+
+/// Reads every key of `keys` through a fresh client (the final reads of a history).
+pub async fn final_values(certs: &Certs, seeds: Vec<String>, keys: &[Vec<u8>]) -> Values {
+    let reader = certs.client(seeds).await;
+    let mut finals = HashMap::new();
+    for key in keys {
+        let value = reader
+            .get(key)
+            .await
+            .unwrap_or_else(|e| panic!("final read of {}: {e}", String::from_utf8_lossy(key)));
+        finals.insert(key.clone(), value);
+    }
+    reader.disconnect().await;
+    finals
 }
