@@ -98,8 +98,8 @@ async fn apply(
 }
 
 /// A client write at the head (see [`Node`]'s invariant): ownership and write locks are
-/// checked under the write gate, the write is made durable, then (with a chain) carried
-/// down to the tail before it is acknowledged.
+/// checked under the write gate, then the write is made durable here and (with a chain)
+/// carried down to the tail at the same time; it is acknowledged once both are done.
 async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyBody {
     if let Err(reply) = admit(node, key) {
         return reply;
@@ -108,8 +108,8 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
         return reply;
     }
     let replicated = node.replication() > 1;
-    // One write of a key down the chain at a time, so every member applies them in the
-    // head's order.
+    // One write of a stripe (the key's and a 4096th of the others) down the chain at a
+    // time, so every member applies a key's writes in the head's order.
     let stripe = if replicated {
         Some(node.stripe(&key.position).lock_owned().await)
     } else {
@@ -171,7 +171,7 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
     }
 }
 
-/// Carries a write the head has applied down its chain, and returns once the tail has it.
+/// Carries a write the head is applying down its chain, and returns once the tail has it.
 /// Each attempt goes to this node's successor in the chain of the metadata it holds then;
 /// a refused or failed hop is sent again (the same write: applying it twice is applying it
 /// once) after a pause or as soon as a new chain is adopted (the ECS replaced a failed
