@@ -292,6 +292,23 @@ commit_note() { # name before-json after-json
 }
 
 # --- main ----------------------------------------------------------------------------------------------
+# One ringkv row of a 3-node scenario: the cluster of replication factor $1 (its ECS $2,
+# seeds $3), with the caller's name, kconf, clients, op and per_run; its group commits for
+# puts. Sets LAST_RESULT to "ops p50 p99".
+run_ringkv_3nodes() { # replication ecs seeds
+    local before after k_ops k_p50 k_p99 k_note
+    say "$name: ringkv R=$1"
+    before=$(node_stats "$2")
+    read -r k_ops k_p50 k_p99 k_note <<<"$(run_ringkv "$clients" 100 "$op" "$per_run" "$3")"
+    [[ -n $k_ops ]] || die "no ringkv R=$1 result for $name"
+    after=$(node_stats "$2")
+    LAST_RESULT="$k_ops $k_p50 $k_p99"
+    row "$name R=$1" ringkv "R=$1, $kconf" "$k_ops" "$k_p50" "$k_p99" "-" "${k_note:-}"
+    if [[ $op == put ]]; then
+        commit_note "$name R=$1" "$before" "$after"
+    fi
+}
+
 main() {
     install_missing
     if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
@@ -372,7 +389,7 @@ main() {
     # 3 nodes on the same 2 cores, replication 1 and 3 back to back: 100 B, against the same
     # redis servers (plain redis holds 100 B values again: the loop above left 4 KiB ones).
     preload_redis "$plain_port" 100
-    local r1 r3 before after
+    local r1 r3
     for clients in "${CLIENT_COUNTS[@]}"; do
         for op in "${OPS[@]}"; do
             local name="$op 100B c=$clients 3nodes" port=$plain_port rconf="no persistence"
@@ -380,22 +397,10 @@ main() {
             if [[ $op == put ]]; then
                 port=$durable_port rconf="appendfsync always" kconf="3 nodes, fsync group commit, mTLS"
             fi
-            say "$name: ringkv R=1"
-            before=$(node_stats "$r1_ecs")
-            read -r k_ops k_p50 k_p99 k_note <<<"$(run_ringkv "$clients" 100 "$op" "$per_run" "$r1_seeds")"
-            [[ -n $k_ops ]] || die "no ringkv R=1 result for $name"
-            after=$(node_stats "$r1_ecs")
-            r1="$k_ops $k_p50 $k_p99"
-            row "$name R=1" ringkv "R=1, $kconf" "$k_ops" "$k_p50" "$k_p99" "-" "${k_note:-}"
-            [[ $op == put ]] && commit_note "$name R=1" "$before" "$after"
-            say "$name: ringkv R=3"
-            before=$(node_stats "$r3_ecs")
-            read -r k_ops k_p50 k_p99 k_note <<<"$(run_ringkv "$clients" 100 "$op" "$per_run" "$r3_seeds")"
-            [[ -n $k_ops ]] || die "no ringkv R=3 result for $name"
-            after=$(node_stats "$r3_ecs")
-            r3="$k_ops $k_p50 $k_p99"
-            row "$name R=3" ringkv "R=3, $kconf" "$k_ops" "$k_p50" "$k_p99" "-" "${k_note:-}"
-            [[ $op == put ]] && commit_note "$name R=3" "$before" "$after"
+            run_ringkv_3nodes 1 "$r1_ecs" "$r1_seeds"
+            r1=$LAST_RESULT
+            run_ringkv_3nodes 3 "$r3_ecs" "$r3_seeds"
+            r3=$LAST_RESULT
             say "$name: redis ($rconf)"
             read -r r_ops r_p50 r_p99 _ <<<"$(run_redis "$port" "$clients" 100 "$op" "$per_run" 0)"
             [[ -n $r_ops ]] || die "no redis result for $name"

@@ -84,7 +84,16 @@ impl Cluster {
     }
 
     fn seeds(&self) -> Vec<String> {
-        self.nodes.iter().map(|(_, n, _)| n.addr.clone()).collect()
+        self.seeds_without(&[])
+    }
+
+    /// The addresses of the nodes not called one of `dead`.
+    fn seeds_without(&self, dead: &[&str]) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(n, _, _)| !dead.contains(&n.as_str()))
+            .map(|(_, p, _)| p.addr.clone())
+            .collect()
     }
 
     fn node(&mut self, name: &str) -> &mut NodeProcess {
@@ -260,12 +269,7 @@ async fn kill_one_member_under_load(member: Member) {
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let killed = cluster.kill(&victim);
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .filter(|(n, _, _)| *n != victim)
-        .map(|(_, p, _)| p.addr.clone())
-        .collect();
+    let seeds = cluster.seeds_without(&[victim.as_str()]);
     let unavailable = time_until_writable(
         &cluster.certs,
         seeds.clone(),
@@ -328,12 +332,7 @@ async fn two_nodes_killed_one_after_the_other_lose_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .filter(|(n, _, _)| n != "n2" && n != "n4")
-        .map(|(_, p, _)| p.addr.clone())
-        .collect();
+    let seeds = cluster.seeds_without(&["n2", "n4"]);
     let finals = load.stop_and_check(&cluster.certs, seeds).await;
     cluster.assert_copies(&finals).await;
 }
@@ -361,12 +360,7 @@ async fn join_and_leave_under_load_keep_three_copies_and_no_strays() {
     .await;
     assert!(matches!(reply, AdminReply::Changed { .. }), "{reply:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .filter(|(n, _, _)| n != "n2")
-        .map(|(_, p, _)| p.addr.clone())
-        .collect();
+    let seeds = cluster.seeds_without(&["n2"]);
     let finals = load.stop_and_check(&cluster.certs, seeds).await;
     assert_eq!(cluster.metadata().nodes.len(), 4);
     cluster.assert_copies(&finals).await;
@@ -403,12 +397,7 @@ async fn remove_node_works_on_a_dead_node() {
         .entries()
         .iter()
         .all(|e| *e.status() != OpResult::Failed));
-    let seeds: Vec<String> = cluster
-        .nodes
-        .iter()
-        .filter(|(n, _, _)| n != "n3")
-        .map(|(_, p, _)| p.addr.clone())
-        .collect();
+    let seeds = cluster.seeds_without(&["n3"]);
     let finals = final_values(&cluster.certs, seeds, &keys).await;
     check_with_final(&history, &finals).unwrap_or_else(|v| panic!("{v}"));
     cluster.assert_copies(&finals).await;
