@@ -541,6 +541,8 @@ mod strategies {
                     keys,
                     writes,
                     write_commits,
+                    hop_batches: writes / 3,
+                    hop_writes: writes / 2,
                     metadata_refused,
                     locked,
                     peers,
@@ -1159,10 +1161,13 @@ mod handlers {
             | RequestBody::GossipPush { .. } => refused || matches!(reply, R::Ok),
             RequestBody::Lease { .. } => refused || matches!(reply, R::Leased { .. }),
             RequestBody::ReplicateBatch { writes } => {
-                // One answer per write, each one a Replicate may get (a refusal included).
-                matches!(reply, R::Replicated(answers) if answers.len() == writes.len()
-                    && answers.iter().all(|a| matches!(a,
-                        R::Ok | R::NotResponsible { .. } | R::Stopped | R::Error { .. })))
+                // One answer per write, each one a Replicate may get (a refusal included),
+                // or a refusal of the whole batch (another version, no lease).
+                refused
+                    || matches!(reply, R::NotResponsible { .. } | R::Stopped)
+                    || matches!(reply, R::Replicated(answers) if answers.len() == writes.len()
+                        && answers.iter().all(|a| matches!(a,
+                            R::Ok | R::NotResponsible { .. } | R::Stopped | R::Error { .. })))
             }
             RequestBody::Replicate { .. } => {
                 refused || matches!(reply, R::Ok | R::NotResponsible { .. } | R::Stopped)
@@ -1215,7 +1220,7 @@ mod handlers {
         );
         prop_assert_eq!(reply.metadata_version, node.metadata_version());
         // The node hands out only the signed metadata it adopted (its authority verified it).
-        let held = node.view().signed;
+        let held = node.view().signed.clone();
         match &reply.body {
             ReplyBody::Metadata(md) | ReplyBody::NotResponsible { metadata: md } => {
                 prop_assert_eq!(md, &held, "metadata sent is not the node's")

@@ -169,6 +169,7 @@ async fn a_node_certificate_cannot_take_over_the_ring() {
         .node
         .view()
         .signed
+        .clone()
         .expect("n1 holds a ring");
     let mallory = cluster.certs.identity("mallory");
     let attacker = transport(&cluster.certs, "mallory");
@@ -432,7 +433,7 @@ async fn a_renewed_ecs_certificate_re_signs_the_ring_nodes_hold() {
     let cluster = TestCluster::start(2).await;
     let ring = cluster.ecs.ecs.metadata();
     let n1 = cluster.node("n1");
-    let before = n1.node.view().signed.unwrap();
+    let before = n1.node.view().signed.clone().unwrap();
     // The operator renews the ECS certificate (a new key); the ECS republishes the ring.
     let mut opts = ringkv_certs::IssueOptions::new(Role::Ecs, "ecs");
     opts.sans = vec!["127.0.0.1".into()];

@@ -16,6 +16,11 @@
 //! ringkv-bench --seed 127.0.0.1:7001 --requests 100000 --value-size 4096 --ratio 0:1 --json
 //! ```
 
+/// mimalloc: glibc's allocator took about a tenth of a node's CPU under write load
+/// (ARCHITECTURE.md §9).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -1007,6 +1012,8 @@ async fn node_stats(args: &NodeStatsArgs) -> anyhow::Result<serde_json::Value> {
                     "keys": s.keys,
                     "writes": s.writes,
                     "write_commits": s.write_commits,
+                    "hop_batches": s.hop_batches,
+                    "hop_writes": s.hop_writes,
                     "failed": metadata.is_failed(&n.name),
                 }),
                 None => json!({ "error": n.error, "failed": metadata.is_failed(&n.name) }),

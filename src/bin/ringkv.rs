@@ -1,4 +1,9 @@
 //! `ringkv`: the command-line client (see `ringkv::cli::client`).
+
+/// mimalloc: glibc's allocator took about a tenth of a node's CPU under write load
+/// (ARCHITECTURE.md §9).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<std::process::ExitCode> {
     let code = ringkv::cli::client::main()?;
     Ok(std::process::ExitCode::from(code as u8))

@@ -953,6 +953,8 @@ mod tests {
             keys: 0,
             writes: 0,
             write_commits: 0,
+            hop_batches: 0,
+            hop_writes: 0,
             metadata_refused: 0,
             locked: vec![],
             peers: views

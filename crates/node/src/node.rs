@@ -43,11 +43,17 @@ impl RingView {
         self.held.iter().any(|h| h.intersects(range))
     }
 
-    /// The chain of `pos` and this node's index in it.
-    pub fn chain_of(&self, name: &str, pos: &Position) -> (Vec<NodeEntry>, Option<usize>) {
-        let chain: Vec<NodeEntry> = self.metadata.chain(pos).into_iter().cloned().collect();
-        let me = chain.iter().position(|n| n.name == name);
-        (chain, me)
+    /// Where node `name` stands in the chain of `pos`: `None` if it is not in it, else its
+    /// predecessor (`None` at the head) and successor (`None` at the tail).
+    pub fn neighbours(
+        &self,
+        name: &str,
+        pos: &Position,
+    ) -> Option<(Option<&NodeEntry>, Option<&NodeEntry>)> {
+        let chain = self.metadata.chain(pos);
+        let me = chain.iter().position(|n| n.name == name)?;
+        let before = me.checked_sub(1).map(|i| chain[i]);
+        Some((before, chain.get(me + 1).copied()))
     }
 }
 
@@ -93,7 +99,7 @@ impl Drop for InFlightWrite {
 pub struct Node {
     pub(crate) config: NodeConfig,
     pub(crate) store: Store,
-    view: RwLock<RingView>,
+    view: RwLock<Arc<RingView>>,
     running: AtomicBool,
     /// Serialises metadata installs, so the persisted ring is always the newest adopted (two
     /// racing installs could otherwise persist out of order).
@@ -122,10 +128,9 @@ pub struct Node {
     /// The next write's place in this head's order (`Replicate::seq`).
     next_seq: AtomicU64,
     /// As a chain member: per (head, stripe), the newest write applied since the last
-    /// metadata install (older copies delivered late are ignored); guarded per stripe by
-    /// `member_stripes` so that checking and queueing a write are one step.
+    /// metadata install (older copies delivered late are ignored). Also the member's order
+    /// lock: a batch is checked and queued for storage under it, as one step.
     pub(crate) applied_seq: std::sync::Mutex<HashMap<(u64, u16), u64>>,
-    member_stripes: Vec<Arc<tokio::sync::Mutex<()>>>,
     /// Chain writes on their way to successors, batched per successor.
     pub(crate) hops: crate::hops::Hops,
     /// The ring's replication factor, readable without the view lock.
@@ -198,13 +203,10 @@ impl Node {
             origin: rand::random(),
             next_seq: AtomicU64::new(1),
             applied_seq: std::sync::Mutex::new(HashMap::new()),
-            member_stripes: (0..WRITE_STRIPES)
-                .map(|_| Arc::new(tokio::sync::Mutex::new(())))
-                .collect(),
             hops: Default::default(),
             replication: std::sync::atomic::AtomicU8::new(view.metadata.replication),
             me: me.clone(),
-            view: RwLock::new(view),
+            view: RwLock::new(Arc::new(view)),
             gossip: std::sync::Mutex::new(gossip),
             running: AtomicBool::new(config.start || member),
             installing: tokio::sync::Mutex::new(()),
@@ -268,12 +270,6 @@ impl Node {
         self.stripes[Self::stripe_of(pos) as usize].clone()
     }
 
-    /// The stripe of `pos` on the member side (separate from the head's, which is held
-    /// across the whole chain: sharing them could deadlock two heads of each other's keys).
-    pub(crate) fn member_stripe(&self, pos: &Position) -> Arc<tokio::sync::Mutex<()>> {
-        self.member_stripes[Self::stripe_of(pos) as usize].clone()
-    }
-
     /// The next write's place in this head's order.
     pub(crate) fn next_seq(&self) -> u64 {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
@@ -329,8 +325,8 @@ impl Node {
     }
 
     /// The current ring view.
-    pub fn view(&self) -> RingView {
-        self.view.read().expect("view lock").clone()
+    pub fn view(&self) -> Arc<RingView> {
+        Arc::clone(&self.view.read().expect("view lock"))
     }
 
     /// The current metadata version.
@@ -390,7 +386,7 @@ impl Node {
                 return Ok(false);
             }
             tracing::info!(node = %self.config.name, version = metadata.version, source, "installed ring metadata");
-            *view = view_of(&self.config.name, metadata, Some(signed.clone()));
+            *view = Arc::new(view_of(&self.config.name, metadata, Some(signed.clone())));
             view.metadata.clone()
         };
         self.version_tx.send_replace(installed.version);
@@ -434,7 +430,7 @@ impl Node {
     /// the same ring bytes with another valid signature changes nothing.
     async fn resign(
         &self,
-        held: RingView,
+        held: Arc<RingView>,
         signed: SignedMetadata,
         source: &'static str,
     ) -> Result<(), InstallError> {
@@ -456,7 +452,12 @@ impl Node {
             .save_metadata(&signed)
             .await
             .map_err(InstallError::Storage)?;
-        self.view.write().expect("view lock").signed = Some(signed);
+        {
+            let mut view = self.view.write().expect("view lock");
+            let mut fresh = RingView::clone(&view);
+            fresh.signed = Some(signed);
+            *view = Arc::new(fresh);
+        }
         tracing::info!(node = %self.config.name, source, "took a fresh signature of the ring it holds");
         Ok(())
     }
@@ -572,8 +573,13 @@ impl Node {
                 origin,
                 seq,
             } => {
-                let order = data::Order { origin, seq };
-                data::replicate(self, peer, version, key, value, order).await
+                let write = ringkv_wire::ChainWrite {
+                    key,
+                    value,
+                    origin,
+                    seq,
+                };
+                data::replicate(self, peer, version, write).await
             }
             RequestBody::ReplicateBatch { writes } => {
                 data::replicate_batch(self, peer, version, writes).await

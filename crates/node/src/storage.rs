@@ -52,9 +52,23 @@ enum WriteOp {
         key: Vec<u8>,
     },
     PutBatch(Vec<StorageEntry>),
+    /// Storage keys with their values (`None` deletes), applied blindly: chain writes at a
+    /// member, whose outcome nobody asks for.
+    Entries(Vec<(Vec<u8>, Option<Vec<u8>>)>),
     DeleteKeys(Vec<Vec<u8>>),
     /// A value of the `meta` keyspace (the ring, the move locks).
     SetMeta(&'static [u8], Vec<u8>),
+}
+
+impl WriteOp {
+    /// How many writes this counts as in [`WriteStats::writes`]: the entries of a batch of
+    /// chain writes, one for anything else.
+    fn writes(&self) -> usize {
+        match self {
+            WriteOp::Entries(entries) => entries.len(),
+            _ => 1,
+        }
+    }
 }
 
 /// What a write did.
@@ -78,7 +92,8 @@ struct WriteJob {
 /// Counts of the writer thread since the store was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteStats {
-    /// Write requests committed (puts, deletes, transfer batches, ring updates, ...).
+    /// Writes committed: puts, deletes, chain writes, transfer batches, ring updates, ...
+    /// (a batch of chain writes counts each; a transfer batch counts once).
     pub writes: u64,
     /// Commits, each one atomic batch and one fsync: `writes / commits` is the mean group.
     pub commits: u64,
@@ -88,6 +103,27 @@ pub struct WriteStats {
 struct WriteCounters {
     writes: AtomicU64,
     commits: AtomicU64,
+}
+
+/// A place in the writer queue ([`Store::reserve`]).
+pub(crate) struct Place(OwnedSemaphorePermit);
+
+/// A queued write ([`Store::submit_entries`]); await [`Pending::done`] for its commit.
+pub(crate) struct Pending(oneshot::Receiver<Result<WriteOutcome, String>>);
+
+impl Pending {
+    async fn outcome(self) -> Result<WriteOutcome, NodeError> {
+        match self.0.await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(message)) => Err(NodeError::WriteFailed(message)),
+            Err(_) => Err(NodeError::StoreClosed),
+        }
+    }
+
+    /// Waits until the write is durable (or failed).
+    pub(crate) async fn done(self) -> Result<(), NodeError> {
+        self.outcome().await.map(|_| ())
+    }
 }
 
 /// The node's durable store. Cloning shares it.
@@ -160,28 +196,53 @@ impl Store {
         op: WriteOp,
         hold: Option<WriteAdmission>,
     ) -> Result<WriteOutcome, NodeError> {
-        // Waits for room in the queue (fair: first come, first served). Cancelling the wait
-        // (the caller went away) queues nothing.
-        let place = self
-            .queue
+        let place = self.reserve().await?;
+        self.submit(place, op, hold)?.outcome().await
+    }
+
+    /// Waits for a place in the writer queue (fair: first come, first served). Cancelling
+    /// the wait (the caller went away) queues nothing.
+    pub(crate) async fn reserve(&self) -> Result<Place, NodeError> {
+        self.queue
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| NodeError::StoreClosed)?;
+            .map(Place)
+            .map_err(|_| NodeError::StoreClosed)
+    }
+
+    /// Queues `op` in the place taken by [`Store::reserve`], without waiting: writes
+    /// submitted one after the other commit in that order (the writer is first in, first
+    /// out).
+    fn submit(
+        &self,
+        place: Place,
+        op: WriteOp,
+        hold: Option<WriteAdmission>,
+    ) -> Result<Pending, NodeError> {
         let (reply, done) = oneshot::channel();
         self.writer
             .send(WriteJob {
                 op,
                 reply,
                 hold,
-                place,
+                place: place.0,
             })
             .map_err(|_| NodeError::StoreClosed)?;
-        match done.await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(message)) => Err(NodeError::WriteFailed(message)),
-            Err(_) => Err(NodeError::StoreClosed),
-        }
+        Ok(Pending(done))
+    }
+
+    /// Queues storage keys with their values (`None` deletes) as one write in the place
+    /// taken by [`Store::reserve`], without waiting (see [`Store::submit`]); `hold` as for
+    /// [`Store::put_hashed`]. The writes are applied blindly: nothing says whether a key
+    /// existed.
+    pub(crate) fn submit_entries(
+        &self,
+        place: Place,
+        entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        hold: Option<WriteAdmission>,
+    ) -> Result<Pending, NodeError> {
+        self.submit(place, WriteOp::Entries(entries), hold)
     }
 
     /// Stores a user key durably. Returns whether it was new.
@@ -440,6 +501,7 @@ fn write_loop(
                 Err(_) => break,
             }
         }
+        let writes: usize = group.iter().map(|job| job.op.writes()).sum();
         let mut ops = Vec::with_capacity(group.len());
         let mut replies = Vec::with_capacity(group.len());
         let mut holds = Vec::new();
@@ -458,9 +520,7 @@ fn write_loop(
         match applied {
             Ok(outcomes) => {
                 counters.commits.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .writes
-                    .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+                counters.writes.fetch_add(writes as u64, Ordering::Relaxed);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
@@ -510,6 +570,12 @@ fn apply(
             WriteOp::PutBatch(entries) => {
                 for e in entries {
                     state.insert(storage_key(&e.key), e.value);
+                }
+                WriteOutcome::Done
+            }
+            WriteOp::Entries(entries) => {
+                for (key, value) in entries {
+                    state.insert(key, value);
                 }
                 WriteOutcome::Done
             }

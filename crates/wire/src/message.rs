@@ -354,6 +354,10 @@ pub struct NodeStatus {
     /// Commits (each one fsync) since the node started: `writes / write_commits` is the
     /// mean group-commit size.
     pub write_commits: u64,
+    /// `ReplicateBatch`es this node sent down chains since it started (as head or member).
+    pub hop_batches: u64,
+    /// Chain writes in those batches: `hop_writes / hop_batches` is the mean hop batch.
+    pub hop_writes: u64,
     /// Ring metadata refused since the node started (not signed by the ECS, or not a valid
     /// ring), from any source.
     pub metadata_refused: u64,
@@ -648,6 +652,8 @@ mod tests {
                         keys,
                         writes: keys / 2,
                         write_commits: keys / 4,
+                        hop_batches: keys / 3,
+                        hop_writes: keys / 5,
                         metadata_refused: keys / 8,
                         locked,
                         peers,
@@ -738,6 +744,8 @@ mod tests {
                     keys: 9,
                     writes: 12,
                     write_commits: 4,
+                    hop_batches: 2,
+                    hop_writes: 5,
                     metadata_refused: 1,
                     locked: range.into_iter().collect(),
                     peers: vec![],

@@ -21,6 +21,8 @@ pub async fn status(node: &Node) -> ReplyBody {
         keys,
         writes: stats.writes,
         write_commits: stats.commits,
+        hop_batches: node.hops.sent().batches,
+        hop_writes: node.hops.sent().writes,
         metadata_refused: node.authority.refused(),
         locked: node.moves().locked_ranges(),
         peers: node.peer_liveness(),

@@ -11,11 +11,14 @@
 use std::time::Duration;
 
 use ringkv_certs::PeerIdentity;
-use ringkv_wire::{ChainWrite, ErrorKind, HashedKey, ReplyBody, Request, RequestBody, WireError};
+use ringkv_wire::{
+    key_position, ChainWrite, ErrorKind, HashedKey, NodeEntry, Position, ReplyBody, Request,
+    RequestBody, WireError,
+};
 
 use super::{error, storage_error};
-use crate::hops::Hops;
-use crate::node::{InFlightWrite, WriteAdmission};
+use crate::hops::{HopResult, Hops};
+use crate::node::{InFlightWrite, RingView, WriteAdmission};
 use crate::Node;
 
 /// How long one hop of a chain write may take before it is sent again (to the same
@@ -144,11 +147,16 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
     // while this node does (the write is acknowledged once every member has): a client that
     // goes away must not cut a write off half way (the stripe and the in-flight mark go
     // with the task).
+    let write = ChainWrite {
+        key: key.key.to_vec(),
+        value: value.map(<[u8]>::to_vec),
+        origin: order.origin,
+        seq: order.seq,
+    };
     let task = tokio::spawn(down_the_chain(
         node.arc(),
-        key.key.to_vec(),
-        value.map(<[u8]>::to_vec),
-        order,
+        write,
+        key.position,
         stripe,
         inflight,
     ));
@@ -179,13 +187,11 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
 /// or [`CHAIN_DEADLINE`] passes.
 async fn down_the_chain(
     node: std::sync::Arc<Node>,
-    key: Vec<u8>,
-    value: Option<Vec<u8>>,
-    order: Order,
+    write: ChainWrite,
+    position: Position,
     _stripe: tokio::sync::OwnedMutexGuard<()>,
     _inflight: InFlightWrite,
 ) -> Result<(), String> {
-    let position = HashedKey::new(&key).position;
     let deadline = tokio::time::Instant::now() + CHAIN_DEADLINE;
     let unknown = |why: String| format!("{why}; the write may or may not have been applied");
     let mut last = String::new();
@@ -195,13 +201,12 @@ async fn down_the_chain(
         }
         let view = node.view();
         let version = view.metadata.version;
-        let (chain, me) = view.chain_of(&node.config.name, &position);
-        let Some(me) = me else {
+        let Some((_, next)) = view.neighbours(&node.config.name, &position) else {
             return Err(unknown(format!(
                 "the node left the key's chain at metadata v{version}"
             )));
         };
-        let Some(next) = chain.get(me + 1) else {
+        let Some(next) = next else {
             return Ok(()); // this node is the tail now
         };
         if tokio::time::Instant::now() >= deadline {
@@ -209,9 +214,8 @@ async fn down_the_chain(
                 "the write did not reach the tail in {CHAIN_DEADLINE:?} ({last})"
             )));
         }
-        let write = chain_write(&key, &value, order);
         let hop = tokio::select! {
-            hop = Hops::send(&node, &next.addr, version, write, HOP_TIMEOUT) => Some(hop),
+            hop = Hops::send(&node, &next.addr, version, write.clone(), HOP_TIMEOUT) => Some(hop),
             () = node.version_changed(version) => None,
         };
         match hop {
@@ -245,36 +249,6 @@ async fn down_the_chain(
             () = node.version_changed(version) => {}
         }
     }
-}
-
-/// A chain write as it travels in a `ReplicateBatch`.
-fn chain_write(key: &[u8], value: &Option<Vec<u8>>, order: Order) -> ChainWrite {
-    ChainWrite {
-        key: key.to_vec(),
-        value: value.clone(),
-        origin: order.origin,
-        seq: order.seq,
-    }
-}
-
-/// `ReplicateBatch` from `peer`: each write handled as its own `Replicate` (all at once;
-/// the head's stripes keep two writes of one stripe from one head out of the same batch),
-/// one answer per write.
-pub async fn replicate_batch(
-    node: &Node,
-    peer: &PeerIdentity,
-    version: u64,
-    writes: Vec<ChainWrite>,
-) -> ReplyBody {
-    let answers = futures::future::join_all(writes.into_iter().map(|w| {
-        let order = Order {
-            origin: w.origin,
-            seq: w.seq,
-        };
-        replicate(node, peer, version, w.key, w.value, order)
-    }))
-    .await;
-    ReplyBody::Replicated(answers)
 }
 
 /// Hands `next`, found behind, the metadata of `view` (as gossip would), so that the chain
@@ -314,98 +288,213 @@ pub struct Order {
     pub seq: u64,
 }
 
-/// `Replicate` from `peer`, which sent it holding metadata `version`: accepted only from
-/// this node's predecessor in the key's chain, both holding the same version (so a write
-/// only ever travels along one chain); applied durably, then passed on to the successor,
-/// and answered `Ok` once the tail has it.
+/// `Replicate` from `peer`: a batch of one.
 pub async fn replicate(
     node: &Node,
     peer: &PeerIdentity,
     version: u64,
-    key: Vec<u8>,
-    value: Option<Vec<u8>>,
-    order: Order,
+    write: ChainWrite,
+) -> ReplyBody {
+    match replicate_batch(node, peer, version, vec![write]).await {
+        ReplyBody::Replicated(mut answers) if answers.len() == 1 => {
+            answers.pop().expect("one answer")
+        }
+        whole => whole,
+    }
+}
+
+/// `ReplicateBatch` from `peer`, which sent it holding metadata `version`, answered write
+/// by write. A write is accepted only from this node's predecessor in the key's chain, both
+/// holding the same version (so a write only ever travels along one chain). The accepted
+/// writes are applied durably here as one storage write while they travel on to the
+/// successors (one batch per successor), and each is answered `Ok` once the tail has it.
+pub async fn replicate_batch(
+    node: &Node,
+    peer: &PeerIdentity,
+    version: u64,
+    writes: Vec<ChainWrite>,
 ) -> ReplyBody {
     if !node.leased() {
         return ReplyBody::Stopped;
     }
-    let checked = match &value {
-        Some(value) => node.config.limits.check_put(&key, value),
-        None => node.config.limits.check_key(&key),
-    };
-    if let Err(e) = checked {
-        return invalid(e);
-    }
-    let hashed = HashedKey::new(&key);
     let admitted = node.admit_write().await;
+    let place = match node.store.reserve().await {
+        Ok(place) => place,
+        Err(e) => return storage_error(e),
+    };
     let view = node.view();
     if view.metadata.version != version {
         return ReplyBody::NotResponsible {
             metadata: view.signed.clone(),
         };
     }
-    let (chain, me) = view.chain_of(&node.config.name, &hashed.position);
-    let from_predecessor = me.is_some_and(|i| i > 0 && chain[i - 1].name == peer.name);
-    if !from_predecessor {
-        tracing::warn!(node = %node.config.name, peer = %peer.name, version, "refused a chain write from a node that is not this node's predecessor");
-        return error(
-            ErrorKind::Forbidden,
-            format!(
-                "{} is not this node's predecessor in the key's chain at metadata v{version}",
-                peer.name
-            ),
-        );
+    let mut answers: Vec<Option<ReplyBody>> = vec![None; writes.len()];
+    let mut accepted = Vec::with_capacity(writes.len());
+    for (i, write) in writes.into_iter().enumerate() {
+        match check_member(node, &view, peer, &write) {
+            Ok((position, next)) => accepted.push(Member {
+                index: i,
+                write,
+                position,
+                next,
+            }),
+            Err(reply) => answers[i] = Some(reply),
+        }
     }
     // Order: a copy of a write older than one already applied here from the same head (a
     // hop sent again, whose first copy was delayed on its way) is ignored, so it cannot undo
-    // the later write. Checked and queued under the member's stripe, so that two writes of
-    // a stripe are queued (and applied: the writer is first in, first out) in the order
-    // they were checked.
-    let stripe = node.member_stripe(&hashed.position).lock_owned().await;
-    {
-        let slot = (order.origin, Node::stripe_of(&hashed.position));
+    // the later write. Checked and queued in one step under the order lock, so that two
+    // writes of a stripe are queued (and applied: the writer is first in, first out) in the
+    // order they were checked.
+    let (fresh, pending) = {
         let mut applied = node.applied_seq.lock().expect("applied seq lock");
-        match applied.get(&slot) {
-            Some(newest) if order.seq < *newest => {
-                tracing::debug!(node = %node.config.name, seq = order.seq, newest, "ignored a stale copy of a chain write");
-                return ReplyBody::Ok;
-            }
-            _ => {
-                applied.insert(slot, order.seq);
+        let mut fresh = Vec::with_capacity(accepted.len());
+        for member in accepted {
+            let write = &member.write;
+            let slot = (write.origin, Node::stripe_of(&member.position));
+            match applied.get(&slot) {
+                Some(&newest) if write.seq < newest => {
+                    tracing::debug!(node = %node.config.name, seq = write.seq, newest, "ignored a stale copy of a chain write");
+                    answers[member.index] = Some(ReplyBody::Ok);
+                }
+                _ => {
+                    applied.insert(slot, write.seq);
+                    fresh.push(member);
+                }
             }
         }
-    }
-    node.moves().track(&hashed);
-    let local = async {
-        let applied = apply(node, &hashed, value.as_deref(), admitted).await;
-        drop(stripe);
-        applied
-    };
-    let Some(next) = me.and_then(|i| chain.get(i + 1)) else {
-        // The tail.
-        return match local.await {
-            Ok(_) => ReplyBody::Ok,
-            Err(e) => storage_error(e),
-        };
-    };
-    // Persist here while the successor does (answered once both have).
-    let write = chain_write(&key, &value, order);
-    let arc = node.arc();
-    let forward = Hops::send(&arc, &next.addr, version, write, HOP_TIMEOUT);
-    let (local, forwarded) = tokio::join!(local, forward);
-    if let Err(e) = local {
-        return storage_error(e);
-    }
-    match forwarded {
-        // The successor's refusal goes up the chain as is: the head retries (and catches up
-        // on newer metadata it carries). A successor behind us gets our metadata first, so
-        // that the retry finds it caught up.
-        Ok(ReplyBody::NotResponsible { metadata })
-            if metadata.as_ref().map_or(0, |m| m.version) < version =>
+        let mut entries = Vec::with_capacity(fresh.len());
         {
-            hand_ours(node, &view, next).await;
-            ReplyBody::NotResponsible { metadata }
+            let mut moves = node.moves();
+            for member in &fresh {
+                let hashed = member.hashed();
+                moves.track(&hashed);
+                entries.push((hashed.storage_key(), member.write.value.clone()));
+            }
         }
+        let pending = node.store.submit_entries(place, entries, Some(admitted));
+        (fresh, pending)
+    };
+    let pending = match pending {
+        Ok(pending) => pending,
+        Err(e) => {
+            let failed = storage_error(e);
+            for member in fresh {
+                answers[member.index] = Some(failed.clone());
+            }
+            return ReplyBody::Replicated(answers.into_iter().flatten().collect());
+        }
+    };
+    // Persist here while the successors do (each write answered once both have).
+    let mut tails = Vec::new();
+    let mut hops: Vec<(&NodeEntry, Vec<usize>, Vec<ChainWrite>)> = Vec::new();
+    for member in fresh {
+        match member.next {
+            None => tails.push(member.index),
+            Some(next) => match hops.iter_mut().find(|(n, ..)| n.name == next.name) {
+                Some((_, indexes, writes)) => {
+                    indexes.push(member.index);
+                    writes.push(member.write);
+                }
+                None => hops.push((next, vec![member.index], vec![member.write])),
+            },
+        }
+    }
+    let forwards = futures::future::join_all(hops.into_iter().map(|(next, indexes, writes)| {
+        let view = &view;
+        async move {
+            let answers = Hops::call(node, &next.addr, version, writes, HOP_TIMEOUT).await;
+            let behind = answers.iter().any(|a| {
+                matches!(a, Ok(ReplyBody::NotResponsible { metadata })
+                    if metadata.as_ref().map_or(0, |m| m.version) < version)
+            });
+            if behind {
+                // A successor behind us gets our metadata first, so that the head's retry
+                // finds it caught up.
+                hand_ours(node, view, next).await;
+            }
+            (next, indexes, answers)
+        }
+    }));
+    let (local, forwarded) = tokio::join!(pending.done(), forwards);
+    if let Err(e) = local {
+        let failed = storage_error(e);
+        for slot in answers.iter_mut().filter(|a| a.is_none()) {
+            *slot = Some(failed.clone());
+        }
+        return ReplyBody::Replicated(answers.into_iter().flatten().collect());
+    }
+    for i in tails {
+        answers[i] = Some(ReplyBody::Ok);
+    }
+    for (next, indexes, hop_answers) in forwarded {
+        for (i, answer) in indexes.into_iter().zip(hop_answers) {
+            answers[i] = Some(hop_answer(next, answer));
+        }
+    }
+    ReplyBody::Replicated(
+        answers
+            .into_iter()
+            .map(|a| a.expect("every chain write is answered"))
+            .collect(),
+    )
+}
+
+/// A chain write accepted at this member.
+struct Member<'v> {
+    /// Its place in the batch.
+    index: usize,
+    write: ChainWrite,
+    position: Position,
+    /// Its successor in the key's chain (`None` at the tail).
+    next: Option<&'v NodeEntry>,
+}
+
+impl Member<'_> {
+    fn hashed(&self) -> HashedKey<'_> {
+        HashedKey {
+            key: &self.write.key,
+            position: self.position,
+        }
+    }
+}
+
+/// Checks one chain write of a batch from `peer` at the version of `view`: a valid key and
+/// value, and `peer` this node's predecessor in the key's chain. Returns the key's position
+/// and this node's successor in the chain (`None` at the tail).
+fn check_member<'v>(
+    node: &Node,
+    view: &'v RingView,
+    peer: &PeerIdentity,
+    write: &ChainWrite,
+) -> Result<(Position, Option<&'v NodeEntry>), ReplyBody> {
+    let checked = match &write.value {
+        Some(value) => node.config.limits.check_put(&write.key, value),
+        None => node.config.limits.check_key(&write.key),
+    };
+    checked.map_err(invalid)?;
+    let position = key_position(&write.key);
+    match view.neighbours(&node.config.name, &position) {
+        Some((Some(before), next)) if before.name == peer.name => Ok((position, next)),
+        _ => {
+            let version = view.metadata.version;
+            tracing::warn!(node = %node.config.name, peer = %peer.name, version, "refused a chain write from a node that is not this node's predecessor");
+            Err(error(
+                ErrorKind::Forbidden,
+                format!(
+                    "{} is not this node's predecessor in the key's chain at metadata v{version}",
+                    peer.name
+                ),
+            ))
+        }
+    }
+}
+
+/// What a member answers for a write its successor `next` answered with `answer`: the
+/// successor's refusal goes up the chain as is (the head retries, and catches up on newer
+/// metadata it carries); anything else is an error.
+fn hop_answer(next: &NodeEntry, answer: HopResult) -> ReplyBody {
+    match answer {
         Ok(body @ (ReplyBody::Ok | ReplyBody::NotResponsible { .. } | ReplyBody::Stopped)) => body,
         Ok(other) => error(
             ErrorKind::Peer,

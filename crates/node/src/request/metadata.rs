@@ -9,7 +9,7 @@ use crate::Node;
 /// `GetMetadata`: answered whether or not the node is running, with the metadata as the ECS
 /// signed it.
 pub fn get(node: &Node) -> ReplyBody {
-    ReplyBody::Metadata(node.view().signed)
+    ReplyBody::Metadata(node.view().signed.clone())
 }
 
 /// `InstallMetadata`: refused (and counted) unless the ECS signed it and it is a valid ring;
