@@ -372,7 +372,10 @@ pub async fn replicate_batch(
                 entries.push((hashed.storage_key(), member.write.value.clone()));
             }
         }
-        let pending = node.store.submit_entries(place, entries, Some(admitted));
+        // Nothing to store (every write refused or stale): no commit.
+        let pending = (!entries.is_empty())
+            .then(|| node.store.submit_entries(place, entries, Some(admitted)))
+            .transpose();
         (fresh, pending)
     };
     let pending = match pending {
@@ -416,7 +419,13 @@ pub async fn replicate_batch(
             (next, indexes, answers)
         }
     }));
-    let (local, forwarded) = tokio::join!(pending.done(), forwards);
+    let local = async {
+        match pending {
+            Some(pending) => pending.done().await,
+            None => Ok(()),
+        }
+    };
+    let (local, forwarded) = tokio::join!(local, forwards);
     if let Err(e) = local {
         let failed = storage_error(e);
         for slot in answers.iter_mut().filter(|a| a.is_none()) {
