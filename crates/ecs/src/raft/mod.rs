@@ -28,6 +28,10 @@
 //!   other ([`EcsState::apply`]), with its [`EcsResponse`].
 //! - [`store`]: the durable Raft log and state machine on fjall (openraft's `RaftLogStorage`
 //!   and `RaftStateMachine`), snapshots included.
+//! - [`network`]: openraft's `RaftNetworkFactory` over [`ringkv_transport::Transport`].
+//! - [`server`]: [`RaftService`], the answers to other members' Raft messages (for the ECS
+//!   service to call), and [`RaftServer`], a standalone [`ringkv_transport::Service`] that
+//!   serves only them.
 //! - [`error`]: the error type, [`RaftError`].
 //!
 //! [openraft]: https://docs.rs/openraft/0.9
@@ -38,10 +42,13 @@ use serde::{Deserialize, Serialize};
 
 pub mod command;
 pub mod error;
+pub mod network;
+pub mod server;
 pub mod store;
 
 pub use command::{EcsCommand, EcsResponse, EcsState, Refusal};
 pub use error::RaftError;
+pub use server::{RaftServer, RaftService};
 
 /// A member's Raft id: unique in the group and never reused, because Raft remembers votes and
 /// log positions by id (a member whose state directory was lost must rejoin under a new id).
