@@ -32,6 +32,8 @@
 //! - [`server`]: [`RaftService`], the answers to other members' Raft messages (for the ECS
 //!   service to call), and [`RaftServer`], a standalone [`ringkv_transport::Service`] that
 //!   serves only them.
+//! - [`handle`]: [`EcsRaft`], a started member: propose, read the state, watch it, check
+//!   leadership, change the membership, shut down; and its [`RaftConfig`].
 //! - [`error`]: the error type, [`RaftError`].
 //!
 //! [openraft]: https://docs.rs/openraft/0.9
@@ -42,12 +44,18 @@ use serde::{Deserialize, Serialize};
 
 pub mod command;
 pub mod error;
+pub mod handle;
 pub mod network;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 pub use command::{EcsCommand, EcsResponse, EcsState, Refusal};
 pub use error::RaftError;
+pub use handle::{Applied, EcsRaft, LeaderTerm, RaftConfig, RaftStatus};
+/// A member's role in the group as openraft reports it ([`RaftStatus::state`]).
+pub use openraft::ServerState;
 pub use server::{RaftServer, RaftService};
 
 /// A member's Raft id: unique in the group and never reused, because Raft remembers votes and

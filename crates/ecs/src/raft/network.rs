@@ -17,11 +17,12 @@
 //! vote by the minimum election timeout, a snapshot chunk by its own timeout) and stops
 //! waiting when the time is up. The exchange itself runs in a task of its own, which goes on:
 //! - so that a dial under way is never abandoned half way. Abandoned, it would be dialled
-//!   again at the next heartbeat, and a dead peer would collect one half-open QUIC connection
+//!   again at the next heartbeat: a dead peer would collect one half-open QUIC connection
 //!   per heartbeat, each retransmitting its handshake (and, once dropped, draining) for
-//!   seconds. Running to its end, the dial is the transport's one dial to that peer, which
-//!   later requests wait for and share, bounded by the connect timeout.
-//! - with the transport's bound set longer than openraft's ([`BACKSTOP_FACTOR`]): the
+//!   seconds, and a live but slow one would keep every handshake aborted this way until its
+//!   QUIC idle timeout (30 s). Running to its end, the dial is the transport's one dial to
+//!   that peer, which later requests wait for and share, bounded by the connect timeout.
+//! - with the transport's bound set longer than openraft's (twice as long): the
 //!   transport closes a connection whose request timed out, cutting off every other request
 //!   on it, which is right for a peer that stopped answering but not for one slower than a
 //!   heartbeat.
