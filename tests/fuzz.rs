@@ -48,8 +48,9 @@ use serde::Serialize;
 use ringkv_wire::codec;
 use ringkv_wire::{
     AdminReply, AdminRequest, ErrorKind, GossipDigest, Heartbeat, KeyRange, Limits, Liveness,
-    MoveId, MoveReport, NodeEntry, NodeReport, NodeStatus, PeerLiveness, Position, Reply,
-    ReplyBody, Request, RequestBody, RingMetadata, SignedMetadata, StorageEntry, TransferStats,
+    MoveId, MoveReport, NodeEntry, NodeReport, NodeStatus, PeerLiveness, Position, RaftRpc,
+    RaftRpcKind, Reply, ReplyBody, Request, RequestBody, RingMetadata, SignedMetadata,
+    StorageEntry, TransferStats,
 };
 
 #[global_allocator]
@@ -586,6 +587,15 @@ mod strategies {
             Just(AdminRequest::Status),
             Just(AdminRequest::Start),
             Just(AdminRequest::Stop),
+            (
+                prop_oneof![
+                    Just(RaftRpcKind::AppendEntries),
+                    Just(RaftRpcKind::Vote),
+                    Just(RaftRpcKind::InstallSnapshot),
+                ],
+                proptest::collection::vec(any::<u8>(), 0..64),
+            )
+                .prop_map(|(kind, payload)| AdminRequest::Raft(RaftRpc { kind, payload })),
         ]
     }
 
@@ -636,6 +646,7 @@ mod strategies {
             }),
             ".{0,16}".prop_map(AdminReply::Done),
             ".{0,16}".prop_map(AdminReply::Error),
+            proptest::collection::vec(any::<u8>(), 0..64).prop_map(AdminReply::Raft),
         ]
     }
 

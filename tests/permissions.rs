@@ -194,6 +194,9 @@ fn ecs_allows(request: &AdminRequest) -> [bool; 4] {
         | AdminRequest::Status
         | AdminRequest::Start
         | AdminRequest::Stop => [false, false, true, false],
+        // A single ECS is no Raft member: it refuses Raft messages from everyone (an `ecs`
+        // peer is closed at connection time, an operator gets an error).
+        AdminRequest::Raft(_) => [false, false, false, false],
     }
 }
 
@@ -215,6 +218,10 @@ async fn every_ecs_request_kind_by_every_role() {
             name: "bad name".into(),
             addr: "127.0.0.1:9".into(),
         },
+        AdminRequest::Raft(ringkv_wire::RaftRpc {
+            kind: ringkv_wire::RaftRpcKind::Vote,
+            payload: vec![0; 8],
+        }),
     ];
     for (i, (role, name)) in ROLES.into_iter().enumerate() {
         let caller = transport(&certs, name);
@@ -226,7 +233,7 @@ async fn every_ecs_request_kind_by_every_role() {
                 .await
             {
                 Ok(reply) => {
-                    matches!(&reply, AdminReply::Error(m) if m.contains("admin certificate is needed"))
+                    matches!(&reply, AdminReply::Error(m) if m.contains("admin certificate is needed") || m.contains("takes no Raft messages"))
                 }
                 Err(e) => {
                     let admitted = format!("ecs does not admit {role} certificates");

@@ -226,6 +226,11 @@ pub fn reply_text(reply: &AdminReply) -> (i32, String) {
         }
         AdminReply::Done(message) => (0, format!("{message}\n")),
         AdminReply::Error(message) => (1, format!("error: {message}\n")),
+        // Only ECS members exchange Raft messages; an operator never asks for one.
+        AdminReply::Raft(bytes) => (
+            1,
+            format!("error: unexpected Raft reply ({} bytes)\n", bytes.len()),
+        ),
     }
 }
 

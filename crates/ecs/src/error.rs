@@ -67,4 +67,8 @@ pub enum EcsError {
     /// Binding the endpoint failed.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The replicated ECS's Raft member failed; [`crate::raft::RaftError`] says what state it
+    /// left.
+    #[error("Raft: {0}")]
+    Raft(#[from] crate::raft::RaftError),
 }

@@ -13,6 +13,9 @@
 //! - [`service`]: [`Ecs`], the executor of plans and the answers to operator requests;
 //!   [`bind`] and [`run`].
 //! - [`state`]: the atomically replaced ring file.
+//! - [`raft`]: the foundation of a replicated ECS: its state (ring and intent log) as the
+//!   state machine of a Raft group of ECS members ([`raft::EcsRaft`]), with a durable log on
+//!   fjall and Raft messages over the ECS protocol.
 //! - [`config`]: the configuration, [`EcsConfig`].
 //! - [`error`]: the error type, [`EcsError`].
 //!
@@ -25,6 +28,7 @@ pub mod error;
 pub mod executor;
 pub mod liveness;
 pub mod plan;
+pub mod raft;
 pub mod service;
 pub mod state;
 

@@ -181,6 +181,13 @@ impl Ecs {
             AdminRequest::RemoveNode { name } => self.remove_node(&name).await,
             AdminRequest::Start => self.broadcast(RequestBody::Start).await,
             AdminRequest::Stop => self.broadcast(RequestBody::Stop).await,
+            // A Raft message reaches this single ECS only from a misconfigured peer.
+            AdminRequest::Raft(_) => {
+                return AdminReply::Error(
+                    "this ECS is not a member of a replicated ECS group: it takes no Raft messages"
+                        .into(),
+                )
+            }
         };
         result.unwrap_or_else(|e| AdminReply::Error(e.to_string()))
     }

@@ -1,5 +1,10 @@
 //! The ECS protocol: what an operator (an `admin` certificate) asks the External
 //! Configuration Service, and what it answers. Framed with the same codec as node traffic.
+//!
+//! The same protocol carries the Raft messages that the members of a replicated ECS send each
+//! other ([`AdminRequest::Raft`], [`AdminReply::Raft`]), so one endpoint and one port serve
+//! both. Those are accepted only from `ecs` certificates; this crate only carries their bytes
+//! (it knows nothing of Raft), the ECS encodes and decodes them.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +37,33 @@ pub enum AdminRequest {
     Start,
     /// Make every node of the ring answer `Stopped` to clients.
     Stop,
+    /// A Raft message from another ECS member (an `ecs` certificate only; any other role is
+    /// refused with [`AdminReply::Error`]). Answered with [`AdminReply::Raft`].
+    Raft(RaftRpc),
+}
+
+/// Which Raft request a [`RaftRpc`] carries: the payload decodes as that request only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftRpcKind {
+    /// A leader's log entries, or its heartbeat (no entries).
+    AppendEntries,
+    /// A candidate's request for a vote.
+    Vote,
+    /// One chunk of a leader's snapshot, for a member too far behind for log entries.
+    InstallSnapshot,
+}
+
+/// A Raft request between ECS members: the postcard encoding of the Raft library's request of
+/// `kind`. The bytes are opaque here, so the wire crate does not depend on the Raft library;
+/// the receiving member decodes them as a `kind` request and nothing else, under the same
+/// frame limit as every other message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftRpc {
+    /// Which request the payload is.
+    pub kind: RaftRpcKind,
+    /// The postcard-encoded request.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
 }
 
 /// A completed range move.
@@ -107,4 +139,7 @@ pub enum AdminReply {
     Done(String),
     /// The request failed; the message says why and what state it left.
     Error(String),
+    /// The answer to an [`AdminRequest::Raft`]: the postcard encoding of the Raft library's
+    /// result (its response, or its error) for the request's kind.
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
 }

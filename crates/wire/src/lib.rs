@@ -15,7 +15,8 @@
 //!   stored: encoded once, signed by the ECS, opened only through a signature check.
 //! - [`gossip`]: what nodes gossip: bounded digests of versions and heartbeats, and the
 //!   [`Liveness`] a node sees in its peers.
-//! - [`admin`]: the ECS protocol an operator speaks ([`AdminRequest`], [`AdminReply`]).
+//! - [`admin`]: the ECS protocol an operator speaks ([`AdminRequest`], [`AdminReply`]), which
+//!   also carries the Raft messages between ECS members ([`RaftRpc`]).
 //! - [`error`]: [`WireError`], the one error type of this crate.
 //!
 //! The gossip types ([`Liveness`], [`PeerLiveness`]) and the operator protocol
@@ -35,7 +36,9 @@ pub mod message;
 pub mod ring;
 pub mod signed;
 
-pub use admin::{AdminReply, AdminRequest, MoveReport, NodeReport, RangeReport};
+pub use admin::{
+    AdminReply, AdminRequest, MoveReport, NodeReport, RaftRpc, RaftRpcKind, RangeReport,
+};
 pub use bounded::{MAX_BATCH_ENTRIES, MAX_SIGNER_CHAIN};
 pub use codec::{decode, encode, frame_len, FRAME_HEADER_LEN};
 pub use error::WireError;

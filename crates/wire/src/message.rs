@@ -724,6 +724,15 @@ mod tests {
             Just(Status),
             Just(Start),
             Just(Stop),
+            (
+                prop_oneof![
+                    Just(crate::RaftRpcKind::AppendEntries),
+                    Just(crate::RaftRpcKind::Vote),
+                    Just(crate::RaftRpcKind::InstallSnapshot),
+                ],
+                proptest::collection::vec(any::<u8>(), 0..64),
+            )
+                .prop_map(|(kind, payload)| Raft(crate::RaftRpc { kind, payload })),
         ]
     }
 
@@ -785,6 +794,7 @@ mod tests {
             ),
             ".{0,16}".prop_map(AdminReply::Done),
             ".{0,16}".prop_map(AdminReply::Error),
+            proptest::collection::vec(any::<u8>(), 0..64).prop_map(AdminReply::Raft),
         ]
     }
 
