@@ -596,6 +596,10 @@ mod strategies {
                 proptest::collection::vec(any::<u8>(), 0..64),
             )
                 .prop_map(|(kind, payload)| AdminRequest::Raft(RaftRpc { kind, payload })),
+            Just(AdminRequest::Group),
+            (any::<u64>(), ".{0,10}", ".{0,12}")
+                .prop_map(|(id, name, addr)| AdminRequest::AddEcsMember { id, name, addr }),
+            any::<u64>().prop_map(|id| AdminRequest::RemoveEcsMember { id }),
         ]
     }
 
@@ -647,6 +651,22 @@ mod strategies {
             ".{0,16}".prop_map(AdminReply::Done),
             ".{0,16}".prop_map(AdminReply::Error),
             proptest::collection::vec(any::<u8>(), 0..64).prop_map(AdminReply::Raft),
+            proptest::option::of(".{0,12}").prop_map(|leader| AdminReply::NotLeader { leader }),
+            Just(AdminReply::Group(None)),
+            (any::<u64>(), any::<u64>(), ".{0,8}", ".{0,12}").prop_map(
+                |(term, applied, name, addr)| AdminReply::Group(Some(ringkv_wire::GroupReport {
+                    this: 1,
+                    leader: Some(1),
+                    term,
+                    applied,
+                    members: vec![ringkv_wire::GroupMember {
+                        id: 1,
+                        name,
+                        addr,
+                        voter: true,
+                    }],
+                }))
+            ),
         ]
     }
 

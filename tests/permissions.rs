@@ -193,7 +193,10 @@ fn ecs_allows(request: &AdminRequest) -> [bool; 4] {
         | AdminRequest::Ring
         | AdminRequest::Status
         | AdminRequest::Start
-        | AdminRequest::Stop => [false, false, true, false],
+        | AdminRequest::Stop
+        | AdminRequest::Group
+        | AdminRequest::AddEcsMember { .. }
+        | AdminRequest::RemoveEcsMember { .. } => [false, false, true, false],
         // A single ECS is no Raft member: it refuses Raft messages from everyone (an `ecs`
         // peer is closed at connection time, an operator gets an error).
         AdminRequest::Raft(_) => [false, false, false, false],
@@ -222,6 +225,13 @@ async fn every_ecs_request_kind_by_every_role() {
             kind: ringkv_wire::RaftRpcKind::Vote,
             payload: vec![0; 8],
         }),
+        AdminRequest::Group,
+        AdminRequest::AddEcsMember {
+            id: 4,
+            name: "ecs4".into(),
+            addr: "127.0.0.1:9".into(),
+        },
+        AdminRequest::RemoveEcsMember { id: 2 },
     ];
     for (i, (role, name)) in ROLES.into_iter().enumerate() {
         let caller = transport(&certs, name);

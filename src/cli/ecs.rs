@@ -29,7 +29,8 @@ pub struct Cli {
     /// Name of the admin certificate in --certs (<name>.pem/.key).
     #[arg(long, env = "RINGKV_IDENTITY", default_value = "admin", global = true)]
     pub identity: String,
-    /// Address of the ECS service (for the operator commands).
+    /// Address of the ECS service, or of the members of an ECS group, comma-separated (for
+    /// the operator commands): any member will do, a follower names the leader.
     #[arg(
         long,
         env = "RINGKV_ECS",
@@ -82,7 +83,18 @@ pub enum Command {
         /// How often the ECS probes (and renews the lease of) every node, e.g. `250ms`.
         #[arg(long, default_value = "250ms", value_parser = parse_duration)]
         probe_interval: Duration,
-        /// What peers may make the ECS hold (it admits `admin` certificates only).
+        /// The founding members of a replicated ECS group, `name@host:port` (certificate
+        /// name and ECS address), comma-separated, the same list in the same order on every
+        /// member; this member is the one named like its certificate. Without it (and
+        /// without --raft-id): a single ECS.
+        #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+        peers: Vec<(String, String)>,
+        /// This member's Raft id (default: its place in --peers, from 1). Alone, without
+        /// --peers: a new member that waits to be added with `add-ecs-member`.
+        #[arg(long)]
+        raft_id: Option<u64>,
+        /// What peers may make the ECS hold (it admits `admin` certificates, and in a
+        /// group the other members' `ecs` certificates for Raft messages only).
         #[command(flatten)]
         serve: ServeLimitsArgs,
     },
@@ -106,6 +118,25 @@ pub enum Command {
         /// The node's name.
         #[arg(long)]
         name: String,
+    },
+    /// Add a member to the ECS group (running `serve --raft-id ID` with the group's CA and
+    /// an ecs certificate called NAME); it votes once it has caught up.
+    AddEcsMember {
+        /// Its Raft id, never used before in this group.
+        #[arg(long)]
+        id: u64,
+        /// Its certificate's name.
+        #[arg(long)]
+        name: String,
+        /// Its ECS address, host:port.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Remove a member from the ECS group.
+    RemoveEcsMember {
+        /// Its Raft id (see `status`).
+        #[arg(long)]
+        id: u64,
     },
     /// Make every node of the ring serve clients.
     Start,
@@ -143,6 +174,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             replication_factor,
             failover_after,
             probe_interval,
+            peers,
+            raft_id,
             serve,
             config: _, // already applied by the parser
         } => {
@@ -160,6 +193,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             config.transfer_timeout = Duration::from_secs(transfer_timeout);
             config.status_timeout = Duration::from_millis(status_timeout_ms);
             config.serve = serve.limits(Limits::default().max_frame)?;
+            config.peers = peers;
+            config.raft_id = raft_id;
             let (endpoint, ecs) = ringkv_ecs::bind(config, &identity)
                 .await
                 .context("starting the ECS")?;
@@ -170,6 +205,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Ring => AdminRequest::Ring,
         Command::AddNode { name, addr } => AdminRequest::AddNode { name, addr },
         Command::RemoveNode { name } => AdminRequest::RemoveNode { name },
+        Command::AddEcsMember { id, name, addr } => AdminRequest::AddEcsMember { id, name, addr },
+        Command::RemoveEcsMember { id } => AdminRequest::RemoveEcsMember { id },
         Command::Start => AdminRequest::Start,
         Command::Stop => AdminRequest::Stop,
     };
@@ -179,13 +216,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Duration::from_secs(5),
         Duration::from_secs(5),
     )?;
+    let members = ringkv_ecs::client::members(&cli.ecs);
+    // The group first, for `status` (a single ECS has none).
+    let group = if matches!(request, AdminRequest::Status) {
+        ringkv_ecs::client::ask(
+            &transport,
+            &members,
+            &AdminRequest::Group,
+            Duration::from_secs(5),
+        )
+        .await
+        .ok()
+    } else {
+        None
+    };
     // Membership changes move data: allow them as long as the ECS's own transfer timeout.
-    let reply: AdminReply = transport
-        .call(&cli.ecs, &request, Duration::from_secs(3600))
+    let reply = ringkv_ecs::client::ask(&transport, &members, &request, Duration::from_secs(3600))
         .await
         .with_context(|| format!("asking the ECS at {}", cli.ecs))?;
     transport.close().await;
-    let (code, text) = reply_text(&reply);
+    let (code, mut text) = reply_text(&reply);
+    if let Some(AdminReply::Group(Some(group))) = &group {
+        text.insert_str(0, &group_text(group));
+    }
     if code == 0 {
         print!("{text}");
     } else {
@@ -226,11 +279,59 @@ pub fn reply_text(reply: &AdminReply) -> (i32, String) {
         }
         AdminReply::Done(message) => (0, format!("{message}\n")),
         AdminReply::Error(message) => (1, format!("error: {message}\n")),
+        AdminReply::Group(Some(group)) => (0, group_text(group)),
+        AdminReply::Group(None) => (0, "a single ECS (no group)\n".into()),
+        AdminReply::NotLeader { leader } => (
+            1,
+            format!(
+                "error: this ECS member does not lead its group; the leader is {}\n",
+                leader
+                    .as_deref()
+                    .unwrap_or("not known (an election is under way?)")
+            ),
+        ),
         // Only ECS members exchange Raft messages; an operator never asks for one.
         AdminReply::Raft(bytes) => (
             1,
             format!("error: unexpected Raft reply ({} bytes)\n", bytes.len()),
         ),
+    }
+}
+
+/// The ECS group, as `status` prints it above the ring.
+pub fn group_text(group: &ringkv_wire::GroupReport) -> String {
+    let leader = group
+        .leader
+        .and_then(|id| group.members.iter().find(|m| m.id == id))
+        .map_or("none known".to_string(), |m| {
+            format!("{} ({}, id {})", m.name, m.addr, m.id)
+        });
+    let mut text = format!(
+        "ECS group: leader {leader}, term {}, applied index {} (as member {} sees it)\n",
+        group.term, group.applied, group.this
+    );
+    for m in &group.members {
+        let _ = writeln!(
+            text,
+            "  ecs member {} {} {}{}",
+            m.id,
+            m.name,
+            m.addr,
+            if m.voter { "" } else { " (learner)" }
+        );
+    }
+    text
+}
+
+/// Parses an ECS group member, `name@host:port`.
+pub fn parse_peer(text: &str) -> Result<(String, String), String> {
+    match text.trim().split_once('@') {
+        Some((name, addr)) if !name.is_empty() && !addr.is_empty() => {
+            Ok((name.to_string(), addr.to_string()))
+        }
+        _ => Err(format!(
+            "'{text}' is not name@host:port (the member's certificate name and ECS address)"
+        )),
     }
 }
 

@@ -384,10 +384,30 @@ impl EcsProcess {
         extra: &[&str],
     ) -> Self {
         certs.ecs_identity(); // make sure the certificate exists
+        Self::spawn_as(certs, "ecs", addr, state_dir, steps, extra).await
+    }
+
+    /// [`EcsProcess::spawn_with_args`] with the `ecs` certificate called `identity` (a
+    /// member of an ECS group; the caller issued it). It is ready when it answers, leader
+    /// or not.
+    pub async fn spawn_as(
+        certs: &Certs,
+        identity: &str,
+        addr: SocketAddr,
+        state_dir: &Path,
+        steps: Arc<std::sync::atomic::AtomicUsize>,
+        extra: &[&str],
+    ) -> Self {
         let mut child = Command::new(bin("ringkv-ecs"))
             .arg("--certs")
             .arg(certs.path())
-            .args(["--identity", "ecs", "serve", "--listen", &addr.to_string()])
+            .args([
+                "--identity",
+                identity,
+                "serve",
+                "--listen",
+                &addr.to_string(),
+            ])
             .arg("--state-dir")
             .arg(state_dir)
             .args(extra)

@@ -4,7 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use ringkv_transport::ServeLimits;
+
+use crate::raft::{Member, MemberId, RaftConfig};
+use crate::EcsError;
 
 /// Default bound on one range copy: 15 minutes, ~90 GB at the ~100 MB/s a move measured on
 /// loopback (README, performance).
@@ -64,6 +69,15 @@ pub struct EcsConfig {
     /// request read deadline, the idle timeout (ARCHITECTURE.md §3). Only `admin`
     /// certificates are admitted at all.
     pub serve: ServeLimits,
+    /// The founding members of a replicated ECS group, `(certificate name, host:port)`, the
+    /// same list in the same order on every founding member: member `i` (from 1) is the
+    /// `i`th. Empty (the default): a single ECS with its state in files, unless `raft_id`
+    /// is set.
+    pub peers: Vec<(String, String)>,
+    /// This member's Raft id: by default its place in `peers` (found by its certificate
+    /// name). Set alone (no `peers`) for a member that joins an existing group: it waits
+    /// until the leader adds it (`ringkv-ecs add-ecs-member`).
+    pub raft_id: Option<u64>,
 }
 
 impl EcsConfig {
@@ -82,7 +96,36 @@ impl EcsConfig {
             replication: DEFAULT_REPLICATION,
             failover_after: DEFAULT_FAILOVER_AFTER,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            peers: Vec::new(),
+            raft_id: None,
         }
+    }
+
+    /// The Raft configuration of this member (whose certificate is called `name`), or
+    /// `None` for a single ECS.
+    pub fn group(&self, name: &str) -> Result<Option<RaftConfig>, EcsError> {
+        if self.peers.is_empty() && self.raft_id.is_none() {
+            return Ok(None);
+        }
+        let members: BTreeMap<MemberId, Member> = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, (name, addr))| (i as MemberId + 1, Member::new(addr, name)))
+            .collect();
+        let id = match self.raft_id {
+            Some(id) => id,
+            None => members
+                .iter()
+                .find(|(_, m)| m.name == name)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| {
+                    EcsError::Config(format!(
+                        "this ECS's certificate is {name}, which is not in --peers; give --raft-id to join a group"
+                    ))
+                })?,
+        };
+        Ok(Some(RaftConfig::new(id, members, self.state_dir.clone())))
     }
 
     /// The lease each probe grants: half of `failover_after`, so that a node cut off from

@@ -71,4 +71,7 @@ pub enum EcsError {
     /// left.
     #[error("Raft: {0}")]
     Raft(#[from] crate::raft::RaftError),
+    /// The configuration does not make sense (e.g. an ECS group this member is not in).
+    #[error("configuration: {0}")]
+    Config(String),
 }

@@ -23,6 +23,7 @@
 //! binaries (the umbrella package's `src/cli/ecs.rs`).
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod executor;

@@ -10,21 +10,26 @@ use ringkv_certs::{Identity, PeerIdentity, Role};
 use ringkv_transport::{RingSigner, ServeLimits, Service};
 use ringkv_transport::{Transport, TransportError};
 use ringkv_wire::{
-    AdminReply, AdminRequest, KeyRange, Limits, Liveness, MoveId, MoveReport, NodeEntry,
-    NodeReport, NodeStatus, Position, RangeReport, Reply, ReplyBody, Request, RequestBody,
-    RingMetadata, WireError,
+    AdminReply, AdminRequest, GroupMember, GroupReport, KeyRange, Limits, Liveness, MoveId,
+    MoveReport, NodeEntry, NodeReport, NodeStatus, Position, RangeReport, Reply, ReplyBody,
+    Request, RequestBody, RingMetadata, WireError,
 };
 
 use crate::executor::{Action, Executor, Intent, Outcome, Phase};
 use crate::liveness::Probes;
 use crate::plan::{self, Plan, Step};
+use crate::raft::{EcsCommand, EcsRaft, Member, RaftError};
 use crate::state::{IntentFile, IntentLog, RingFile};
 use crate::{EcsConfig, EcsError};
 
-/// The External Configuration Service.
+/// The External Configuration Service: a single process, or one member of a replicated
+/// group (ARCHITECTURE.md §12).
 ///
 /// Invariant: at most one membership change runs at a time (`change` is held for its whole
-/// duration), and `metadata` only ever moves to a higher version, after it was persisted.
+/// duration), and `metadata` only ever moves to a higher version, after it was persisted
+/// (in a group: committed by a majority). In a group only the leader acts: it answers
+/// operators, probes and leases nodes, fails them over and drives changes; the others
+/// answer `NotLeader` and wait.
 pub struct Ecs {
     config: EcsConfig,
     nodes: Transport,
@@ -41,6 +46,11 @@ pub struct Ecs {
     /// Requests changes skipped for nodes that were silent, by node name, sent when the
     /// node answers again ([`Ecs::pay_owed`]).
     owed: std::sync::Mutex<std::collections::HashMap<String, Vec<RequestBody>>>,
+    /// This member of a replicated ECS (`None`: a single ECS, whose state is in files).
+    raft: Option<EcsRaft>,
+    /// The Raft term this member leads in, confirmed by a majority when it took the lead
+    /// (0: it does not lead). Its state was reloaded from the group's then.
+    leading: std::sync::atomic::AtomicU64,
 }
 
 /// Binds the ECS endpoint and loads its persisted ring.
@@ -66,15 +76,27 @@ pub async fn bind(
         config.node_timeout,
     );
     let file = RingFile::in_dir(&config.state_dir)?;
-    let mut metadata = file.load()?;
     let intents = IntentFile::in_dir(&config.state_dir);
-    let log = intents.load()?;
-    if let Some(intent) = &log.pending {
-        tracing::warn!(change = intent.change, phase = ?intent.phase, version = intent.plan.metadata.version, "a change was in progress when the ECS stopped; it will be finished or rolled back");
-        if intent.phase == Phase::Committed && intent.plan.metadata.version > metadata.version {
-            // Committed, but the ring file was not written: the intent log is the record.
-            metadata = intent.plan.metadata.clone();
-            file.save(&metadata)?;
+    let raft = match config.group(&identity.name()?)? {
+        Some(raft_config) => Some(EcsRaft::start(raft_config, identity, endpoint.clone()).await?),
+        None => None,
+    };
+    let (mut metadata, log) = match &raft {
+        // The group's state (a new leader reloads it again when it takes the lead).
+        Some(raft) => {
+            let state = raft.state();
+            (state.ring.clone(), state.log.clone())
+        }
+        None => (file.load()?, intents.load()?),
+    };
+    if raft.is_none() {
+        if let Some(intent) = &log.pending {
+            tracing::warn!(change = intent.change, phase = ?intent.phase, version = intent.plan.metadata.version, "a change was in progress when the ECS stopped; it will be finished or rolled back");
+            if intent.phase == Phase::Committed && intent.plan.metadata.version > metadata.version {
+                // Committed, but the ring file was not written: the intent log is the record.
+                metadata = intent.plan.metadata.clone();
+                file.save(&metadata)?;
+            }
         }
     }
     tracing::info!(
@@ -93,6 +115,8 @@ pub async fn bind(
         log: std::sync::Mutex::new(log),
         probes: std::sync::Mutex::new(Probes::new()),
         owed: std::sync::Mutex::new(Default::default()),
+        raft,
+        leading: std::sync::atomic::AtomicU64::new(0),
     });
     Ok((endpoint, ecs))
 }
@@ -110,19 +134,28 @@ const RESUME_EVERY: Duration = Duration::from_secs(1);
 pub async fn run(endpoint: Endpoint, ecs: Arc<Ecs>, shutdown: impl Future<Output = ()>) {
     let prober = tokio::spawn(ecs.clone().probe_loop());
     let failover = tokio::spawn(ecs.clone().failover_loop());
+    let leader = tokio::spawn(ecs.clone().leadership_loop());
     let background = ecs.clone();
     let task = tokio::spawn(async move {
-        background.resume_pending().await;
-        background.republish().await;
+        if background.raft.is_none() {
+            background.resume_pending().await;
+            background.republish().await;
+        }
         loop {
             tokio::time::sleep(RESUME_EVERY).await;
             background.resume_pending().await;
         }
     });
-    ringkv_transport::serve(endpoint, ecs, shutdown).await;
+    ringkv_transport::serve(endpoint, ecs.clone(), shutdown).await;
     task.abort();
     prober.abort();
     failover.abort();
+    leader.abort();
+    if let Some(raft) = &ecs.raft {
+        if let Err(e) = raft.shutdown().await {
+            tracing::warn!(error = %e, "the Raft member did not shut down cleanly");
+        }
+    }
 }
 
 impl Service for Ecs {
@@ -141,20 +174,23 @@ impl Service for Ecs {
         self.config.serve
     }
 
-    /// Only administrators talk to the ECS: any other role is closed at connection time,
+    /// Administrators talk to the ECS, and in a group the other members (`ecs`
+    /// certificates, Raft messages only); any other role is closed at connection time,
     /// before a frame of it is read (`handle` checks again).
     fn admits(&self, role: Role) -> bool {
-        role == Role::Admin
+        role == Role::Admin || (role == Role::Ecs && self.raft.is_some())
     }
 
     async fn handle(&self, peer: &PeerIdentity, request: AdminRequest) -> AdminReply {
-        if peer.role != Role::Admin {
-            return AdminReply::Error(format!(
-                "a {} certificate may not talk to the ECS; an admin certificate is needed",
+        match (&self.raft, request) {
+            // The Raft service checks the role (ecs only) and the member's name.
+            (Some(raft), AdminRequest::Raft(rpc)) => raft.service().handle(peer, rpc).await,
+            (_, request) if peer.role == Role::Admin => self.answer(request).await,
+            _ => AdminReply::Error(format!(
+                "a {} certificate may not administer the ECS; an admin certificate is needed",
                 peer.role
-            ));
+            )),
         }
-        self.answer(request).await
     }
 
     fn bad_frame(&self, error: WireError) -> AdminReply {
@@ -174,6 +210,14 @@ impl Ecs {
 
     /// Answers one operator request.
     pub async fn answer(&self, request: AdminRequest) -> AdminReply {
+        if let AdminRequest::Group = request {
+            return AdminReply::Group(self.group());
+        }
+        if !self.leads() {
+            return AdminReply::NotLeader {
+                leader: self.leader_addr(),
+            };
+        }
         let result = match request {
             AdminRequest::Ring => return AdminReply::Ring(self.metadata()),
             AdminRequest::Status => return self.status().await,
@@ -188,8 +232,146 @@ impl Ecs {
                         .into(),
                 )
             }
+            AdminRequest::Group => unreachable!("answered above"),
+            AdminRequest::AddEcsMember { id, name, addr } => match self.group_member() {
+                Ok(raft) => raft
+                    .add_member(id, Member::new(addr, name))
+                    .await
+                    .map(|()| AdminReply::Done(format!("ECS member {id} added; it votes now")))
+                    .map_err(EcsError::from),
+                Err(e) => Err(e),
+            },
+            AdminRequest::RemoveEcsMember { id } => match self.group_member() {
+                Ok(raft) => raft
+                    .remove_member(id)
+                    .await
+                    .map(|()| AdminReply::Done(format!("ECS member {id} removed")))
+                    .map_err(EcsError::from),
+                Err(e) => Err(e),
+            },
         };
-        result.unwrap_or_else(|e| AdminReply::Error(e.to_string()))
+        match result {
+            Ok(reply) => reply,
+            // Deposed while it worked: the new leader finishes or rolls back what it began.
+            Err(EcsError::Raft(RaftError::ForwardToLeader { leader })) => AdminReply::NotLeader {
+                leader: leader.map(|(_, member)| member.addr),
+            },
+            Err(e) => AdminReply::Error(e.to_string()),
+        }
+    }
+
+    /// This member's Raft handle, for changes of the group itself.
+    fn group_member(&self) -> Result<&EcsRaft, EcsError> {
+        self.raft.as_ref().ok_or_else(|| {
+            EcsError::Config(
+                "this ECS is a single process, not a group: start it with --peers to make one"
+                    .into(),
+            )
+        })
+    }
+
+    /// Whether this ECS acts: a single ECS always; a group member while it leads (it took
+    /// the lead in [`Ecs::leadership_loop`] and has heard of no newer term since).
+    fn leads(&self) -> bool {
+        match &self.raft {
+            None => true,
+            Some(raft) => {
+                self.leading.load(std::sync::atomic::Ordering::SeqCst) != 0 && raft.is_leader()
+            }
+        }
+    }
+
+    /// The Raft term this member leads in, for fencing what it sends nodes (0: a single
+    /// ECS, or not leading).
+    pub fn leading_term(&self) -> u64 {
+        self.leading.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The address of the group's leader as this member knows it.
+    fn leader_addr(&self) -> Option<String> {
+        self.raft
+            .as_ref()
+            .and_then(|raft| raft.leader())
+            .map(|(_, member)| member.addr)
+    }
+
+    /// The ECS group as this member sees it (`None` for a single ECS).
+    pub fn group(&self) -> Option<GroupReport> {
+        let status = self.raft.as_ref()?.status();
+        Some(GroupReport {
+            this: status.id,
+            leader: status.leader.as_ref().map(|(id, _)| *id),
+            term: status.term,
+            applied: status.last_applied.unwrap_or(0),
+            members: status
+                .members
+                .iter()
+                .map(|(id, member)| GroupMember {
+                    id: *id,
+                    name: member.name.clone(),
+                    addr: member.addr.clone(),
+                    voter: status.voters.contains(id),
+                })
+                .collect(),
+        })
+    }
+
+    /// Follows this member's leadership (a group member only): when it becomes the leader,
+    /// it confirms the lead with a majority, reloads the ring and intent log from the
+    /// group's state, forgets what it knew of the nodes' liveness (a node gets a whole
+    /// `failover_after` under the new leader before it can be failed over, which also
+    /// outlasts any lease the old leader granted), then resumes the change in flight and
+    /// republishes the ring. When it stops leading, it stops acting at once ([`Ecs::leads`]).
+    async fn leadership_loop(self: Arc<Self>) {
+        let Some(raft) = self.raft.as_ref() else {
+            return;
+        };
+        let mut metrics = raft.metrics();
+        loop {
+            let leader = raft.is_leader();
+            let leading = self.leading_term();
+            if leader && leading == 0 {
+                self.take_lead(raft).await;
+            } else if !leader && leading != 0 {
+                self.leading.store(0, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!(term = raft.term(), "no longer the ECS group's leader");
+            }
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                // A lead not confirmed yet is tried again.
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Takes the lead (see [`Ecs::leadership_loop`]).
+    async fn take_lead(self: &Arc<Self>, raft: &EcsRaft) {
+        let term = match raft.ensure_leader().await {
+            Ok(lead) => lead.term,
+            Err(e) => {
+                tracing::warn!(error = %e, "leadership not confirmed; not acting yet");
+                return;
+            }
+        };
+        let _no_change = self.change.lock().await;
+        let state = raft.state();
+        *self.metadata.write().expect("metadata lock") = state.ring.clone();
+        *self.log.lock().expect("log lock") = state.log.clone();
+        *self.probes.lock().expect("probes lock") = Probes::new();
+        self.owed.lock().expect("owed lock").clear();
+        self.leading
+            .store(term, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!(
+            term,
+            version = state.ring.version,
+            pending = state.log.pending.is_some(),
+            "leading the ECS group"
+        );
+        let ecs = self.clone();
+        tokio::spawn(async move {
+            ecs.resume_pending().await;
+            ecs.republish().await;
+        });
     }
 
     /// Adds `node` to the ring, moving its range to it.
@@ -347,6 +529,9 @@ impl Ecs {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if !self.leads() {
+                continue;
+            }
             let metadata = self.metadata();
             let live: Vec<NodeEntry> = metadata
                 .nodes
@@ -440,7 +625,7 @@ impl Ecs {
         loop {
             tick.tick().await;
             let metadata = self.metadata();
-            if metadata.replication <= 1 {
+            if metadata.replication <= 1 || !self.leads() {
                 continue;
             }
             let live: Vec<&str> = metadata
@@ -519,7 +704,7 @@ impl Ecs {
     /// Resumes the pending change, if any, unless a change is running (the background task
     /// of [`run`] calls this periodically).
     pub async fn resume_pending(&self) {
-        if self.pending_change().is_none() {
+        if self.pending_change().is_none() || !self.leads() {
             return;
         }
         let Ok(_change) = self.change.try_lock() else {
@@ -561,9 +746,15 @@ impl Ecs {
         let mut last_failure = String::new();
         let mut action = first;
         loop {
+            if !self.leads() {
+                // Deposed: the new leader resumes the change from the group's intent log.
+                return Err(EcsError::Raft(RaftError::ForwardToLeader {
+                    leader: self.raft.as_ref().and_then(|raft| raft.leader()),
+                }));
+            }
             let outcome = match &action {
-                Action::Persist(intent) => self.persist_intent(Some(intent.clone())),
-                Action::Commit(intent) => self.commit(intent),
+                Action::Persist(intent) => self.persist_intent(Some(intent.clone())).await,
+                Action::Commit(intent) => self.commit(intent).await,
                 Action::Run(step) => {
                     if let Some(hook) = &self.config.before_step {
                         (hook.0)(step);
@@ -604,7 +795,7 @@ impl Ecs {
                     Outcome::ok()
                 }
                 Action::Finish(result) => {
-                    if let Outcome::Failed(e) = self.persist_intent(None) {
+                    if let Outcome::Failed(e) = self.persist_intent(None).await {
                         tracing::error!(error = %e, "could not clear the intent log");
                     }
                     return match result {
@@ -640,26 +831,52 @@ impl Ecs {
         }
     }
 
-    /// Replaces the intent log's pending change, durably.
-    fn persist_intent(&self, pending: Option<Intent>) -> Outcome {
+    /// Replaces the intent log's pending change, durably (in a group: committed by a
+    /// majority).
+    async fn persist_intent(&self, pending: Option<Intent>) -> Outcome {
         let mut log = self.log.lock().expect("log lock").clone();
         log.pending = pending;
-        match self.intents.save(&log) {
+        let saved = match &self.raft {
+            None => self.intents.save(&log).map_err(|e| e.to_string()),
+            Some(raft) => raft
+                .propose(EcsCommand::SetIntentLog(log.clone()))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        match saved {
             Ok(()) => {
                 *self.log.lock().expect("log lock") = log;
                 Outcome::ok()
             }
-            Err(e) => Outcome::Failed(e.to_string()),
+            Err(e) => Outcome::Failed(e),
         }
     }
 
-    /// The commit point: the committed intent is persisted, then the ring.
-    fn commit(&self, intent: &Intent) -> Outcome {
-        if let Outcome::Failed(e) = self.persist_intent(Some(intent.clone())) {
-            return Outcome::Failed(e);
+    /// The commit point: the committed intent is persisted, then the ring (in a group: both
+    /// in one command, committed by a majority).
+    async fn commit(&self, intent: &Intent) -> Outcome {
+        let Some(raft) = &self.raft else {
+            if let Outcome::Failed(e) = self.persist_intent(Some(intent.clone())).await {
+                return Outcome::Failed(e);
+            }
+            self.adopt_committed(&intent.plan.metadata);
+            return Outcome::ok();
+        };
+        let mut log = self.log.lock().expect("log lock").clone();
+        log.pending = Some(intent.clone());
+        let save = EcsCommand::Save {
+            ring: Some(intent.plan.metadata.clone()),
+            log: Some(log.clone()),
+        };
+        match raft.propose(save).await {
+            Ok(_) => {
+                *self.log.lock().expect("log lock") = log;
+                *self.metadata.write().expect("metadata lock") = intent.plan.metadata.clone();
+                Outcome::ok()
+            }
+            Err(e) => Outcome::Failed(e.to_string()),
         }
-        self.adopt_committed(&intent.plan.metadata);
-        Outcome::ok()
     }
 
     /// Makes committed metadata the ECS's ring (a failed ring write is logged: the intent
@@ -797,6 +1014,9 @@ impl Ecs {
         let Ok(_no_change) = self.change.try_lock() else {
             return;
         };
+        if !self.leads() {
+            return;
+        }
         if self.pending_change().is_some() {
             return;
         }

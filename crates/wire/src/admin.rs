@@ -40,6 +40,52 @@ pub enum AdminRequest {
     /// A Raft message from another ECS member (an `ecs` certificate only; any other role is
     /// refused with [`AdminReply::Error`]). Answered with [`AdminReply::Raft`].
     Raft(RaftRpc),
+    /// The ECS group as the member asked sees it: answered by any member (leader or not)
+    /// with [`AdminReply::Group`].
+    Group,
+    /// Add an ECS member to the group (leader only): it must be running with
+    /// `--raft-id <id>` and no `--peers`; it catches up as a learner, then votes.
+    AddEcsMember {
+        /// Its Raft id, never used before in this group.
+        id: u64,
+        /// Its certificate's name.
+        name: String,
+        /// Its ECS address (`host:port`).
+        addr: String,
+    },
+    /// Remove an ECS member from the group (leader only).
+    RemoveEcsMember {
+        /// Its Raft id.
+        id: u64,
+    },
+}
+
+/// One member of the ECS group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    /// Its Raft id.
+    pub id: u64,
+    /// Its certificate's name.
+    pub name: String,
+    /// Its ECS address.
+    pub addr: String,
+    /// Whether it votes (a learner does not yet).
+    pub voter: bool,
+}
+
+/// The ECS group as one member sees it (`ringkv-ecs status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupReport {
+    /// The member that answered.
+    pub this: u64,
+    /// The leader it knows of, if any.
+    pub leader: Option<u64>,
+    /// Its current Raft term.
+    pub term: u64,
+    /// The last log index it applied to the ECS state (its ring and intent log).
+    pub applied: u64,
+    /// Every member of the group.
+    pub members: Vec<GroupMember>,
 }
 
 /// Which Raft request a [`RaftRpc`] carries: the payload decodes as that request only.
@@ -142,4 +188,12 @@ pub enum AdminReply {
     /// The answer to an [`AdminRequest::Raft`]: the postcard encoding of the Raft library's
     /// result (its response, or its error) for the request's kind.
     Raft(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The ECS group ([`AdminRequest::Group`]); `None` from a single ECS (no group).
+    Group(Option<GroupReport>),
+    /// This ECS member does not lead its group: ask the leader, at `leader` (`host:port`)
+    /// if it knows one. Nothing was done.
+    NotLeader {
+        /// The leader's address, if known.
+        leader: Option<String>,
+    },
 }

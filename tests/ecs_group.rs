@@ -1,0 +1,332 @@
+//! A replicated ECS (README "A highly available ECS", ARCHITECTURE.md §12), end to end: three
+//! `ringkv-ecs serve --peers` processes forming a Raft group, node processes, clients
+//! recording every operation, all over real QUIC + mTLS. The leader is SIGKILLed in the
+//! middle of a join under load: a new leader must finish or roll back the join by itself,
+//! the history must stay linearizable with nothing acknowledged lost, and the ring must
+//! converge everywhere. All three members restarted keep the ring and its version.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::load::{keys_for, Load};
+use common::{free_port, node_status, wait_answers, Certs, EcsProcess, NodeProcess};
+use ringkv_certs::Role;
+use ringkv_ecs::client::ask;
+use ringkv_transport::Transport;
+use ringkv_wire::{AdminReply, AdminRequest, GroupReport, KeyRange, Position, RingMetadata};
+use tempfile::TempDir;
+
+/// One group at a time: elections and leases are timed, and two groups of processes side by
+/// side on two cores would starve them.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// One ECS member process.
+struct Member {
+    name: String,
+    addr: SocketAddr,
+    state: TempDir,
+    /// Steps of changes it completed (from its log).
+    steps: Arc<AtomicUsize>,
+    process: Option<EcsProcess>,
+}
+
+struct Group {
+    certs: Arc<Certs>,
+    admin: Transport,
+    members: Vec<Member>,
+    nodes: Vec<(String, NodeProcess, TempDir)>,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Group {
+    /// Three ECS members `ecs1..ecs3` (replication 3, failover after 2 s) and no node.
+    async fn start() -> Self {
+        let serial = ONE_AT_A_TIME.lock().await;
+        let certs = Arc::new(Certs::new());
+        let mut members = Vec::new();
+        for i in 1..=3 {
+            let name = format!("ecs{i}");
+            certs.issue(Role::Ecs, &name);
+            members.push(Member {
+                name,
+                addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+                state: tempfile::tempdir().unwrap(),
+                steps: Arc::new(AtomicUsize::new(0)),
+                process: None,
+            });
+        }
+        let mut group = Self {
+            admin: certs.admin(),
+            certs,
+            members,
+            nodes: Vec::new(),
+            _serial: serial,
+        };
+        for i in 0..3 {
+            group.spawn(i).await;
+        }
+        group
+    }
+
+    /// Starts member `i` (again), on its address and state directory.
+    async fn spawn(&mut self, i: usize) {
+        let peers: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}@{}", m.name, m.addr))
+            .collect();
+        let peers = peers.join(",");
+        let member = &self.members[i];
+        let process = EcsProcess::spawn_as(
+            &self.certs,
+            &member.name,
+            member.addr,
+            member.state.path(),
+            member.steps.clone(),
+            &[
+                "--peers",
+                &peers,
+                "--replication-factor",
+                "3",
+                "--failover-after",
+                "2s",
+                "--probe-interval",
+                "200ms",
+            ],
+        )
+        .await;
+        self.members[i].process = Some(process);
+    }
+
+    /// The addresses of the members that run.
+    fn addrs(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| m.process.is_some())
+            .map(|m| m.addr.to_string())
+            .collect()
+    }
+
+    async fn ask(&self, request: AdminRequest) -> AdminReply {
+        ask(
+            &self.admin,
+            &self.addrs(),
+            &request,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{request:?}: {e}"))
+    }
+
+    /// The group as a running member sees it, once it knows a leader.
+    async fn group(&self) -> GroupReport {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let AdminReply::Group(Some(group)) = self.ask(AdminRequest::Group).await {
+                if group.leader.is_some() {
+                    return group;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader within 20 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The index of the member that leads (by a running member's view).
+    async fn leader(&self) -> usize {
+        let group = self.group().await;
+        let id = group.leader.expect("a leader");
+        (id - 1) as usize
+    }
+
+    async fn ring(&self) -> RingMetadata {
+        match self.ask(AdminRequest::Ring).await {
+            AdminReply::Ring(ring) => ring,
+            other => panic!("ring: {other:?}"),
+        }
+    }
+
+    /// Starts node `name` as a process (not yet in the ring).
+    async fn spawn_node(&mut self, name: &str) -> String {
+        let data = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let node = NodeProcess::spawn_with(&self.certs, name, addr, data.path(), &[]);
+        wait_answers(&self.certs, &node.addr).await;
+        let addr = node.addr.clone();
+        self.nodes.push((name.to_string(), node, data));
+        addr
+    }
+
+    fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|(_, p, _)| p.addr.clone()).collect()
+    }
+
+    /// Waits (up to 30 s) until every node holds the ring version the group holds.
+    async fn wait_converged(&self) -> RingMetadata {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ring = self.ring().await;
+            let mut behind = Vec::new();
+            for n in &ring.nodes {
+                let status = node_status(&self.admin, &n.addr).await;
+                if status.metadata_version != ring.version {
+                    behind.push((n.name.clone(), status.metadata_version));
+                }
+            }
+            if behind.is_empty() {
+                return ring;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes behind ring v{}: {behind:?}",
+                ring.version
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Adds `name` at `addr` through the group, asking again (after a leader change, or while
+/// the change a crash left behind is finished or rolled back) until it is in the ring.
+async fn add_until_in_ring(group: &Group, name: &str, addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if group.ring().await.node(name).is_some() {
+            return;
+        }
+        let reply = ask(
+            &group.admin,
+            &group.addrs(),
+            &AdminRequest::AddNode {
+                name: name.into(),
+                addr: addr.into(),
+            },
+            Duration::from_secs(60),
+        )
+        .await;
+        if let Ok(AdminReply::Changed { .. }) = reply {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never joined: last {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// SIGKILL of the leader in the middle of a join, under client load: another member takes
+/// the lead, finishes or rolls back the join from the replicated intent log by itself (the
+/// operator then asks again if it was rolled back), clients see a linearizable history with
+/// nothing acknowledged lost, and every node converges on the group's ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_mid_join_under_load_loses_nothing() {
+    let mut group = Group::start().await;
+    for i in 1..=3 {
+        let name = format!("n{i}");
+        let addr = group.spawn_node(&name).await;
+        add_until_in_ring(&group, &name, &addr).await;
+    }
+    let before = group.ring().await;
+    assert_eq!(before.nodes.len(), 3);
+    let all = KeyRange::new(Position::MAX, Position::MAX);
+    let keys = keys_for(&all, 32, 0);
+    let load = Load::start(
+        Arc::new(group.certs.client(group.seeds()).await),
+        keys.clone(),
+        8,
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // The join, killed at its leader after its first completed step.
+    let addr = group.spawn_node("n4").await;
+    let leader = group.leader().await;
+    let steps = group.members[leader].steps.clone();
+    let done_before = steps.load(Ordering::SeqCst);
+    let joining = {
+        let admin = group.certs.admin();
+        let members = group.addrs();
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            ask(
+                &admin,
+                &members,
+                &AdminRequest::AddNode {
+                    name: "n4".into(),
+                    addr,
+                },
+                Duration::from_secs(60),
+            )
+            .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while steps.load(Ordering::SeqCst) == done_before {
+        assert!(Instant::now() < deadline, "the join never took a step");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    group.members[leader]
+        .process
+        .take()
+        .expect("the leader runs")
+        .kill();
+    let killed = Instant::now();
+    eprintln!(
+        "killed the leader {} after {} step(s) of the join",
+        group.members[leader].name,
+        steps.load(Ordering::SeqCst) - done_before
+    );
+    let first = joining.await.unwrap();
+    eprintln!(
+        "the join's own answer, {:.2?} after the kill: {first:?}",
+        killed.elapsed()
+    );
+    let new_leader = group.leader().await;
+    assert_ne!(new_leader, leader, "a running member leads");
+    eprintln!(
+        "new leader {} answering {:.2?} after the kill",
+        group.members[new_leader].name,
+        killed.elapsed()
+    );
+    add_until_in_ring(&group, "n4", &addr).await;
+    let ring = group.wait_converged().await;
+    assert_eq!(ring.nodes.len(), 4, "{ring:?}");
+    assert!(ring.version > before.version);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.stop_and_check(&group.certs, group.seeds()).await;
+    let status = group.group().await;
+    assert_eq!(status.members.len(), 3);
+}
+
+/// All three members SIGKILLed and restarted from their state directories: the ring and
+/// its version are still there, a leader is elected, and changes go on from that version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ring_survives_a_restart_of_every_member() {
+    let mut group = Group::start().await;
+    for i in 1..=2 {
+        let name = format!("n{i}");
+        let addr = group.spawn_node(&name).await;
+        add_until_in_ring(&group, &name, &addr).await;
+    }
+    let before = group.ring().await;
+    let term_before = group.group().await.term;
+    for member in &mut group.members {
+        member.process.take().expect("runs").kill();
+    }
+    for i in 0..3 {
+        group.spawn(i).await;
+    }
+    let after = group.ring().await;
+    assert_eq!(after, before, "the ring after the restart");
+    let status = group.group().await;
+    assert!(status.term >= term_before, "terms never go back");
+    let addr = group.spawn_node("n3").await;
+    add_until_in_ring(&group, "n3", &addr).await;
+    let ring = group.wait_converged().await;
+    assert_eq!(ring.nodes.len(), 3);
+    assert!(ring.version > before.version);
+}
