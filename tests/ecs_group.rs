@@ -330,3 +330,64 @@ async fn the_ring_survives_a_restart_of_every_member() {
     assert_eq!(ring.nodes.len(), 3);
     assert!(ring.version > before.version);
 }
+
+/// SIGKILL of the ECS leader while a node is dead and awaiting failover: the next leader
+/// fails the node over by itself, within `failover-after` of taking the lead plus the
+/// election (printed), and clients lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_failed_over_after_the_leader_is_killed() {
+    let mut group = Group::start().await;
+    for i in 1..=4 {
+        let name = format!("n{i}");
+        let addr = group.spawn_node(&name).await;
+        add_until_in_ring(&group, &name, &addr).await;
+    }
+    let all = KeyRange::new(Position::MAX, Position::MAX);
+    let keys = keys_for(&all, 24, 0);
+    let load = Load::start(
+        Arc::new(group.certs.client(group.seeds()).await),
+        keys.clone(),
+        4,
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let victim = group
+        .nodes
+        .iter_mut()
+        .find(|(n, _, _)| n == "n2")
+        .expect("n2");
+    victim.1.kill();
+    let node_killed = Instant::now();
+    let leader = group.leader().await;
+    group.members[leader]
+        .process
+        .take()
+        .expect("the leader runs")
+        .kill();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let ring = group.ring().await;
+        if ring.node("n2").is_none() && ring.failed.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n2 not failed over within 40 s: {ring:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = node_killed.elapsed();
+    eprintln!(
+        "n2 failed over and replaced {took:.2?} after it was killed, the ECS leader {} killed with it (failover-after 2s)",
+        group.members[leader].name
+    );
+    // failover-after (2 s) + an election (about 1.5 s) + the rebuild, with room for this
+    // machine's noise.
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let seeds: Vec<String> = group
+        .nodes
+        .iter()
+        .filter(|(n, _, _)| n != "n2")
+        .map(|(_, p, _)| p.addr.clone())
+        .collect();
+    load.stop_and_check(&group.certs, seeds).await;
+}

@@ -55,10 +55,7 @@ pub async fn ask(
             let mut addr = start.clone();
             // A redirect is followed a few times at most (a leader change while we follow).
             for _ in 0..3 {
-                match transport
-                    .call::<_, AdminReply>(&addr, request, timeout)
-                    .await
-                {
+                match call_watching(transport, &addr, request, timeout).await {
                     Ok(AdminReply::NotLeader {
                         leader: Some(leader),
                     }) if leader != addr => {
@@ -84,6 +81,41 @@ pub async fn ask(
             });
         }
         tokio::time::sleep(ROUND_PAUSE).await;
+    }
+}
+
+/// How often a long request's member is checked for life ([`call_watching`]).
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+/// How long such a check may take before the member is taken for dead.
+const WATCH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `transport.call` of `request` at `addr`, giving up early if the member dies meanwhile: a
+/// membership change may rightly take long (its timeout is an hour), but a member SIGKILLed
+/// during it would otherwise be noticed only at the connection's idle timeout (30 s). So
+/// while the request runs, the member is asked for `Group` every [`WATCH_EVERY`]; one that
+/// does not answer within [`WATCH_TIMEOUT`] is given up (the next member is tried, and a new
+/// leader will have resumed the change).
+async fn call_watching(
+    transport: &Transport,
+    addr: &str,
+    request: &AdminRequest,
+    timeout: Duration,
+) -> Result<AdminReply, String> {
+    let call = transport.call::<_, AdminReply>(addr, request, timeout);
+    let watch = async {
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            let alive = transport
+                .call::<_, AdminReply>(addr, &AdminRequest::Group, WATCH_TIMEOUT)
+                .await;
+            if alive.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        reply = call => reply.map_err(|e| e.to_string()),
+        () = watch => Err(format!("stopped answering (no answer to a check within {WATCH_TIMEOUT:?}) while the request ran; it may or may not have been carried out")),
     }
 }
 
