@@ -47,39 +47,36 @@ impl Group {
     async fn start() -> Self {
         let serial = ONE_AT_A_TIME.lock().await;
         let certs = Arc::new(Certs::new());
-        let mut members = Vec::new();
-        for i in 1..=3 {
-            let name = format!("ecs{i}");
-            certs.issue(Role::Ecs, &name);
-            members.push(Member {
-                name,
-                addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-                state: tempfile::tempdir().unwrap(),
-                steps: Arc::new(AtomicUsize::new(0)),
-                process: None,
-            });
-        }
         let mut group = Self {
             admin: certs.admin(),
             certs,
-            members,
+            members: Vec::new(),
             nodes: Vec::new(),
             _serial: serial,
         };
+        for _ in 0..3 {
+            group.new_member();
+        }
         for i in 0..3 {
             group.spawn(i).await;
         }
         group
     }
 
-    /// Starts member `i` (again), on its address and state directory.
+    /// Starts member `i` (again), on its address and state directory: one of the founding
+    /// three (`--peers`), or a later one that waits to be added (`--raft-id`).
     async fn spawn(&mut self, i: usize) {
-        let peers: Vec<String> = self
-            .members
+        let founding: Vec<String> = self.members[..3]
             .iter()
             .map(|m| format!("{}@{}", m.name, m.addr))
             .collect();
-        let peers = peers.join(",");
+        let founding = founding.join(",");
+        let raft_id = (i + 1).to_string();
+        let (flag, value) = if i < 3 {
+            ("--peers", founding.as_str())
+        } else {
+            ("--raft-id", raft_id.as_str())
+        };
         let member = &self.members[i];
         let process = EcsProcess::spawn_as(
             &self.certs,
@@ -88,8 +85,8 @@ impl Group {
             member.state.path(),
             member.steps.clone(),
             &[
-                "--peers",
-                &peers,
+                flag,
+                value,
                 "--replication-factor",
                 "3",
                 "--failover-after",
@@ -100,6 +97,21 @@ impl Group {
         )
         .await;
         self.members[i].process = Some(process);
+    }
+
+    /// Issues the certificate of member `ecs<n>` and adds it to the list (not started).
+    fn new_member(&mut self) -> usize {
+        let i = self.members.len();
+        let name = format!("ecs{}", i + 1);
+        self.certs.issue(Role::Ecs, &name);
+        self.members.push(Member {
+            name,
+            addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            state: tempfile::tempdir().unwrap(),
+            steps: Arc::new(AtomicUsize::new(0)),
+            process: None,
+        });
+        i
     }
 
     /// The addresses of the members that run.
@@ -390,4 +402,57 @@ async fn a_dead_node_is_failed_over_after_the_leader_is_killed() {
         .map(|(_, p, _)| p.addr.clone())
         .collect();
     load.stop_and_check(&group.certs, seeds).await;
+}
+
+/// The group's own membership: a fourth member, started with `--raft-id 4`, is added
+/// (learner, then voter), then the leader itself is removed (a membership change with a
+/// leader change); both times are printed, and the ring goes on changing afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ecs_member_is_added_and_the_leader_removed() {
+    let mut group = Group::start().await;
+    let addr = group.spawn_node("n1").await;
+    add_until_in_ring(&group, "n1", &addr).await;
+    let fourth = group.new_member();
+    group.spawn(fourth).await;
+    let started = Instant::now();
+    let reply = group
+        .ask(AdminRequest::AddEcsMember {
+            id: 4,
+            name: group.members[fourth].name.clone(),
+            addr: group.members[fourth].addr.to_string(),
+        })
+        .await;
+    let added = started.elapsed();
+    assert!(matches!(reply, AdminReply::Done(_)), "{reply:?}");
+    let status = group.group().await;
+    assert_eq!(status.members.len(), 4, "{status:?}");
+    assert!(status.members.iter().all(|m| m.voter), "{status:?}");
+    eprintln!("add-ecs-member (learner caught up, then voter): {added:.2?}");
+
+    let leader = group.leader().await;
+    let old_leader_id = leader as u64 + 1;
+    let started = Instant::now();
+    let reply = group
+        .ask(AdminRequest::RemoveEcsMember { id: old_leader_id })
+        .await;
+    assert!(matches!(reply, AdminReply::Done(_)), "{reply:?}");
+    let removed = started.elapsed();
+    group.members[leader].process.take().expect("runs").kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = group.group().await;
+        if status.leader != Some(old_leader_id) && status.members.len() == 3 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no new leader: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "remove-ecs-member of the leader: {removed:.2?} to commit, a new leader ({:?}) {:.2?} after the request",
+        status.leader,
+        started.elapsed()
+    );
+    let addr = group.spawn_node("n2").await;
+    add_until_in_ring(&group, "n2", &addr).await;
+    assert_eq!(group.wait_converged().await.nodes.len(), 2);
 }
