@@ -967,7 +967,7 @@ fn print_failover_text(r: &serde_json::Value) {
 /// What `ringkv-bench node-stats` asks.
 #[derive(Debug, Clone, clap::Args)]
 struct NodeStatsArgs {
-    /// Address of the ECS.
+    /// Address of the ECS, or of the members of an ECS group, comma-separated.
     #[arg(long, default_value = "127.0.0.1:7000")]
     ecs: String,
     /// Directory holding ca.pem and the admin certificate.
@@ -989,14 +989,14 @@ async fn node_stats(args: &NodeStatsArgs) -> anyhow::Result<serde_json::Value> {
         Duration::from_secs(5),
         Duration::from_secs(5),
     )?;
-    let reply: ringkv_wire::AdminReply = transport
-        .call(
-            &args.ecs,
-            &ringkv_wire::AdminRequest::Status,
-            Duration::from_secs(30),
-        )
-        .await
-        .with_context(|| format!("asking the ECS at {}", args.ecs))?;
+    let reply = ringkv_ecs::client::ask(
+        &transport,
+        &ringkv_ecs::client::members(&args.ecs),
+        &ringkv_wire::AdminRequest::Status,
+        Duration::from_secs(30),
+    )
+    .await
+    .with_context(|| format!("asking the ECS at {}", args.ecs))?;
     transport.close().await;
     let ringkv_wire::AdminReply::Status {
         metadata, nodes, ..
