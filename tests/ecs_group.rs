@@ -173,6 +173,15 @@ impl Group {
         addr
     }
 
+    /// Starts nodes `n1..=n<n>` and adds them to the ring one by one.
+    async fn add_nodes(&mut self, n: usize) {
+        for i in 1..=n {
+            let name = format!("n{i}");
+            let addr = self.spawn_node(&name).await;
+            add_until_in_ring(self, &name, &addr).await;
+        }
+    }
+
     fn seeds(&self) -> Vec<String> {
         self.nodes.iter().map(|(_, p, _)| p.addr.clone()).collect()
     }
@@ -238,11 +247,7 @@ async fn add_until_in_ring(group: &Group, name: &str, addr: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_killed_mid_join_under_load_loses_nothing() {
     let mut group = Group::start().await;
-    for i in 1..=3 {
-        let name = format!("n{i}");
-        let addr = group.spawn_node(&name).await;
-        add_until_in_ring(&group, &name, &addr).await;
-    }
+    group.add_nodes(3).await;
     let before = group.ring().await;
     assert_eq!(before.nodes.len(), 3);
     let all = KeyRange::new(Position::MAX, Position::MAX);
@@ -319,11 +324,7 @@ async fn the_leader_killed_mid_join_under_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ring_survives_a_restart_of_every_member() {
     let mut group = Group::start().await;
-    for i in 1..=2 {
-        let name = format!("n{i}");
-        let addr = group.spawn_node(&name).await;
-        add_until_in_ring(&group, &name, &addr).await;
-    }
+    group.add_nodes(2).await;
     let before = group.ring().await;
     let term_before = group.group().await.term;
     for member in &mut group.members {
@@ -349,11 +350,7 @@ async fn the_ring_survives_a_restart_of_every_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_is_failed_over_after_the_leader_is_killed() {
     let mut group = Group::start().await;
-    for i in 1..=4 {
-        let name = format!("n{i}");
-        let addr = group.spawn_node(&name).await;
-        add_until_in_ring(&group, &name, &addr).await;
-    }
+    group.add_nodes(4).await;
     let all = KeyRange::new(Position::MAX, Position::MAX);
     let keys = keys_for(&all, 24, 0);
     let load = Load::start(

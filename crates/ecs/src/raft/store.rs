@@ -558,22 +558,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 mod tests {
     use openraft::storage::RaftLogStorageExt;
     use openraft::CommittedLeaderId;
-    use ringkv_wire::{NodeEntry, RingMetadata};
 
     use super::*;
     use crate::raft::EcsCommand;
-    use crate::state::IntentLog;
 
-    fn ring(version: u64) -> RingMetadata {
-        RingMetadata::new(version, vec![NodeEntry::new("n1", "127.0.0.1:7001")]).unwrap()
-    }
-
-    fn intent_log(next_change: u64) -> IntentLog {
-        IntentLog {
-            next_change,
-            pending: None,
-        }
-    }
+    use crate::raft::tests::{intent_log, ring};
 
     /// An entry of `term` at `index` carrying `command`.
     fn entry(term: u64, index: u64, command: EcsCommand) -> Entry {

@@ -328,11 +328,12 @@ impl Cluster {
 }
 
 /// A valid ring of `version` with one node.
-fn ring(version: u64) -> RingMetadata {
+pub(crate) fn ring(version: u64) -> RingMetadata {
     RingMetadata::new(version, vec![NodeEntry::new("n1", "127.0.0.1:7001")]).unwrap()
 }
 
-fn intent_log(next_change: u64) -> IntentLog {
+/// An intent log with no change pending.
+pub(crate) fn intent_log(next_change: u64) -> IntentLog {
     IntentLog {
         next_change,
         pending: None,
