@@ -246,7 +246,7 @@ pub enum RequestBody {
     ///
     /// `body` must be a request the `ecs` role may send and never another `Fenced`: a nested
     /// one is refused when the frame is decoded, so a frame of nested envelopes cannot make
-    /// decoding recurse (a 4 MiB frame would hold a million levels).
+    /// decoding recurse (a 4 MiB frame would hold two million levels).
     Fenced {
         /// The Raft term of the ECS leader that sent the request.
         term: u64,
