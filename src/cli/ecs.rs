@@ -462,6 +462,10 @@ pub fn status_text(metadata: &RingMetadata, nodes: &[NodeReport]) -> String {
                     // Forged or corrupt ring metadata reached this node (README "Security model").
                     let _ = write!(state, ", {} unsigned ring(s) refused", st.metadata_refused);
                 }
+                if st.ecs_term > 0 {
+                    // It refuses ECS requests of older Raft terms (ARCHITECTURE.md §12).
+                    let _ = write!(state, ", ECS term {}", st.ecs_term);
+                }
                 let _ = writeln!(
                     s,
                     "{:<10} {:<22} {:<27} {:>9} {:>8} {:<10} {}",

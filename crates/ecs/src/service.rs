@@ -1183,6 +1183,7 @@ mod tests {
             hop_batches: 0,
             hop_writes: 0,
             metadata_refused: 0,
+            ecs_term: 0,
             locked: vec![],
             peers: views
                 .iter()

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use ringkv_certs::PeerIdentity;
+use ringkv_certs::{PeerIdentity, Role};
 use ringkv_transport::{RingAuthority, Transport};
 use ringkv_wire::{
     ErrorKind, KeyRange, NodeEntry, PeerLiveness, Position, Reply, ReplyBody, Request, RequestBody,
@@ -135,6 +135,14 @@ pub struct Node {
     pub(crate) hops: crate::hops::Hops,
     /// The ring's replication factor, readable without the view lock.
     replication: std::sync::atomic::AtomicU8,
+    /// The highest Raft term of an ECS leader seen in a `Fenced` request (0: never fenced);
+    /// ECS requests of an older term are refused. Raised only after the new value is
+    /// persisted, so a request is never admitted under a term a restart would forget.
+    ecs_term: AtomicU64,
+    /// Serialises raising `ecs_term` (check, persist, raise): two newer terms arriving
+    /// together must not persist out of order. Held only for that, never while the request
+    /// runs.
+    raising_term: tokio::sync::Mutex<()>,
     /// This node, for the tasks that finish chain writes after their handler returned.
     me: Weak<Node>,
 }
@@ -179,6 +187,7 @@ impl Node {
             tracing::info!(node = %config.name, "bootstrapped a one-node ring");
         }
         let member = metadata.node(&config.name).is_some();
+        let ecs_term = store.load_ecs_term()?;
         let moves = MoveState::restore(store.load_locks()?, metadata.version);
         if !moves.persisted().is_empty() {
             tracing::warn!(node = %config.name, locked = ?moves.locked_ranges(), "restarted in the middle of a move: ranges stay write-locked until the move commits or is aborted");
@@ -206,6 +215,8 @@ impl Node {
             hops: Default::default(),
             replication: std::sync::atomic::AtomicU8::new(view.metadata.replication),
             me: me.clone(),
+            ecs_term: AtomicU64::new(ecs_term),
+            raising_term: tokio::sync::Mutex::new(()),
             view: RwLock::new(Arc::new(view)),
             gossip: std::sync::Mutex::new(gossip),
             running: AtomicBool::new(config.start || member),
@@ -241,6 +252,62 @@ impl Node {
             }
         }
         ReplyBody::Leased { stamp }
+    }
+
+    /// The highest Raft term of an ECS leader this node has seen in a `Fenced` request
+    /// (persisted; 0 if it was never fenced). ECS requests of an older term are refused.
+    pub fn ecs_term(&self) -> u64 {
+        self.ecs_term.load(Ordering::SeqCst)
+    }
+
+    /// Term fencing (ARCHITECTURE.md §12): `Ok(())` if a request from the ECS stamped with
+    /// `term` (0 for an unfenced one) may run, else the `StaleTerm` reply. A term older than
+    /// the highest seen is refused: a newer ECS leader exists, and the sender is a deposed
+    /// leader that does not know it yet. A newer term is persisted, then becomes the
+    /// highest seen, before this returns, so a crash cannot forget it once the request
+    /// it came with has run.
+    ///
+    /// A request admitted just before a newer term arrives may still be running when the
+    /// newer leader's first requests are admitted: fencing refuses what arrives later, it
+    /// does not abort what has been admitted.
+    pub(crate) async fn admit_term(&self, term: u64) -> Result<(), ReplyBody> {
+        let seen = self.ecs_term();
+        if term == seen {
+            return Ok(());
+        }
+        if term < seen {
+            return Err(stale_term(term, seen));
+        }
+        // Raised in a task of its own: a handler dropped (its caller went away) between the
+        // commit and the raise in memory would leave the node holding a lower term than it
+        // persisted.
+        let node = self.arc();
+        match tokio::spawn(async move { node.raise_term(term).await }).await {
+            Ok(admitted) => admitted,
+            Err(e) => Err(request::error(
+                ErrorKind::Storage,
+                format!("raising the ECS term to {term} failed: {e}"),
+            )),
+        }
+    }
+
+    /// Raises the highest ECS term seen to `term` (persisting it first), unless another
+    /// request raised it past `term` meanwhile.
+    async fn raise_term(&self, term: u64) -> Result<(), ReplyBody> {
+        let _one_at_a_time = self.raising_term.lock().await;
+        let seen = self.ecs_term();
+        if term < seen {
+            return Err(stale_term(term, seen));
+        }
+        if term > seen {
+            self.store
+                .save_ecs_term(term)
+                .await
+                .map_err(request::storage_error)?;
+            self.ecs_term.store(term, Ordering::SeqCst);
+            tracing::info!(node = %self.config.name, term, previous = seen, "a newer ECS leader: requests of older terms are refused from now on");
+        }
+        Ok(())
     }
 
     /// The replication factor of the ring the node holds.
@@ -546,17 +613,41 @@ impl Node {
     }
 
     /// Handles one request from `peer` (role and name from its verified certificate).
+    ///
+    /// A request from the ECS runs only if its Raft term (that of a `Fenced` request, 0 for
+    /// any other) is not older than the highest this node has seen ([`Node::admit_term`]);
+    /// the term of a `Fenced` request is checked, then its body runs like any request.
     pub async fn handle(&self, peer: &PeerIdentity, request: Request) -> Reply {
         let role = peer.role;
-        let body = if request::allowed(role, &request.body) {
+        let fenced = request.body.term().is_some();
+        let body = if !request::allowed(role, &request.body) {
+            let message = match request.body {
+                RequestBody::Fenced { ref body, .. } if body.term().is_some() => {
+                    "a fenced request may not carry another fenced request".to_string()
+                }
+                ref body => format!(
+                    "a {role} certificate may not send {}{}",
+                    if fenced { "fenced " } else { "" },
+                    body.name()
+                ),
+            };
+            tracing::warn!(node = %self.config.name, %role, peer = %peer.name, request = request.body.name(), fenced, %message, "forbidden request");
+            request::error(ErrorKind::Forbidden, message)
+        } else if role == Role::Ecs {
+            let (term, body) = match request.body {
+                RequestBody::Fenced { term, body } => (term, *body),
+                body => (0, body),
+            };
+            match self.admit_term(term).await {
+                Ok(()) => self.dispatch(peer, request.metadata_version, body).await,
+                Err(refused) => {
+                    tracing::warn!(node = %self.config.name, peer = %peer.name, request = body.name(), term, seen = self.ecs_term(), "request of a stale ECS term refused");
+                    refused
+                }
+            }
+        } else {
             self.dispatch(peer, request.metadata_version, request.body)
                 .await
-        } else {
-            tracing::warn!(node = %self.config.name, %role, peer = %peer.name, request = request.body.name(), "forbidden request");
-            request::error(
-                ErrorKind::Forbidden,
-                format!("a {role} certificate may not send {}", request.body.name()),
-            )
         };
         Reply::new(self.metadata_version(), body)
     }
@@ -610,8 +701,30 @@ impl Node {
             RequestBody::DeleteRange { range } => range::delete(self, range).await,
             RequestBody::Gossip { digest } => gossip::exchange(self, peer, digest),
             RequestBody::GossipPush { metadata } => gossip::push(self, metadata).await,
+            // Unwrapped by `handle` (after its term check); one inside another is refused
+            // when decoded and by `request::allowed`.
+            RequestBody::Fenced { .. } => request::error(
+                ErrorKind::Malformed,
+                "a fenced request may not carry another fenced request",
+            ),
         }
     }
+}
+
+/// The `StaleTerm` reply to an ECS request of `term` at a node that has seen `seen`.
+fn stale_term(term: u64, seen: u64) -> ReplyBody {
+    let request = if term == 0 {
+        "an unfenced ECS request (term 0)".to_string()
+    } else {
+        format!("a request of ECS term {term}")
+    };
+    request::error(
+        ErrorKind::StaleTerm,
+        format!(
+            "{request}, but this node has seen ECS term {seen}: a newer ECS leader exists, \
+             the request was not executed"
+        ),
+    )
 }
 
 fn view_of(name: &str, metadata: RingMetadata, signed: Option<SignedMetadata>) -> RingView {

@@ -33,6 +33,8 @@ use crate::node::WriteAdmission;
 const RING_KEY: &[u8] = b"ring";
 /// Key of the sender write locks of unfinished moves ([`crate::moves::SendLock`]).
 const LOCKS_KEY: &[u8] = b"move-locks";
+/// Key of the highest ECS Raft term the node has seen in a `Fenced` request.
+const ECS_TERM_KEY: &[u8] = b"ecs-term";
 
 /// Most writes folded into one commit; bounds the latency of the first writer of a batch.
 const MAX_BATCH: usize = 4096;
@@ -56,7 +58,7 @@ enum WriteOp {
     /// member, whose outcome nobody asks for.
     Entries(Vec<(Vec<u8>, Option<Vec<u8>>)>),
     DeleteKeys(Vec<Vec<u8>>),
-    /// A value of the `meta` keyspace (the ring, the move locks).
+    /// A value of the `meta` keyspace (the ring, the move locks, the ECS term).
     SetMeta(&'static [u8], Vec<u8>),
 }
 
@@ -367,6 +369,29 @@ impl Store {
                     "persisted move locks: {e}"
                 )))
             }),
+        }
+    }
+
+    /// Persists the highest ECS Raft term the node has seen (replacing the previous one;
+    /// the caller only ever raises it). Durable when it returns, like every write.
+    pub async fn save_ecs_term(&self, term: u64) -> Result<(), NodeError> {
+        self.write(WriteOp::SetMeta(ECS_TERM_KEY, term.to_be_bytes().to_vec()))
+            .await
+            .map(|_| ())
+    }
+
+    /// The persisted highest ECS term (0 if never saved).
+    pub fn load_ecs_term(&self) -> Result<u64, NodeError> {
+        match self.meta.get(ECS_TERM_KEY)? {
+            None => Ok(0),
+            Some(bytes) => <[u8; 8]>::try_from(&bytes[..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    NodeError::CorruptMetadata(ringkv_wire::WireError::Malformed(format!(
+                        "persisted ECS term: {} bytes, not 8",
+                        bytes.len()
+                    )))
+                }),
         }
     }
 
@@ -743,6 +768,19 @@ mod tests {
             Some(b"y".to_vec()),
             "after reopen"
         );
+    }
+
+    #[tokio::test]
+    async fn the_ecs_term_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load_ecs_term().unwrap(), 0, "never fenced");
+        store.save_ecs_term(5).await.unwrap();
+        store.save_ecs_term(1 << 40).await.unwrap();
+        assert_eq!(store.load_ecs_term().unwrap(), 1 << 40);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load_ecs_term().unwrap(), 1 << 40, "after reopen");
     }
 
     #[tokio::test]

@@ -90,6 +90,38 @@ where
     vec(d, MAX_SIGNER_CHAIN, "signer certificates")
 }
 
+thread_local! {
+    /// Whether this thread is decoding the body of a `Fenced` request right now.
+    static IN_FENCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `RequestBody::Fenced::body`: any request but another `Fenced`, refused as soon as the
+/// nested envelope's tag is read. `Fenced` is the one recursive request, and decoding
+/// recurses on the thread's stack: unbounded, a 4 MiB frame of nested envelopes (two or
+/// three bytes each) would overflow it. Decoding is synchronous and depth-first, so a
+/// `Fenced` met while this thread is inside a `Fenced` body is nested in it.
+pub(crate) fn unfenced_body<'de, D, T>(d: D) -> Result<Box<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    /// Leaves the body, whether it decoded or not.
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            IN_FENCED.with(|inside| inside.set(false));
+        }
+    }
+    if IN_FENCED.with(|inside| inside.replace(true)) {
+        // The outer body's `Leave` resets the flag.
+        return Err(D::Error::custom(
+            "a fenced request may not carry another fenced request",
+        ));
+    }
+    let _leave = Leave;
+    T::deserialize(d).map(Box::new)
+}
+
 #[cfg(test)]
 mod tests {
     use serde::{Deserialize, Serialize};

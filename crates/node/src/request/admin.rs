@@ -6,7 +6,7 @@ use super::storage_error;
 use crate::Node;
 
 /// `Status`: name, address, serving state, metadata version, key count, locked ranges,
-/// and the node's gossip view of its peers' liveness.
+/// the node's gossip view of its peers' liveness, and the highest ECS term it has seen.
 pub async fn status(node: &Node) -> ReplyBody {
     let keys = match node.store.len() {
         Ok(n) => n,
@@ -26,6 +26,7 @@ pub async fn status(node: &Node) -> ReplyBody {
         metadata_refused: node.authority.refused(),
         locked: node.moves().locked_ranges(),
         peers: node.peer_liveness(),
+        ecs_term: node.ecs_term(),
     }))
 }
 

@@ -27,17 +27,24 @@ use crate::NodeError;
 ///   announced ([`range::put_batch`] checks the rest) and chain writes from its predecessor
 ///   ([`data::replicate`] checks that);
 /// - `ecs`: everything else (metadata, leases, locks, transfers, range deletion,
-///   start/stop), but neither batches, chain writes nor gossip, which only nodes send.
+///   start/stop), but neither batches, chain writes nor gossip, which only nodes send;
+///   and `Fenced`, the same requests stamped with the ECS leader's Raft term
+///   ([`crate::Node::handle`] checks the term), never one `Fenced` inside another.
 pub fn allowed(role: Role, body: &RequestBody) -> bool {
     match role {
-        Role::Ecs => !matches!(
-            body,
-            RequestBody::PutBatch { .. }
-                | RequestBody::Gossip { .. }
-                | RequestBody::GossipPush { .. }
-                | RequestBody::Replicate { .. }
-                | RequestBody::ReplicateBatch { .. }
-        ),
+        Role::Ecs => match body {
+            RequestBody::Fenced { body, .. } => {
+                !matches!(**body, RequestBody::Fenced { .. }) && allowed(Role::Ecs, body)
+            }
+            body => !matches!(
+                body,
+                RequestBody::PutBatch { .. }
+                    | RequestBody::Gossip { .. }
+                    | RequestBody::GossipPush { .. }
+                    | RequestBody::Replicate { .. }
+                    | RequestBody::ReplicateBatch { .. }
+            ),
+        },
         Role::Client => body.is_client_request(),
         Role::Admin => body.is_client_request() || matches!(body, RequestBody::Status),
         Role::Node => {
