@@ -1004,8 +1004,22 @@ impl Ecs {
         body: RequestBody,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
-        let request = Request::new(self.metadata().version, body);
+        let request = Request::new(self.metadata().version, self.stamp(body));
         self.nodes.call(&node.addr, &request, timeout).await
+    }
+
+    /// In a group, `body` stamped with the term this member leads in: a node that has seen a
+    /// newer leader's term refuses it (`StaleTerm`), so a deposed leader that has not noticed
+    /// yet can no longer lock, transfer, install, lease or start anything (ARCHITECTURE.md
+    /// §12). A single ECS sends requests unstamped (term 0).
+    fn stamp(&self, body: RequestBody) -> RequestBody {
+        if self.raft.is_none() {
+            return body;
+        }
+        RequestBody::Fenced {
+            term: self.leading_term(),
+            body: Box::new(body),
+        }
     }
 
     /// Sends the current metadata to every node of the ring (best effort), unless a change
