@@ -319,25 +319,77 @@ async fn the_leader_killed_mid_join_under_load_loses_nothing() {
     assert_eq!(status.members.len(), 3);
 }
 
-/// All three members SIGKILLed and restarted from their state directories: the ring and
-/// its version are still there, a leader is elected, and changes go on from that version.
+/// All three members SIGKILLed and restarted from their state directories, in the middle of
+/// a join: the ring, its version and the change in progress survive; the group elects a
+/// leader, which finishes or rolls back the join by itself, and changes go on from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ring_survives_a_restart_of_every_member() {
+async fn the_ring_and_a_change_in_progress_survive_a_restart_of_every_member() {
     let mut group = Group::start().await;
     group.add_nodes(2).await;
     let before = group.ring().await;
     let term_before = group.group().await.term;
+    // A join, and every member killed once its leader has taken a step of it.
+    let addr = group.spawn_node("n3").await;
+    let leader = group.leader().await;
+    let steps = group.members[leader].steps.clone();
+    let done_before = steps.load(Ordering::SeqCst);
+    let joining = {
+        let admin = group.certs.admin();
+        let members = group.addrs();
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            ask(
+                &admin,
+                &members,
+                &AdminRequest::AddNode {
+                    name: "n3".into(),
+                    addr,
+                },
+                Duration::from_secs(60),
+            )
+            .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while steps.load(Ordering::SeqCst) == done_before {
+        assert!(Instant::now() < deadline, "the join never took a step");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     for member in &mut group.members {
         member.process.take().expect("runs").kill();
     }
+    joining.abort();
+    eprintln!(
+        "killed every member after {} step(s) of the join",
+        steps.load(Ordering::SeqCst) - done_before
+    );
     for i in 0..3 {
         group.spawn(i).await;
     }
     let after = group.ring().await;
-    assert_eq!(after, before, "the ring after the restart");
+    assert!(
+        after.version >= before.version,
+        "the ring went back: v{} after v{}",
+        after.version,
+        before.version
+    );
+    assert_eq!(
+        after.nodes.len(),
+        before.nodes.len() + usize::from(after.node("n3").is_some()),
+        "{after:?}"
+    );
+    eprintln!(
+        "after the restart: ring v{} ({}), the join {}",
+        after.version,
+        after.nodes.len(),
+        if after.node("n3").is_some() {
+            "committed"
+        } else {
+            "not committed (rolled back, or finished later)"
+        }
+    );
     let status = group.group().await;
     assert!(status.term >= term_before, "terms never go back");
-    let addr = group.spawn_node("n3").await;
     add_until_in_ring(&group, "n3", &addr).await;
     let ring = group.wait_converged().await;
     assert_eq!(ring.nodes.len(), 3);
