@@ -12,7 +12,7 @@
 //! - Faults: [`Lab::cut`] / [`Lab::heal`] take a host's link down / up (its cable pulled:
 //!   everything it sends or is sent is lost, traffic inside the host still works);
 //!   [`Lab::cut_between`] / [`Lab::heal_between`] partition two hosts from each other only
-//!   (a blackhole route to the other in each), both still reaching everyone else;
+//!   (a `prohibit` route to the other in each), both still reaching everyone else;
 //!   [`Proc::kill`], [`Proc::pause`] / [`Proc::resume`] (SIGKILL, SIGSTOP / SIGCONT).
 //! - Test code that talks to the cluster runs inside a host too: [`Host::run`] runs a future
 //!   on a thread that entered the host's namespace (`setns`) before building its tokio
@@ -232,14 +232,16 @@ impl Lab {
     }
 
     /// Cuts the path between `a` and `b` only, both ways: each drops, unsent, whatever it
-    /// would send the other (a blackhole route to the other's address in each namespace), so
-    /// each sees silence from the other while both still reach every other host (a partition
-    /// between two hosts, not a pulled cable). The sender's QUIC stack ignores the refused
-    /// sends as it would a lost packet.
+    /// would send the other, so each sees silence from the other while both still reach
+    /// every other host (a partition between two hosts, not a pulled cable). It is a
+    /// `prohibit` route to the other's address in each namespace: the send fails locally
+    /// with EACCES, as with a firewall rule, and QUIC takes the datagram for lost. (Not
+    /// `blackhole`: its EINVAL makes quinn turn off segmentation offload and ancillary data
+    /// on the socket for good.) No iptables or tc filters needed, only iproute2.
     pub fn cut_between(&self, a: &Host, b: &Host) {
         for (from, to) in [(a, b), (b, a)] {
             let route = format!("{}/32", to.ip);
-            must_ip(&["-n", &from.ns, "route", "add", "blackhole", &route]);
+            must_ip(&["-n", &from.ns, "route", "add", "prohibit", &route]);
         }
     }
 
@@ -247,7 +249,7 @@ impl Lab {
     pub fn heal_between(&self, a: &Host, b: &Host) {
         for (from, to) in [(a, b), (b, a)] {
             let route = format!("{}/32", to.ip);
-            must_ip(&["-n", &from.ns, "route", "del", "blackhole", &route]);
+            must_ip(&["-n", &from.ns, "route", "del", "prohibit", &route]);
         }
     }
 
