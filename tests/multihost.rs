@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use kvstore::{KvError, KvStore};
 use netns::{HostCluster, Stopwatch, ECS_NODE_TIMEOUT_S};
 use ringkv_certs::Role;
-use ringkv_wire::RingMetadata;
+use ringkv_wire::{AdminReply, AdminRequest, GroupReport, RingMetadata};
 
 fn value_of(key: &str) -> Vec<u8> {
     format!("v-{key}").into_bytes()
@@ -799,4 +799,329 @@ fn a_partitioned_node_stops_serving_before_it_is_replaced_and_stays_out_when_hea
     });
     let report = check_with_final(&history, &finals).unwrap_or_else(|v| panic!("{v}"));
     println!("history: {report}");
+}
+
+/// Every member's view of the ECS group once all of them agree (same leader, which reports
+/// itself the leader, same term, same applied index), within `within`.
+fn wait_group_agrees(cluster: &HostCluster, within: Duration) -> GroupReport {
+    let deadline = Instant::now() + within;
+    loop {
+        let reports: Vec<Result<GroupReport, String>> = cluster
+            .ecs
+            .iter()
+            .map(|e| cluster.group_report(&cluster.client, &e.addr))
+            .collect();
+        if let Some(Ok(first)) = reports.first() {
+            let agree = first.leader.is_some()
+                && reports.iter().all(|r| {
+                    r.as_ref().is_ok_and(|r| {
+                        (r.leader, r.term, r.applied) == (first.leader, first.term, first.applied)
+                    })
+                })
+                && reports
+                    .iter()
+                    .any(|r| r.as_ref().is_ok_and(|r| Some(r.this) == r.leader));
+            if agree {
+                return first.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ECS members did not agree within {within:?}: {reports:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The group's ring, asked of `members` (through redirects).
+fn group_ring(cluster: &HostCluster, members: &[String]) -> RingMetadata {
+    match cluster.ecs_ask(
+        &cluster.client,
+        members,
+        AdminRequest::Ring,
+        Duration::from_secs(5),
+    ) {
+        Ok(AdminReply::Ring(ring)) => ring,
+        other => panic!("Ring from {members:?}: {other:?}"),
+    }
+}
+
+/// Waits (up to 15 s) until every node of `ring` holds exactly `ring`.
+fn wait_nodes_hold(cluster: &HostCluster, ring: &RingMetadata) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let behind: Vec<(String, Option<u64>)> = ring
+            .nodes
+            .iter()
+            .filter_map(|n| match cluster.node_ring(&n.addr) {
+                Ok(Some(held)) if held == *ring => None,
+                Ok(held) => Some((n.name.clone(), held.map(|r| r.version))),
+                Err(_) => Some((n.name.clone(), None)),
+            })
+            .collect();
+        if behind.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes not holding the group's ring v{}: {behind:?}",
+            ring.version
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What the isolated old leader showed while it was cut off from the other members.
+#[derive(Debug, Default)]
+struct OldLeaderView {
+    /// Ring versions it answered `Ring` with, and when (after the cut).
+    rings: Vec<(Duration, u64)>,
+    /// Its `Group` reports: (after the cut, leader, term, applied).
+    groups: Vec<(Duration, Option<u64>, u64, u64)>,
+    /// Anything else it answered `Ring` with (a redirect, an error).
+    other: Vec<(Duration, String)>,
+}
+
+/// An ECS group partitioned (README "A highly available ECS: three members", ARCHITECTURE.md
+/// §12): three ECS members on hosts of their own, 3 node hosts (replication 3), 2 spare node
+/// hosts, a client host. The leader's host is cut off from the two other members' hosts only
+/// (it still reaches the nodes and the client host, and they it): the isolated leader must
+/// commit nothing (a join sent to it directly fails, and neither its ring nor any node's
+/// moves to a version the majority did not commit), the majority must elect a leader and
+/// serve a join, and once healed all three members must agree on one leader, term and
+/// applied index, with one ring everywhere and every key written before and during the
+/// partition readable.
+#[test]
+fn the_ecs_leader_cut_off_from_its_group_commits_nothing_and_the_majority_goes_on() {
+    let _watch = Stopwatch::start(
+        "the_ecs_leader_cut_off_from_its_group_commits_nothing_and_the_majority_goes_on",
+    );
+    let mut cluster = HostCluster::start_group(3, "replication-factor = 3\n");
+    for spare in ["n4", "n5"] {
+        let host = cluster.add_host(spare);
+        cluster.start_node(&host, spare);
+    }
+    let all_members: Vec<String> = cluster.ecs.iter().map(|e| e.addr.clone()).collect();
+    let before = keys("before", 200);
+    let during = keys("during", 200);
+    let config = cluster.client_config();
+    cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        put_all(&store, &before).await;
+        store.disconnect().await;
+    });
+
+    let agreed = wait_group_agrees(&cluster, Duration::from_secs(20));
+    let ring_before = group_ring(&cluster, &all_members);
+    assert_eq!(ring_before.nodes.len(), 3, "{ring_before:?}");
+    assert_eq!(ring_before.replication, 3);
+    let old = cluster.ecs_member(agreed.leader.expect("a leader"));
+    let majority: Vec<&netns::HostEcs> = cluster.ecs.iter().filter(|e| e.id != old.id).collect();
+    let majority_addrs: Vec<String> = majority.iter().map(|e| e.addr.clone()).collect();
+    eprintln!(
+        "leader {} (term {}, applied {}), ring v{}; cutting it off from {} and {}",
+        old.name,
+        agreed.term,
+        agreed.applied,
+        ring_before.version,
+        majority[0].name,
+        majority[1].name
+    );
+
+    let stop_watching = AtomicBool::new(false);
+    let (view, isolated, ring_after, joined_at) = std::thread::scope(|scope| {
+        for m in &majority {
+            cluster.lab.cut_between(&old.host, &m.host);
+        }
+        let cut = Instant::now();
+
+        // What the old leader shows meanwhile, asked from the client host every 200 ms.
+        let watcher = {
+            let (cluster, stop_watching) = (&cluster, &stop_watching);
+            scope.spawn(move || {
+                let mut view = OldLeaderView::default();
+                while !stop_watching.load(Ordering::Relaxed) {
+                    let at = cut.elapsed();
+                    match cluster.ecs_call(
+                        &cluster.client,
+                        &old.addr,
+                        AdminRequest::Ring,
+                        Duration::from_secs(2),
+                    ) {
+                        Ok(AdminReply::Ring(ring)) => view.rings.push((at, ring.version)),
+                        other => view.other.push((at, format!("{other:?}"))),
+                    }
+                    if let Ok(g) = cluster.group_report(&cluster.client, &old.addr) {
+                        view.groups.push((at, g.leader, g.term, g.applied));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                view
+            })
+        };
+
+        // A join sent to the isolated old leader directly (no redirect followed): it may
+        // answer an error or a redirect, or nothing, but it must not commit.
+        let n5_addr = cluster.node("n5").addr.clone();
+        let isolated = scope.spawn(|| {
+            let started = Instant::now();
+            let reply = cluster.ecs_call(
+                &cluster.client,
+                &old.addr,
+                AdminRequest::AddNode {
+                    name: "n5".into(),
+                    addr: n5_addr,
+                },
+                Duration::from_secs(40),
+            );
+            (reply, started.elapsed())
+        });
+
+        // The majority elects a leader, which answers Group naming itself.
+        let deadline = cut + Duration::from_secs(20);
+        let new = 'elected: loop {
+            for m in &majority {
+                if let Ok(g) = cluster.group_report(&cluster.client, &m.addr) {
+                    if g.leader == Some(g.this) && g.this != old.id {
+                        break 'elected g;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "the majority elected no leader");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let elected = cut.elapsed();
+        eprintln!(
+            "new leader {} (term {}) answered Group {elected:.2?} after the cut",
+            cluster.ecs_member(new.this).name,
+            new.term
+        );
+        assert!(new.term > agreed.term, "{new:?}");
+
+        // It serves: n4 joins through the majority, and the nodes adopt the new ring.
+        let started = Instant::now();
+        let n4_addr = cluster.node("n4").addr.clone();
+        let reply = cluster.ecs_ask(
+            &cluster.client,
+            &majority_addrs,
+            AdminRequest::AddNode {
+                name: "n4".into(),
+                addr: n4_addr,
+            },
+            Duration::from_secs(60),
+        );
+        let ring_after = match reply {
+            Ok(AdminReply::Changed { metadata, .. }) => metadata,
+            other => panic!("n4's join through the majority: {other:?}"),
+        };
+        let joined_at = cut.elapsed();
+        eprintln!(
+            "n4 joined through the majority in {:.2?} ({joined_at:.2?} after the cut): ring v{}",
+            started.elapsed(),
+            ring_after.version
+        );
+        assert_eq!(ring_after.version, ring_before.version + 1);
+        assert!(ring_after.node("n4").is_some() && ring_after.node("n5").is_none());
+        wait_nodes_hold(&cluster, &ring_after);
+        assert_eq!(group_ring(&cluster, &majority_addrs), ring_after);
+
+        // Clients carry on: nothing on the data path involves the ECS.
+        let config = cluster.client_config();
+        cluster.client.run(|| async {
+            let store = KvStore::connect(config).await.expect("connect");
+            put_all(&store, &during).await;
+            store.disconnect().await;
+        });
+
+        let isolated = isolated.join().expect("isolated join thread");
+        eprintln!(
+            "the isolated old leader answered the join of n5 after {:.2?}: {:?}",
+            isolated.1, isolated.0
+        );
+        stop_watching.store(true, Ordering::Relaxed);
+        let view = watcher.join().expect("watcher thread");
+        (view, isolated, ring_after, joined_at)
+    });
+
+    // The isolated leader committed nothing.
+    assert!(
+        !matches!(isolated.0, Ok(AdminReply::Changed { .. })),
+        "the isolated old leader reports a committed change: {:?}",
+        isolated.0
+    );
+    let versions: std::collections::BTreeSet<u64> = view.rings.iter().map(|(_, v)| *v).collect();
+    let stale: Vec<Duration> = view
+        .rings
+        .iter()
+        .filter(|(at, v)| *at > joined_at && *v < ring_after.version)
+        .map(|(at, _)| *at)
+        .collect();
+    let leaders: std::collections::BTreeSet<(Option<u64>, u64)> =
+        view.groups.iter().map(|(_, l, t, _)| (*l, *t)).collect();
+    eprintln!(
+        "the old leader while cut off: answered Ring {} times with versions {versions:?} \
+         ({} of them after v{} was committed, the last {:.2?} after the cut); other answers \
+         {:?}; its Group (leader, term): {leaders:?}",
+        view.rings.len(),
+        stale.len(),
+        ring_after.version,
+        stale.last().copied().unwrap_or_default(),
+        view.other,
+    );
+    assert!(
+        view.rings.iter().all(|(_, v)| *v == ring_before.version),
+        "the isolated old leader showed a ring the majority did not commit: {:?}",
+        view.rings
+    );
+    assert!(
+        view.groups
+            .iter()
+            .all(|(_, _, _, applied)| *applied == agreed.applied),
+        "the isolated old leader applied entries while cut off: {:?}",
+        view.groups
+    );
+
+    // Healed: one leader, one term, one applied index, one ring.
+    for m in cluster.ecs.iter().filter(|e| e.id != old.id) {
+        cluster.lab.heal_between(&old.host, &m.host);
+    }
+    let healed = Instant::now();
+    let after = wait_group_agrees(&cluster, Duration::from_secs(30));
+    eprintln!(
+        "all three members agree {:.2?} after the heal: leader {}, term {}, applied {}",
+        healed.elapsed(),
+        cluster.ecs_member(after.leader.unwrap()).name,
+        after.term,
+        after.applied
+    );
+    assert_ne!(after.leader, Some(old.id), "{after:?}");
+    match cluster.ecs_call(
+        &cluster.client,
+        &old.addr,
+        AdminRequest::Ring,
+        Duration::from_secs(5),
+    ) {
+        Ok(AdminReply::NotLeader { leader: Some(to) }) => {
+            assert_eq!(to, cluster.ecs_member(after.leader.unwrap()).addr)
+        }
+        other => panic!("the old leader, healed, answers Ring with {other:?}"),
+    }
+    assert_eq!(group_ring(&cluster, &all_members), ring_after);
+    wait_nodes_hold(&cluster, &ring_after);
+    let n5 = cluster.node_ring(&cluster.node("n5").addr).expect("n5");
+    eprintln!(
+        "n5 (offered to the isolated leader) holds ring {:?}",
+        n5.as_ref().map(|r| r.version)
+    );
+    assert!(n5.is_none_or(|r| r.node("n5").is_none() && r.version <= ring_after.version));
+
+    // Every key written before and during the partition is there.
+    let config = cluster.client_config();
+    cluster.client.run(|| async {
+        let store = KvStore::connect(config).await.expect("connect");
+        assert_eq!(store.metadata().version, ring_after.version);
+        assert_all_readable(&store, &before).await;
+        assert_all_readable(&store, &during).await;
+        store.disconnect().await;
+    });
 }

@@ -11,6 +11,8 @@
 //!   a file of the lab; killed when dropped (and by the kernel if the test process dies).
 //! - Faults: [`Lab::cut`] / [`Lab::heal`] take a host's link down / up (its cable pulled:
 //!   everything it sends or is sent is lost, traffic inside the host still works);
+//!   [`Lab::cut_between`] / [`Lab::heal_between`] partition two hosts from each other only
+//!   (a `prohibit` route to the other in each), both still reaching everyone else;
 //!   [`Proc::kill`], [`Proc::pause`] / [`Proc::resume`] (SIGKILL, SIGSTOP / SIGCONT).
 //! - Test code that talks to the cluster runs inside a host too: [`Host::run`] runs a future
 //!   on a thread that entered the host's namespace (`setns`) before building its tokio
@@ -20,7 +22,9 @@
 //!   inherit it. [`Lab::exec`] runs a command-line tool (`ringkv`, `ringkv-ecs`) in a host,
 //!   with a deadline: a tool that hangs fails the test.
 //! - [`HostCluster`]: an ECS host, node hosts and a client host, started from TOML config
-//!   files, each node with a certificate whose IP SAN is its host's address. Certificates
+//!   files, each node with a certificate whose IP SAN is its host's address; or, from
+//!   [`HostCluster::start_group`], three ECS hosts running an ECS group (`ecs1..ecs3`, each
+//!   with an ecs certificate for its host's address and the group's `peers`). Certificates
 //!   come from `common::Certs`; each host gets its own directory with `ca.pem` and only its
 //!   own certificates and keys, as a real deployment would.
 //!
@@ -43,7 +47,10 @@ use std::time::{Duration, Instant};
 use kvstore::{ClientConfig, KvError};
 use ringkv_certs::{Identity, IssueOptions, Role};
 use ringkv_transport::Transport;
-use ringkv_wire::{Limits, NodeStatus, ReplyBody, Request, RequestBody};
+use ringkv_wire::{
+    AdminReply, AdminRequest, GroupReport, Limits, NodeStatus, ReplyBody, Request, RequestBody,
+    RingMetadata,
+};
 use tempfile::TempDir;
 
 use crate::common::{bin, Certs};
@@ -222,6 +229,28 @@ impl Lab {
     /// Undoes [`Lab::cut`].
     pub fn heal(&self, host: &Host) {
         must_ip(&["link", "set", &host.veth, "up"]);
+    }
+
+    /// Cuts the path between `a` and `b` only, both ways: each drops, unsent, whatever it
+    /// would send the other, so each sees silence from the other while both still reach
+    /// every other host (a partition between two hosts, not a pulled cable). It is a
+    /// `prohibit` route to the other's address in each namespace: the send fails locally
+    /// with EACCES, as with a firewall rule, and QUIC takes the datagram for lost. (Not
+    /// `blackhole`: its EINVAL makes quinn turn off segmentation offload and ancillary data
+    /// on the socket for good.) No iptables or tc filters needed, only iproute2.
+    pub fn cut_between(&self, a: &Host, b: &Host) {
+        for (from, to) in [(a, b), (b, a)] {
+            let route = format!("{}/32", to.ip);
+            must_ip(&["-n", &from.ns, "route", "add", "prohibit", &route]);
+        }
+    }
+
+    /// Undoes [`Lab::cut_between`].
+    pub fn heal_between(&self, a: &Host, b: &Host) {
+        for (from, to) in [(a, b), (b, a)] {
+            let route = format!("{}/32", to.ip);
+            must_ip(&["-n", &from.ns, "route", "del", "prohibit", &route]);
+        }
     }
 
     /// Starts `program args` in `host` as a long-running process; its output goes to
@@ -509,6 +538,18 @@ impl Host {
     }
 }
 
+/// A transport for operator requests (admin certificate), bound in the calling thread's
+/// namespace.
+fn admin_transport(identity: &Identity) -> Result<Transport, String> {
+    Transport::bind_client(
+        identity,
+        Limits::default(),
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
+    .map_err(|e| e.to_string())
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -619,15 +660,33 @@ pub struct HostNode {
     pub config: PathBuf,
 }
 
-/// An ECS host, node hosts and a client host (where the operator's tools run too).
+/// An ECS process of a [`HostCluster`], alone on its host: the single ECS, or one member of
+/// an ECS group.
+pub struct HostEcs {
+    /// Its certificate name (`ecs`, or `ecs1`.. in a group).
+    pub name: String,
+    /// Its Raft id in a group (its place in `--peers`, from 1); 0 for a single ECS.
+    pub id: u64,
+    /// Its host.
+    pub host: Host,
+    /// Its address, `<host ip>:7000`.
+    pub addr: String,
+    /// The running process.
+    pub proc: Proc,
+    /// Its config file.
+    pub config: PathBuf,
+}
+
+/// An ECS host (or, from [`HostCluster::start_group`], three: an ECS group), node hosts and
+/// a client host (where the operator's tools run too).
 pub struct HostCluster {
     /// The network.
     pub lab: Lab,
-    /// The ECS's host.
+    /// The ECS's host (in a group: the first member's).
     pub ecs_host: Host,
-    /// The ECS process.
-    pub ecs: Proc,
-    /// The ECS's address.
+    /// The ECS processes: the single ECS, or every member of the group.
+    pub ecs: Vec<HostEcs>,
+    /// What operators give `--ecs`: the ECS's address, or every member's, comma-separated.
     pub ecs_addr: String,
     /// The host of clients and of the operator (client and admin certificates).
     pub client: Host,
@@ -657,36 +716,46 @@ impl HostCluster {
         // The ECS serves (and signs the ring) with an ecs certificate for its own address;
         // the operator's admin certificate (no SAN: it only dials) lives on the client and
         // ECS hosts.
-        lab.issue(&ecs_host, Role::Ecs, "ecs", &[ecs_host.ip.to_string()]);
-        lab.install(&ecs_host, "admin");
         lab.install(&client, "admin");
         lab.install(&client, "client");
-        let ecs_addr = ecs_host.addr(ECS_PORT);
-        let config = ecs_host.dir.join("ecs.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "# ringkv-ecs serve --config {}\nlisten = \"{ecs_addr}\"\nstate-dir = \"{}\"\n\
-                 certs = \"{}\"\nidentity = \"ecs\"\nnode-timeout = {ECS_NODE_TIMEOUT_S}\n{extra}",
-                config.display(),
-                ecs_host.dir.join("state").display(),
-                ecs_host.certs_dir().display()
-            ),
-        )
-        .expect("write ECS config");
-        let ecs = lab.spawn(
-            &ecs_host,
-            "ecs",
-            &bin("ringkv-ecs"),
-            &[
-                "serve".into(),
-                "--config".into(),
-                config.display().to_string(),
-            ],
-        );
+        let ecs = spawn_ecs(&lab, &ecs_host, "ecs", 0, extra);
+        Self::assemble(lab, vec![ecs], client, n)
+    }
+
+    /// An ECS group of three members `ecs1..ecs3` on hosts `ecs1..ecs3`, each running
+    /// `ringkv-ecs serve --config` with the group's `peers` (README "A highly available ECS:
+    /// three members") and an ecs certificate for its host's address; `n` node hosts whose
+    /// nodes were added through the group, and a client host. `extra` is appended to every
+    /// member's configuration file.
+    pub fn start_group(n: usize, extra: &str) -> HostCluster {
+        let mut lab = Lab::new();
+        let hosts: Vec<Host> = (1..=3).map(|i| lab.add_host(&format!("ecs{i}"))).collect();
+        let client = lab.add_host("client");
+        lab.install(&client, "admin");
+        lab.install(&client, "client");
+        let peers: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("{}@{}", h.name, h.addr(ECS_PORT)))
+            .collect();
+        let extra = format!("peers = \"{}\"\n{extra}", peers.join(","));
+        let members = hosts
+            .iter()
+            .zip(1..)
+            .map(|(host, id)| spawn_ecs(&lab, host, &host.name, id, &extra))
+            .collect();
+        Self::assemble(lab, members, client, n)
+    }
+
+    /// Waits for the ECS (a leader, in a group), then starts and adds `n` nodes.
+    fn assemble(lab: Lab, ecs: Vec<HostEcs>, client: Host, n: usize) -> HostCluster {
+        let ecs_addr = ecs
+            .iter()
+            .map(|e| e.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",");
         let mut cluster = HostCluster {
             lab,
-            ecs_host,
+            ecs_host: ecs[0].host.clone(),
             ecs,
             ecs_addr,
             client,
@@ -833,6 +902,31 @@ impl HostCluster {
         })
     }
 
+    /// The ring the node at `addr` holds (`GetMetadata`, asked from the client host; the
+    /// signature is not checked here, nodes check it when they adopt a ring).
+    pub fn node_ring(&self, addr: &str) -> Result<Option<RingMetadata>, KvError> {
+        let identity = self.admin_identity();
+        self.client.run(|| async move {
+            let admin = Transport::bind_client(
+                &identity,
+                Limits::default(),
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+            )?;
+            let reply = admin
+                .request(addr, &Request::new(0, RequestBody::GetMetadata))
+                .await;
+            admin.close().await;
+            match reply?.body {
+                ReplyBody::Metadata(None) => Ok(None),
+                ReplyBody::Metadata(Some(signed)) => Ok(Some(
+                    RingMetadata::from_frame(&signed.ring).expect("a node's ring decodes"),
+                )),
+                other => panic!("unexpected metadata reply {other:?}"),
+            }
+        })
+    }
+
     /// Waits until the node at `addr` answers a status request from the client host.
     pub fn wait_answering(&self, addr: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -871,6 +965,58 @@ impl HostCluster {
         self.lab.exec(from, &bin("ringkv-ecs"), &all, TOOL_LIMIT)
     }
 
+    /// The ECS group's member with Raft id `id`.
+    pub fn ecs_member(&self, id: u64) -> &HostEcs {
+        self.ecs
+            .iter()
+            .find(|e| e.id == id)
+            .unwrap_or_else(|| panic!("no ECS member {id}"))
+    }
+
+    /// Sends `request` to the ECS (member) at `addr` alone, following no redirect, from host
+    /// `from` with its admin certificate: the reply, or why there was none.
+    pub fn ecs_call(
+        &self,
+        from: &Host,
+        addr: &str,
+        request: AdminRequest,
+        timeout: Duration,
+    ) -> Result<AdminReply, String> {
+        let identity = Identity::from_dir(&from.certs_dir(), "admin").expect("admin identity");
+        from.run(|| async move {
+            let admin = admin_transport(&identity)?;
+            let reply = admin.call::<_, AdminReply>(addr, &request, timeout).await;
+            admin.close().await;
+            reply.map_err(|e| e.to_string())
+        })
+    }
+
+    /// Asks the ECS group at `members` (`ringkv_ecs::client::ask`: tries them in turn,
+    /// follows redirects, waits out an election), from host `from` with its admin certificate.
+    pub fn ecs_ask(
+        &self,
+        from: &Host,
+        members: &[String],
+        request: AdminRequest,
+        timeout: Duration,
+    ) -> Result<AdminReply, String> {
+        let identity = Identity::from_dir(&from.certs_dir(), "admin").expect("admin identity");
+        from.run(|| async move {
+            let admin = admin_transport(&identity)?;
+            let reply = ringkv_ecs::client::ask(&admin, members, &request, timeout).await;
+            admin.close().await;
+            reply.map_err(|e| e.to_string())
+        })
+    }
+
+    /// The ECS group as the member at `addr` sees it (`Group`, asked from `from`).
+    pub fn group_report(&self, from: &Host, addr: &str) -> Result<GroupReport, String> {
+        match self.ecs_call(from, addr, AdminRequest::Group, Duration::from_secs(2))? {
+            AdminReply::Group(Some(report)) => Ok(report),
+            other => Err(format!("{addr} answered Group with {other:?}")),
+        }
+    }
+
     /// Adds the started node `name` through the ECS; panics if the ECS refuses.
     pub fn add_node(&self, name: &str) -> Output {
         let addr = self.node(name).addr.clone();
@@ -889,6 +1035,45 @@ impl HostCluster {
         all.extend(args.iter().map(|s| s.to_string()));
         self.lab
             .exec(&self.client, &bin("ringkv"), &all, TOOL_LIMIT)
+    }
+}
+
+/// Issues `name` an ecs certificate for `host`'s address, installs it and the admin
+/// certificate in the host, writes `<name>.toml` (with `extra` appended) and starts
+/// `ringkv-ecs serve --config` there, logging to `<name>.log`.
+fn spawn_ecs(lab: &Lab, host: &Host, name: &str, id: u64, extra: &str) -> HostEcs {
+    lab.issue(host, Role::Ecs, name, &[host.ip.to_string()]);
+    lab.install(host, "admin");
+    let addr = host.addr(ECS_PORT);
+    let config = host.dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "# ringkv-ecs serve --config {}\nlisten = \"{addr}\"\nstate-dir = \"{}\"\n\
+             certs = \"{}\"\nidentity = \"{name}\"\nnode-timeout = {ECS_NODE_TIMEOUT_S}\n{extra}",
+            config.display(),
+            host.dir.join("state").display(),
+            host.certs_dir().display()
+        ),
+    )
+    .expect("write ECS config");
+    let proc = lab.spawn(
+        host,
+        name,
+        &bin("ringkv-ecs"),
+        &[
+            "serve".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+    );
+    HostEcs {
+        name: name.to_string(),
+        id,
+        host: host.clone(),
+        addr,
+        proc,
+        config,
     }
 }
 
