@@ -51,7 +51,18 @@ pub struct Ecs {
     /// The Raft term this member leads in, confirmed by a majority when it took the lead
     /// (0: it does not lead). Its state was reloaded from the group's then.
     leading: std::sync::atomic::AtomicU64,
+    /// When a majority last confirmed this member's lead ([`Ecs::leadership_loop`]).
+    confirmed: std::sync::Mutex<Option<Instant>>,
 }
+
+/// How often a leader has its lead confirmed by a majority (a round of heartbeats).
+const CONFIRM_EVERY: Duration = Duration::from_millis(150);
+/// Bound on one confirmation.
+const CONFIRM_TIMEOUT: Duration = Duration::from_millis(400);
+/// How long a confirmation lets a leader act: below the 600 ms a follower that heard from
+/// it waits before it votes for anyone else (openraft's leader lease, ARCHITECTURE.md §12),
+/// so no other member can have been elected meanwhile.
+const CONFIRMED_FOR: Duration = Duration::from_millis(500);
 
 /// Binds the ECS endpoint and loads its persisted ring.
 pub async fn bind(
@@ -117,6 +128,7 @@ pub async fn bind(
         owed: std::sync::Mutex::new(Default::default()),
         raft,
         leading: std::sync::atomic::AtomicU64::new(0),
+        confirmed: std::sync::Mutex::new(None),
     });
     Ok((endpoint, ecs))
 }
@@ -256,6 +268,8 @@ impl Ecs {
             Err(EcsError::Raft(RaftError::ForwardToLeader { leader })) => AdminReply::NotLeader {
                 leader: leader.map(|(_, member)| member.addr),
             },
+            // Cut off from the majority: another member may lead by now.
+            Err(EcsError::Raft(RaftError::NoQuorum(_))) => AdminReply::NotLeader { leader: None },
             Err(e) => AdminReply::Error(e.to_string()),
         }
     }
@@ -271,14 +285,50 @@ impl Ecs {
     }
 
     /// Whether this ECS acts: a single ECS always; a group member while it leads (it took
-    /// the lead in [`Ecs::leadership_loop`] and has heard of no newer term since).
+    /// the lead in [`Ecs::leadership_loop`], has heard of no newer term since, and a majority
+    /// confirmed its lead within [`CONFIRMED_FOR`]). A leader cut off from the majority thus
+    /// stops answering operators, leasing nodes and failing them over within about half a
+    /// second, before the others can have elected a new leader.
     fn leads(&self) -> bool {
+        if self.raft.is_none() {
+            return true;
+        }
+        !self.deposed()
+            && self
+                .confirmed
+                .lock()
+                .expect("confirmed lock")
+                .is_some_and(|at| at.elapsed() < CONFIRMED_FOR)
+    }
+
+    /// Whether this group member has stopped leading (a newer term, or it never led). A
+    /// running change stops only then: a confirmation that is merely late does not cut it
+    /// short (its proposals need a majority anyway).
+    fn deposed(&self) -> bool {
         match &self.raft {
-            None => true,
+            None => false,
             Some(raft) => {
-                self.leading.load(std::sync::atomic::Ordering::SeqCst) != 0 && raft.is_leader()
+                self.leading.load(std::sync::atomic::Ordering::SeqCst) == 0 || !raft.is_leader()
             }
         }
+    }
+
+    /// Confirms with a majority, now, that this member leads (a group member; a single ECS
+    /// always does): called before a change touches any node.
+    async fn confirm_lead(&self) -> Result<(), EcsError> {
+        let Some(raft) = &self.raft else {
+            return Ok(());
+        };
+        let lead = tokio::time::timeout(CONFIRM_TIMEOUT, raft.ensure_leader())
+            .await
+            .map_err(|_| {
+                RaftError::NoQuorum(format!("no majority within {CONFIRM_TIMEOUT:?}"))
+            })??;
+        if lead.term != self.leading_term() {
+            return Err(RaftError::ForwardToLeader { leader: None }.into());
+        }
+        *self.confirmed.lock().expect("confirmed lock") = Some(Instant::now());
+        Ok(())
     }
 
     /// The Raft term this member leads in, for fencing what it sends nodes (0: a single
@@ -289,9 +339,10 @@ impl Ecs {
 
     /// The address of the group's leader as this member knows it.
     fn leader_addr(&self) -> Option<String> {
-        self.raft
-            .as_ref()
-            .and_then(|raft| raft.leader())
+        let raft = self.raft.as_ref()?;
+        // A leader whose lead is not confirmed does not name itself.
+        raft.leader()
+            .filter(|(id, _)| *id != raft.id())
             .map(|(_, member)| member.addr)
     }
 
@@ -335,11 +386,22 @@ impl Ecs {
             } else if !leader && leading != 0 {
                 self.leading.store(0, std::sync::atomic::Ordering::SeqCst);
                 tracing::warn!(term = raft.term(), "no longer the ECS group's leader");
+            } else if leader {
+                // Leading: renew the majority's confirmation ([`Ecs::leads`]); a newer term
+                // means this member is leading afresh and takes the lead again.
+                match self.confirm_lead().await {
+                    Ok(()) => {}
+                    Err(EcsError::Raft(RaftError::ForwardToLeader { .. })) => {
+                        self.leading.store(0, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "lead not confirmed by a majority");
+                    }
+                }
             }
             tokio::select! {
                 changed = metrics.changed() => if changed.is_err() { return },
-                // A lead not confirmed yet is tried again.
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = tokio::time::sleep(CONFIRM_EVERY) => {}
             }
         }
     }
@@ -361,6 +423,7 @@ impl Ecs {
         self.owed.lock().expect("owed lock").clear();
         self.leading
             .store(term, std::sync::atomic::Ordering::SeqCst);
+        *self.confirmed.lock().expect("confirmed lock") = Some(Instant::now());
         tracing::warn!(
             term,
             version = state.ring.version,
@@ -377,6 +440,8 @@ impl Ecs {
     /// Adds `node` to the ring, moving its range to it.
     pub async fn add_node(&self, node: NodeEntry) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
+        // Before the wipe touches the joining node: a deposed leader must not.
+        self.confirm_lead().await?;
         self.finish_pending().await?;
         // A new ring gets the configured factor; a ring with nodes keeps its own.
         let current = self.metadata();
@@ -440,6 +505,7 @@ impl Ecs {
     /// rebuilt from the surviving members of its chains.
     pub async fn remove_node(&self, name: &str) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
+        self.confirm_lead().await?;
         self.finish_pending().await?;
         let metadata = self.metadata();
         if metadata.replication > 1
@@ -746,7 +812,7 @@ impl Ecs {
         let mut last_failure = String::new();
         let mut action = first;
         loop {
-            if !self.leads() {
+            if self.deposed() {
                 // Deposed: the new leader resumes the change from the group's intent log.
                 return Err(EcsError::Raft(RaftError::ForwardToLeader {
                     leader: self.raft.as_ref().and_then(|raft| raft.leader()),
