@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use common::{Certs, TestNode};
 use ringkv_transport::Transport;
-use ringkv_wire::{
-    HashedKey, Limits, NodeEntry, Reply, ReplyBody, Request, RequestBody, RingMetadata,
-};
+use ringkv_wire::{HashedKey, Limits, Reply, ReplyBody, Request, RequestBody};
 
 fn transport(certs: &Certs, name: &str) -> Transport {
     Transport::bind_client(
@@ -21,26 +19,6 @@ fn transport(certs: &Certs, name: &str) -> Transport {
         Duration::from_secs(5),
     )
     .unwrap()
-}
-
-/// Node `n2` in process, holding a signed two-node ring with replication 2 where `n1` (a
-/// certificate only, at an address nobody serves) is its neighbour: every chain is
-/// `[n1, n2]` or `[n2, n1]`.
-async fn member(certs: &Certs) -> (TestNode, RingMetadata) {
-    let node = TestNode::start(certs, "n2", false).await;
-    let ring = RingMetadata::new(
-        5,
-        vec![
-            NodeEntry::new("n1", "127.0.0.1:9"),
-            NodeEntry::new("n2", node.addr.clone()),
-        ],
-    )
-    .unwrap()
-    .with_replication(2)
-    .unwrap();
-    let signed = certs.ecs_signer().sign(&ring).unwrap();
-    assert!(node.node.install_metadata(signed, "test").await.unwrap());
-    (node, ring)
 }
 
 async fn lease(ecs: &Transport, node: &TestNode, millis: u32, echo: Option<u64>) -> u64 {
@@ -63,7 +41,7 @@ async fn lease(ecs: &Transport, node: &TestNode, millis: u32, echo: Option<u64>)
 #[tokio::test]
 async fn a_lease_counts_from_an_echoed_stamp_not_from_a_late_probe() {
     let certs = Certs::new();
-    let (node, _) = member(&certs).await;
+    let (node, _) = common::replicated_member(&certs).await;
     let ecs = transport(&certs, "ecs");
     assert!(
         !node.node.leased(),
@@ -109,7 +87,7 @@ async fn a_lease_counts_from_an_echoed_stamp_not_from_a_late_probe() {
 #[tokio::test]
 async fn a_stale_copy_of_a_chain_write_cannot_undo_a_later_one() {
     let certs = Certs::new();
-    let (node, ring) = member(&certs).await;
+    let (node, ring) = common::replicated_member(&certs).await;
     let ecs = transport(&certs, "ecs");
     let stamp = lease(&ecs, &node, 60_000, None).await;
     lease(&ecs, &node, 60_000, Some(stamp)).await;
@@ -192,7 +170,7 @@ async fn a_stale_copy_of_a_chain_write_cannot_undo_a_later_one() {
 #[tokio::test]
 async fn a_batch_of_chain_writes_is_answered_write_by_write() {
     let certs = Certs::new();
-    let (node, ring) = member(&certs).await;
+    let (node, ring) = common::replicated_member(&certs).await;
     let ecs = transport(&certs, "ecs");
     let stamp = lease(&ecs, &node, 60_000, None).await;
     lease(&ecs, &node, 60_000, Some(stamp)).await;

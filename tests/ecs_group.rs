@@ -240,6 +240,37 @@ async fn add_until_in_ring(group: &Group, name: &str, addr: &str) {
     }
 }
 
+/// Sends the join of `name` at `addr` to the group in a task of its own, and returns once
+/// the leader has completed a step of it: the leader's index, the task, the leader's step
+/// counter and its count before the join.
+async fn join_until_a_step(
+    group: &Group,
+    name: &str,
+    addr: &str,
+) -> (
+    usize,
+    tokio::task::JoinHandle<Result<AdminReply, ringkv_ecs::client::AskError>>,
+    Arc<AtomicUsize>,
+    usize,
+) {
+    let leader = group.leader().await;
+    let steps = group.members[leader].steps.clone();
+    let done_before = steps.load(Ordering::SeqCst);
+    let request = AdminRequest::AddNode {
+        name: name.into(),
+        addr: addr.into(),
+    };
+    let (admin, members) = (group.certs.admin(), group.addrs());
+    let joining =
+        tokio::spawn(async move { ask(&admin, &members, &request, Duration::from_secs(60)).await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while steps.load(Ordering::SeqCst) == done_before {
+        assert!(Instant::now() < deadline, "the join never took a step");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (leader, joining, steps, done_before)
+}
+
 /// SIGKILL of the leader in the middle of a join, under client load: another member takes
 /// the lead, finishes or rolls back the join from the replicated intent log by itself (the
 /// operator then asks again if it was rolled back), clients see a linearizable history with
@@ -261,31 +292,7 @@ async fn the_leader_killed_mid_join_under_load_loses_nothing() {
 
     // The join, killed at its leader after its first completed step.
     let addr = group.spawn_node("n4").await;
-    let leader = group.leader().await;
-    let steps = group.members[leader].steps.clone();
-    let done_before = steps.load(Ordering::SeqCst);
-    let joining = {
-        let admin = group.certs.admin();
-        let members = group.addrs();
-        let addr = addr.clone();
-        tokio::spawn(async move {
-            ask(
-                &admin,
-                &members,
-                &AdminRequest::AddNode {
-                    name: "n4".into(),
-                    addr,
-                },
-                Duration::from_secs(60),
-            )
-            .await
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while steps.load(Ordering::SeqCst) == done_before {
-        assert!(Instant::now() < deadline, "the join never took a step");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (leader, joining, steps, done_before) = join_until_a_step(&group, "n4", &addr).await;
     group.members[leader]
         .process
         .take()
@@ -330,31 +337,7 @@ async fn the_ring_and_a_change_in_progress_survive_a_restart_of_every_member() {
     let term_before = group.group().await.term;
     // A join, and every member killed once its leader has taken a step of it.
     let addr = group.spawn_node("n3").await;
-    let leader = group.leader().await;
-    let steps = group.members[leader].steps.clone();
-    let done_before = steps.load(Ordering::SeqCst);
-    let joining = {
-        let admin = group.certs.admin();
-        let members = group.addrs();
-        let addr = addr.clone();
-        tokio::spawn(async move {
-            ask(
-                &admin,
-                &members,
-                &AdminRequest::AddNode {
-                    name: "n3".into(),
-                    addr,
-                },
-                Duration::from_secs(60),
-            )
-            .await
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while steps.load(Ordering::SeqCst) == done_before {
-        assert!(Instant::now() < deadline, "the join never took a step");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (_leader, joining, steps, done_before) = join_until_a_step(&group, "n3", &addr).await;
     for member in &mut group.members {
         member.process.take().expect("runs").kill();
     }

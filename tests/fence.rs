@@ -12,8 +12,7 @@ use common::{node_status, Certs, TestNode};
 use ringkv_certs::{PeerIdentity, Role};
 use ringkv_transport::Transport;
 use ringkv_wire::{
-    ErrorKind, HashedKey, KeyRange, Limits, MoveId, NodeEntry, Position, ReplyBody, Request,
-    RequestBody, RingMetadata,
+    ErrorKind, HashedKey, KeyRange, Limits, MoveId, Position, ReplyBody, Request, RequestBody,
 };
 
 fn transport(certs: &Certs, name: &str) -> Transport {
@@ -76,25 +75,6 @@ fn leased(reply: ReplyBody, what: &str) -> u64 {
     }
 }
 
-/// Node `n2` in process, holding a signed two-node ring with replication 2 (so it serves
-/// only under a lease) where `n1` is a certificate at an address nobody serves.
-async fn member(certs: &Certs) -> (TestNode, RingMetadata) {
-    let node = TestNode::start(certs, "n2", false).await;
-    let ring = RingMetadata::new(
-        5,
-        vec![
-            NodeEntry::new("n1", "127.0.0.1:9"),
-            NodeEntry::new("n2", node.addr.clone()),
-        ],
-    )
-    .unwrap()
-    .with_replication(2)
-    .unwrap();
-    let signed = certs.ecs_signer().sign(&ring).unwrap();
-    assert!(node.node.install_metadata(signed, "test").await.unwrap());
-    (node, ring)
-}
-
 /// The leader of term 5 runs the node; a deposed leader of term 4 can neither lease nor
 /// stop it; term 6 takes over and term 5 is deposed in turn; unfenced ECS requests (term 0)
 /// are refused from then on, fenced requests from other roles always; the highest term
@@ -102,7 +82,7 @@ async fn member(certs: &Certs) -> (TestNode, RingMetadata) {
 #[tokio::test]
 async fn requests_of_a_deposed_ecs_leader_are_refused_across_a_restart() {
     let certs = Certs::new();
-    let (node, ring) = member(&certs).await;
+    let (node, ring) = common::replicated_member(&certs).await;
     let ecs = transport(&certs, "ecs");
     let client = transport(&certs, "client");
     assert_eq!(node.node.ecs_term(), 0, "never fenced");

@@ -688,3 +688,23 @@ pub fn unsigned(metadata: &ringkv_wire::RingMetadata) -> ringkv_wire::SignedMeta
     ringkv_wire::SignedMetadata::sign(metadata, |_| Ok(Default::default()))
         .expect("a valid ring encodes")
 }
+
+/// Node `n2` in process, holding a signed two-node ring (version 5) with replication 2 where
+/// `n1` (a certificate only, at an address nobody serves) is its neighbour: every chain is
+/// `[n1, n2]` or `[n2, n1]`, and `n2` serves only under a lease.
+pub async fn replicated_member(certs: &Certs) -> (TestNode, ringkv_wire::RingMetadata) {
+    let node = TestNode::start(certs, "n2", false).await;
+    let ring = ringkv_wire::RingMetadata::new(
+        5,
+        vec![
+            ringkv_wire::NodeEntry::new("n1", "127.0.0.1:9"),
+            ringkv_wire::NodeEntry::new("n2", node.addr.clone()),
+        ],
+    )
+    .unwrap()
+    .with_replication(2)
+    .unwrap();
+    let signed = certs.ecs_signer().sign(&ring).unwrap();
+    assert!(node.node.install_metadata(signed, "test").await.unwrap());
+    (node, ring)
+}

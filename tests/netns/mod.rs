@@ -880,8 +880,9 @@ impl HostCluster {
         self.nodes.iter().map(|n| n.addr.clone()).collect()
     }
 
-    /// A node's status, asked from the client host with the admin certificate.
-    pub fn node_status(&self, addr: &str) -> Result<NodeStatus, KvError> {
+    /// The answer of the node at `addr` to `body`, asked from the client host with the admin
+    /// certificate.
+    fn ask_node(&self, addr: &str, body: RequestBody) -> Result<ReplyBody, KvError> {
         let identity = self.admin_identity();
         self.client.run(|| async move {
             // Bound inside the host: a socket belongs to the namespace it was created in.
@@ -891,40 +892,30 @@ impl HostCluster {
                 Duration::from_secs(1),
                 Duration::from_secs(2),
             )?;
-            let reply = admin
-                .request(addr, &Request::new(0, RequestBody::Status))
-                .await;
+            let reply = admin.request(addr, &Request::new(0, body)).await;
             admin.close().await;
-            match reply?.body {
-                ReplyBody::Status(s) => Ok(*s),
-                other => panic!("unexpected status reply {other:?}"),
-            }
+            Ok(reply?.body)
         })
+    }
+
+    /// A node's status, asked from the client host with the admin certificate.
+    pub fn node_status(&self, addr: &str) -> Result<NodeStatus, KvError> {
+        match self.ask_node(addr, RequestBody::Status)? {
+            ReplyBody::Status(s) => Ok(*s),
+            other => panic!("unexpected status reply {other:?}"),
+        }
     }
 
     /// The ring the node at `addr` holds (`GetMetadata`, asked from the client host; the
     /// signature is not checked here, nodes check it when they adopt a ring).
     pub fn node_ring(&self, addr: &str) -> Result<Option<RingMetadata>, KvError> {
-        let identity = self.admin_identity();
-        self.client.run(|| async move {
-            let admin = Transport::bind_client(
-                &identity,
-                Limits::default(),
-                Duration::from_secs(1),
-                Duration::from_secs(2),
-            )?;
-            let reply = admin
-                .request(addr, &Request::new(0, RequestBody::GetMetadata))
-                .await;
-            admin.close().await;
-            match reply?.body {
-                ReplyBody::Metadata(None) => Ok(None),
-                ReplyBody::Metadata(Some(signed)) => Ok(Some(
-                    RingMetadata::from_frame(&signed.ring).expect("a node's ring decodes"),
-                )),
-                other => panic!("unexpected metadata reply {other:?}"),
-            }
-        })
+        match self.ask_node(addr, RequestBody::GetMetadata)? {
+            ReplyBody::Metadata(None) => Ok(None),
+            ReplyBody::Metadata(Some(signed)) => Ok(Some(
+                RingMetadata::from_frame(&signed.ring).expect("a node's ring decodes"),
+            )),
+            other => panic!("unexpected metadata reply {other:?}"),
+        }
     }
 
     /// Waits until the node at `addr` answers a status request from the client host.
