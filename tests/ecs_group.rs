@@ -324,6 +324,12 @@ async fn the_leader_killed_mid_join_under_load_loses_nothing() {
     load.stop_and_check(&group.certs, group.seeds()).await;
     let status = group.group().await;
     assert_eq!(status.members.len(), 3);
+    // Every node has heard from the new leader with its term stamped on the requests, so
+    // the killed leader could no longer act on any of them.
+    for n in &ring.nodes {
+        let node = node_status(&group.admin, &n.addr).await;
+        assert_eq!(node.ecs_term, status.term, "{}'s ECS term", n.name);
+    }
 }
 
 /// All three members SIGKILLed and restarted from their state directories, in the middle of
