@@ -12,8 +12,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ringkv_ecs::executor::{Action, Executor, Intent, Outcome};
+use std::time::Duration;
+
+use ringkv_ecs::executor::{Action, Executor, Intent, Outcome, Phase};
 use ringkv_ecs::plan::{self, Plan, Step};
+use ringkv_ecs::raft::RaftError;
 use ringkv_node::moves::{MoveState, Round};
 use ringkv_wire::{
     key_position, HashedKey, KeyRange, MoveId, NodeEntry, RingMetadata, TransferStats,
@@ -100,15 +103,57 @@ enum Fault {
     ReceiverCrash,
     /// The ECS crashes right after performing the action and resumes from its intent log.
     EcsCrash,
+    /// The ECS's durable write (a `Persist` or the `Commit`, a Raft proposal in a group)
+    /// times out, and commits anyway: the outcome reported is the driver's for a timeout.
+    ProposalUnknownCommitted,
+    /// Likewise, and the proposal is lost.
+    ProposalUnknownLost,
+    /// The proposal times out and commits, then the ECS loses the lead: the next leader
+    /// resumes from the group's intent log.
+    ProposalUnknownCommittedThenNewLeader,
+    /// Likewise, and the proposal is lost.
+    ProposalUnknownLostThenNewLeader,
 }
 
-const FAULTS: [Fault; 5] = [
+const FAULTS: [Fault; 9] = [
     Fault::RequestLost,
     Fault::ReplyLost,
     Fault::SenderCrash,
     Fault::ReceiverCrash,
     Fault::EcsCrash,
+    Fault::ProposalUnknownCommitted,
+    Fault::ProposalUnknownLost,
+    Fault::ProposalUnknownCommittedThenNewLeader,
+    Fault::ProposalUnknownLostThenNewLeader,
 ];
+
+impl Fault {
+    /// For a fault on the ECS's durable write: whether the write lands.
+    fn proposal_lands(self) -> Option<bool> {
+        match self {
+            Fault::ProposalUnknownCommitted | Fault::ProposalUnknownCommittedThenNewLeader => {
+                Some(true)
+            }
+            Fault::ProposalUnknownLost | Fault::ProposalUnknownLostThenNewLeader => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether the ECS loses the lead (or crashes) right after the action.
+    fn ecs_replaced(self) -> bool {
+        matches!(
+            self,
+            Fault::EcsCrash
+                | Fault::ProposalUnknownCommittedThenNewLeader
+                | Fault::ProposalUnknownLostThenNewLeader
+        )
+    }
+}
+
+/// What the ECS's driver reports to the executor for a proposal that timed out.
+fn timed_out() -> Outcome {
+    Outcome::of_proposal(&Err::<(), _>(RaftError::Timeout(Duration::from_secs(5))))
+}
 
 struct Sim {
     nodes: Vec<SimNode>,
@@ -494,15 +539,38 @@ fn run(change: Change, fault: Option<(Fault, usize)>) -> usize {
         }
         sim.trace
             .push(format!("#{count} {action:?} (fault {injected:?})"));
+        // What the nodes are told must follow what the intent log holds: a lock only once
+        // `lock_sent` is durable, a rollback's abort only once `RollingBack` is (a member that
+        // takes over acts on the durable phase).
+        match &action {
+            Action::Run(Step::Lock { .. }) => assert!(
+                sim.intent_log.as_ref().is_some_and(|i| i.lock_sent),
+                "{change:?} {fault:?}: a lock sent before lock_sent was persisted\n{}",
+                sim.trace.join("\n")
+            ),
+            Action::Run(Step::Abort { .. }) => assert!(
+                sim.intent_log
+                    .as_ref()
+                    .is_some_and(|i| i.phase == Phase::RollingBack),
+                "{change:?} {fault:?}: an abort sent before the rollback was persisted\n{}",
+                sim.trace.join("\n")
+            ),
+            _ => {}
+        }
+        let lands = injected.and_then(Fault::proposal_lands);
         let outcome = match &action {
             Action::Persist(intent) => {
-                sim.intent_log = Some(intent.clone());
-                Outcome::ok()
+                if lands != Some(false) {
+                    sim.intent_log = Some(intent.clone());
+                }
+                lands.map_or_else(Outcome::ok, |_| timed_out())
             }
             Action::Commit(intent) => {
-                sim.intent_log = Some(intent.clone());
-                sim.ecs_ring = intent.plan.metadata.clone();
-                Outcome::ok()
+                if lands != Some(false) {
+                    sim.intent_log = Some(intent.clone());
+                    sim.ecs_ring = intent.plan.metadata.clone();
+                }
+                lands.map_or_else(Outcome::ok, |_| timed_out())
             }
             Action::Run(step) => match injected {
                 Some(Fault::RequestLost) => Outcome::Failed("request lost".into()),
@@ -519,9 +587,10 @@ fn run(change: Change, fault: Option<(Fault, usize)>) -> usize {
             }
         };
         sim.tick();
-        if injected == Some(Fault::EcsCrash) {
-            // The ECS dies after performing the action; it restarts from its intent log.
-            sim.trace.push("ECS crash".into());
+        if injected.is_some_and(Fault::ecs_replaced) {
+            // The ECS dies (or loses the lead) after performing the action; it (or the next
+            // leader) resumes from the intent log.
+            sim.trace.push("ECS crash or new leader".into());
             match sim.intent_log.clone() {
                 Some(intent) => {
                     let (resumed, first) = Executor::resume(intent);

@@ -19,6 +19,23 @@
 //! - After the commit, every step is retried until it succeeds; an `Install` succeeds only
 //!   when the node reports holding the new version. There is no unlock step: a node's lock
 //!   ends when it adopts the new version.
+//! - An **unknown** outcome of the ECS's own durable writes ([`Outcome::Unknown`]: a Raft
+//!   proposal that timed out, or whose leader lost the lead before it heard, may still
+//!   commit) is never taken for a failure. A `Commit` whose outcome is unknown is proposed
+//!   again (after a backoff) until it is known: the state machine refuses a ring that is not
+//!   newer, so a second proposal cannot commit the change twice, and the driver reports `Ok`
+//!   when the group's state already holds the committed ring. Only a `Commit` that
+//!   certainly did not commit ([`Outcome::Failed`]) rolls the change back.
+//! - Every `Persist` after the first must land before the next action runs: one that failed
+//!   or whose outcome is unknown is retried (after a backoff). So no `Lock` is sent before
+//!   `lock_sent` is durable, and no rollback's `Abort` before `RollingBack` is: a member that
+//!   takes over reads the same phase the nodes were driven by. The first `Persist` of a new
+//!   change that does not land ends it (nothing ran; if the intent lands after all, it is
+//!   resumed as a rollback of nothing).
+//! - A step against a node whose outcome is unknown (a timeout) is handled as a failure:
+//!   before the commit the rollback sends `Abort` to every lock holder, which undoes a lock
+//!   that was or was not taken alike; after the commit the step is retried, and every step
+//!   is idempotent.
 //! - A delta round with writes open is repeated while it carried at least
 //!   [`PRECOPY_DONE_BELOW`] keys (at most [`MAX_PRECOPY_ROUNDS`] times), so the locked last
 //!   round is short whatever the write rate.
@@ -29,6 +46,7 @@ use ringkv_wire::{MoveId, TransferStats};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{Plan, Step};
+use crate::raft::RaftError;
 
 /// A delta round with writes open that carried fewer keys than this ends the pre-copy.
 pub const PRECOPY_DONE_BELOW: u64 = 256;
@@ -87,8 +105,13 @@ pub enum Outcome {
         /// The metadata version the node reported.
         node_version: u64,
     },
-    /// It failed (refused, unreachable, timed out).
+    /// It failed (refused, unreachable, timed out). For the ECS's own durable writes: it
+    /// certainly did not take effect.
     Failed(String),
+    /// The ECS's own durable write (a `Persist` or the `Commit`) may or may not have taken
+    /// effect: a Raft proposal timed out, or the member lost the lead before it heard. The
+    /// executor resolves it (see the module docs); it is never taken for a failure.
+    Unknown(String),
 }
 
 impl Outcome {
@@ -99,15 +122,32 @@ impl Outcome {
             node_version: 0,
         }
     }
+
+    /// The outcome of a Raft proposal (a `Persist` or `Commit` of a replicated ECS):
+    /// `Failed` only when it certainly did not commit (the state machine refused it, or it
+    /// was too large to propose), `Unknown` when it may still commit (a timeout; the member
+    /// lost the lead or stopped while it waited, and another leader may commit the entry).
+    pub fn of_proposal<T>(result: &Result<T, RaftError>) -> Self {
+        match result {
+            Ok(_) => Outcome::ok(),
+            Err(e @ (RaftError::Refused(_) | RaftError::TooLarge { .. })) => {
+                Outcome::Failed(e.to_string())
+            }
+            Err(e) => Outcome::Unknown(e.to_string()),
+        }
+    }
 }
 
 /// What the driver must do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Persist this intent (replacing the previous one), then report `Outcome::ok()`.
+    /// Persist this intent (replacing the previous one), then report `Outcome::ok()`
+    /// (`Failed` if it certainly was not persisted, `Unknown` if it may have been).
     Persist(Intent),
     /// Persist this (committed) intent, then the new ring, and adopt it: the commit point.
-    /// Report `Ok` if the intent was persisted (a failed ring write is repaired on resume).
+    /// Report `Ok` if the intent was persisted (a failed ring write is repaired on resume),
+    /// also when an earlier attempt of this commit is found to have committed; `Failed` if it
+    /// certainly did not commit; `Unknown` if it may have.
     Commit(Intent),
     /// Run this step of the change against its node.
     Run(Step),
@@ -123,7 +163,10 @@ pub enum Action {
 enum Awaiting {
     Persisted,
     StepResult,
+    /// A backoff; then the current step (or the commit) is tried again.
     Waited,
+    /// A backoff; then the intent is persisted again.
+    WaitedToPersist,
     Finished,
 }
 
@@ -214,19 +257,42 @@ impl Executor {
     pub fn next(&mut self, outcome: Outcome) -> Action {
         match self.awaiting {
             Awaiting::Finished => panic!("the change is over"),
-            Awaiting::Persisted | Awaiting::Waited => {
-                // A failed intent write before anything ran: nothing happened, give up.
-                if let (Outcome::Failed(reason), Awaiting::Persisted, true) = (
-                    &outcome,
-                    self.awaiting,
-                    self.cursor == 0 && self.intent.phase == Phase::Forward,
-                ) {
-                    return self.finish(Err(("persist the intent".into(), reason.clone())));
+            Awaiting::Persisted => match outcome {
+                Outcome::Ok { .. } => {
+                    self.attempts = 0;
+                    self.run_current()
                 }
-                self.run_current()
+                // The first intent write of a change, before anything ran: nothing happened,
+                // give up (an intent that lands after all is resumed as a rollback of nothing).
+                Outcome::Failed(reason) | Outcome::Unknown(reason)
+                    if self.cursor == 0
+                        && self.intent.phase == Phase::Forward
+                        && !self.intent.lock_sent =>
+                {
+                    self.finish(Err(("persist the intent".into(), reason)))
+                }
+                // Any later one must land before the next action runs.
+                Outcome::Failed(_) | Outcome::Unknown(_) => {
+                    self.attempts += 1;
+                    self.awaiting = Awaiting::WaitedToPersist;
+                    Action::Wait(backoff(self.attempts))
+                }
+            },
+            Awaiting::WaitedToPersist => {
+                self.awaiting = Awaiting::Persisted;
+                Action::Persist(self.intent.clone())
             }
+            Awaiting::Waited => self.run_current(),
             Awaiting::StepResult => self.on_result(outcome),
         }
+    }
+
+    /// Whether the outcome of the commit is being resolved: it was unknown, and the commit
+    /// is proposed again until it is known.
+    pub fn resolving_commit(&self) -> bool {
+        self.intent.phase == Phase::Forward
+            && self.awaiting == Awaiting::Waited
+            && self.steps().get(self.cursor) == Some(&Step::Commit)
     }
 
     fn run_current(&mut self) -> Action {
@@ -259,8 +325,15 @@ impl Executor {
     fn on_result(&mut self, outcome: Outcome) -> Action {
         let steps = self.steps();
         let step = steps[self.cursor].clone();
+        if let (Outcome::Unknown(_), Step::Commit) = (&outcome, &step) {
+            // It may have committed: never roll back; propose it again once it is known.
+            self.attempts += 1;
+            self.awaiting = Awaiting::Waited;
+            return Action::Wait(backoff(self.attempts));
+        }
         let failure = match (&outcome, &step) {
-            (Outcome::Failed(reason), _) => Some(reason.clone()),
+            // A node step whose outcome is unknown is handled as a failure (module docs).
+            (Outcome::Failed(reason) | Outcome::Unknown(reason), _) => Some(reason.clone()),
             (Outcome::Ok { node_version, .. }, Step::Install { node })
                 if *node_version < self.intent.plan.metadata.version =>
             {
@@ -273,10 +346,8 @@ impl Executor {
         };
         if let Some(reason) = failure {
             return match self.intent.phase {
-                Phase::Forward if step == Step::Commit => {
-                    // The commit record was not written: still before the commit.
-                    self.roll_back(step.describe(), reason)
-                }
+                // For the commit: it certainly was not written (an unknown outcome is resolved
+                // above), so the change is still before its commit.
                 Phase::Forward => self.roll_back(step.describe(), reason),
                 Phase::RollingBack if self.best_effort(&step) => {
                     self.cursor += 1;
@@ -595,6 +666,127 @@ mod tests {
         let actions = run(exec, first, |_| Outcome::ok());
         assert_eq!(steps_run(&actions), plan.rollback());
         assert!(matches!(actions.last(), Some(Action::Finish(Err(_)))));
+    }
+
+    #[test]
+    fn an_unknown_commit_is_proposed_again_and_never_rolled_back() {
+        let plan = join_plan();
+        let target = plan.metadata.version;
+        let (exec, first) = Executor::new(plan, 1);
+        let mut commits = 0;
+        let actions = run(exec, first, |a| match a {
+            Action::Commit(_) => {
+                commits += 1;
+                if commits < 3 {
+                    Outcome::Unknown("not committed within 5s".into())
+                } else {
+                    Outcome::ok()
+                }
+            }
+            _ => ok_at(target, 0),
+        });
+        assert_eq!(commits, 3, "proposed again until the outcome is known");
+        assert!(!steps_run(&actions)
+            .iter()
+            .any(|s| matches!(s, Step::Abort { .. })));
+        assert!(!actions
+            .iter()
+            .any(|a| matches!(a, Action::Persist(i) if i.phase == Phase::RollingBack)));
+        assert!(matches!(actions.last(), Some(Action::Finish(Ok(_)))));
+        // Step by step: after the unknown outcome it waits, says so, and proposes again.
+        let (mut exec, mut action) = Executor::new(join_plan(), 1);
+        while !matches!(action, Action::Commit(_)) {
+            action = exec.next(ok_at(target, 0));
+        }
+        assert!(matches!(
+            exec.next(Outcome::Unknown("t".into())),
+            Action::Wait(_)
+        ));
+        assert!(exec.resolving_commit() && !exec.committed());
+        assert!(matches!(exec.next(Outcome::ok()), Action::Commit(_)));
+        // A commit that certainly failed still rolls back.
+        let (exec, first) = Executor::new(join_plan(), 1);
+        let actions = run(exec, first, |a| match a {
+            Action::Commit(_) => Outcome::Failed("refused by the state machine".into()),
+            _ => Outcome::ok(),
+        });
+        assert!(matches!(actions.last(), Some(Action::Finish(Err(_)))));
+    }
+
+    #[test]
+    fn no_abort_goes_out_before_the_rollback_is_persisted() {
+        let (exec, first) = Executor::new(join_plan(), 1);
+        let mut rollback_persists = 0;
+        let actions = run(exec, first, |a| match a {
+            Action::Run(Step::TransferDelta { last: true, .. }) => Outcome::Failed("boom".into()),
+            Action::Persist(i) if i.phase == Phase::RollingBack => {
+                rollback_persists += 1;
+                match rollback_persists {
+                    1 => Outcome::Failed("no majority".into()),
+                    2 => Outcome::Unknown("not committed within 5s".into()),
+                    _ => Outcome::ok(),
+                }
+            }
+            _ => Outcome::ok(),
+        });
+        let landed = actions
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| matches!(a, Action::Persist(i) if i.phase == Phase::RollingBack))
+            .map(|(i, _)| i)
+            .nth(2)
+            .expect("the rollback persisted a third time");
+        let first_abort = actions
+            .iter()
+            .position(|a| matches!(a, Action::Run(Step::Abort { .. })))
+            .unwrap();
+        assert!(
+            first_abort > landed,
+            "an abort went out before the rollback was persisted: {actions:?}"
+        );
+    }
+
+    #[test]
+    fn no_lock_goes_out_before_lock_sent_is_persisted() {
+        let plan = join_plan();
+        let target = plan.metadata.version;
+        let (exec, first) = Executor::new(plan, 1);
+        let mut failed = false;
+        let actions = run(exec, first, |a| match a {
+            Action::Persist(i) if i.lock_sent && !failed => {
+                failed = true;
+                Outcome::Failed("disk full".into())
+            }
+            _ => ok_at(target, 0),
+        });
+        let lock = actions
+            .iter()
+            .position(|a| matches!(a, Action::Run(Step::Lock { .. })))
+            .unwrap();
+        assert!(
+            matches!(&actions[lock - 1], Action::Persist(i) if i.lock_sent),
+            "the lock follows a persist of lock_sent that landed: {actions:?}"
+        );
+    }
+
+    #[test]
+    fn a_proposal_failed_only_when_it_certainly_did_not_commit() {
+        use crate::raft::Refusal;
+        let failed =
+            |e: RaftError| matches!(Outcome::of_proposal(&Err::<(), _>(e)), Outcome::Failed(_));
+        assert!(failed(RaftError::Refused(Refusal::StaleRing {
+            current: 3,
+            proposed: 3
+        })));
+        assert!(failed(RaftError::TooLarge { bytes: 2, max: 1 }));
+        assert!(!failed(RaftError::Timeout(Duration::from_secs(5))));
+        assert!(!failed(RaftError::ForwardToLeader { leader: None }));
+        assert!(!failed(RaftError::NoQuorum("x".into())));
+        assert!(!failed(RaftError::Stopped("x".into())));
+        assert_eq!(
+            Outcome::of_proposal(&Ok::<(), RaftError>(())),
+            Outcome::ok()
+        );
     }
 
     #[test]

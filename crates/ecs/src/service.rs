@@ -53,6 +53,11 @@ pub struct Ecs {
     leading: std::sync::atomic::AtomicU64,
     /// When a majority last confirmed this member's lead ([`Ecs::leadership_loop`]).
     confirmed: std::sync::Mutex<Option<Instant>>,
+    /// A change whose driver ran out of its retry budget, exactly where it stopped (an
+    /// unknown commit outcome still being resolved, a rollback, steps after the commit): the
+    /// background task drives it on from there rather than from the intent log, which may
+    /// not show an outcome that is still unknown.
+    parked: std::sync::Mutex<Option<Executor>>,
 }
 
 /// How often a leader has its lead confirmed by a majority (a round of heartbeats).
@@ -129,6 +134,7 @@ pub async fn bind(
         raft,
         leading: std::sync::atomic::AtomicU64::new(0),
         confirmed: std::sync::Mutex::new(None),
+        parked: std::sync::Mutex::new(None),
     });
     Ok((endpoint, ecs))
 }
@@ -421,6 +427,9 @@ impl Ecs {
         *self.log.lock().expect("log lock") = state.log.clone();
         *self.probes.lock().expect("probes lock") = Probes::new();
         self.owed.lock().expect("owed lock").clear();
+        // The group's intent log is the record now: whatever this member parked under an
+        // earlier lead is resumed from there.
+        *self.parked.lock().expect("parked lock") = None;
         self.leading
             .store(term, std::sync::atomic::Ordering::SeqCst);
         *self.confirmed.lock().expect("confirmed lock") = Some(Instant::now());
@@ -756,11 +765,19 @@ impl Ecs {
     /// Drives the change left in the intent log (by a crash, or by steps that could not be
     /// completed yet) to its end, if there is one. Called with `change` held.
     async fn finish_pending(&self) -> Result<(), EcsError> {
-        let Some(intent) = self.pending_change() else {
-            return Ok(());
+        let parked = self.parked.lock().expect("parked lock").take();
+        let (exec, first) = if let Some(mut exec) = parked {
+            // Goes on where the driver stopped waiting (the backoff is over).
+            tracing::info!(change = exec.move_id().change, phase = ?exec.intent().phase, "driving on a change that ran out of its retry budget");
+            let first = exec.next(Outcome::ok());
+            (exec, first)
+        } else {
+            let Some(intent) = self.pending_change() else {
+                return Ok(());
+            };
+            tracing::info!(change = intent.change, phase = ?intent.phase, version = intent.plan.metadata.version, "resuming a change from the intent log");
+            Executor::resume(intent)
         };
-        tracing::info!(change = intent.change, phase = ?intent.phase, version = intent.plan.metadata.version, "resuming a change from the intent log");
-        let (exec, first) = Executor::resume(intent);
         match self.drive(exec, first).await {
             Ok(_) | Err(EcsError::Aborted { .. }) => Ok(()),
             Err(e) => Err(e),
@@ -770,7 +787,8 @@ impl Ecs {
     /// Resumes the pending change, if any, unless a change is running (the background task
     /// of [`run`] calls this periodically).
     pub async fn resume_pending(&self) {
-        if self.pending_change().is_none() || !self.leads() {
+        let parked = self.parked.lock().expect("parked lock").is_some();
+        if (self.pending_change().is_none() && !parked) || !self.leads() {
             return;
         }
         let Ok(_change) = self.change.try_lock() else {
@@ -819,8 +837,22 @@ impl Ecs {
                 }));
             }
             let outcome = match &action {
-                Action::Persist(intent) => self.persist_intent(Some(intent.clone())).await,
-                Action::Commit(intent) => self.commit(intent).await,
+                Action::Persist(intent) => {
+                    let outcome = self.persist_intent(Some(intent.clone())).await;
+                    if let Outcome::Failed(reason) | Outcome::Unknown(reason) = &outcome {
+                        last_failure = format!("persist the intent log: {reason}");
+                    }
+                    outcome
+                }
+                Action::Commit(intent) => {
+                    let outcome = self.commit(intent).await;
+                    if let Outcome::Unknown(reason) = &outcome {
+                        tracing::warn!(change = intent.change, version = intent.plan.metadata.version, %reason, "the commit's outcome is unknown; proposing it again");
+                        last_failure =
+                            format!("commit version {}: {reason}", intent.plan.metadata.version);
+                    }
+                    outcome
+                }
                 Action::Run(step) => {
                     if let Some(hook) = &self.config.before_step {
                         (hook.0)(step);
@@ -829,7 +861,7 @@ impl Ecs {
                     let outcome = self.run_step(step, exec.move_id(), &plan).await;
                     let ok = matches!(outcome, Outcome::Ok { .. });
                     tracing::info!(change = exec.move_id().change, step = %step.describe(), elapsed = ?step_started.elapsed(), ok, "step");
-                    if let Outcome::Failed(reason) = &outcome {
+                    if let Outcome::Failed(reason) | Outcome::Unknown(reason) = &outcome {
                         last_failure = format!("{}: {reason}", step.describe());
                     }
                     match step {
@@ -848,9 +880,19 @@ impl Ecs {
                                 "committed at version {}, but not finished",
                                 plan.metadata.version
                             )
-                        } else {
+                        } else if exec.resolving_commit() {
+                            format!(
+                                "not known to have committed version {} yet (the commit is proposed again until its outcome is known)",
+                                plan.metadata.version
+                            )
+                        } else if exec.intent().phase == Phase::RollingBack {
                             "being rolled back".to_string()
+                        } else {
+                            "waiting for its intent to be persisted".to_string()
                         };
+                        // The background task goes on from exactly here: an unknown outcome
+                        // stays unknown until it is resolved, never restarted as a rollback.
+                        *self.parked.lock().expect("parked lock") = Some(exec);
                         return Err(EcsError::Pending {
                             state,
                             reason: last_failure,
@@ -902,21 +944,19 @@ impl Ecs {
     async fn persist_intent(&self, pending: Option<Intent>) -> Outcome {
         let mut log = self.log.lock().expect("log lock").clone();
         log.pending = pending;
-        let saved = match &self.raft {
-            None => self.intents.save(&log).map_err(|e| e.to_string()),
-            Some(raft) => raft
-                .propose(EcsCommand::SetIntentLog(log.clone()))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        };
-        match saved {
-            Ok(()) => {
-                *self.log.lock().expect("log lock") = log;
-                Outcome::ok()
+        let outcome = match &self.raft {
+            None => match self.intents.save(&log) {
+                Ok(()) => Outcome::ok(),
+                Err(e) => Outcome::Failed(e.to_string()),
+            },
+            Some(raft) => {
+                Outcome::of_proposal(&raft.propose(EcsCommand::SetIntentLog(log.clone())).await)
             }
-            Err(e) => Outcome::Failed(e),
+        };
+        if let Outcome::Ok { .. } = outcome {
+            *self.log.lock().expect("log lock") = log;
         }
+        outcome
     }
 
     /// The commit point: the committed intent is persisted, then the ring (in a group: both
@@ -931,17 +971,27 @@ impl Ecs {
         };
         let mut log = self.log.lock().expect("log lock").clone();
         log.pending = Some(intent.clone());
+        let adopt = |log: IntentLog| {
+            *self.log.lock().expect("log lock") = log;
+            *self.metadata.write().expect("metadata lock") = intent.plan.metadata.clone();
+            Outcome::ok()
+        };
+        // An earlier attempt whose outcome was unknown may have committed it.
+        if raft.state().ring == intent.plan.metadata {
+            return adopt(raft.state().log.clone());
+        }
         let save = EcsCommand::Save {
             ring: Some(intent.plan.metadata.clone()),
             log: Some(log.clone()),
         };
-        match raft.propose(save).await {
-            Ok(_) => {
-                *self.log.lock().expect("log lock") = log;
-                *self.metadata.write().expect("metadata lock") = intent.plan.metadata.clone();
-                Outcome::ok()
+        let proposed = raft.propose(save).await;
+        match &proposed {
+            Ok(_) => adopt(log),
+            // Refused because an earlier attempt committed it meanwhile: committed.
+            Err(RaftError::Refused(_)) if raft.state().ring == intent.plan.metadata => {
+                adopt(raft.state().log.clone())
             }
-            Err(e) => Outcome::Failed(e.to_string()),
+            Err(_) => Outcome::of_proposal(&proposed),
         }
     }
 
