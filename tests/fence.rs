@@ -304,3 +304,73 @@ async fn concurrent_terms_end_at_the_highest() {
     );
     node.stop().await;
 }
+
+/// A group member that does not lead sends nothing; a request stamped with term 0 (what a
+/// deposed member's stamp read at send time used to give) is refused even by a node that
+/// never saw a term, which takes unfenced requests of a single ECS.
+#[tokio::test]
+async fn a_fenced_request_of_term_0_is_refused_by_a_node_that_never_saw_a_term() {
+    let certs = Certs::new();
+    let (node, _ring) = common::replicated_member(&certs).await;
+    let ecs = transport(&certs, "ecs");
+    assert_eq!(node.node.ecs_term(), 0, "never fenced");
+    let stamp = leased(
+        send(
+            &ecs,
+            &node,
+            Request::new(
+                0,
+                RequestBody::Lease {
+                    millis: 60_000,
+                    echo: None,
+                },
+            ),
+        )
+        .await,
+        "unfenced probe",
+    );
+    let message = stale(
+        send(
+            &ecs,
+            &node,
+            fenced(
+                0,
+                RequestBody::Lease {
+                    millis: 60_000,
+                    echo: Some(stamp),
+                },
+            ),
+        )
+        .await,
+        "fenced lease of term 0",
+    );
+    assert!(message.contains("term 0"), "{message}");
+    assert!(!node.node.leased(), "a lease of term 0 was granted");
+    assert_eq!(
+        send(&ecs, &node, Request::new(0, RequestBody::Start)).await,
+        ReplyBody::Ok
+    );
+    stale(
+        send(&ecs, &node, fenced(0, RequestBody::Stop)).await,
+        "fenced stop of term 0",
+    );
+    assert!(node.node.is_running(), "a stop of term 0 stopped the node");
+    // Unfenced (a single ECS) still works.
+    leased(
+        send(
+            &ecs,
+            &node,
+            Request::new(
+                0,
+                RequestBody::Lease {
+                    millis: 60_000,
+                    echo: Some(stamp),
+                },
+            ),
+        )
+        .await,
+        "unfenced lease",
+    );
+    assert!(node.node.leased());
+    assert_eq!(node.node.ecs_term(), 0);
+}

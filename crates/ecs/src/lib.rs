@@ -9,7 +9,9 @@
 //! - [`executor`]: the executor of a plan as a synchronous state machine, and the intent
 //!   log entry it keeps ([`executor::Intent`]).
 //! - [`plan`]: membership changes as pure step lists, with their rollback.
-//! - [`liveness`]: when each node last answered a probe (failure detection, leases).
+//! - [`liveness`]: when each node last answered a probe, whom to probe (lease) and whom to
+//!   fail over ([`liveness::Probes`], [`liveness::FailoverDecision`]).
+//! - [`leadership`]: the leader's "may I act" gate ([`leadership::LeadGate`]).
 //! - [`service`]: [`Ecs`], the executor of plans and the answers to operator requests;
 //!   [`bind`] and [`run`].
 //! - [`state`]: the atomically replaced ring file.
@@ -27,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod executor;
+pub mod leadership;
 pub mod liveness;
 pub mod plan;
 pub mod raft;

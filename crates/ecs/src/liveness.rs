@@ -18,7 +18,15 @@
 //! when its chains are re-formed without it if the clocks run at the same rate, and has
 //! stopped by then if its clock runs up to twice slower.
 
-use std::collections::HashMap;
+//!
+//! Decisions here, I/O in `service`: [`Probes::due`] says whom to probe now and with which
+//! echo, [`Probes::answered`] takes an answer, [`Probes::decide`] says whom to fail over
+//! ([`FailoverDecision`]), and [`Probes::condemn`] records that decision. A condemned node
+//! is never probed (leased) again: the echo of an answer that arrived after its silence
+//! began is never sent, so its lease, over when it was condemned, stays over across the
+//! commit that fails it over, however late the answer that would have renewed it.
+
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// When each node last answered a probe, its last stamp, and which probes are under way.
@@ -30,7 +38,56 @@ pub struct Probes {
     /// By node name: the stamp of its last answer, echoed by the next probe.
     stamps: HashMap<String, u64>,
     /// Nodes with a probe under way (a slow or dead node gets one at a time).
-    in_flight: std::collections::HashSet<String>,
+    in_flight: HashSet<String>,
+    /// Nodes a change that removes them from their chains was decided for: never leased
+    /// again ([`Probes::condemn`]).
+    condemned: HashSet<String>,
+    /// Since when fewer than half the live nodes have been silent (`None`: not now). No
+    /// node is failed over before the ECS has heard a majority for `failover_after`.
+    healthy_since: Option<Instant>,
+}
+
+/// What the failure detector decides at one moment ([`Probes::decide`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailoverDecision {
+    /// No node has been silent past the bound.
+    Nothing,
+    /// Fail these nodes over, all in one change: each has been silent past the bound.
+    FailOver(Vec<String>),
+    /// Some nodes are past the bound, but half of the live nodes or more are silent (past
+    /// the bound or not yet): the ECS is more likely cut off, or the whole cluster
+    /// restarting, than that many nodes dead. Fail none over.
+    HoldOff {
+        /// Every live node that is silent now.
+        silent: Vec<String>,
+    },
+    /// Some nodes are past the bound, but the ECS has heard a majority again for less than
+    /// `failover_after` (after a hold-off, or since it started leading): the late ones get
+    /// that long to answer (a whole-cluster restart brings nodes back over seconds).
+    Settling {
+        /// The nodes past the bound.
+        silent: Vec<String>,
+    },
+}
+
+/// The failure detector's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detector {
+    /// A node silent this long is failed over (twice the lease).
+    pub failover_after: Duration,
+    /// A node silent this long counts as silent for the "half the nodes" guard: it missed
+    /// two probes in a row.
+    pub suspect_after: Duration,
+}
+
+impl Detector {
+    /// The detector of a probe interval and failover bound.
+    pub fn new(probe_interval: Duration, failover_after: Duration) -> Self {
+        Self {
+            failover_after,
+            suspect_after: (probe_interval * 2).min(failover_after),
+        }
+    }
 }
 
 impl Probes {
@@ -75,12 +132,86 @@ impl Probes {
             .map_or(Duration::ZERO, |last| now.saturating_duration_since(*last))
     }
 
-    /// Stops tracking nodes not in `names` (they left the ring).
+    /// Stops tracking nodes not in `names` (they left the ring, or were failed over).
     pub fn retain<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
-        let keep: std::collections::HashSet<&str> = names.into_iter().collect();
+        let keep: HashSet<&str> = names.into_iter().collect();
         self.last_answer
             .retain(|name, _| keep.contains(name.as_str()));
         self.stamps.retain(|name, _| keep.contains(name.as_str()));
+        self.condemned.retain(|name| keep.contains(name.as_str()));
+    }
+
+    /// The probes to send at `now` to the live nodes `live`: each node that is not condemned
+    /// and has no probe under way, with the echo to send it (read now, in the same step that
+    /// marks the probe under way). Starts counting silence for nodes probed the first time.
+    pub fn due<'a>(
+        &mut self,
+        live: impl IntoIterator<Item = &'a str>,
+        now: Instant,
+    ) -> Vec<(String, Option<u64>)> {
+        let mut due = Vec::new();
+        for name in live {
+            if self.condemned.contains(name) {
+                continue;
+            }
+            self.probing(name, now);
+            if self.start(name) {
+                due.push((name.to_string(), self.echo(name)));
+            }
+        }
+        due
+    }
+
+    /// The failover decision at `now` for the ring's live (not failed) nodes `live`. See
+    /// [`FailoverDecision`]. Condemned nodes count as silent.
+    pub fn decide(&mut self, live: &[&str], detector: Detector, now: Instant) -> FailoverDecision {
+        let silent: Vec<String> = live
+            .iter()
+            .filter(|name| {
+                self.condemned.contains(**name)
+                    || self.silent_for(name, now) > detector.suspect_after
+            })
+            .map(|name| name.to_string())
+            .collect();
+        let past: Vec<String> = self.silent(live.iter().copied(), detector.failover_after, now);
+        if !silent.is_empty() && silent.len() * 2 >= live.len() {
+            self.healthy_since = None;
+            return if past.is_empty() {
+                FailoverDecision::Nothing
+            } else {
+                FailoverDecision::HoldOff { silent }
+            };
+        }
+        let healthy_since = *self.healthy_since.get_or_insert(now);
+        if past.is_empty() {
+            FailoverDecision::Nothing
+        } else if now.saturating_duration_since(healthy_since) < detector.failover_after {
+            FailoverDecision::Settling { silent: past }
+        } else {
+            FailoverDecision::FailOver(past)
+        }
+    }
+
+    /// A change that removes `name` from its chains was decided: it is never probed, so
+    /// never leased, again (see the module docs). Whether it was silent past `bound` at
+    /// `now` (its lease over); a node that is not is not condemned.
+    pub fn condemn(&mut self, name: &str, bound: Duration, now: Instant) -> bool {
+        if self.silent_for(name, now) <= bound {
+            return false;
+        }
+        self.condemned.insert(name.to_string());
+        true
+    }
+
+    /// The change that would have removed `name` was rolled back (certainly not committed):
+    /// it may be leased again if it answers.
+    pub fn pardon(&mut self, name: &str) {
+        self.condemned.remove(name);
+    }
+
+    /// Whether `name` is condemned.
+    pub fn is_condemned(&self, name: &str) -> bool {
+        self.condemned.contains(name)
     }
 
     /// Of `names`, those silent for longer than `limit` at `now`.
@@ -101,6 +232,86 @@ impl Probes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_condemned_node_is_never_leased_again_even_if_it_answers() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut p = Probes::new();
+        assert_eq!(p.due(["a"], t0), vec![("a".to_string(), None)]);
+        p.answered("a", t0, 7);
+        p.done("a");
+        assert_eq!(p.due(["a"], t0), vec![("a".to_string(), Some(7))]);
+        assert!(!p.condemn("a", 3 * s, t0 + 2 * s), "not silent long enough");
+        assert!(p.condemn("a", 3 * s, t0 + 4 * s));
+        // The answer to the probe under way arrives late: recorded, never echoed.
+        p.answered("a", t0 + 4 * s, 9);
+        p.done("a");
+        assert!(p.due(["a"], t0 + 5 * s).is_empty());
+        p.pardon("a");
+        assert_eq!(p.due(["a"], t0 + 5 * s), vec![("a".to_string(), Some(9))]);
+    }
+
+    #[test]
+    fn the_guard_counts_every_silent_node_not_only_those_past_the_bound() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let detector = Detector::new(ms(250), ms(3000));
+        let mut p = Probes::new();
+        let live = ["a", "b", "c"];
+        p.due(live, t0);
+        for n in live {
+            p.answered(n, t0, 1);
+        }
+        // All three stopped within 0.2 s of each other: when the first is past the bound,
+        // the others are 0.1-0.2 s short of it.
+        assert_eq!(p.decide(&live, detector, t0), FailoverDecision::Nothing);
+        let now = t0 + ms(3001);
+        assert_eq!(
+            p.decide(&live, detector, now),
+            FailoverDecision::HoldOff {
+                silent: vec!["a".into(), "b".into(), "c".into()]
+            }
+        );
+        // They restart: b and c answer first. a, back too but not heard yet, gets a whole
+        // `failover_after` from then before it is failed over.
+        p.answered("b", now, 2);
+        p.answered("c", now, 2);
+        assert_eq!(
+            p.decide(&live, detector, now),
+            FailoverDecision::Settling {
+                silent: vec!["a".into()]
+            }
+        );
+        let later = now + ms(3000);
+        p.answered("b", later, 3);
+        p.answered("c", later, 3);
+        // One of three dead: failed over once the majority was heard long enough.
+        assert_eq!(
+            p.decide(&live, detector, later),
+            FailoverDecision::FailOver(vec!["a".into()])
+        );
+        // Two of five dead at once: both in one decision.
+        let live = ["a", "b", "c", "d", "e"];
+        let mut p = Probes::new();
+        p.due(live, t0);
+        for n in live {
+            p.answered(n, t0, 1);
+        }
+        assert_eq!(p.decide(&live, detector, t0), FailoverDecision::Nothing);
+        for n in ["c", "d", "e"] {
+            p.answered(n, t0 + ms(3300), 3);
+        }
+        p.answered("b", t0 + ms(200), 2);
+        assert_eq!(
+            p.decide(&live, detector, t0 + ms(2000)),
+            FailoverDecision::Nothing
+        );
+        assert_eq!(
+            p.decide(&live, detector, t0 + ms(3300)),
+            FailoverDecision::FailOver(vec!["a".into(), "b".into()])
+        );
+    }
 
     #[test]
     fn silence_counts_from_the_last_answer_or_the_first_probe() {

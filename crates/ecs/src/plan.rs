@@ -597,21 +597,36 @@ pub fn leave(current: &RingMetadata, name: &str) -> Result<Plan, EcsError> {
 /// metadata. Refused with replication 1 (there is no other copy to serve from), and for an
 /// unknown or already failed node.
 pub fn fail(current: &RingMetadata, name: &str) -> Result<Plan, EcsError> {
+    fail_all(current, &[name])
+}
+
+/// The plan for declaring the nodes `names` failed, all in one version (several nodes died
+/// together: a rebuild must not be planned onto one of them), as [`fail`] does for one.
+/// Refused if it would leave a range with no live copy.
+pub fn fail_all(current: &RingMetadata, names: &[&str]) -> Result<Plan, EcsError> {
     if current.replication <= 1 {
         return Err(EcsError::Refused(format!(
-            "cannot fail over {name}: with replication 1 no other node holds its data"
+            "cannot fail over {}: with replication 1 no other node holds its data",
+            names.join(", ")
         )));
     }
-    if current.is_failed(name) {
-        return Err(EcsError::Refused(format!("{name} is already failed")));
+    let mut target = current.clone();
+    for name in names {
+        if target.is_failed(name) {
+            return Err(EcsError::Refused(format!("{name} is already failed")));
+        }
+        target = target.with_failed(name)?;
     }
-    let target = current.with_failed(name)?;
+    target.version = current.version + 1;
     // Never the last live copy of a range: a chain left empty could not be rebuilt, and
     // its data (still on the node, if it is only cut off) would be stranded.
     if let Some((range, _)) = target.chains().into_iter().find(|(_, c)| c.is_empty()) {
         return Err(EcsError::NoLiveCopy {
             range,
-            why: format!("{name} holds its last live copy; failing it over would lose it"),
+            why: format!(
+                "{} hold its last live copy; failing them over would lose it",
+                names.join(", ")
+            ),
         });
     }
     let mut steps = vec![Step::Commit];

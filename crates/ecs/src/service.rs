@@ -16,7 +16,8 @@ use ringkv_wire::{
 };
 
 use crate::executor::{Action, Executor, Intent, Outcome, Phase};
-use crate::liveness::Probes;
+use crate::leadership::LeadGate;
+use crate::liveness::{Detector, FailoverDecision, Probes};
 use crate::plan::{self, Plan, Step};
 use crate::raft::{EcsCommand, EcsRaft, Member, RaftError};
 use crate::state::{IntentFile, IntentLog, RingFile};
@@ -48,11 +49,10 @@ pub struct Ecs {
     owed: std::sync::Mutex<std::collections::HashMap<String, Vec<RequestBody>>>,
     /// This member of a replicated ECS (`None`: a single ECS, whose state is in files).
     raft: Option<EcsRaft>,
-    /// The Raft term this member leads in, confirmed by a majority when it took the lead
-    /// (0: it does not lead). Its state was reloaded from the group's then.
-    leading: std::sync::atomic::AtomicU64,
-    /// When a majority last confirmed this member's lead ([`Ecs::leadership_loop`]).
-    confirmed: std::sync::Mutex<Option<Instant>>,
+    /// Whether, and in which term, this member leads and may act ([`LeadGate`]): the term
+    /// was confirmed by a majority when it took the lead (its state was reloaded from the
+    /// group's then), and is confirmed again every [`CONFIRM_EVERY`].
+    gate: std::sync::Mutex<LeadGate>,
     /// A change whose driver ran out of its retry budget, exactly where it stopped (an
     /// unknown commit outcome still being resolved, a rollback, steps after the commit): the
     /// background task drives it on from there rather than from the intent log, which may
@@ -64,10 +64,6 @@ pub struct Ecs {
 const CONFIRM_EVERY: Duration = Duration::from_millis(150);
 /// Bound on one confirmation.
 const CONFIRM_TIMEOUT: Duration = Duration::from_millis(400);
-/// How long a confirmation lets a leader act: below the 600 ms a follower that heard from
-/// it waits before it votes for anyone else (openraft's leader lease, ARCHITECTURE.md §12),
-/// so no other member can have been elected meanwhile.
-const CONFIRMED_FOR: Duration = Duration::from_millis(500);
 
 /// Binds the ECS endpoint and loads its persisted ring.
 pub async fn bind(
@@ -120,6 +116,7 @@ pub async fn bind(
         nodes = metadata.nodes.len(),
         "ECS state loaded"
     );
+    let act_for = raft.as_ref().map_or(Duration::MAX, EcsRaft::act_for);
     let ecs = Arc::new(Ecs {
         config,
         nodes,
@@ -132,8 +129,7 @@ pub async fn bind(
         probes: std::sync::Mutex::new(Probes::new()),
         owed: std::sync::Mutex::new(Default::default()),
         raft,
-        leading: std::sync::atomic::AtomicU64::new(0),
-        confirmed: std::sync::Mutex::new(None),
+        gate: std::sync::Mutex::new(LeadGate::new(act_for)),
         parked: std::sync::Mutex::new(None),
     });
     Ok((endpoint, ecs))
@@ -231,18 +227,19 @@ impl Ecs {
         if let AdminRequest::Group = request {
             return AdminReply::Group(self.group());
         }
-        if !self.leads() {
+        // Everything this request sends nodes is stamped with the term it was decided in.
+        let Some(term) = self.acting_term() else {
             return AdminReply::NotLeader {
                 leader: self.leader_addr(),
             };
-        }
+        };
         let result = match request {
             AdminRequest::Ring => return AdminReply::Ring(self.metadata()),
-            AdminRequest::Status => return self.status().await,
+            AdminRequest::Status => return self.status(term).await,
             AdminRequest::AddNode { name, addr } => self.add_node(NodeEntry::new(name, addr)).await,
             AdminRequest::RemoveNode { name } => self.remove_node(&name).await,
-            AdminRequest::Start => self.broadcast(RequestBody::Start).await,
-            AdminRequest::Stop => self.broadcast(RequestBody::Stop).await,
+            AdminRequest::Start => self.broadcast(term, RequestBody::Start).await,
+            AdminRequest::Stop => self.broadcast(term, RequestBody::Stop).await,
             // A Raft message reaches this single ECS only from a misconfigured peer.
             AdminRequest::Raft(_) => {
                 return AdminReply::Error(
@@ -290,21 +287,25 @@ impl Ecs {
         })
     }
 
-    /// Whether this ECS acts: a single ECS always; a group member while it leads (it took
-    /// the lead in [`Ecs::leadership_loop`], has heard of no newer term since, and a majority
-    /// confirmed its lead within [`CONFIRMED_FOR`]). A leader cut off from the majority thus
-    /// stops answering operators, leasing nodes and failing them over within about half a
-    /// second, before the others can have elected a new leader.
-    fn leads(&self) -> bool {
+    /// The term this member may act in now, if it acts at all: a single ECS always acts
+    /// (`Some(0)`); a group member while it leads (`Some(term)`: it took the lead in
+    /// [`Ecs::leadership_loop`], has heard of no newer term since, and a majority confirmed
+    /// its lead in a round that started less than the Raft timings' `act_for` ago,
+    /// [`LeadGate`]). A leader cut off from the majority thus stops answering operators,
+    /// leasing nodes and failing them over before the others can have elected a new leader.
+    ///
+    /// What is decided now is sent
+    /// stamped with this term ([`Ecs::stamp`]), never with whatever the term is when it is
+    /// sent.
+    fn acting_term(&self) -> Option<u64> {
         if self.raft.is_none() {
-            return true;
+            return Some(0);
         }
-        !self.deposed()
-            && self
-                .confirmed
-                .lock()
-                .expect("confirmed lock")
-                .is_some_and(|at| at.elapsed() < CONFIRMED_FOR)
+        if self.deposed() {
+            return None;
+        }
+        let gate = self.gate.lock().expect("gate lock");
+        gate.may_act(Instant::now()).then(|| gate.term())
     }
 
     /// Whether this group member has stopped leading (a newer term, or it never led). A
@@ -313,34 +314,38 @@ impl Ecs {
     fn deposed(&self) -> bool {
         match &self.raft {
             None => false,
-            Some(raft) => {
-                self.leading.load(std::sync::atomic::Ordering::SeqCst) == 0 || !raft.is_leader()
-            }
+            Some(raft) => self.leading_term() == 0 || !raft.is_leader(),
         }
     }
 
     /// Confirms with a majority, now, that this member leads (a group member; a single ECS
-    /// always does): called before a change touches any node.
-    async fn confirm_lead(&self) -> Result<(), EcsError> {
+    /// always does): called before a change touches any node. The term to stamp what the
+    /// change sends with (0 for a single ECS).
+    async fn confirm_lead(&self) -> Result<u64, EcsError> {
         let Some(raft) = &self.raft else {
-            return Ok(());
+            return Ok(0);
         };
+        // The gate counts from before the heartbeats go out ([`LeadGate`]).
+        let round = Instant::now();
         let lead = tokio::time::timeout(CONFIRM_TIMEOUT, raft.ensure_leader())
             .await
             .map_err(|_| {
                 RaftError::NoQuorum(format!("no majority within {CONFIRM_TIMEOUT:?}"))
             })??;
-        if lead.term != self.leading_term() {
+        if !self
+            .gate
+            .lock()
+            .expect("gate lock")
+            .confirmed(lead.term, round)
+        {
             return Err(RaftError::ForwardToLeader { leader: None }.into());
         }
-        *self.confirmed.lock().expect("confirmed lock") = Some(Instant::now());
-        Ok(())
+        Ok(lead.term)
     }
 
-    /// The Raft term this member leads in, for fencing what it sends nodes (0: a single
-    /// ECS, or not leading).
+    /// The Raft term this member leads in (0: a single ECS, or not leading).
     pub fn leading_term(&self) -> u64 {
-        self.leading.load(std::sync::atomic::Ordering::SeqCst)
+        self.gate.lock().expect("gate lock").term()
     }
 
     /// The address of the group's leader as this member knows it.
@@ -378,7 +383,7 @@ impl Ecs {
     /// group's state, forgets what it knew of the nodes' liveness (a node gets a whole
     /// `failover_after` under the new leader before it can be failed over, which also
     /// outlasts any lease the old leader granted), then resumes the change in flight and
-    /// republishes the ring. When it stops leading, it stops acting at once ([`Ecs::leads`]).
+    /// republishes the ring. When it stops leading, it stops acting at once ([`Ecs::acting_term`]).
     async fn leadership_loop(self: Arc<Self>) {
         let Some(raft) = self.raft.as_ref() else {
             return;
@@ -390,15 +395,15 @@ impl Ecs {
             if leader && leading == 0 {
                 self.take_lead(raft).await;
             } else if !leader && leading != 0 {
-                self.leading.store(0, std::sync::atomic::Ordering::SeqCst);
+                self.gate.lock().expect("gate lock").depose();
                 tracing::warn!(term = raft.term(), "no longer the ECS group's leader");
             } else if leader {
-                // Leading: renew the majority's confirmation ([`Ecs::leads`]); a newer term
+                // Leading: renew the majority's confirmation ([`Ecs::acting_term`]); a newer term
                 // means this member is leading afresh and takes the lead again.
                 match self.confirm_lead().await {
-                    Ok(()) => {}
+                    Ok(_) => {}
                     Err(EcsError::Raft(RaftError::ForwardToLeader { .. })) => {
-                        self.leading.store(0, std::sync::atomic::Ordering::SeqCst);
+                        self.gate.lock().expect("gate lock").depose();
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "lead not confirmed by a majority");
@@ -414,6 +419,9 @@ impl Ecs {
 
     /// Takes the lead (see [`Ecs::leadership_loop`]).
     async fn take_lead(self: &Arc<Self>, raft: &EcsRaft) {
+        // The gate counts from before the heartbeats go out, not from when the change
+        // mutex below is had ([`LeadGate`]).
+        let round = Instant::now();
         let term = match raft.ensure_leader().await {
             Ok(lead) => lead.term,
             Err(e) => {
@@ -430,9 +438,7 @@ impl Ecs {
         // The group's intent log is the record now: whatever this member parked under an
         // earlier lead is resumed from there.
         *self.parked.lock().expect("parked lock") = None;
-        self.leading
-            .store(term, std::sync::atomic::Ordering::SeqCst);
-        *self.confirmed.lock().expect("confirmed lock") = Some(Instant::now());
+        self.gate.lock().expect("gate lock").take(term, round);
         tracing::warn!(
             term,
             version = state.ring.version,
@@ -450,26 +456,32 @@ impl Ecs {
     pub async fn add_node(&self, node: NodeEntry) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
         // Before the wipe touches the joining node: a deposed leader must not.
-        self.confirm_lead().await?;
-        self.finish_pending().await?;
+        let term = self.confirm_lead().await?;
+        self.finish_pending(term).await?;
         // A new ring gets the configured factor; a ring with nodes keeps its own.
         let current = self.metadata();
         let plan = plan::join_with_replication(&current, node.clone(), self.config.replication)?;
-        self.wipe(&current, &node).await?;
-        self.execute(plan).await
+        self.wipe(term, &current, &node).await?;
+        self.execute(term, plan).await
     }
 
     /// Deletes everything a joining node holds (a node that comes back after it was failed
     /// over or removed rejoins empty; its copies come from the ring). It is first given the
     /// current ring, in which it holds nothing, so that it may delete. Refused (and the join
     /// with it) if the node still holds a ring it belongs to, newer than the ECS's.
-    async fn wipe(&self, current: &RingMetadata, node: &NodeEntry) -> Result<(), EcsError> {
+    async fn wipe(
+        &self,
+        term: u64,
+        current: &RingMetadata,
+        node: &NodeEntry,
+    ) -> Result<(), EcsError> {
         if !current.nodes.is_empty() {
-            self.install_at(current, [node]).await;
+            self.install_at(term, current, [node]).await;
         }
         let everything = KeyRange::new(Position::MAX, Position::MAX);
         let wiped = self
             .call(
+                term,
                 node,
                 RequestBody::DeleteRange { range: everything },
                 self.config.node_timeout,
@@ -514,73 +526,109 @@ impl Ecs {
     /// rebuilt from the surviving members of its chains.
     pub async fn remove_node(&self, name: &str) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
-        self.confirm_lead().await?;
-        self.finish_pending().await?;
+        let term = self.confirm_lead().await?;
+        self.finish_pending(term).await?;
         let metadata = self.metadata();
         if metadata.replication > 1
             && metadata.node(name).is_some()
-            && (metadata.is_failed(name) || self.silent_through_its_lease(name).await)
+            && (metadata.is_failed(name) || self.silent_through_its_lease(term, name).await)
         {
-            return self.fail_over(name).await;
+            return self.fail_over(term, &[name.to_string()]).await;
         }
         let plan = plan::leave(&metadata, name)?;
-        self.execute(plan).await
+        self.execute(term, plan).await
     }
 
     /// For `remove-node`: whether `name` is dead rather than live. If it answers a probe now
     /// it is live. If not, it is dead only once it has been silent for `failover_after`
     /// (its lease is surely over then); this waits for that, unless it answers meanwhile.
-    async fn silent_through_its_lease(&self, name: &str) -> bool {
-        if self.probe(name).await {
+    /// A dead node is condemned in the same step ([`Probes::condemn`]): never leased again.
+    async fn silent_through_its_lease(&self, term: u64, name: &str) -> bool {
+        if self.probe_now(term, name).await {
             return false;
         }
         let deadline = Instant::now() + self.config.failover_after * 2;
         loop {
-            let silent = self
-                .probes
-                .lock()
-                .expect("probes lock")
-                .silent_for(name, Instant::now());
-            if silent >= self.config.failover_after {
+            if self.probes.lock().expect("probes lock").condemn(
+                name,
+                self.config.failover_after,
+                Instant::now(),
+            ) {
                 return true;
             }
-            if Instant::now() >= deadline || self.probe(name).await {
+            if Instant::now() >= deadline || self.probe_now(term, name).await {
                 return false;
             }
             tokio::time::sleep(self.config.probe_interval).await;
         }
     }
 
-    /// Fails the node `name` over (called with `change` held): marks it failed (if it is not
-    /// yet), then rebuilds its copies elsewhere and removes it from the ring.
-    async fn fail_over(&self, name: &str) -> Result<AdminReply, EcsError> {
+    /// Fails the nodes `names` over (called with `change` held, each condemned or already
+    /// failed): marks them failed in one change (those not failed yet), then rebuilds their
+    /// copies elsewhere and removes them from the ring, one after the other. If the first
+    /// change is rolled back (certainly not committed), they are pardoned: leased again if
+    /// they answer.
+    async fn fail_over(&self, term: u64, names: &[String]) -> Result<AdminReply, EcsError> {
         let started = Instant::now();
-        if !self.metadata().is_failed(name) {
-            self.execute(plan::fail(&self.metadata(), name)?).await?;
-            tracing::warn!(node = name, elapsed = ?started.elapsed(), version = self.metadata().version, "node marked failed: its chains go on without it");
+        let metadata = self.metadata();
+        let unmarked: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|name| !metadata.is_failed(name))
+            .collect();
+        if !unmarked.is_empty() {
+            let marked = match plan::fail_all(&metadata, &unmarked) {
+                Ok(plan) => self.execute(term, plan).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = marked {
+                if !matches!(e, EcsError::Pending { .. }) {
+                    let mut probes = self.probes.lock().expect("probes lock");
+                    unmarked.iter().for_each(|name| probes.pardon(name));
+                }
+                return Err(e);
+            }
+            tracing::warn!(nodes = ?unmarked, elapsed = ?started.elapsed(), version = self.metadata().version, "nodes marked failed: their chains go on without them");
         }
-        let reply = self
-            .execute(plan::remove_failed(&self.metadata(), name)?)
-            .await?;
-        tracing::warn!(node = name, elapsed = ?started.elapsed(), version = self.metadata().version, "failed node replaced and removed");
-        Ok(reply)
+        let mut reply = None;
+        for name in names {
+            reply = Some(
+                self.execute(term, plan::remove_failed(&self.metadata(), name)?)
+                    .await?,
+            );
+            tracing::warn!(node = %name, elapsed = ?started.elapsed(), version = self.metadata().version, "failed node replaced and removed");
+        }
+        reply.ok_or_else(|| EcsError::Refused("no node to fail over".into()))
     }
 
-    /// One liveness probe of `name` (a lease renewal, echoing its last stamp): whether it
-    /// answered in time.
-    async fn probe(&self, name: &str) -> bool {
+    /// One liveness probe of `name` outside the probe loop, echoing its last stamp, unless
+    /// it is condemned: whether it answered in time.
+    async fn probe_now(&self, term: u64, name: &str) -> bool {
+        let echo = {
+            let probes = self.probes.lock().expect("probes lock");
+            if probes.is_condemned(name) {
+                return false;
+            }
+            probes.echo(name)
+        };
+        self.probe(term, name, echo).await
+    }
+
+    /// One liveness probe of `name` (a lease renewal, echoing `echo`, the stamp chosen when
+    /// the probe was decided): whether it answered in time.
+    async fn probe(&self, term: u64, name: &str, echo: Option<u64>) -> bool {
         let Some(node) = self.metadata().node(name).cloned() else {
             return false;
         };
         let lease = self.config.lease();
         let body = RequestBody::Lease {
             millis: lease.as_millis().min(u32::MAX as u128) as u32,
-            echo: self.probes.lock().expect("probes lock").echo(name),
+            echo,
         };
         // Dialing included: a dead node's probe ends within this, and the next one waits
         // for it (one per node under way), so it never holds up anyone else's.
         let timeout = self.config.probe_interval.max(Duration::from_millis(100)) * 2;
-        match tokio::time::timeout(timeout, self.call(&node, body, timeout)).await {
+        match tokio::time::timeout(timeout, self.call(term, &node, body, timeout)).await {
             Ok(Ok(Reply {
                 body: ReplyBody::Leased { stamp },
                 ..
@@ -604,38 +652,35 @@ impl Ecs {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if !self.leads() {
+            let Some(term) = self.acting_term() else {
                 continue;
-            }
+            };
             let metadata = self.metadata();
-            let live: Vec<NodeEntry> = metadata
+            let live: Vec<&str> = metadata
                 .nodes
                 .iter()
                 .filter(|n| !metadata.is_failed(&n.name))
-                .cloned()
+                .map(|n| n.name.as_str())
                 .collect();
-            let due: Vec<NodeEntry> = {
+            let due = {
                 let mut probes = self.probes.lock().expect("probes lock");
-                probes.retain(live.iter().map(|n| n.name.as_str()));
-                let now = Instant::now();
-                live.into_iter()
-                    .filter(|n| {
-                        probes.probing(&n.name, now);
-                        probes.start(&n.name)
-                    })
-                    .collect()
+                probes.retain(live.iter().copied());
+                probes.due(live.iter().copied(), Instant::now())
             };
             self.owed
                 .lock()
                 .expect("owed lock")
                 .retain(|name, _| metadata.node(name).is_some());
-            for node in due {
+            for (name, echo) in due {
+                let Some(node) = metadata.node(&name).cloned() else {
+                    continue;
+                };
                 let ecs = self.clone();
                 tokio::spawn(async move {
-                    let answered = ecs.probe(&node.name).await;
-                    ecs.probes.lock().expect("probes lock").done(&node.name);
+                    let answered = ecs.probe(term, &name, echo).await;
+                    ecs.probes.lock().expect("probes lock").done(&name);
                     if answered {
-                        ecs.pay_owed(&node).await;
+                        ecs.pay_owed(term, &node).await;
                     }
                 });
             }
@@ -646,7 +691,7 @@ impl Ecs {
     /// clear, an abort), between changes only: first the current ring (so that it judges
     /// the rest by it: it refuses to delete a range it holds), then each step. A step the
     /// node answered, in any way, is done.
-    async fn pay_owed(&self, node: &NodeEntry) {
+    async fn pay_owed(&self, term: u64, node: &NodeEntry) {
         if !self
             .owed
             .lock()
@@ -659,7 +704,7 @@ impl Ecs {
             return; // at a later answer
         };
         let metadata = self.metadata();
-        self.install_at(&metadata, [node]).await;
+        self.install_at(term, &metadata, [node]).await;
         let owed = self
             .owed
             .lock()
@@ -670,7 +715,7 @@ impl Ecs {
         for body in owed {
             let name = body.name();
             match self
-                .call(node, body.clone(), self.config.node_timeout)
+                .call(term, node, body.clone(), self.config.node_timeout)
                 .await
             {
                 Ok(reply) => {
@@ -689,69 +734,82 @@ impl Ecs {
         }
     }
 
-    /// The failover loop ([`crate::liveness`]): with replication, fails over a node silent
-    /// for `failover_after` (unless most of the ring is silent at once), and finishes the
-    /// removal of failed nodes whose rebuild did not complete, retrying every
-    /// [`FAILOVER_RETRY`].
+    /// The failover loop ([`crate::liveness`]): with replication, fails over the nodes
+    /// silent for `failover_after`, all in one change ([`Probes::decide`]: none while half the
+    /// nodes or more are silent), condemning them first so that none is leased again; and
+    /// finishes the removal of failed nodes whose rebuild did not complete. An attempt that
+    /// did not finish is tried again after [`FAILOVER_RETRY`].
     async fn failover_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut retry_at: std::collections::HashMap<String, Instant> = Default::default();
+        let detector = Detector::new(self.config.probe_interval, self.config.failover_after);
+        let mut retry_at: Option<Instant> = None;
         loop {
             tick.tick().await;
             let metadata = self.metadata();
-            if metadata.replication <= 1 || !self.leads() {
+            if metadata.replication <= 1 || retry_at.is_some_and(|at| Instant::now() < at) {
                 continue;
             }
+            let Some(term) = self.acting_term() else {
+                continue;
+            };
+            let Ok(_change) = self.change.try_lock() else {
+                continue; // a change is running; look again at the next tick
+            };
+            if let Err(e) = self.finish_pending(term).await {
+                tracing::warn!(error = %e, "pending change still not finished");
+                continue;
+            }
+            let metadata = self.metadata();
             let live: Vec<&str> = metadata
                 .nodes
                 .iter()
                 .filter(|n| !metadata.is_failed(&n.name))
                 .map(|n| n.name.as_str())
                 .collect();
-            let silent = self.probes.lock().expect("probes lock").silent(
-                live.iter().copied(),
-                self.config.failover_after,
-                Instant::now(),
-            );
-            if !silent.is_empty() && silent.len() * 2 >= live.len() {
-                // Half the ring or more silent at once is more likely the ECS cut off than
-                // the nodes dead: failing them over could leave no copy of some range.
-                tracing::error!(
-                    ?silent,
-                    "half the nodes or more answer no probe; failing none over (is the ECS cut off?)"
-                );
+            let todo: Vec<String> = {
+                let mut probes = self.probes.lock().expect("probes lock");
+                let now = Instant::now();
+                match probes.decide(&live, detector, now) {
+                    FailoverDecision::FailOver(silent) => {
+                        for name in &silent {
+                            probes.condemn(name, self.config.failover_after, now);
+                        }
+                        tracing::warn!(nodes = ?silent, "failing over silent nodes");
+                    }
+                    FailoverDecision::HoldOff { silent } => {
+                        // Half the ring or more silent at once is more likely the ECS cut
+                        // off, or the cluster restarting, than the nodes dead: failing them
+                        // over could leave no copy of some range.
+                        tracing::error!(
+                            ?silent,
+                            "half the nodes or more answer no probe; failing none over (is the ECS cut off?)"
+                        );
+                    }
+                    FailoverDecision::Settling { silent } => {
+                        tracing::info!(
+                            ?silent,
+                            "silent nodes get a whole failover_after after the majority answers again"
+                        );
+                    }
+                    FailoverDecision::Nothing => {}
+                }
+                // Condemned ones (decided now or by an attempt that did not finish), then
+                // those marked failed whose removal did not finish.
+                live.iter()
+                    .filter(|name| probes.is_condemned(name))
+                    .map(|name| name.to_string())
+                    .chain(metadata.failed.iter().cloned())
+                    .collect()
+            };
+            if todo.is_empty() {
                 continue;
             }
-            let todo: Vec<String> = silent
-                .into_iter()
-                .chain(metadata.failed.iter().cloned())
-                .collect();
-            for name in todo {
-                if retry_at.get(&name).is_some_and(|at| Instant::now() < *at) {
-                    continue;
-                }
-                let Ok(_change) = self.change.try_lock() else {
-                    break; // a change is running; look again at the next tick
-                };
-                if let Err(e) = self.finish_pending().await {
-                    tracing::warn!(error = %e, "pending change still not finished");
-                    break;
-                }
-                let silent_for = self
-                    .probes
-                    .lock()
-                    .expect("probes lock")
-                    .silent_for(&name, Instant::now());
-                tracing::warn!(node = %name, silent = ?silent_for, "failing over a silent node");
-                match self.fail_over(&name).await {
-                    Ok(_) => {
-                        retry_at.remove(&name);
-                    }
-                    Err(e) => {
-                        tracing::warn!(node = %name, error = %e, "failover not finished; retrying in {FAILOVER_RETRY:?}");
-                        retry_at.insert(name, Instant::now() + FAILOVER_RETRY);
-                    }
+            match self.fail_over(term, &todo).await {
+                Ok(_) => retry_at = None,
+                Err(e) => {
+                    tracing::warn!(nodes = ?todo, error = %e, "failover not finished; retrying in {FAILOVER_RETRY:?}");
+                    retry_at = Some(Instant::now() + FAILOVER_RETRY);
                 }
             }
         }
@@ -764,7 +822,7 @@ impl Ecs {
 
     /// Drives the change left in the intent log (by a crash, or by steps that could not be
     /// completed yet) to its end, if there is one. Called with `change` held.
-    async fn finish_pending(&self) -> Result<(), EcsError> {
+    async fn finish_pending(&self, term: u64) -> Result<(), EcsError> {
         let parked = self.parked.lock().expect("parked lock").take();
         let (exec, first) = if let Some(mut exec) = parked {
             // Goes on where the driver stopped waiting (the backoff is over).
@@ -778,7 +836,7 @@ impl Ecs {
             tracing::info!(change = intent.change, phase = ?intent.phase, version = intent.plan.metadata.version, "resuming a change from the intent log");
             Executor::resume(intent)
         };
-        match self.drive(exec, first).await {
+        match self.drive(term, exec, first).await {
             Ok(_) | Err(EcsError::Aborted { .. }) => Ok(()),
             Err(e) => Err(e),
         }
@@ -788,19 +846,22 @@ impl Ecs {
     /// of [`run`] calls this periodically).
     pub async fn resume_pending(&self) {
         let parked = self.parked.lock().expect("parked lock").is_some();
-        if (self.pending_change().is_none() && !parked) || !self.leads() {
+        if self.pending_change().is_none() && !parked {
             return;
         }
+        let Some(term) = self.acting_term() else {
+            return;
+        };
         let Ok(_change) = self.change.try_lock() else {
             return;
         };
-        match self.finish_pending().await {
+        match self.finish_pending(term).await {
             Ok(()) => tracing::info!("pending change finished"),
             Err(e) => tracing::warn!(error = %e, "pending change still not finished"),
         }
     }
 
-    async fn execute(&self, plan: Plan) -> Result<AdminReply, EcsError> {
+    async fn execute(&self, term: u64, plan: Plan) -> Result<AdminReply, EcsError> {
         let change = {
             let mut log = self.log.lock().expect("log lock");
             let change = log.next_change.max(1);
@@ -814,13 +875,20 @@ impl Ecs {
             "membership change starting"
         );
         let (exec, first) = Executor::new(plan, change);
-        self.drive(exec, first).await
+        self.drive(term, exec, first).await
     }
 
     /// Performs the executor's actions until the change is over, or until its retries have
     /// taken longer than `config.retry_budget` (then the change stays in the intent log and
-    /// the background task goes on with it).
-    async fn drive(&self, mut exec: Executor, first: Action) -> Result<AdminReply, EcsError> {
+    /// the background task goes on with it). Everything it sends nodes is stamped with
+    /// `term`, the term the change was decided in (0 for a single ECS); it stops the moment
+    /// the member no longer leads in it.
+    async fn drive(
+        &self,
+        term: u64,
+        mut exec: Executor,
+        first: Action,
+    ) -> Result<AdminReply, EcsError> {
         let started = Instant::now();
         let plan = exec.intent().plan.clone();
         // Lock timing is measured at the first copy's head (the old owner with replication 1).
@@ -830,7 +898,7 @@ impl Ecs {
         let mut last_failure = String::new();
         let mut action = first;
         loop {
-            if self.deposed() {
+            if self.deposed() || self.leading_term() != term {
                 // Deposed: the new leader resumes the change from the group's intent log.
                 return Err(EcsError::Raft(RaftError::ForwardToLeader {
                     leader: self.raft.as_ref().and_then(|raft| raft.leader()),
@@ -858,7 +926,7 @@ impl Ecs {
                         (hook.0)(step);
                     }
                     let step_started = Instant::now();
-                    let outcome = self.run_step(step, exec.move_id(), &plan).await;
+                    let outcome = self.run_step(term, step, exec.move_id(), &plan).await;
                     let ok = matches!(outcome, Outcome::Ok { .. });
                     tracing::info!(change = exec.move_id().change, step = %step.describe(), elapsed = ?step_started.elapsed(), ok, "step");
                     if let Outcome::Failed(reason) | Outcome::Unknown(reason) = &outcome {
@@ -1008,7 +1076,7 @@ impl Ecs {
     }
 
     /// Runs one step of move `id` against its node.
-    async fn run_step(&self, step: &Step, id: MoveId, plan: &Plan) -> Outcome {
+    async fn run_step(&self, term: u64, step: &Step, id: MoveId, plan: &Plan) -> Outcome {
         if let Step::Install { node }
         | Step::Start { node }
         | Step::Clear { node, .. }
@@ -1096,7 +1164,7 @@ impl Ecs {
             },
             Step::Start { node } => (node, RequestBody::Start, self.config.node_timeout),
         };
-        match self.call(node, body, timeout).await {
+        match self.call(term, node, body, timeout).await {
             Ok(reply) => match reply.body {
                 // An install is checked by the executor: the reply's version must be at
                 // least the plan's (adopted now or before).
@@ -1114,28 +1182,32 @@ impl Ecs {
         }
     }
 
+    /// Sends `body` to `node`, stamped with `term` ([`Ecs::stamp`]).
     async fn call(
         &self,
+        term: u64,
         node: &NodeEntry,
         body: RequestBody,
         timeout: Duration,
     ) -> Result<Reply, TransportError> {
-        let request = Request::new(self.metadata().version, self.stamp(body));
+        let Some(body) = self.stamp(term, body) else {
+            return Err(TransportError::NotTaken {
+                addr: node.addr.clone(),
+                reason: "this ECS member does not lead: it sends nodes nothing".into(),
+            });
+        };
+        let request = Request::new(self.metadata().version, body);
         self.nodes.call(&node.addr, &request, timeout).await
     }
 
-    /// In a group, `body` stamped with the term this member leads in: a node that has seen a
-    /// newer leader's term refuses it (`StaleTerm`), so a deposed leader that has not noticed
-    /// yet can no longer lock, transfer, install, lease or start anything (ARCHITECTURE.md
-    /// §12). A single ECS sends requests unstamped (term 0).
-    fn stamp(&self, body: RequestBody) -> RequestBody {
-        if self.raft.is_none() {
-            return body;
-        }
-        RequestBody::Fenced {
-            term: self.leading_term(),
-            body: Box::new(body),
-        }
+    /// In a group, `body` stamped with `term`, the term this member led in when the request
+    /// was decided (not the term when it is sent): a node that has seen a newer leader's term
+    /// refuses it (`StaleTerm`), so a deposed leader that has not noticed yet can no longer
+    /// lock, transfer, install, lease or start anything (ARCHITECTURE.md §12). `None` for
+    /// term 0 in a group: a group member never sends a request unfenced (a node that never
+    /// saw a term would take it). A single ECS sends requests unstamped.
+    fn stamp(&self, term: u64, body: RequestBody) -> Option<RequestBody> {
+        fence(self.raft.is_some(), term, body)
     }
 
     /// Sends the current metadata to every node of the ring (best effort), unless a change
@@ -1144,20 +1216,22 @@ impl Ecs {
         let Ok(_no_change) = self.change.try_lock() else {
             return;
         };
-        if !self.leads() {
+        let Some(term) = self.acting_term() else {
             return;
-        }
+        };
         if self.pending_change().is_some() {
             return;
         }
         let metadata = self.metadata();
-        self.install_at(&metadata, metadata.nodes.iter()).await;
+        self.install_at(term, &metadata, metadata.nodes.iter())
+            .await;
     }
 
     /// Signs `metadata` and installs it at `nodes`, one after the other (best effort: a node
     /// that fails or does not adopt it is logged).
     async fn install_at<'a>(
         &self,
+        term: u64,
         metadata: &RingMetadata,
         nodes: impl IntoIterator<Item = &'a NodeEntry>,
     ) {
@@ -1172,7 +1246,7 @@ impl Ecs {
             let body = RequestBody::InstallMetadata {
                 metadata: signed.clone(),
             };
-            match self.call(node, body, self.config.node_timeout).await {
+            match self.call(term, node, body, self.config.node_timeout).await {
                 Ok(reply) if reply.metadata_version >= metadata.version => {}
                 Ok(reply) => {
                     tracing::warn!(node = %node.name, reply = ?reply.body, "node did not adopt the republished metadata")
@@ -1184,12 +1258,12 @@ impl Ecs {
         }
     }
 
-    async fn broadcast(&self, body: RequestBody) -> Result<AdminReply, EcsError> {
+    async fn broadcast(&self, term: u64, body: RequestBody) -> Result<AdminReply, EcsError> {
         let metadata = self.metadata();
         let mut failed = Vec::new();
         for node in &metadata.nodes {
             match self
-                .call(node, body.clone(), self.config.node_timeout)
+                .call(term, node, body.clone(), self.config.node_timeout)
                 .await
                 .map(|r| r.body)
             {
@@ -1216,12 +1290,13 @@ impl Ecs {
     /// node that gossip has not reached, e.g. one cut off from its peers), but only while no
     /// change is running or pending: a change installs its version in its own order (the
     /// sender before the receiver).
-    async fn status(&self) -> AdminReply {
+    async fn status(&self, term: u64) -> AdminReply {
         let metadata = self.metadata();
         let timeout = self.config.status_timeout;
         let asks = metadata.nodes.iter().map(|node| async move {
             let asked =
-                tokio::time::timeout(timeout, self.call(node, RequestBody::Status, timeout)).await;
+                tokio::time::timeout(timeout, self.call(term, node, RequestBody::Status, timeout))
+                    .await;
             match asked.map(|r| r.map(|reply| reply.body)) {
                 Ok(Ok(ReplyBody::Status(s))) => Ok(*s),
                 Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
@@ -1255,7 +1330,7 @@ impl Ecs {
         }
         if let Ok(_no_change) = self.change.try_lock() {
             if self.pending_change().is_none() && self.metadata().version == metadata.version {
-                self.install_at(&metadata, behind).await;
+                self.install_at(term, &metadata, behind).await;
             }
         }
         let full = metadata.full_chain();
@@ -1273,6 +1348,20 @@ impl Ecs {
             nodes,
             ranges,
         }
+    }
+}
+
+/// `body` as a member of a replicated ECS (`group`) or a single ECS sends it when it decided
+/// it in `term`: a single ECS unstamped; a group member in `Fenced { term }`, and never with
+/// term 0 (`None`: it does not lead, and sends nothing).
+pub fn fence(group: bool, term: u64, body: RequestBody) -> Option<RequestBody> {
+    match (group, term) {
+        (false, _) => Some(body),
+        (true, 0) => None,
+        (true, term) => Some(RequestBody::Fenced {
+            term,
+            body: Box::new(body),
+        }),
     }
 }
 
@@ -1325,6 +1414,20 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_group_member_never_sends_unfenced() {
+        let body = || RequestBody::Stop;
+        assert_eq!(fence(false, 0, body()), Some(body()), "a single ECS");
+        assert_eq!(fence(true, 0, body()), None, "a member that does not lead");
+        assert_eq!(
+            fence(true, 7, body()),
+            Some(RequestBody::Fenced {
+                term: 7,
+                body: Box::new(body())
+            })
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`config`]: the configuration, [`NodeConfig`].
 //! - [`node`]: [`Node`], the node's state (metadata view, write locks, running flag) and the
 //!   dispatch of a request to its handler.
+//! - [`lease`]: [`lease::Lease`], the node's lease from the ECS as a synchronous state
+//!   machine over two clocks (the clock model).
 //! - [`moves`]: [`moves::MoveState`], the node's part in range moves (durable write locks,
 //!   tracking rounds, the moves it receives) as a synchronous state machine.
 //! - [`request`]: one module per kind of request (data, metadata, admin, gossip, range).
@@ -30,6 +32,7 @@ pub mod config;
 pub mod error;
 pub mod gossip;
 pub mod hops;
+pub mod lease;
 pub mod moves;
 pub mod node;
 pub mod request;

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ringkv_certs::{PeerIdentity, Role};
 use ringkv_transport::{RingAuthority, Transport};
@@ -13,6 +13,7 @@ use ringkv_wire::{
 };
 
 use crate::gossip::{self, GossipState, Membership};
+use crate::lease::{Clocks, Lease};
 use crate::moves::{MoveError, MoveState};
 use crate::request;
 use crate::storage::Store;
@@ -118,9 +119,9 @@ pub struct Node {
     pub(crate) inflight: InFlight,
     /// The held metadata version, for chain writes waiting for a new chain.
     version_tx: tokio::sync::watch::Sender<u64>,
-    /// End of the lease the ECS last granted (`None`: never granted). With replication the
-    /// node serves nothing outside a lease.
-    lease_until: std::sync::Mutex<Option<Instant>>,
+    /// The lease the ECS grants ([`Lease`]). With replication the node serves nothing
+    /// outside it.
+    lease: std::sync::Mutex<Lease>,
     /// When this process started: the origin of its lease stamps.
     started: Instant,
     /// This process's name as a chain head (`Replicate::origin`), random per start.
@@ -207,7 +208,7 @@ impl Node {
                 .collect(),
             inflight: InFlight::default(),
             version_tx: tokio::sync::watch::Sender::new(version),
-            lease_until: std::sync::Mutex::new(None),
+            lease: std::sync::Mutex::new(Lease::new()),
             started: Instant::now(),
             origin: rand::random(),
             next_seq: AtomicU64::new(1),
@@ -238,20 +239,24 @@ impl Node {
 
     /// `Lease`: extends the lease to `echo + millis` (the echo is one of this node's own
     /// stamps, so the lease is measured from a moment before an answer the ECS received) and
-    /// answers with a new stamp. An echo from the future (not a stamp of this process) grants
-    /// nothing.
+    /// answers with a new stamp ([`Lease`]). An echo that is not a stamp this process
+    /// issued grants nothing.
     fn lease(&self, millis: u32, echo: Option<u64>) -> ReplyBody {
-        let now = Instant::now();
-        let stamp = now.saturating_duration_since(self.started).as_micros() as u64;
-        if let Some(echo) = echo.filter(|echo| *echo <= stamp) {
-            let until =
-                self.started + Duration::from_micros(echo) + Duration::from_millis(millis.into());
-            let mut lease = self.lease_until.lock().expect("lease lock");
-            if lease.is_none_or(|held| held < until) {
-                *lease = Some(until);
-            }
-        }
+        let mut lease = self.lease.lock().expect("lease lock");
+        lease.grant(echo, millis);
+        let stamp = lease.stamp(self.clocks());
         ReplyBody::Leased { stamp }
+    }
+
+    /// The node's clocks now, for its lease: the monotonic clock since the process started,
+    /// and the wall clock (see [`crate::lease`] for why both).
+    fn clocks(&self) -> Clocks {
+        Clocks {
+            mono: self.started.elapsed(),
+            wall: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        }
     }
 
     /// The highest Raft term of an ECS leader this node has seen in a `Fenced` request
@@ -321,10 +326,7 @@ impl Node {
         if self.replication() <= 1 {
             return true;
         }
-        self.lease_until
-            .lock()
-            .expect("lease lock")
-            .is_some_and(|until| Instant::now() < until)
+        self.lease.lock().expect("lease lock").holds(self.clocks())
     }
 
     /// The write-order stripe index of `pos` (the same on every node).
@@ -633,6 +635,15 @@ impl Node {
             };
             tracing::warn!(node = %self.config.name, %role, peer = %peer.name, request = request.body.name(), fenced, %message, "forbidden request");
             request::error(ErrorKind::Forbidden, message)
+        } else if let (Role::Ecs, RequestBody::Fenced { term: 0, body }) = (role, &request.body) {
+            // A group member stamps what it sends with the term it leads in, never 0; one
+            // that does not lead sends nothing. Taken as unfenced, it would run at a node
+            // that never saw a term.
+            tracing::warn!(node = %self.config.name, peer = %peer.name, request = body.name(), "fenced request of term 0 refused");
+            request::error(
+                ErrorKind::StaleTerm,
+                "a fenced request of term 0: no ECS leader has term 0 (sent by a member that does not lead)",
+            )
         } else if role == Role::Ecs {
             let (term, body) = match request.body {
                 RequestBody::Fenced { term, body } => (term, *body),

@@ -228,6 +228,8 @@ pub struct EcsRaft {
     transport: Arc<Transport>,
     state: watch::Receiver<Arc<EcsState>>,
     propose_timeout: Duration,
+    /// How long a confirmation of the lead lets the leader act ([`crate::leadership`]).
+    act_for: Duration,
     store_closed: StoreClosed,
 }
 
@@ -260,6 +262,10 @@ impl EcsRaft {
             }
         }
         let raft_config = config.openraft_config()?;
+        let act_for = crate::leadership::act_for(config.heartbeat, config.election_timeout_max)
+            .ok_or_else(|| {
+                RaftError::Config("the heartbeat must be below the election timeout".into())
+            })?;
         let store = Store::open(&config.state_dir)?;
         let store_closed = store.closed();
         let (state_machine, state) = StateMachine::open(store.clone())?;
@@ -285,6 +291,7 @@ impl EcsRaft {
             transport,
             state,
             propose_timeout: config.propose_timeout,
+            act_for,
             store_closed,
         };
         member.initialize(&config.members).await?;
@@ -376,6 +383,13 @@ impl EcsRaft {
     /// The leader this member knows of, and how to reach it.
     pub fn leader(&self) -> Option<(MemberId, Member)> {
         self.status().leader
+    }
+
+    /// How long a confirmation of the lead ([`EcsRaft::ensure_leader`]) lets the leader act,
+    /// counted from the start of the round: derived from the Raft timings
+    /// ([`crate::leadership::act_for`]).
+    pub fn act_for(&self) -> Duration {
+        self.act_for
     }
 
     /// Whether this member believes it leads. Only a belief: see [`EcsRaft::ensure_leader`].

@@ -1,0 +1,172 @@
+//! The node's lease from the ECS (ARCHITECTURE.md §11, "Leases" and "Clock model"), as a
+//! synchronous state machine: time comes in as [`Clocks`] readings, nothing here reads a
+//! clock, so the simulation (`tests/cluster_sim.rs`) drives the same code with paused and
+//! drifting clocks.
+//!
+//! The protocol: every probe of the ECS carries `Lease { millis, echo }`; the node answers
+//! `Leased { stamp }` with a new [`Lease::stamp`]; the ECS echoes the stamp of the last
+//! answer it *received* in its next probe; the node may then serve until `echo + millis`.
+//! The echo is a moment before an answer the ECS received, so the lease has ended by
+//! `last answer + millis` however late the probe carrying it arrives.
+//!
+//! **Clock model.** The lease is measured on two clocks of the node, and ends as soon as
+//! *either* says it has ended:
+//! - the monotonic clock (`CLOCK_MONOTONIC`): never steps, keeps running while the process
+//!   is stopped (SIGSTOP, a long scheduling delay), but may stop while the whole machine is
+//!   paused (a VM paused or suspended: the guest's monotonic time does not see it);
+//! - the wall clock (`CLOCK_REALTIME`): corrected from outside (NTP, the hypervisor's clock
+//!   sync) after such a pause, so it jumps forward by the pause. A forward step for any other
+//!   reason only ends the lease early (the node answers `Stopped` until the next probe, a
+//!   quarter of a second later); a backward step is ignored, the monotonic clock still bounds
+//!   the lease.
+//!
+//! Both clocks are assumed to run at least half as fast as real time between such events
+//! (the ECS waits twice the lease before it fails a node over, ARCHITECTURE.md §11). A pause
+//! that stops both clocks *and* is never corrected from outside cannot be detected by any
+//! local means; that residue is stated in ARCHITECTURE.md.
+//!
+//! Stamps are remembered (the last [`REMEMBERED_STAMPS`]) with the wall-clock reading taken
+//! with them: an echo that is not one of them (a stamp of an earlier process of this node,
+//! one evicted long ago, or a forgery) grants nothing.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// How many recent stamps a node remembers. The ECS has at most one probe of a node under
+/// way and echoes the stamp of the last answer it received, so the echo is almost always
+/// the newest stamp; the rest cover probes of a deposed leader still in flight.
+pub const REMEMBERED_STAMPS: usize = 16;
+
+/// Readings of the node's two clocks at one moment, each since an origin fixed for the
+/// process (the wall clock: since the Unix epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clocks {
+    /// The monotonic clock.
+    pub mono: Duration,
+    /// The wall clock.
+    pub wall: Duration,
+}
+
+/// A node's lease: granted by the ECS's probes, checked before serving.
+///
+/// Invariant: the lease never extends past `echo + millis` on either clock, where `echo`
+/// is a stamp this process issued and remembers.
+#[derive(Debug, Default, Clone)]
+pub struct Lease {
+    /// Recent stamps (monotonic microseconds) with the wall-clock reading taken with them,
+    /// oldest first.
+    stamps: VecDeque<(u64, Duration)>,
+    /// The end of the lease on each clock (`None`: never granted).
+    until: Option<Clocks>,
+}
+
+impl Lease {
+    /// No lease granted, no stamp issued.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A new stamp for an answer to a probe, taken at `now` (before the answer is sent).
+    pub fn stamp(&mut self, now: Clocks) -> u64 {
+        let stamp = now.mono.as_micros() as u64;
+        if self.stamps.back().is_none_or(|(last, _)| *last < stamp) {
+            if self.stamps.len() == REMEMBERED_STAMPS {
+                self.stamps.pop_front();
+            }
+            self.stamps.push_back((stamp, now.wall));
+        }
+        stamp
+    }
+
+    /// A probe granted `millis` from `echo`: the lease is extended to `echo + millis` on both
+    /// clocks (never shortened). An echo this process does not remember grants nothing.
+    /// Returns whether the lease was extended.
+    pub fn grant(&mut self, echo: Option<u64>, millis: u32) -> bool {
+        let Some(echo) = echo else {
+            return false;
+        };
+        let Some(&(_, wall)) = self.stamps.iter().find(|(stamp, _)| *stamp == echo) else {
+            return false;
+        };
+        let length = Duration::from_millis(millis.into());
+        let until = Clocks {
+            mono: Duration::from_micros(echo) + length,
+            wall: wall + length,
+        };
+        match &mut self.until {
+            Some(held) if held.mono >= until.mono => false,
+            held => {
+                *held = Some(until);
+                true
+            }
+        }
+    }
+
+    /// Whether the lease holds at `now`: both clocks before its end.
+    pub fn holds(&self, now: Clocks) -> bool {
+        self.until
+            .is_some_and(|until| now.mono < until.mono && now.wall < until.wall)
+    }
+
+    /// The end of the lease on the monotonic clock, if one was granted.
+    pub fn until(&self) -> Option<Duration> {
+        self.until.map(|u| u.mono)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(mono_ms: u64, wall_ms: u64) -> Clocks {
+        Clocks {
+            mono: Duration::from_millis(mono_ms),
+            wall: Duration::from_millis(1_000_000 + wall_ms),
+        }
+    }
+
+    #[test]
+    fn a_lease_runs_from_the_echoed_stamp() {
+        let mut lease = Lease::new();
+        assert!(!lease.holds(at(0, 0)), "nothing before a grant");
+        let s = lease.stamp(at(100, 100));
+        assert!(!lease.grant(None, 1500));
+        assert!(lease.grant(Some(s), 1500));
+        assert!(lease.holds(at(1599, 1599)));
+        assert!(!lease.holds(at(1600, 1600)), "ends at echo + millis");
+        // A grant from an older stamp does not shorten it.
+        let s2 = lease.stamp(at(200, 200));
+        assert!(lease.grant(Some(s2), 1500));
+        assert!(!lease.grant(Some(s), 1500));
+        assert_eq!(lease.until(), Some(Duration::from_millis(1700)));
+    }
+
+    #[test]
+    fn an_echo_the_node_never_issued_grants_nothing() {
+        let mut lease = Lease::new();
+        let s = lease.stamp(at(100, 100));
+        assert!(!lease.grant(Some(s + 1), 1500), "not a stamp of ours");
+        assert!(
+            !lease.grant(Some(50), 1500),
+            "an earlier process's stamp, below ours"
+        );
+        for i in 0..REMEMBERED_STAMPS as u64 {
+            lease.stamp(at(200 + i, 200 + i));
+        }
+        assert!(!lease.grant(Some(s), 1500), "evicted long ago");
+        assert!(!lease.holds(at(150, 150)));
+    }
+
+    #[test]
+    fn a_paused_monotonic_clock_is_caught_by_the_wall_clock() {
+        let mut lease = Lease::new();
+        let s = lease.stamp(at(100, 100));
+        lease.grant(Some(s), 1500);
+        // The machine was paused for 10 s: the monotonic clock did not see it, the wall
+        // clock was corrected on resume.
+        assert!(!lease.holds(at(300, 10_300)));
+        // A wall clock stepped back is ignored: the monotonic clock still bounds it.
+        assert!(lease.holds(at(300, 0)));
+        assert!(!lease.holds(at(1600, 0)));
+    }
+}
