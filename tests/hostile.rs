@@ -8,7 +8,9 @@
 //!    for keys of the range it named;
 //! 4. a gossip digest speaks only for its sender, and a forged heartbeat cannot wrap or
 //!    freeze another node's counter;
-//! 5. `ringkv-certs issue --force` does not follow a symlink at the key path.
+//! 5. `ringkv-certs issue --force` does not follow a symlink at the key path;
+//! 6. (issue #21) a `node` certificate cannot swap the ECS's signature of the ring the nodes
+//!    hold for one with a padded signer chain.
 //!
 //! Finding 3 (resources held by unfinished frames) is `tests/resources.rs`.
 
