@@ -8,7 +8,9 @@
 //!    for keys of the range it named;
 //! 4. a gossip digest speaks only for its sender, and a forged heartbeat cannot wrap or
 //!    freeze another node's counter;
-//! 5. `ringkv-certs issue --force` does not follow a symlink at the key path.
+//! 5. `ringkv-certs issue --force` does not follow a symlink at the key path;
+//! 6. (issue #21) a `node` certificate cannot swap the ECS's signature of the ring the nodes
+//!    hold for one with a padded signer chain.
 //!
 //! Finding 3 (resources held by unfinished frames) is `tests/resources.rs`.
 
@@ -502,5 +504,106 @@ fn issue_force_does_not_follow_a_symlink_at_the_key_path() {
             .role()
             .unwrap(),
         Role::Node
+    );
+}
+
+/// `genuine` with its signer chain padded by one junk "intermediate" so that a `GossipPush`
+/// carrying it is exactly `max_frame` bytes: the largest a node takes, one byte short of a
+/// reply that hands it back.
+fn padded_to_frame(genuine: &SignedMetadata, max_frame: usize) -> SignedMetadata {
+    let push_len = |metadata: &SignedMetadata| {
+        let push = Request::new(
+            0,
+            RequestBody::GossipPush {
+                metadata: metadata.clone(),
+            },
+        );
+        ringkv_wire::codec::encode(&push, usize::MAX >> 1)
+            .unwrap()
+            .len()
+            - ringkv_wire::codec::FRAME_HEADER_LEN
+    };
+    let mut signature = MetadataSignature::clone(&genuine.signature);
+    signature
+        .signer
+        .push(serde_bytes::ByteBuf::from(vec![0x30; 16]));
+    let mut padded = SignedMetadata {
+        signature: Arc::new(signature),
+        ..genuine.clone()
+    };
+    // The junk's length prefix grows with it: settle in a few rounds.
+    for _ in 0..4 {
+        let missing = max_frame as i64 - push_len(&padded) as i64;
+        let mut signature = MetadataSignature::clone(&padded.signature);
+        let junk = signature.signer.last_mut().unwrap();
+        let len = (junk.len() as i64 + missing) as usize;
+        junk.resize(len, 0x30);
+        padded.signature = Arc::new(signature);
+    }
+    assert_eq!(push_len(&padded), max_frame);
+    padded
+}
+
+/// Issue #21: a `node` certificate gossips the ring the nodes hold, at its version, with the
+/// ECS's genuine signature but a signer chain padded with a junk intermediate to the frame
+/// limit. Were it taken as a fresh signature of the same ring, it would be persisted and
+/// handed out, and every `GetMetadata` and `NotResponsible` reply would exceed the frame
+/// limit until the next version: no client could bootstrap. It is not taken: `GetMetadata`
+/// still answers with the ECS's signature, and a client bootstraps from that node alone.
+#[tokio::test]
+async fn a_padded_signer_chain_does_not_replace_the_ecs_signature() {
+    let cluster = TestCluster::start(2).await;
+    let n1 = cluster.node("n1");
+    let genuine = n1.node.view().signed.clone().expect("n1 holds a ring");
+    let padded = padded_to_frame(&genuine, Limits::default().max_frame);
+    let attacker = transport(&cluster.certs, "mallory");
+    let reply = send(
+        &attacker,
+        &n1.addr,
+        RequestBody::GossipPush {
+            metadata: padded.clone(),
+        },
+    )
+    .await;
+    eprintln!("the padded push: {:?}", error_kind(&reply).ok_or(&reply));
+    // Even from the ECS's certificate a padded chain is refused: too large, or (below the
+    // size cap) more than the signer's leaf.
+    let mut small = MetadataSignature::clone(&genuine.signature);
+    small
+        .signer
+        .push(serde_bytes::ByteBuf::from(vec![0x30; 16]));
+    let small = SignedMetadata {
+        signature: Arc::new(small),
+        ..genuine.clone()
+    };
+    let ecs = transport(&cluster.certs, "ecs");
+    for (metadata, kind) in [
+        (padded, ErrorKind::Malformed),
+        (small.clone(), ErrorKind::Unauthenticated),
+    ] {
+        let reply = send(&ecs, &n1.addr, RequestBody::InstallMetadata { metadata }).await;
+        assert_eq!(error_kind(&reply), Some(kind), "{reply:?}");
+    }
+    let reply = send(
+        &attacker,
+        &n1.addr,
+        RequestBody::GossipPush { metadata: small },
+    )
+    .await;
+    eprintln!(
+        "the small padded push: {:?}",
+        error_kind(&reply).ok_or(&reply)
+    );
+    let client = transport(&cluster.certs, "client");
+    let reply = send(&client, &n1.addr, RequestBody::GetMetadata).await;
+    assert_eq!(reply, ReplyBody::Metadata(Some(genuine.clone())));
+    assert_eq!(n1.node.view().signed, Some(genuine));
+    let store = kvstore::KvStore::connect(cluster.certs.client_config(vec![n1.addr.clone()]))
+        .await
+        .expect("a client bootstraps from n1");
+    store.put(b"after", b"padding").await.unwrap();
+    assert_eq!(
+        store.get(b"after").await.unwrap(),
+        Some(b"padding".to_vec())
     );
 }

@@ -78,10 +78,13 @@ impl MetadataSigner {
                 ))
             })?
             .scheme();
+        // The leaf alone: the cluster CA signs every leaf directly (ARCHITECTURE.md §4), and
+        // verifiers refuse anything more.
+        let leaf = id.chain.first().ok_or(CertError::EmptyChain)?;
         Ok(Self {
             key,
             scheme,
-            chain: id.chain.clone(),
+            chain: vec![leaf.clone()],
         })
     }
 
@@ -97,7 +100,7 @@ impl MetadataSigner {
         })
     }
 
-    /// The signer's certificate chain, leaf first, which travels with each signature.
+    /// The signer's certificate chain, which travels with each signature: its leaf alone.
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.chain
     }
@@ -127,9 +130,11 @@ impl MetadataVerifier {
     }
 
     /// `Ok` if `signature` (scheme `scheme`) over `message` was made by the key of `chain[0]`,
-    /// and `chain` (leaf first, then intermediates) is a valid, unexpired chain to the CA
-    /// whose leaf carries the `ecs` role. Every refusal is [`CertError::BadSignature`] with
-    /// the reason.
+    /// and `chain` is that leaf alone, valid, unexpired, signed by the CA and carrying the
+    /// `ecs` role. The cluster CA signs every leaf directly (ARCHITECTURE.md §4), so a chain
+    /// with anything after the leaf is refused: path validation would never look at it, and
+    /// it would travel and be stored with the metadata unparsed. Every refusal is
+    /// [`CertError::BadSignature`] with the reason.
     pub fn verify(
         &self,
         chain: &[CertificateDer<'_>],
@@ -141,6 +146,12 @@ impl MetadataVerifier {
         let (leaf, intermediates) = chain
             .split_first()
             .ok_or_else(|| refuse("no signer certificate".into()))?;
+        if !intermediates.is_empty() {
+            return Err(refuse(format!(
+                "{} certificates after the signer's leaf; the cluster CA signs leaves directly",
+                intermediates.len()
+            )));
+        }
         let role = role_of_cert(leaf).map_err(|e| refuse(format!("signer certificate: {e}")))?;
         if role != Role::Ecs {
             return Err(refuse(format!(
@@ -212,6 +223,12 @@ mod tests {
         let ed = u16::from(SignatureScheme::ED25519);
         assert!(refused(signer.chain(), ed, b"ring v7", &sig.bytes).contains("verify"));
         assert!(refused(&[], sig.scheme, b"ring v7", &sig.bytes).contains("no signer"));
+        // The leaf alone: anything after it (junk, or even the CA itself) is refused.
+        assert_eq!(signer.chain().len(), 1);
+        for extra in [CertificateDer::from(vec![0x30; 16]), ecs.ca[0].clone()] {
+            let padded = [signer.chain()[0].clone(), extra];
+            assert!(refused(&padded, sig.scheme, b"ring v7", &sig.bytes).contains("after the"));
+        }
 
         // A node or admin certificate can neither make a signer nor pass as one.
         for role in [Role::Node, Role::Admin, Role::Client] {

@@ -417,18 +417,38 @@ impl Node {
     /// Adopts `signed` if the ECS signed it, it is a valid ring and it is newer than the
     /// node's, persisting it first. Returns whether it was adopted; `Err(Refused)` if it
     /// does not verify (counted by the authority). `source` names where it came from, for
-    /// the logs.
+    /// the logs. The version the node holds is left alone whatever its signature: only the
+    /// ECS re-signs ([`Node::install_from_ecs`]).
     pub async fn install_metadata(
         &self,
         signed: SignedMetadata,
         source: &'static str,
+    ) -> Result<bool, InstallError> {
+        self.install(signed, source, false).await
+    }
+
+    /// `InstallMetadata` from the ECS: [`Node::install_metadata`], and also the ring the
+    /// node holds with a fresh signature ([`Node::resign`]). Only the ECS's own requests
+    /// re-sign: the held version relayed by gossip or piggybacked on a reply is ignored, so
+    /// another node cannot swap the signature every node hands to clients.
+    pub async fn install_from_ecs(&self, signed: SignedMetadata) -> Result<bool, InstallError> {
+        self.install(signed, "ecs", true).await
+    }
+
+    async fn install(
+        &self,
+        signed: SignedMetadata,
+        source: &'static str,
+        resign: bool,
     ) -> Result<bool, InstallError> {
         let held = self.view();
         if signed.version < held.metadata.version {
             return Ok(false);
         }
         if signed.version == held.metadata.version {
-            self.resign(held, signed, source).await?;
+            if resign {
+                self.resign(held, signed, source).await?;
+            }
             return Ok(false);
         }
         // Verified before queueing behind other installs: forged pushes cannot hold up the

@@ -52,6 +52,15 @@ pub enum WireError {
     /// `SignedMetadata::open`).
     #[error("unauthenticated ring metadata: {0}")]
     Unauthenticated(String),
+    /// Signed metadata whose encoding would exceed `crate::MAX_SIGNED_METADATA` (see
+    /// `SignedMetadata::open`): it would not fit the messages that carry it on.
+    #[error("signed metadata of up to {len} bytes, more than the maximum of {max}")]
+    MetadataTooLarge {
+        /// Its encoded length (an upper bound).
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
 }
 
 impl WireError {
@@ -67,7 +76,8 @@ impl WireError {
             WireError::Malformed(_)
             | WireError::DuplicateNode(_)
             | WireError::UnknownNode(_)
-            | WireError::InvalidRing(_) => ErrorKind::Malformed,
+            | WireError::InvalidRing(_)
+            | WireError::MetadataTooLarge { .. } => ErrorKind::Malformed,
         }
     }
 }

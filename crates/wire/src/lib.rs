@@ -53,4 +53,6 @@ pub use ring::{
     key_position, node_position, storage_key, HashedKey, KeyRange, NodeEntry, Position, RangeMove,
     RingMetadata, StorageSpan, MAX_REPLICATION,
 };
-pub use signed::{signed_message, MetadataSignature, SignedMetadata, SIGNED_DOMAIN};
+pub use signed::{
+    signed_message, MetadataSignature, SignedMetadata, MAX_SIGNED_METADATA, SIGNED_DOMAIN,
+};

@@ -23,6 +23,15 @@ use crate::WireError;
 /// other way round).
 pub const SIGNED_DOMAIN: &[u8] = b"ringkv ring metadata v1\0";
 
+/// Most bytes signed metadata may take encoded ([`SignedMetadata::encoded_len`]): what a
+/// default frame holds besides its [`crate::limits::FRAME_OVERHEAD`], so that every message
+/// carrying one (an install, fenced or not, a gossip push, a `GetMetadata` or
+/// `NotResponsible` reply) fits a frame. Checked by [`SignedMetadata::sign`] and first thing
+/// in [`SignedMetadata::open`]: metadata padded past it (say, with junk in the signer's
+/// chain) would make every reply that hands it on too large to send.
+pub const MAX_SIGNED_METADATA: usize =
+    crate::limits::DEFAULT_MAX_KEY + crate::limits::DEFAULT_MAX_VALUE;
+
 /// The ECS's signature over one encoded metadata version.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MetadataSignature {
@@ -95,21 +104,51 @@ impl SignedMetadata {
         metadata.validate()?;
         let ring = metadata.to_frame()?;
         let signature = sign(&signed_message(&ring)).map_err(WireError::Unauthenticated)?;
-        Ok(Self {
+        let signed = Self {
             version: metadata.version,
             ring: Arc::new(ring),
             signature: Arc::new(signature),
-        })
+        };
+        signed.check_size()?;
+        Ok(signed)
     }
 
-    /// The metadata inside, once `verify` accepted the signature (it is given the signature
-    /// and the signed message) and the frame decoded and validated
-    /// ([`RingMetadata::from_frame`]) with the announced version. Refusals:
+    /// An upper bound of this metadata's encoded length: every byte string's and every
+    /// integer's length, with the longest length prefix (a `u64` varint) for each.
+    pub fn encoded_len(&self) -> usize {
+        const VARINT: usize = 10;
+        let signature = &self.signature;
+        let chain: usize = signature.signer.iter().map(|c| VARINT + c.len()).sum();
+        VARINT // version
+            + VARINT + self.ring.len()
+            + VARINT // scheme
+            + VARINT + signature.signature.len()
+            + VARINT + chain
+    }
+
+    /// [`WireError::MetadataTooLarge`] if [`SignedMetadata::encoded_len`] exceeds
+    /// [`MAX_SIGNED_METADATA`].
+    fn check_size(&self) -> Result<(), WireError> {
+        let len = self.encoded_len();
+        if len > MAX_SIGNED_METADATA {
+            return Err(WireError::MetadataTooLarge {
+                len,
+                max: MAX_SIGNED_METADATA,
+            });
+        }
+        Ok(())
+    }
+
+    /// The metadata inside, once it was found no larger than [`MAX_SIGNED_METADATA`],
+    /// `verify` accepted the signature (it is given the signature and the signed message) and
+    /// the frame decoded and validated ([`RingMetadata::from_frame`]) with the announced
+    /// version. Refusals: [`WireError::MetadataTooLarge`] for the size,
     /// [`WireError::Unauthenticated`] for the signature, the decoder's errors otherwise.
     pub fn open(
         &self,
         verify: impl FnOnce(&MetadataSignature, &[u8]) -> Result<(), String>,
     ) -> Result<RingMetadata, WireError> {
+        self.check_size()?;
         verify(&self.signature, &signed_message(&self.ring)).map_err(WireError::Unauthenticated)?;
         let metadata = RingMetadata::from_frame(&self.ring)?;
         if metadata.version != self.version {
@@ -178,6 +217,24 @@ mod tests {
         assert!(matches!(
             SignedMetadata::sign(&unsorted, sign),
             Err(WireError::InvalidRing(_))
+        ));
+        // Metadata too large for the frames that carry it is neither signed nor opened.
+        let padding = |message: &[u8]| {
+            let mut signature = sign(message)?;
+            signature.signer = vec![serde_bytes::ByteBuf::from(vec![0; MAX_SIGNED_METADATA])];
+            Ok(signature)
+        };
+        assert!(matches!(
+            SignedMetadata::sign(&md, padding),
+            Err(WireError::MetadataTooLarge { .. })
+        ));
+        let mut padded = signed.clone();
+        let mut signature = MetadataSignature::clone(&padded.signature);
+        signature.signer = vec![serde_bytes::ByteBuf::from(vec![0; MAX_SIGNED_METADATA])];
+        padded.signature = Arc::new(signature);
+        assert!(matches!(
+            padded.open(verify),
+            Err(WireError::MetadataTooLarge { len, max }) if len > max
         ));
         // A refusing signer is an error, not an unsigned result.
         assert!(matches!(

@@ -56,7 +56,7 @@ pub use error::RaftError;
 pub use handle::{Applied, EcsRaft, LeaderTerm, RaftConfig, RaftStatus};
 /// A member's role in the group as openraft reports it ([`RaftStatus::state`]).
 pub use openraft::ServerState;
-pub use server::{RaftServer, RaftService};
+pub use server::{RaftServer, RaftService, RpcRefusal, MAX_TERM, MAX_TERM_LEAP};
 
 /// A member's Raft id: unique in the group and never reused, because Raft remembers votes and
 /// log positions by id (a member whose state directory was lost must rejoin under a new id).

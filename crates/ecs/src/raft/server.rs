@@ -6,13 +6,27 @@
 //! [`RaftService::handle`] and refuse them every operator request (an `ecs` certificate is a
 //! peer member, not an operator), as [`RaftServer`] does.
 //!
-//! Who may send what:
+//! Who may send what ([`admit`] decides, before the payload reaches Raft):
 //! - A Raft message is taken only from an `ecs` certificate. Any other role gets
 //!   [`AdminReply::Error`] and changes nothing.
-//! - A message claiming to come from a member (the candidate of a vote, the leader of an
-//!   append or a snapshot) is refused if the membership this member knows names that member
-//!   with another certificate name: a member's certificate speaks for that member only. A
-//!   member the membership does not know yet (this member is new, or behind) is not checked.
+//! - Once this member knows a membership, a message is taken only from the member it claims
+//!   to come from (the candidate of a vote, the leader of an append or a snapshot), and only
+//!   if that member is in the membership (voter or learner) under the presenting
+//!   certificate's name. An `ecs` certificate that names no member — a spare, or a member
+//!   that was removed — is refused, whatever it claims. The membership is the one this member
+//!   holds (the latest in its log, committed or not): a removed leader's heartbeats are
+//!   refused as soon as the entry removing it is appended here, which only makes the others
+//!   elect a new leader sooner (the entry itself was taken while the leader was a member).
+//! - A member that knows no membership yet (started to be added, its store pristine) cannot
+//!   tell a leader from anyone else: it takes appends and snapshots from any `ecs`
+//!   certificate, as it must from the leader that adds it, until an entry or a snapshot gives
+//!   it the membership; it takes no vote (it is nobody's voter yet, and a vote could only
+//!   raise its term). A member removed and added again under the same id must be able to
+//!   check its leader in the membership it last held, else it is added back under a new id
+//!   with a fresh state directory.
+//! - The term of any vote, append or snapshot may be at most [`MAX_TERM_LEAP`] above this
+//!   member's term and never above [`MAX_TERM`], so neither a hostile term nor openraft's
+//!   `term + 1` after it can come near `u64::MAX`.
 //! - The payload is decoded only as the request its kind names, under the frame limit; a
 //!   payload that does not decode is answered with an error.
 
@@ -21,6 +35,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use openraft::{Membership, Vote};
 use quinn::Endpoint;
 use ringkv_certs::{Identity, PeerIdentity, Role};
 use ringkv_transport::{ServeLimits, Service};
@@ -28,7 +43,144 @@ use ringkv_wire::{AdminReply, AdminRequest, Limits, RaftRpc, RaftRpcKind, WireEr
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{MemberId, Raft, RaftError, TypeConfig};
+use super::{Member, MemberId, Raft, RaftError, TypeConfig};
+
+/// How far above this member's term the term of a Raft message may be. Terms grow by one
+/// per election round; 2^32 rounds, even at ten a second, take over thirteen years, so a
+/// member of a working group is never that far behind a genuine leader or candidate. Without
+/// a bound, one message could set the group's term (and, through fencing, every node's) to
+/// anything, up to `u64::MAX`, where openraft's `term + 1` at the next election overflows: a
+/// panic on every member, again after each restart, since the vote is persisted.
+pub const MAX_TERM_LEAP: u64 = 1 << 32;
+
+/// The highest term taken at all, however it was approached in steps of [`MAX_TERM_LEAP`]:
+/// half the range, so `term + 1` can never overflow.
+pub const MAX_TERM: u64 = u64::MAX / 2;
+
+/// Why a Raft message was refused before it reached Raft; nothing changed. Its text is the
+/// [`AdminReply::Error`] the sender gets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RpcRefusal {
+    /// The certificate is not an `ecs` one.
+    #[error(
+        "Raft messages are taken only from ecs certificates; {name} presented a {role} certificate"
+    )]
+    NotEcs {
+        /// The certificate's name.
+        name: String,
+        /// Its role.
+        role: Role,
+    },
+    /// The payload does not decode as the request its kind names.
+    #[error("malformed {kind:?} message: {reason}")]
+    Malformed {
+        /// The kind it claimed.
+        kind: RaftRpcKind,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// The member the message claims to come from is not in the membership this member
+    /// knows (a removed member, or an id nobody holds).
+    #[error("a {kind:?} message from certificate {name} claims to come from {}, which is not in the membership", claimed(.id))]
+    NotAMember {
+        /// The kind of message.
+        kind: RaftRpcKind,
+        /// The member it claimed to come from.
+        id: Option<MemberId>,
+        /// The presenting certificate's name.
+        name: String,
+    },
+    /// The member the message claims to come from is in the membership under another
+    /// certificate name: a certificate speaks for its own member only.
+    #[error(
+        "a {kind:?} message from member {id} must come from certificate {expected}, not {name}"
+    )]
+    NotTheSender {
+        /// The kind of message.
+        kind: RaftRpcKind,
+        /// The member it claimed to come from.
+        id: MemberId,
+        /// That member's certificate name in the membership.
+        expected: String,
+        /// The presenting certificate's name.
+        name: String,
+    },
+    /// A vote to a member that knows no membership yet (waiting to be added).
+    #[error("a vote from certificate {name} to a member that knows no membership yet")]
+    NoMembershipYet {
+        /// The presenting certificate's name.
+        name: String,
+    },
+    /// The message's term is more than [`MAX_TERM_LEAP`] above this member's, or above
+    /// [`MAX_TERM`].
+    #[error("a {kind:?} message in term {term}: more than {MAX_TERM_LEAP} above this member's term {current}, or above {MAX_TERM}")]
+    TermTooFar {
+        /// The kind of message.
+        kind: RaftRpcKind,
+        /// Its term.
+        term: u64,
+        /// This member's term.
+        current: u64,
+    },
+}
+
+/// How [`RpcRefusal::NotAMember`] names the member claimed.
+fn claimed(id: &Option<MemberId>) -> String {
+    id.map_or_else(|| "no member".into(), |id| format!("member {id}"))
+}
+
+/// Whether this member (whose term is `current` and whose membership is `membership`) takes a
+/// message of `kind` in `vote` from the certificate `peer` (module documentation).
+pub fn admit(
+    peer: &PeerIdentity,
+    kind: RaftRpcKind,
+    vote: &Vote<MemberId>,
+    membership: &Membership<MemberId, Member>,
+    current: u64,
+) -> Result<(), RpcRefusal> {
+    if peer.role != Role::Ecs {
+        return Err(RpcRefusal::NotEcs {
+            name: peer.name.clone(),
+            role: peer.role,
+        });
+    }
+    if membership.nodes().next().is_none() {
+        if kind == RaftRpcKind::Vote {
+            return Err(RpcRefusal::NoMembershipYet {
+                name: peer.name.clone(),
+            });
+        }
+    } else {
+        let id = vote.leader_id().voted_for();
+        match id.and_then(|id| membership.get_node(&id).map(|member| (id, member))) {
+            None => {
+                return Err(RpcRefusal::NotAMember {
+                    kind,
+                    id,
+                    name: peer.name.clone(),
+                })
+            }
+            Some((id, member)) if member.name != peer.name => {
+                return Err(RpcRefusal::NotTheSender {
+                    kind,
+                    id,
+                    expected: member.name.clone(),
+                    name: peer.name.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let term = vote.leader_id().term;
+    if term > current.saturating_add(MAX_TERM_LEAP) || term > MAX_TERM {
+        return Err(RpcRefusal::TermTooFar {
+            kind,
+            term,
+            current,
+        });
+    }
+    Ok(())
+}
 
 /// Answers other members' Raft messages for one member. Cloning shares the member.
 #[derive(Clone)]
@@ -43,77 +195,74 @@ impl RaftService {
     }
 
     /// Answers the Raft message `rpc` from `peer`: [`AdminReply::Raft`] with the encoded
-    /// result of the Raft library, or [`AdminReply::Error`] if the message is refused (wrong
-    /// role, a certificate that is not the sender's, a payload that does not decode).
+    /// result of the Raft library, or [`AdminReply::Error`] if the message is refused
+    /// ([`RpcRefusal`]).
     pub async fn handle(&self, peer: &PeerIdentity, rpc: RaftRpc) -> AdminReply {
-        if peer.role != Role::Ecs {
-            return AdminReply::Error(format!(
-                "Raft messages are taken only from ecs certificates; {} presented a {} certificate",
-                peer.name, peer.role
-            ));
-        }
-        match rpc.kind {
-            RaftRpcKind::AppendEntries => {
-                let request = match self.open(
-                    peer,
-                    &rpc,
-                    |r: &openraft::raft::AppendEntriesRequest<TypeConfig>| {
-                        r.vote.leader_id().voted_for()
-                    },
-                ) {
-                    Ok(r) => r,
-                    Err(refusal) => return AdminReply::Error(refusal),
-                };
-                reply(&self.raft.append_entries(request).await)
-            }
-            RaftRpcKind::Vote => {
-                let request =
-                    match self.open(peer, &rpc, |r: &openraft::raft::VoteRequest<MemberId>| {
-                        r.vote.leader_id().voted_for()
-                    }) {
-                        Ok(r) => r,
-                        Err(refusal) => return AdminReply::Error(refusal),
-                    };
-                reply(&self.raft.vote(request).await)
-            }
-            RaftRpcKind::InstallSnapshot => {
-                let request = match self.open(
-                    peer,
-                    &rpc,
-                    |r: &openraft::raft::InstallSnapshotRequest<TypeConfig>| {
-                        r.vote.leader_id().voted_for()
-                    },
-                ) {
-                    Ok(r) => r,
-                    Err(refusal) => return AdminReply::Error(refusal),
-                };
-                reply(&self.raft.install_snapshot(request).await)
+        match self.answer(peer, &rpc).await {
+            Ok(reply) => reply,
+            Err(refusal) => {
+                tracing::warn!(peer = %peer.name, role = %peer.role, kind = ?rpc.kind, %refusal, "refused a Raft message");
+                AdminReply::Error(refusal.to_string())
             }
         }
     }
 
-    /// Decodes `rpc`'s payload as `T` and checks that `peer` may speak for the member that
-    /// `sender` says sent it; the reason for refusing it otherwise.
+    async fn answer(&self, peer: &PeerIdentity, rpc: &RaftRpc) -> Result<AdminReply, RpcRefusal> {
+        if peer.role != Role::Ecs {
+            // Not even decoded.
+            return Err(RpcRefusal::NotEcs {
+                name: peer.name.clone(),
+                role: peer.role,
+            });
+        }
+        Ok(match rpc.kind {
+            RaftRpcKind::AppendEntries => {
+                let request = self.open(
+                    peer,
+                    rpc,
+                    |r: &openraft::raft::AppendEntriesRequest<TypeConfig>| &r.vote,
+                )?;
+                reply(&self.raft.append_entries(request).await)
+            }
+            RaftRpcKind::Vote => {
+                let request =
+                    self.open(peer, rpc, |r: &openraft::raft::VoteRequest<MemberId>| {
+                        &r.vote
+                    })?;
+                reply(&self.raft.vote(request).await)
+            }
+            RaftRpcKind::InstallSnapshot => {
+                let request = self.open(
+                    peer,
+                    rpc,
+                    |r: &openraft::raft::InstallSnapshotRequest<TypeConfig>| &r.vote,
+                )?;
+                reply(&self.raft.install_snapshot(request).await)
+            }
+        })
+    }
+
+    /// Decodes `rpc`'s payload as `T` and checks ([`admit`]) that `peer` may send it, given
+    /// its `vote`.
     fn open<T: DeserializeOwned>(
         &self,
         peer: &PeerIdentity,
         rpc: &RaftRpc,
-        sender: impl FnOnce(&T) -> Option<MemberId>,
-    ) -> Result<T, String> {
-        let request: T = postcard::from_bytes(&rpc.payload)
-            .map_err(|e| format!("malformed {:?} message: {e}", rpc.kind))?;
-        if let Some(id) = sender(&request) {
+        vote: impl FnOnce(&T) -> &Vote<MemberId>,
+    ) -> Result<T, RpcRefusal> {
+        let request: T = postcard::from_bytes(&rpc.payload).map_err(|e| RpcRefusal::Malformed {
+            kind: rpc.kind,
+            reason: e.to_string(),
+        })?;
+        let (membership, current) = {
             let metrics = self.raft.metrics();
-            let membership = metrics.borrow().membership_config.clone();
-            if let Some(member) = membership.membership().get_node(&id) {
-                if member.name != peer.name {
-                    return Err(format!(
-                        "a {:?} message from member {id} must come from certificate {}, not {}",
-                        rpc.kind, member.name, peer.name
-                    ));
-                }
-            }
-        }
+            let metrics = metrics.borrow();
+            (
+                metrics.membership_config.membership().clone(),
+                metrics.current_term,
+            )
+        };
+        admit(peer, rpc.kind, vote(&request), &membership, current)?;
         Ok(request)
     }
 }

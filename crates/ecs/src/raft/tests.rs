@@ -688,19 +688,13 @@ async fn raft_messages_are_taken_only_from_ecs_certificates() {
         Ok(AdminReply::Error(m)) => assert!(m.contains("malformed"), "{m}"),
         other => panic!("a malformed append: {other:?}"),
     }
-    // A stale vote in its own name reaches Raft, which turns it down.
+    // Nor, naming no member of this one-member group, send anything in its own name.
     match ecs2
         .call::<_, AdminReply>(&addr, &vote_rpc(2, 0), timeout)
         .await
     {
-        Ok(AdminReply::Raft(bytes)) => {
-            let result: Result<
-                openraft::raft::VoteResponse<MemberId>,
-                openraft::error::RaftError<MemberId>,
-            > = postcard::from_bytes(&bytes).unwrap();
-            assert!(!result.unwrap().vote_granted);
-        }
-        other => panic!("a stale vote from ecs2: {other:?}"),
+        Ok(AdminReply::Error(m)) => assert!(m.contains("not in the membership"), "{m}"),
+        other => panic!("a vote from ecs2, no member: {other:?}"),
     }
     assert_eq!(cluster.member(leader).raft.term(), term);
     admin.close().await;
@@ -774,4 +768,245 @@ async fn a_member_starts_only_with_its_own_ecs_certificate() {
         }
     }
     endpoint.close(0u32.into(), b"done");
+}
+
+/// An append as a leader `leader` would send it in `term`: no entries, nothing committed.
+fn append_rpc(leader: MemberId, term: u64) -> AdminRequest {
+    let append = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(term, leader),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    AdminRequest::Raft(RaftRpc {
+        kind: RaftRpcKind::AppendEntries,
+        payload: postcard::to_stdvec(&append).unwrap(),
+    })
+}
+
+/// A vote request from `candidate` in `term` whose log looks longer than anyone's, so only
+/// the sender check and the term bound can turn it down before Raft would grant it.
+fn long_log_vote_rpc(candidate: MemberId, term: u64) -> AdminRequest {
+    let last = openraft::LogId::new(openraft::CommittedLeaderId::new(term, candidate), u64::MAX);
+    let vote = openraft::raft::VoteRequest::new(Vote::new(term, candidate), Some(last));
+    AdminRequest::Raft(RaftRpc {
+        kind: RaftRpcKind::Vote,
+        payload: postcard::to_stdvec(&vote).unwrap(),
+    })
+}
+
+/// Issue #21: an `ecs` certificate issued by the cluster CA but naming no member (a spare, or
+/// a removed member's) sends votes and appends in terms 2^62 and `u64::MAX` to every member
+/// of a running group, in its own name and in a member's. Each is refused before it reaches
+/// Raft, so no term moves (were one taken, the group's and every fenced node's term would
+/// jump, and at `u64::MAX` openraft's `term + 1` overflows at the next election, on every
+/// member, again after a restart). A member's own certificate is refused such terms too (the
+/// bound on how far ahead a term may be), and a member waiting to be added takes no vote.
+/// The group still commits afterwards.
+#[tokio::test]
+async fn a_non_member_ecs_certificate_and_absurd_terms_cannot_move_the_groups_term() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start(3).await;
+    cluster.certs.issue(Role::Ecs, "spare");
+    let leader = cluster.leader().await;
+    cluster
+        .member(leader)
+        .raft
+        .propose(EcsCommand::SetRing(ring(1)))
+        .await
+        .unwrap();
+    cluster.all_applied(|s| s.ring.version == 1).await;
+    let before: BTreeMap<MemberId, u64> = cluster
+        .running
+        .iter()
+        .map(|(id, m)| (*id, m.raft.term()))
+        .collect();
+    let timeout = Duration::from_secs(5);
+    let spare = cluster.certs.client("spare");
+    let ecs2 = cluster.certs.client("ecs2");
+    // Every message that was not refused, with where it went and the reply.
+    let mut taken = Vec::new();
+    // A modest term first (taken, it would depose the leader), then absurd ones.
+    let modest = before.values().max().unwrap() + 5;
+    for term in [modest, 1u64 << 62, u64::MAX] {
+        for id in 1..=3 {
+            let addr = cluster.addrs[&id].to_string();
+            let hostile = [
+                ("spare as 9", &spare, vote_rpc(9, term)),
+                ("spare as 9", &spare, long_log_vote_rpc(9, term)),
+                ("spare as 9", &spare, append_rpc(9, term)),
+                ("spare as leader", &spare, append_rpc(leader, term)),
+                ("ecs2 as 2", &ecs2, long_log_vote_rpc(2, term)),
+                ("ecs2 as 2", &ecs2, append_rpc(2, term)),
+            ];
+            // A member's certificate may move the term within the bound: it is trusted.
+            let hostile = hostile
+                .into_iter()
+                .filter(|(who, _, _)| term != modest || who.starts_with("spare"));
+            for (who, transport, request) in hostile {
+                match transport
+                    .call::<_, AdminReply>(&addr, &request, timeout)
+                    .await
+                {
+                    Ok(AdminReply::Error(m)) => eprintln!("refused ({who}, term {term}): {m}"),
+                    other => taken.push(format!("{who}, term {term}, to {id}: {other:?}")),
+                }
+            }
+        }
+    }
+    // A member waiting to be added (empty membership) takes no vote, from anyone.
+    cluster.start_member(4, |_| {}).await;
+    let addr4 = cluster.addrs[&4].to_string();
+    for (who, transport, request) in [
+        ("spare as 9", &spare, long_log_vote_rpc(9, 5)),
+        ("ecs2 as 2", &ecs2, long_log_vote_rpc(2, 5)),
+    ] {
+        match transport
+            .call::<_, AdminReply>(&addr4, &request, timeout)
+            .await
+        {
+            Ok(AdminReply::Error(m)) => eprintln!("refused by the new member ({who}): {m}"),
+            other => taken.push(format!("{who}, to new member 4: {other:?}")),
+        }
+    }
+    // Several election timeouts: a member that took a term would have stood by now (and
+    // with `u64::MAX`, panicked).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after: BTreeMap<MemberId, (u64, ServerState)> = cluster
+        .running
+        .iter()
+        .map(|(id, m)| (*id, (m.raft.term(), m.status().state)))
+        .collect();
+    assert!(
+        taken.is_empty(),
+        "hostile messages taken: {taken:#?}; terms now {after:?}"
+    );
+    for id in 1..=3 {
+        let (term, state) = after[&id];
+        assert_ne!(state, ServerState::Shutdown, "member {id} stopped");
+        // Unchanged unless this loaded machine held a real election meanwhile; never near
+        // the hostile terms.
+        assert!(
+            term < before[&id] + 10,
+            "member {id}: term {term}, before {}",
+            before[&id]
+        );
+    }
+    assert_eq!(after[&4].0, 0, "the new member's term");
+    cluster.stop_member(4).await;
+    let leader = cluster.leader().await;
+    let applied = cluster
+        .member(leader)
+        .raft
+        .propose(EcsCommand::SetRing(ring(2)))
+        .await
+        .unwrap();
+    assert_eq!(applied.ring_version, 2);
+    for id in 1..=3 {
+        let mut states = cluster.member(id).raft.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            states.wait_for(|s| s.ring.version == 2),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    spare.close().await;
+    ecs2.close().await;
+    cluster.stop().await;
+}
+
+/// The decision alone ([`server::admit`]): who may send what, at which term.
+#[test]
+fn admit_takes_members_in_their_own_name_within_the_term_bound() {
+    use std::collections::BTreeSet;
+
+    use openraft::Membership;
+
+    let ecs = |name: &str| PeerIdentity {
+        role: Role::Ecs,
+        name: name.into(),
+    };
+    let members = BTreeMap::from([
+        (1, Member::new("h:1", "ecs1")),
+        (2, Member::new("h:2", "ecs2")),
+        (4, Member::new("h:4", "ecs4")),
+    ]);
+    // Voters 1 and 2, learner 4.
+    let known = Membership::new(vec![BTreeSet::from([1, 2])], members);
+    let pristine = Membership::<MemberId, Member>::default();
+    let (vote, append) = (RaftRpcKind::Vote, RaftRpcKind::AppendEntries);
+    let at = |term, id| Vote::new(term, id);
+    let current = 7;
+
+    assert_eq!(
+        server::admit(&ecs("ecs1"), vote, &at(8, 1), &known, current),
+        Ok(())
+    );
+    assert_eq!(
+        server::admit(&ecs("ecs4"), append, &at(8, 4), &known, current),
+        Ok(())
+    );
+    assert!(matches!(
+        server::admit(&ecs("ecs2"), vote, &at(8, 1), &known, current),
+        Err(RpcRefusal::NotTheSender { id: 1, .. })
+    ));
+    // A spare (or removed) certificate, in its own name or a member's.
+    for id in [3, 9, 1] {
+        assert!(server::admit(&ecs("spare"), append, &at(8, id), &known, current).is_err());
+    }
+    assert!(matches!(
+        server::admit(&ecs("ecs1"), vote, &at(8, 3), &known, current),
+        Err(RpcRefusal::NotAMember { id: Some(3), .. })
+    ));
+    // Other roles.
+    let admin = PeerIdentity {
+        role: Role::Admin,
+        name: "ecs1".into(),
+    };
+    assert!(matches!(
+        server::admit(&admin, vote, &at(8, 1), &known, current),
+        Err(RpcRefusal::NotEcs { .. })
+    ));
+    // The term bound, from a member too.
+    let highest = current + MAX_TERM_LEAP;
+    assert_eq!(
+        server::admit(&ecs("ecs1"), append, &at(highest, 1), &known, current),
+        Ok(())
+    );
+    for term in [highest + 1, 1 << 62, u64::MAX] {
+        assert!(matches!(
+            server::admit(&ecs("ecs1"), append, &at(term, 1), &known, current),
+            Err(RpcRefusal::TermTooFar { .. })
+        ));
+    }
+    assert!(matches!(
+        server::admit(&ecs("ecs1"), vote, &at(MAX_TERM + 1, 1), &known, MAX_TERM),
+        Err(RpcRefusal::TermTooFar { .. })
+    ));
+    // A member waiting to be added takes appends and snapshots from any ecs certificate
+    // (it cannot tell the leader yet), but no vote.
+    assert_eq!(
+        server::admit(&ecs("spare"), append, &at(8, 9), &pristine, 0),
+        Ok(())
+    );
+    assert_eq!(
+        server::admit(
+            &ecs("ecs1"),
+            RaftRpcKind::InstallSnapshot,
+            &at(8, 1),
+            &pristine,
+            0
+        ),
+        Ok(())
+    );
+    assert!(matches!(
+        server::admit(&ecs("ecs1"), vote, &at(8, 1), &pristine, 0),
+        Err(RpcRefusal::NoMembershipYet { .. })
+    ));
+    assert!(matches!(
+        server::admit(&ecs("ecs1"), append, &at(1 << 62, 1), &pristine, 0),
+        Err(RpcRefusal::TermTooFar { .. })
+    ));
 }

@@ -16,7 +16,7 @@ pub fn get(node: &Node) -> ReplyBody {
 /// adopted only if newer. The reply says whether it was adopted, and its version what the
 /// node now holds.
 pub async fn install(node: &Node, metadata: SignedMetadata) -> ReplyBody {
-    match node.install_metadata(metadata, "ecs").await {
+    match node.install_from_ecs(metadata).await {
         Ok(adopted) => ReplyBody::Installed { adopted },
         Err(e) => install_error(e),
     }
