@@ -509,3 +509,29 @@ async fn ecs_status_cli_after_join_and_leave() {
         "{err}"
     );
 }
+
+/// An ECS that has begun to shut down starts no change (issue #21: one logged "shutting
+/// down" on SIGTERM and then still committed a failover): an operator's join is refused and
+/// nothing reaches the node.
+#[tokio::test]
+async fn a_stopping_ecs_starts_no_change() {
+    let certs = common::Certs::new();
+    let state = tempfile::tempdir().unwrap();
+    let ecs = TestEcs::start(&certs, state.path()).await;
+    let node = common::TestNode::start(&certs, "n1", false).await;
+    let handle = ecs.ecs.clone();
+    ecs.stop().await;
+    assert!(handle.stopping());
+    let reply = handle
+        .answer(AdminRequest::AddNode {
+            name: "n1".into(),
+            addr: node.addr.clone(),
+        })
+        .await;
+    match reply {
+        AdminReply::Error(message) => assert!(message.contains("shutting down"), "{message}"),
+        other => panic!("a stopping ECS answered a join with {other:?}"),
+    }
+    assert_eq!(handle.metadata().version, 0, "no ring was committed");
+    assert_eq!(node.node.metadata_version(), 0, "nothing reached the node");
+}

@@ -12,8 +12,8 @@
 //! - [`liveness`]: when each node last answered a probe, whom to probe (lease) and whom to
 //!   fail over ([`liveness::Probes`], [`liveness::FailoverDecision`]).
 //! - [`leadership`]: the leader's "may I act" gate ([`leadership::LeadGate`]).
-//! - [`service`]: [`Ecs`], the executor of plans and the answers to operator requests;
-//!   [`bind`] and [`run`].
+//! - [`service`]: [`Ecs`], which performs those decisions: operators' requests, leadership in
+//!   a group, probes and failover, the change driver (one file each); [`bind`] and [`run`].
 //! - [`state`]: the atomically replaced ring file.
 //! - [`raft`]: the foundation of a replicated ECS: its state (ring and intent log) as the
 //!   state machine of a Raft group of ECS members ([`raft::EcsRaft`]), with a durable log on

@@ -1,0 +1,182 @@
+//! Leadership in an ECS group: taking the lead, confirming it with a majority, and the term
+//! this member may act in ([`crate::leadership::LeadGate`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ringkv_wire::{GroupMember, GroupReport};
+
+use super::{Ecs, CONFIRM_EVERY, CONFIRM_TIMEOUT};
+use crate::liveness::Probes;
+use crate::raft::{EcsRaft, RaftError};
+use crate::EcsError;
+
+impl Ecs {
+    /// The term this member may act in now, if it acts at all: a single ECS always acts
+    /// (`Some(0)`); a group member while it leads (`Some(term)`: it took the lead in
+    /// [`Ecs::leadership_loop`], has heard of no newer term since, and a majority confirmed
+    /// its lead in a round that started less than the Raft timings' `act_for` ago,
+    /// [`LeadGate`]). A leader cut off from the majority thus stops answering operators,
+    /// leasing nodes and failing them over before the others can have elected a new leader.
+    ///
+    /// What is decided now is sent
+    /// stamped with this term ([`Ecs::stamp`]), never with whatever the term is when it is
+    /// sent.
+    pub(super) fn acting_term(&self) -> Option<u64> {
+        if self.stopping() {
+            return None;
+        }
+        if self.raft.is_none() {
+            return Some(0);
+        }
+        if self.deposed() {
+            return None;
+        }
+        let gate = self.gate.lock().expect("gate lock");
+        gate.may_act(Instant::now()).then(|| gate.term())
+    }
+
+    /// Whether this group member has stopped leading (a newer term, or it never led). A
+    /// running change stops only then: a confirmation that is merely late does not cut it
+    /// short (its proposals need a majority anyway).
+    pub(super) fn deposed(&self) -> bool {
+        match &self.raft {
+            None => false,
+            Some(raft) => self.leading_term() == 0 || !raft.is_leader(),
+        }
+    }
+
+    /// Confirms with a majority, now, that this member leads (a group member; a single ECS
+    /// always does): called before a change touches any node. The term to stamp what the
+    /// change sends with (0 for a single ECS).
+    pub(super) async fn confirm_lead(&self) -> Result<u64, EcsError> {
+        let Some(raft) = &self.raft else {
+            return Ok(0);
+        };
+        // The gate counts from before the heartbeats go out ([`LeadGate`]).
+        let round = Instant::now();
+        let lead = tokio::time::timeout(CONFIRM_TIMEOUT, raft.ensure_leader())
+            .await
+            .map_err(|_| {
+                RaftError::NoQuorum(format!("no majority within {CONFIRM_TIMEOUT:?}"))
+            })??;
+        if !self
+            .gate
+            .lock()
+            .expect("gate lock")
+            .confirmed(lead.term, round)
+        {
+            return Err(RaftError::ForwardToLeader { leader: None }.into());
+        }
+        Ok(lead.term)
+    }
+
+    /// The Raft term this member leads in (0: a single ECS, or not leading).
+    pub fn leading_term(&self) -> u64 {
+        self.gate.lock().expect("gate lock").term()
+    }
+
+    /// The address of the group's leader as this member knows it.
+    pub(super) fn leader_addr(&self) -> Option<String> {
+        let raft = self.raft.as_ref()?;
+        // A leader whose lead is not confirmed does not name itself.
+        raft.leader()
+            .filter(|(id, _)| *id != raft.id())
+            .map(|(_, member)| member.addr)
+    }
+
+    /// The ECS group as this member sees it (`None` for a single ECS).
+    pub fn group(&self) -> Option<GroupReport> {
+        let status = self.raft.as_ref()?.status();
+        Some(GroupReport {
+            this: status.id,
+            leader: status.leader.as_ref().map(|(id, _)| *id),
+            term: status.term,
+            applied: status.last_applied.unwrap_or(0),
+            members: status
+                .members
+                .iter()
+                .map(|(id, member)| GroupMember {
+                    id: *id,
+                    name: member.name.clone(),
+                    addr: member.addr.clone(),
+                    voter: status.voters.contains(id),
+                })
+                .collect(),
+        })
+    }
+
+    /// Follows this member's leadership (a group member only): when it becomes the leader,
+    /// it confirms the lead with a majority, reloads the ring and intent log from the
+    /// group's state, forgets what it knew of the nodes' liveness (a node gets a whole
+    /// `failover_after` under the new leader before it can be failed over, which also
+    /// outlasts any lease the old leader granted), then resumes the change in flight and
+    /// republishes the ring. When it stops leading, it stops acting at once ([`Ecs::acting_term`]).
+    pub(super) async fn leadership_loop(self: Arc<Self>) {
+        let Some(raft) = self.raft.as_ref() else {
+            return;
+        };
+        let mut metrics = raft.metrics();
+        loop {
+            let leader = raft.is_leader();
+            let leading = self.leading_term();
+            if leader && leading == 0 {
+                self.take_lead(raft).await;
+            } else if !leader && leading != 0 {
+                self.gate.lock().expect("gate lock").depose();
+                tracing::warn!(term = raft.term(), "no longer the ECS group's leader");
+            } else if leader {
+                // Leading: renew the majority's confirmation ([`Ecs::acting_term`]); a newer term
+                // means this member is leading afresh and takes the lead again.
+                match self.confirm_lead().await {
+                    Ok(_) => {}
+                    Err(EcsError::Raft(RaftError::ForwardToLeader { .. })) => {
+                        self.gate.lock().expect("gate lock").depose();
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "lead not confirmed by a majority");
+                    }
+                }
+            }
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep(CONFIRM_EVERY) => {}
+            }
+        }
+    }
+
+    /// Takes the lead (see [`Ecs::leadership_loop`]).
+    pub(super) async fn take_lead(self: &Arc<Self>, raft: &EcsRaft) {
+        // The gate counts from before the heartbeats go out, not from when the change
+        // mutex below is had ([`LeadGate`]).
+        let round = Instant::now();
+        let term = match raft.ensure_leader().await {
+            Ok(lead) => lead.term,
+            Err(e) => {
+                tracing::warn!(error = %e, "leadership not confirmed; not acting yet");
+                return;
+            }
+        };
+        let _no_change = self.change.lock().await;
+        let state = raft.state();
+        *self.metadata.write().expect("metadata lock") = state.ring.clone();
+        *self.log.lock().expect("log lock") = state.log.clone();
+        *self.probes.lock().expect("probes lock") = Probes::new();
+        self.owed.lock().expect("owed lock").clear();
+        // The group's intent log is the record now: whatever this member parked under an
+        // earlier lead is resumed from there.
+        *self.parked.lock().expect("parked lock") = None;
+        self.gate.lock().expect("gate lock").take(term, round);
+        tracing::warn!(
+            term,
+            version = state.ring.version,
+            pending = state.log.pending.is_some(),
+            "leading the ECS group"
+        );
+        let ecs = self.clone();
+        tokio::spawn(async move {
+            ecs.resume_pending().await;
+            ecs.republish().await;
+        });
+    }
+}

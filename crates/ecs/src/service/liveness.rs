@@ -1,0 +1,309 @@
+//! Liveness and failover: the probe loop (leases), the failover loop, and failing nodes over
+//! (decisions in [`crate::liveness`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringkv_wire::{AdminReply, NodeEntry, Reply, ReplyBody, RequestBody};
+
+use super::{Ecs, FAILOVER_RETRY};
+use crate::liveness::{Detector, FailoverDecision};
+use crate::plan::{self};
+use crate::EcsError;
+
+impl Ecs {
+    /// Whether `node` has answered no probe for `failover_after` in a replicated ring: it is
+    /// (about to be) failed over, so a step a change still has to send it (an install, start
+    /// or clear after the commit; an abort of a rollback) is skipped, so that a dead node
+    /// cannot wedge the change that would fail it over, and owed to it instead: sent if it
+    /// answers again ([`Ecs::pay_owed`]).
+    pub(super) fn given_up(&self, node: &NodeEntry) -> bool {
+        self.metadata().replication > 1
+            && self
+                .probes
+                .lock()
+                .expect("probes lock")
+                .silent_for(&node.name, Instant::now())
+                > self.config.failover_after
+    }
+
+    /// For `remove-node`: whether `name` is dead rather than live. If it answers a probe now
+    /// it is live. If not, it is dead only once it has been silent for `failover_after`
+    /// (its lease is surely over then); this waits for that, unless it answers meanwhile.
+    /// A dead node is condemned in the same step ([`Probes::condemn`]): never leased again.
+    pub(super) async fn silent_through_its_lease(&self, term: u64, name: &str) -> bool {
+        if self.probe_now(term, name).await {
+            return false;
+        }
+        let deadline = Instant::now() + self.config.failover_after * 2;
+        loop {
+            if self.probes.lock().expect("probes lock").condemn(
+                name,
+                self.config.failover_after,
+                Instant::now(),
+            ) {
+                return true;
+            }
+            if Instant::now() >= deadline || self.probe_now(term, name).await {
+                return false;
+            }
+            tokio::time::sleep(self.config.probe_interval).await;
+        }
+    }
+
+    /// Fails the nodes `names` over (called with `change` held, each condemned or already
+    /// failed): marks them failed in one change (those not failed yet), then rebuilds their
+    /// copies elsewhere and removes them from the ring, one after the other. If the first
+    /// change is rolled back (certainly not committed), they are pardoned: leased again if
+    /// they answer.
+    pub(super) async fn fail_over(
+        &self,
+        term: u64,
+        names: &[String],
+    ) -> Result<AdminReply, EcsError> {
+        let started = Instant::now();
+        let metadata = self.metadata();
+        let unmarked: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|name| !metadata.is_failed(name))
+            .collect();
+        if !unmarked.is_empty() {
+            let marked = match plan::fail_all(&metadata, &unmarked) {
+                Ok(plan) => self.execute(term, plan).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = marked {
+                if !matches!(e, EcsError::Pending { .. }) {
+                    let mut probes = self.probes.lock().expect("probes lock");
+                    unmarked.iter().for_each(|name| probes.pardon(name));
+                }
+                return Err(e);
+            }
+            tracing::warn!(nodes = ?unmarked, elapsed = ?started.elapsed(), version = self.metadata().version, "nodes marked failed: their chains go on without them");
+        }
+        let mut reply = None;
+        for name in names {
+            reply = Some(
+                self.execute(term, plan::remove_failed(&self.metadata(), name)?)
+                    .await?,
+            );
+            tracing::warn!(node = %name, elapsed = ?started.elapsed(), version = self.metadata().version, "failed node replaced and removed");
+        }
+        reply.ok_or_else(|| EcsError::Refused("no node to fail over".into()))
+    }
+
+    /// One liveness probe of `name` outside the probe loop, echoing its last stamp, unless
+    /// it is condemned: whether it answered in time.
+    pub(super) async fn probe_now(&self, term: u64, name: &str) -> bool {
+        let echo = {
+            let probes = self.probes.lock().expect("probes lock");
+            if probes.is_condemned(name) {
+                return false;
+            }
+            probes.echo(name)
+        };
+        self.probe(term, name, echo).await
+    }
+
+    /// One liveness probe of `name` (a lease renewal, echoing `echo`, the stamp chosen when
+    /// the probe was decided): whether it answered in time.
+    pub(super) async fn probe(&self, term: u64, name: &str, echo: Option<u64>) -> bool {
+        let Some(node) = self.metadata().node(name).cloned() else {
+            return false;
+        };
+        let lease = self.config.lease();
+        let body = RequestBody::Lease {
+            millis: lease.as_millis().min(u32::MAX as u128) as u32,
+            echo,
+        };
+        // Dialing included: a dead node's probe ends within this, and the next one waits
+        // for it (one per node under way), so it never holds up anyone else's.
+        let timeout = self.config.probe_interval.max(Duration::from_millis(100)) * 2;
+        match tokio::time::timeout(timeout, self.call(term, &node, body, timeout)).await {
+            Ok(Ok(Reply {
+                body: ReplyBody::Leased { stamp },
+                ..
+            })) => {
+                self.probes
+                    .lock()
+                    .expect("probes lock")
+                    .answered(name, Instant::now(), stamp);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The probe loop ([`crate::liveness`]): every `probe_interval`, probes (and leases)
+    /// every live node of the ring, each in a task of its own, at most one per node under
+    /// way; a node that answers gets the steps a change had to skip while it was silent.
+    /// Nothing else runs in this loop, so a failover or a long change never delays a lease.
+    pub(super) async fn probe_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(term) = self.acting_term() else {
+                continue;
+            };
+            let metadata = self.metadata();
+            let live: Vec<&str> = metadata
+                .nodes
+                .iter()
+                .filter(|n| !metadata.is_failed(&n.name))
+                .map(|n| n.name.as_str())
+                .collect();
+            let due = {
+                let mut probes = self.probes.lock().expect("probes lock");
+                probes.retain(live.iter().copied());
+                probes.due(live.iter().copied(), Instant::now())
+            };
+            self.owed
+                .lock()
+                .expect("owed lock")
+                .retain(|name, _| metadata.node(name).is_some());
+            for (name, echo) in due {
+                let Some(node) = metadata.node(&name).cloned() else {
+                    continue;
+                };
+                let ecs = self.clone();
+                tokio::spawn(async move {
+                    let answered = ecs.probe(term, &name, echo).await;
+                    ecs.probes.lock().expect("probes lock").done(&name);
+                    if answered {
+                        ecs.pay_owed(term, &node).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Sends `node` the steps changes skipped while it was silent (an install, a start, a
+    /// clear, an abort), between changes only: first the current ring (so that it judges
+    /// the rest by it: it refuses to delete a range it holds), then each step. A step the
+    /// node answered, in any way, is done.
+    pub(super) async fn pay_owed(&self, term: u64, node: &NodeEntry) {
+        if !self
+            .owed
+            .lock()
+            .expect("owed lock")
+            .contains_key(&node.name)
+        {
+            return;
+        }
+        let Ok(_no_change) = self.change.try_lock() else {
+            return; // at a later answer
+        };
+        let metadata = self.metadata();
+        self.install_at(term, &metadata, [node]).await;
+        let owed = self
+            .owed
+            .lock()
+            .expect("owed lock")
+            .remove(&node.name)
+            .unwrap_or_default();
+        let mut unpaid = Vec::new();
+        for body in owed {
+            let name = body.name();
+            match self
+                .call(term, node, body.clone(), self.config.node_timeout)
+                .await
+            {
+                Ok(reply) => {
+                    tracing::info!(node = %node.name, step = name, reply = ?reply.body, "sent a step skipped while the node was silent")
+                }
+                Err(_) => unpaid.push(body),
+            }
+        }
+        if !unpaid.is_empty() {
+            self.owed
+                .lock()
+                .expect("owed lock")
+                .entry(node.name.clone())
+                .or_default()
+                .extend(unpaid);
+        }
+    }
+
+    /// The failover loop ([`crate::liveness`]): with replication, fails over the nodes
+    /// silent for `failover_after`, all in one change ([`Probes::decide`]: none while half the
+    /// nodes or more are silent), condemning them first so that none is leased again; and
+    /// finishes the removal of failed nodes whose rebuild did not complete. An attempt that
+    /// did not finish is tried again after [`FAILOVER_RETRY`].
+    pub(super) async fn failover_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let detector = Detector::new(self.config.probe_interval, self.config.failover_after);
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            tick.tick().await;
+            let metadata = self.metadata();
+            if metadata.replication <= 1 || retry_at.is_some_and(|at| Instant::now() < at) {
+                continue;
+            }
+            let Some(term) = self.acting_term() else {
+                continue;
+            };
+            let Ok(_change) = self.change.try_lock() else {
+                continue; // a change is running; look again at the next tick
+            };
+            if let Err(e) = self.finish_pending(term).await {
+                tracing::warn!(error = %e, "pending change still not finished");
+                continue;
+            }
+            let metadata = self.metadata();
+            let live: Vec<&str> = metadata
+                .nodes
+                .iter()
+                .filter(|n| !metadata.is_failed(&n.name))
+                .map(|n| n.name.as_str())
+                .collect();
+            let todo: Vec<String> = {
+                let mut probes = self.probes.lock().expect("probes lock");
+                let now = Instant::now();
+                match probes.decide(&live, detector, now) {
+                    FailoverDecision::FailOver(silent) => {
+                        for name in &silent {
+                            probes.condemn(name, self.config.failover_after, now);
+                        }
+                        tracing::warn!(nodes = ?silent, "failing over silent nodes");
+                    }
+                    FailoverDecision::HoldOff { silent } => {
+                        // Half the ring or more silent at once is more likely the ECS cut
+                        // off, or the cluster restarting, than the nodes dead: failing them
+                        // over could leave no copy of some range.
+                        tracing::error!(
+                            ?silent,
+                            "half the nodes or more answer no probe; failing none over (is the ECS cut off?)"
+                        );
+                    }
+                    FailoverDecision::Settling { silent } => {
+                        tracing::info!(
+                            ?silent,
+                            "silent nodes get a whole failover_after after the majority answers again"
+                        );
+                    }
+                    FailoverDecision::Nothing => {}
+                }
+                // Condemned ones (decided now or by an attempt that did not finish), then
+                // those marked failed whose removal did not finish.
+                live.iter()
+                    .filter(|name| probes.is_condemned(name))
+                    .map(|name| name.to_string())
+                    .chain(metadata.failed.iter().cloned())
+                    .collect()
+            };
+            if todo.is_empty() {
+                continue;
+            }
+            match self.fail_over(term, &todo).await {
+                Ok(_) => retry_at = None,
+                Err(e) => {
+                    tracing::warn!(nodes = ?todo, error = %e, "failover not finished; retrying in {FAILOVER_RETRY:?}");
+                    retry_at = Some(Instant::now() + FAILOVER_RETRY);
+                }
+            }
+        }
+    }
+}
