@@ -406,7 +406,14 @@ struct Sim {
     faults_over: bool,
     trace: Vec<String>,
     tracing: bool,
-    messages_from_ecs: u64,
+    by_name: HashMap<String, usize>,
+    /// Messages the ECS sent and received (probes, answers, installs).
+    ecs_messages: u64,
+    /// When the ECS decided to fail a node over, and when the group committed it.
+    decided_at: Option<Micros>,
+    committed_at: Option<Micros>,
+    /// When the last install of a committed failover was answered.
+    installed_at: Option<Micros>,
     violations: Vec<String>,
     full_stop_at: Option<Micros>,
 }
@@ -485,7 +492,15 @@ impl Sim {
             faults_over: false,
             trace: Vec::new(),
             tracing,
-            messages_from_ecs: 0,
+            by_name: entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.name.clone(), i))
+                .collect(),
+            ecs_messages: 0,
+            decided_at: None,
+            committed_at: None,
+            installed_at: None,
             violations: Vec::new(),
             full_stop_at: None,
         };
@@ -516,8 +531,8 @@ impl Sim {
 
     /// The network: a message may be lost, delayed (with a long tail), duplicated.
     fn send(&mut self, from: Addr, to: Addr, msg: Msg) {
-        if from == Addr::Ecs {
-            self.messages_from_ecs += 1;
+        if from == Addr::Ecs || to == Addr::Ecs {
+            self.ecs_messages += 1;
         }
         let (loss, duplicate, long) = if self.faults_over {
             (0.0, 0.0, 0.0)
@@ -626,11 +641,15 @@ impl Sim {
     }
 
     fn run(&mut self) {
-        let limit = self.settings.duration + 12 * SEC;
-        while let Some(((t, _), event)) = self.queue.pop_first() {
-            if t > limit {
+        self.run_until(self.settings.duration + 12 * SEC);
+    }
+
+    fn run_until(&mut self, limit: Micros) {
+        while let Some(entry) = self.queue.first_entry() {
+            if entry.key().0 > limit {
                 break;
             }
+            let ((t, _), event) = entry.remove_entry();
             self.now = t;
             self.handle(event);
             self.check_leases();
@@ -753,10 +772,7 @@ impl Sim {
     }
 
     fn index(&self, name: &str) -> usize {
-        self.nodes
-            .iter()
-            .position(|n| n.entry.name == name)
-            .expect("a node of the ring")
+        *self.by_name.get(name).expect("a node of the ring")
     }
 
     // ----- faults -----
@@ -908,6 +924,7 @@ impl Sim {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             match plan::fail_all(&ring, &refs) {
                 Ok(plan) => {
+                    self.decided_at.get_or_insert(self.now);
                     self.log(|| format!("ECS fails over {names:?} (v{})", plan.metadata.version));
                     if let Some(stop) = self.full_stop_at {
                         if self.now >= stop && self.now < stop + 5 * SEC + FAILOVER_AFTER {
@@ -1026,6 +1043,9 @@ impl Sim {
                 self.after(d, Event::WaitOver { generation });
             }
             Action::Finish(result) => {
+                if result.is_ok() && self.committed_at.is_some() {
+                    self.installed_at.get_or_insert(self.now);
+                }
                 self.log(|| format!("ECS change over: {result:?}"));
                 // Clearing the intent log (assumed to land).
                 self.ecs.intent = None;
@@ -1053,6 +1073,7 @@ impl Sim {
                 return;
             }
             self.ecs.ring = intent.plan.metadata.clone();
+            self.committed_at.get_or_insert(self.now);
             let version = self.ecs.ring.version;
             self.log(|| format!("group commits v{version}"));
         }
@@ -1584,6 +1605,50 @@ fn settings(seed: u64) -> Settings {
     }
 }
 
+/// Scale: `nodes` nodes, no clients, no nemesis but one node killed at 5 s; what the ECS
+/// leader sends and receives, and how long the failover takes.
+fn scale(nodes: usize) -> String {
+    let settings = Settings {
+        nodes,
+        clients: 0,
+        keys: 1,
+        duration: 5 * SEC,
+        loss: 0.0,
+        duplicate: 0.0,
+        long_delay: 0.0,
+        faults: 0,
+        proposal: [1000, 0, 0, 0],
+        full_stop: false,
+    };
+    let started = Instant::now();
+    let mut sim = Sim::new(7, settings);
+    sim.at(5 * SEC, Event::Fault(Fault::Crash(nodes / 2)));
+    // Messages in a steady second (before the kill).
+    sim.run_until(3 * SEC);
+    let before = sim.ecs_messages;
+    sim.run_until(4 * SEC);
+    let per_second = sim.ecs_messages - before;
+    sim.run_until(120 * SEC);
+    assert!(sim.violations.is_empty(), "{:?}", sim.violations);
+    let ms = |t: Option<Micros>| t.map_or(f64::NAN, |t| (t as f64 - 5e6) / 1e3);
+    format!(
+        "{nodes:>6} nodes: ECS leader {per_second} messages/s (probes and answers); a death decided after {:.0} ms, committed after {:.0} ms, installed at every live node after {:.0} ms (sequential installs); simulated in {:.1?}",
+        ms(sim.decided_at),
+        ms(sim.committed_at),
+        ms(sim.installed_at),
+        started.elapsed()
+    )
+}
+
+/// The simulation at scale (1,000 nodes in CI; `RINGKV_SIM_SCALE=1000,10000` for more).
+#[test]
+fn at_scale() {
+    let sizes = std::env::var("RINGKV_SIM_SCALE").unwrap_or_else(|_| "1000".into());
+    for n in sizes.split(',').filter_map(|n| n.trim().parse().ok()) {
+        println!("{}", scale(n));
+    }
+}
+
 /// Runs seed `seed`: `Err` with what went wrong and a one-line reproduction.
 fn run_seed(seed: u64) -> Result<(usize, u64), String> {
     let mut sim = Sim::new(seed, settings(seed));
@@ -1611,7 +1676,7 @@ fn run_seed(seed: u64) -> Result<(usize, u64), String> {
             sim.trace.join("\n")
         ));
     }
-    Ok((sim.history.len(), sim.messages_from_ecs))
+    Ok((sim.history.len(), sim.ecs_messages))
 }
 
 fn env_u64(name: &str) -> Option<u64> {

@@ -1271,8 +1271,9 @@ mod handlers {
             reply
         );
         // Term fencing: a request of the ECS (term 0 unless fenced) older than the highest
-        // term the node had seen is refused, and only that; an admitted newer term becomes
-        // the highest seen, and nothing else moves it.
+        // term the node had seen is refused, and a fenced one of term 0 (no leader has it),
+        // and only those; an admitted newer term becomes the highest seen, and nothing else
+        // moves it.
         let stale = matches!(
             reply.body,
             ReplyBody::Error {
@@ -1282,9 +1283,10 @@ mod handlers {
         );
         let from_ecs = allowed && peer.role == Role::Ecs;
         let term = request.body.term().unwrap_or(0);
+        let fenced_zero = matches!(request.body, RequestBody::Fenced { term: 0, .. });
         prop_assert_eq!(
             stale,
-            from_ecs && term < seen,
+            from_ecs && (term < seen || fenced_zero),
             "{:?} from {:?} at term {}: {:?}",
             request,
             peer,
