@@ -226,3 +226,66 @@ async fn a_batch_of_chain_writes_is_answered_write_by_write() {
     assert_eq!(value(&ours[1]), Some(b"b".to_vec()));
     assert_eq!(value(&theirs), None);
 }
+
+/// `--min-copies`: a head refuses a write to a range with fewer live copies than that
+/// (`NotEnoughCopies`, nothing applied) instead of acknowledging it on fewer nodes; reads
+/// are still served. (The default, 1, takes writes while any copy is live, as before.)
+#[tokio::test]
+async fn a_write_below_min_copies_is_refused_and_applies_nothing() {
+    let certs = Certs::new();
+    let data = tempfile::tempdir().unwrap();
+    let node = TestNode::start_with(&certs, "n2", false, data, |c| c.min_copies = 2).await;
+    let ring = ringkv_wire::RingMetadata::new(
+        5,
+        vec![
+            ringkv_wire::NodeEntry::new("n1", "127.0.0.1:9"),
+            ringkv_wire::NodeEntry::new("n2", node.addr.clone()),
+            ringkv_wire::NodeEntry::new("n3", "127.0.0.1:11"),
+        ],
+    )
+    .unwrap()
+    .with_replication(3)
+    .unwrap()
+    .with_failed("n1")
+    .unwrap()
+    .with_failed("n3")
+    .unwrap();
+    // n2 is every chain alone: one copy.
+    let signed = certs.ecs_signer().sign(&ring).unwrap();
+    assert!(node.node.install_metadata(signed, "test").await.unwrap());
+    let ecs = transport(&certs, "ecs");
+    let client = transport(&certs, "client");
+    let first = lease(&ecs, &node, 60_000, None).await;
+    lease(&ecs, &node, 60_000, Some(first)).await;
+    let start: Reply = ecs
+        .request(&node.addr, &Request::new(0, RequestBody::Start))
+        .await
+        .unwrap();
+    assert_eq!(start.body, ReplyBody::Ok);
+    let key = b"k".to_vec();
+    let put = Request::new(
+        ring.version,
+        RequestBody::Put {
+            key: key.clone(),
+            value: b"v".to_vec(),
+        },
+    );
+    let reply: Reply = client.request(&node.addr, &put).await.unwrap();
+    match reply.body {
+        ReplyBody::Error {
+            kind: ringkv_wire::ErrorKind::NotEnoughCopies,
+            message,
+        } => assert!(
+            message.contains("1 live copies") && message.contains("--min-copies 2"),
+            "{message}"
+        ),
+        other => panic!("a write to a chain of one copy with --min-copies 2 answered {other:?}"),
+    }
+    let get = Request::new(ring.version, RequestBody::Get { key: key.clone() });
+    let reply: Reply = client.request(&node.addr, &get).await.unwrap();
+    assert_eq!(
+        reply.body,
+        ReplyBody::NotFound,
+        "nothing was applied; reads are served"
+    );
+}

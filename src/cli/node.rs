@@ -65,6 +65,11 @@ pub struct Args {
     /// (its client's request timeout bounds the wait).
     #[arg(long, default_value_t = ringkv_node::storage::DEFAULT_MAX_QUEUED_WRITES)]
     pub max_queued_writes: usize,
+    /// The fewest live copies a key's range must have for this node to take a write of it
+    /// as its head (like Kafka's min.insync.replicas); below it writes are refused with
+    /// NOT_ENOUGH_COPIES and nothing is applied. 1: take writes while any copy is live.
+    #[arg(long, default_value_t = 1)]
+    pub min_copies: u8,
     /// Gossip and failure detection.
     #[command(flatten)]
     pub gossip: GossipArgs,
@@ -86,6 +91,7 @@ impl Args {
         config.gossip = self.gossip.config();
         config.transfer_rate_limit = Some(self.transfer_rate_limit).filter(|r| *r > 0);
         config.max_queued_writes = self.max_queued_writes.max(1);
+        config.min_copies = self.min_copies.max(1);
         config.serve = self.serve.limits(config.limits.max_frame)?;
         Ok(config)
     }

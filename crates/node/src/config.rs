@@ -46,6 +46,11 @@ pub struct NodeConfig {
     /// waits for room beyond that, bounded by its client's request timeout
     /// ([`crate::storage::DEFAULT_MAX_QUEUED_WRITES`] by default).
     pub max_queued_writes: usize,
+    /// The fewest live copies a key's range must have for this node, as its head, to take a
+    /// write of it (Kafka's `min.insync.replicas`): a write to a chain shorter than this is
+    /// refused (`NotEnoughCopies`, nothing applied) rather than acknowledged on fewer nodes.
+    /// 1 (the default) takes writes while any copy is live. Reads are served either way.
+    pub min_copies: u8,
 }
 
 impl NodeConfig {
@@ -64,6 +69,7 @@ impl NodeConfig {
             gossip: GossipConfig::default(),
             serve: ServeLimits::default(),
             max_queued_writes: crate::storage::DEFAULT_MAX_QUEUED_WRITES,
+            min_copies: 1,
         }
     }
 }

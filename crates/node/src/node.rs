@@ -607,6 +607,28 @@ impl Node {
         self.check_role(position, RingMetadata::head)
     }
 
+    /// `Ok(())` if `position`'s chain has at least `--min-copies` live members under this
+    /// node's metadata, else the `NotEnoughCopies` refusal (checked at the head, before
+    /// anything is applied).
+    pub(crate) fn check_copies(&self, position: &Position) -> Result<(), ReplyBody> {
+        let min = usize::from(self.config.min_copies);
+        if min <= 1 {
+            return Ok(());
+        }
+        let view = self.view.read().expect("view lock");
+        let copies = view.metadata.chain(position).len();
+        if copies >= min {
+            return Ok(());
+        }
+        Err(request::error(
+            ErrorKind::NotEnoughCopies,
+            format!(
+                "this key's range has {copies} live copies (ring v{}), fewer than --min-copies {min}: write refused, nothing applied; it is taken again once the ECS has rebuilt the range's copies",
+                view.metadata.version
+            ),
+        ))
+    }
+
     /// `Ok(())` if this node is the tail of `position`'s chain (serves its reads) under its
     /// metadata, else the `NotResponsible` reply.
     pub(crate) fn check_tail(&self, position: &Position) -> Result<(), ReplyBody> {

@@ -366,6 +366,9 @@ pub enum ErrorKind {
     /// seen (or, unfenced, from an ECS after the node saw a fenced one): a newer leader
     /// exists, and the request was not executed. The sender should step down.
     StaleTerm,
+    /// A write to a range whose chain has fewer live copies than the head's `--min-copies`:
+    /// refused, nothing applied. It is taken again once the range's copies are rebuilt.
+    NotEnoughCopies,
 }
 
 /// Counters of a completed range transfer.

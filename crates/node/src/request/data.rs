@@ -110,6 +110,9 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
     if let Err(reply) = node.check_head(&key.position) {
         return reply;
     }
+    if let Err(reply) = node.check_copies(&key.position) {
+        return reply;
+    }
     let replicated = node.replication() > 1;
     // One write of a stripe (the key's and a 4096th of the others) down the chain at a
     // time, so every member applies a key's writes in the head's order.
