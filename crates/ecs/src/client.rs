@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use ringkv_transport::Transport;
-use ringkv_wire::{AdminReply, AdminRequest};
+use ringkv_transport::{Transport, TransportError};
+use ringkv_wire::{AdminReply, AdminRequest, RingMetadata};
 
 /// How long [`ask`] keeps trying while no member leads (an election takes about 1–1.5 s,
 /// ARCHITECTURE.md §12).
@@ -36,9 +36,13 @@ pub enum AskError {
 /// election) or does not answer is passed over for the next, round after round, for up to
 /// [`ELECTION_WAIT`].
 ///
-/// A request that fails in transport after it was sent may have been carried out; only
-/// idempotent ones (reads) are safe to ask again blindly. A membership change that got a
-/// transport error shows its outcome in the ring (`Ring`).
+/// A request that fails in transport after it was sent may have been carried out. So before
+/// `add-node` or `remove-node` is sent to another member after the one running it was lost,
+/// the leader is asked for its ring: if the ring already shows the change ([`already_done`]:
+/// the change in flight had committed, and the new leader, whose ring holds every committed
+/// change, finishes it), the answer is `Done` and nothing is sent again; otherwise it had not
+/// committed, the new leader rolls it back, and the request is sent again as a fresh change.
+/// Other requests are idempotent or reads, and are sent again as they are.
 pub async fn ask(
     transport: &Transport,
     members: &[String],
@@ -50,11 +54,26 @@ pub async fn ask(
     }
     let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
     let mut last = String::new();
+    // Whether a member may have taken the request and been lost before it answered.
+    let mut maybe_taken = false;
     loop {
         for start in members {
             let mut addr = start.clone();
             // A redirect is followed a few times at most (a leader change while we follow).
             for _ in 0..3 {
+                if maybe_taken && changes_membership(request) {
+                    match call_watching(transport, &addr, &AdminRequest::Ring, timeout).await {
+                        Ok(AdminReply::Ring(ring)) if already_done(request, &ring) => {
+                            return Ok(AdminReply::Done(format!(
+                                "done: the ring (v{}) shows it (the change was in flight when the member running it was lost: {last})",
+                                ring.version
+                            )));
+                        }
+                        Ok(AdminReply::Ring(_)) => {}
+                        // Not the leader (or no answer): go on as for the request itself.
+                        _ => {}
+                    }
+                }
                 match call_watching(transport, &addr, request, timeout).await {
                     Ok(AdminReply::NotLeader {
                         leader: Some(leader),
@@ -67,7 +86,8 @@ pub async fn ask(
                         break;
                     }
                     Ok(reply) => return Ok(reply),
-                    Err(e) => {
+                    Err((e, sent)) => {
+                        maybe_taken |= sent;
                         last = format!("{addr}: {e}");
                         break;
                     }
@@ -84,12 +104,34 @@ pub async fn ask(
     }
 }
 
+/// Whether `request` changes the ring's membership (and so must not run twice).
+fn changes_membership(request: &AdminRequest) -> bool {
+    matches!(
+        request,
+        AdminRequest::AddNode { .. } | AdminRequest::RemoveNode { .. }
+    )
+}
+
+/// Whether `ring` already shows the effect of the membership change `request`: the node
+/// added at that address and not failed, or the node gone.
+pub fn already_done(request: &AdminRequest, ring: &RingMetadata) -> bool {
+    match request {
+        AdminRequest::AddNode { name, addr } => ring
+            .node(name)
+            .is_some_and(|n| &n.addr == addr && !ring.is_failed(name)),
+        AdminRequest::RemoveNode { name } => ring.node(name).is_none(),
+        _ => false,
+    }
+}
+
 /// How often a long request's member is checked for life ([`call_watching`]).
 const WATCH_EVERY: Duration = Duration::from_secs(2);
 /// How long such a check may take before the member is taken for dead.
 const WATCH_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// `transport.call` of `request` at `addr`, giving up early if the member dies meanwhile: a
+/// `transport.call` of `request` at `addr`, giving up early if the member dies meanwhile (the
+/// error says whether the request may have been taken: it was sent and the member was lost
+/// before it answered): a
 /// membership change may rightly take long (its timeout is an hour), but a member SIGKILLed
 /// during it would otherwise be noticed only at the connection's idle timeout (30 s). So
 /// while the request runs, the member is asked for `Group` every [`WATCH_EVERY`]; one that
@@ -100,7 +142,7 @@ async fn call_watching(
     addr: &str,
     request: &AdminRequest,
     timeout: Duration,
-) -> Result<AdminReply, String> {
+) -> Result<AdminReply, (String, bool)> {
     let call = transport.call::<_, AdminReply>(addr, request, timeout);
     let watch = async {
         loop {
@@ -114,8 +156,18 @@ async fn call_watching(
         }
     };
     tokio::select! {
-        reply = call => reply.map_err(|e| e.to_string()),
-        () = watch => Err(format!("stopped answering (no answer to a check within {WATCH_TIMEOUT:?}) while the request ran; it may or may not have been carried out")),
+        reply = call => reply.map_err(|e| {
+            // Only an error before the request left (or one the server vouches it did not
+            // take) says it was not carried out.
+            let sent = !matches!(
+                e,
+                TransportError::Connect { .. }
+                    | TransportError::NotTaken { .. }
+                    | TransportError::Address { .. }
+            );
+            (e.to_string(), sent)
+        }),
+        () = watch => Err((format!("stopped answering (no answer to a check within {WATCH_TIMEOUT:?}) while the request ran; it may or may not have been carried out"), true)),
     }
 }
 
@@ -126,4 +178,38 @@ pub fn members(list: &str) -> Vec<String> {
         .filter(|a| !a.is_empty())
         .map(str::to_string)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringkv_wire::NodeEntry;
+
+    #[test]
+    fn a_change_is_done_when_the_ring_shows_it() {
+        let ring = RingMetadata::new(
+            4,
+            vec![NodeEntry::new("a", "h:1"), NodeEntry::new("b", "h:2")],
+        )
+        .unwrap()
+        .with_replication(2)
+        .unwrap();
+        let add = |name: &str, addr: &str| AdminRequest::AddNode {
+            name: name.into(),
+            addr: addr.into(),
+        };
+        let remove = |name: &str| AdminRequest::RemoveNode { name: name.into() };
+        assert!(already_done(&add("b", "h:2"), &ring));
+        assert!(!already_done(&add("b", "h:9"), &ring), "another address");
+        assert!(!already_done(&add("c", "h:3"), &ring));
+        assert!(already_done(&remove("c"), &ring));
+        assert!(!already_done(&remove("b"), &ring));
+        let failed = ring.with_failed("b").unwrap();
+        assert!(
+            !already_done(&add("b", "h:2"), &failed),
+            "failed, not added"
+        );
+        assert!(!already_done(&AdminRequest::Stop, &ring));
+        assert!(changes_membership(&remove("b")) && !changes_membership(&AdminRequest::Ring));
+    }
 }
