@@ -29,7 +29,8 @@
 //! long tail), duplication and so reordering; process crash and restart (the lease is lost,
 //! ring and data survive); process pauses (SIGSTOP: both clocks run on); machine pauses (a
 //! VM paused: the monotonic clock stops, the wall clock is corrected on resume); one-way
-//! partitions between the ECS and a node and between clients and a node; clock rates
+//! partitions between the ECS and a node and between clients and a node; wall clocks
+//! stepped forward and back (the lease must then end by the monotonic clock); clock rates
 //! (nodes 0.75–1.0×, the ECS 1.0–1.3×: within the 2× the lease allows); disk stalls
 //! (applies delayed); ECS leader changes with Raft outcomes unknown at the worst moments.
 //! A scenario run also stops every node within 0.2 s of each other and restarts them (a
@@ -126,8 +127,11 @@ struct SimNode {
     /// Paused (SIGSTOP or a machine pause) until then: messages wait.
     paused_until: Option<Micros>,
     mono: Clock,
-    /// Offset of the wall clock from real time (corrected after a machine pause).
     lease: Lease,
+    /// The wall clock's error (µs): stepped forward or back by the nemesis; the lease must
+    /// then still end by its monotonic clock. (Real time otherwise: NTP corrects it, and a
+    /// machine pause shows on it as a jump.)
+    wall_offset: i64,
     ring: RingMetadata,
     /// The highest ECS term seen (term fencing).
     term: u64,
@@ -153,12 +157,13 @@ impl SimNode {
     fn clocks(&self, t: Micros) -> Clocks {
         Clocks {
             mono: self.mono.read(t),
-            // Real time, as NTP keeps it (a machine pause shows as a jump).
-            wall: Duration::from_micros(1_700_000_000_000_000 + t),
+            wall: Duration::from_micros(
+                (1_700_000_000_000_000 + t as i64 + self.wall_offset) as u64,
+            ),
         }
     }
 
-    fn leased(&self, t: Micros) -> bool {
+    fn leased(&mut self, t: Micros) -> bool {
         self.lease.holds(self.clocks(t))
     }
 }
@@ -270,6 +275,8 @@ enum Event {
         commit: bool,
     },
     ClientNext(usize),
+    /// The node's gossip tick, which lets its lease see the clocks.
+    NodeTick(usize),
     ClientDeadline {
         client: usize,
         op: u64,
@@ -320,6 +327,11 @@ enum Fault {
     DiskStall {
         node: usize,
         until: Micros,
+    },
+    /// The node's wall clock is stepped by this many µs (back when negative).
+    WallStep {
+        node: usize,
+        by: i64,
     },
     LeaderChange,
     StopAll,
@@ -436,6 +448,7 @@ impl Sim {
                 paused_until: None,
                 mono: Clock::new(rng.random_range(0.75..=1.0), rng.random_range(0.0..1e9)),
                 lease: Lease::new(),
+                wall_offset: 0,
                 ring: ring.clone(),
                 term: 0,
                 data: HashMap::new(),
@@ -505,6 +518,10 @@ impl Sim {
             full_stop_at: None,
         };
         sim.at(0, Event::EcsTick);
+        for n in 0..sim.nodes.len() {
+            let t = sim.rng.random_range(0..200 * MS);
+            sim.at(t, Event::NodeTick(n));
+        }
         for c in 0..sim.clients.len() {
             let t = sim.rng.random_range(0..10 * MS);
             sim.at(t, Event::ClientNext(c));
@@ -607,7 +624,7 @@ impl Sim {
             if quiet.is_some_and(|(from, to)| t < to && t + length > from) {
                 continue;
             }
-            let fault = match self.rng.random_range(0..8) {
+            let fault = match self.rng.random_range(0..9) {
                 0 => {
                     self.at(t + length, Event::Fault(Fault::Restart(node)));
                     Fault::Crash(node)
@@ -632,6 +649,10 @@ impl Sim {
                 6 => Fault::DiskStall {
                     node,
                     until: t + length.min(SEC),
+                },
+                7 => Fault::WallStep {
+                    node,
+                    by: self.rng.random_range(-5_000_000..5_000_000),
                 },
                 _ => Fault::LeaderChange,
             };
@@ -720,6 +741,19 @@ impl Sim {
             }
             Event::GroupApplies { intent, commit } => self.group_applies(intent, commit),
             Event::ClientNext(c) => self.client_next(c),
+            Event::NodeTick(n) => {
+                let node = &mut self.nodes[n];
+                if node.up && node.paused_until.is_none() {
+                    let now = self.now;
+                    node.leased(now);
+                }
+                // A paused process ticks as soon as it runs again (the timer is overdue).
+                let next = match node.paused_until {
+                    Some(until) => until.max(self.now),
+                    None => self.now + 200 * MS,
+                };
+                self.at(next, Event::NodeTick(n));
+            }
             Event::ClientDeadline { client, op } => self.client_gives_up(client, op),
             Event::ClientRetry { client, op } => {
                 if self.clients[client]
@@ -758,7 +792,8 @@ impl Sim {
         for name in self.ecs.ring.failed.clone() {
             let n = self.index(&name);
             let node = &self.nodes[n];
-            if node.up && node.paused_until.is_none() && node.leased(self.now) {
+            let clocks = node.clocks(self.now);
+            if node.up && node.paused_until.is_none() && node.lease.peek(clocks) {
                 let v = format!(
                     "{name} holds a lease while the committed ring v{} marks it failed",
                     self.ecs.ring.version
@@ -832,6 +867,13 @@ impl Sim {
                 self.cut_clients.insert(node, until);
             }
             Fault::DiskStall { node, until } => self.nodes[node].disk_stall_until = until,
+            // Not while the machine is paused: the guest cannot step its clock then (and a
+            // step back there would cancel the correction the pause gets, which the clock
+            // model excludes).
+            Fault::WallStep { node, by } if !self.nodes[node].mono.frozen => {
+                self.nodes[node].wall_offset += by
+            }
+            Fault::WallStep { .. } => {}
             Fault::LeaderChange => self.leader_change(),
             Fault::StopAll => {
                 // A planned full restart: every node stopped within 0.2 s.
@@ -1197,7 +1239,7 @@ impl Sim {
                 self.reply(n, client, u64::MAX, ClientReply::Ring(ring));
             }
             Msg::Get { client, op, key } => {
-                let node = &self.nodes[n];
+                let node = &mut self.nodes[n];
                 let reply = if !node.leased(now) {
                     ClientReply::Stopped
                 } else if node.ring.tail(&key_position(&key)).map(|e| &e.name)

@@ -52,6 +52,8 @@ use crate::raft::RaftError;
 pub const PRECOPY_DONE_BELOW: u64 = 256;
 /// Most delta rounds with writes open.
 pub const MAX_PRECOPY_ROUNDS: u32 = 8;
+/// Longest failure reason kept in the intent log (bytes).
+pub const MAX_REASON: usize = 1024;
 /// First delay before retrying a step that must eventually succeed.
 pub const RETRY_INITIAL: Duration = Duration::from_millis(100);
 /// Longest delay between retries.
@@ -389,7 +391,17 @@ impl Executor {
             || (!self.intent.lock_sent && matches!(step, Step::Abort { .. }))
     }
 
-    fn roll_back(&mut self, step: String, reason: String) -> Action {
+    fn roll_back(&mut self, step: String, mut reason: String) -> Action {
+        // The reason is persisted with the intent: bounded, so that a long error text can
+        // never make the rollback's intent too large to persist (it is retried until it is).
+        if reason.len() > MAX_REASON {
+            let mut end = MAX_REASON;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push('…');
+        }
         self.intent.phase = Phase::RollingBack;
         self.intent.failure = Some((step, reason));
         self.cursor = 0;

@@ -162,9 +162,11 @@ impl Probes {
         due
     }
 
-    /// The failover decision at `now` for the ring's live (not failed) nodes `live`. See
-    /// [`FailoverDecision`]. Condemned nodes count as silent.
-    pub fn decide(&mut self, live: &[&str], detector: Detector, now: Instant) -> FailoverDecision {
+    /// Looks at the live nodes `live` at `now` for the guard (called every probe tick, and by
+    /// [`Probes::decide`]): the nodes silent now (condemned ones included), and whether half
+    /// of them or more are, which restarts the wait for a majority heard for
+    /// `failover_after`.
+    pub fn observe(&mut self, live: &[&str], detector: Detector, now: Instant) -> Vec<String> {
         let silent: Vec<String> = live
             .iter()
             .filter(|name| {
@@ -173,16 +175,27 @@ impl Probes {
             })
             .map(|name| name.to_string())
             .collect();
-        let past: Vec<String> = self.silent(live.iter().copied(), detector.failover_after, now);
         if !silent.is_empty() && silent.len() * 2 >= live.len() {
             self.healthy_since = None;
+        } else {
+            self.healthy_since.get_or_insert(now);
+        }
+        silent
+    }
+
+    /// The failover decision at `now` for the ring's live (not failed) nodes `live`. See
+    /// [`FailoverDecision`]. Condemned nodes count as silent.
+    pub fn decide(&mut self, live: &[&str], detector: Detector, now: Instant) -> FailoverDecision {
+        let silent = self.observe(live, detector, now);
+        let past: Vec<String> = self.silent(live.iter().copied(), detector.failover_after, now);
+        if !silent.is_empty() && silent.len() * 2 >= live.len() {
             return if past.is_empty() {
                 FailoverDecision::Nothing
             } else {
                 FailoverDecision::HoldOff { silent }
             };
         }
-        let healthy_since = *self.healthy_since.get_or_insert(now);
+        let healthy_since = self.healthy_since.unwrap_or(now);
         if past.is_empty() {
             FailoverDecision::Nothing
         } else if now.saturating_duration_since(healthy_since) < detector.failover_after {

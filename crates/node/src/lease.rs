@@ -17,8 +17,9 @@
 //! - the wall clock (`CLOCK_REALTIME`): corrected from outside (NTP, the hypervisor's clock
 //!   sync) after such a pause, so it jumps forward by the pause. A forward step for any other
 //!   reason only ends the lease early (the node answers `Stopped` until the next probe, a
-//!   quarter of a second later); a backward step is ignored, the monotonic clock still bounds
-//!   the lease.
+//!   quarter of a second later); a backward step is ignored: the lease reads the highest wall
+//!   time it has seen (so a step back after a pause cannot revive a lease the pause ended),
+//!   and the monotonic clock still bounds the lease.
 //!
 //! Both clocks are assumed to run at least half as fast as real time between such events
 //! (the ECS waits twice the lease before it fails a node over, ARCHITECTURE.md §11). A pause
@@ -58,6 +59,8 @@ pub struct Lease {
     stamps: VecDeque<(u64, Duration)>,
     /// The end of the lease on each clock (`None`: never granted).
     until: Option<Clocks>,
+    /// The highest wall-clock reading seen: what the lease reads as the wall time.
+    wall_high: Duration,
 }
 
 impl Lease {
@@ -68,14 +71,21 @@ impl Lease {
 
     /// A new stamp for an answer to a probe, taken at `now` (before the answer is sent).
     pub fn stamp(&mut self, now: Clocks) -> u64 {
+        let wall = self.wall(now);
         let stamp = now.mono.as_micros() as u64;
         if self.stamps.back().is_none_or(|(last, _)| *last < stamp) {
             if self.stamps.len() == REMEMBERED_STAMPS {
                 self.stamps.pop_front();
             }
-            self.stamps.push_back((stamp, now.wall));
+            self.stamps.push_back((stamp, wall));
         }
         stamp
+    }
+
+    /// The wall time as the lease reads it: the highest reading seen.
+    fn wall(&mut self, now: Clocks) -> Duration {
+        self.wall_high = self.wall_high.max(now.wall);
+        self.wall_high
     }
 
     /// A probe granted `millis` from `echo`: the lease is extended to `echo + millis` on both
@@ -102,10 +112,20 @@ impl Lease {
         }
     }
 
-    /// Whether the lease holds at `now`: both clocks before its end.
-    pub fn holds(&self, now: Clocks) -> bool {
+    /// Whether the lease holds at `now`: both clocks before its end (the wall clock as the
+    /// highest reading seen).
+    pub fn holds(&mut self, now: Clocks) -> bool {
+        let wall = self.wall(now);
         self.until
-            .is_some_and(|until| now.mono < until.mono && now.wall < until.wall)
+            .is_some_and(|until| now.mono < until.mono && wall < until.wall)
+    }
+
+    /// Whether the lease holds at `now` without taking `now` into account for later (for
+    /// observers that are not the node: the simulation's checker).
+    pub fn peek(&self, now: Clocks) -> bool {
+        let wall = self.wall_high.max(now.wall);
+        self.until
+            .is_some_and(|until| now.mono < until.mono && wall < until.wall)
     }
 
     /// The end of the lease on the monotonic clock, if one was granted.
@@ -118,10 +138,10 @@ impl Lease {
 mod tests {
     use super::*;
 
-    fn at(mono_ms: u64, wall_ms: u64) -> Clocks {
+    fn at(mono_ms: u64, wall_ms: i64) -> Clocks {
         Clocks {
             mono: Duration::from_millis(mono_ms),
-            wall: Duration::from_millis(1_000_000 + wall_ms),
+            wall: Duration::from_millis((1_000_000 + wall_ms) as u64),
         }
     }
 
@@ -151,7 +171,7 @@ mod tests {
             "an earlier process's stamp, below ours"
         );
         for i in 0..REMEMBERED_STAMPS as u64 {
-            lease.stamp(at(200 + i, 200 + i));
+            lease.stamp(at(200 + i, 200 + i as i64));
         }
         assert!(!lease.grant(Some(s), 1500), "evicted long ago");
         assert!(!lease.holds(at(150, 150)));
@@ -165,8 +185,13 @@ mod tests {
         // The machine was paused for 10 s: the monotonic clock did not see it, the wall
         // clock was corrected on resume.
         assert!(!lease.holds(at(300, 10_300)));
-        // A wall clock stepped back is ignored: the monotonic clock still bounds it.
-        assert!(lease.holds(at(300, 0)));
-        assert!(!lease.holds(at(1600, 0)));
+        // A wall clock stepped back afterwards does not revive it.
+        assert!(!lease.holds(at(300, 0)));
+        // A step back alone is ignored: the monotonic clock still bounds the lease.
+        let mut lease = Lease::new();
+        let s = lease.stamp(at(100, 100));
+        lease.grant(Some(s), 1500);
+        assert!(lease.holds(at(300, -5_000)));
+        assert!(!lease.holds(at(1600, -5_000)));
     }
 }

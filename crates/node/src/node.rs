@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ringkv_certs::{PeerIdentity, Role};
 use ringkv_transport::{RingAuthority, Transport};
@@ -124,6 +124,9 @@ pub struct Node {
     lease: std::sync::Mutex<Lease>,
     /// When this process started: the origin of its lease stamps.
     started: Instant,
+    /// A random offset added to every stamp, so that a stamp of an earlier process of this
+    /// node (echoed by a probe sent before the restart) cannot equal one of this process.
+    stamp_origin: Duration,
     /// This process's name as a chain head (`Replicate::origin`), random per start.
     pub(crate) origin: u64,
     /// The next write's place in this head's order (`Replicate::seq`).
@@ -210,6 +213,7 @@ impl Node {
             version_tx: tokio::sync::watch::Sender::new(version),
             lease: std::sync::Mutex::new(Lease::new()),
             started: Instant::now(),
+            stamp_origin: Duration::from_micros(rand::random::<u64>() >> 24),
             origin: rand::random(),
             next_seq: AtomicU64::new(1),
             applied_seq: std::sync::Mutex::new(HashMap::new()),
@@ -248,11 +252,18 @@ impl Node {
         ReplyBody::Leased { stamp }
     }
 
+    /// Lets the lease see the clocks now (the gossip loop calls it every interval): the
+    /// lease keeps the highest wall time it has seen.
+    pub(crate) fn observe_clocks(&self) {
+        let clocks = self.clocks();
+        self.lease.lock().expect("lease lock").holds(clocks);
+    }
+
     /// The node's clocks now, for its lease: the monotonic clock since the process started,
     /// and the wall clock (see [`crate::lease`] for why both).
     fn clocks(&self) -> Clocks {
         Clocks {
-            mono: self.started.elapsed(),
+            mono: self.stamp_origin + self.started.elapsed(),
             wall: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default(),

@@ -38,8 +38,23 @@ impl Ecs {
             tracing::info!(change = intent.change, phase = ?intent.phase, version = intent.plan.metadata.version, "resuming a change from the intent log");
             Executor::resume(intent)
         };
+        // A failover rolled back here (it was pending) pardons the nodes it would have
+        // failed: certainly not committed, they may be leased again.
+        let failing: Vec<String> = exec
+            .intent()
+            .plan
+            .metadata
+            .failed
+            .iter()
+            .filter(|name| !self.metadata().is_failed(name))
+            .cloned()
+            .collect();
         match self.drive(term, exec, first).await {
-            Ok(_) | Err(EcsError::Aborted { .. }) => Ok(()),
+            Err(EcsError::Aborted { .. }) => {
+                self.pardon(&failing.iter().map(String::as_str).collect::<Vec<_>>());
+                Ok(())
+            }
+            Ok(_) => Ok(()),
             Err(e) => Err(e),
         }
     }

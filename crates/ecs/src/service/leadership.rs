@@ -157,7 +157,7 @@ impl Ecs {
                 return;
             }
         };
-        let _no_change = self.change.lock().await;
+        let no_change = self.change.lock().await;
         let state = raft.state();
         *self.metadata.write().expect("metadata lock") = state.ring.clone();
         *self.log.lock().expect("log lock") = state.log.clone();
@@ -173,6 +173,9 @@ impl Ecs {
             pending = state.log.pending.is_some(),
             "leading the ECS group"
         );
+        // Released before the spawned task tries for it (on a multi-thread runtime it could
+        // run at once and find it held).
+        drop(no_change);
         let ecs = self.clone();
         tokio::spawn(async move {
             ecs.resume_pending().await;

@@ -69,14 +69,18 @@ impl Ecs {
             .filter(|name| !metadata.is_failed(name))
             .collect();
         if !unmarked.is_empty() {
+            // Pardoned only when the change certainly did not commit: refused by the planner,
+            // or rolled back. Pending or deposed, it may still commit.
             let marked = match plan::fail_all(&metadata, &unmarked) {
                 Ok(plan) => self.execute(term, plan).await,
-                Err(e) => Err(e),
+                Err(e) => {
+                    self.pardon(&unmarked);
+                    return Err(e);
+                }
             };
             if let Err(e) = marked {
-                if !matches!(e, EcsError::Pending { .. }) {
-                    let mut probes = self.probes.lock().expect("probes lock");
-                    unmarked.iter().for_each(|name| probes.pardon(name));
+                if matches!(e, EcsError::Aborted { .. }) {
+                    self.pardon(&unmarked);
                 }
                 return Err(e);
             }
@@ -91,6 +95,13 @@ impl Ecs {
             tracing::warn!(node = %name, elapsed = ?started.elapsed(), version = self.metadata().version, "failed node replaced and removed");
         }
         reply.ok_or_else(|| EcsError::Refused("no node to fail over".into()))
+    }
+
+    /// The nodes `names` may be leased again: the change that would have failed them over
+    /// certainly did not commit.
+    pub(super) fn pardon(&self, names: &[&str]) {
+        let mut probes = self.probes.lock().expect("probes lock");
+        names.iter().for_each(|name| probes.pardon(name));
     }
 
     /// One liveness probe of `name` outside the probe loop, echoing its last stamp, unless
@@ -140,6 +151,7 @@ impl Ecs {
     /// way; a node that answers gets the steps a change had to skip while it was silent.
     /// Nothing else runs in this loop, so a failover or a long change never delays a lease.
     pub(super) async fn probe_loop(self: Arc<Self>) {
+        let detector = Detector::new(self.config.probe_interval, self.config.failover_after);
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -156,8 +168,12 @@ impl Ecs {
                 .collect();
             let due = {
                 let mut probes = self.probes.lock().expect("probes lock");
+                let now = Instant::now();
                 probes.retain(live.iter().copied());
-                probes.due(live.iter().copied(), Instant::now())
+                // The guard's view is kept up to date here, every tick, whatever holds up
+                // the failover loop (a long change holds the change mutex).
+                probes.observe(&live, detector, now);
+                probes.due(live.iter().copied(), now)
             };
             self.owed
                 .lock()
@@ -195,6 +211,9 @@ impl Ecs {
         let Ok(_no_change) = self.change.try_lock() else {
             return; // at a later answer
         };
+        if self.acting_term() != Some(term) {
+            return; // deposed since the probe was decided
+        }
         let metadata = self.metadata();
         self.install_at(term, &metadata, [node]).await;
         let owed = self
@@ -250,6 +269,10 @@ impl Ecs {
             };
             if let Err(e) = self.finish_pending(term).await {
                 tracing::warn!(error = %e, "pending change still not finished");
+                continue;
+            }
+            // That may have taken long: decide only if this member still leads in `term`.
+            if self.acting_term() != Some(term) {
                 continue;
             }
             let metadata = self.metadata();
