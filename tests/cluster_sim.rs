@@ -937,12 +937,7 @@ impl Sim {
         }
         let now = self.ecs.now(self.now);
         let ring = self.ecs.ring.clone();
-        let live: Vec<&str> = ring
-            .nodes
-            .iter()
-            .filter(|n| !ring.is_failed(&n.name))
-            .map(|n| n.name.as_str())
-            .collect();
+        let live = ring.live_names();
         self.ecs.probes.retain(live.iter().copied());
         let due = self.ecs.probes.due(live.iter().copied(), now);
         for (name, echo) in due {
@@ -1275,12 +1270,7 @@ impl Sim {
                 attempt,
             } => {
                 let node = &mut self.nodes[n];
-                let theirs: Vec<String> = node
-                    .ring
-                    .chain(&key_position(&key))
-                    .iter()
-                    .map(|e| e.name.clone())
-                    .collect();
+                let theirs = chain_names(&node.ring, &key);
                 let accepted = node.leased(now)
                     && node.ring.version == version
                     && theirs == chain
@@ -1364,12 +1354,7 @@ impl Sim {
     ) {
         let now = self.now;
         let node = &mut self.nodes[n];
-        let chain: Vec<String> = node
-            .ring
-            .chain(&key_position(&key))
-            .iter()
-            .map(|e| e.name.clone())
-            .collect();
+        let chain = chain_names(&node.ring, &key);
         let reply = if !node.leased(now) {
             Some(ClientReply::Stopped)
         } else if chain.first() != Some(&node.entry.name) {
@@ -1421,12 +1406,7 @@ impl Sim {
         if !node.up || node.paused_until.is_some() {
             return;
         }
-        let chain: Vec<String> = node
-            .ring
-            .chain(&key_position(&key))
-            .iter()
-            .map(|e| e.name.clone())
-            .collect();
+        let chain = chain_names(&node.ring, &key);
         let serving = node.leased(now) && chain.first() == Some(&node.entry.name);
         let Some(w) = node.writing.get_mut(&key) else {
             return;
@@ -1615,6 +1595,14 @@ impl Sim {
             })
             .collect()
     }
+}
+
+/// The names of `key`'s chain in `ring`, head first.
+fn chain_names(ring: &RingMetadata, key: &[u8]) -> Vec<String> {
+    ring.chain(&key_position(key))
+        .iter()
+        .map(|e| e.name.clone())
+        .collect()
 }
 
 /// The settings of seed `seed`.

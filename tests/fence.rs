@@ -314,34 +314,16 @@ async fn a_fenced_request_of_term_0_is_refused_by_a_node_that_never_saw_a_term()
     let (node, _ring) = common::replicated_member(&certs).await;
     let ecs = transport(&certs, "ecs");
     assert_eq!(node.node.ecs_term(), 0, "never fenced");
+    let probe = |echo| RequestBody::Lease {
+        millis: 60_000,
+        echo,
+    };
     let stamp = leased(
-        send(
-            &ecs,
-            &node,
-            Request::new(
-                0,
-                RequestBody::Lease {
-                    millis: 60_000,
-                    echo: None,
-                },
-            ),
-        )
-        .await,
+        send(&ecs, &node, Request::new(0, probe(None))).await,
         "unfenced probe",
     );
     let message = stale(
-        send(
-            &ecs,
-            &node,
-            fenced(
-                0,
-                RequestBody::Lease {
-                    millis: 60_000,
-                    echo: Some(stamp),
-                },
-            ),
-        )
-        .await,
+        send(&ecs, &node, fenced(0, probe(Some(stamp)))).await,
         "fenced lease of term 0",
     );
     assert!(message.contains("term 0"), "{message}");
@@ -357,18 +339,7 @@ async fn a_fenced_request_of_term_0_is_refused_by_a_node_that_never_saw_a_term()
     assert!(node.node.is_running(), "a stop of term 0 stopped the node");
     // Unfenced (a single ECS) still works.
     leased(
-        send(
-            &ecs,
-            &node,
-            Request::new(
-                0,
-                RequestBody::Lease {
-                    millis: 60_000,
-                    echo: Some(stamp),
-                },
-            ),
-        )
-        .await,
+        send(&ecs, &node, Request::new(0, probe(Some(stamp)))).await,
         "unfenced lease",
     );
     assert!(node.node.leased());

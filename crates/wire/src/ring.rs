@@ -522,6 +522,15 @@ impl RingMetadata {
         Ok(next)
     }
 
+    /// The names of the ring's nodes that are not marked failed, in ring order.
+    pub fn live_names(&self) -> Vec<&str> {
+        self.nodes
+            .iter()
+            .filter(|n| !self.is_failed(&n.name))
+            .map(|n| n.name.as_str())
+            .collect()
+    }
+
     /// Whether the node `name` is marked failed.
     pub fn is_failed(&self, name: &str) -> bool {
         self.failed.iter().any(|f| f == name)

@@ -160,12 +160,7 @@ impl Ecs {
                 continue;
             };
             let metadata = self.metadata();
-            let live: Vec<&str> = metadata
-                .nodes
-                .iter()
-                .filter(|n| !metadata.is_failed(&n.name))
-                .map(|n| n.name.as_str())
-                .collect();
+            let live = metadata.live_names();
             let due = {
                 let mut probes = self.probes.lock().expect("probes lock");
                 let now = Instant::now();
@@ -276,12 +271,7 @@ impl Ecs {
                 continue;
             }
             let metadata = self.metadata();
-            let live: Vec<&str> = metadata
-                .nodes
-                .iter()
-                .filter(|n| !metadata.is_failed(&n.name))
-                .map(|n| n.name.as_str())
-                .collect();
+            let live = metadata.live_names();
             let todo: Vec<String> = {
                 let mut probes = self.probes.lock().expect("probes lock");
                 let now = Instant::now();
