@@ -2,7 +2,8 @@
 //! [`Executor`] drives a join or a leave against simulated nodes whose move decisions are
 //! made by the nodes' real [`MoveState`], while a client keeps writing into the moving range.
 //! A fault is injected at every action of the change, one run per (change, fault, action):
-//! a request lost, a request applied but its reply lost, the sender or the receiver crashing
+//! a request lost, a request delayed until after the node's next request (a rollback's
+//! abort), a request applied but its reply lost, the sender or the receiver crashing
 //! (losing everything not persisted) and restarting a few actions later, the ECS crashing
 //! and resuming from its intent log. After every event the client writes and reads every
 //! key, and the simulation checks that at most one node would accept a write for each key
@@ -113,9 +114,13 @@ enum Fault {
     ProposalUnknownCommittedThenNewLeader,
     /// Likewise, and the proposal is lost.
     ProposalUnknownLostThenNewLeader,
+    /// The request is delayed (the node stopped with it in its socket buffer): the ECS times
+    /// out, and the node runs it only after the next request it gets, an abort of the
+    /// rollback.
+    DelayedPastAbort,
 }
 
-const FAULTS: [Fault; 9] = [
+const FAULTS: [Fault; 10] = [
     Fault::RequestLost,
     Fault::ReplyLost,
     Fault::SenderCrash,
@@ -125,6 +130,7 @@ const FAULTS: [Fault; 9] = [
     Fault::ProposalUnknownLost,
     Fault::ProposalUnknownCommittedThenNewLeader,
     Fault::ProposalUnknownLostThenNewLeader,
+    Fault::DelayedPastAbort,
 ];
 
 impl Fault {
@@ -294,16 +300,7 @@ impl Sim {
 
     /// Performs `step` of move `id` at its node, as the node's handler does.
     fn perform(&mut self, step: &Step, id: MoveId, plan: &Plan) -> Outcome {
-        let target = match step {
-            Step::Prepare { node, .. }
-            | Step::Clear { node, .. }
-            | Step::Lock { node, .. }
-            | Step::Abort { node, .. }
-            | Step::Install { node }
-            | Step::Start { node } => node.name.clone(),
-            Step::Transfer { from, .. } | Step::TransferDelta { from, .. } => from.name.clone(),
-            Step::Commit => unreachable!(),
-        };
+        let target = target(step).to_string();
         if !self.by_name(&target).up {
             return Outcome::Failed(format!("{target} is down"));
         }
@@ -451,6 +448,20 @@ impl Sim {
     }
 }
 
+/// The node a step is sent to.
+fn target(step: &Step) -> &str {
+    match step {
+        Step::Prepare { node, .. }
+        | Step::Clear { node, .. }
+        | Step::Lock { node, .. }
+        | Step::Abort { node, .. }
+        | Step::Install { node }
+        | Step::Start { node } => &node.name,
+        Step::Transfer { from, .. } | Step::TransferDelta { from, .. } => &from.name,
+        Step::Commit => unreachable!("the commit is the ECS's own"),
+    }
+}
+
 /// The change to simulate.
 #[derive(Debug, Clone, Copy)]
 enum Change {
@@ -522,6 +533,7 @@ fn run(change: Change, fault: Option<(Fault, usize)>) -> usize {
 
     let (mut exec, mut action) = Executor::new(plan.clone(), 1);
     let mut count = 0;
+    let mut delayed: Option<Step> = None;
     let result = loop {
         count += 1;
         assert!(count < 10_000, "runaway\n{}", sim.trace.join("\n"));
@@ -573,12 +585,24 @@ fn run(change: Change, fault: Option<(Fault, usize)>) -> usize {
                 lands.map_or_else(Outcome::ok, |_| timed_out())
             }
             Action::Run(step) => match injected {
+                Some(Fault::DelayedPastAbort) => {
+                    delayed = Some(step.clone());
+                    Outcome::Failed("no reply within 5s".into())
+                }
                 Some(Fault::RequestLost) => Outcome::Failed("request lost".into()),
                 Some(Fault::ReplyLost) => {
                     let _ = sim.perform(step, exec.move_id(), &plan);
                     Outcome::Failed("reply lost".into())
                 }
-                _ => sim.perform(step, exec.move_id(), &plan),
+                _ => {
+                    let outcome = sim.perform(step, exec.move_id(), &plan);
+                    // The delayed request runs at its node right after the node's next one.
+                    if let Some(late) = delayed.take_if(|late| target(late) == target(step)) {
+                        sim.trace.push(format!("  delayed {late:?} runs now"));
+                        let _ = sim.perform(&late, exec.move_id(), &plan);
+                    }
+                    outcome
+                }
             },
             Action::Wait(_) => Outcome::ok(),
             Action::Finish(result) => {

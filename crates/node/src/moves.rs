@@ -15,17 +15,26 @@
 //! - as a **receiver**, the moves it was prepared for; batches of any other move (one that
 //!   was aborted, or an older attempt) are refused (volatile: a restarted receiver refuses
 //!   further batches and the change rolls back).
+//! - the moves it was told to **abort** (the last [`REMEMBERED_ABORTS`]): a `LockRange`,
+//!   `TransferRange` or `PrepareReceive` of one of them that arrives after its abort (the
+//!   request was delayed, e.g. the node was stopped with it in its socket buffer, while the
+//!   ECS timed out and rolled back) is refused, so it cannot take a lock nothing would
+//!   release. Volatile, and that is enough: a request is carried by a stream of this process,
+//!   so one that arrives after a restart was sent after it.
 //!
 //! The tokio side ([`crate::Node`]) runs every transition under its write gate, so none of
 //! them races a write in flight; this type only decides.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use ringkv_wire::{HashedKey, KeyRange, MoveId, Position};
 use serde::{Deserialize, Serialize};
 
 /// Most keys tracked per moving range; beyond it the next round resends the whole range.
 pub const MAX_TRACKED_KEYS: usize = 200_000;
+
+/// How many aborted moves a node remembers to refuse their late requests.
+pub const REMEMBERED_ABORTS: usize = 64;
 
 /// A durable write lock of a sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +73,10 @@ pub enum MoveError {
     /// No copy of this move is being tracked here (never started, or lost in a restart).
     #[error("no copy of move {0} is being tracked here (not started, or lost in a restart)")]
     NotTracking(u64),
+    /// The move was aborted here before this request of it arrived (it was delayed): it
+    /// must not start again.
+    #[error("move {0} was aborted here before this request arrived")]
+    Aborted(u64),
 }
 
 /// Tracking of one moving range.
@@ -81,6 +94,8 @@ pub struct MoveState {
     locks: Vec<SendLock>,
     tracking: Vec<Tracking>,
     receiving: Vec<Receiving>,
+    /// The last moves aborted here, oldest first.
+    aborted: VecDeque<MoveId>,
 }
 
 /// A move this node was prepared to receive: batches of `id` from `from`, for keys of `range`.
@@ -147,6 +162,7 @@ impl MoveState {
     /// `LockRange`: locks `range` for move `id`. Returns whether the persisted state changed.
     pub fn lock(&mut self, id: MoveId, range: KeyRange, version: u64) -> Result<bool, MoveError> {
         committed(id, version)?;
+        self.not_aborted(id)?;
         if self.holds_lock(id, &range) {
             return Ok(false);
         }
@@ -160,6 +176,12 @@ impl MoveState {
     /// and whether the node was receiving the move (its partial copy must then be deleted).
     pub fn abort(&mut self, id: MoveId, version: u64) -> Result<(bool, bool), MoveError> {
         committed(id, version)?;
+        if !self.aborted.contains(&id) {
+            if self.aborted.len() == REMEMBERED_ABORTS {
+                self.aborted.pop_front();
+            }
+            self.aborted.push_back(id);
+        }
         let before = self.locks.len();
         self.locks.retain(|l| l.id != id);
         self.tracking.retain(|t| t.id != id);
@@ -190,6 +212,7 @@ impl MoveState {
         version: u64,
     ) -> Result<(), MoveError> {
         committed(id, version)?;
+        self.not_aborted(id)?;
         self.tracking.retain(|t| t.range != range);
         self.tracking.push(Tracking {
             id,
@@ -253,6 +276,7 @@ impl MoveState {
         version: u64,
     ) -> Result<(), MoveError> {
         committed(id, version)?;
+        self.not_aborted(id)?;
         self.receiving.retain(|r| r.range != range);
         self.receiving.push(Receiving {
             id,
@@ -298,6 +322,16 @@ impl MoveState {
     }
 }
 
+impl MoveState {
+    /// `Err(Aborted)` if move `id` was aborted here.
+    fn not_aborted(&self, id: MoveId) -> Result<(), MoveError> {
+        if self.aborted.contains(&id) {
+            return Err(MoveError::Aborted(id.change));
+        }
+        Ok(())
+    }
+}
+
 fn committed(id: MoveId, version: u64) -> Result<(), MoveError> {
     if version >= id.target_version {
         return Err(MoveError::Committed {
@@ -318,6 +352,32 @@ mod tests {
             change,
             target_version: target,
         }
+    }
+
+    #[test]
+    fn a_request_delayed_past_its_abort_starts_nothing() {
+        let mut m = MoveState::default();
+        let (a, range) = (id(7, 5), half());
+        // The abort arrived first (nothing to release yet) ...
+        assert_eq!(m.abort(a, 4).unwrap(), (false, false));
+        // ... then the delayed lock, tracking and preparation of the same move.
+        assert!(matches!(m.lock(a, range, 4), Err(MoveError::Aborted(7))));
+        assert!(matches!(
+            m.start_tracking(a, range, 4),
+            Err(MoveError::Aborted(7))
+        ));
+        assert!(matches!(
+            m.prepare_receive(a, range, "n1", 4),
+            Err(MoveError::Aborted(7))
+        ));
+        assert!(m.locked_ranges().is_empty());
+        // The next attempt (another change number) goes on.
+        assert!(m.lock(id(8, 5), range, 4).unwrap());
+        // Only the last REMEMBERED_ABORTS are remembered.
+        for c in 100..100 + REMEMBERED_ABORTS as u64 {
+            m.abort(id(c, 5), 4).unwrap();
+        }
+        assert!(m.lock(a, range, 4).is_ok());
     }
 
     fn half() -> KeyRange {

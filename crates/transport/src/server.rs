@@ -265,6 +265,9 @@ async fn serve_stream<S: Service>(
         Err(e) => codec::encode(&service.unencodable(e), max_frame)
             .expect("a short error reply always fits"),
     };
+    // Only the encoded frame waits for the peer to read it, not the decoded reply too (a
+    // value is otherwise held twice while a slow reader takes its reply).
+    drop(reply);
     // Never wait for the peer's ACK here (ARCHITECTURE.md §9): write, finish, done. A peer
     // that does not read its reply holds it for at most the read deadline again.
     match tokio::time::timeout(read_timeout, send.write_all(&frame)).await {
