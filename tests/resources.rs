@@ -334,3 +334,112 @@ async fn the_ecs_closes_a_client_connection_before_reading_a_frame() {
     admin.close().await;
     ecs.stop().await;
 }
+
+/// Large replies a peer does not read are bounded by the reply budgets (issue #21: a
+/// `client` certificate held ~1 GiB of a node's memory by putting one 4 MiB value and asking
+/// for it on 160 streams whose window it never raised, each reply waiting for the write
+/// deadline). Here 64 such streams meet a 16 MiB per-connection budget: a few replies wait,
+/// the others are replaced at once by a short error, and the node's RSS stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_large_replies_are_bounded_by_the_reply_budget() {
+    const STREAMS: usize = 64;
+    const BUDGET: usize = 16 << 20;
+    let certs = Certs::new();
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let budget = BUDGET.to_string();
+    let node = NodeProcess::spawn_with_env(
+        &certs,
+        "n1",
+        addr.parse().unwrap(),
+        data.path(),
+        &[
+            "--start",
+            // Replies wait for their reader up to this long: the whole test.
+            "--request-read-timeout-ms",
+            "60000",
+            "--max-unsent-reply-bytes",
+            &budget,
+        ],
+        &[("MALLOC_PERTURB_", "85")],
+    );
+    node.wait_ready(&certs).await;
+    let pid = node.pid();
+    let store = certs.client(vec![addr.clone()]).await;
+    let value = vec![7u8; Limits::default().max_value];
+    store.put(b"big", &value).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = rss_kib(pid);
+
+    // A peer whose streams take 16 KiB of a reply and are never read.
+    let mut transport = ringkv_certs::base_transport_config();
+    transport.stream_receive_window(quinn::VarInt::from_u32(16 * 1024));
+    let mut config = ringkv_certs::client_config(&certs.identity("client")).unwrap();
+    config.transport_config(Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = connect(&endpoint, &addr).await.unwrap();
+    let get = ringkv_wire::codec::encode(
+        &ringkv_wire::Request::new(
+            0,
+            ringkv_wire::RequestBody::Get {
+                key: b"big".to_vec(),
+            },
+        ),
+        Limits::default().max_frame,
+    )
+    .unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..STREAMS {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&get).await.unwrap();
+        send.finish().unwrap();
+        replies.push(recv);
+    }
+    // Every request is handled within a few seconds; sample the node meanwhile.
+    let mut peak = rss_before;
+    for _ in 0..60 {
+        peak = peak.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A refused reply is short and arrives whole; a budgeted one (its header says 4 MiB)
+    // waits for its reader, who reads only the header.
+    let (mut refused, mut waiting) = (0, 0);
+    for mut recv in replies {
+        let mut header = [0u8; ringkv_wire::codec::FRAME_HEADER_LEN];
+        tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut header))
+            .await
+            .expect("every reply starts within the window")
+            .unwrap();
+        let len = ringkv_wire::codec::frame_len(header, Limits::default().max_frame).unwrap();
+        if len > 64 * 1024 {
+            waiting += 1;
+            continue;
+        }
+        let mut payload = vec![0u8; len];
+        recv.read_exact(&mut payload).await.unwrap();
+        match ringkv_wire::codec::decode::<ringkv_wire::Reply>(&payload)
+            .unwrap()
+            .body
+        {
+            ringkv_wire::ReplyBody::Error { message, .. } => {
+                assert!(message.contains("not sent"), "{message}");
+                refused += 1;
+            }
+            other => panic!("a short reply to a get of 4 MiB: {other:?}"),
+        }
+    }
+    let growth = peak.saturating_sub(rss_before);
+    println!(
+        "{STREAMS} unread 4 MiB replies: {waiting} held within the {BUDGET} B budget, {refused} refused; node RSS growth {growth} KiB"
+    );
+    assert!(
+        (1..=BUDGET / (4 << 20)).contains(&waiting),
+        "{waiting} waiting"
+    );
+    assert_eq!(refused + waiting, STREAMS);
+    // The budget, its frames' decoded values while they are encoded, and quinn's buffers;
+    // without a budget this was 64 × 8 MiB.
+    assert!(growth < 96 * 1024, "node RSS grew {growth} KiB");
+    let _ = store;
+}

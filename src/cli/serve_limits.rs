@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use ringkv_transport::limits::{
     DEFAULT_ADMIN, DEFAULT_CLIENT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_NODE, DEFAULT_REQUEST_READ_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_UNSENT_REPLY_BYTES,
+    DEFAULT_MAX_UNSENT_REPLY_BYTES_TOTAL, DEFAULT_NODE, DEFAULT_REQUEST_READ_TIMEOUT,
 };
 use ringkv_transport::{RoleLimits, ServeLimits};
 
@@ -46,6 +47,13 @@ pub struct ServeLimitsArgs {
     /// Receive window in bytes of an `admin` connection.
     #[arg(long, default_value_t = DEFAULT_ADMIN.receive_window)]
     pub admin_receive_window: u32,
+    /// Bytes of large replies one connection may hold unread by its peer; a reply past it
+    /// is replaced by a short error (at least one maximal frame).
+    #[arg(long, default_value_t = DEFAULT_MAX_UNSENT_REPLY_BYTES)]
+    pub max_unsent_reply_bytes: usize,
+    /// The same over all connections.
+    #[arg(long, default_value_t = DEFAULT_MAX_UNSENT_REPLY_BYTES_TOTAL)]
+    pub max_unsent_reply_bytes_total: usize,
 }
 
 impl ServeLimitsArgs {
@@ -68,6 +76,8 @@ impl ServeLimitsArgs {
                 max_streams: self.admin_max_streams,
                 receive_window: self.admin_receive_window,
             },
+            max_unsent_reply_bytes: self.max_unsent_reply_bytes,
+            max_unsent_reply_bytes_total: self.max_unsent_reply_bytes_total,
         };
         limits
             .check(max_frame)

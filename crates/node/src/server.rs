@@ -94,6 +94,10 @@ impl Service for Node {
     fn unencodable(&self, error: WireError) -> Reply {
         self.error_reply(ErrorKind::InvalidState, format!("reply too large: {error}"))
     }
+
+    fn unsent(&self, error: WireError) -> Reply {
+        self.error_reply(error.kind(), error.to_string())
+    }
 }
 
 impl Node {

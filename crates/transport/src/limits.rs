@@ -47,6 +47,15 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default [`ServeLimits::max_connections_per_ip`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1024;
+/// Default bound on the encoded replies one connection holds while its peer has not read
+/// them (16 maximal frames): beyond it a large reply is replaced by a short error.
+pub const DEFAULT_MAX_UNSENT_REPLY_BYTES: usize = 64 << 20;
+/// Default bound on such replies over all connections of a server.
+pub const DEFAULT_MAX_UNSENT_REPLY_BYTES_TOTAL: usize = 512 << 20;
+/// Replies up to this size are not counted against the reply budgets (the stream count
+/// bounds them: 256 × 64 KiB).
+pub const SMALL_REPLY: usize = 64 << 10;
+
 /// Default limits of a `client` connection: 256 streams, an 8 MiB window (room for one
 /// maximal request frame, 4,260,864 B with the default limits, and then some).
 pub const DEFAULT_CLIENT: RoleLimits = RoleLimits {
@@ -121,6 +130,11 @@ pub struct ServeLimits {
     pub node: RoleLimits,
     /// Limits of connections whose certificate has the `admin` or the `ecs` role.
     pub admin: RoleLimits,
+    /// Encoded replies (over [`SMALL_REPLY`]) one connection may hold unread by its peer; a
+    /// reply that would exceed it is replaced by a short error ([`WireError::ReplyBudget`]).
+    pub max_unsent_reply_bytes: usize,
+    /// The same over all connections of the server.
+    pub max_unsent_reply_bytes_total: usize,
 }
 
 impl Default for ServeLimits {
@@ -133,6 +147,8 @@ impl Default for ServeLimits {
             client: DEFAULT_CLIENT,
             node: DEFAULT_NODE,
             admin: DEFAULT_ADMIN,
+            max_unsent_reply_bytes: DEFAULT_MAX_UNSENT_REPLY_BYTES,
+            max_unsent_reply_bytes_total: DEFAULT_MAX_UNSENT_REPLY_BYTES_TOTAL,
         }
     }
 }
@@ -190,6 +206,14 @@ impl ServeLimits {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, ok)| !ok) {
             return Err(format!("{name} must be positive"));
+        }
+        let budget = self
+            .max_unsent_reply_bytes
+            .min(self.max_unsent_reply_bytes_total);
+        if budget < max_frame || budget > u32::MAX as usize {
+            return Err(format!(
+                "the unsent reply budgets must hold one maximal frame ({max_frame} bytes) and fit 32 bits"
+            ));
         }
         for role in Role::ALL {
             let limits = self.for_role(role);

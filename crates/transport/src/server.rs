@@ -11,13 +11,14 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use ringkv_certs::{PeerIdentity, Role};
 use ringkv_wire::{codec, WireError};
 use serde::{de::DeserializeOwned, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::frame::{read_frame_until, FrameError};
 use crate::limits::{
     ConnectionLimiter, ConnectionSlot, ServeLimits, CLOSE_DRAINED, CLOSE_IDLE, CLOSE_NO_ROLE,
-    CLOSE_ROLE_NOT_ADMITTED, STREAM_READ_TIMEOUT,
+    CLOSE_ROLE_NOT_ADMITTED, SMALL_REPLY, STREAM_READ_TIMEOUT,
 };
 
 /// A request handler served by [`serve`].
@@ -55,6 +56,11 @@ pub trait Service: Send + Sync + 'static {
     fn bad_frame(&self, error: WireError) -> Self::Reply;
     /// The reply when the real reply could not be encoded (e.g. over the frame limit).
     fn unencodable(&self, error: WireError) -> Self::Reply;
+    /// The short reply sent instead of one that would exceed the unsent reply budgets
+    /// ([`WireError::ReplyBudget`]).
+    fn unsent(&self, error: WireError) -> Self::Reply {
+        self.unencodable(error)
+    }
 }
 
 /// Serves `service` on `endpoint` until `shutdown` completes, then closes connections
@@ -75,6 +81,7 @@ pub async fn serve<S: Service>(
     let limiter = ConnectionLimiter::new(limits.max_connections, limits.max_connections_per_ip);
     tracing::info!(service = service.name(), addr = ?endpoint.local_addr().ok(), ?limits, "serving");
     let (drain, draining) = tokio::sync::watch::channel(false);
+    let unsent_total = Arc::new(Semaphore::new(limits.max_unsent_reply_bytes_total));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -92,6 +99,7 @@ pub async fn serve<S: Service>(
                                 incoming,
                                 slot,
                                 draining.clone(),
+                                unsent_total.clone(),
                             ));
                         }
                         Err(refusal) => {
@@ -126,6 +134,7 @@ async fn serve_connection<S: Service>(
     incoming: quinn::Incoming,
     _slot: ConnectionSlot,
     mut draining: tokio::sync::watch::Receiver<bool>,
+    unsent_total: Arc<Semaphore>,
 ) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
@@ -159,6 +168,11 @@ async fn serve_connection<S: Service>(
     tracing::debug!(service = service.name(), %remote, %role, name = %peer.name, "peer connected");
     let mut streams = JoinSet::new();
     let replies = Arc::new(Replies::default());
+    let budgets = ReplyBudgets {
+        connection: Arc::new(Semaphore::new(limits.max_unsent_reply_bytes)),
+        total: unsent_total,
+        limits,
+    };
     loop {
         // The idle clock runs only while no request stream is open, and restarts at every
         // event (a stream accepted or finished).
@@ -175,11 +189,11 @@ async fn serve_connection<S: Service>(
                     streams.spawn(serve_stream(
                         service.clone(),
                         peer.clone(),
-                        limits.request_read_timeout,
                         conn.clone(),
                         send,
                         recv,
                         replies.clone(),
+                        budgets.clone(),
                     ));
                 }
                 // Closed by either side, lost or timed out: the stream tasks race the same
@@ -219,7 +233,7 @@ async fn serve_connection<S: Service>(
 /// Longest a shutdown waits for the requests in progress to be answered.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Reads one request from the stream (within `read_timeout` of its acceptance), runs the
+/// Reads one request from the stream (within the request read deadline of its acceptance), runs the
 /// handler and writes its reply. The handler is dropped (cancelled at its next await) as
 /// soon as the connection closes: the caller is gone (it closed the connection, e.g. on its
 /// timeout, or it died and its connection timed out or was reset), so nobody can receive
@@ -227,12 +241,13 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 async fn serve_stream<S: Service>(
     service: Arc<S>,
     peer: Arc<PeerIdentity>,
-    read_timeout: Duration,
     conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
     replies: Arc<Replies>,
+    budgets: ReplyBudgets,
 ) {
+    let read_timeout = budgets.limits.request_read_timeout;
     let max_frame = service.max_frame();
     let role = peer.role;
     let deadline = Instant::now() + read_timeout;
@@ -260,7 +275,7 @@ async fn serve_stream<S: Service>(
             service.bad_frame(e)
         }
     };
-    let frame = match codec::encode(&reply, max_frame) {
+    let mut frame = match codec::encode(&reply, max_frame) {
         Ok(frame) => frame,
         Err(e) => codec::encode(&service.unencodable(e), max_frame)
             .expect("a short error reply always fits"),
@@ -268,6 +283,18 @@ async fn serve_stream<S: Service>(
     // Only the encoded frame waits for the peer to read it, not the decoded reply too (a
     // value is otherwise held twice while a slow reader takes its reply).
     drop(reply);
+    // A large reply holds its bytes against the connection's and the server's budgets
+    // until it is written; one that would exceed them is dropped at once for a short error,
+    // so a peer that never reads cannot make the server hold replies without bound.
+    let held = match budgets.reserve(frame.len()) {
+        Ok(held) => held,
+        Err(error) => {
+            tracing::debug!(service = service.name(), ?role, remote = %conn.remote_address(), %error, "reply over the unsent budget; replaced by an error");
+            frame = codec::encode(&service.unsent(error), max_frame)
+                .expect("a short error reply always fits");
+            None
+        }
+    };
     // Never wait for the peer's ACK here (ARCHITECTURE.md §9): write, finish, done. A peer
     // that does not read its reply holds it for at most the read deadline again.
     match tokio::time::timeout(read_timeout, send.write_all(&frame)).await {
@@ -282,6 +309,49 @@ async fn serve_stream<S: Service>(
             let _ = send.reset(STREAM_READ_TIMEOUT.into());
             replies.lost();
         }
+    }
+    // Written (or given up): its bytes are quinn's now, within the connection's send window.
+    drop(held);
+}
+
+/// The unsent reply budgets of one connection: its own and the server's
+/// ([`ServeLimits::max_unsent_reply_bytes`] and `_total`), with the limits they come from
+/// (a stream also takes its read deadline from them).
+#[derive(Clone)]
+struct ReplyBudgets {
+    connection: Arc<Semaphore>,
+    total: Arc<Semaphore>,
+    limits: ServeLimits,
+}
+
+impl ReplyBudgets {
+    /// Reserves `bytes` of both budgets for a reply being written (`None` for a small reply,
+    /// which is not counted), or says which budget it would exceed.
+    fn reserve(
+        &self,
+        bytes: usize,
+    ) -> Result<Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>, WireError> {
+        if bytes <= SMALL_REPLY {
+            return Ok(None);
+        }
+        let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let connection = self
+            .connection
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| WireError::ReplyBudget {
+                bytes,
+                budget: self.limits.max_unsent_reply_bytes,
+            })?;
+        let total =
+            self.total
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| WireError::ReplyBudget {
+                    bytes,
+                    budget: self.limits.max_unsent_reply_bytes_total,
+                })?;
+        Ok(Some((connection, total)))
     }
 }
 

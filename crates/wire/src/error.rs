@@ -7,6 +7,15 @@ use crate::ErrorKind;
 /// None of these leave any state behind: the codec and the validators are pure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// A reply of `bytes` was not sent: the replies its connection (or the server) holds
+    /// unread would then exceed `budget` bytes. The peer is not reading its replies.
+    #[error("reply of {bytes} bytes not sent: unread replies would exceed the budget of {budget} bytes; read replies before asking for more")]
+    ReplyBudget {
+        /// The reply's encoded size.
+        bytes: usize,
+        /// The budget it would have exceeded.
+        budget: usize,
+    },
     /// A frame header announced (or an encoder produced) a payload larger than the
     /// configured maximum. Detected from the 4-byte header alone, before any buffering.
     #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
@@ -73,6 +82,7 @@ impl WireError {
             WireError::ValueTooLarge { .. } => ErrorKind::ValueTooLarge,
             WireError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
             WireError::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            WireError::ReplyBudget { .. } => ErrorKind::InvalidState,
             WireError::Malformed(_)
             | WireError::DuplicateNode(_)
             | WireError::UnknownNode(_)
