@@ -138,7 +138,8 @@ struct SimNode {
     data: HashMap<Vec<u8>, (Option<Vec<u8>>, Seq)>,
     counter: u64,
     /// Writes this node heads that are travelling down the chain, by key.
-    writing: HashMap<Vec<u8>, HeadWrite>,
+    /// (Ordered: it is walked when a new ring comes, and a seed must replay exactly.)
+    writing: BTreeMap<Vec<u8>, HeadWrite>,
     disk_stall_until: Micros,
 }
 
@@ -453,7 +454,7 @@ impl Sim {
                 term: 0,
                 data: HashMap::new(),
                 counter: 0,
-                writing: HashMap::new(),
+                writing: BTreeMap::new(),
                 disk_stall_until: 0,
             })
             .collect();
@@ -1685,6 +1686,9 @@ fn at_scale() {
 fn run_seed(seed: u64) -> Result<(usize, u64), String> {
     let mut sim = Sim::new(seed, settings(seed));
     sim.run();
+    if sim.tracing {
+        println!("{}", sim.trace.join("\n"));
+    }
     let repro = format!(
         "reproduce: RINGKV_SIM_SEED={seed} cargo test --test cluster_sim -- one_seed --nocapture"
     );
