@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use ringkv_transport::TransportError;
 use ringkv_wire::{
     AdminReply, MoveId, MoveReport, NodeEntry, Reply, ReplyBody, Request, RequestBody, RingMetadata,
@@ -15,6 +17,9 @@ use crate::plan::{Plan, Step};
 use crate::raft::{EcsCommand, RaftError};
 use crate::state::IntentLog;
 use crate::EcsError;
+
+/// Most installs of a republish under way at once.
+const INSTALLS_AT_ONCE: usize = 64;
 
 impl Ecs {
     /// The change in progress in the intent log, if any.
@@ -450,8 +455,10 @@ impl Ecs {
             .await;
     }
 
-    /// Signs `metadata` and installs it at `nodes`, one after the other (best effort: a node
-    /// that fails or does not adopt it is logged).
+    /// Signs `metadata` and installs it at `nodes`, up to [`INSTALLS_AT_ONCE`] at a time (best
+    /// effort: a node that fails or does not adopt it is logged). Concurrent, so that dead
+    /// nodes cost one `node_timeout` together rather than one each while the caller (a
+    /// republish) holds the change mutex.
     pub(super) async fn install_at<'a>(
         &self,
         term: u64,
@@ -465,19 +472,24 @@ impl Ecs {
                 return;
             }
         };
-        for node in nodes {
-            let body = RequestBody::InstallMetadata {
-                metadata: signed.clone(),
-            };
-            match self.call(term, node, body, self.config.node_timeout).await {
-                Ok(reply) if reply.metadata_version >= metadata.version => {}
-                Ok(reply) => {
-                    tracing::warn!(node = %node.name, reply = ?reply.body, "node did not adopt the republished metadata")
+        let nodes: Vec<&NodeEntry> = nodes.into_iter().collect();
+        futures::stream::iter(nodes)
+            .for_each_concurrent(INSTALLS_AT_ONCE, |node| {
+                let body = RequestBody::InstallMetadata {
+                    metadata: signed.clone(),
+                };
+                async move {
+                    match self.call(term, node, body, self.config.node_timeout).await {
+                        Ok(reply) if reply.metadata_version >= metadata.version => {}
+                        Ok(reply) => {
+                            tracing::warn!(node = %node.name, reply = ?reply.body, "node did not adopt the republished metadata")
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %node.name, error = %e, "could not republish metadata")
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(node = %node.name, error = %e, "could not republish metadata")
-                }
-            }
-        }
+            })
+            .await;
     }
 }
