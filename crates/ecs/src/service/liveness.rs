@@ -8,7 +8,7 @@ use ringkv_wire::{AdminReply, NodeEntry, Reply, ReplyBody, RequestBody};
 
 use super::{Ecs, FAILOVER_RETRY};
 use crate::liveness::{Detector, FailoverDecision};
-use crate::plan::{self};
+use crate::plan;
 use crate::EcsError;
 
 impl Ecs {
@@ -30,7 +30,8 @@ impl Ecs {
     /// For `remove-node`: whether `name` is dead rather than live. If it answers a probe now
     /// it is live. If not, it is dead only once it has been silent for `failover_after`
     /// (its lease is surely over then); this waits for that, unless it answers meanwhile.
-    /// A dead node is condemned in the same step ([`Probes::condemn`]): never leased again.
+    /// A dead node is condemned in the same step ([`crate::liveness::Probes::condemn`]): never
+    /// leased again.
     pub(super) async fn silent_through_its_lease(&self, term: u64, name: &str) -> bool {
         if self.probe_now(term, name).await {
             return false;
@@ -241,10 +242,10 @@ impl Ecs {
     }
 
     /// The failover loop ([`crate::liveness`]): with replication, fails over the nodes
-    /// silent for `failover_after`, all in one change ([`Probes::decide`]: none while half the
-    /// nodes or more are silent), condemning them first so that none is leased again; and
-    /// finishes the removal of failed nodes whose rebuild did not complete. An attempt that
-    /// did not finish is tried again after [`FAILOVER_RETRY`].
+    /// silent for `failover_after`, all in one change ([`crate::liveness::Probes::decide`]:
+    /// none while half the nodes or more are silent), condemning them first so that none is
+    /// leased again; and finishes the removal of failed nodes whose rebuild did not complete.
+    /// An attempt that did not finish is tried again after [`FAILOVER_RETRY`].
     pub(super) async fn failover_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
