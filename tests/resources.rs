@@ -44,11 +44,46 @@ fn rss_kib(pid: i32) -> u64 {
 }
 
 fn raw_endpoint(certs: &Certs) -> quinn::Endpoint {
+    raw_endpoint_with(certs, None)
+}
+
+/// A bare `client` endpoint, with `transport` instead of the default transport settings.
+fn raw_endpoint_with(certs: &Certs, transport: Option<quinn::TransportConfig>) -> quinn::Endpoint {
     ringkv_certs::install_crypto_provider();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut config = ringkv_certs::client_config(&certs.identity("client")).unwrap();
+    if let Some(transport) = transport {
+        config.transport_config(Arc::new(transport));
+    }
+    endpoint.set_default_client_config(config);
     endpoint
-        .set_default_client_config(ringkv_certs::client_config(&certs.identity("client")).unwrap());
-    endpoint
+}
+
+/// A node process on `addr` that bootstraps a one-node ring, with `extra` flags, its RSS
+/// measured honestly: glibc hands out fresh pages for large allocations and knows they are
+/// zero, so a buffer that is allocated but never written costs no RSS until the allocator
+/// reuses memory (then it must zero it, which is how the probe saw 4.2 MB per claimed
+/// frame). MALLOC_PERTURB_ makes glibc write every allocation, so the RSS measured is what
+/// the node allocates, whatever the allocator's luck.
+async fn measured_node(
+    certs: &Certs,
+    addr: &str,
+    data: &std::path::Path,
+    extra: &[&str],
+) -> NodeProcess {
+    let args: Vec<&str> = std::iter::once("--start")
+        .chain(extra.iter().copied())
+        .collect();
+    let node = NodeProcess::spawn_with_env(
+        certs,
+        "n1",
+        addr.parse().unwrap(),
+        data,
+        &args,
+        &[("MALLOC_PERTURB_", "85")],
+    );
+    node.wait_ready(certs).await;
+    node
 }
 
 async fn connect(
@@ -74,18 +109,11 @@ async fn a_hostile_client_cannot_grow_the_node_or_slow_other_clients() {
     let read_ms = READ_TIMEOUT.as_millis().to_string();
     let idle_ms = IDLE_TIMEOUT.as_millis().to_string();
     let per_ip = PER_IP.to_string();
-    // glibc hands out fresh pages for large allocations and knows they are zero, so a
-    // buffer that is allocated but never written costs no RSS until the allocator reuses
-    // memory (then it must zero it, which is how the probe saw 4.2 MB per claimed frame).
-    // MALLOC_PERTURB_ makes glibc write every allocation, so the RSS measured here is what
-    // the node allocates, whatever the allocator's luck.
-    let node = NodeProcess::spawn_with_env(
+    let node = measured_node(
         &certs,
-        "n1",
-        addr.parse().unwrap(),
+        &addr,
         data.path(),
         &[
-            "--start",
             "--request-read-timeout-ms",
             &read_ms,
             "--idle-connection-timeout-ms",
@@ -93,9 +121,8 @@ async fn a_hostile_client_cannot_grow_the_node_or_slow_other_clients() {
             "--max-connections-per-ip",
             &per_ip,
         ],
-        &[("MALLOC_PERTURB_", "85")],
-    );
-    node.wait_ready(&certs).await;
+    )
+    .await;
     let pid = node.pid();
     // Let the ready-check's connection end (it holds a place until the node sees it close).
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -348,22 +375,19 @@ async fn unread_large_replies_are_bounded_by_the_reply_budget() {
     let data = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let budget = BUDGET.to_string();
-    let node = NodeProcess::spawn_with_env(
+    let node = measured_node(
         &certs,
-        "n1",
-        addr.parse().unwrap(),
+        &addr,
         data.path(),
         &[
-            "--start",
             // Replies wait for their reader up to this long: the whole test.
             "--request-read-timeout-ms",
             "60000",
             "--max-unsent-reply-bytes",
             &budget,
         ],
-        &[("MALLOC_PERTURB_", "85")],
-    );
-    node.wait_ready(&certs).await;
+    )
+    .await;
     let pid = node.pid();
     let store = certs.client(vec![addr.clone()]).await;
     let value = vec![7u8; Limits::default().max_value];
@@ -374,10 +398,7 @@ async fn unread_large_replies_are_bounded_by_the_reply_budget() {
     // A peer whose streams take 16 KiB of a reply and are never read.
     let mut transport = ringkv_certs::base_transport_config();
     transport.stream_receive_window(quinn::VarInt::from_u32(16 * 1024));
-    let mut config = ringkv_certs::client_config(&certs.identity("client")).unwrap();
-    config.transport_config(Arc::new(transport));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
+    let endpoint = raw_endpoint_with(&certs, Some(transport));
     let conn = connect(&endpoint, &addr).await.unwrap();
     let get = ringkv_wire::codec::encode(
         &ringkv_wire::Request::new(

@@ -115,9 +115,8 @@ impl Lease {
     /// Whether the lease holds at `now`: both clocks before its end (the wall clock as the
     /// highest reading seen).
     pub fn holds(&mut self, now: Clocks) -> bool {
-        let wall = self.wall(now);
-        self.until
-            .is_some_and(|until| now.mono < until.mono && wall < until.wall)
+        self.wall(now);
+        self.peek(now)
     }
 
     /// Whether the lease holds at `now` without taking `now` into account for later (for

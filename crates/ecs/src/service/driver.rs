@@ -45,18 +45,19 @@ impl Ecs {
         };
         // A failover rolled back here (it was pending) pardons the nodes it would have
         // failed: certainly not committed, they may be leased again.
+        let current = self.metadata();
         let failing: Vec<String> = exec
             .intent()
             .plan
             .metadata
             .failed
             .iter()
-            .filter(|name| !self.metadata().is_failed(name))
+            .filter(|name| !current.is_failed(name))
             .cloned()
             .collect();
         match self.drive(term, exec, first).await {
             Err(EcsError::Aborted { .. }) => {
-                self.pardon(&failing.iter().map(String::as_str).collect::<Vec<_>>());
+                self.pardon(&failing);
                 Ok(())
             }
             Ok(_) => Ok(()),

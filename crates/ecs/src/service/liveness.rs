@@ -100,9 +100,9 @@ impl Ecs {
 
     /// The nodes `names` may be leased again: the change that would have failed them over
     /// certainly did not commit.
-    pub(super) fn pardon(&self, names: &[&str]) {
+    pub(super) fn pardon(&self, names: &[impl AsRef<str>]) {
         let mut probes = self.probes.lock().expect("probes lock");
-        names.iter().for_each(|name| probes.pardon(name));
+        names.iter().for_each(|name| probes.pardon(name.as_ref()));
     }
 
     /// One liveness probe of `name` outside the probe loop, echoing its last stamp, unless
