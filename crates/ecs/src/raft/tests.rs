@@ -605,13 +605,18 @@ async fn a_member_is_added_as_learner_then_voter_and_another_removed() {
     cluster.stop().await;
 }
 
+/// `message` as the Raft RPC `kind` the network sends.
+fn raft_rpc(kind: RaftRpcKind, message: &impl serde::Serialize) -> AdminRequest {
+    AdminRequest::Raft(RaftRpc {
+        kind,
+        payload: postcard::to_stdvec(message).unwrap(),
+    })
+}
+
 /// A vote request as member `candidate` would send it, in `term`.
 fn vote_rpc(candidate: MemberId, term: u64) -> AdminRequest {
     let vote = openraft::raft::VoteRequest::new(Vote::new(term, candidate), None);
-    AdminRequest::Raft(RaftRpc {
-        kind: RaftRpcKind::Vote,
-        payload: postcard::to_stdvec(&vote).unwrap(),
-    })
+    raft_rpc(RaftRpcKind::Vote, &vote)
 }
 
 #[tokio::test]
@@ -778,10 +783,7 @@ fn append_rpc(leader: MemberId, term: u64) -> AdminRequest {
         entries: Vec::new(),
         leader_commit: None,
     };
-    AdminRequest::Raft(RaftRpc {
-        kind: RaftRpcKind::AppendEntries,
-        payload: postcard::to_stdvec(&append).unwrap(),
-    })
+    raft_rpc(RaftRpcKind::AppendEntries, &append)
 }
 
 /// A vote request from `candidate` in `term` whose log looks longer than anyone's, so only
@@ -789,10 +791,7 @@ fn append_rpc(leader: MemberId, term: u64) -> AdminRequest {
 fn long_log_vote_rpc(candidate: MemberId, term: u64) -> AdminRequest {
     let last = openraft::LogId::new(openraft::CommittedLeaderId::new(term, candidate), u64::MAX);
     let vote = openraft::raft::VoteRequest::new(Vote::new(term, candidate), Some(last));
-    AdminRequest::Raft(RaftRpc {
-        kind: RaftRpcKind::Vote,
-        payload: postcard::to_stdvec(&vote).unwrap(),
-    })
+    raft_rpc(RaftRpcKind::Vote, &vote)
 }
 
 /// Issue #21: an `ecs` certificate issued by the cluster CA but naming no member (a spare, or
