@@ -132,6 +132,8 @@ struct SimNode {
     /// then still end by its monotonic clock. (Real time otherwise: NTP corrects it, and a
     /// machine pause shows on it as a jump.)
     wall_offset: i64,
+    /// When the wall clock was last stepped.
+    wall_stepped_at: Option<Micros>,
     ring: RingMetadata,
     /// The highest ECS term seen (term fencing).
     term: u64,
@@ -450,6 +452,7 @@ impl Sim {
                 mono: Clock::new(rng.random_range(0.75..=1.0), rng.random_range(0.0..1e9)),
                 lease: Lease::new(),
                 wall_offset: 0,
+                wall_stepped_at: None,
                 ring: ring.clone(),
                 term: 0,
                 data: HashMap::new(),
@@ -841,6 +844,12 @@ impl Sim {
                 if !n.up || n.paused_until.is_some() {
                     return;
                 }
+                // The clock model excludes a machine pause right after a step of the wall
+                // clock, with no reading of the clocks between (its correction could cancel
+                // the step): the node reads them every gossip tick, 200 ms.
+                let machine = machine
+                    && n.wall_stepped_at
+                        .is_none_or(|at| self.now.saturating_sub(at) > 250 * MS);
                 n.paused_until = Some(until);
                 if machine {
                     n.mono.freeze(self.now);
@@ -872,7 +881,8 @@ impl Sim {
             // step back there would cancel the correction the pause gets, which the clock
             // model excludes).
             Fault::WallStep { node, by } if !self.nodes[node].mono.frozen => {
-                self.nodes[node].wall_offset += by
+                self.nodes[node].wall_offset += by;
+                self.nodes[node].wall_stepped_at = Some(self.now);
             }
             Fault::WallStep { .. } => {}
             Fault::LeaderChange => self.leader_change(),

@@ -9,26 +9,28 @@
 //! The echo is a moment before an answer the ECS received, so the lease has ended by
 //! `last answer + millis` however late the probe carrying it arrives.
 //!
-//! **Clock model.** The lease is measured on two clocks of the node, and ends as soon as
-//! *either* says it has ended:
+//! **Clock model.** The lease is measured on a *lease clock* made of the node's two clocks:
+//! at every reading it advances by the larger of what the monotonic clock and the wall clock
+//! advanced since the previous reading, and never goes back.
 //! - the monotonic clock (`CLOCK_MONOTONIC`): never steps, keeps running while the process
 //!   is stopped (SIGSTOP, a long scheduling delay), but may stop while the whole machine is
 //!   paused (a VM paused or suspended: the guest's monotonic time does not see it);
 //! - the wall clock (`CLOCK_REALTIME`): corrected from outside (NTP, the hypervisor's clock
-//!   sync) after such a pause, so it jumps forward by the pause. A forward step for any other
-//!   reason only ends the lease early (the node answers `Stopped` until the next probe, a
-//!   quarter of a second later); a backward step is ignored: the lease reads the highest wall
-//!   time it has seen (so a step back after a pause cannot revive a lease the pause ended),
-//!   and the monotonic clock still bounds the lease.
+//!   sync) after such a pause, so it jumps forward by the pause, and the lease clock with it.
+//!   A forward step for any other reason only ends the lease early (the node answers
+//!   `Stopped` until the next probe, a quarter of a second later); a backward step counts as
+//!   nothing, and the monotonic clock goes on advancing the lease clock.
 //!
 //! Both clocks are assumed to run at least half as fast as real time between such events
-//! (the ECS waits twice the lease before it fails a node over, ARCHITECTURE.md §11). A pause
-//! that stops both clocks *and* is never corrected from outside cannot be detected by any
-//! local means; that residue is stated in ARCHITECTURE.md.
+//! (the ECS waits twice the lease before it fails a node over, ARCHITECTURE.md §11). Not
+//! covered, as no local means can tell: a pause that stops both clocks and is never
+//! corrected from outside, or whose correction a step of the wall clock back cancels within
+//! one reading (the node reads its clocks at every request, every probe and every gossip
+//! tick, 200 ms).
 //!
-//! Stamps are remembered (the last [`REMEMBERED_STAMPS`]) with the wall-clock reading taken
-//! with them: an echo that is not one of them (a stamp of an earlier process of this node,
-//! one evicted long ago, or a forgery) grants nothing.
+//! Stamps are remembered (the last [`REMEMBERED_STAMPS`]) with the lease clock's reading
+//! taken with them: an echo that is not one of them (a stamp of an earlier process of this
+//! node, one evicted long ago, or a forgery) grants nothing.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -50,17 +52,19 @@ pub struct Clocks {
 
 /// A node's lease: granted by the ECS's probes, checked before serving.
 ///
-/// Invariant: the lease never extends past `echo + millis` on either clock, where `echo`
-/// is a stamp this process issued and remembers.
+/// Invariant: the lease never extends past `echo + millis` of the lease clock, where `echo`
+/// is a stamp this process issued and remembers, and the lease clock advances at least as
+/// fast as each of the node's clocks.
 #[derive(Debug, Default, Clone)]
 pub struct Lease {
-    /// Recent stamps (monotonic microseconds) with the wall-clock reading taken with them,
+    /// Recent stamps (monotonic microseconds) with the lease clock's reading at each,
     /// oldest first.
     stamps: VecDeque<(u64, Duration)>,
-    /// The end of the lease on each clock (`None`: never granted).
-    until: Option<Clocks>,
-    /// The highest wall-clock reading seen: what the lease reads as the wall time.
-    wall_high: Duration,
+    /// The end of the lease on the lease clock (`None`: never granted).
+    until: Option<Duration>,
+    /// The lease clock, and the clock readings it last advanced from.
+    clock: Duration,
+    last: Option<Clocks>,
 }
 
 impl Lease {
@@ -71,40 +75,49 @@ impl Lease {
 
     /// A new stamp for an answer to a probe, taken at `now` (before the answer is sent).
     pub fn stamp(&mut self, now: Clocks) -> u64 {
-        let wall = self.wall(now);
+        let clock = self.advance(now);
         let stamp = now.mono.as_micros() as u64;
         if self.stamps.back().is_none_or(|(last, _)| *last < stamp) {
             if self.stamps.len() == REMEMBERED_STAMPS {
                 self.stamps.pop_front();
             }
-            self.stamps.push_back((stamp, wall));
+            self.stamps.push_back((stamp, clock));
         }
         stamp
     }
 
-    /// The wall time as the lease reads it: the highest reading seen.
-    fn wall(&mut self, now: Clocks) -> Duration {
-        self.wall_high = self.wall_high.max(now.wall);
-        self.wall_high
+    /// The lease clock at `now`, without moving it.
+    fn clock_at(&self, now: Clocks) -> Duration {
+        match self.last {
+            None => self.clock,
+            Some(last) => {
+                let mono = now.mono.saturating_sub(last.mono);
+                let wall = now.wall.saturating_sub(last.wall);
+                self.clock + mono.max(wall)
+            }
+        }
     }
 
-    /// A probe granted `millis` from `echo`: the lease is extended to `echo + millis` on both
-    /// clocks (never shortened). An echo this process does not remember grants nothing.
+    /// Moves the lease clock to `now` and reads it.
+    fn advance(&mut self, now: Clocks) -> Duration {
+        self.clock = self.clock_at(now);
+        self.last = Some(now);
+        self.clock
+    }
+
+    /// A probe granted `millis` from `echo`: the lease is extended to `echo + millis` of the
+    /// lease clock (never shortened). An echo this process does not remember grants nothing.
     /// Returns whether the lease was extended.
     pub fn grant(&mut self, echo: Option<u64>, millis: u32) -> bool {
         let Some(echo) = echo else {
             return false;
         };
-        let Some(&(_, wall)) = self.stamps.iter().find(|(stamp, _)| *stamp == echo) else {
+        let Some(&(_, clock)) = self.stamps.iter().find(|(stamp, _)| *stamp == echo) else {
             return false;
         };
-        let length = Duration::from_millis(millis.into());
-        let until = Clocks {
-            mono: Duration::from_micros(echo) + length,
-            wall: wall + length,
-        };
+        let until = clock + Duration::from_millis(millis.into());
         match &mut self.until {
-            Some(held) if held.mono >= until.mono => false,
+            Some(held) if *held >= until => false,
             held => {
                 *held = Some(until);
                 true
@@ -112,24 +125,22 @@ impl Lease {
         }
     }
 
-    /// Whether the lease holds at `now`: both clocks before its end (the wall clock as the
-    /// highest reading seen).
+    /// Whether the lease holds at `now` (the lease clock before its end), moving the lease
+    /// clock to `now`.
     pub fn holds(&mut self, now: Clocks) -> bool {
-        self.wall(now);
+        self.advance(now);
         self.peek(now)
     }
 
-    /// Whether the lease holds at `now` without taking `now` into account for later (for
-    /// observers that are not the node: the simulation's checker).
+    /// Whether the lease holds at `now` without moving the lease clock (for observers that
+    /// are not the node: the simulation's checker).
     pub fn peek(&self, now: Clocks) -> bool {
-        let wall = self.wall_high.max(now.wall);
-        self.until
-            .is_some_and(|until| now.mono < until.mono && wall < until.wall)
+        self.until.is_some_and(|until| self.clock_at(now) < until)
     }
 
-    /// The end of the lease on the monotonic clock, if one was granted.
+    /// The end of the lease on the lease clock, if one was granted.
     pub fn until(&self) -> Option<Duration> {
-        self.until.map(|u| u.mono)
+        self.until
     }
 }
 
@@ -151,13 +162,14 @@ mod tests {
         let s = lease.stamp(at(100, 100));
         assert!(!lease.grant(None, 1500));
         assert!(lease.grant(Some(s), 1500));
-        assert!(lease.holds(at(1599, 1599)));
-        assert!(!lease.holds(at(1600, 1600)), "ends at echo + millis");
-        // A grant from an older stamp does not shorten it.
+        assert!(lease.holds(at(150, 150)));
+        // A later stamp extends it; a grant from an older one does not shorten it.
         let s2 = lease.stamp(at(200, 200));
         assert!(lease.grant(Some(s2), 1500));
         assert!(!lease.grant(Some(s), 1500));
         assert_eq!(lease.until(), Some(Duration::from_millis(1700)));
+        assert!(lease.holds(at(1699, 1699)));
+        assert!(!lease.holds(at(1700, 1700)), "ends at echo + millis");
     }
 
     #[test]
@@ -186,11 +198,20 @@ mod tests {
         assert!(!lease.holds(at(300, 10_300)));
         // A wall clock stepped back afterwards does not revive it.
         assert!(!lease.holds(at(300, 0)));
-        // A step back alone is ignored: the monotonic clock still bounds the lease.
+        // A step back alone counts as nothing: the monotonic clock still bounds the lease.
         let mut lease = Lease::new();
         let s = lease.stamp(at(100, 100));
         lease.grant(Some(s), 1500);
         assert!(lease.holds(at(300, -5_000)));
         assert!(!lease.holds(at(1600, -5_000)));
+        // A step back, then a pause whose correction the step's deficit would have hidden
+        // from a reading of the highest wall time seen: the lease clock still jumps.
+        let mut lease = Lease::new();
+        let s = lease.stamp(at(100, 100));
+        lease.grant(Some(s), 1500);
+        assert!(lease.holds(at(200, -4_800)), "stepped back 4.9 s");
+        assert!(lease.holds(at(400, -4_600)));
+        // Paused 3.5 s: the monotonic clock stood still, the wall clock was corrected.
+        assert!(!lease.holds(at(400, -1_100)));
     }
 }

@@ -252,8 +252,8 @@ impl Node {
         ReplyBody::Leased { stamp }
     }
 
-    /// Lets the lease see the clocks now (the gossip loop calls it every interval): the
-    /// lease keeps the highest wall time it has seen.
+    /// Lets the lease read the clocks now (the gossip loop calls it every interval): its
+    /// lease clock advances at readings.
     pub(crate) fn observe_clocks(&self) {
         let clocks = self.clocks();
         self.lease.lock().expect("lease lock").holds(clocks);

@@ -24,9 +24,9 @@ pub async fn run(node: Arc<Node>) {
     let mut exchanges = JoinSet::new();
     loop {
         timer.tick().await;
-        // The lease reads the highest wall time seen: looking every interval catches the
-        // jump a machine pause leaves on the wall clock, before any later step back could
-        // hide it (crate::lease).
+        // The lease clock advances at readings of the clocks: reading them every interval
+        // catches the jump a machine pause leaves on the wall clock, before a later step
+        // back could cancel it (crate::lease).
         node.observe_clocks();
         while exchanges.try_join_next().is_some() {}
         let outgoing: Vec<(NodeEntry, GossipDigest)> = {
