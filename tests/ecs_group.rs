@@ -39,12 +39,19 @@ struct Group {
     admin: Transport,
     members: Vec<Member>,
     nodes: Vec<(String, NodeProcess, TempDir)>,
+    /// The `--failover-after` members are (re)started with.
+    failover_after: &'static str,
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Group {
     /// Three ECS members `ecs1..ecs3` (replication 3, failover after 2 s) and no node.
     async fn start() -> Self {
+        Self::start_with("2s").await
+    }
+
+    /// Three ECS members started with `--failover-after failover_after`.
+    async fn start_with(failover_after: &'static str) -> Self {
         let serial = ONE_AT_A_TIME.lock().await;
         let certs = Arc::new(Certs::new());
         let mut group = Self {
@@ -52,6 +59,7 @@ impl Group {
             certs,
             members: Vec::new(),
             nodes: Vec::new(),
+            failover_after,
             _serial: serial,
         };
         for _ in 0..3 {
@@ -90,7 +98,7 @@ impl Group {
                 "--replication-factor",
                 "3",
                 "--failover-after",
-                "2s",
+                self.failover_after,
                 "--probe-interval",
                 "200ms",
             ],
@@ -383,6 +391,61 @@ async fn the_ring_and_a_change_in_progress_survive_a_restart_of_every_member() {
     let ring = group.wait_converged().await;
     assert_eq!(ring.nodes.len(), 3);
     assert!(ring.version > before.version);
+}
+
+/// Window 5 of #21: the lease bound across a leader change holds only if every leader uses
+/// the same `failover_after`, so the group keeps the one it was founded with in its
+/// replicated state. Every member restarted with a shorter `--failover-after` still waits the
+/// group's (6 s) before failing a dead node over, not its own (1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_leader_fails_over_after_the_groups_failover_after_not_its_own() {
+    let mut group = Group::start_with("6s").await;
+    group.add_nodes(4).await;
+    for member in &mut group.members {
+        member.process.take().expect("runs").kill();
+    }
+    group.failover_after = "1s";
+    for i in 0..3 {
+        group.spawn(i).await;
+    }
+    let leader = group.leader().await;
+    assert_eq!(
+        group.group().await.failover_after_ms,
+        6000,
+        "the group's failover_after"
+    );
+    // The new leader leases every node before one dies.
+    group.wait_converged().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let victim = group
+        .nodes
+        .iter_mut()
+        .find(|(n, _, _)| n == "n2")
+        .expect("n2");
+    victim.1.kill();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(60);
+    loop {
+        let ring = group.ring().await;
+        if ring.node("n2").is_none() || ring.is_failed("n2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n2 not failed over within 60 s: {ring:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = killed.elapsed();
+    eprintln!(
+        "n2 failed over {took:.2?} after it was killed (leader {}, started with --failover-after 1s, the group's is 6s)",
+        group.members[leader].name
+    );
+    // Its last answer came at most a probe interval (200 ms) before the kill.
+    assert!(
+        took >= Duration::from_millis(5800),
+        "failed over {took:?} after the kill: the leader used its own --failover-after (1s), not the group's (6s)"
+    );
 }
 
 /// SIGKILL of the ECS leader while a node is dead and awaiting failover: the next leader

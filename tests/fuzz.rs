@@ -687,6 +687,7 @@ mod strategies {
                         addr,
                         voter: true,
                     }],
+                    failover_after_ms: applied / 2,
                 }))
             ),
         ]

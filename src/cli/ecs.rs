@@ -306,8 +306,12 @@ pub fn group_text(group: &ringkv_wire::GroupReport) -> String {
         .map_or("none known".to_string(), |m| {
             format!("{} ({}, id {})", m.name, m.addr, m.id)
         });
+    let failover_after = match group.failover_after_ms {
+        0 => "not fixed yet".to_string(),
+        ms => format!("{:?}", Duration::from_millis(ms)),
+    };
     let mut text = format!(
-        "ECS group: leader {leader}, term {}, applied index {} (as member {} sees it)\n",
+        "ECS group: leader {leader}, term {}, applied index {}, failover after {failover_after} (as member {} sees it)\n",
         group.term, group.applied, group.this
     );
     for m in &group.members {

@@ -127,11 +127,4 @@ impl EcsConfig {
         };
         Ok(Some(RaftConfig::new(id, members, self.state_dir.clone())))
     }
-
-    /// The lease each probe grants: half of `failover_after`, so that a node cut off from
-    /// the ECS has stopped serving for at least as long again (covering clocks that run at
-    /// up to twice each other's rate) when the ECS replaces it.
-    pub fn lease(&self) -> Duration {
-        self.failover_after / 2
-    }
 }

@@ -86,6 +86,9 @@ pub struct GroupReport {
     pub applied: u64,
     /// Every member of the group.
     pub members: Vec<GroupMember>,
+    /// The group's `failover_after` in milliseconds, which every leader uses whatever its
+    /// own configuration says (0: not fixed yet, before the first leader took the lead).
+    pub failover_after_ms: u64,
 }
 
 /// Which Raft request a [`RaftRpc`] carries: the payload decodes as that request only.

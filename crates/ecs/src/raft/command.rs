@@ -5,6 +5,7 @@
 //! disks or the network, so it is unit-tested on its own.
 
 use std::fmt;
+use std::time::Duration;
 
 use ringkv_wire::RingMetadata;
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,56 @@ pub struct EcsState {
     pub ring: RingMetadata,
     /// The intent log: the change in progress, if any, and the next change number.
     pub log: IntentLog,
+    /// The settings the lease bound depends on, fixed by the group's first leader (`None`
+    /// until then). Every leader uses these, not its own configuration: a new leader waits
+    /// `failover_after` before failing a node over, which outlasts the leases an earlier
+    /// leader granted only if both use the same value (ARCHITECTURE.md §11).
+    pub settings: Option<LeaseSettings>,
+}
+
+/// What the lease bound depends on, the same for every leader of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseSettings {
+    /// `failover_after` in milliseconds: a probe grants a lease of half of it, and a node is
+    /// failed over only once it has been silent this long.
+    pub failover_after_ms: u64,
+}
+
+impl LeaseSettings {
+    /// The settings of `failover_after` (whole milliseconds).
+    pub fn new(failover_after: Duration) -> Self {
+        Self {
+            failover_after_ms: u64::try_from(failover_after.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// `failover_after`.
+    pub fn failover_after(&self) -> Duration {
+        Duration::from_millis(self.failover_after_ms)
+    }
+}
+
+/// [`EcsState`] as a group persisted it before it kept [`LeaseSettings`]: read once, when a
+/// member of such a group starts or receives such a snapshot.
+#[derive(Deserialize)]
+struct StateWithoutSettings {
+    ring: RingMetadata,
+    log: IntentLog,
+}
+
+impl EcsState {
+    /// Decodes a persisted state (postcard), also one persisted before the state kept
+    /// [`LeaseSettings`] (its settings are `None`).
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes).or_else(|e| match postcard::from_bytes(bytes) {
+            Ok(StateWithoutSettings { ring, log }) => Ok(Self {
+                ring,
+                log,
+                settings: None,
+            }),
+            Err(_) => Err(e),
+        })
+    }
 }
 
 /// A change to [`EcsState`]: the application data of the Raft log.
@@ -39,6 +90,9 @@ pub enum EcsCommand {
         /// The new intent log, if it changes.
         log: Option<IntentLog>,
     },
+    /// Fix the group's [`LeaseSettings`]. Refused once they are fixed at another value: a
+    /// value that changed under running leases could end one before the ECS acts on it.
+    SetLeaseSettings(LeaseSettings),
 }
 
 /// The result of applying one log entry, returned to the proposer.
@@ -67,6 +121,11 @@ pub enum Refusal {
     },
     /// The ring breaks an invariant of [`RingMetadata::validate`].
     InvalidRing(String),
+    /// The group's lease settings are fixed already, at another value.
+    SettingsFixed {
+        /// The group's `failover_after`, in milliseconds.
+        failover_after_ms: u64,
+    },
 }
 
 impl fmt::Display for Refusal {
@@ -77,6 +136,10 @@ impl fmt::Display for Refusal {
                 "ring version {proposed} is not newer than the current version {current}"
             ),
             Refusal::InvalidRing(why) => write!(f, "invalid ring: {why}"),
+            Refusal::SettingsFixed { failover_after_ms } => write!(
+                f,
+                "the group's failover_after is fixed at {failover_after_ms} ms"
+            ),
         }
     }
 }
@@ -85,6 +148,7 @@ impl EcsState {
     /// Applies `command`: all of it, or (refused) none of it.
     pub fn apply(&mut self, command: EcsCommand) -> EcsResponse {
         let (ring, log) = match command {
+            EcsCommand::SetLeaseSettings(settings) => return self.fix_settings(settings),
             EcsCommand::SetRing(ring) => (Some(ring), None),
             EcsCommand::SetIntentLog(log) => (None, Some(log)),
             EcsCommand::Save { ring, log } => (ring, log),
@@ -102,6 +166,21 @@ impl EcsState {
         }
         EcsResponse::Applied {
             ring_version: self.ring.version,
+        }
+    }
+
+    /// Fixes the lease settings, unless they are fixed at another value already.
+    fn fix_settings(&mut self, settings: LeaseSettings) -> EcsResponse {
+        match self.settings {
+            Some(fixed) if fixed != settings => EcsResponse::Refused(Refusal::SettingsFixed {
+                failover_after_ms: fixed.failover_after_ms,
+            }),
+            _ => {
+                self.settings = Some(settings);
+                EcsResponse::Applied {
+                    ring_version: self.ring.version,
+                }
+            }
         }
     }
 
@@ -168,6 +247,55 @@ mod tests {
             EcsResponse::Refused(Refusal::InvalidRing(_))
         ));
         assert_eq!(state, EcsState::default());
+    }
+
+    #[test]
+    fn lease_settings_are_fixed_once() {
+        let mut state = EcsState::default();
+        let three = LeaseSettings::new(Duration::from_secs(3));
+        let one = LeaseSettings::new(Duration::from_secs(1));
+        assert!(matches!(
+            state.apply(EcsCommand::SetLeaseSettings(three)),
+            EcsResponse::Applied { .. }
+        ));
+        // The same value again (a leader that proposed it twice) is no change.
+        assert!(matches!(
+            state.apply(EcsCommand::SetLeaseSettings(three)),
+            EcsResponse::Applied { .. }
+        ));
+        assert_eq!(
+            state.apply(EcsCommand::SetLeaseSettings(one)),
+            EcsResponse::Refused(Refusal::SettingsFixed {
+                failover_after_ms: 3000
+            })
+        );
+        assert_eq!(state.settings, Some(three));
+    }
+
+    #[test]
+    fn a_state_persisted_without_settings_is_read() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            ring: &'a RingMetadata,
+            log: &'a IntentLog,
+        }
+        let (ring, log) = (ring(4), log(7));
+        let bytes = postcard::to_stdvec(&Old {
+            ring: &ring,
+            log: &log,
+        })
+        .unwrap();
+        let state = EcsState::decode(&bytes).unwrap();
+        assert_eq!((state.ring, state.log, state.settings), (ring, log, None));
+        let new = EcsState {
+            settings: Some(LeaseSettings::new(Duration::from_secs(2))),
+            ..EcsState::default()
+        };
+        assert_eq!(
+            EcsState::decode(&postcard::to_stdvec(&new).unwrap()).unwrap(),
+            new
+        );
+        assert!(EcsState::decode(&[0xff, 0xff]).is_err());
     }
 
     #[test]

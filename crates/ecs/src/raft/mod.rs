@@ -51,7 +51,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-pub use command::{EcsCommand, EcsResponse, EcsState, Refusal};
+pub use command::{EcsCommand, EcsResponse, EcsState, LeaseSettings, Refusal};
 pub use error::RaftError;
 pub use handle::{Applied, EcsRaft, LeaderTerm, RaftConfig, RaftStatus};
 /// A member's role in the group as openraft reports it ([`RaftStatus::state`]).

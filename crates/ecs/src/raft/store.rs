@@ -130,6 +130,11 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AnyError> {
     postcard::from_bytes(bytes).map_err(|e| AnyError::new(&e))
 }
 
+/// Decodes a persisted [`EcsState`], also one of a store written before it kept settings.
+fn decode_state(bytes: &[u8]) -> Result<EcsState, AnyError> {
+    EcsState::decode(bytes).map_err(|e| AnyError::new(&e))
+}
+
 impl Store {
     /// Opens (or creates) the store in `state_dir`/[`STORE_DIR`], recovering its journal.
     pub fn open(state_dir: &Path) -> Result<Self, RaftError> {
@@ -189,6 +194,16 @@ impl Store {
 
     /// The value under `key` in `space`, decoded.
     fn get<T: DeserializeOwned>(&self, space: Space, key: &[u8]) -> Result<Option<T>, AnyError> {
+        self.get_with(space, key, decode)
+    }
+
+    /// The value of `key` in `space`, decoded by `decode`.
+    fn get_with<T>(
+        &self,
+        space: Space,
+        key: &[u8],
+        decode: impl FnOnce(&[u8]) -> Result<T, AnyError>,
+    ) -> Result<Option<T>, AnyError> {
         match self.inner.space(space).get(key) {
             Ok(Some(bytes)) => decode(&bytes).map(Some),
             Ok(None) => Ok(None),
@@ -391,7 +406,7 @@ impl StateMachine {
             reason: format!("cannot read the state machine's {what}: {e}"),
         };
         let state: EcsState = store
-            .get(Space::Sm, STATE)
+            .get_with(Space::Sm, STATE, decode_state)
             .map_err(|e| corrupt("state", e))?
             .unwrap_or_default();
         let applied: AppliedMarker = store
@@ -489,8 +504,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: EcsState =
-            decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), e))?;
+        let state: EcsState = decode_state(&data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), e))?;
         self.state = Arc::new(state);
         self.applied = AppliedMarker {
             last_applied: meta.last_log_id,

@@ -382,6 +382,7 @@ async fn three_members_elect_one_leader_and_apply_the_leaders_commands() {
     let expected = EcsState {
         ring: ring(1),
         log: intent_log(7),
+        settings: None,
     };
     cluster.all_applied(|s| *s == expected).await;
     for member in cluster.running.values() {
@@ -471,6 +472,7 @@ async fn state_term_and_log_survive_a_restart_of_every_member() {
     let expected = EcsState {
         ring: ring(3),
         log: intent_log(4),
+        settings: None,
     };
     cluster.all_applied(|s| *s == expected).await;
     let before: BTreeMap<MemberId, RaftStatus> = cluster

@@ -8,7 +8,7 @@ use ringkv_wire::{GroupMember, GroupReport};
 
 use super::{Ecs, CONFIRM_EVERY, CONFIRM_TIMEOUT};
 use crate::liveness::Probes;
-use crate::raft::{EcsRaft, RaftError};
+use crate::raft::{EcsCommand, EcsRaft, LeaseSettings, RaftError};
 use crate::EcsError;
 
 impl Ecs {
@@ -93,6 +93,11 @@ impl Ecs {
             leader: status.leader.as_ref().map(|(id, _)| *id),
             term: status.term,
             applied: status.last_applied.unwrap_or(0),
+            failover_after_ms: self
+                .raft
+                .as_ref()
+                .and_then(|raft| raft.state().settings)
+                .map_or(0, |s| s.failover_after_ms),
             members: status
                 .members
                 .iter()
@@ -145,6 +150,33 @@ impl Ecs {
         }
     }
 
+    /// The group's lease settings, which this leader acts on: fixed by proposing this
+    /// member's own if the group has none yet (its first leader, or a group that ran before
+    /// it kept them). `None` if they could not be fixed now (no majority, an unknown
+    /// outcome): the member does not act until they are.
+    async fn fix_lease_settings(&self, raft: &EcsRaft) -> Option<LeaseSettings> {
+        let own = LeaseSettings::new(self.config.failover_after);
+        if raft.state().settings.is_none() {
+            match raft.propose(EcsCommand::SetLeaseSettings(own)).await {
+                Ok(_) | Err(RaftError::Refused(_)) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the group's failover_after not fixed yet; not acting yet");
+                    return None;
+                }
+            }
+        }
+        // Applied here once proposed by this leader (openraft answers after applying).
+        let settings = raft.state().settings?;
+        if settings != own {
+            tracing::warn!(
+                group = ?settings.failover_after(),
+                configured = ?self.config.failover_after,
+                "this member's --failover-after differs from the group's; using the group's (fixed by its first leader)"
+            );
+        }
+        Some(settings)
+    }
+
     /// Takes the lead (see [`Ecs::leadership_loop`]).
     pub(super) async fn take_lead(self: &Arc<Self>, raft: &EcsRaft) {
         // The gate counts from before the heartbeats go out, not from when the change
@@ -158,6 +190,10 @@ impl Ecs {
             }
         };
         let no_change = self.change.lock().await;
+        let Some(settings) = self.fix_lease_settings(raft).await else {
+            return; // not acting yet: the leadership loop tries again
+        };
+        *self.failover_after.write().expect("failover_after lock") = settings.failover_after();
         let state = raft.state();
         *self.metadata.write().expect("metadata lock") = state.ring.clone();
         *self.log.lock().expect("log lock") = state.log.clone();
@@ -169,6 +205,7 @@ impl Ecs {
         self.gate.lock().expect("gate lock").take(term, round);
         tracing::warn!(
             term,
+            failover_after = ?settings.failover_after(),
             version = state.ring.version,
             pending = state.log.pending.is_some(),
             "leading the ECS group"

@@ -12,6 +12,26 @@ use crate::plan;
 use crate::EcsError;
 
 impl Ecs {
+    /// The `failover_after` this ECS acts on: a group's, fixed by its first leader in the
+    /// replicated state and taken by every leader whatever its own configuration says (the
+    /// lease bound across a leader change needs one value, ARCHITECTURE.md §11); a single
+    /// ECS's own.
+    pub fn failover_after(&self) -> Duration {
+        *self.failover_after.read().expect("failover_after lock")
+    }
+
+    /// The lease each probe grants: half of [`Ecs::failover_after`], so that a node cut off
+    /// from the ECS has stopped serving for at least as long again when the ECS replaces it
+    /// (covering clocks that run at up to twice each other's rate).
+    pub(super) fn lease(&self) -> Duration {
+        self.failover_after() / 2
+    }
+
+    /// The detector of the failover policy, with [`Ecs::failover_after`].
+    fn detector(&self) -> Detector {
+        Detector::new(self.config.probe_interval, self.failover_after())
+    }
+
     /// Whether `node` has answered no probe for `failover_after` in a replicated ring: it is
     /// (about to be) failed over, so a step a change still has to send it (an install, start
     /// or clear after the commit; an abort of a rollback) is skipped, so that a dead node
@@ -24,7 +44,7 @@ impl Ecs {
                 .lock()
                 .expect("probes lock")
                 .silent_for(&node.name, Instant::now())
-                > self.config.failover_after
+                > self.failover_after()
     }
 
     /// For `remove-node`: whether `name` is dead rather than live. If it answers a probe now
@@ -36,11 +56,11 @@ impl Ecs {
         if self.probe_now(term, name).await {
             return false;
         }
-        let deadline = Instant::now() + self.config.failover_after * 2;
+        let deadline = Instant::now() + self.failover_after() * 2;
         loop {
             if self.probes.lock().expect("probes lock").condemn(
                 name,
-                self.config.failover_after,
+                self.failover_after(),
                 Instant::now(),
             ) {
                 return true;
@@ -124,7 +144,7 @@ impl Ecs {
         let Some(node) = self.metadata().node(name).cloned() else {
             return false;
         };
-        let lease = self.config.lease();
+        let lease = self.lease();
         let body = RequestBody::Lease {
             millis: lease.as_millis().min(u32::MAX as u128) as u32,
             echo,
@@ -152,7 +172,6 @@ impl Ecs {
     /// way; a node that answers gets the steps a change had to skip while it was silent.
     /// Nothing else runs in this loop, so a failover or a long change never delays a lease.
     pub(super) async fn probe_loop(self: Arc<Self>) {
-        let detector = Detector::new(self.config.probe_interval, self.config.failover_after);
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -160,6 +179,7 @@ impl Ecs {
             let Some(term) = self.acting_term() else {
                 continue;
             };
+            let detector = self.detector();
             let metadata = self.metadata();
             let live = metadata.live_names();
             let due = {
@@ -249,7 +269,6 @@ impl Ecs {
     pub(super) async fn failover_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let detector = Detector::new(self.config.probe_interval, self.config.failover_after);
         let mut retry_at: Option<Instant> = None;
         loop {
             tick.tick().await;
@@ -273,13 +292,14 @@ impl Ecs {
             }
             let metadata = self.metadata();
             let live = metadata.live_names();
+            let detector = self.detector();
             let todo: Vec<String> = {
                 let mut probes = self.probes.lock().expect("probes lock");
                 let now = Instant::now();
                 match probes.decide(&live, detector, now) {
                     FailoverDecision::FailOver(silent) => {
                         for name in &silent {
-                            probes.condemn(name, self.config.failover_after, now);
+                            probes.condemn(name, detector.failover_after, now);
                         }
                         tracing::warn!(nodes = ?silent, "failing over silent nodes");
                     }

@@ -70,6 +70,8 @@ pub struct Ecs {
     parked: std::sync::Mutex<Option<Executor>>,
     /// Set when the ECS begins to shut down ([`run`]): it acts no more.
     stopping: std::sync::atomic::AtomicBool,
+    /// The `failover_after` it acts on ([`Ecs::failover_after`]).
+    failover_after: RwLock<Duration>,
 }
 
 /// How often a leader has its lead confirmed by a majority (a round of heartbeats).
@@ -105,13 +107,16 @@ pub async fn bind(
         Some(raft_config) => Some(EcsRaft::start(raft_config, identity, endpoint.clone()).await?),
         None => None,
     };
-    let (mut metadata, log) = match &raft {
+    let (mut metadata, log, failover_after) = match &raft {
         // The group's state (a new leader reloads it again when it takes the lead).
         Some(raft) => {
             let state = raft.state();
-            (state.ring.clone(), state.log.clone())
+            let failover_after = state
+                .settings
+                .map_or(config.failover_after, |s| s.failover_after());
+            (state.ring.clone(), state.log.clone(), failover_after)
         }
-        None => (file.load()?, intents.load()?),
+        None => (file.load()?, intents.load()?, config.failover_after),
     };
     if raft.is_none() {
         if let Some(intent) = &log.pending {
@@ -144,6 +149,7 @@ pub async fn bind(
         gate: std::sync::Mutex::new(LeadGate::new(act_for)),
         parked: std::sync::Mutex::new(None),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        failover_after: RwLock::new(failover_after),
     });
     Ok((endpoint, ecs))
 }
