@@ -535,3 +535,87 @@ async fn a_stopping_ecs_starts_no_change() {
     assert_eq!(handle.metadata().version, 0, "no ring was committed");
     assert_eq!(node.node.metadata_version(), 0, "nothing reached the node");
 }
+
+/// Window 9 of #21: a membership request sent again (by `ringkv-ecs --ecs a,b,c`, which
+/// cannot tell whether a member it lost carried it out, or by an operator after a timeout)
+/// while the first one still runs, or after it was done, is answered as done: it must not
+/// fail a change that succeeded, nor run it twice. The first join is held for a while at
+/// the install of its new ring; the second arrives meanwhile. Then a node is removed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_request_sent_again_is_done_not_refused_or_run_twice() {
+    use ringkv_ecs::config::StepHook;
+    use ringkv_ecs::plan::Step;
+    let certs = common::Certs::new();
+    let state = tempfile::tempdir().unwrap();
+    let held = Arc::new(AtomicBool::new(false));
+    let hook_held = held.clone();
+    let ecs = TestEcs::start_with(&certs, state.path(), move |c| {
+        c.before_step = Some(StepHook(Arc::new(move |step: &Step| {
+            if matches!(step, Step::Install { node } if node.name == "n2")
+                && !hook_held.swap(true, Ordering::SeqCst)
+            {
+                // Holds the join (on a runtime thread) while the second request arrives.
+                std::thread::sleep(Duration::from_millis(800));
+            }
+        })));
+    })
+    .await;
+    let n1 = common::TestNode::start(&certs, "n1", false).await;
+    let n2 = common::TestNode::start(&certs, "n2", false).await;
+    let handle = ecs.ecs.clone();
+    let add_n2 = AdminRequest::AddNode {
+        name: "n2".into(),
+        addr: n2.addr.clone(),
+    };
+    common::add_node_via(&certs.admin(), &ecs.addr, "n1", &n1.addr).await;
+    let before = handle.metadata().version;
+    let first = tokio::spawn({
+        let (handle, add_n2) = (handle.clone(), add_n2.clone());
+        async move { handle.answer(add_n2).await }
+    });
+    while !held.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let again = handle.answer(add_n2.clone()).await;
+    let first = first.await.unwrap();
+    assert!(
+        matches!(first, AdminReply::Changed { .. }),
+        "the join: {first:?}"
+    );
+    assert!(
+        matches!(&again, AdminReply::Done(text) if text.contains("already")),
+        "the join sent again while it ran: {again:?}"
+    );
+    let after = handle.metadata();
+    assert_eq!(after.version, before + 1, "one change, not two: {after:?}");
+    assert!(after.node("n2").is_some());
+    // Sent again after it was done.
+    let later = handle.answer(add_n2).await;
+    assert!(
+        matches!(&later, AdminReply::Done(text) if text.contains("already")),
+        "the join sent again after it was done: {later:?}"
+    );
+    let remove = AdminRequest::RemoveNode { name: "n2".into() };
+    let removed = handle.answer(remove.clone()).await;
+    assert!(
+        matches!(removed, AdminReply::Changed { .. }),
+        "the leave: {removed:?}"
+    );
+    let again = handle.answer(remove).await;
+    assert!(
+        matches!(&again, AdminReply::Done(text) if text.contains("not in the ring")),
+        "the leave sent again: {again:?}"
+    );
+    assert_eq!(handle.metadata().version, before + 2);
+    // A join at another address under a name in the ring is still refused.
+    let n1_elsewhere = handle
+        .answer(AdminRequest::AddNode {
+            name: "n1".into(),
+            addr: n2.addr.clone(),
+        })
+        .await;
+    assert!(
+        matches!(n1_elsewhere, AdminReply::Error(_)),
+        "{n1_elsewhere:?}"
+    );
+}

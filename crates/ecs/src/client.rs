@@ -42,6 +42,8 @@ pub enum AskError {
 /// the change in flight had committed, and the new leader, whose ring holds every committed
 /// change, finishes it), the answer is `Done` and nothing is sent again; otherwise it had not
 /// committed, the new leader rolls it back, and the request is sent again as a fresh change.
+/// Even sent again while the change still runs, it is harmless: the ECS answers a join of
+/// a node already in the ring, or the removal of one not in it, with `Done`.
 /// Other requests are idempotent or reads, and are sent again as they are.
 pub async fn ask(
     transport: &Transport,

@@ -7,6 +7,7 @@ use ringkv_wire::{
 };
 
 use super::{aggregate_liveness, Ecs};
+use crate::client::already_done;
 use crate::plan::{self};
 use crate::raft::{EcsRaft, Member, RaftError};
 use crate::EcsError;
@@ -83,7 +84,8 @@ impl Ecs {
         })
     }
 
-    /// Adds `node` to the ring, moving its range to it.
+    /// Adds `node` to the ring, moving its range to it. Idempotent: a node already in the
+    /// ring at that address (a request sent again) is answered `Done`, and nothing runs.
     pub async fn add_node(&self, node: NodeEntry) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
         // Before the wipe touches the joining node: a deposed leader must not.
@@ -91,6 +93,18 @@ impl Ecs {
         self.finish_pending(term).await?;
         // A new ring gets the configured factor; a ring with nodes keeps its own.
         let current = self.metadata();
+        // Sent again (the operator's tool lost the member that ran it, or a retry after a
+        // timeout) while it ran or after it was done: done, not refused, not run twice.
+        let request = AdminRequest::AddNode {
+            name: node.name.clone(),
+            addr: node.addr.clone(),
+        };
+        if already_done(&request, &current) {
+            return Ok(AdminReply::Done(format!(
+                "{} is already in the ring at {} (v{}): nothing to do",
+                node.name, node.addr, current.version
+            )));
+        }
         let plan = plan::join_with_replication(&current, node.clone(), self.config.replication)?;
         self.wipe(term, &current, &node).await?;
         self.execute(term, plan).await
@@ -139,12 +153,20 @@ impl Ecs {
     /// Removes the node `name` from the ring. A live node's copies (or, without
     /// replication, its range) are moved first. With replication, a node that is marked
     /// failed, or that does not answer a probe now, is failed over instead: its copies are
-    /// rebuilt from the surviving members of its chains.
+    /// rebuilt from the surviving members of its chains. Idempotent: a node not in the ring
+    /// is answered `Done`.
     pub async fn remove_node(&self, name: &str) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
         let term = self.confirm_lead().await?;
         self.finish_pending(term).await?;
         let metadata = self.metadata();
+        // As for a join sent again ([`Ecs::add_node`]).
+        if already_done(&AdminRequest::RemoveNode { name: name.into() }, &metadata) {
+            return Ok(AdminReply::Done(format!(
+                "{name} is not in the ring (v{}): nothing to do",
+                metadata.version
+            )));
+        }
         if metadata.replication > 1
             && metadata.node(name).is_some()
             && (metadata.is_failed(name) || self.silent_through_its_lease(term, name).await)
