@@ -603,8 +603,16 @@ async fn a_membership_request_sent_again_is_done_not_refused_or_run_twice() {
     );
     let again = handle.answer(remove).await;
     assert!(
-        matches!(&again, AdminReply::Done(text) if text.contains("not in the ring")),
+        matches!(&again, AdminReply::Done(text) if text.contains("was removed")),
         "the leave sent again: {again:?}"
+    );
+    // A node it never had is still an error (a mistyped name).
+    let never = handle
+        .answer(AdminRequest::RemoveNode { name: "n9".into() })
+        .await;
+    assert!(
+        matches!(&never, AdminReply::Error(text) if text.contains("not in the ring")),
+        "{never:?}"
     );
     assert_eq!(handle.metadata().version, before + 2);
     // A join at another address under a name in the ring is still refused.

@@ -43,7 +43,7 @@ pub enum AskError {
 /// change, finishes it), the answer is `Done` and nothing is sent again; otherwise it had not
 /// committed, the new leader rolls it back, and the request is sent again as a fresh change.
 /// Even sent again while the change still runs, it is harmless: the ECS answers a join of
-/// a node already in the ring, or the removal of one not in it, with `Done`.
+/// a node already in the ring, or the removal of one it removed, with `Done`.
 /// Other requests are idempotent or reads, and are sent again as they are.
 pub async fn ask(
     transport: &Transport,

@@ -60,10 +60,12 @@ pub struct EcsConfig {
     pub replication: u8,
     /// A node whose liveness probes have all failed for this long is declared failed and
     /// replaced in its chains (with replication above 1). Shorter fails over sooner; too
-    /// short fails over nodes that were only slow (README, "Replication and failover").
+    /// short fails over nodes that were only slow (README, "Replication and failover"). A
+    /// group uses its first leader's value, kept in its replicated state
+    /// ([`crate::Ecs::failover_after`]).
     pub failover_after: Duration,
-    /// How often the ECS probes every node; each probe also renews the node's lease
-    /// ([`EcsConfig::lease`]).
+    /// How often the ECS probes every node; each probe also renews the node's lease (half of
+    /// `failover_after`).
     pub probe_interval: Duration,
     /// What peers may make the ECS hold: connections, streams and windows by role, the
     /// request read deadline, the idle timeout (ARCHITECTURE.md §3). Only `admin`

@@ -4,7 +4,8 @@
 //! live node of its ring a `Lease`, from a task of its own that nothing else holds up (at
 //! most one probe per node under way). The node answers with a stamp of its own clock, which
 //! the next probe echoes; the node may then serve until that stamp plus
-//! [`EcsConfig::lease`](crate::EcsConfig::lease). [`Probes`] keeps, per node, when its last
+//! the lease, half of `failover_after` ([`Ecs::failover_after`](crate::Ecs::failover_after)).
+//! [`Probes`] keeps, per node, when its last
 //! answer arrived and its stamp. With replication, a node that has not answered for
 //! [`EcsConfig::failover_after`](crate::EcsConfig::failover_after) (twice the lease) is
 //! failed over by another task: a first change marks it failed (every chain it was in goes

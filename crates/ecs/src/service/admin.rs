@@ -153,17 +153,20 @@ impl Ecs {
     /// Removes the node `name` from the ring. A live node's copies (or, without
     /// replication, its range) are moved first. With replication, a node that is marked
     /// failed, or that does not answer a probe now, is failed over instead: its copies are
-    /// rebuilt from the surviving members of its chains. Idempotent: a node not in the ring
-    /// is answered `Done`.
+    /// rebuilt from the surviving members of its chains. Idempotent: a node this ECS removed
+    /// (one of the last [`super::REMEMBER_REMOVED`], while it runs) is answered `Done`.
     pub async fn remove_node(&self, name: &str) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
         let term = self.confirm_lead().await?;
         self.finish_pending(term).await?;
         let metadata = self.metadata();
-        // As for a join sent again ([`Ecs::add_node`]).
-        if already_done(&AdminRequest::RemoveNode { name: name.into() }, &metadata) {
+        // As for a join sent again ([`Ecs::add_node`]), for a node this ECS removed: one it
+        // never had is still an error (a mistyped name).
+        if already_done(&AdminRequest::RemoveNode { name: name.into() }, &metadata)
+            && self.was_removed(name)
+        {
             return Ok(AdminReply::Done(format!(
-                "{name} is not in the ring (v{}): nothing to do",
+                "{name} was removed and is not in the ring (v{}): nothing to do",
                 metadata.version
             )));
         }

@@ -66,7 +66,7 @@ impl Ecs {
     }
 
     /// Resumes the pending change, if any, unless a change is running (the background task
-    /// of [`run`] calls this periodically).
+    /// of [`super::run`] calls this periodically).
     pub async fn resume_pending(&self) {
         let parked = self.parked.lock().expect("parked lock").is_some();
         if self.pending_change().is_none() && !parked {
@@ -264,7 +264,7 @@ impl Ecs {
         log.pending = Some(intent.clone());
         let adopt = |log: IntentLog| {
             *self.log.lock().expect("log lock") = log;
-            *self.metadata.write().expect("metadata lock") = intent.plan.metadata.clone();
+            self.set_ring(intent.plan.metadata.clone());
             Outcome::ok()
         };
         // An earlier attempt whose outcome was unknown may have committed it.
@@ -295,7 +295,7 @@ impl Ecs {
         if let Err(e) = self.file.save(metadata) {
             tracing::error!(error = %e, "could not persist the committed ring; the intent log keeps it");
         }
-        *self.metadata.write().expect("metadata lock") = metadata.clone();
+        self.set_ring(metadata.clone());
     }
 
     /// Runs one step of move `id` against its node.

@@ -195,7 +195,7 @@ impl Ecs {
         };
         *self.failover_after.write().expect("failover_after lock") = settings.failover_after();
         let state = raft.state();
-        *self.metadata.write().expect("metadata lock") = state.ring.clone();
+        self.set_ring(state.ring.clone());
         *self.log.lock().expect("log lock") = state.log.clone();
         *self.probes.lock().expect("probes lock") = Probes::new();
         self.owed.lock().expect("owed lock").clear();

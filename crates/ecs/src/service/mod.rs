@@ -72,7 +72,14 @@ pub struct Ecs {
     stopping: std::sync::atomic::AtomicBool,
     /// The `failover_after` it acts on ([`Ecs::failover_after`]).
     failover_after: RwLock<Duration>,
+    /// The names of the last [`REMEMBER_REMOVED`] nodes that left the ring while this
+    /// process ran: `remove-node` of one of them is done, not an error ([`Ecs::was_removed`]).
+    removed: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
+
+/// How many removed nodes' names an ECS remembers (a `remove-node` of one is done, not an
+/// error).
+pub const REMEMBER_REMOVED: usize = 256;
 
 /// How often a leader has its lead confirmed by a majority (a round of heartbeats).
 const CONFIRM_EVERY: Duration = Duration::from_millis(150);
@@ -150,6 +157,7 @@ pub async fn bind(
         parked: std::sync::Mutex::new(None),
         stopping: std::sync::atomic::AtomicBool::new(false),
         failover_after: RwLock::new(failover_after),
+        removed: std::sync::Mutex::new(Default::default()),
     });
     Ok((endpoint, ecs))
 }
@@ -198,6 +206,39 @@ pub async fn run(endpoint: Endpoint, ecs: Arc<Ecs>, shutdown: impl Future<Output
         if let Err(e) = raft.shutdown().await {
             tracing::warn!(error = %e, "the Raft member did not shut down cleanly");
         }
+    }
+}
+
+impl Ecs {
+    /// Makes `ring` the ECS's ring (committed, or the group's state a new leader reloads),
+    /// remembering the nodes it no longer has.
+    pub(super) fn set_ring(&self, ring: RingMetadata) {
+        let mut current = self.metadata.write().expect("metadata lock");
+        let mut removed = self.removed.lock().expect("removed lock");
+        for gone in current
+            .nodes
+            .iter()
+            .filter(|n| ring.node(&n.name).is_none())
+        {
+            removed.retain(|name| name != &gone.name);
+            if removed.len() == REMEMBER_REMOVED {
+                removed.pop_front();
+            }
+            removed.push_back(gone.name.clone());
+        }
+        // One that joins again is no longer removed.
+        removed.retain(|name| ring.node(name).is_none());
+        *current = ring;
+    }
+
+    /// Whether the node `name` left the ring while this ECS ran (one of the last
+    /// [`REMEMBER_REMOVED`]): a `remove-node` of it sent again is done.
+    pub(super) fn was_removed(&self, name: &str) -> bool {
+        self.removed
+            .lock()
+            .expect("removed lock")
+            .iter()
+            .any(|n| n == name)
     }
 }
 
