@@ -847,6 +847,24 @@ impl HostCluster {
         self.wait_answering(&addr);
     }
 
+    /// SIGKILLs ECS member `i` (its place in `ecs`) and starts it again from its config
+    /// file and state directory, once `down` has passed.
+    pub fn restart_ecs_after(&mut self, i: usize, down: Duration) {
+        self.ecs[i].proc.kill();
+        std::thread::sleep(down);
+        let ecs = &self.ecs[i];
+        self.ecs[i].proc = self.lab.spawn(
+            &ecs.host,
+            &ecs.name,
+            &bin("ringkv-ecs"),
+            &[
+                "serve".into(),
+                "--config".into(),
+                ecs.config.display().to_string(),
+            ],
+        );
+    }
+
     fn index(&self, name: &str) -> usize {
         self.nodes
             .iter()
