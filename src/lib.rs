@@ -11,5 +11,6 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod lease_scale;
 pub mod local;
 pub mod rebalance;

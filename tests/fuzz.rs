@@ -594,6 +594,7 @@ mod strategies {
             )),
             any::<u64>().prop_map(ReplyBody::Count),
             any::<u64>().prop_map(|stamp| ReplyBody::Leased { stamp }),
+            Just(ReplyBody::Leaving),
             proptest::collection::vec(Just(ReplyBody::Ok), 0..3).prop_map(ReplyBody::Replicated),
             (digest(), proptest::option::of(signed_metadata()))
                 .prop_map(|(digest, metadata)| ReplyBody::Gossip { digest, metadata }),
@@ -1216,7 +1217,7 @@ mod handlers {
             | RequestBody::PrepareReceive { .. }
             | RequestBody::PutBatch { .. }
             | RequestBody::GossipPush { .. } => refused || matches!(reply, R::Ok),
-            RequestBody::Lease { .. } => refused || matches!(reply, R::Leased { .. }),
+            RequestBody::Lease { .. } => refused || matches!(reply, R::Leased { .. } | R::Leaving),
             RequestBody::ReplicateBatch { writes } => {
                 // One answer per write, each one a Replicate may get (a refusal included),
                 // or a refusal of the whole batch (another version, no lease).

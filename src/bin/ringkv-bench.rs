@@ -1040,6 +1040,10 @@ enum BenchCommand {
     Failover(FailoverArgs),
     /// Print every node's keys, writes and write_commits (from the ECS's status) as JSON.
     NodeStats(NodeStatsArgs),
+    /// How many nodes one ECS process can probe and lease: stand-in nodes (real QUIC + mTLS
+    /// endpoints in this process) and a real `ringkv-ecs serve`; per cluster size, probes/s,
+    /// the ECS's CPU per probe and the longest gap between a node's probes.
+    LeaseScale(ringkv::lease_scale::LeaseScaleArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -1059,6 +1063,17 @@ fn main() -> anyhow::Result<()> {
             } else {
                 print_failover_text(&report);
             }
+            return Ok(());
+        }
+        Some(BenchCommand::LeaseScale(scale_args)) => {
+            // Thousands of stand-in endpoints: not on the one thread the ECS would have.
+            let stand_ins = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            print!(
+                "{}",
+                stand_ins.block_on(ringkv::lease_scale::run(scale_args))?
+            );
             return Ok(());
         }
         Some(BenchCommand::NodeStats(stats_args)) => {

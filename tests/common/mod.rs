@@ -280,6 +280,11 @@ impl NodeProcess {
         let _ = self.child.wait();
     }
 
+    /// Whether the process has exited (without waiting).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGTERM and wait for a clean exit; returns its exit status success.
     pub fn terminate(&mut self) -> bool {
         unsafe {

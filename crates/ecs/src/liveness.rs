@@ -46,6 +46,9 @@ pub struct Probes {
     /// Since when fewer than half the live nodes have been silent (`None`: not now). No
     /// node is failed over before the ECS has heard a majority for `failover_after`.
     healthy_since: Option<Instant>,
+    /// Nodes that answered their last probe `Leaving`, and when: stopping on purpose, their
+    /// lease given up before they answered ([`Probes::left`]).
+    leaving: HashMap<String, Instant>,
 }
 
 /// What the failure detector decides at one moment ([`Probes::decide`]).
@@ -82,6 +85,12 @@ pub struct Detector {
 }
 
 impl Detector {
+    /// How long after a node said it is stopping on purpose it may be failed over: half of
+    /// `failover_after` ([`Probes::left`]).
+    pub fn leave_after(&self) -> Duration {
+        self.failover_after / 2
+    }
+
     /// The detector of a probe interval and failover bound.
     pub fn new(probe_interval: Duration, failover_after: Duration) -> Self {
         Self {
@@ -102,13 +111,29 @@ impl Probes {
         self.last_answer.entry(name.to_string()).or_insert(now);
     }
 
-    /// `name` answered a probe at `at`, with `stamp`.
+    /// `name` answered a probe at `at`, with `stamp` (a node that was leaving is back).
     pub fn answered(&mut self, name: &str, at: Instant, stamp: u64) {
         let last = self.last_answer.entry(name.to_string()).or_insert(at);
         if at >= *last {
             *last = at;
             self.stamps.insert(name.to_string(), stamp);
+            self.leaving.remove(name);
         }
+    }
+
+    /// `name` answered a probe `Leaving` at `at`: it stops on purpose and gave up its lease
+    /// before it answered, so it serves nothing from then on, and may be failed over without
+    /// waiting for its lease to run out. It counts as silent for the guard at once, and as
+    /// past the bound half a `failover_after` later ([`Detector::leave_after`]): nodes of a
+    /// planned full restart, stopped within that of each other, are all seen leaving before
+    /// any is failed over, and the guard holds them all off.
+    pub fn left(&mut self, name: &str, at: Instant) {
+        self.leaving.entry(name.to_string()).or_insert(at);
+    }
+
+    /// Whether `name` is stopping on purpose ([`Probes::left`]).
+    pub fn is_leaving(&self, name: &str) -> bool {
+        self.leaving.contains_key(name)
     }
 
     /// The stamp the next probe of `name` echoes.
@@ -140,6 +165,7 @@ impl Probes {
             .retain(|name, _| keep.contains(name.as_str()));
         self.stamps.retain(|name, _| keep.contains(name.as_str()));
         self.condemned.retain(|name| keep.contains(name.as_str()));
+        self.leaving.retain(|name, _| keep.contains(name.as_str()));
     }
 
     /// The probes to send at `now` to the live nodes `live`: each node that is not condemned
@@ -172,6 +198,7 @@ impl Probes {
             .iter()
             .filter(|name| {
                 self.condemned.contains(**name)
+                    || self.leaving.contains_key(**name)
                     || self.silent_for(name, now) > detector.suspect_after
             })
             .map(|name| name.to_string())
@@ -188,7 +215,16 @@ impl Probes {
     /// [`FailoverDecision`]. Condemned nodes count as silent.
     pub fn decide(&mut self, live: &[&str], detector: Detector, now: Instant) -> FailoverDecision {
         let silent = self.observe(live, detector, now);
-        let past: Vec<String> = self.silent(live.iter().copied(), detector.failover_after, now);
+        let past: Vec<String> = live
+            .iter()
+            .filter(|name| {
+                self.silent_for(name, now) > detector.failover_after
+                    || self.leaving.get(**name).is_some_and(|at| {
+                        now.saturating_duration_since(*at) >= detector.leave_after()
+                    })
+            })
+            .map(|name| name.to_string())
+            .collect();
         if !silent.is_empty() && silent.len() * 2 >= live.len() {
             return if past.is_empty() {
                 FailoverDecision::Nothing
@@ -210,7 +246,7 @@ impl Probes {
     /// never leased, again (see the module docs). Whether it was silent past `bound` at
     /// `now` (its lease over); a node that is not is not condemned.
     pub fn condemn(&mut self, name: &str, bound: Duration, now: Instant) -> bool {
-        if self.silent_for(name, now) <= bound {
+        if !self.leaving.contains_key(name) && self.silent_for(name, now) <= bound {
             return false;
         }
         self.condemned.insert(name.to_string());
@@ -361,5 +397,65 @@ mod tests {
         assert_eq!(p.silent(["a", "b"], s, t0 + 4 * s), vec!["a", "b"]);
         p.retain(["b"]);
         assert_eq!(p.silent_for("a", t0 + 9 * s), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_node_leaving_on_purpose_is_failed_over_at_once_unless_half_leave() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let detector = Detector::new(s / 4, 3 * s);
+        let live = ["a", "b", "c", "d", "e"];
+        let mut p = Probes::new();
+        let answer_all = |p: &mut Probes, at: Instant| {
+            for name in live {
+                p.due([name], at);
+                p.answered(name, at, 1);
+                p.done(name);
+            }
+        };
+        // Healthy for long enough that nothing is settling.
+        answer_all(&mut p, t0);
+        p.observe(&live, detector, t0);
+        answer_all(&mut p, t0 + 4 * s);
+        let left = t0 + 4 * s + s / 10;
+        p.left("b", left);
+        assert!(p.is_leaving("b"));
+        for name in ["a", "c", "d", "e"] {
+            p.answered(name, left + s, 2);
+        }
+        assert_eq!(
+            p.decide(&live, detector, left + s),
+            FailoverDecision::Nothing,
+            "others of a planned restart may still be stopping"
+        );
+        let now = left + detector.leave_after();
+        for name in ["a", "c", "d", "e"] {
+            p.answered(name, now, 3);
+        }
+        assert_eq!(
+            p.decide(&live, detector, now),
+            FailoverDecision::FailOver(vec!["b".into()]),
+            "without waiting out failover_after"
+        );
+        assert!(
+            p.condemn("b", detector.failover_after, now),
+            "its lease is given up"
+        );
+        // A restarted process answering before any decision is no longer leaving.
+        let mut q = Probes::new();
+        answer_all(&mut q, t0);
+        q.observe(&live, detector, t0);
+        q.left("c", t0 + s / 2);
+        q.answered("c", t0 + s, 2);
+        assert!(!q.is_leaving("c"));
+        assert!(!q.condemn("c", detector.failover_after, t0 + s));
+        // Three of five stopping on purpose (a planned full restart): none is failed over.
+        for name in ["a", "c", "d"] {
+            p.left(name, now);
+        }
+        assert!(matches!(
+            p.decide(&live, detector, now),
+            FailoverDecision::HoldOff { .. }
+        ));
     }
 }

@@ -245,8 +245,17 @@ impl KvStore {
         &self,
         addr: &str,
         request: &Request,
+        write: bool,
     ) -> Result<ringkv_wire::Reply, ringkv_transport::TransportError> {
-        let answer = self.transport.request(addr, request);
+        // A write is never sent twice by the transport: a node that took it and died before
+        // answering may have applied it ([`Transport::request_once`]).
+        let answer = async {
+            if write {
+                self.transport.request_once(addr, request).await
+            } else {
+                self.transport.request(addr, request).await
+            }
+        };
         tokio::pin!(answer);
         tokio::select! {
             biased;
@@ -293,7 +302,7 @@ impl KvStore {
                 return Err(KvError::NoRing);
             };
             request.metadata_version = metadata.version;
-            let last = match self.send_watching(&owner.addr, &request).await {
+            let last = match self.send_watching(&owner.addr, &request, write).await {
                 Ok(reply) => match reply.body {
                     ReplyBody::NotResponsible { metadata: theirs } => {
                         self.counters

@@ -65,6 +65,8 @@ pub struct Lease {
     /// The lease clock, and the clock readings it last advanced from.
     clock: Duration,
     last: Option<Clocks>,
+    /// Given up for good ([`Lease::retire`]): no probe grants it again.
+    retired: bool,
 }
 
 impl Lease {
@@ -109,7 +111,7 @@ impl Lease {
     /// lease clock (never shortened). An echo this process does not remember grants nothing.
     /// Returns whether the lease was extended.
     pub fn grant(&mut self, echo: Option<u64>, millis: u32) -> bool {
-        let Some(echo) = echo else {
+        let Some(echo) = echo.filter(|_| !self.retired) else {
             return false;
         };
         let Some(&(_, clock)) = self.stamps.iter().find(|(stamp, _)| *stamp == echo) else {
@@ -138,6 +140,18 @@ impl Lease {
         self.until.is_some_and(|until| self.clock_at(now) < until)
     }
 
+    /// Gives the lease up for good (a node stopping on purpose, before it tells the ECS so):
+    /// it holds no more, and no probe grants it again.
+    pub fn retire(&mut self) {
+        self.retired = true;
+        self.until = None;
+    }
+
+    /// Whether the lease was given up ([`Lease::retire`]).
+    pub fn is_retired(&self) -> bool {
+        self.retired
+    }
+
     /// The end of the lease on the lease clock, if one was granted.
     pub fn until(&self) -> Option<Duration> {
         self.until
@@ -153,6 +167,23 @@ mod tests {
             mono: Duration::from_millis(mono_ms),
             wall: Duration::from_millis((1_000_000 + wall_ms) as u64),
         }
+    }
+
+    #[test]
+    fn a_retired_lease_holds_no_more_and_is_never_granted_again() {
+        let mut lease = Lease::new();
+        let stamp = lease.stamp(at(0, 0));
+        assert!(lease.grant(Some(stamp), 1000));
+        assert!(lease.holds(at(100, 100)));
+        let later = lease.stamp(at(100, 100));
+        lease.retire();
+        assert!(!lease.holds(at(101, 101)));
+        assert!(
+            !lease.grant(Some(later), 1000),
+            "a probe after the retirement"
+        );
+        assert!(!lease.holds(at(102, 102)));
+        assert!(lease.is_retired());
     }
 
     #[test]

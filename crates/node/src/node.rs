@@ -122,6 +122,10 @@ pub struct Node {
     /// The lease the ECS grants ([`Lease`]). With replication the node serves nothing
     /// outside it.
     lease: std::sync::Mutex<Lease>,
+    /// Set when the node stops on purpose ([`Node::leave`]): probes get `Leaving`.
+    leaving: AtomicBool,
+    /// Whether the ECS has been answered `Leaving`.
+    told_leaving: tokio::sync::watch::Sender<bool>,
     /// When this process started: the origin of its lease stamps.
     started: Instant,
     /// A random offset added to every stamp, so that a stamp of an earlier process of this
@@ -212,6 +216,8 @@ impl Node {
             inflight: InFlight::default(),
             version_tx: tokio::sync::watch::Sender::new(version),
             lease: std::sync::Mutex::new(Lease::new()),
+            leaving: AtomicBool::new(false),
+            told_leaving: tokio::sync::watch::channel(false).0,
             started: Instant::now(),
             stamp_origin: Duration::from_micros(rand::random::<u64>() >> 24),
             origin: rand::random(),
@@ -247,9 +253,42 @@ impl Node {
     /// issued grants nothing.
     fn lease(&self, millis: u32, echo: Option<u64>) -> ReplyBody {
         let mut lease = self.lease.lock().expect("lease lock");
+        if self.leaving.load(Ordering::SeqCst) {
+            // Stopping on purpose: give the lease up before the ECS hears so, which lets it
+            // take this node out of its chains at once ([`Node::leave`]).
+            lease.retire();
+            self.told_leaving.send_replace(true);
+            return ReplyBody::Leaving;
+        }
         lease.grant(echo, millis);
         let stamp = lease.stamp(self.clocks());
         ReplyBody::Leased { stamp }
+    }
+
+    /// Stops on purpose (the process got SIGTERM): from the next probe of the ECS on, the
+    /// node gives up its lease and answers `Leaving`, so the ECS takes it out of its chains
+    /// at once (a planned stop is not a failure: writes to its ranges go on without waiting
+    /// out `failover_after`, and the ECS adds it again when it is back, ARCHITECTURE.md §11).
+    /// Waits up to `within` for that probe; returns at once without replication or a lease
+    /// (nothing to hand over). Returns whether the ECS was told.
+    pub async fn leave(&self, within: Duration) -> bool {
+        if self.replication() <= 1 || !self.leased() {
+            return false;
+        }
+        self.leaving.store(true, Ordering::SeqCst);
+        let mut told = self.told_leaving.subscribe();
+        let told = tokio::time::timeout(within, told.wait_for(|told| *told))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if told {
+            tracing::info!("told the ECS this node is stopping on purpose; its lease is given up");
+        } else {
+            tracing::warn!(
+                ?within,
+                "no probe from the ECS to tell it this node is stopping"
+            );
+        }
+        told
     }
 
     /// Lets the lease read the clocks now (the gossip loop calls it every interval): its

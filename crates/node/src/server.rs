@@ -58,11 +58,22 @@ pub async fn bind(
     Ok((endpoint, node))
 }
 
+/// How long a stopping node waits for a probe of the ECS to tell it that it stops on
+/// purpose ([`Node::leave`]): several probe intervals (250 ms by default).
+pub const LEAVING_NOTICE: Duration = Duration::from_secs(2);
+
 /// Serves `node` on `endpoint`, and gossips with its peers, until `shutdown` completes,
-/// then closes connections gracefully. Every acknowledged write is already durable, so
+/// then tells the ECS it stops on purpose ([`Node::leave`]) and closes connections
+/// gracefully. Every acknowledged write is already durable, so
 /// shutdown loses nothing.
 pub async fn run(endpoint: Endpoint, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
     let gossip = tokio::spawn(crate::gossip::driver::run(node.clone()));
+    let leaving = node.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Tell the ECS this is a planned stop (at its next probe) while still serving.
+        leaving.leave(LEAVING_NOTICE).await;
+    };
     ringkv_transport::serve(endpoint, node, shutdown).await;
     gossip.abort();
 }

@@ -84,6 +84,21 @@ impl Transport {
         self.call(addr, request, self.request_timeout).await
     }
 
+    /// [`Transport::request`] without the resend on a connection found dead: for a client's
+    /// write, whose first attempt may have been applied by a peer that died before it
+    /// answered. Sent again to the restarted peer, it would be applied a second time and
+    /// answered as if it were the first (a delete that "did not exist", a put that "created"
+    /// the key), and could undo a write made in between. A failure after the request may
+    /// have left is [`TransportError::Stream`]: the outcome is unknown.
+    pub async fn request_once(
+        &self,
+        addr: &str,
+        request: &Request,
+    ) -> Result<Reply, TransportError> {
+        self.call_inner(addr, request, self.request_timeout, false)
+            .await
+    }
+
     /// Sends any request message to `addr` and waits up to `timeout` for its reply (the ECS
     /// protocol and long range transfers use this).
     ///
@@ -107,6 +122,17 @@ impl Transport {
         request: &Q,
         timeout: Duration,
     ) -> Result<A, TransportError> {
+        self.call_inner(addr, request, timeout, true).await
+    }
+
+    /// [`Transport::call`], sending once more on a new connection only if `resend`.
+    async fn call_inner<Q: Serialize, A: DeserializeOwned>(
+        &self,
+        addr: &str,
+        request: &Q,
+        timeout: Duration,
+        resend: bool,
+    ) -> Result<A, TransportError> {
         let frame =
             codec::encode(request, self.limits.max_frame).map_err(TransportError::Encode)?;
         let (conn, reused) = self.connection(addr).await?;
@@ -123,7 +149,7 @@ impl Transport {
                 error: FrameError::Stream(reason),
                 dead: true,
                 ..
-            } if reused && left >= timeout / 4 => reason,
+            } if resend && reused && left >= timeout / 4 => reason,
             Failure {
                 error: FrameError::Stream(reason),
                 not_taken: true,

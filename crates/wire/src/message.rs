@@ -478,6 +478,11 @@ pub enum ReplyBody {
         /// The responder's metadata, if newer than the version in the caller's digest.
         metadata: Option<SignedMetadata>,
     },
+    /// Answer to `Lease` from a node that is stopping on purpose (SIGTERM: a planned
+    /// restart or maintenance): it granted nothing, gave up the lease it held before
+    /// answering, and serves no read or write from now on, so the ECS may take it out of its
+    /// chains at once rather than after `failover_after` of silence (ARCHITECTURE.md §11).
+    Leaving,
 }
 
 #[cfg(test)]
@@ -727,6 +732,7 @@ mod tests {
             )),
             any::<u64>().prop_map(ReplyBody::Count),
             any::<u64>().prop_map(|stamp| ReplyBody::Leased { stamp }),
+            Just(ReplyBody::Leaving),
             proptest::collection::vec(
                 prop_oneof![Just(ReplyBody::Ok), Just(ReplyBody::Stopped)],
                 0..4

@@ -88,6 +88,11 @@ impl Ecs {
     /// ring at that address (a request sent again) is answered `Done`, and nothing runs.
     pub async fn add_node(&self, node: NodeEntry) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
+        self.join(node).await
+    }
+
+    /// [`Ecs::add_node`] with `change` held.
+    pub(super) async fn join(&self, node: NodeEntry) -> Result<AdminReply, EcsError> {
         // Before the wipe touches the joining node: a deposed leader must not.
         let term = self.confirm_lead().await?;
         self.finish_pending(term).await?;
@@ -157,6 +162,8 @@ impl Ecs {
     /// (one of the last [`super::REMEMBER_REMOVED`], while it runs) is answered `Done`.
     pub async fn remove_node(&self, name: &str) -> Result<AdminReply, EcsError> {
         let _change = self.change.lock().await;
+        // Removed by the operator: not added again when it is back from a planned stop.
+        self.planned.lock().expect("planned lock").remove(name);
         let term = self.confirm_lead().await?;
         self.finish_pending(term).await?;
         let metadata = self.metadata();

@@ -199,6 +199,7 @@ impl Ecs {
         *self.log.lock().expect("log lock") = state.log.clone();
         *self.probes.lock().expect("probes lock") = Probes::new();
         self.owed.lock().expect("owed lock").clear();
+        self.planned.lock().expect("planned lock").clear();
         // The group's intent log is the record now: whatever this member parked under an
         // earlier lead is resumed from there.
         *self.parked.lock().expect("parked lock") = None;

@@ -38,13 +38,10 @@ impl Ecs {
     /// cannot wedge the change that would fail it over, and owed to it instead: sent if it
     /// answers again ([`Ecs::pay_owed`]).
     pub(super) fn given_up(&self, node: &NodeEntry) -> bool {
+        let probes = self.probes.lock().expect("probes lock");
         self.metadata().replication > 1
-            && self
-                .probes
-                .lock()
-                .expect("probes lock")
-                .silent_for(&node.name, Instant::now())
-                > self.failover_after()
+            && (probes.is_leaving(&node.name)
+                || probes.silent_for(&node.name, Instant::now()) > self.failover_after())
     }
 
     /// For `remove-node`: whether `name` is dead rather than live. If it answers a probe now
@@ -118,6 +115,45 @@ impl Ecs {
         reply.ok_or_else(|| EcsError::Refused("no node to fail over".into()))
     }
 
+    /// Adds again (called with `change` held) the nodes that were failed over because they
+    /// stopped on purpose ([`Ecs::planned`](super::Ecs)) and answer now: each is wiped and
+    /// joins as `add-node` would have it. One still in the ring is forgotten (it came back
+    /// before it was failed over, or is still being removed: then it waits).
+    pub(super) async fn rejoin_planned(&self, term: u64) -> Result<(), EcsError> {
+        let planned: Vec<(String, String)> = self
+            .planned
+            .lock()
+            .expect("planned lock")
+            .iter()
+            .map(|(name, addr)| (name.clone(), addr.clone()))
+            .collect();
+        for (name, addr) in planned {
+            let metadata = self.metadata();
+            if metadata.node(&name).is_some() {
+                let leaving = {
+                    let probes = self.probes.lock().expect("probes lock");
+                    probes.is_leaving(&name) || probes.is_condemned(&name)
+                };
+                if !leaving && !metadata.is_failed(&name) {
+                    // Back before it was failed over (a full restart held off): it stays.
+                    self.planned.lock().expect("planned lock").remove(&name);
+                }
+                continue; // else: not failed over yet, or its removal has not finished
+            }
+            let node = NodeEntry::new(name.clone(), addr);
+            let timeout = self.config.probe_interval.max(Duration::from_millis(100)) * 2;
+            if let Err(e) = self.call(term, &node, RequestBody::Status, timeout).await {
+                tracing::debug!(node = %name, error = %e, "node that stopped on purpose not back yet");
+                continue;
+            }
+            tracing::info!(node = %name, "node back from a planned stop: adding it again");
+            self.join(node).await?;
+            self.planned.lock().expect("planned lock").remove(&name);
+            tracing::info!(node = %name, version = self.metadata().version, "node back from a planned stop added again");
+        }
+        Ok(())
+    }
+
     /// The nodes `names` may be leased again: the change that would have failed them over
     /// certainly did not commit.
     pub(super) fn pardon(&self, names: &[impl AsRef<str>]) {
@@ -162,6 +198,25 @@ impl Ecs {
                     .expect("probes lock")
                     .answered(name, Instant::now(), stamp);
                 true
+            }
+            Ok(Ok(Reply {
+                body: ReplyBody::Leaving,
+                ..
+            })) => {
+                let first = {
+                    let mut probes = self.probes.lock().expect("probes lock");
+                    let first = !probes.is_leaving(name);
+                    probes.left(name, Instant::now());
+                    first
+                };
+                if first && self.metadata().replication > 1 {
+                    tracing::warn!(node = %name, "node stopping on purpose: taking it out of its chains in half a failover_after; it is added again when it is back");
+                    self.planned
+                        .lock()
+                        .expect("planned lock")
+                        .insert(name.to_string(), node.addr.clone());
+                }
+                false
             }
             _ => false,
         }
@@ -303,6 +358,14 @@ impl Ecs {
                         }
                         tracing::warn!(nodes = ?silent, "failing over silent nodes");
                     }
+                    FailoverDecision::HoldOff { silent }
+                        if silent.iter().all(|name| probes.is_leaving(name)) =>
+                    {
+                        tracing::warn!(
+                            ?silent,
+                            "half the nodes or more are stopping on purpose (a planned restart?); failing none over"
+                        );
+                    }
                     FailoverDecision::HoldOff { silent } => {
                         // Half the ring or more silent at once is more likely the ECS cut
                         // off, or the cluster restarting, than the nodes dead: failing them
@@ -329,6 +392,10 @@ impl Ecs {
                     .collect()
             };
             if todo.is_empty() {
+                if let Err(e) = self.rejoin_planned(term).await {
+                    tracing::warn!(error = %e, "a node back from a planned stop not added again yet; retrying in {FAILOVER_RETRY:?}");
+                    retry_at = Some(Instant::now() + FAILOVER_RETRY);
+                }
                 continue;
             }
             match self.fail_over(term, &todo).await {

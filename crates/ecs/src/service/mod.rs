@@ -75,6 +75,10 @@ pub struct Ecs {
     /// The names of the last [`REMEMBER_REMOVED`] nodes that left the ring while this
     /// process ran: `remove-node` of one of them is done, not an error ([`Ecs::was_removed`]).
     removed: std::sync::Mutex<std::collections::VecDeque<String>>,
+    /// Nodes that stopped on purpose (they answered a probe `Leaving`) and were failed over
+    /// for it, by name, with their address: added again when they answer once more
+    /// ([`Ecs::rejoin_planned`]). Kept by the leader that saw them leave, in memory.
+    planned: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// How many removed nodes' names an ECS remembers (a `remove-node` of one is done, not an
@@ -158,6 +162,7 @@ pub async fn bind(
         stopping: std::sync::atomic::AtomicBool::new(false),
         failover_after: RwLock::new(failover_after),
         removed: std::sync::Mutex::new(Default::default()),
+        planned: std::sync::Mutex::new(Default::default()),
     });
     Ok((endpoint, ecs))
 }
