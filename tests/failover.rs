@@ -85,7 +85,7 @@ impl Cluster {
     }
 
     fn metadata(&self) -> RingMetadata {
-        self.ecs.ecs.metadata()
+        (*self.ecs.ecs.metadata()).clone()
     }
 
     fn seeds(&self) -> Vec<String> {

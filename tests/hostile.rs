@@ -457,7 +457,7 @@ async fn a_renewed_ecs_certificate_re_signs_the_ring_nodes_hold() {
     let reply = send(&ecs, &n1.addr, RequestBody::GetMetadata).await;
     assert_eq!(reply, ReplyBody::Metadata(Some(renewed.clone())));
     // Another ring at the same version is not taken, signed or not.
-    let mut other = ring.clone();
+    let mut other = (*ring).clone();
     other.nodes.truncate(1);
     let forged = common::unsigned(&other);
     let reply = send(
@@ -468,7 +468,7 @@ async fn a_renewed_ecs_certificate_re_signs_the_ring_nodes_hold() {
     .await;
     assert_eq!(reply, ReplyBody::Installed { adopted: false });
     assert_eq!(n1.node.view().signed, Some(renewed));
-    assert_eq!(n1.node.view().metadata.as_ref(), &ring);
+    assert_eq!(n1.node.view().metadata.as_ref(), ring.as_ref());
 }
 
 #[test]

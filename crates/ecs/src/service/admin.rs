@@ -31,7 +31,7 @@ impl Ecs {
             };
         };
         let result = match request {
-            AdminRequest::Ring => return AdminReply::Ring(self.metadata()),
+            AdminRequest::Ring => return AdminReply::Ring((*self.metadata()).clone()),
             AdminRequest::Status => return self.status(term).await,
             AdminRequest::AddNode { name, addr } => self.add_node(NodeEntry::new(name, addr)).await,
             AdminRequest::RemoveNode { name } => self.remove_node(&name).await,
@@ -277,7 +277,7 @@ impl Ecs {
             })
             .collect();
         AdminReply::Status {
-            metadata,
+            metadata: (*metadata).clone(),
             nodes,
             ranges,
         }
