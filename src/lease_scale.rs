@@ -5,7 +5,8 @@
 //! own on 127.0.0.1 (one shared `node` certificate; the ECS checks the address SAN) that
 //! answers `Lease` with `Leased`, `InstallMetadata` with `Installed` and anything else with
 //! `Ok`, writes a ring of all of them into a fresh state directory, and runs a real
-//! `ringkv-ecs serve` process on it (the binary next to this one). After a warm-up it counts,
+//! `ringkv-ecs serve` process on it (the binary next to this one). After a warm-up (the
+//! ECS dials and installs the ring at every node; until the probe rate is reached) it counts,
 //! for `seconds`, the probes the nodes receive and the longest gap between two probes of one
 //! node, and reads the ECS process's CPU time from `/proc`. The stand-ins share the machine
 //! with the ECS, so the figure that carries over is the ECS's CPU time per probe (a round
@@ -30,7 +31,7 @@ pub struct LeaseScaleArgs {
     /// Cluster sizes to measure, comma-separated.
     #[arg(long, default_value = "250,500,1000,2000")]
     pub nodes: String,
-    /// How long to count, per size, after a warm-up of 4 s.
+    /// How long to count, per size, after the warm-up (until the probe rate is reached).
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
     /// The ECS's `--probe-interval` in milliseconds.
@@ -111,6 +112,8 @@ impl Service for StandIn {
 /// The figures of one cluster size.
 #[derive(Debug)]
 pub struct ScaleRow {
+    /// How long until the probes reached their rate (dials and ring installs first).
+    pub warm_up: Duration,
     /// Stand-in nodes in the ring.
     pub nodes: usize,
     /// Probes answered per second (all nodes).
@@ -119,6 +122,8 @@ pub struct ScaleRow {
     pub wanted_per_s: f64,
     /// The ECS process's CPU time over the count, as a share of one core.
     pub ecs_cpu: f64,
+    /// This process's (the stand-ins') CPU time over the count, in cores.
+    pub stand_ins_cpu: f64,
     /// ECS CPU µs per probe round trip.
     pub us_per_probe: f64,
     /// The longest gap between two probes of one node (ms).
@@ -129,12 +134,14 @@ impl std::fmt::Display for ScaleRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>6} nodes: {:>8.0} probes/s of {:>8.0} wanted; ECS CPU {:>5.1}% of a core, {:>5.1} µs per probe; longest gap between two probes of a node {:>6.0} ms",
+            "{:>6} nodes (warm after {:>4.1?}): {:>8.0} probes/s of {:>8.0} wanted; ECS CPU {:>5.1}% of a core, {:>5.1} µs per probe (stand-ins {:>5.1}%); longest gap between two probes of a node {:>6.0} ms",
             self.nodes,
+            self.warm_up,
             self.probes_per_s,
             self.wanted_per_s,
             self.ecs_cpu * 100.0,
             self.us_per_probe,
+            self.stand_ins_cpu * 100.0,
             self.max_gap_ms
         )
     }
@@ -227,19 +234,38 @@ async fn measure(
         .stdout(std::process::Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", ecs_bin.display()))?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    if let Some(status) = ecs.try_wait()? {
-        bail!("the ECS exited during the warm-up: {status}");
+    // Warm-up: the ECS dials every node (a TLS handshake each) and installs the ring there
+    // (a ring of n nodes, n times). Counting starts once a second of probes reaches 95% of
+    // the interval's rate, or after 60 s if it never does (then the figures show it).
+    let wanted = n as f64 * 1000.0 / args.probe_interval_ms as f64;
+    let warm_up = Instant::now();
+    loop {
+        let before: u64 = seen.iter().map(|s| s.probes.load(Ordering::Relaxed)).sum();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(status) = ecs.try_wait()? {
+            bail!("the ECS exited during the warm-up: {status}");
+        }
+        let rate = seen
+            .iter()
+            .map(|s| s.probes.load(Ordering::Relaxed))
+            .sum::<u64>()
+            - before;
+        if rate as f64 >= 0.95 * wanted || warm_up.elapsed() > Duration::from_secs(60) {
+            break;
+        }
     }
+    let warm_up = warm_up.elapsed();
     for s in &seen {
         *s.last.lock().expect("last lock") = None;
         s.max_gap_us.store(0, Ordering::Relaxed);
     }
     let probes_before: u64 = seen.iter().map(|s| s.probes.load(Ordering::Relaxed)).sum();
     let cpu_before = cpu_time(ecs.id())?;
+    let own_before = cpu_time(std::process::id())?;
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let cpu = cpu_time(ecs.id())?.saturating_sub(cpu_before);
+    let own = cpu_time(std::process::id())?.saturating_sub(own_before);
     let elapsed = started.elapsed();
     let probes = seen
         .iter()
@@ -258,10 +284,12 @@ async fn measure(
         let _ = server.await;
     }
     Ok(ScaleRow {
+        warm_up,
         nodes: n,
         probes_per_s: probes as f64 / elapsed.as_secs_f64(),
-        wanted_per_s: n as f64 * 1000.0 / args.probe_interval_ms as f64,
+        wanted_per_s: wanted,
         ecs_cpu: cpu.as_secs_f64() / elapsed.as_secs_f64(),
+        stand_ins_cpu: own.as_secs_f64() / elapsed.as_secs_f64(),
         us_per_probe: cpu.as_secs_f64() * 1e6 / (probes.max(1) as f64),
         max_gap_ms: max_gap_us as f64 / 1000.0,
     })

@@ -63,3 +63,32 @@ async fn bench_reports_gets_and_puts_without_errors() {
 
     node.stop().await;
 }
+
+/// `ringkv-bench lease-scale` with 20 stand-in nodes: a real `ringkv-ecs serve` leases them
+/// all, and the report has a row with probes counted and the ECS's CPU per probe. Speed is
+/// not asserted.
+#[test]
+fn lease_scale_reports_a_row_per_size() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ringkv-bench"))
+        .args(["lease-scale", "--nodes", "20", "--seconds", "2"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ringkv-bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "ringkv-bench failed: {stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("20 nodes"))
+        .unwrap_or_else(|| panic!("no row for 20 nodes:\n{stdout}\n{stderr}"));
+    // "... 80 probes/s of 80 wanted ...": some probes were counted.
+    let probes: f64 = row
+        .split("):")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no probe rate in {row}"));
+    assert!(probes > 0.0, "{row}");
+    assert!(stdout.contains("one ECS core:"), "{stdout}");
+}
