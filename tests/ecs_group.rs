@@ -194,6 +194,28 @@ impl Group {
         self.nodes.iter().map(|(_, p, _)| p.addr.clone()).collect()
     }
 
+    /// Waits (up to `within`) until the group's ring satisfies `done` (described by `what`);
+    /// how long it took.
+    async fn wait_ring(
+        &self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&RingMetadata) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            let ring = self.ring().await;
+            if done(&ring) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < within,
+                "{what} not within {within:?}: {ring:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits (up to 30 s) until every node holds the ring version the group holds.
     async fn wait_converged(&self) -> RingMetadata {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -424,18 +446,11 @@ async fn every_leader_fails_over_after_the_groups_failover_after_not_its_own() {
         .expect("n2");
     victim.1.kill();
     let killed = Instant::now();
-    let deadline = killed + Duration::from_secs(60);
-    loop {
-        let ring = group.ring().await;
-        if ring.node("n2").is_none() || ring.is_failed("n2") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "n2 not failed over within 60 s: {ring:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    group
+        .wait_ring(Duration::from_secs(60), "n2 failed over", |ring| {
+            ring.node("n2").is_none() || ring.is_failed("n2")
+        })
+        .await;
     let took = killed.elapsed();
     eprintln!(
         "n2 failed over {took:.2?} after it was killed (leader {}, started with --failover-after 1s, the group's is 6s)",
@@ -476,18 +491,11 @@ async fn a_dead_node_is_failed_over_after_the_leader_is_killed() {
         .take()
         .expect("the leader runs")
         .kill();
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let ring = group.ring().await;
-        if ring.node("n2").is_none() && ring.failed.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "n2 not failed over within 40 s: {ring:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    group
+        .wait_ring(Duration::from_secs(40), "n2 failed over", |ring| {
+            ring.node("n2").is_none() && ring.failed.is_empty()
+        })
+        .await;
     let took = node_killed.elapsed();
     eprintln!(
         "n2 failed over and replaced {took:.2?} after it was killed, the ECS leader {} killed with it (failover-after 2s)",

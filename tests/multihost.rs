@@ -787,16 +787,7 @@ fn a_partitioned_node_stops_serving_before_it_is_replaced_and_stays_out_when_hea
         .filter(|e| *e.status() == OpResult::Failed)
         .count();
     println!("{} operations, {failed} refused", entries.len());
-    let config = cluster.client_config();
-    let finals = cluster.client.run(|| async {
-        let store = KvStore::connect(config).await.expect("connect");
-        let mut finals = std::collections::HashMap::new();
-        for key in &keys {
-            finals.insert(key.clone(), store.get(key).await.expect("final read"));
-        }
-        store.disconnect().await;
-        finals
-    });
+    let finals = cluster.final_reads(&keys);
     let report = check_with_final(&history, &finals).unwrap_or_else(|v| panic!("{v}"));
     println!("history: {report}");
 }

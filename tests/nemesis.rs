@@ -290,16 +290,7 @@ fn a_nemesis_of_partitions_kills_and_pauses_loses_nothing_and_stays_linearizable
         entries.len()
     );
     assert!(ok > 0, "no operation succeeded");
-    let config = cluster.client_config();
-    let finals = cluster.client.run(|| async {
-        let store = KvStore::connect(config).await.expect("connect");
-        let mut finals = std::collections::HashMap::new();
-        for key in &keys {
-            finals.insert(key.clone(), store.get(key).await.expect("final read"));
-        }
-        store.disconnect().await;
-        finals
-    });
+    let finals = cluster.final_reads(&keys);
     let report = check_with_final(&history, &finals).unwrap_or_else(|v| panic!("seed {seed}: {v}"));
     println!("history: {report}");
 }

@@ -1033,6 +1033,23 @@ impl HostCluster {
             .ok()
     }
 
+    /// A final read of every key in `keys` from the client host (for the history checker).
+    pub fn final_reads(
+        &self,
+        keys: &[Vec<u8>],
+    ) -> std::collections::HashMap<Vec<u8>, Option<Vec<u8>>> {
+        let config = self.client_config();
+        self.client.run(|| async {
+            let store = kvstore::KvStore::connect(config).await.expect("connect");
+            let mut finals = std::collections::HashMap::new();
+            for key in keys {
+                finals.insert(key.clone(), store.get(key).await.expect("final read"));
+            }
+            store.disconnect().await;
+            finals
+        })
+    }
+
     /// Runs the client tool `ringkv --seed <every node> ARGS` on the client host.
     pub fn ringkv(&self, args: &[&str]) -> Output {
         let mut all: Vec<String> = vec![
