@@ -255,7 +255,7 @@ impl Node {
         let mut lease = self.lease.lock().expect("lease lock");
         if self.leaving.load(Ordering::SeqCst) {
             // Stopping on purpose: give the lease up before the ECS hears so, which lets it
-            // take this node out of its chains at once ([`Node::leave`]).
+            // take this node out of its chains without waiting out a lease ([`Node::leave`]).
             lease.retire();
             self.told_leaving.send_replace(true);
             return ReplyBody::Leaving;
@@ -267,8 +267,8 @@ impl Node {
 
     /// Stops on purpose (the process got SIGTERM): from the next probe of the ECS on, the
     /// node gives up its lease and answers `Leaving`, so the ECS takes it out of its chains
-    /// at once (a planned stop is not a failure: writes to its ranges go on without waiting
-    /// out `failover_after`, and the ECS adds it again when it is back, ARCHITECTURE.md §11).
+    /// without waiting for its silence (half a `failover_after` later; a planned stop is not
+    /// a failure, and the ECS adds it again when it is back, ARCHITECTURE.md §11).
     /// Waits up to `within` for that probe; returns at once without replication or a lease
     /// (nothing to hand over). Returns whether the ECS was told.
     pub async fn leave(&self, within: Duration) -> bool {
