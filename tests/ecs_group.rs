@@ -181,6 +181,16 @@ impl Group {
         addr
     }
 
+    /// SIGKILLs node `name`'s process.
+    fn kill_node(&mut self, name: &str) {
+        self.nodes
+            .iter_mut()
+            .find(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+            .1
+            .kill();
+    }
+
     /// Starts nodes `n1..=n<n>` and adds them to the ring one by one.
     async fn add_nodes(&mut self, n: usize) {
         for i in 1..=n {
@@ -439,12 +449,7 @@ async fn every_leader_fails_over_after_the_groups_failover_after_not_its_own() {
     // The new leader leases every node before one dies.
     group.wait_converged().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let victim = group
-        .nodes
-        .iter_mut()
-        .find(|(n, _, _)| n == "n2")
-        .expect("n2");
-    victim.1.kill();
+    group.kill_node("n2");
     let killed = Instant::now();
     group
         .wait_ring(Duration::from_secs(60), "n2 failed over", |ring| {
@@ -478,12 +483,7 @@ async fn a_dead_node_is_failed_over_after_the_leader_is_killed() {
         4,
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let victim = group
-        .nodes
-        .iter_mut()
-        .find(|(n, _, _)| n == "n2")
-        .expect("n2");
-    victim.1.kill();
+    group.kill_node("n2");
     let node_killed = Instant::now();
     let leader = group.leader().await;
     group.members[leader]

@@ -193,7 +193,6 @@ impl Ecs {
         let Some(settings) = self.fix_lease_settings(raft).await else {
             return; // not acting yet: the leadership loop tries again
         };
-        *self.failover_after.write().expect("failover_after lock") = settings.failover_after();
         let state = raft.state();
         self.set_ring(state.ring.clone());
         *self.log.lock().expect("log lock") = state.log.clone();

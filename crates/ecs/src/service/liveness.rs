@@ -14,10 +14,18 @@ use crate::EcsError;
 impl Ecs {
     /// The `failover_after` this ECS acts on: a group's, fixed by its first leader in the
     /// replicated state and taken by every leader whatever its own configuration says (the
-    /// lease bound across a leader change needs one value, ARCHITECTURE.md §11); a single
-    /// ECS's own.
+    /// lease bound across a leader change needs one value, ARCHITECTURE.md §11; a member
+    /// acts only once the group has one, `Ecs::take_lead`); a single ECS's own.
     pub fn failover_after(&self) -> Duration {
-        *self.failover_after.read().expect("failover_after lock")
+        self.raft
+            .as_ref()
+            .and_then(|raft| raft.state().settings)
+            .map_or(self.config.failover_after, |s| s.failover_after())
+    }
+
+    /// How long a probe (dial included) may take: two probe intervals, at least 200 ms.
+    fn probe_timeout(&self) -> Duration {
+        self.config.probe_interval.max(Duration::from_millis(100)) * 2
     }
 
     /// The lease each probe grants: half of [`Ecs::failover_after`], so that a node cut off
@@ -141,7 +149,7 @@ impl Ecs {
                 continue; // else: not failed over yet, or its removal has not finished
             }
             let node = NodeEntry::new(name.clone(), addr);
-            let timeout = self.config.probe_interval.max(Duration::from_millis(100)) * 2;
+            let timeout = self.probe_timeout();
             if let Err(e) = self.call(term, &node, RequestBody::Status, timeout).await {
                 tracing::debug!(node = %name, error = %e, "node that stopped on purpose not back yet");
                 continue;
@@ -187,7 +195,7 @@ impl Ecs {
         };
         // Dialing included: a dead node's probe ends within this, and the next one waits
         // for it (one per node under way), so it never holds up anyone else's.
-        let timeout = self.config.probe_interval.max(Duration::from_millis(100)) * 2;
+        let timeout = self.probe_timeout();
         match tokio::time::timeout(timeout, self.call(term, &node, body, timeout)).await {
             Ok(Ok(Reply {
                 body: ReplyBody::Leased { stamp },

@@ -73,8 +73,6 @@ pub struct Ecs {
     parked: std::sync::Mutex<Option<Executor>>,
     /// Set when the ECS begins to shut down ([`run`]): it acts no more.
     stopping: std::sync::atomic::AtomicBool,
-    /// The `failover_after` it acts on ([`Ecs::failover_after`]).
-    failover_after: RwLock<Duration>,
     /// The names of the last [`REMEMBER_REMOVED`] nodes that left the ring while this
     /// process ran: `remove-node` of one of them is done, not an error ([`Ecs::was_removed`]).
     removed: std::sync::Mutex<std::collections::VecDeque<String>>,
@@ -121,16 +119,13 @@ pub async fn bind(
         Some(raft_config) => Some(EcsRaft::start(raft_config, identity, endpoint.clone()).await?),
         None => None,
     };
-    let (mut metadata, log, failover_after) = match &raft {
+    let (mut metadata, log) = match &raft {
         // The group's state (a new leader reloads it again when it takes the lead).
         Some(raft) => {
             let state = raft.state();
-            let failover_after = state
-                .settings
-                .map_or(config.failover_after, |s| s.failover_after());
-            (state.ring.clone(), state.log.clone(), failover_after)
+            (state.ring.clone(), state.log.clone())
         }
-        None => (file.load()?, intents.load()?, config.failover_after),
+        None => (file.load()?, intents.load()?),
     };
     if raft.is_none() {
         if let Some(intent) = &log.pending {
@@ -163,7 +158,6 @@ pub async fn bind(
         gate: std::sync::Mutex::new(LeadGate::new(act_for)),
         parked: std::sync::Mutex::new(None),
         stopping: std::sync::atomic::AtomicBool::new(false),
-        failover_after: RwLock::new(failover_after),
         removed: std::sync::Mutex::new(Default::default()),
         planned: std::sync::Mutex::new(Default::default()),
     });
