@@ -268,6 +268,8 @@ enum Event {
         msg: Msg,
     },
     EcsTick,
+    /// A tick outside the periodic ones (a new leader takes the lead).
+    EcsWake,
     ProbeTimeout {
         node: usize,
         probe: u64,
@@ -383,8 +385,8 @@ struct SimEcs {
     term: u64,
     /// The leader acts from then on (an election gap before).
     acting_from: Micros,
-    /// Probes under way: node → probe id.
-    probing: HashMap<usize, u64>,
+    /// Probes under way: node → probe id and the echo it carried.
+    probing: HashMap<usize, (u64, Option<u64>)>,
     next_probe: u64,
     /// The change being driven, with its generation (bumped when a leader change drops it).
     change: Option<Executor>,
@@ -728,8 +730,9 @@ impl Sim {
                 self.ecs_tick();
                 self.after(PROBE_INTERVAL, Event::EcsTick);
             }
+            Event::EcsWake => self.ecs_tick(),
             Event::ProbeTimeout { node, probe } => {
-                if self.ecs.probing.get(&node) == Some(&probe) {
+                if self.ecs.probing.get(&node).map(|p| p.0) == Some(probe) {
                     self.ecs.probing.remove(&node);
                     let name = self.nodes[node].entry.name.clone();
                     self.ecs.probes.done(&name);
@@ -967,6 +970,8 @@ impl Sim {
         self.ecs.action = None;
         self.ecs.term += 1;
         self.ecs.acting_from = self.now + gap;
+        // The new leader leases the nodes as it takes the lead, not at its next tick.
+        self.after(gap, Event::EcsWake);
         self.ecs.probes = Probes::new();
         self.ecs.probing.clear();
         self.ecs.condemned_by_change.clear();
@@ -977,6 +982,16 @@ impl Sim {
     }
 
     // ----- the ECS -----
+
+    /// Sends node `n` a probe echoing `echo` (the probe is under way in `Probes`).
+    fn send_probe(&mut self, n: usize, echo: Option<u64>) {
+        self.ecs.next_probe += 1;
+        let probe = self.ecs.next_probe;
+        self.ecs.probing.insert(n, (probe, echo));
+        let term = self.ecs.term;
+        self.send(Addr::Ecs, Addr::Node(n), Msg::Lease { term, echo, probe });
+        self.after(PROBE_TIMEOUT, Event::ProbeTimeout { node: n, probe });
+    }
 
     fn ecs_tick(&mut self) {
         if self.now < self.ecs.acting_from {
@@ -996,12 +1011,7 @@ impl Sim {
         let due = self.ecs.probes.due(live.iter().copied(), now);
         for (name, echo) in due {
             let n = self.index(&name);
-            self.ecs.next_probe += 1;
-            let probe = self.ecs.next_probe;
-            self.ecs.probing.insert(n, probe);
-            let term = self.ecs.term;
-            self.send(Addr::Ecs, Addr::Node(n), Msg::Lease { term, echo, probe });
-            self.after(PROBE_TIMEOUT, Event::ProbeTimeout { node: n, probe });
+            self.send_probe(n, echo);
         }
         if self.ecs.change.is_some() {
             return;
@@ -1190,9 +1200,17 @@ impl Sim {
                 let name = self.nodes[node].entry.name.clone();
                 let now = self.ecs.now(self.now);
                 self.ecs.probes.answered(&name, now, stamp);
-                if self.ecs.probing.get(&node) == Some(&probe) {
-                    self.ecs.probing.remove(&node);
-                    self.ecs.probes.done(&name);
+                if let Some(&(current, sent)) = self.ecs.probing.get(&node) {
+                    if current == probe {
+                        self.ecs.probing.remove(&node);
+                        // As the probe loop: a first answer is followed by a probe at once.
+                        let ring = &self.ecs.ring;
+                        let live = ring.node(&name).is_some() && !ring.is_failed(&name);
+                        match self.ecs.probes.follow_up(&name, sent, live) {
+                            Some(echo) => self.send_probe(node, Some(echo)),
+                            None => self.ecs.probes.done(&name),
+                        }
+                    }
                 }
             }
             Msg::Leaving { node, probe } => {
@@ -1202,7 +1220,7 @@ impl Sim {
                 let name = self.nodes[node].entry.name.clone();
                 let now = self.ecs.now(self.now);
                 self.ecs.probes.left(&name, now);
-                if self.ecs.probing.get(&node) == Some(&probe) {
+                if self.ecs.probing.get(&node).map(|p| p.0) == Some(probe) {
                     self.ecs.probing.remove(&node);
                     self.ecs.probes.done(&name);
                 }
@@ -1484,16 +1502,30 @@ impl Sim {
             return;
         }
         let chain = chain_names(&node.ring, &key);
-        let serving = node.leased(now) && chain.first() == Some(&node.entry.name);
+        let heads = chain.first() == Some(&node.entry.name);
+        let leased = node.leased(now);
+        // As `down_the_chain`: a lapsed lease that may still be renewed is waited for.
+        let may_return = leased || node.lease.may_return(node.clocks(now));
         let Some(w) = node.writing.get_mut(&key) else {
             return;
         };
         if w.attempt != attempt {
             return; // superseded
         }
-        if !serving || now - w.since > HEAD_GIVES_UP {
+        if !heads || !may_return || now - w.since > HEAD_GIVES_UP {
             // Indeterminate: the client records the write as unknown.
             node.writing.remove(&key);
+            return;
+        }
+        if !leased {
+            self.after(
+                HOP_RETRY,
+                Event::HeadRetry {
+                    node: n,
+                    key,
+                    attempt,
+                },
+            );
             return;
         }
         w.attempt += 1;

@@ -372,6 +372,61 @@ async fn the_leader_killed_mid_join_under_load_loses_nothing() {
     }
 }
 
+/// The ECS leader SIGKILLed under load costs the clients nothing: no failed request, no
+/// unknown outcome. The nodes' leases from the killed leader run out (a lease is half of
+/// `failover_after`, 1 s here) before a new leader is elected and has leased them afresh
+/// (an election, then a probe whose answer the next probe echoes), so every node stops
+/// serving for a moment. A write a head took just before then must not be given up as
+/// "may or may not have been applied" when its lease lapses: the head waits for the new
+/// leader's lease and finishes it; and the new leader leases every node as it takes the
+/// lead, a first answer followed by a second probe at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_under_load_fails_no_client_request() {
+    let mut group = Group::start().await;
+    group.add_nodes(3).await;
+    let all = KeyRange::new(Position::MAX, Position::MAX);
+    let keys = keys_for(&all, 32, 0);
+    let load = Load::start(
+        Arc::new(group.certs.client(group.seeds()).await),
+        keys.clone(),
+        8,
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for round in 0..2 {
+        let leader = group.leader().await;
+        group.members[leader]
+            .process
+            .take()
+            .expect("the leader runs")
+            .kill();
+        let killed = Instant::now();
+        let new_leader = loop {
+            let now_leading = group.leader().await;
+            if now_leading != leader {
+                break now_leading;
+            }
+            assert!(killed.elapsed() < Duration::from_secs(30), "no new leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        eprintln!(
+            "round {round}: killed the leader {}; {} leads {:.2?} later",
+            group.members[leader].name,
+            group.members[new_leader].name,
+            killed.elapsed()
+        );
+        // Through the lapse and the new leader's first leases, then the killed member back.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        group.spawn(leader).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let (_, report) = load.stop_and_report(&group.certs, group.seeds()).await;
+    assert_eq!(
+        (report.failed, report.unknown),
+        (0, 0),
+        "client requests failed or ended unknown across the leader changes: {report}"
+    );
+}
+
 /// All three members SIGKILLed and restarted from their state directories, in the middle of
 /// a join: the ring, its version and the change in progress survive; the group elects a
 /// leader, which finishes or rolls back the join by itself, and changes go on from there.

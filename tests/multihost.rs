@@ -58,6 +58,15 @@ async fn assert_all_readable(store: &KvStore, keys: &[String]) {
     }
 }
 
+/// Raises its flag when dropped, also while a failed assertion unwinds.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn keys(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
 }
@@ -921,6 +930,9 @@ fn the_ecs_leader_cut_off_from_its_group_commits_nothing_and_the_majority_goes_o
 
     let stop_watching = AtomicBool::new(false);
     let (view, isolated, ring_after, joined_at) = std::thread::scope(|scope| {
+        // The scope joins the watcher before a failed assertion below can end the test: it
+        // must stop then too, or the test hangs instead of failing.
+        let _stop = StopOnDrop(&stop_watching);
         for m in &majority {
             cluster.lab.cut_between(&old.host, &m.host);
         }
@@ -1029,7 +1041,7 @@ fn the_ecs_leader_cut_off_from_its_group_commits_nothing_and_the_majority_goes_o
             "the isolated old leader answered the join of n5 after {:.2?}: {:?}",
             isolated.1, isolated.0
         );
-        stop_watching.store(true, Ordering::Relaxed);
+        drop(_stop);
         let view = watcher.join().expect("watcher thread");
         (view, isolated, ring_after, joined_at)
     });

@@ -139,9 +139,6 @@ fn recover(cluster: &HostCluster, within: Duration) -> usize {
 
 #[test]
 fn a_nemesis_of_partitions_kills_and_pauses_loses_nothing_and_stays_linearizable() {
-    let _watch = Stopwatch::start(
-        "a_nemesis_of_partitions_kills_and_pauses_loses_nothing_and_stays_linearizable",
-    );
     let seed: u64 = std::env::var("RINGKV_NEMESIS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -150,6 +147,10 @@ fn a_nemesis_of_partitions_kills_and_pauses_loses_nothing_and_stays_linearizable
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
+    let _watch = Stopwatch::start_with_limit(
+        "a_nemesis_of_partitions_kills_and_pauses_loses_nothing_and_stays_linearizable",
+        Stopwatch::LIMIT + Duration::from_secs(secs),
+    );
     println!("nemesis seed {seed} for {secs} s (replay: RINGKV_NEMESIS_SEED={seed})");
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut cluster = HostCluster::start_group(

@@ -10,7 +10,7 @@ use kvstore::KvStore;
 use ringkv_wire::{HashedKey, KeyRange};
 use tokio::task::JoinHandle;
 
-use super::history::{check_with_final, record_get, record_put, History, Values};
+use super::history::{check_with_final, record_get, record_put, History, Report, Values};
 use super::Certs;
 
 /// `n` keys in `range` and `outside` keys elsewhere.
@@ -78,6 +78,12 @@ impl Load {
     /// fresh client: linearizable per key, no acknowledged write lost. Returns the final
     /// reads.
     pub async fn stop_and_check(self, certs: &Certs, seeds: Vec<String>) -> Values {
+        self.stop_and_report(certs, seeds).await.0
+    }
+
+    /// [`Load::stop_and_check`], also returning the checker's report (how many operations
+    /// completed, failed or ended unknown).
+    pub async fn stop_and_report(self, certs: &Certs, seeds: Vec<String>) -> (Values, Report) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             t.await.unwrap();
@@ -89,7 +95,7 @@ impl Load {
             report.ok > 50,
             "too few operations completed to mean anything: {report}"
         );
-        finals
+        (finals, report)
     }
 }
 

@@ -20,6 +20,40 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// Aborts the test binary if the test that holds it is still running after its limit
+/// (`RINGKV_TEST_WATCHDOG_SECS` overrides every limit): a test that hangs (a wait with no
+/// deadline, a scoped thread that outlives a failed assertion) then fails CI at once, with
+/// its name on stderr, instead of holding it until CI's own time limit with no name at all.
+/// Dropped (the test ended, passed or failed): the watchdog stands down.
+pub struct Watchdog {
+    _done: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// Starts watching test `name` for `limit`.
+    pub fn start(name: &str, limit: Duration) -> Watchdog {
+        let limit = std::env::var("RINGKV_TEST_WATCHDOG_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(limit, Duration::from_secs);
+        let (done, ended) = std::sync::mpsc::channel::<()>();
+        let name = name.to_string();
+        std::thread::Builder::new()
+            .name(format!("watchdog-{name}"))
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = ended.recv_timeout(limit) {
+                    eprintln!(
+                        "WATCHDOG: test {name} still running after {limit:?}: it hangs; \
+                         aborting the test binary (RINGKV_TEST_WATCHDOG_SECS sets the limit)"
+                    );
+                    std::process::abort();
+                }
+            })
+            .expect("spawn watchdog thread");
+        Watchdog { _done: done }
+    }
+}
+
 /// A cluster CA with certificates: node certs carry SANs 127.0.0.1 and localhost.
 pub struct Certs {
     dir: TempDir,

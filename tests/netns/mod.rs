@@ -1107,14 +1107,24 @@ fn spawn_ecs(lab: &Lab, host: &Host, name: &str, id: u64, extra: &str) -> HostEc
 pub struct Stopwatch {
     name: &'static str,
     started: Instant,
+    _watchdog: crate::common::Watchdog,
 }
 
 impl Stopwatch {
-    /// Starts timing `name`.
+    /// How long a test of these may run before its [`crate::common::Watchdog`] aborts it.
+    pub const LIMIT: Duration = Duration::from_secs(600);
+
+    /// Starts timing `name`, watched for [`Stopwatch::LIMIT`].
     pub fn start(name: &'static str) -> Stopwatch {
+        Self::start_with_limit(name, Self::LIMIT)
+    }
+
+    /// Starts timing `name`, watched for `limit`.
+    pub fn start_with_limit(name: &'static str, limit: Duration) -> Stopwatch {
         Stopwatch {
             name,
             started: Instant::now(),
+            _watchdog: crate::common::Watchdog::start(name, limit),
         }
     }
 }

@@ -141,6 +141,25 @@ impl Probes {
         self.stamps.get(name).copied()
     }
 
+    /// After a probe of `name` that echoed `sent` was answered: the echo for a second probe
+    /// to send at once (the probe stays under way), or `None` (the probe is over). Only a
+    /// probe that echoed nothing is followed up: it granted no lease (the node's first
+    /// answer to this ECS, e.g. under a leader that just took the lead), so the node would
+    /// otherwise wait a whole probe interval for one, and a lease the previous leader
+    /// granted may run out meanwhile. Only for a node `live` in the ring now (the answer may
+    /// come after a change failed it over), never for a condemned node or one that is
+    /// leaving.
+    pub fn follow_up(&self, name: &str, sent: Option<u64>, live: bool) -> Option<u64> {
+        if !live
+            || sent.is_some()
+            || self.condemned.contains(name)
+            || self.leaving.contains_key(name)
+        {
+            return None;
+        }
+        self.echo(name)
+    }
+
     /// Marks a probe of `name` under way; `false` if one already is.
     pub fn start(&mut self, name: &str) -> bool {
         self.in_flight.insert(name.to_string())
@@ -286,6 +305,35 @@ mod tests {
         assert!(p.due(["a"], t0 + 5 * s).is_empty());
         p.pardon("a");
         assert_eq!(p.due(["a"], t0 + 5 * s), vec![("a".to_string(), Some(9))]);
+    }
+
+    #[test]
+    fn only_a_first_answer_of_a_live_node_is_followed_up_at_once() {
+        let t0 = Instant::now();
+        let mut p = Probes::new();
+        assert_eq!(
+            p.due(["a", "b", "c"], t0),
+            vec![
+                ("a".to_string(), None),
+                ("b".to_string(), None),
+                ("c".to_string(), None)
+            ]
+        );
+        for (name, stamp) in [("a", 1), ("b", 2), ("c", 3)] {
+            p.answered(name, t0, stamp);
+        }
+        // The probe echoed nothing and granted nothing: a second one at once, echoing the
+        // answer's stamp.
+        assert_eq!(p.follow_up("a", None, true), Some(1));
+        // That second probe granted a lease: its answer waits for the next tick.
+        p.answered("a", t0, 4);
+        assert_eq!(p.follow_up("a", Some(1), true), None);
+        // Not for a node the ring no longer has live, nor one condemned or leaving.
+        assert_eq!(p.follow_up("b", None, false), None);
+        assert!(p.condemn("c", Duration::ZERO, t0 + Duration::from_millis(1)));
+        assert_eq!(p.follow_up("c", None, true), None);
+        p.left("b", t0);
+        assert_eq!(p.follow_up("b", None, true), None);
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct Lease {
     last: Option<Clocks>,
     /// Given up for good ([`Lease::retire`]): no probe grants it again.
     retired: bool,
+    /// The length of the last grant.
+    granted: Option<Duration>,
 }
 
 impl Lease {
@@ -117,6 +119,7 @@ impl Lease {
         let Some(&(_, clock)) = self.stamps.iter().find(|(stamp, _)| *stamp == echo) else {
             return false;
         };
+        self.granted = Some(Duration::from_millis(millis.into()));
         let until = clock + Duration::from_millis(millis.into());
         match &mut self.until {
             Some(held) if *held >= until => false,
@@ -138,6 +141,22 @@ impl Lease {
     /// are not the node: the simulation's checker).
     pub fn peek(&self, now: Clocks) -> bool {
         self.until.is_some_and(|until| self.clock_at(now) < until)
+    }
+
+    /// Whether a lease that does not hold at `now` may still be renewed before the ECS can
+    /// have failed this node over: it was granted, not given up, and has been over for less
+    /// than one more lease length. The ECS fails a node over only after hearing nothing
+    /// from it for twice the lease (`failover_after`), counted from an answer no earlier
+    /// than the stamp the lease counts from; a lapse shorter than that is an ECS leader
+    /// that took over (its first grant needs two probes) or a late probe, and a chain write
+    /// the node is carrying may wait for the renewal rather than give up. Past it, waiting
+    /// is pointless: the node is surely failed over or about to be. Does not move the lease
+    /// clock.
+    pub fn may_return(&self, now: Clocks) -> bool {
+        match (self.until, self.granted) {
+            (Some(until), Some(length)) if !self.retired => self.clock_at(now) < until + length,
+            _ => false,
+        }
     }
 
     /// Gives the lease up for good (a node stopping on purpose, before it tells the ECS so):
@@ -184,6 +203,31 @@ mod tests {
         );
         assert!(!lease.holds(at(102, 102)));
         assert!(lease.is_retired());
+    }
+
+    #[test]
+    fn a_lapsed_lease_may_return_for_one_more_lease_length_unless_retired() {
+        let mut lease = Lease::new();
+        assert!(!lease.may_return(at(0, 0)), "never granted");
+        let stamp = lease.stamp(at(0, 0));
+        assert!(lease.grant(Some(stamp), 1000));
+        assert!(!lease.holds(at(1000, 1000)));
+        assert!(lease.may_return(at(1000, 1000)));
+        assert!(lease.may_return(at(1999, 1999)));
+        assert!(
+            !lease.may_return(at(2000, 2000)),
+            "the ECS may fail it over now"
+        );
+        // A wall clock that jumped forward (a paused machine) ends the wait with the lease.
+        assert!(!lease.may_return(at(1500, 3000)));
+        let mut retired = Lease::new();
+        let stamp = retired.stamp(at(0, 0));
+        assert!(retired.grant(Some(stamp), 1000));
+        retired.retire();
+        assert!(
+            !retired.may_return(at(1200, 1200)),
+            "a node stopping on purpose"
+        );
     }
 
     #[test]

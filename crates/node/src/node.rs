@@ -379,6 +379,15 @@ impl Node {
         self.lease.lock().expect("lease lock").holds(self.clocks())
     }
 
+    /// Whether a lease that does not hold now may still be renewed before the ECS can have
+    /// failed this node over ([`crate::lease::Lease::may_return`]).
+    pub fn lease_may_return(&self) -> bool {
+        self.lease
+            .lock()
+            .expect("lease lock")
+            .may_return(self.clocks())
+    }
+
     /// The write-order stripe index of `pos` (the same on every node).
     pub(crate) fn stripe_of(pos: &Position) -> u16 {
         (u16::from_be_bytes([pos.0[0], pos.0[1]]) as usize % WRITE_STRIPES) as u16

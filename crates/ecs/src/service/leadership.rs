@@ -210,6 +210,10 @@ impl Ecs {
             pending = state.log.pending.is_some(),
             "leading the ECS group"
         );
+        // The nodes' leases from the previous leader run out about a lease after its last
+        // probe: lease them now, not a probe interval from now (a first answer is followed
+        // by a second probe at once, [`Probes::follow_up`]).
+        self.probe_now.notify_one();
         // Released before the spawned task tries for it (on a multi-thread runtime it could
         // run at once and find it held).
         drop(no_change);

@@ -238,7 +238,11 @@ impl Ecs {
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                // A new lead: lease the nodes at once, not at the next tick.
+                () = self.probe_now.notified() => {}
+            }
             let Some(term) = self.acting_term() else {
                 continue;
             };
@@ -258,14 +262,27 @@ impl Ecs {
                 .lock()
                 .expect("owed lock")
                 .retain(|name, _| metadata.node(name).is_some());
-            for (name, echo) in due {
+            for (name, mut echo) in due {
                 let Some(node) = metadata.node(&name).cloned() else {
                     continue;
                 };
                 let ecs = self.clone();
                 tokio::spawn(async move {
-                    let answered = ecs.probe(term, &name, echo).await;
-                    ecs.probes.lock().expect("probes lock").done(&name);
+                    let answered = loop {
+                        let answered = ecs.probe(term, &name, echo).await;
+                        let live = {
+                            let ring = ecs.metadata();
+                            ring.node(&name).is_some() && !ring.is_failed(&name)
+                        };
+                        let mut probes = ecs.probes.lock().expect("probes lock");
+                        match probes.follow_up(&name, echo, live).filter(|_| answered) {
+                            Some(stamp) => echo = Some(stamp),
+                            None => {
+                                probes.done(&name);
+                                break answered;
+                            }
+                        }
+                    };
                     if answered {
                         ecs.pay_owed(term, &node).await;
                     }

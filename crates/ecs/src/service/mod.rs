@@ -80,6 +80,9 @@ pub struct Ecs {
     /// for it, by name, with their address: added again when they answer once more
     /// ([`Ecs::rejoin_planned`]). Kept by the leader that saw them leave, in memory.
     planned: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Wakes the probe loop before its next tick (a member that takes the lead leases the
+    /// nodes at once).
+    probe_now: tokio::sync::Notify,
 }
 
 /// How many removed nodes' names an ECS remembers (a `remove-node` of one is done, not an
@@ -160,6 +163,7 @@ pub async fn bind(
         stopping: std::sync::atomic::AtomicBool::new(false),
         removed: std::sync::Mutex::new(Default::default()),
         planned: std::sync::Mutex::new(Default::default()),
+        probe_now: tokio::sync::Notify::new(),
     });
     Ok((endpoint, ecs))
 }

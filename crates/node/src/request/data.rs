@@ -186,8 +186,10 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
 /// Each attempt goes to this node's successor in the chain of the metadata it holds then;
 /// a refused or failed hop is sent again (the same write: applying it twice is applying it
 /// once) after a pause or as soon as a new chain is adopted (the ECS replaced a failed
-/// member), until the tail has it, this node is no longer in the chain or no longer leased,
-/// or [`CHAIN_DEADLINE`] passes.
+/// member), until the tail has it, this node is no longer in the chain, or [`CHAIN_DEADLINE`]
+/// passes. Hops go out only while the node is leased: a lease that lapsed is waited for
+/// while it may still be renewed (a new ECS leader's first grant takes two probes,
+/// [`crate::lease::Lease::may_return`]), and past that the write is given up.
 async fn down_the_chain(
     node: std::sync::Arc<Node>,
     write: ChainWrite,
@@ -200,7 +202,11 @@ async fn down_the_chain(
     let mut last = String::new();
     loop {
         if !node.leased() {
-            return Err(unknown("the node's lease expired".into()));
+            if !node.lease_may_return() || tokio::time::Instant::now() >= deadline {
+                return Err(unknown("the node's lease expired".into()));
+            }
+            tokio::time::sleep(HOP_RETRY).await;
+            continue;
         }
         let view = node.view();
         let version = view.metadata.version;
