@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bin, free_port, node_status, write_until_stopped, NodeProcess, TestCluster, TestEcs};
+use common::{
+    bin, free_port, node_status, wait_answers, write_until_stopped, NodeProcess, TestCluster,
+    TestEcs,
+};
 use kvstore::KvStore;
 use ringkv_wire::{AdminReply, AdminRequest, RingMetadata};
 
@@ -218,7 +221,10 @@ async fn killing_the_joining_node_mid_transfer_aborts_cleanly() {
     let data = tempfile::tempdir().unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut joining = NodeProcess::spawn_with(&cluster.certs, "n2", addr, data.path(), &[]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Answering before the join starts: on a loaded machine a node process can take longer
+    // than the transfer's 4 s to come up, and the first status request below would then
+    // wait out its dial while the join completes.
+    wait_answers(&cluster.certs, &addr.to_string()).await;
     let admin = cluster.certs.admin();
     let ecs_addr = cluster.ecs.addr.clone();
     let join = tokio::spawn(async move {
