@@ -37,7 +37,14 @@ pub struct LeaseScaleArgs {
     /// The ECS's `--probe-interval` in milliseconds.
     #[arg(long, default_value_t = 250)]
     pub probe_interval_ms: u64,
+    /// The ECS's `--max-probe-rate`: past it the interval stretches.
+    #[arg(long, default_value_t = ringkv_ecs::config::DEFAULT_MAX_PROBE_RATE)]
+    pub max_probe_rate: u32,
 }
+
+/// The ECS's `--failover-after` here: long, so that a stand-in slow to answer under the
+/// load is never failed over (and the interval's cap, a quarter of it, never binds).
+const FAILOVER_AFTER: Duration = Duration::from_secs(3600);
 
 /// What one stand-in node saw.
 #[derive(Default)]
@@ -116,6 +123,8 @@ pub struct ScaleRow {
     pub warm_up: Duration,
     /// Stand-in nodes in the ring.
     pub nodes: usize,
+    /// The probe interval the ECS keeps to for that many nodes.
+    pub interval: Duration,
     /// Probes answered per second (all nodes).
     pub probes_per_s: f64,
     /// What the probe interval asks for: nodes / interval.
@@ -134,8 +143,9 @@ impl std::fmt::Display for ScaleRow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>6} nodes (warm after {:>4.1?}): {:>8.0} probes/s of {:>8.0} wanted; ECS CPU {:>5.1}% of a core, {:>5.1} µs per probe (stand-ins {:>5.1}%); longest gap between two probes of a node {:>6.0} ms",
+            "{:>6} nodes every {:>5.0?} (warm after {:>4.1?}): {:>8.0} probes/s of {:>8.0} wanted; ECS CPU {:>5.1}% of a core, {:>5.1} µs per probe (stand-ins {:>5.1}%); longest gap between two probes of a node {:>6.0} ms",
             self.nodes,
+            self.interval,
             self.warm_up,
             self.probes_per_s,
             self.wanted_per_s,
@@ -228,7 +238,9 @@ async fn measure(
             "--probe-interval",
             &format!("{}ms", args.probe_interval_ms),
             "--failover-after",
-            "3600s",
+            &format!("{}s", FAILOVER_AFTER.as_secs()),
+            "--max-probe-rate",
+            &args.max_probe_rate.to_string(),
         ])
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::null())
@@ -237,7 +249,13 @@ async fn measure(
     // Warm-up: the ECS dials every node (a TLS handshake each) and installs the ring there
     // (a ring of n nodes, n times). Counting starts once a second of probes reaches 95% of
     // the interval's rate, or after 60 s if it never does (then the figures show it).
-    let wanted = n as f64 * 1000.0 / args.probe_interval_ms as f64;
+    let interval = ringkv_ecs::liveness::probe_interval(
+        Duration::from_millis(args.probe_interval_ms),
+        n,
+        args.max_probe_rate,
+        FAILOVER_AFTER,
+    );
+    let wanted = n as f64 / interval.as_secs_f64();
     let warm_up = Instant::now();
     loop {
         let before: u64 = seen.iter().map(|s| s.probes.load(Ordering::Relaxed)).sum();
@@ -286,6 +304,7 @@ async fn measure(
     Ok(ScaleRow {
         warm_up,
         nodes: n,
+        interval,
         probes_per_s: probes as f64 / elapsed.as_secs_f64(),
         wanted_per_s: wanted,
         ecs_cpu: cpu.as_secs_f64() / elapsed.as_secs_f64(),
@@ -314,6 +333,16 @@ pub async fn run(args: &LeaseScaleArgs) -> anyhow::Result<String> {
             "one ECS core: {per_core:.0} probes/s at the highest cost measured ({cost:.1} µs), so {:.0} nodes at a {} ms probe interval (at 100% of the core)\n",
             per_core * args.probe_interval_ms as f64 / 1000.0,
             args.probe_interval_ms
+        ));
+        // What the default failover_after (3 s) allows: the interval stretches up to 750 ms.
+        let cap = ringkv_ecs::config::DEFAULT_FAILOVER_AFTER / 4;
+        out.push_str(&format!(
+            "the budget of {} probes/s takes {:.0}% of that core; with the default --failover-after the interval stretches up to {cap:?}, so the budget covers {:.0} nodes, and 10,000 nodes take {:.0} probes/s ({:.0}% of the core)\n",
+            args.max_probe_rate,
+            f64::from(args.max_probe_rate) * cost / 1e4,
+            f64::from(args.max_probe_rate) * cap.as_secs_f64(),
+            10_000.0 / cap.as_secs_f64(),
+            10_000.0 / cap.as_secs_f64() * cost / 1e4,
         ));
     }
     Ok(out)

@@ -402,6 +402,16 @@ impl SimEcs {
     fn now(&self, t: Micros) -> Instant {
         self.base + self.clock.read(t)
     }
+
+    /// The probe interval for the committed ring, as the real leader computes it.
+    fn probe_interval(&self) -> Duration {
+        ringkv_ecs::liveness::probe_interval(
+            Duration::from_micros(PROBE_INTERVAL),
+            self.ring.live_names().len(),
+            ringkv_ecs::config::DEFAULT_MAX_PROBE_RATE,
+            Duration::from_micros(FAILOVER_AFTER),
+        )
+    }
 }
 
 /// Settings of one run, drawn from its seed.
@@ -728,7 +738,10 @@ impl Sim {
             },
             Event::EcsTick => {
                 self.ecs_tick();
-                self.after(PROBE_INTERVAL, Event::EcsTick);
+                // As the probe loop: the interval stretches with the ring to keep to the
+                // probe budget (`ringkv_ecs::liveness::probe_interval`).
+                let interval = self.ecs.probe_interval();
+                self.after(interval.as_micros() as Micros, Event::EcsTick);
             }
             Event::EcsWake => self.ecs_tick(),
             Event::ProbeTimeout { node, probe } => {
@@ -990,7 +1003,8 @@ impl Sim {
         self.ecs.probing.insert(n, (probe, echo));
         let term = self.ecs.term;
         self.send(Addr::Ecs, Addr::Node(n), Msg::Lease { term, echo, probe });
-        self.after(PROBE_TIMEOUT, Event::ProbeTimeout { node: n, probe });
+        let timeout = (self.ecs.probe_interval().as_micros() as Micros * 2).max(PROBE_TIMEOUT);
+        self.after(timeout, Event::ProbeTimeout { node: n, probe });
     }
 
     fn ecs_tick(&mut self) {
@@ -1007,6 +1021,10 @@ impl Sim {
         let now = self.ecs.now(self.now);
         let ring = self.ecs.ring.clone();
         let live = ring.live_names();
+        self.ecs.detector = Detector::new(
+            self.ecs.probe_interval(),
+            Duration::from_micros(FAILOVER_AFTER),
+        );
         self.ecs.probes.retain(live.iter().copied());
         let due = self.ecs.probes.due(live.iter().copied(), now);
         for (name, echo) in due {
@@ -1775,7 +1793,8 @@ fn scale(nodes: usize) -> String {
     assert!(sim.violations.is_empty(), "{:?}", sim.violations);
     let ms = |t: Option<Micros>| t.map_or(f64::NAN, |t| (t as f64 - 5e6) / 1e3);
     format!(
-        "{nodes:>6} nodes: ECS leader {per_second} messages/s (probes and answers); a death decided after {:.0} ms, committed after {:.0} ms, installed at every live node after {:.0} ms (sequential installs); simulated in {:.1?}",
+        "{nodes:>6} nodes: probe interval {:?}, ECS leader {per_second} messages/s (probes and answers); a death decided after {:.0} ms, committed after {:.0} ms, installed at every live node after {:.0} ms (sequential installs); simulated in {:.1?}",
+        sim.ecs.probe_interval(),
         ms(sim.decided_at),
         ms(sim.committed_at),
         ms(sim.installed_at),

@@ -83,6 +83,12 @@ pub enum Command {
         /// How often the ECS probes (and renews the lease of) every node, e.g. `250ms`.
         #[arg(long, default_value = "250ms", value_parser = parse_duration)]
         probe_interval: Duration,
+        /// The most probes per second the leader sends. In a ring of more live nodes than
+        /// this times --probe-interval, the interval stretches to keep to it, up to a quarter
+        /// of --failover-after; past that the rate grows with the ring.
+        #[arg(long, default_value_t = ringkv_ecs::config::DEFAULT_MAX_PROBE_RATE,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        max_probe_rate: u32,
         /// The founding members of a replicated ECS group, `name@host:port` (certificate
         /// name and ECS address), comma-separated, the same list in the same order on every
         /// member; this member is the one named like its certificate. Without it (and
@@ -174,6 +180,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             replication_factor,
             failover_after,
             probe_interval,
+            max_probe_rate,
             peers,
             raft_id,
             serve,
@@ -189,6 +196,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             config.replication = replication_factor;
             config.failover_after = failover_after;
             config.probe_interval = probe_interval;
+            config.max_probe_rate = max_probe_rate;
             config.node_timeout = Duration::from_secs(node_timeout);
             config.transfer_timeout = Duration::from_secs(transfer_timeout);
             config.status_timeout = Duration::from_millis(status_timeout_ms);

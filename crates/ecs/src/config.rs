@@ -21,6 +21,9 @@ pub const DEFAULT_REPLICATION: u8 = 3;
 pub const DEFAULT_FAILOVER_AFTER: Duration = Duration::from_secs(3);
 /// Default interval between liveness probes (and lease renewals).
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Default bound on the leader's probes per second: about a third of one core at the
+/// ~60 µs of ECS CPU a probe costs (`ringkv-bench lease-scale`, ARCHITECTURE.md §11).
+pub const DEFAULT_MAX_PROBE_RATE: u32 = 6_000;
 
 /// A function the executor calls just before it sends each step of a change to its node,
 /// with the step: for observing a change (metrics, logs) and for tests that inject a fault
@@ -67,6 +70,11 @@ pub struct EcsConfig {
     /// How often the ECS probes every node; each probe also renews the node's lease (half of
     /// `failover_after`).
     pub probe_interval: Duration,
+    /// The most probes per second the leader sends: in a ring of more than
+    /// `max_probe_rate × probe_interval` live nodes the interval stretches to keep to it, up
+    /// to a quarter of `failover_after` (two renewals per lease), past which the rate grows
+    /// with the ring ([`crate::liveness::probe_interval`]).
+    pub max_probe_rate: u32,
     /// What peers may make the ECS hold: connections, streams and windows by role, the
     /// request read deadline, the idle timeout (ARCHITECTURE.md §3). Only `admin`
     /// certificates are admitted at all.
@@ -98,6 +106,7 @@ impl EcsConfig {
             replication: DEFAULT_REPLICATION,
             failover_after: DEFAULT_FAILOVER_AFTER,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            max_probe_rate: DEFAULT_MAX_PROBE_RATE,
             peers: Vec::new(),
             raft_id: None,
         }

@@ -30,6 +30,23 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+/// The interval between two probes of a node in a ring of `live` live nodes: `configured`
+/// (`--probe-interval`), stretched so that the leader sends at most `max_rate` probes per
+/// second, but never past a quarter of `failover_after` (nor below `configured`): a lease
+/// is half of `failover_after`, and counts from the stamp of the answer before the probe
+/// that renews it, so a quarter leaves every lease two renewals. Past that bound the rate
+/// grows with the ring: a larger ring needs a larger `failover_after` or budget.
+pub fn probe_interval(
+    configured: Duration,
+    live: usize,
+    max_rate: u32,
+    failover_after: Duration,
+) -> Duration {
+    let cap = (failover_after / 4).max(configured);
+    let needed = Duration::from_secs_f64(live as f64 / f64::from(max_rate.max(1)));
+    needed.clamp(configured, cap)
+}
+
 /// When each node last answered a probe, its last stamp, and which probes are under way.
 #[derive(Debug, Default)]
 pub struct Probes {
@@ -305,6 +322,26 @@ mod tests {
         assert!(p.due(["a"], t0 + 5 * s).is_empty());
         p.pardon("a");
         assert_eq!(p.due(["a"], t0 + 5 * s), vec![("a".to_string(), Some(9))]);
+    }
+
+    #[test]
+    fn the_probe_interval_stretches_to_the_rate_budget_up_to_a_quarter_of_failover_after() {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        // 1,000 nodes at 250 ms: 4,000 probes/s, within 6,000.
+        assert_eq!(probe_interval(ms(250), 1_000, 6_000, s(3)), ms(250));
+        // 3,000 nodes: 500 ms keeps to 6,000 probes/s.
+        assert_eq!(probe_interval(ms(250), 3_000, 6_000, s(3)), ms(500));
+        // 10,000 nodes: 1.67 s would, but a lease of 1.5 s needs a probe every 750 ms
+        // (13,333 probes/s); with failover_after 8 s, 1.67 s is allowed.
+        assert_eq!(probe_interval(ms(250), 10_000, 6_000, s(3)), ms(750));
+        let stretched = probe_interval(ms(250), 10_000, 6_000, s(8));
+        assert!(
+            stretched > ms(1666) && stretched < ms(1667),
+            "{stretched:?}"
+        );
+        // Never below the configured interval, whatever the cap.
+        assert_eq!(probe_interval(ms(250), 10_000, 6_000, ms(800)), ms(250));
     }
 
     #[test]

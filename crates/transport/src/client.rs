@@ -31,7 +31,93 @@ pub struct Transport {
     conns: Mutex<HashMap<String, Slot>>,
     /// The last failed dial per address (when it ended, and why): callers that queued
     /// behind a dial share its failure instead of each dialing (and timing out) in turn.
-    dial_failures: Mutex<HashMap<String, (Instant, String)>>,
+    dial_failures: Arc<Mutex<HashMap<String, (Instant, String)>>>,
+}
+
+/// What a dial needs, owned, so that it can run in a task of its own ([`Transport::connection`]).
+#[derive(Clone)]
+struct Dialer {
+    endpoint: Endpoint,
+    client_config: quinn::ClientConfig,
+    connect_timeout: Duration,
+    dial_failures: Arc<Mutex<HashMap<String, (Instant, String)>>>,
+}
+
+impl Dialer {
+    /// The open connection in `slot`, or a new one to `addr` stored there, and whether it
+    /// was already open. Callers queued on the slot since `queued` share a failed dial
+    /// instead of each dialling (and timing out) in turn.
+    async fn connect(
+        &self,
+        slot: Slot,
+        addr: &str,
+        queued: Instant,
+    ) -> Result<(Connection, bool), TransportError> {
+        let mut guard = slot.lock_owned().await;
+        if let Some(conn) = guard.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok((conn.clone(), true));
+            }
+        }
+        let failed_meanwhile = self
+            .dial_failures
+            .lock()
+            .expect("dial failures lock")
+            .get(addr)
+            .filter(|(at, _)| *at >= queued)
+            .map(|(_, reason)| reason.clone());
+        if let Some(reason) = failed_meanwhile {
+            return Err(TransportError::Connect {
+                addr: addr.to_string(),
+                reason: format!("{reason} (a dial that was under way when this request came)"),
+            });
+        }
+        let dialed = self.dial(addr).await;
+        let mut failures = self.dial_failures.lock().expect("dial failures lock");
+        match dialed {
+            Ok(conn) => {
+                failures.remove(addr);
+                *guard = Some(conn.clone());
+                Ok((conn, false))
+            }
+            Err(e) => {
+                failures.insert(addr.to_string(), (Instant::now(), e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self, addr: &str) -> Result<Connection, TransportError> {
+        let bad = |reason: String| TransportError::Address {
+            addr: addr.to_string(),
+            reason,
+        };
+        let (host, _) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected host:port".into()))?;
+        let server_name = host.trim_start_matches('[').trim_end_matches(']');
+        let socket = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| bad(e.to_string()))?
+            .find(|a| a.is_ipv4())
+            .ok_or_else(|| bad("no IPv4 address".into()))?;
+        let fail = |reason: String| TransportError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let connecting = self
+            .endpoint
+            .connect_with(self.client_config.clone(), socket, server_name)
+            .map_err(|e| fail(e.to_string()))?;
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => {
+                tracing::debug!(peer = addr, "connected");
+                Ok(conn)
+            }
+            Ok(Err(e)) => Err(fail(e.to_string())),
+            Err(_) => Err(fail(format!("timed out after {:?}", self.connect_timeout))),
+        }
+    }
 }
 
 impl Transport {
@@ -50,7 +136,7 @@ impl Transport {
             connect_timeout,
             request_timeout,
             conns: Mutex::new(HashMap::new()),
-            dial_failures: Mutex::new(HashMap::new()),
+            dial_failures: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -284,37 +370,27 @@ impl Transport {
             }
         };
         let queued = Instant::now();
-        let mut guard = slot.lock().await;
-        if let Some(conn) = guard.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok((conn.clone(), true));
-            }
-        }
-        let failed_meanwhile = self
-            .dial_failures
-            .lock()
-            .expect("dial failures lock")
-            .get(addr)
-            .filter(|(at, _)| *at >= queued)
-            .map(|(_, reason)| reason.clone());
-        if let Some(reason) = failed_meanwhile {
-            return Err(TransportError::Connect {
+        // The dial runs in a task of its own that holds the peer's slot: a caller that gives
+        // up (its own timeout, e.g. a probe's) does not cut the handshake short, and the
+        // connection is kept for the next caller. Dropping a handshake half way throws its
+        // work away, and when many peers are dialled at once (an ECS leasing thousands of
+        // nodes: `ringkv-bench lease-scale`) every caller giving up and dialling again
+        // keeps the endpoint doing handshakes that never finish. Bounded by the connect
+        // timeout.
+        let dialer = Dialer {
+            endpoint: self.endpoint.clone(),
+            client_config: self.client_config.clone(),
+            connect_timeout: self.connect_timeout,
+            dial_failures: self.dial_failures.clone(),
+        };
+        let peer = addr.to_string();
+        let dialing = tokio::spawn(async move { dialer.connect(slot, &peer, queued).await });
+        match dialing.await {
+            Ok(result) => result,
+            Err(e) => Err(TransportError::Connect {
                 addr: addr.to_string(),
-                reason: format!("{reason} (a dial that was under way when this request came)"),
-            });
-        }
-        let dialed = self.dial(addr).await;
-        let mut failures = self.dial_failures.lock().expect("dial failures lock");
-        match dialed {
-            Ok(conn) => {
-                failures.remove(addr);
-                *guard = Some(conn.clone());
-                Ok((conn, false))
-            }
-            Err(e) => {
-                failures.insert(addr.to_string(), (Instant::now(), e.to_string()));
-                Err(e)
-            }
+                reason: format!("the dial task failed: {e}"),
+            }),
         }
     }
 
@@ -331,38 +407,6 @@ impl Transport {
         });
         if cached {
             conns.remove(addr);
-        }
-    }
-
-    async fn dial(&self, addr: &str) -> Result<Connection, TransportError> {
-        let bad = |reason: String| TransportError::Address {
-            addr: addr.to_string(),
-            reason,
-        };
-        let (host, _) = addr
-            .rsplit_once(':')
-            .ok_or_else(|| bad("expected host:port".into()))?;
-        let server_name = host.trim_start_matches('[').trim_end_matches(']');
-        let socket = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| bad(e.to_string()))?
-            .find(|a| a.is_ipv4())
-            .ok_or_else(|| bad("no IPv4 address".into()))?;
-        let fail = |reason: String| TransportError::Connect {
-            addr: addr.to_string(),
-            reason,
-        };
-        let connecting = self
-            .endpoint
-            .connect_with(self.client_config.clone(), socket, server_name)
-            .map_err(|e| fail(e.to_string()))?;
-        match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(Ok(conn)) => {
-                tracing::debug!(peer = addr, "connected");
-                Ok(conn)
-            }
-            Ok(Err(e)) => Err(fail(e.to_string())),
-            Err(_) => Err(fail(format!("timed out after {:?}", self.connect_timeout))),
         }
     }
 

@@ -445,3 +445,50 @@ async fn a_silent_or_trickling_stream_is_reset_at_the_read_deadline() {
     let reply: String = crate::read_frame(&mut recv, 1 << 16).await.unwrap();
     assert_eq!(reply, "fine");
 }
+
+/// A caller that gives up while its connection is still being dialled (a probe's timeout)
+/// does not cut the handshake short: the dial goes on in its own task and the connection is
+/// kept for the next caller. Before, the handshake was dropped with the caller, so when an
+/// ECS dialled thousands of nodes at once every probe timed out half way through its
+/// handshake and the next one started over (`ringkv-bench lease-scale`: 2,000 nodes never
+/// came up).
+#[tokio::test]
+async fn a_caller_that_gives_up_does_not_cut_its_dial_short() {
+    let setup = Setup::new();
+    let (server, _stop) = setup.server(None, Arc::default());
+    // The relay first leads nowhere: the client's first handshake packet is lost.
+    let nowhere = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay = Relay::start(nowhere.local_addr().unwrap()).await;
+    let addr = relay.addr.to_string();
+    let transport = Transport::bind_client(
+        &setup.identity("client"),
+        Limits::default(),
+        Duration::from_secs(20),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        transport.call::<_, String>(&addr, &"one".to_string(), Duration::from_secs(20)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "answered through a relay to nowhere");
+    // The server is reachable now: the abandoned call's dial, resending its first packet,
+    // completes by itself.
+    relay.switch_to(server.local_addr().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while server.stats().accepted_handshakes == 0 {
+        assert!(Instant::now() < deadline, "no handshake reached the server");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The next call uses that connection: no second handshake.
+    assert_eq!(
+        echo(&transport, &addr, "two", Duration::from_secs(5)).await,
+        "two"
+    );
+    assert_eq!(
+        server.stats().accepted_handshakes,
+        1,
+        "the handshake of the caller that gave up was thrown away and the next call dialled again"
+    );
+}

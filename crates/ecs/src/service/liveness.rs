@@ -23,9 +23,42 @@ impl Ecs {
             .map_or(self.config.failover_after, |s| s.failover_after())
     }
 
+    /// The interval between two probes of a node now: `--probe-interval`, stretched in a
+    /// large ring to keep to `--max-probe-rate` ([`crate::liveness::probe_interval`]), as the
+    /// probe loop last set it (once a round: it counts the ring's live nodes).
+    pub(super) fn probe_interval(&self) -> Duration {
+        Duration::from_micros(
+            self.probe_every_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Sets [`Ecs::probe_interval`] for a ring of `live` live nodes, and returns it.
+    fn set_probe_interval(&self, live: usize) -> Duration {
+        let interval = crate::liveness::probe_interval(
+            self.config.probe_interval,
+            live,
+            self.config.max_probe_rate,
+            self.failover_after(),
+        );
+        let micros = interval.as_micros().min(u64::MAX as u128) as u64;
+        let before = self
+            .probe_every_us
+            .swap(micros, std::sync::atomic::Ordering::Relaxed);
+        if before != micros && interval != self.config.probe_interval {
+            tracing::info!(
+                live,
+                ?interval,
+                max_probe_rate = self.config.max_probe_rate,
+                "probe interval stretched to keep to the probe budget"
+            );
+        }
+        interval
+    }
+
     /// How long a probe (dial included) may take: two probe intervals, at least 200 ms.
     fn probe_timeout(&self) -> Duration {
-        self.config.probe_interval.max(Duration::from_millis(100)) * 2
+        self.probe_interval().max(Duration::from_millis(100)) * 2
     }
 
     /// The lease each probe grants: half of [`Ecs::failover_after`], so that a node cut off
@@ -37,7 +70,7 @@ impl Ecs {
 
     /// The detector of the failover policy, with [`Ecs::failover_after`].
     fn detector(&self) -> Detector {
-        Detector::new(self.config.probe_interval, self.failover_after())
+        Detector::new(self.probe_interval(), self.failover_after())
     }
 
     /// Whether `node` has answered no probe for `failover_after` in a replicated ring: it is
@@ -73,7 +106,7 @@ impl Ecs {
             if Instant::now() >= deadline || self.probe_now(term, name).await {
                 return false;
             }
-            tokio::time::sleep(self.config.probe_interval).await;
+            tokio::time::sleep(self.probe_interval()).await;
         }
     }
 
@@ -230,25 +263,26 @@ impl Ecs {
         }
     }
 
-    /// The probe loop ([`crate::liveness`]): every `probe_interval`, probes (and leases)
+    /// The probe loop ([`crate::liveness`]): every [`Ecs::probe_interval`], probes (and leases)
     /// every live node of the ring, each in a task of its own, at most one per node under
     /// way; a node that answers gets the steps a change had to skip while it was silent.
     /// Nothing else runs in this loop, so a failover or a long change never delays a lease.
     pub(super) async fn probe_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.config.probe_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The interval is read afresh every round: it stretches as the ring grows.
+        let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(next) => {}
                 // A new lead: lease the nodes at once, not at the next tick.
                 () = self.probe_now.notified() => {}
             }
+            let metadata = self.metadata();
+            let live = metadata.live_names();
+            next = tokio::time::Instant::now() + self.set_probe_interval(live.len());
             let Some(term) = self.acting_term() else {
                 continue;
             };
             let detector = self.detector();
-            let metadata = self.metadata();
-            let live = metadata.live_names();
             let due = {
                 let mut probes = self.probes.lock().expect("probes lock");
                 let now = Instant::now();

@@ -83,6 +83,8 @@ pub struct Ecs {
     /// Wakes the probe loop before its next tick (a member that takes the lead leases the
     /// nodes at once).
     probe_now: tokio::sync::Notify,
+    /// [`Ecs::probe_interval`] in microseconds, set by the probe loop every round.
+    probe_every_us: std::sync::atomic::AtomicU64,
 }
 
 /// How many removed nodes' names an ECS remembers (a `remove-node` of one is done, not an
@@ -146,6 +148,7 @@ pub async fn bind(
         "ECS state loaded"
     );
     let act_for = raft.as_ref().map_or(Duration::MAX, EcsRaft::act_for);
+    let probe_every_us = config.probe_interval.as_micros().min(u64::MAX as u128) as u64;
     let ecs = Arc::new(Ecs {
         config,
         nodes,
@@ -164,6 +167,7 @@ pub async fn bind(
         removed: std::sync::Mutex::new(Default::default()),
         planned: std::sync::Mutex::new(Default::default()),
         probe_now: tokio::sync::Notify::new(),
+        probe_every_us: std::sync::atomic::AtomicU64::new(probe_every_us),
     });
     Ok((endpoint, ecs))
 }
