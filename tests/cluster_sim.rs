@@ -1439,14 +1439,7 @@ impl Sim {
                     .get(&key)
                     .is_some_and(|w| w.attempt == attempt)
                 {
-                    self.after(
-                        HOP_RETRY,
-                        Event::HeadRetry {
-                            node: n,
-                            key,
-                            attempt,
-                        },
-                    );
+                    self.head_retry_later(n, key, attempt);
                 }
             }
             Msg::Leased { .. }
@@ -1512,6 +1505,18 @@ impl Sim {
         self.head_retry(n, key, 0);
     }
 
+    /// [`Sim::head_retry`] of attempt `attempt` after a pause.
+    fn head_retry_later(&mut self, n: usize, key: Vec<u8>, attempt: u64) {
+        self.after(
+            HOP_RETRY,
+            Event::HeadRetry {
+                node: n,
+                key,
+                attempt,
+            },
+        );
+    }
+
     /// Sends the write of `key` down the head's current chain (again), or gives up.
     fn head_retry(&mut self, n: usize, key: Vec<u8>, attempt: u64) {
         let now = self.now;
@@ -1536,14 +1541,7 @@ impl Sim {
             return;
         }
         if !leased {
-            self.after(
-                HOP_RETRY,
-                Event::HeadRetry {
-                    node: n,
-                    key,
-                    attempt,
-                },
-            );
+            self.head_retry_later(n, key, attempt);
             return;
         }
         w.attempt += 1;

@@ -192,6 +192,21 @@ impl Group {
     }
 
     /// Starts nodes `n1..=n<n>` and adds them to the ring one by one.
+    /// A group ([`Group::start`]) with `nodes` nodes, and `clients` clients recording a
+    /// load over `keys` keys spread over the whole ring, running for 800 ms already.
+    async fn under_load(nodes: usize, keys: usize, clients: usize) -> (Self, Load) {
+        let mut group = Group::start().await;
+        group.add_nodes(nodes).await;
+        let all = KeyRange::new(Position::MAX, Position::MAX);
+        let load = Load::start(
+            Arc::new(group.certs.client(group.seeds()).await),
+            keys_for(&all, keys, 0),
+            clients,
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        (group, load)
+    }
+
     async fn add_nodes(&mut self, n: usize) {
         for i in 1..=n {
             let name = format!("n{i}");
@@ -317,18 +332,9 @@ async fn join_until_a_step(
 /// nothing acknowledged lost, and every node converges on the group's ring.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_killed_mid_join_under_load_loses_nothing() {
-    let mut group = Group::start().await;
-    group.add_nodes(3).await;
+    let (mut group, load) = Group::under_load(3, 32, 8).await;
     let before = group.ring().await;
     assert_eq!(before.nodes.len(), 3);
-    let all = KeyRange::new(Position::MAX, Position::MAX);
-    let keys = keys_for(&all, 32, 0);
-    let load = Load::start(
-        Arc::new(group.certs.client(group.seeds()).await),
-        keys.clone(),
-        8,
-    );
-    tokio::time::sleep(Duration::from_millis(800)).await;
 
     // The join, killed at its leader after its first completed step.
     let addr = group.spawn_node("n4").await;
@@ -382,16 +388,7 @@ async fn the_leader_killed_mid_join_under_load_loses_nothing() {
 /// lead, a first answer followed by a second probe at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_killed_under_load_fails_no_client_request() {
-    let mut group = Group::start().await;
-    group.add_nodes(3).await;
-    let all = KeyRange::new(Position::MAX, Position::MAX);
-    let keys = keys_for(&all, 32, 0);
-    let load = Load::start(
-        Arc::new(group.certs.client(group.seeds()).await),
-        keys.clone(),
-        8,
-    );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (mut group, load) = Group::under_load(3, 32, 8).await;
     for round in 0..2 {
         let leader = group.leader().await;
         group.members[leader]
@@ -528,16 +525,7 @@ async fn every_leader_fails_over_after_the_groups_failover_after_not_its_own() {
 /// election (printed), and clients lose nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_is_failed_over_after_the_leader_is_killed() {
-    let mut group = Group::start().await;
-    group.add_nodes(4).await;
-    let all = KeyRange::new(Position::MAX, Position::MAX);
-    let keys = keys_for(&all, 24, 0);
-    let load = Load::start(
-        Arc::new(group.certs.client(group.seeds()).await),
-        keys.clone(),
-        4,
-    );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (mut group, load) = Group::under_load(4, 24, 4).await;
     group.kill_node("n2");
     let node_killed = Instant::now();
     let leader = group.leader().await;

@@ -158,6 +158,9 @@ async fn call_watching(
         }
     };
     tokio::select! {
+        // The call first: when its dial fails, the check queued behind that dial fails with
+        // it, and the call's error (not sent) is the true one, not "stopped answering".
+        biased;
         reply = call => reply.map_err(|e| {
             // Only an error before the request left (or one the server vouches it did not
             // take) says it was not carried out.
