@@ -207,6 +207,22 @@ impl Group {
         (group, load)
     }
 
+    /// SIGKILLs member `i` (it must be running).
+    fn kill_member(&mut self, i: usize) {
+        self.members[i]
+            .process
+            .take()
+            .expect("the member runs")
+            .kill();
+    }
+
+    /// SIGKILLs the member that leads now; returns its index.
+    async fn kill_leader(&mut self) -> usize {
+        let leader = self.leader().await;
+        self.kill_member(leader);
+        leader
+    }
+
     async fn add_nodes(&mut self, n: usize) {
         for i in 1..=n {
             let name = format!("n{i}");
@@ -339,11 +355,7 @@ async fn the_leader_killed_mid_join_under_load_loses_nothing() {
     // The join, killed at its leader after its first completed step.
     let addr = group.spawn_node("n4").await;
     let (leader, joining, steps, done_before) = join_until_a_step(&group, "n4", &addr).await;
-    group.members[leader]
-        .process
-        .take()
-        .expect("the leader runs")
-        .kill();
+    group.kill_member(leader);
     let killed = Instant::now();
     eprintln!(
         "killed the leader {} after {} step(s) of the join",
@@ -390,12 +402,7 @@ async fn the_leader_killed_mid_join_under_load_loses_nothing() {
 async fn the_leader_killed_under_load_fails_no_client_request() {
     let (mut group, load) = Group::under_load(3, 32, 8).await;
     for round in 0..2 {
-        let leader = group.leader().await;
-        group.members[leader]
-            .process
-            .take()
-            .expect("the leader runs")
-            .kill();
+        let leader = group.kill_leader().await;
         let killed = Instant::now();
         let new_leader = loop {
             let now_leading = group.leader().await;
@@ -528,12 +535,7 @@ async fn a_dead_node_is_failed_over_after_the_leader_is_killed() {
     let (mut group, load) = Group::under_load(4, 24, 4).await;
     group.kill_node("n2");
     let node_killed = Instant::now();
-    let leader = group.leader().await;
-    group.members[leader]
-        .process
-        .take()
-        .expect("the leader runs")
-        .kill();
+    let leader = group.kill_leader().await;
     group
         .wait_ring(Duration::from_secs(40), "n2 failed over", |ring| {
             ring.node("n2").is_none() && ring.failed.is_empty()
