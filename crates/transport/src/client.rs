@@ -23,15 +23,11 @@ type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
 
 /// Sends requests to peers over mutually authenticated QUIC connections.
 pub struct Transport {
-    endpoint: Endpoint,
-    client_config: quinn::ClientConfig,
+    /// The endpoint and what dialling needs, cloned into each dial's task.
+    dialer: Dialer,
     limits: Limits,
-    connect_timeout: Duration,
     request_timeout: Duration,
     conns: Mutex<HashMap<String, Slot>>,
-    /// The last failed dial per address (when it ended, and why): callers that queued
-    /// behind a dial share its failure instead of each dialing (and timing out) in turn.
-    dial_failures: Arc<Mutex<HashMap<String, (Instant, String)>>>,
 }
 
 /// What a dial needs, owned, so that it can run in a task of its own ([`Transport::connection`]).
@@ -40,6 +36,8 @@ struct Dialer {
     endpoint: Endpoint,
     client_config: quinn::ClientConfig,
     connect_timeout: Duration,
+    /// The last failed dial per address (when it ended, and why): callers that queued
+    /// behind a dial share its failure instead of each dialing (and timing out) in turn.
     dial_failures: Arc<Mutex<HashMap<String, (Instant, String)>>>,
 }
 
@@ -130,13 +128,15 @@ impl Transport {
         request_timeout: Duration,
     ) -> Self {
         Self {
-            endpoint,
-            client_config,
+            dialer: Dialer {
+                endpoint,
+                client_config,
+                connect_timeout,
+                dial_failures: Arc::new(Mutex::new(HashMap::new())),
+            },
             limits,
-            connect_timeout,
             request_timeout,
             conns: Mutex::new(HashMap::new()),
-            dial_failures: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -377,12 +377,7 @@ impl Transport {
         // nodes: `ringkv-bench lease-scale`) every caller giving up and dialling again
         // keeps the endpoint doing handshakes that never finish. Bounded by the connect
         // timeout.
-        let dialer = Dialer {
-            endpoint: self.endpoint.clone(),
-            client_config: self.client_config.clone(),
-            connect_timeout: self.connect_timeout,
-            dial_failures: self.dial_failures.clone(),
-        };
+        let dialer = self.dialer.clone();
         let peer = addr.to_string();
         let dialing = tokio::spawn(async move { dialer.connect(slot, &peer, queued).await });
         match dialing.await {
@@ -428,8 +423,9 @@ impl Transport {
 
     /// Closes the endpoint itself (after [`Transport::close`]); used by clients that own it.
     pub async fn shutdown_endpoint(&self) {
-        self.endpoint.close(0u32.into(), b"disconnect");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        self.dialer.endpoint.close(0u32.into(), b"disconnect");
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.dialer.endpoint.wait_idle()).await;
     }
 }
 
