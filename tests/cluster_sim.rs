@@ -379,6 +379,9 @@ struct SimEcs {
     base: Instant,
     probes: Probes,
     detector: Detector,
+    /// The probe interval, set once a tick from the ring (as the real probe loop does: the
+    /// computation counts the live nodes).
+    interval: Duration,
     /// The group's committed state.
     ring: RingMetadata,
     intent: Option<Intent>,
@@ -504,6 +507,7 @@ impl Sim {
                 Duration::from_micros(PROBE_INTERVAL),
                 Duration::from_micros(FAILOVER_AFTER),
             ),
+            interval: Duration::from_micros(PROBE_INTERVAL),
             ring: ring.clone(),
             intent: None,
             term: 1,
@@ -740,8 +744,7 @@ impl Sim {
                 self.ecs_tick();
                 // As the probe loop: the interval stretches with the ring to keep to the
                 // probe budget (`ringkv_ecs::liveness::probe_interval`).
-                let interval = self.ecs.probe_interval();
-                self.after(interval.as_micros() as Micros, Event::EcsTick);
+                self.after(self.ecs.interval.as_micros() as Micros, Event::EcsTick);
             }
             Event::EcsWake => self.ecs_tick(),
             Event::ProbeTimeout { node, probe } => {
@@ -1003,7 +1006,7 @@ impl Sim {
         self.ecs.probing.insert(n, (probe, echo));
         let term = self.ecs.term;
         self.send(Addr::Ecs, Addr::Node(n), Msg::Lease { term, echo, probe });
-        let timeout = (self.ecs.probe_interval().as_micros() as Micros * 2).max(PROBE_TIMEOUT);
+        let timeout = (self.ecs.interval.as_micros() as Micros * 2).max(PROBE_TIMEOUT);
         self.after(timeout, Event::ProbeTimeout { node: n, probe });
     }
 
@@ -1021,10 +1024,8 @@ impl Sim {
         let now = self.ecs.now(self.now);
         let ring = self.ecs.ring.clone();
         let live = ring.live_names();
-        self.ecs.detector = Detector::new(
-            self.ecs.probe_interval(),
-            Duration::from_micros(FAILOVER_AFTER),
-        );
+        self.ecs.interval = self.ecs.probe_interval();
+        self.ecs.detector = Detector::new(self.ecs.interval, Duration::from_micros(FAILOVER_AFTER));
         self.ecs.probes.retain(live.iter().copied());
         let due = self.ecs.probes.due(live.iter().copied(), now);
         for (name, echo) in due {
