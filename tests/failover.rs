@@ -16,7 +16,7 @@ use common::load::{final_values, keys_for, Load};
 use common::TestEcs;
 use common::{add_node_via, ask_ecs, free_port, node_status, wait_answers, Certs, NodeProcess};
 use ringkv_transport::Transport;
-use ringkv_wire::{AdminReply, AdminRequest, KeyRange, Position, RingMetadata};
+use ringkv_wire::{AdminReply, AdminRequest, KeyRange, NodeEntry, Position, RingMetadata};
 use tempfile::TempDir;
 
 /// The failover timeout of these tests.
@@ -82,6 +82,14 @@ impl Cluster {
         wait_answers(&self.certs, &node.addr).await;
         add_node_via(&self.admin, &self.ecs.addr, name, &node.addr).await;
         self.nodes.push((name.to_string(), node, data));
+    }
+
+    /// A client that waits long for a reply (10 s) and retries for 30 s.
+    async fn patient_client(&self) -> Arc<kvstore::KvStore> {
+        let mut config = self.certs.client_config(self.seeds());
+        config.request_timeout = Duration::from_secs(10);
+        config.retry.deadline = Duration::from_secs(30);
+        Arc::new(kvstore::KvStore::connect(config).await.expect("connect"))
     }
 
     fn metadata(&self) -> RingMetadata {
@@ -502,12 +510,7 @@ async fn a_node_stopped_on_purpose_is_taken_out_at_once_and_added_again_when_bac
 async fn a_write_taken_by_a_head_that_died_before_answering_is_not_answered_by_its_restart() {
     let mut cluster = Cluster::start_with(3, 3, Duration::from_secs(60)).await;
     let key = b"taken-then-killed".to_vec();
-    let store = Arc::new({
-        let mut config = cluster.certs.client_config(cluster.seeds());
-        config.request_timeout = Duration::from_secs(10);
-        config.retry.deadline = Duration::from_secs(30);
-        kvstore::KvStore::connect(config).await.expect("connect")
-    });
+    let store = cluster.patient_client().await;
     store.put(&key, b"v").await.expect("put");
     let md = cluster.metadata();
     let chain: Vec<String> = md
@@ -542,4 +545,69 @@ async fn a_write_taken_by_a_head_that_died_before_answering_is_not_answered_by_i
         !matches!(answer, Ok(false)),
         "the delete of a key that held a value was answered 'did not exist' (the restarted head's second application)"
     );
+}
+
+/// A head that applied a write and was SIGKILLed before its successors had it, then
+/// restarted (within `failover-after`, so nothing was failed over), re-drives the write it
+/// marked unconfirmed: its chain ends up holding what the head holds. (Before, the head kept
+/// the write alone: reads at the tail never saw it, and a later change of chains that made
+/// the head the tail would have shown it.) Set-up as above: the middle is frozen, so the
+/// head applies the put and waits for the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_its_head_died_with_reaches_the_chain_after_the_restart() {
+    let mut cluster = Cluster::start_with(3, 3, Duration::from_secs(60)).await;
+    let key = b"applied-then-killed".to_vec();
+    let store = cluster.patient_client().await;
+    let md = cluster.metadata();
+    let chain: Vec<NodeEntry> = md.chain_for_key(&key).into_iter().cloned().collect();
+    let (head, middle) = (chain[0].clone(), chain[1].clone());
+    let held_before = node_status(&cluster.admin, &head.addr).await.keys;
+    cluster.node(&middle.name).signal(libc::SIGSTOP);
+    let putting = tokio::spawn({
+        let (store, key) = (store.clone(), key.clone());
+        async move { store.put(&key, b"new").await }
+    });
+    // The head applies the put (durably) and forwards it to the frozen middle.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_status(&cluster.admin, &head.addr).await.keys == held_before {
+        assert!(Instant::now() < deadline, "the head never applied the put");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let i = cluster
+        .nodes
+        .iter()
+        .position(|(n, _, _)| *n == head.name)
+        .unwrap();
+    cluster.nodes[i].1.kill();
+    let (addr, data) = (
+        cluster.nodes[i].1.addr.parse::<SocketAddr>().unwrap(),
+        cluster.nodes[i].2.path().to_path_buf(),
+    );
+    cluster.nodes[i].1 = NodeProcess::spawn_with(&cluster.certs, &head.name, addr, &data, &[]);
+    wait_answers(&cluster.certs, &cluster.nodes[i].1.addr).await;
+    cluster.node(&middle.name).signal(libc::SIGCONT);
+    let restarted = Instant::now();
+    let answer = putting.await.unwrap();
+    println!(
+        "the put taken by {}, killed before it answered: {answer:?}",
+        head.name
+    );
+    // The tail serves reads: it holds the write once every member before it does.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match store.get(&key).await {
+            Ok(Some(v)) if v == b"new" => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the tail still reads {other:?} 30 s after the head's restart: the chain never got the write its head holds"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "the chain has the write {:?} after the head's restart",
+        restarted.elapsed()
+    );
+    let finals = HashMap::from([(key.clone(), Some(b"new".to_vec()))]);
+    cluster.assert_copies(&finals).await;
 }

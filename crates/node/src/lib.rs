@@ -22,6 +22,8 @@
 //!   [`server::bind`] and [`server::run`].
 //! - [`storage`]: [`storage::Store`], fjall with a group-commit writer thread.
 //! - [`hops`]: chain writes to a successor, batched.
+//! - [`redrive`]: a head's writes its chain may lack, sent again after a restart or a
+//!   give-up.
 //! - [`error`]: the error type, [`NodeError`].
 //!
 //! The `ringkv-node` command line lives with the binaries (the umbrella package's
@@ -35,6 +37,7 @@ pub mod hops;
 pub mod lease;
 pub mod moves;
 pub mod node;
+pub mod redrive;
 pub mod request;
 pub mod server;
 pub mod storage;

@@ -141,6 +141,8 @@ pub struct Node {
     pub(crate) applied_seq: std::sync::Mutex<HashMap<(u64, u16), u64>>,
     /// Chain writes on their way to successors, batched per successor.
     pub(crate) hops: crate::hops::Hops,
+    /// Unconfirmed chain writes to re-drive ([`crate::redrive`]).
+    pub(crate) redrive: crate::redrive::Redrive,
     /// The ring's replication factor, readable without the view lock.
     replication: std::sync::atomic::AtomicU8,
     /// The highest Raft term of an ECS leader seen in a `Fenced` request (0: never fenced);
@@ -196,6 +198,10 @@ impl Node {
         }
         let member = metadata.node(&config.name).is_some();
         let ecs_term = store.load_ecs_term()?;
+        let unconfirmed = store.unconfirmed()?;
+        if !unconfirmed.is_empty() {
+            tracing::info!(node = %config.name, keys = unconfirmed.len(), "chain writes this node headed may be missing down their chains: re-driving them once leased");
+        }
         let moves = MoveState::restore(store.load_locks()?, metadata.version);
         if !moves.persisted().is_empty() {
             tracing::warn!(node = %config.name, locked = ?moves.locked_ranges(), "restarted in the middle of a move: ranges stay write-locked until the move commits or is aborted");
@@ -224,6 +230,7 @@ impl Node {
             next_seq: AtomicU64::new(1),
             applied_seq: std::sync::Mutex::new(HashMap::new()),
             hops: Default::default(),
+            redrive: crate::redrive::Redrive::new(unconfirmed),
             replication: std::sync::atomic::AtomicU8::new(view.metadata.replication),
             me: me.clone(),
             ecs_term: AtomicU64::new(ecs_term),

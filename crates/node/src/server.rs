@@ -68,6 +68,7 @@ pub const LEAVING_NOTICE: Duration = Duration::from_secs(2);
 /// shutdown loses nothing.
 pub async fn run(endpoint: Endpoint, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
     let gossip = tokio::spawn(crate::gossip::driver::run(node.clone()));
+    let redrive = tokio::spawn(crate::redrive::run(node.clone()));
     let leaving = node.clone();
     let shutdown = async move {
         shutdown.await;
@@ -76,6 +77,7 @@ pub async fn run(endpoint: Endpoint, node: Arc<Node>, shutdown: impl Future<Outp
     };
     ringkv_transport::serve(endpoint, node, shutdown).await;
     gossip.abort();
+    redrive.abort();
 }
 
 impl Service for Node {

@@ -14,6 +14,13 @@
 //!
 //! Storage keys are `SHA-1(key) ++ key` ([`ringkv_wire::storage_key`]), so a ring range is
 //! one or two contiguous key spans.
+//!
+//! **Unconfirmed writes.** A chain write at its head ([`Store::submit_head`]) also marks its
+//! key in the `unconfirmed` keyspace, in the same atomic batch; [`Store::confirm`] removes the
+//! mark once the chain has it. Removals cost no commit of their own: they wait in memory for
+//! the next group, whose fsync they share (a removal lost in a crash only makes the key be
+//! sent down its chain once more). A node that restarts, or gives a write up, re-drives the
+//! marked keys ([`Store::unconfirmed`], ARCHITECTURE.md §11).
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -58,6 +65,13 @@ enum WriteOp {
     /// member, whose outcome nobody asks for.
     Entries(Vec<(Vec<u8>, Option<Vec<u8>>)>),
     DeleteKeys(Vec<Vec<u8>>),
+    /// A chain write at its head (`None` deletes): applied, and its key marked unconfirmed.
+    Head {
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
+    /// Marks of unconfirmed writes removed (the keys' range was deleted).
+    Unmark(Vec<Vec<u8>>),
     /// A value of the `meta` keyspace (the ring, the move locks, the ECS term).
     SetMeta(&'static [u8], Vec<u8>),
 }
@@ -113,6 +127,21 @@ pub(crate) struct Place(OwnedSemaphorePermit);
 /// A queued write ([`Store::submit_entries`]); await [`Pending::done`] for its commit.
 pub(crate) struct Pending(oneshot::Receiver<Result<WriteOutcome, String>>);
 
+/// A queued chain write at its head ([`Store::submit_head`]).
+pub(crate) struct HeadPending(Pending);
+
+impl HeadPending {
+    /// Waits until the write is durable (or failed): for a put, whether the key was new;
+    /// for a delete, whether it existed.
+    pub(crate) async fn done(self) -> Result<bool, NodeError> {
+        match self.0.outcome().await? {
+            WriteOutcome::Put { created } => Ok(created),
+            WriteOutcome::Delete { existed } => Ok(existed),
+            WriteOutcome::Done => unreachable!("a head write answers put or delete"),
+        }
+    }
+}
+
 impl Pending {
     async fn outcome(self) -> Result<WriteOutcome, NodeError> {
         match self.0.await {
@@ -134,10 +163,20 @@ pub struct Store {
     db: Database,
     data: Keyspace,
     meta: Keyspace,
+    unconfirmed: Keyspace,
     writer: mpsc::Sender<WriteJob>,
     /// Places in the writer queue ([`Store::open_with_queue`]).
     queue: Arc<Semaphore>,
     counters: Arc<WriteCounters>,
+    /// Confirmed keys whose marks the next commit removes ([`Store::confirm`]).
+    confirmed: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+/// The keyspaces the writer thread commits to.
+struct Keyspaces {
+    data: Keyspace,
+    meta: Keyspace,
+    unconfirmed: Keyspace,
 }
 
 impl Store {
@@ -154,20 +193,28 @@ impl Store {
         let db = Database::builder(dir.join("fjall")).open()?;
         let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let unconfirmed = db.keyspace("unconfirmed", KeyspaceCreateOptions::default)?;
         let (writer, jobs) = mpsc::channel();
         let counters = Arc::new(WriteCounters::default());
-        let (w_db, w_data, w_meta, w_counters) =
-            (db.clone(), data.clone(), meta.clone(), counters.clone());
+        let confirmed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keyspaces = Keyspaces {
+            data: data.clone(),
+            meta: meta.clone(),
+            unconfirmed: unconfirmed.clone(),
+        };
+        let (w_db, w_counters, w_confirmed) = (db.clone(), counters.clone(), confirmed.clone());
         thread::Builder::new()
             .name("ringkv-writer".into())
-            .spawn(move || write_loop(&w_db, &w_data, &w_meta, &w_counters, jobs))?;
+            .spawn(move || write_loop(&w_db, &keyspaces, &w_counters, &w_confirmed, jobs))?;
         Ok(Self {
             db,
             data,
             meta,
+            unconfirmed,
             writer,
             queue: Arc::new(Semaphore::new(max_queued.clamp(1, Semaphore::MAX_PERMITS))),
             counters,
+            confirmed,
         })
     }
 
@@ -247,6 +294,51 @@ impl Store {
         self.submit(place, WriteOp::Entries(entries), hold)
     }
 
+    /// Queues a chain write at its head (`value` `None` deletes) in the place taken by
+    /// [`Store::reserve`], without waiting (see [`Store::submit`]): the key is applied and
+    /// marked unconfirmed in one atomic batch; [`Store::confirm`] removes the mark. `hold`
+    /// as for [`Store::put_hashed`].
+    pub(crate) fn submit_head(
+        &self,
+        place: Place,
+        key: &HashedKey<'_>,
+        value: Option<Vec<u8>>,
+        hold: Option<WriteAdmission>,
+    ) -> Result<HeadPending, NodeError> {
+        let op = WriteOp::Head {
+            key: key.storage_key(),
+            value,
+        };
+        self.submit(place, op, hold).map(HeadPending)
+    }
+
+    /// The chain of the key with storage key `storage_key` has the head's write: its mark
+    /// goes with the next commit (none is made for it alone). Call it before the next write
+    /// of the key is submitted (the key's stripe held), so that this removal cannot remove
+    /// that write's mark.
+    pub(crate) fn confirm(&self, storage_key: Vec<u8>) {
+        self.confirmed
+            .lock()
+            .expect("confirmed lock")
+            .push(storage_key);
+    }
+
+    /// The user keys marked unconfirmed: written at this node as their chain's head, and not
+    /// (known to be) at the rest of the chain.
+    pub fn unconfirmed(&self) -> Result<Vec<Vec<u8>>, NodeError> {
+        let mut keys = Vec::new();
+        for guard in self.unconfirmed.iter() {
+            let key = guard.key()?;
+            keys.push(key[20.min(key.len())..].to_vec()); // after SHA-1(key)
+        }
+        Ok(keys)
+    }
+
+    /// Whether `key` is marked unconfirmed.
+    pub fn is_unconfirmed(&self, key: &HashedKey<'_>) -> Result<bool, NodeError> {
+        Ok(self.unconfirmed.contains_key(key.storage_key())?)
+    }
+
     /// Stores a user key durably. Returns whether it was new.
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<bool, NodeError> {
         self.put_hashed(&HashedKey::new(key), value, None).await
@@ -310,21 +402,29 @@ impl Store {
     /// on ranges the node does not own (and clears again before receiving them). Returns how
     /// many keys were removed.
     pub async fn delete_range(&self, range: KeyRange) -> Result<u64, NodeError> {
-        let data = self.data.clone();
-        let keys = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>, NodeError> {
-            let mut keys = Vec::new();
+        let (data, unconfirmed) = (self.data.clone(), self.unconfirmed.clone());
+        type Keys = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+        let (keys, marks) = tokio::task::spawn_blocking(move || -> Result<Keys, NodeError> {
+            let (mut keys, mut marks) = (Vec::new(), Vec::new());
             for span in range.storage_spans() {
                 for guard in data.range::<&[u8], _>(span_bounds(&span)) {
                     keys.push(guard.key()?.to_vec());
                 }
+                for guard in unconfirmed.range::<&[u8], _>(span_bounds(&span)) {
+                    marks.push(guard.key()?.to_vec());
+                }
             }
-            Ok(keys)
+            Ok((keys, marks))
         })
         .await
         .map_err(|e| NodeError::WriteFailed(format!("range scan task failed: {e}")))??;
         let removed = keys.len() as u64;
         for chunk in keys.chunks(DELETE_CHUNK) {
             self.write(WriteOp::DeleteKeys(chunk.to_vec())).await?;
+        }
+        // Writes of a range the node no longer holds are not its to re-drive.
+        for chunk in marks.chunks(DELETE_CHUNK) {
+            self.write(WriteOp::Unmark(chunk.to_vec())).await?;
         }
         Ok(removed)
     }
@@ -513,9 +613,9 @@ fn span_bounds(span: &StorageSpan) -> (Bound<&[u8]>, Bound<&[u8]>) {
 /// The writer thread: one atomic batch and one fsync per group of queued jobs.
 fn write_loop(
     db: &Database,
-    data: &Keyspace,
-    meta: &Keyspace,
+    keyspaces: &Keyspaces,
     counters: &WriteCounters,
+    confirmed: &std::sync::Mutex<Vec<Vec<u8>>>,
     jobs: mpsc::Receiver<WriteJob>,
 ) {
     while let Ok(first) = jobs.recv() {
@@ -537,7 +637,10 @@ fn write_loop(
             holds.extend(job.hold);
             places.push(job.place);
         }
-        let applied = apply(db, data, meta, ops);
+        // Taken after the group: a confirmation made before a later write of its key was
+        // queued is in this group or an earlier one, and removed before that write's mark.
+        let confirmed = std::mem::take(&mut *confirmed.lock().expect("confirmed lock"));
+        let applied = apply(db, keyspaces, confirmed, ops);
         // Durable (or failed as a whole): writes admitted under the gate may now let a move
         // transition through, and queued writes may take the places of this group.
         drop(holds);
@@ -565,13 +668,20 @@ fn write_loop(
 /// number), commits it durably, and returns each write's outcome.
 fn apply(
     db: &Database,
-    data: &Keyspace,
-    meta: &Keyspace,
+    keyspaces: &Keyspaces,
+    confirmed: Vec<Vec<u8>>,
     ops: Vec<WriteOp>,
 ) -> Result<Vec<WriteOutcome>, NodeError> {
+    let Keyspaces {
+        data,
+        meta,
+        unconfirmed,
+    } = keyspaces;
     // key -> Some(value) to write, None to delete.
     let mut state: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
     let mut meta_values: Vec<(&'static [u8], Vec<u8>)> = Vec::new();
+    // key -> marked (true) or unmarked: confirmations first, so a write of this group marks.
+    let mut marks: HashMap<Vec<u8>, bool> = confirmed.into_iter().map(|k| (k, false)).collect();
     let exists =
         |state: &HashMap<Vec<u8>, Option<Vec<u8>>>, key: &[u8]| -> Result<bool, NodeError> {
             match state.get(key) {
@@ -610,6 +720,23 @@ fn apply(
                 }
                 WriteOutcome::Done
             }
+            WriteOp::Head { key, value } => {
+                let existed = exists(&state, &key)?;
+                marks.insert(key.clone(), true);
+                let put = value.is_some();
+                state.insert(key, value);
+                if put {
+                    WriteOutcome::Put { created: !existed }
+                } else {
+                    WriteOutcome::Delete { existed }
+                }
+            }
+            WriteOp::Unmark(keys) => {
+                for key in keys {
+                    marks.insert(key, false);
+                }
+                WriteOutcome::Done
+            }
             WriteOp::SetMeta(key, bytes) => {
                 meta_values.retain(|(k, _)| *k != key);
                 meta_values.push((key, bytes));
@@ -626,6 +753,13 @@ fn apply(
     }
     for (key, bytes) in meta_values {
         batch.insert(meta, key, bytes);
+    }
+    for (key, marked) in marks {
+        if marked {
+            batch.insert(unconfirmed, key, []);
+        } else {
+            batch.remove(unconfirmed, key);
+        }
     }
     batch.commit()?;
     Ok(outcomes)
@@ -740,7 +874,12 @@ mod tests {
                 value: b"y".to_vec(),
             },
         ];
-        let outcomes = apply(&store.db, &store.data, &store.meta, ops).unwrap();
+        let keyspaces = Keyspaces {
+            data: store.data.clone(),
+            meta: store.meta.clone(),
+            unconfirmed: store.unconfirmed.clone(),
+        };
+        let outcomes = apply(&store.db, &keyspaces, Vec::new(), ops).unwrap();
         assert_eq!(
             outcomes,
             [
@@ -756,7 +895,7 @@ mod tests {
         assert_eq!(store.get(b"other").unwrap(), Some(b"y".to_vec()));
         store.put(b"k", b"3").await.unwrap();
         assert_eq!(store.get(b"k").unwrap(), Some(b"3".to_vec()));
-        drop(store);
+        drop((keyspaces, store));
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(
             store.get(b"k").unwrap(),
@@ -768,6 +907,73 @@ mod tests {
             Some(b"y".to_vec()),
             "after reopen"
         );
+    }
+
+    async fn head_write(store: &Store, key: &[u8], value: Option<&[u8]>) -> bool {
+        let place = store.reserve().await.unwrap();
+        store
+            .submit_head(place, &HashedKey::new(key), value.map(<[u8]>::to_vec), None)
+            .unwrap()
+            .done()
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn head_writes_stay_unconfirmed_across_a_reopen_until_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert!(head_write(&store, b"a", Some(b"1")).await, "created");
+            assert!(!head_write(&store, b"b", None).await, "nothing to delete");
+            assert!(head_write(&store, b"c", Some(b"3")).await);
+            assert_eq!(store.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
+            store.confirm(storage_key(b"c"));
+            // A confirmation makes no commit of its own: it goes with the next one.
+            assert!(store.is_unconfirmed(&HashedKey::new(b"c")).unwrap());
+            store.put(b"unrelated", b"x").await.unwrap();
+            assert!(!store.is_unconfirmed(&HashedKey::new(b"c")).unwrap());
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut keys = store.unconfirmed().unwrap();
+        keys.sort();
+        assert_eq!(keys, [b"a".to_vec(), b"b".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_never_removes_the_mark_of_a_later_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        head_write(&store, b"k", Some(b"1")).await;
+        // The first write's chain confirms it, then the next write of the key is queued
+        // before any commit: both land in one group, and the later write keeps its mark.
+        store.confirm(storage_key(b"k"));
+        head_write(&store, b"k", Some(b"2")).await;
+        assert_eq!(store.unconfirmed().unwrap(), [b"k".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn deleting_a_range_removes_its_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for key in [b"a", b"b", b"c", b"d"] {
+            head_write(&store, key, Some(b"v")).await;
+        }
+        let pos = key_position(b"b");
+        // The range (pos - 1, pos]: exactly b's position.
+        let mut before = pos.0;
+        let last = before.iter().rposition(|b| *b != 0).unwrap();
+        before[last] -= 1;
+        for b in &mut before[last + 1..] {
+            *b = 0xff;
+        }
+        store
+            .delete_range(KeyRange::new(Position(before), pos))
+            .await
+            .unwrap();
+        let mut keys = store.unconfirmed().unwrap();
+        keys.sort();
+        assert_eq!(keys, [b"a".to_vec(), b"c".to_vec(), b"d".to_vec()]);
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use ringkv_wire::{
 use super::{error, storage_error};
 use crate::hops::{HopResult, Hops};
 use crate::node::{InFlightWrite, RingView, WriteAdmission};
+use crate::storage::HeadPending;
 use crate::Node;
 
 /// How long one hop of a chain write may take before it is sent again (to the same
@@ -141,44 +142,148 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
             Err(e) => storage_error(e),
         };
     };
-    let inflight = node.enter_chain(key.position);
-    let order = Order {
-        origin: node.origin,
-        seq: node.next_seq(),
+    let place = match node.store.reserve().await {
+        Ok(place) => place,
+        Err(e) => return storage_error(e),
     };
-    // Down the chain in a task of its own, started at once so that the successors persist
-    // while this node does (the write is acknowledged once every member has): a client that
-    // goes away must not cut a write off half way (the stripe and the in-flight mark go
-    // with the task).
+    let inflight = node.enter_chain(key.position);
     let write = ChainWrite {
         key: key.key.to_vec(),
         value: value.map(<[u8]>::to_vec),
-        origin: order.origin,
-        seq: order.seq,
+        origin: node.origin,
+        seq: node.next_seq(),
     };
-    let task = tokio::spawn(down_the_chain(
-        node.arc(),
+    // Applied here and marked unconfirmed in one commit, until the chain has it.
+    let local = match node
+        .store
+        .submit_head(place, key, write.value.clone(), Some(admitted))
+    {
+        Ok(local) => local,
+        Err(e) => return storage_error(e),
+    };
+    // In a task of its own, so that a client that goes away cannot cut a write off half
+    // way (the stripe and the in-flight mark go with the task).
+    let head = HeadWrite {
         write,
-        key.position,
-        stripe,
-        inflight,
-    ));
-    let applied = apply(node, key, value, admitted).await;
-    let chained = task.await;
-    match (applied, chained) {
-        (Ok(applied), Ok(Ok(()))) => applied.reply(),
-        (Ok(_), Ok(Err(message))) => error(ErrorKind::Indeterminate, message),
-        (Err(e), _) => {
-            tracing::error!(node = %node.config.name, error = %e, "chain write failed in storage at the head");
-            error(
-                ErrorKind::Indeterminate,
-                format!("storage failed at the head ({e}) while the write went down the chain; it may or may not have been applied"),
-            )
-        }
-        (Ok(_), Err(e)) => error(
+        position: key.position,
+        _stripe: stripe,
+        _inflight: inflight,
+    };
+    match tokio::spawn(head.run(node.arc(), local)).await {
+        Ok(Ok(applied)) => applied.reply(),
+        Ok(Err(message)) => error(ErrorKind::Indeterminate, message),
+        Err(e) => error(
             ErrorKind::Indeterminate,
             format!("chain write failed: {e}; it may or may not have been applied"),
         ),
+    }
+}
+
+/// A client write at its chain's head, holding the key's stripe (one write of a key down
+/// the chain at a time, so every member applies a key's writes in the head's order) and
+/// its in-flight mark (a move's lock waits for it) until it is over.
+struct HeadWrite {
+    write: ChainWrite,
+    position: Position,
+    _stripe: tokio::sync::OwnedMutexGuard<()>,
+    _inflight: InFlightWrite,
+}
+
+impl HeadWrite {
+    /// Waits for the local commit (`local`) while carrying the write down the chain, so
+    /// that the successors persist while this node does; the write is acknowledged once
+    /// every member has. A chain that has it confirms it (its unconfirmed mark goes); one
+    /// that may not keeps the mark, and the key is re-driven later
+    /// ([`crate::redrive`]).
+    async fn run(self, node: std::sync::Arc<Node>, local: HeadPending) -> Result<Applied, String> {
+        let (local, chained) = tokio::join!(
+            local.done(),
+            down_the_chain(&node, &self.write, self.position)
+        );
+        let key = HashedKey {
+            key: &self.write.key,
+            position: self.position,
+        };
+        match (local, chained) {
+            (Ok(flag), Ok(())) => {
+                node.store.confirm(key.storage_key());
+                Ok(match self.write.value {
+                    Some(_) => Applied::Put { created: flag },
+                    None => Applied::Delete { existed: flag },
+                })
+            }
+            (Ok(_), Err(message)) => {
+                node.redrive.later(self.write.key.clone());
+                Err(message)
+            }
+            (Err(e), _) => {
+                tracing::error!(node = %node.config.name, error = %e, "chain write failed in storage at the head");
+                Err(format!("storage failed at the head ({e}) while the write went down the chain; it may or may not have been applied"))
+            }
+        }
+    }
+}
+
+/// What a re-drive of an unconfirmed key did ([`redrive`]).
+#[derive(Debug)]
+pub(crate) enum Redriven {
+    /// The chain has the head's current value: the mark is gone.
+    Confirmed,
+    /// Not this node's to re-drive (no longer marked, or the node no longer heads the
+    /// key): the mark, if any, is gone.
+    Forgotten,
+    /// To be tried again later, and why.
+    Later(String),
+}
+
+/// Re-drives an unconfirmed key (`key`): as its chain's head, this node sends its current
+/// value of the key down its current chain, as a write of its own, under the key's stripe
+/// (so after any write of the key under way, and before the next). Sending the current
+/// value again is harmless: the chain then holds what the head holds.
+pub(crate) async fn redrive(node: &std::sync::Arc<Node>, key: &[u8]) -> Redriven {
+    let key = HashedKey::new(key);
+    match node.store.is_unconfirmed(&key) {
+        Ok(true) => {}
+        Ok(false) => return Redriven::Forgotten,
+        Err(e) => return Redriven::Later(format!("reading its mark: {e}")),
+    }
+    if !node.is_running() || !node.leased() {
+        return Redriven::Later("the node is not leased".into());
+    }
+    let stripe = node.stripe(&key.position).lock_owned().await;
+    let admitted = node.admit_write().await;
+    if node.check_head(&key.position).is_err() {
+        node.store.confirm(key.storage_key());
+        return Redriven::Forgotten;
+    }
+    if node.moves().is_locked(&key.position) {
+        return Redriven::Later("its range is write-locked by a move".into());
+    }
+    let inflight = node.enter_chain(key.position);
+    drop(admitted);
+    let value = match node.store.get_hashed(&key) {
+        Ok(value) => value,
+        Err(e) => return Redriven::Later(format!("reading its value: {e}")),
+    };
+    let write = ChainWrite {
+        key: key.key.to_vec(),
+        value,
+        origin: node.origin,
+        seq: node.next_seq(),
+    };
+    let result = down_the_chain(node, &write, key.position).await;
+    drop((inflight, stripe));
+    match result {
+        Ok(()) => {
+            node.store.confirm(key.storage_key());
+            Redriven::Confirmed
+        }
+        Err(why) if node.check_head(&key.position).is_err() => {
+            tracing::debug!(node = %node.config.name, %why, "an unconfirmed key is no longer this node's");
+            node.store.confirm(key.storage_key());
+            Redriven::Forgotten
+        }
+        Err(why) => Redriven::Later(why),
     }
 }
 
@@ -191,11 +296,9 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
 /// while it may still be renewed (a new ECS leader's first grant takes two probes,
 /// [`crate::lease::Lease::may_return`]), and past that the write is given up.
 async fn down_the_chain(
-    node: std::sync::Arc<Node>,
-    write: ChainWrite,
+    node: &std::sync::Arc<Node>,
+    write: &ChainWrite,
     position: Position,
-    _stripe: tokio::sync::OwnedMutexGuard<()>,
-    _inflight: InFlightWrite,
 ) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + CHAIN_DEADLINE;
     let unknown = |why: String| format!("{why}; the write may or may not have been applied");
@@ -224,7 +327,7 @@ async fn down_the_chain(
             )));
         }
         let hop = tokio::select! {
-            hop = Hops::send(&node, &next.addr, version, write.clone(), HOP_TIMEOUT) => Some(hop),
+            hop = Hops::send(node, &next.addr, version, write.clone(), HOP_TIMEOUT) => Some(hop),
             () = node.version_changed(version) => None,
         };
         match hop {
@@ -244,7 +347,7 @@ async fn down_the_chain(
                         continue;
                     }
                     _ if theirs < version => {
-                        hand_ours(&node, &view, next).await; // the successor is behind
+                        hand_ours(node, &view, next).await; // the successor is behind
                     }
                     _ => {}
                 }
@@ -286,15 +389,6 @@ pub async fn put(node: &Node, key: &[u8], value: &[u8]) -> ReplyBody {
 /// `Delete`: acknowledged once durable at every member of the key's chain.
 pub async fn delete(node: &Node, key: &[u8]) -> ReplyBody {
     write(node, &HashedKey::new(key), None).await
-}
-
-/// Where a chain write stands in its head's order (`Replicate::origin`, `Replicate::seq`).
-#[derive(Debug, Clone, Copy)]
-pub struct Order {
-    /// The head process.
-    pub origin: u64,
-    /// The write's place in that head's order.
-    pub seq: u64,
 }
 
 /// `Replicate` from `peer`: a batch of one.

@@ -1,0 +1,95 @@
+//! Re-driving unconfirmed chain writes (ARCHITECTURE.md §11, "Unconfirmed writes").
+//!
+//! A head applies a write and carries it down its chain at the same time. If the head is
+//! killed before its successors have the write, or gives the write up (its lease lapsed for
+//! good, or the chain deadline passed), the head holds a write its chain may lack: the
+//! client was told the outcome is unknown, but the copies differ, and a later change of
+//! chains could let a read see the write and a later read not. So every chain write at a
+//! head marks its key unconfirmed in the same commit ([`crate::storage::Store::submit_head`]),
+//! the mark goes once the chain has it, and the keys still marked are re-driven: at start
+//! (loaded from the store) and after a write is given up, every [`REDRIVE_EVERY`] until the
+//! chain has the head's current value or the node no longer heads the key
+//! ([`crate::request::data::redrive`]).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::request::data::{redrive, Redriven};
+use crate::Node;
+
+/// How often keys still unconfirmed are tried again.
+pub const REDRIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Most keys re-driven at once.
+const CONCURRENCY: usize = 64;
+
+/// The keys a head is to re-drive.
+#[derive(Default)]
+pub struct Redrive {
+    keys: Mutex<BTreeSet<Vec<u8>>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Redrive {
+    /// Starts with `keys` (the unconfirmed keys found in the store at start).
+    pub(crate) fn new(keys: Vec<Vec<u8>>) -> Self {
+        Self {
+            keys: Mutex::new(keys.into_iter().collect()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// `key` is to be re-driven (a write of it was given up).
+    pub(crate) fn later(&self, key: Vec<u8>) {
+        self.keys.lock().expect("redrive lock").insert(key);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> BTreeSet<Vec<u8>> {
+        std::mem::take(&mut *self.keys.lock().expect("redrive lock"))
+    }
+}
+
+/// Re-drives `node`'s unconfirmed keys until it stops (aborted with the server).
+pub async fn run(node: Arc<Node>) {
+    loop {
+        let keys = node.redrive.take();
+        if keys.is_empty() {
+            node.redrive.wake.notified().await;
+            continue;
+        }
+        let count = keys.len();
+        let mut outcomes = futures::stream::iter(keys)
+            .map(|key| {
+                let node = node.clone();
+                async move {
+                    let outcome = redrive(&node, &key).await;
+                    (key, outcome)
+                }
+            })
+            .buffer_unordered(CONCURRENCY);
+        let (mut confirmed, mut later) = (0, 0);
+        let mut why = None;
+        while let Some((key, outcome)) = outcomes.next().await {
+            match outcome {
+                Redriven::Confirmed => confirmed += 1,
+                Redriven::Forgotten => {}
+                Redriven::Later(reason) => {
+                    later += 1;
+                    why = Some(reason);
+                    node.redrive.keys.lock().expect("redrive lock").insert(key);
+                }
+            }
+        }
+        if confirmed > 0 {
+            tracing::info!(node = %node.config().name, keys = count, confirmed, "re-drove unconfirmed chain writes");
+        }
+        if later > 0 {
+            tracing::debug!(node = %node.config().name, later, why = ?why, "unconfirmed chain writes wait to be re-driven");
+            tokio::time::sleep(REDRIVE_EVERY).await;
+        }
+    }
+}
