@@ -20,7 +20,9 @@
 //!   place of its own chain, applies it (newest sequence wins) and passes it on; the tail
 //!   acknowledges to the head, which answers the client; a hop that fails is re-driven
 //!   along the head's current chain, and the head gives up after a while (the client then
-//!   records the write as unknown). One write per key travels at a time (the stripe).
+//!   records the write as unknown). One write per key travels at a time (the stripe). The
+//!   head marks a write's key unconfirmed (durably, with the write) until the tail has it,
+//!   and re-drives marked keys after a restart or a give-up (`node::redrive`).
 //! - the client: routes writes to the head and reads to the tail of its cached ring,
 //!   adopts the ring a `NotResponsible` carries, refreshes its ring from a random node when
 //!   a node answers `Stopped`, and gives up on an operation after a deadline (`unknown`).
@@ -42,7 +44,8 @@
 //! **Checked** after every run: the history of every client operation (start, end, result;
 //! `unknown` on a timeout) is linearizable per key with the suite's checker, and no
 //! acknowledged write is lost (final reads at the tails of the ECS's last ring once every
-//! fault healed); and, while it runs, that a node the ECS's committed ring marks failed
+//! fault healed); that every member of each chain of the ECS's last ring holds the same
+//! value of each key; and, while it runs, that a node the ECS's committed ring marks failed
 //! never holds a lease from the commit on, and that the whole-cluster stop fails no node
 //! over. A failing seed prints a one-line reproduction.
 //!
@@ -80,6 +83,8 @@ const STEP_TIMEOUT: Micros = SEC;
 const PROPOSE_TIMEOUT: Micros = SEC;
 const HOP_RETRY: Micros = 50 * MS;
 const HEAD_GIVES_UP: Micros = 4 * SEC;
+/// How often a head tries its unconfirmed writes again (`request::data::REDRIVE_EVERY`).
+const REDRIVE_EVERY: Micros = SEC;
 const CLIENT_DEADLINE: Micros = 3 * SEC;
 
 /// A process's clock: runs at `rate` × real time, may be frozen (a machine pause).
@@ -147,6 +152,9 @@ struct SimNode {
     /// Writes this node heads that are travelling down the chain, by key.
     /// (Ordered: it is walked when a new ring comes, and a seed must replay exactly.)
     writing: BTreeMap<Vec<u8>, HeadWrite>,
+    /// Durable, with the data: keys of writes this node headed whose chain has not
+    /// confirmed them (`Store::unconfirmed`), re-driven after a restart or a give-up.
+    unconfirmed: std::collections::BTreeSet<Vec<u8>>,
     disk_stall_until: Micros,
     /// Stopping on purpose (SIGTERM): the next probe is answered `Leaving`.
     leaving: bool,
@@ -156,8 +164,8 @@ struct SimNode {
 struct HeadWrite {
     value: Option<Vec<u8>>,
     seq: Seq,
-    client: usize,
-    op: u64,
+    /// The client operation it answers (`None`: a re-drive, `request::data::redrive`).
+    client: Option<(usize, u64)>,
     since: Micros,
     /// Sent down the chain at this version, waiting for the tail's ack (attempt number).
     attempt: u64,
@@ -307,6 +315,11 @@ enum Event {
         key: Vec<u8>,
         attempt: u64,
     },
+    /// A key of the node's unconfirmed writes is re-driven.
+    Redrive {
+        node: usize,
+        key: Vec<u8>,
+    },
     Fault(Fault),
     EndOfFaults,
 }
@@ -335,6 +348,9 @@ enum Fault {
     Resume {
         node: usize,
         machine: bool,
+        /// The end of the pause it ends (`None`: the heal at the end of the faults, which
+        /// ends any pause); a pause's own end does not end a later pause.
+        of: Option<Micros>,
     },
     CutEcs {
         node: usize,
@@ -492,6 +508,7 @@ impl Sim {
                 data: HashMap::new(),
                 counter: 0,
                 writing: BTreeMap::new(),
+                unconfirmed: Default::default(),
                 disk_stall_until: 0,
                 leaving: false,
             })
@@ -813,6 +830,7 @@ impl Sim {
                 }
             }
             Event::HeadRetry { node, key, attempt } => self.head_retry(node, key, attempt),
+            Event::Redrive { node, key } => self.redrive(node, key),
             Event::Fault(fault) => self.fault(fault),
             Event::EndOfFaults => {
                 self.faults_over = true;
@@ -825,7 +843,11 @@ impl Sim {
                     }
                     if self.nodes[n].paused_until.is_some() {
                         let machine = self.nodes[n].mono.frozen;
-                        self.fault(Fault::Resume { node: n, machine });
+                        self.fault(Fault::Resume {
+                            node: n,
+                            machine,
+                            of: None,
+                        });
                     }
                 }
             }
@@ -874,11 +896,18 @@ impl Sim {
             }
             Fault::Restart(n) => {
                 let node = &mut self.nodes[n];
+                if node.up {
+                    return; // its stop was skipped (it was paused): nothing to restart
+                }
                 node.up = true;
                 node.leaving = false;
                 // A new process: its monotonic clock has a new origin.
                 node.mono = Clock::new(node.mono.rate, 0.0);
                 node.mono.base_real = self.now;
+                // It re-drives what its chains may lack.
+                for key in node.unconfirmed.clone() {
+                    self.after(0, Event::Redrive { node: n, key });
+                }
             }
             Fault::Pause {
                 node,
@@ -899,11 +928,18 @@ impl Sim {
                 if machine {
                     n.mono.freeze(self.now);
                 }
-                self.at(until, Event::Fault(Fault::Resume { node, machine }));
+                self.at(
+                    until,
+                    Event::Fault(Fault::Resume {
+                        node,
+                        machine,
+                        of: Some(until),
+                    }),
+                );
             }
-            Fault::Resume { node, machine } => {
+            Fault::Resume { node, machine, of } => {
                 let n = &mut self.nodes[node];
-                if n.paused_until.is_none() {
+                if n.paused_until.is_none() || of.is_some_and(|of| n.paused_until != Some(of)) {
                     return;
                 }
                 n.paused_until = None;
@@ -1429,8 +1465,7 @@ impl Sim {
                 let node = &mut self.nodes[n];
                 if let Some(w) = node.writing.get(&key) {
                     if w.seq == seq && w.attempt == attempt {
-                        let w = node.writing.remove(&key).unwrap();
-                        self.reply(n, w.client, w.op, ClientReply::Done);
+                        self.head_done(n, &key);
                     }
                 }
             }
@@ -1497,13 +1532,65 @@ impl Sim {
             HeadWrite {
                 value,
                 seq,
-                client,
-                op,
+                client: Some((client, op)),
+                since: now,
+                attempt: 0,
+            },
+        );
+        node.unconfirmed.insert(key.clone());
+        self.head_retry(n, key, 0);
+    }
+
+    /// A re-drive (`request::data::redrive`): the head sends its current value of a key
+    /// whose chain has not confirmed its write (after a restart, or a write given up) down
+    /// its current chain again, as a write of its own; a node that no longer heads the key
+    /// forgets it.
+    fn redrive(&mut self, n: usize, key: Vec<u8>) {
+        let now = self.now;
+        let node = &mut self.nodes[n];
+        if !node.up || !node.unconfirmed.contains(&key) || node.writing.contains_key(&key) {
+            return; // a restart re-drives again; a write under way settles the key
+        }
+        if node.paused_until.is_some() || !node.leased(now) {
+            self.after(REDRIVE_EVERY, Event::Redrive { node: n, key });
+            return;
+        }
+        if chain_names(&node.ring, &key).first() != Some(&node.entry.name) {
+            node.unconfirmed.remove(&key);
+            return;
+        }
+        node.counter += 1;
+        let seq = (node.ring.version, node.counter);
+        let value = node.data.get(&key).and_then(|(v, _)| v.clone());
+        node.data.insert(key.clone(), (value.clone(), seq));
+        let name = node.entry.name.clone();
+        self.log(|| {
+            format!(
+                "{name} re-drives {} seq {seq:?}",
+                String::from_utf8_lossy(&key)
+            )
+        });
+        self.nodes[n].writing.insert(
+            key.clone(),
+            HeadWrite {
+                value,
+                seq,
+                client: None,
                 since: now,
                 attempt: 0,
             },
         );
         self.head_retry(n, key, 0);
+    }
+
+    /// A head write is over: its chain confirmed it; its client (if any) is answered.
+    fn head_done(&mut self, n: usize, key: &[u8]) {
+        let node = &mut self.nodes[n];
+        let w = node.writing.remove(key).expect("a write under way");
+        node.unconfirmed.remove(key);
+        if let Some((client, op)) = w.client {
+            self.reply(n, client, op, ClientReply::Done);
+        }
     }
 
     /// [`Sim::head_retry`] of attempt `attempt` after a pause.
@@ -1522,7 +1609,19 @@ impl Sim {
     fn head_retry(&mut self, n: usize, key: Vec<u8>, attempt: u64) {
         let now = self.now;
         let node = &mut self.nodes[n];
-        if !node.up || node.paused_until.is_some() {
+        if !node.up {
+            return;
+        }
+        if let Some(until) = node.paused_until {
+            // A paused process's timers fire once it runs again.
+            self.at(
+                until,
+                Event::HeadRetry {
+                    node: n,
+                    key,
+                    attempt,
+                },
+            );
             return;
         }
         let chain = chain_names(&node.ring, &key);
@@ -1537,8 +1636,10 @@ impl Sim {
             return; // superseded
         }
         if !heads || !may_return || now - w.since > HEAD_GIVES_UP {
-            // Indeterminate: the client records the write as unknown.
+            // Indeterminate: the client records the write as unknown. Its mark stays (the
+            // chain may lack it): re-driven later, or forgotten once the node is not head.
             node.writing.remove(&key);
+            self.after(REDRIVE_EVERY, Event::Redrive { node: n, key });
             return;
         }
         if !leased {
@@ -1548,8 +1649,7 @@ impl Sim {
         w.attempt += 1;
         let (value, seq, attempt) = (w.value.clone(), w.seq, w.attempt);
         if chain.len() == 1 {
-            let w = node.writing.remove(&key).unwrap();
-            self.reply(n, w.client, w.op, ClientReply::Done);
+            self.head_done(n, &key);
             return;
         }
         let version = node.ring.version;
@@ -1706,6 +1806,45 @@ impl Sim {
 
     // ----- the end of a run -----
 
+    /// Keys whose copies differ at the end: every member of a key's chain in the ECS's last
+    /// ring (once every fault healed and the run went quiet) must hold the same value, or a
+    /// later change of chains could make a read show a write and then not.
+    fn diverged(&self) -> Vec<String> {
+        let mut diverged = Vec::new();
+        for key in &self.keys {
+            let copies: Vec<(String, Option<Vec<u8>>)> = self
+                .ecs
+                .ring
+                .chain(&key_position(key))
+                .iter()
+                .map(|e| {
+                    let node = &self.nodes[self.index(&e.name)];
+                    (
+                        e.name.clone(),
+                        node.data.get(key).and_then(|(v, _)| v.clone()),
+                    )
+                })
+                .collect();
+            if copies.windows(2).any(|w| w[0].1 != w[1].1) {
+                let shown: Vec<String> = copies
+                    .iter()
+                    .map(|(name, v)| {
+                        format!(
+                            "{name}={:?}",
+                            v.as_ref().map(|v| String::from_utf8_lossy(v).to_string())
+                        )
+                    })
+                    .collect();
+                diverged.push(format!(
+                    "{}: {}",
+                    String::from_utf8_lossy(key),
+                    shown.join(" ")
+                ));
+            }
+        }
+        diverged
+    }
+
     /// What each key reads at the tail of the ECS's last ring.
     fn final_reads(&self) -> Values {
         self.keys
@@ -1840,6 +1979,13 @@ fn run_seed(seed: u64, planned: bool) -> Result<(usize, u64), String> {
     if let Some(v) = sim.violations.first() {
         return Err(format!(
             "seed {seed}: {v}\n{repro}\n{}",
+            sim.trace.join("\n")
+        ));
+    }
+    let diverged = sim.diverged();
+    if !diverged.is_empty() {
+        return Err(format!(
+            "seed {seed}: copies differ at the end: {diverged:?}\n{repro}\n{}",
             sim.trace.join("\n")
         ));
     }
