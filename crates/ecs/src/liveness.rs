@@ -47,6 +47,19 @@ pub fn probe_interval(
     needed.clamp(configured, cap)
 }
 
+/// The shortest `failover_after` at which a ring of `live` live nodes is leased within
+/// `max_rate` probes per second ([`probe_interval`] stretches to a quarter of it), or `None`
+/// if `failover_after` already does. A leader past its budget still probes every node at the
+/// quarter (a lease needs it), and says so with this figure.
+pub fn failover_after_within_budget(
+    live: usize,
+    max_rate: u32,
+    failover_after: Duration,
+) -> Option<Duration> {
+    let needed = Duration::from_secs_f64(4.0 * live as f64 / f64::from(max_rate.max(1)));
+    (needed > failover_after).then_some(needed)
+}
+
 /// When each node last answered a probe, its last stamp, and which probes are under way.
 #[derive(Debug, Default)]
 pub struct Probes {
@@ -342,6 +355,19 @@ mod tests {
         );
         // Never below the configured interval, whatever the cap.
         assert_eq!(probe_interval(ms(250), 10_000, 6_000, ms(800)), ms(250));
+    }
+
+    #[test]
+    fn a_ring_past_the_budget_is_told_the_failover_after_that_fits_it() {
+        let s = Duration::from_secs;
+        // 4,500 nodes fit 6,000 probes/s at 750 ms (failover_after 3 s); 10,000 need 6.67 s.
+        assert_eq!(failover_after_within_budget(4_500, 6_000, s(3)), None);
+        let needed = failover_after_within_budget(10_000, 6_000, s(3)).unwrap();
+        assert!(needed > Duration::from_millis(6666) && needed < Duration::from_millis(6667));
+        assert_eq!(failover_after_within_budget(10_000, 6_000, s(7)), None);
+        // And at that failover_after the interval keeps to the budget.
+        let interval = probe_interval(Duration::from_millis(250), 10_000, 6_000, needed);
+        assert!(10_000.0 / interval.as_secs_f64() <= 6_000.5);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Liveness and failover: the probe loop (leases), the failover loop, and failing nodes over
 //! (decisions in [`crate::liveness`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,12 +47,26 @@ impl Ecs {
             .probe_every_us
             .swap(micros, std::sync::atomic::Ordering::Relaxed);
         if before != micros && interval != self.config.probe_interval {
-            tracing::info!(
+            match crate::liveness::failover_after_within_budget(
                 live,
-                ?interval,
-                max_probe_rate = self.config.max_probe_rate,
-                "probe interval stretched to keep to the probe budget"
-            );
+                self.config.max_probe_rate,
+                self.failover_after(),
+            ) {
+                None => tracing::info!(
+                    live,
+                    ?interval,
+                    max_probe_rate = self.config.max_probe_rate,
+                    "probe interval stretched to keep to the probe budget"
+                ),
+                Some(needed) => tracing::warn!(
+                    live,
+                    ?interval,
+                    probes_per_sec = (live as f64 / interval.as_secs_f64()).round(),
+                    max_probe_rate = self.config.max_probe_rate,
+                    failover_after_needed = ?needed,
+                    "the ring has outgrown the probe budget: every lease still needs a probe every quarter of failover_after; a group started with a failover_after of at least failover_after_needed (or a larger --max-probe-rate) keeps to it"
+                ),
+            }
         }
         interval
     }
@@ -212,15 +227,16 @@ impl Ecs {
             }
             probes.echo(name)
         };
-        self.probe(term, name, echo).await
+        let Some(node) = self.metadata().node(name).cloned() else {
+            return false;
+        };
+        self.probe(term, &node, echo).await
     }
 
     /// One liveness probe of `name` (a lease renewal, echoing `echo`, the stamp chosen when
     /// the probe was decided): whether it answered in time.
-    pub(super) async fn probe(&self, term: u64, name: &str, echo: Option<u64>) -> bool {
-        let Some(node) = self.metadata().node(name).cloned() else {
-            return false;
-        };
+    pub(super) async fn probe(&self, term: u64, node: &NodeEntry, echo: Option<u64>) -> bool {
+        let name = node.name.as_str();
         let lease = self.lease();
         let body = RequestBody::Lease {
             millis: lease.as_millis().min(u32::MAX as u128) as u32,
@@ -229,7 +245,7 @@ impl Ecs {
         // Dialing included: a dead node's probe ends within this, and the next one waits
         // for it (one per node under way), so it never holds up anyone else's.
         let timeout = self.probe_timeout();
-        match tokio::time::timeout(timeout, self.call(term, &node, body, timeout)).await {
+        match tokio::time::timeout(timeout, self.call(term, node, body, timeout)).await {
             Ok(Ok(Reply {
                 body: ReplyBody::Leased { stamp },
                 ..
@@ -296,17 +312,28 @@ impl Ecs {
                 .lock()
                 .expect("owed lock")
                 .retain(|name, _| metadata.node(name).is_some());
+            // Nothing per probe may walk the ring: at thousands of nodes that was most of a
+            // probe's cost (ARCHITECTURE.md §11, "The probe budget").
+            let entries: HashMap<&str, &NodeEntry> = metadata
+                .nodes
+                .iter()
+                .map(|n| (n.name.as_str(), n))
+                .collect();
+            let version = metadata.version;
             for (name, mut echo) in due {
-                let Some(node) = metadata.node(&name).cloned() else {
+                let Some(node) = entries.get(name.as_str()).map(|n| (*n).clone()) else {
                     continue;
                 };
                 let ecs = self.clone();
                 tokio::spawn(async move {
                     let answered = loop {
-                        let answered = ecs.probe(term, &name, echo).await;
+                        let answered = ecs.probe(term, &node, echo).await;
+                        // Live at this round's ring (`due` holds live nodes only), unless
+                        // the ring changed since.
                         let live = {
                             let ring = ecs.metadata();
-                            ring.node(&name).is_some() && !ring.is_failed(&name)
+                            ring.version == version
+                                || (ring.node(&name).is_some() && !ring.is_failed(&name))
                         };
                         let mut probes = ecs.probes.lock().expect("probes lock");
                         match probes.follow_up(&name, echo, live).filter(|_| answered) {
