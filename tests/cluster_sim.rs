@@ -21,8 +21,9 @@
 //!   acknowledges to the head, which answers the client; a hop that fails is re-driven
 //!   along the head's current chain, and the head gives up after a while (the client then
 //!   records the write as unknown). One write per key travels at a time (the stripe). The
-//!   head marks a write's key unconfirmed (durably, with the write) until the tail has it,
-//!   and re-drives marked keys after a restart or a give-up (`node::redrive`).
+//!   head, and each member passing a write on, marks its key unconfirmed (durably, with the
+//!   write) until the tail has it; the head re-drives marked keys after a restart, a
+//!   give-up, or a new ring that made it the head (`node::redrive`).
 //! - the client: routes writes to the head and reads to the tail of its cached ring,
 //!   adopts the ring a `NotResponsible` carries, refreshes its ring from a random node when
 //!   a node answers `Stopped`, and gives up on an operation after a deadline (`unknown`).
@@ -152,9 +153,11 @@ struct SimNode {
     /// Writes this node heads that are travelling down the chain, by key.
     /// (Ordered: it is walked when a new ring comes, and a seed must replay exactly.)
     writing: BTreeMap<Vec<u8>, HeadWrite>,
-    /// Durable, with the data: keys of writes this node headed whose chain has not
-    /// confirmed them (`Store::unconfirmed`), re-driven after a restart or a give-up.
-    unconfirmed: std::collections::BTreeSet<Vec<u8>>,
+    /// Durable, with the data: keys of writes this node headed, or passed on as a member,
+    /// that the rest of the chain has not confirmed (`Store::unconfirmed`), with the write's
+    /// order; re-driven by the head after a restart, a give-up, or a new ring making it the
+    /// head.
+    unconfirmed: BTreeMap<Vec<u8>, Seq>,
     disk_stall_until: Micros,
     /// Stopping on purpose (SIGTERM): the next probe is answered `Leaving`.
     leaving: bool,
@@ -240,6 +243,11 @@ enum Msg {
         key: Vec<u8>,
         seq: Seq,
         attempt: u64,
+    },
+    /// To a member: the rest of the chain has this write.
+    Confirmed {
+        key: Vec<u8>,
+        seq: Seq,
     },
     HopRefused {
         key: Vec<u8>,
@@ -905,7 +913,7 @@ impl Sim {
                 node.mono = Clock::new(node.mono.rate, 0.0);
                 node.mono.base_real = self.now;
                 // It re-drives what its chains may lack.
-                for key in node.unconfirmed.clone() {
+                for key in node.unconfirmed.keys().cloned().collect::<Vec<_>>() {
                     self.after(0, Event::Redrive { node: n, key });
                 }
             }
@@ -1356,6 +1364,12 @@ impl Sim {
                 node.term = term;
                 if ring.version > node.ring.version {
                     node.ring = ring;
+                    // Writes it took as a member and now heads go down the new chain.
+                    let marked: Vec<Vec<u8>> = node.unconfirmed.keys().cloned().collect();
+                    for key in marked {
+                        self.after(0, Event::Redrive { node: n, key });
+                    }
+                    let node = &mut self.nodes[n];
                     // Writes on their way are re-driven along the new chains at once.
                     let redrive: Vec<(Vec<u8>, u64)> = node
                         .writing
@@ -1434,10 +1448,26 @@ impl Sim {
                 let applied = stored.is_none_or(|s| s <= seq);
                 if applied {
                     node.data.insert(key.clone(), (value.clone(), seq));
+                    // Passed on: unconfirmed here until the tail has it.
+                    if pos + 1 < chain.len() {
+                        node.unconfirmed.insert(key.clone(), seq);
+                    }
                 }
                 let name = node.entry.name.clone();
                 self.log(|| format!("{name} replicate {} {:?} seq {seq:?} at {pos}/{chain:?} v{version}: applied {applied}", String::from_utf8_lossy(&key), value.as_ref().map(|v| String::from_utf8_lossy(v).to_string())));
                 if pos + 1 == chain.len() {
+                    // The answer travels back through the members, each confirming.
+                    for member in &chain[1..pos] {
+                        let m = self.index(member);
+                        self.send(
+                            Addr::Node(n),
+                            Addr::Node(m),
+                            Msg::Confirmed {
+                                key: key.clone(),
+                                seq,
+                            },
+                        );
+                    }
                     self.send(
                         Addr::Node(n),
                         Addr::Node(head),
@@ -1459,6 +1489,12 @@ impl Sim {
                             attempt,
                         },
                     );
+                }
+            }
+            Msg::Confirmed { key, seq } => {
+                let node = &mut self.nodes[n];
+                if node.unconfirmed.get(&key).is_some_and(|s| *s <= seq) {
+                    node.unconfirmed.remove(&key);
                 }
             }
             Msg::Acked { key, seq, attempt } => {
@@ -1537,7 +1573,7 @@ impl Sim {
                 attempt: 0,
             },
         );
-        node.unconfirmed.insert(key.clone());
+        node.unconfirmed.insert(key.clone(), seq);
         self.head_retry(n, key, 0);
     }
 
@@ -1548,7 +1584,7 @@ impl Sim {
     fn redrive(&mut self, n: usize, key: Vec<u8>) {
         let now = self.now;
         let node = &mut self.nodes[n];
-        if !node.up || !node.unconfirmed.contains(&key) || node.writing.contains_key(&key) {
+        if !node.up || !node.unconfirmed.contains_key(&key) || node.writing.contains_key(&key) {
             return; // a restart re-drives again; a write under way settles the key
         }
         if node.paused_until.is_some() || !node.leased(now) {
@@ -1556,13 +1592,13 @@ impl Sim {
             return;
         }
         if chain_names(&node.ring, &key).first() != Some(&node.entry.name) {
-            node.unconfirmed.remove(&key);
-            return;
+            return; // the head's to re-drive; this node's if a new ring makes it the head
         }
         node.counter += 1;
         let seq = (node.ring.version, node.counter);
         let value = node.data.get(&key).and_then(|(v, _)| v.clone());
         node.data.insert(key.clone(), (value.clone(), seq));
+        node.unconfirmed.insert(key.clone(), seq);
         let name = node.entry.name.clone();
         self.log(|| {
             format!(
@@ -1687,7 +1723,11 @@ impl Sim {
         let key = self.keys[self.rng.random_range(0..self.keys.len())].clone();
         self.next_op += 1;
         let id = self.next_op;
-        let op = if self.rng.random_bool(0.5) {
+        // The first key goes cold half way: only read from then on, so a write of it left
+        // at one copy (a head that crashed or gave up mid-write) is never overwritten, and
+        // the end-of-run check sees whether the head re-drove it.
+        let cold = key == self.keys[0] && self.now > self.settings.duration / 2;
+        let op = if self.rng.random_bool(0.5) || cold {
             Op::Get { key }
         } else {
             Op::Put {

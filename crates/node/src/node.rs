@@ -549,6 +549,9 @@ impl Node {
         self.applied_seq.lock().expect("applied seq lock").clear();
         self.replication
             .store(installed.replication, Ordering::Relaxed);
+        // Chain writes this node took as a member and may now head (its predecessor was
+        // failed over before the chain had them) go down the new chain.
+        self.redrive.rescan(&self.store);
         let released = {
             let mut moves = self.moves();
             moves

@@ -4,11 +4,13 @@
 //! killed before its successors have the write, or gives the write up (its lease lapsed for
 //! good, or the chain deadline passed), the head holds a write its chain may lack: the
 //! client was told the outcome is unknown, but the copies differ, and a later change of
-//! chains could let a read see the write and a later read not. So every chain write at a
-//! head marks its key unconfirmed in the same commit ([`crate::storage::Store::submit_head`]),
-//! the mark goes once the chain has it, and the keys still marked are re-driven: at start
-//! (loaded from the store) and after a write is given up, every [`REDRIVE_EVERY`] until the
-//! chain has the head's current value or the node no longer heads the key
+//! chains could let a read see the write and a later read not. The same holds for a member
+//! that becomes the head when its predecessor is failed over. So every chain write at a head
+//! marks its key unconfirmed in the same commit ([`crate::storage::Store::submit_head`]), as
+//! does every write a member passes on, the mark goes once the rest of the chain has it, and
+//! the keys still marked are re-driven by whichever node heads them: at start (loaded from
+//! the store), after a write is given up, and at every install of a new ring, every
+//! [`REDRIVE_EVERY`] until the chain has the head's current value
 //! ([`crate::request::data::redrive`]).
 
 use std::collections::BTreeSet;
@@ -48,6 +50,19 @@ impl Redrive {
         self.wake.notify_one();
     }
 
+    /// Every key marked unconfirmed in `store` is to be re-driven (a new ring may have made
+    /// this node the head of keys it took as a member; those it does not head stay marked).
+    pub(crate) fn rescan(&self, store: &crate::storage::Store) {
+        match store.unconfirmed() {
+            Ok(keys) if keys.is_empty() => {}
+            Ok(keys) => {
+                self.keys.lock().expect("redrive lock").extend(keys);
+                self.wake.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the unconfirmed chain writes failed"),
+        }
+    }
+
     fn take(&self) -> BTreeSet<Vec<u8>> {
         std::mem::take(&mut *self.keys.lock().expect("redrive lock"))
     }
@@ -76,7 +91,7 @@ pub async fn run(node: Arc<Node>) {
         while let Some((key, outcome)) = outcomes.next().await {
             match outcome {
                 Redriven::Confirmed => confirmed += 1,
-                Redriven::Forgotten => {}
+                Redriven::Forgotten | Redriven::NotHead => {}
                 Redriven::Later(reason) => {
                     later += 1;
                     why = Some(reason);

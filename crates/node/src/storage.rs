@@ -62,8 +62,12 @@ enum WriteOp {
     },
     PutBatch(Vec<StorageEntry>),
     /// Storage keys with their values (`None` deletes), applied blindly: chain writes at a
-    /// member, whose outcome nobody asks for.
-    Entries(Vec<(Vec<u8>, Option<Vec<u8>>)>),
+    /// member, whose outcome nobody asks for; the keys of `marks` are marked unconfirmed
+    /// (those passed on to a successor).
+    Entries {
+        entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        marks: Vec<Vec<u8>>,
+    },
     DeleteKeys(Vec<Vec<u8>>),
     /// A chain write at its head (`None` deletes): applied, and its key marked unconfirmed.
     Head {
@@ -81,7 +85,7 @@ impl WriteOp {
     /// chain writes, one for anything else.
     fn writes(&self) -> usize {
         match self {
-            WriteOp::Entries(entries) => entries.len(),
+            WriteOp::Entries { entries, .. } => entries.len(),
             _ => 1,
         }
     }
@@ -282,16 +286,18 @@ impl Store {
     }
 
     /// Queues storage keys with their values (`None` deletes) as one write in the place
-    /// taken by [`Store::reserve`], without waiting (see [`Store::submit`]); `hold` as for
-    /// [`Store::put_hashed`]. The writes are applied blindly: nothing says whether a key
-    /// existed.
+    /// taken by [`Store::reserve`], without waiting (see [`Store::submit`]), marking the keys
+    /// of `marks` unconfirmed in the same commit (a member's chain writes passed on to a
+    /// successor; [`Store::confirm`] once it answered); `hold` as for [`Store::put_hashed`].
+    /// The writes are applied blindly: nothing says whether a key existed.
     pub(crate) fn submit_entries(
         &self,
         place: Place,
         entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        marks: Vec<Vec<u8>>,
         hold: Option<WriteAdmission>,
     ) -> Result<Pending, NodeError> {
-        self.submit(place, WriteOp::Entries(entries), hold)
+        self.submit(place, WriteOp::Entries { entries, marks }, hold)
     }
 
     /// Queues a chain write at its head (`value` `None` deletes) in the place taken by
@@ -708,9 +714,15 @@ fn apply(
                 }
                 WriteOutcome::Done
             }
-            WriteOp::Entries(entries) => {
+            WriteOp::Entries {
+                entries,
+                marks: marked,
+            } => {
                 for (key, value) in entries {
                     state.insert(key, value);
+                }
+                for key in marked {
+                    marks.insert(key, true);
                 }
                 WriteOutcome::Done
             }
@@ -950,6 +962,25 @@ mod tests {
         store.confirm(storage_key(b"k"));
         head_write(&store, b"k", Some(b"2")).await;
         assert_eq!(store.unconfirmed().unwrap(), [b"k".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_members_writes_passed_on_are_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let place = store.reserve().await.unwrap();
+        let entries = vec![
+            (storage_key(b"on"), Some(b"1".to_vec())),
+            (storage_key(b"tail"), Some(b"2".to_vec())),
+        ];
+        store
+            .submit_entries(place, entries, vec![storage_key(b"on")], None)
+            .unwrap()
+            .done()
+            .await
+            .unwrap();
+        assert_eq!(store.get(b"tail").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(store.unconfirmed().unwrap(), [b"on".to_vec()]);
     }
 
     #[tokio::test]

@@ -229,9 +229,11 @@ impl HeadWrite {
 pub(crate) enum Redriven {
     /// The chain has the head's current value: the mark is gone.
     Confirmed,
-    /// Not this node's to re-drive (no longer marked, or the node no longer heads the
-    /// key): the mark, if any, is gone.
+    /// No longer marked: nothing to do.
     Forgotten,
+    /// The node does not head the key: the mark stays (it is the chain's head's to
+    /// re-drive; this node re-drives it if it becomes the head, at that install).
+    NotHead,
     /// To be tried again later, and why.
     Later(String),
 }
@@ -250,11 +252,13 @@ pub(crate) async fn redrive(node: &std::sync::Arc<Node>, key: &[u8]) -> Redriven
     if !node.is_running() || !node.leased() {
         return Redriven::Later("the node is not leased".into());
     }
+    if node.check_head(&key.position).is_err() {
+        return Redriven::NotHead; // checked again under the stripe
+    }
     let stripe = node.stripe(&key.position).lock_owned().await;
     let admitted = node.admit_write().await;
     if node.check_head(&key.position).is_err() {
-        node.store.confirm(key.storage_key());
-        return Redriven::Forgotten;
+        return Redriven::NotHead;
     }
     if node.moves().is_locked(&key.position) {
         return Redriven::Later("its range is write-locked by a move".into());
@@ -279,9 +283,8 @@ pub(crate) async fn redrive(node: &std::sync::Arc<Node>, key: &[u8]) -> Redriven
             Redriven::Confirmed
         }
         Err(why) if node.check_head(&key.position).is_err() => {
-            tracing::debug!(node = %node.config.name, %why, "an unconfirmed key is no longer this node's");
-            node.store.confirm(key.storage_key());
-            Redriven::Forgotten
+            tracing::debug!(node = %node.config.name, %why, "an unconfirmed key is no longer this node's to re-drive");
+            Redriven::NotHead
         }
         Err(why) => Redriven::Later(why),
     }
@@ -467,17 +470,27 @@ pub async fn replicate_batch(
             }
         }
         let mut entries = Vec::with_capacity(fresh.len());
+        let mut marks = Vec::new();
         {
             let mut moves = node.moves();
             for member in &fresh {
                 let hashed = member.hashed();
                 moves.track(&hashed);
-                entries.push((hashed.storage_key(), member.write.value.clone()));
+                let key = hashed.storage_key();
+                // Passed on: unconfirmed here until the successor answers (this node may
+                // become the head before it does, and must then re-drive it).
+                if member.next.is_some() {
+                    marks.push(key.clone());
+                }
+                entries.push((key, member.write.value.clone()));
             }
         }
         // Nothing to store (every write refused or stale): no commit.
         let pending = (!entries.is_empty())
-            .then(|| node.store.submit_entries(place, entries, Some(admitted)))
+            .then(|| {
+                node.store
+                    .submit_entries(place, entries, marks, Some(admitted))
+            })
             .transpose();
         (fresh, pending)
     };
@@ -494,7 +507,11 @@ pub async fn replicate_batch(
     // Persist here while the successors do (each write answered once both have).
     let mut tails = Vec::new();
     let mut hops: Vec<(&NodeEntry, Vec<usize>, Vec<ChainWrite>)> = Vec::new();
+    let mut keys: Vec<Option<Vec<u8>>> = vec![None; answers.len()];
     for member in fresh {
+        if member.next.is_some() {
+            keys[member.index] = Some(member.hashed().storage_key());
+        }
         match member.next {
             None => tails.push(member.index),
             Some(next) => match hops.iter_mut().find(|(n, ..)| n.name == next.name) {
@@ -541,6 +558,13 @@ pub async fn replicate_batch(
     }
     for (next, indexes, hop_answers) in forwarded {
         for (i, answer) in indexes.into_iter().zip(hop_answers) {
+            // The rest of the chain has it: confirmed here before this node answers, so
+            // before the head can send the key's next write (whose mark it must not remove).
+            if matches!(answer, Ok(ReplyBody::Ok)) {
+                if let Some(key) = keys[i].take() {
+                    node.store.confirm(key);
+                }
+            }
             answers[i] = Some(hop_answer(next, answer));
         }
     }
