@@ -43,8 +43,13 @@ pub fn probe_interval(
     failover_after: Duration,
 ) -> Duration {
     let cap = (failover_after / 4).max(configured);
-    let needed = Duration::from_secs_f64(live as f64 / f64::from(max_rate.max(1)));
-    needed.clamp(configured, cap)
+    interval_within_budget(live, max_rate).clamp(configured, cap)
+}
+
+/// The shortest interval at which probing `live` nodes keeps to `max_rate` probes per
+/// second.
+fn interval_within_budget(live: usize, max_rate: u32) -> Duration {
+    Duration::from_secs_f64(live as f64 / f64::from(max_rate.max(1)))
 }
 
 /// The shortest `failover_after` at which a ring of `live` live nodes is leased within
@@ -56,7 +61,7 @@ pub fn failover_after_within_budget(
     max_rate: u32,
     failover_after: Duration,
 ) -> Option<Duration> {
-    let needed = Duration::from_secs_f64(4.0 * live as f64 / f64::from(max_rate.max(1)));
+    let needed = interval_within_budget(live, max_rate) * 4;
     (needed > failover_after).then_some(needed)
 }
 
