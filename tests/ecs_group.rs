@@ -191,7 +191,6 @@ impl Group {
             .kill();
     }
 
-    /// Starts nodes `n1..=n<n>` and adds them to the ring one by one.
     /// A group ([`Group::start`]) with `nodes` nodes, and `clients` clients recording a
     /// load over `keys` keys spread over the whole ring, running for 800 ms already.
     async fn under_load(nodes: usize, keys: usize, clients: usize) -> (Self, Load) {
@@ -223,6 +222,7 @@ impl Group {
         leader
     }
 
+    /// Starts nodes `n1..=n<n>` and adds them to the ring one by one.
     async fn add_nodes(&mut self, n: usize) {
         for i in 1..=n {
             let name = format!("n{i}");
