@@ -71,10 +71,14 @@ async fn a_lease_counts_from_an_echoed_stamp_not_from_a_late_probe() {
     let put = Request::new(
         5,
         RequestBody::Replicate {
-            key: b"k".to_vec(),
-            value: Some(b"v".to_vec()),
-            origin: 1,
-            seq: 1,
+            write: ringkv_wire::ChainWrite {
+                key: b"k".to_vec(),
+                value: Some(b"v".to_vec()),
+                version: 1,
+                expires_at: None,
+                origin: 1,
+                seq: 1,
+            },
         },
     );
     let reply: Reply = n1.request(&node.addr, &put).await.unwrap();
@@ -106,10 +110,14 @@ async fn a_stale_copy_of_a_chain_write_cannot_undo_a_later_one() {
         Request::new(
             ring.version,
             RequestBody::Replicate {
-                key: key.clone(),
-                value: Some(value.as_bytes().to_vec()),
-                origin,
-                seq,
+                write: ringkv_wire::ChainWrite {
+                    key: key.clone(),
+                    value: Some(value.as_bytes().to_vec()),
+                    version: seq,
+                    expires_at: None,
+                    origin,
+                    seq,
+                },
             },
         )
     };
@@ -186,6 +194,8 @@ async fn a_batch_of_chain_writes_is_answered_write_by_write() {
     let write = |key: &[u8], value: &str, seq: u64| ringkv_wire::ChainWrite {
         key: key.to_vec(),
         value: Some(value.as_bytes().to_vec()),
+        version: seq,
+        expires_at: None,
         origin: 7,
         seq,
     };

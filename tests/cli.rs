@@ -105,6 +105,32 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
     assert_ne!(code, 0);
     assert!(err.contains("key is empty"), "{err}");
 
+    // Conditional writes: "OK version N", or exit code 2 with the key's version.
+    let (code, out, err) = cli(&["put", "cas", "one", "--if-absent"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let version: u64 = out
+        .trim()
+        .strip_prefix("OK version ")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    let (code, out, err) = cli(&["put", "cas", "two", "--if-absent"]);
+    assert_eq!((code, out.as_str()), (2, ""));
+    assert!(
+        err.contains(&format!("conflict: the key's version is {version}")),
+        "{err}"
+    );
+    assert_eq!(
+        cli(&["get", "cas", "--with-version"]),
+        (0, format!("{version} one\n"), String::new())
+    );
+    let (code, out, err) = cli(&["put", "cas", "two", "--if-version", &version.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("OK version "), "{out}");
+    let (code, _, err) = cli(&["delete", "cas", "--if-version", &version.to_string()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("conflict"), "{err}");
+    assert_eq!(cli(&["get", "cas"]), (0, "two\n".into(), String::new()));
+
     // The interactive shell, driven through stdin.
     use std::io::Write;
     let mut shell = Command::new(bin("ringkv"))
@@ -122,7 +148,7 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
         .take()
         .unwrap()
         .write_all(
-            b"get k\nconnect\nput k two words\nget k\ndelete k\nget k\nbogus\ndisconnect\nquit\n",
+            b"get k\nconnect\nput k two words\nget k\ndelete k\nget k\ncas c absent first\ncas c absent again\nversion c\nbogus\ndisconnect\nquit\n",
         )
         .unwrap();
     let out = shell.wait_with_output().unwrap();
@@ -134,6 +160,8 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
         "two words",
         "OK deleted",
         "not found: k",
+        "OK version ",
+        "conflict: the key's version is ",
         "error: unknown command 'bogus'",
         "disconnected",
         "bye",

@@ -1768,7 +1768,9 @@ impl Sim {
                     value: Some(value),
                 },
             ),
-            Op::Delete { .. } => unreachable!("the simulation deletes nothing"),
+            Op::Delete { .. } | Op::PutIf { .. } | Op::DeleteIf { .. } => {
+                unreachable!("the simulation writes plain puts only")
+            }
         };
         let Some(target) = target.map(|e| e.name.clone()) else {
             self.after(

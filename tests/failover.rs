@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::history::{check_with_final, record_get, record_put, History, OpResult};
-use common::load::{final_values, keys_for, Load};
+use common::load::{final_values, keys_for, CasCounter, Load};
 use common::TestEcs;
 use common::{add_node_via, ask_ecs, free_port, node_status, wait_answers, Certs, NodeProcess};
 use ringkv_transport::Transport;
@@ -610,4 +610,48 @@ async fn a_write_its_head_died_with_reaches_the_chain_after_the_restart() {
     );
     let finals = HashMap::from([(key.clone(), Some(b"new".to_vec()))]);
     cluster.assert_copies(&finals).await;
+}
+
+/// Eight writers increment one counter with compare-and-set (4 nodes, R = 3) while the head
+/// of its chain is SIGKILLed and failed over, then while a fifth node joins (ranges move,
+/// versions with them): the history is linearizable, one writer wins per version (a
+/// version seen with two values would be a violation), the counter goes on after each
+/// change, and its final count is the applied increments plus some of those whose outcome
+/// was unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cas_counter_goes_on_across_a_failover_of_its_head_and_a_join() {
+    let mut cluster = Cluster::start(4, 3).await;
+    let key = b"counter".to_vec();
+    let head = cluster.metadata().chain_for_key(&key)[0].name.clone();
+    let counter = CasCounter::start(cluster.patient_client().await, key.clone(), 8);
+    let applied = || counter.applied.load(std::sync::atomic::Ordering::Relaxed);
+    // Writers whose request went to the dead head wait out their request timeout (10 s):
+    // the counter is expected to go on within a generous deadline, not at once.
+    let goes_on = |from: u64, what: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while applied() <= from {
+            assert!(
+                Instant::now() < deadline,
+                "the counter stopped at the {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = applied();
+    let killed = cluster.kill(&head);
+    cluster.wait_replaced(&head).await;
+    goes_on(before, "failover").await;
+    println!(
+        "{before} increments before {head} was killed; the counter went on {:?} after the kill",
+        killed.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_join = applied();
+    cluster.add("n5").await;
+    goes_on(before_join, "join").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seeds = cluster.seeds_without(&[head.as_str()]);
+    let (count, applied, unknown, _) = counter.stop_and_check(&cluster.certs, seeds).await;
+    println!("final count {count}: {applied} applied, {unknown} unknown");
 }

@@ -337,7 +337,18 @@ mod strategies {
     }
 
     pub fn entry(key: BoxedStrategy<Vec<u8>>) -> impl Strategy<Value = StorageEntry> + Clone {
-        (key, proptest::option::of(bytes(48))).prop_map(|(key, value)| StorageEntry { key, value })
+        (
+            key,
+            proptest::option::of(bytes(48)),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(|(key, value, version, expires_at)| StorageEntry {
+                key,
+                value,
+                version,
+                expires_at,
+            })
     }
 
     /// The parts a request body is made of, so the handler target can bias them.
@@ -390,6 +401,15 @@ mod strategies {
             (p.key.clone(), p.value.clone())
                 .prop_map(|(key, value)| RequestBody::Put { key, value }),
             p.key.clone().prop_map(|key| RequestBody::Delete { key }),
+            (p.key.clone(), p.value.clone(), expected()).prop_map(|(key, value, expected)| {
+                RequestBody::PutIf {
+                    key,
+                    value,
+                    expected,
+                }
+            }),
+            (p.key.clone(), any::<u64>())
+                .prop_map(|(key, version)| RequestBody::DeleteIf { key, version }),
             Just(RequestBody::GetMetadata),
             Just(RequestBody::Status),
             Just(RequestBody::Start),
@@ -428,42 +448,43 @@ mod strategies {
             digest().prop_map(|digest| RequestBody::Gossip { digest }),
             prop_oneof![signed_metadata(), p.metadata.clone()]
                 .prop_map(|metadata| RequestBody::GossipPush { metadata }),
-            (
-                p.key.clone(),
-                proptest::option::of(p.value.clone()),
-                any::<u64>(),
-                any::<u64>()
-            )
-                .prop_map(|(key, value, origin, seq)| RequestBody::Replicate {
-                    key,
-                    value,
-                    origin,
-                    seq
-                }),
+            chain_write(&p).prop_map(|write| RequestBody::Replicate { write }),
             (any::<u32>(), proptest::option::of(any::<u64>()))
                 .prop_map(|(millis, echo)| RequestBody::Lease { millis, echo }),
-            proptest::collection::vec(
-                (
-                    p.key.clone(),
-                    proptest::option::of(p.value.clone()),
-                    any::<u64>(),
-                    any::<u64>()
-                ),
-                0..3
-            )
-            .prop_map(|writes| RequestBody::ReplicateBatch {
-                writes: writes
-                    .into_iter()
-                    .map(|(key, value, origin, seq)| ringkv_wire::ChainWrite {
-                        key,
-                        value,
-                        origin,
-                        seq
-                    })
-                    .collect()
-            }),
+            proptest::collection::vec(chain_write(&p), 0..3)
+                .prop_map(|writes| RequestBody::ReplicateBatch { writes }),
         ]
         .boxed()
+    }
+
+    /// A condition of a `PutIf`: absent, or a version (small ones too, so that some hold).
+    pub fn expected() -> impl Strategy<Value = ringkv_wire::Expected> + Clone {
+        prop_oneof![
+            Just(ringkv_wire::Expected::Absent),
+            prop_oneof![0u64..4, any::<u64>()].prop_map(ringkv_wire::Expected::Version),
+        ]
+    }
+
+    /// A chain write of the parts' keys and values.
+    pub fn chain_write(p: &Parts) -> impl Strategy<Value = ringkv_wire::ChainWrite> + Clone {
+        (
+            p.key.clone(),
+            proptest::option::of(p.value.clone()),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(key, value, version, expires_at, origin, seq)| {
+                ringkv_wire::ChainWrite {
+                    key,
+                    value,
+                    version,
+                    expires_at,
+                    origin,
+                    seq,
+                }
+            })
     }
 
     /// Names a move's sender (and a peer's certificate) may have.
@@ -499,9 +520,11 @@ mod strategies {
             RequestBody::Lease { .. } => 18,
             RequestBody::ReplicateBatch { .. } => 19,
             RequestBody::Fenced { .. } => 20,
+            RequestBody::PutIf { .. } => 21,
+            RequestBody::DeleteIf { .. } => 22,
         }
     }
-    pub const REQUEST_VARIANTS: usize = 21;
+    pub const REQUEST_VARIANTS: usize = 23;
 
     pub fn error_kind() -> impl Strategy<Value = ErrorKind> + Clone {
         prop_oneof![
@@ -575,7 +598,10 @@ mod strategies {
 
     pub fn reply() -> impl Strategy<Value = Reply> {
         let body = prop_oneof![
-            bytes(64).prop_map(ReplyBody::Value),
+            (bytes(64), any::<u64>())
+                .prop_map(|(value, version)| ReplyBody::Value { value, version }),
+            any::<u64>().prop_map(|version| ReplyBody::Applied { version }),
+            proptest::option::of(any::<u64>()).prop_map(|current| ReplyBody::Conflict { current }),
             Just(ReplyBody::NotFound),
             any::<bool>().prop_map(|created| ReplyBody::PutOk { created }),
             Just(ReplyBody::Deleted),
@@ -1203,7 +1229,11 @@ mod handlers {
         let client =
             |ok: bool| ok || refused || matches!(reply, R::NotResponsible { .. } | R::Stopped);
         match body {
-            RequestBody::Get { .. } => client(matches!(reply, R::Value(_) | R::NotFound)),
+            RequestBody::Get { .. } => client(matches!(reply, R::Value { .. } | R::NotFound)),
+            RequestBody::PutIf { .. } | RequestBody::DeleteIf { .. } => client(matches!(
+                reply,
+                R::Applied { .. } | R::Conflict { .. } | R::WriteLocked
+            )),
             RequestBody::Put { .. } => client(matches!(reply, R::PutOk { .. } | R::WriteLocked)),
             RequestBody::Delete { .. } => {
                 client(matches!(reply, R::Deleted | R::NotFound | R::WriteLocked))
@@ -1322,7 +1352,7 @@ mod handlers {
                 held.as_ref(),
                 "gossiped metadata is not the node's"
             ),
-            ReplyBody::Value(v) => prop_assert!(v.len() <= limits().max_value),
+            ReplyBody::Value { value, .. } => prop_assert!(value.len() <= limits().max_value),
             _ => {}
         }
         let frame = codec::encode(reply, limits().max_frame)
@@ -1450,8 +1480,8 @@ fn handlers_answer_every_request_from_every_role() {
 }
 
 /// A frame of the maximum size filled with the smallest sequence elements a message can
-/// hold (a `PutBatch` of empty entries: 48-byte `StorageEntry`s from 2 bytes each; gossip
-/// heartbeats). Before the element counts were capped (`ringkv_wire::bounded`) these decoded
+/// hold (a `PutBatch` of empty entries: 72-byte `StorageEntry`s from 4 bytes each; gossip
+/// heartbeats; at the cap also a `ReplicateBatch` of empty chain writes). Before the element counts were capped (`ringkv_wire::bounded`) these decoded
 /// into 128 MiB (largest allocation) / 192 MiB (peak) and 64 / 96 MiB; now they are refused
 /// once the announced count passes the cap, and the largest frames under the caps decode
 /// within the frame limit.
@@ -1469,7 +1499,8 @@ fn largest_frames_of_smallest_elements() {
         payload
     };
     // Request { metadata_version: 0, body: PutBatch { id: (0, 0), entries: [empty; n] } }
-    let put_batch = fill(vec![0, 13, 0, 0], &[0, 0]);
+    // (an empty entry: key, value None, version 0, expires_at None)
+    let put_batch = fill(vec![0, 13, 0, 0], &[0, 0, 0, 0]);
     // Request { 0, Gossip { digest: { from: "", 0, 0, heartbeats: [(0, 0); n] } } }
     let heartbeats = fill(vec![0, 15, 0, 0, 0], &[0, 0]);
     for (name, payload) in [("PutBatch", &put_batch), ("Gossip", &heartbeats)] {
@@ -1490,7 +1521,15 @@ fn largest_frames_of_smallest_elements() {
     let put_batch = {
         let mut p = vec![0, 13, 0, 0];
         p.extend(varint(ringkv_wire::MAX_BATCH_ENTRIES as u64));
-        p.extend(std::iter::repeat_n([0u8, 0], ringkv_wire::MAX_BATCH_ENTRIES).flatten());
+        p.extend(std::iter::repeat_n([0u8; 4], ringkv_wire::MAX_BATCH_ENTRIES).flatten());
+        p
+    };
+    // Request { 0, ReplicateBatch { writes: [empty chain write; n] } } (key, value None,
+    // version, expires_at None, origin, seq)
+    let replicate_batch = {
+        let mut p = vec![0, 17];
+        p.extend(varint(ringkv_wire::MAX_BATCH_ENTRIES as u64));
+        p.extend(std::iter::repeat_n([0u8; 6], ringkv_wire::MAX_BATCH_ENTRIES).flatten());
         p
     };
     let heartbeats = {
@@ -1499,7 +1538,11 @@ fn largest_frames_of_smallest_elements() {
         p.extend(std::iter::repeat_n([0u8, 0], ringkv_wire::ring::MAX_RING_NODES).flatten());
         p
     };
-    for (name, payload) in [("PutBatch", &put_batch), ("Gossip", &heartbeats)] {
+    for (name, payload) in [
+        ("PutBatch", &put_batch),
+        ("ReplicateBatch", &replicate_batch),
+        ("Gossip", &heartbeats),
+    ] {
         let (decoded, stats) = measure(|| codec::decode::<Request>(payload));
         assert!(decoded.is_ok(), "{name}: {decoded:?}");
         eprintln!(

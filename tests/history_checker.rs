@@ -328,6 +328,133 @@ fn violation_names_the_right_key() {
 
 // ------------------------------------------------------------------------ recording
 
+// ---------------------------------------------------------------- compare-and-set
+
+fn ok_vget(value: Option<(&[u8], u64)>) -> OpResult {
+    OpResult::Ok(OpOutcome::GetVersioned(value.map(|(v, n)| (v.to_vec(), n))))
+}
+
+fn applied(version: u64) -> OpResult {
+    OpResult::Ok(OpOutcome::Applied(version))
+}
+
+fn conflict(current: Option<u64>) -> OpResult {
+    OpResult::Ok(OpOutcome::Conflict(current))
+}
+
+#[test]
+fn a_cas_counter_with_one_winner_per_version_is_linearizable() {
+    let h = History::new();
+    rec(&h, 0, put_if(K, b"1:a", None), 0, 10, applied(100));
+    rec(&h, 1, put_if(K, b"1:b", None), 5, 15, conflict(Some(100)));
+    rec(&h, 0, get(K), 20, 30, ok_vget(Some((b"1:a", 100))));
+    rec(&h, 1, get(K), 20, 30, ok_vget(Some((b"1:a", 100))));
+    // Both try version 100 at once: one wins, the other sees the winner's version.
+    rec(&h, 0, put_if(K, b"2:a", Some(100)), 40, 60, applied(101));
+    rec(
+        &h,
+        1,
+        put_if(K, b"2:b", Some(100)),
+        40,
+        60,
+        conflict(Some(101)),
+    );
+    rec(&h, 1, delete_if(K, 100), 70, 80, conflict(Some(101)));
+    rec(&h, 1, delete_if(K, 101), 90, 100, applied(101));
+    rec(&h, 0, get(K), 110, 120, ok_vget(None));
+    expect_ok(&h);
+}
+
+#[test]
+fn two_winners_of_one_version_are_a_violation() {
+    let h = History::new();
+    rec(&h, 0, put_if(K, b"1:a", None), 0, 10, applied(100));
+    rec(&h, 0, put_if(K, b"2:a", Some(100)), 20, 30, applied(101));
+    // One after the other, both expecting 100: the second cannot have held.
+    rec(&h, 1, put_if(K, b"2:b", Some(100)), 40, 50, applied(102));
+    let v = expect_violation(&h);
+    assert_eq!(v.failing_op.op, put_if(K, b"2:b", Some(100)));
+}
+
+#[test]
+fn a_conflict_while_the_condition_held_is_a_violation() {
+    let h = History::new();
+    rec(&h, 0, put_if(K, b"1:a", None), 0, 10, applied(100));
+    // Nothing else ran: version 100 was current.
+    rec(
+        &h,
+        1,
+        put_if(K, b"2:b", Some(100)),
+        20,
+        30,
+        conflict(Some(100)),
+    );
+    expect_violation(&h);
+    let h = History::new();
+    rec(&h, 1, put_if(K, b"1:b", None), 20, 30, conflict(None));
+    expect_violation(&h);
+}
+
+#[test]
+fn one_version_seen_with_two_values_is_a_violation() {
+    let h = History::new();
+    rec(&h, 0, put_if(K, b"1:a", None), 0, 10, applied(100));
+    rec(&h, 1, get(K), 20, 30, ok_vget(Some((b"other", 100))));
+    let v = expect_violation(&h);
+    assert!(v.to_string().contains("two values"), "{v}");
+}
+
+#[test]
+fn an_unknown_cas_counts_only_where_its_condition_held() {
+    // The unknown increment took effect: its value is read later.
+    let h = History::new();
+    rec(&h, 0, put_if(K, b"1:a", None), 0, 10, applied(100));
+    rec(
+        &h,
+        1,
+        put_if(K, b"2:b", Some(100)),
+        20,
+        30,
+        OpResult::Unknown,
+    );
+    rec(&h, 0, get(K), 40, 50, ok_vget(Some((b"2:b", 101))));
+    rec(&h, 0, put_if(K, b"3:a", Some(101)), 60, 70, applied(102));
+    expect_ok(&h);
+    // An unknown one whose condition never held cannot be what a read returns.
+    let h = History::new();
+    rec(&h, 0, put_if(K, b"1:a", None), 0, 10, applied(100));
+    rec(&h, 0, put_if(K, b"2:a", Some(100)), 20, 30, applied(101));
+    rec(
+        &h,
+        1,
+        put_if(K, b"2:b", Some(100)),
+        40,
+        50,
+        OpResult::Unknown,
+    );
+    rec(&h, 0, get(K), 60, 70, ok_vget(Some((b"2:b", 102))));
+    expect_violation(&h);
+}
+
+#[test]
+fn plain_writes_and_conditional_ones_mix() {
+    let h = History::new();
+    rec(&h, 0, put(K, b"p"), 0, 10, ok_put());
+    rec(&h, 1, get(K), 20, 30, ok_vget(Some((b"p", 7))));
+    rec(&h, 0, put(K, b"q"), 40, 50, ok_put());
+    // The plain put came between the read and the conditional write: a conflict.
+    rec(&h, 1, put_if(K, b"r", Some(7)), 60, 70, conflict(Some(8)));
+    rec(&h, 1, get(K), 80, 90, ok_vget(Some((b"q", 8))));
+    expect_ok(&h);
+    // Had it been applied, the plain put would have been lost.
+    let h = History::new();
+    rec(&h, 0, put(K, b"p"), 0, 10, ok_put());
+    rec(&h, 1, get(K), 20, 30, ok_vget(Some((b"p", 7))));
+    rec(&h, 0, put(K, b"q"), 40, 50, ok_put());
+    rec(&h, 1, put_if(K, b"r", Some(7)), 60, 70, applied(9));
+    expect_violation(&h);
+}
+
 #[test]
 fn recording_from_many_tasks() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -477,6 +604,7 @@ fn simulate(sim: &Sim, seed: u64) -> (Vec<SimOp>, Values) {
                 OpOutcome::PutDone
             }
             Op::Delete { .. } => OpOutcome::DeleteDone(value.take().is_some()),
+            Op::PutIf { .. } | Op::DeleteIf { .. } => unreachable!("not simulated"),
         };
         if sim_op.result != OpResult::Unknown {
             sim_op.result = OpResult::Ok(outcome);
@@ -716,6 +844,7 @@ fn brute_force(ops: &[SimOp]) -> bool {
                     continue
                 }
                 (Op::Delete { .. }, _) => None,
+                (Op::PutIf { .. } | Op::DeleteIf { .. }, _) => unreachable!("not simulated"),
             };
             placed[j] = true;
             if extend(candidates, placed, next_state, ret) {

@@ -60,6 +60,8 @@ async fn put_batch(caller: &Transport, addr: &str, id: MoveId, keys: &[&Vec<u8>]
         .map(|k| StorageEntry {
             key: k.to_vec(),
             value: Some(b"planted".to_vec()),
+            version: 1,
+            expires_at: None,
         })
         .collect();
     send(caller, addr, RequestBody::PutBatch { id, entries }).await

@@ -33,6 +33,8 @@ fn node_allows(body: &RequestBody) -> [bool; 4] {
         RequestBody::Get { .. }
         | RequestBody::Put { .. }
         | RequestBody::Delete { .. }
+        | RequestBody::PutIf { .. }
+        | RequestBody::DeleteIf { .. }
         | RequestBody::GetMetadata => ALL,
         RequestBody::Status => NOT_CLIENT,
         // What nodes exchange among themselves (a batch is further checked against the
@@ -85,6 +87,16 @@ fn every_request_kind() -> Vec<RequestBody> {
             key: b"perm".to_vec(),
             value: b"v".to_vec(),
         },
+        // Both conditions fail (the key exists, and not at version 1): nothing written.
+        RequestBody::PutIf {
+            key: b"perm".to_vec(),
+            value: b"v".to_vec(),
+            expected: ringkv_wire::Expected::Absent,
+        },
+        RequestBody::DeleteIf {
+            key: b"perm".to_vec(),
+            version: 1,
+        },
         RequestBody::Delete {
             key: b"perm".to_vec(),
         },
@@ -131,10 +143,14 @@ fn every_request_kind() -> Vec<RequestBody> {
             metadata: common::unsigned(&Default::default()),
         },
         RequestBody::Replicate {
-            key: b"perm".to_vec(),
-            value: Some(b"v".to_vec()),
-            origin: 1,
-            seq: 1,
+            write: ringkv_wire::ChainWrite {
+                key: b"perm".to_vec(),
+                value: Some(b"v".to_vec()),
+                version: 1,
+                expires_at: None,
+                origin: 1,
+                seq: 1,
+            },
         },
         RequestBody::ReplicateBatch { writes: vec![] },
         RequestBody::Lease {

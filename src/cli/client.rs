@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use ringkv_certs::Identity;
 
-use kvstore::{ClientConfig, KvStore, PutOutcome};
+use kvstore::{ClientConfig, Conditional, KvStore, PutOutcome};
 
 /// ringkv command-line client.
 #[derive(Debug, Parser)]
@@ -43,18 +43,30 @@ pub enum Command {
     Get {
         /// The key.
         key: String,
+        /// Print the key's version and a space before the value.
+        #[arg(long)]
+        with_version: bool,
     },
-    /// Store VALUE under KEY.
+    /// Store VALUE under KEY; with a condition, only if it holds (exit code 2 if not).
     Put {
         /// The key.
         key: String,
         /// The value.
         value: String,
+        /// Only if the key's version is this one (compare-and-set).
+        #[arg(long, value_name = "VERSION", conflicts_with = "if_absent")]
+        if_version: Option<u64>,
+        /// Only if the key does not exist.
+        #[arg(long)]
+        if_absent: bool,
     },
-    /// Delete KEY (exit code 1 if it did not exist).
+    /// Delete KEY (exit code 1 if it did not exist; 2 if its version is not --if-version).
     Delete {
         /// The key.
         key: String,
+        /// Only if the key's version is this one.
+        #[arg(long, value_name = "VERSION")]
+        if_version: Option<u64>,
     },
     /// Print the client's view of the ring: version, nodes, positions, ranges.
     Ring,
@@ -100,9 +112,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let store = KvStore::connect(config(&cli, cli.seeds.clone())?).await?;
     let mut out = std::io::stdout().lock();
     let code = match &cli.command {
-        Command::Get { key } => match store.get(key.as_bytes()).await? {
+        Command::Get { key, with_version } => match store.get_versioned(key.as_bytes()).await? {
             Some(v) => {
-                out.write_all(&v)?;
+                if *with_version {
+                    write!(out, "{} ", v.version)?;
+                }
+                out.write_all(&v.value)?;
                 writeln!(out)?;
                 0
             }
@@ -111,31 +126,71 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 1
             }
         },
-        Command::Put { key, value } => {
-            writeln!(
-                out,
-                "{}",
-                put_text(store.put(key.as_bytes(), value.as_bytes()).await?)
-            )?;
-            0
+        Command::Put {
+            key,
+            value,
+            if_version,
+            if_absent,
+        } => {
+            let (key, value) = (key.as_bytes(), value.as_bytes());
+            let outcome = match (if_version, if_absent) {
+                (Some(version), _) => store.put_if_version(key, value, *version).await?,
+                (None, true) => store.put_if_absent(key, value).await?,
+                (None, false) => {
+                    writeln!(out, "{}", put_text(store.put(key, value).await?))?;
+                    return finish(store, 0).await;
+                }
+            };
+            conditional_text(&mut out, outcome)?
         }
-        Command::Delete { key } => {
-            if store.delete(key.as_bytes()).await? {
+        Command::Delete { key, if_version } => match if_version {
+            Some(version) => {
+                let outcome = store.delete_if_version(key.as_bytes(), *version).await?;
+                conditional_text(&mut out, outcome)?
+            }
+            None if store.delete(key.as_bytes()).await? => {
                 writeln!(out, "OK deleted")?;
                 0
-            } else {
+            }
+            None => {
                 eprintln!("not found: {key}");
                 1
             }
-        }
+        },
         Command::Ring => {
             write!(out, "{}", ring_text(&store))?;
             0
         }
         Command::Shell => unreachable!("handled above"),
     };
+    finish(store, code).await
+}
+
+async fn finish(store: KvStore, code: i32) -> anyhow::Result<i32> {
     store.disconnect().await;
     Ok(code)
+}
+
+/// Prints a conditional write's outcome: "OK version N" on stdout (exit code 0), or
+/// "conflict: …" on stderr (exit code 2).
+fn conditional_text(out: &mut impl Write, outcome: Conditional) -> anyhow::Result<i32> {
+    match outcome {
+        Conditional::Applied { version } => {
+            writeln!(out, "OK version {version}")?;
+            Ok(0)
+        }
+        Conditional::Conflict { current } => {
+            eprintln!("{}", conflict_text(current));
+            Ok(2)
+        }
+    }
+}
+
+fn conflict_text(current: Option<u64>) -> String {
+    match current {
+        Some(version) => format!("conflict: the key's version is {version}; nothing written"),
+        None => "conflict: the key does not exist; nothing written".to_string(),
+    }
 }
 
 fn put_text(outcome: PutOutcome) -> &'static str {
@@ -178,7 +233,10 @@ const SHELL_HELP: &str = "\
 commands:
   connect [host:port ...]   connect (to the given seeds, or those of the command line)
   put <key> <value...>      store a value (the rest of the line)
+  cas <key> <version|absent> <value...>
+                            store a value if the key has that version (or does not exist)
   get <key>                 print a value
+  version <key>             print the key's version
   delete <key>              delete a key
   ring                      show the ring metadata this client routes with
   stats                     show redirect/retry counters
@@ -237,6 +295,31 @@ async fn shell(cli: &Cli) -> anyhow::Result<i32> {
                 "put" => {
                     let (key, value) = rest.split_once(' ').context("usage: put <key> <value>")?;
                     put_text(connected()?.put(key.as_bytes(), value.as_bytes()).await?).to_string()
+                }
+                "cas" => {
+                    let usage = "usage: cas <key> <version|absent> <value>";
+                    let (key, rest) = rest.split_once(' ').context(usage)?;
+                    let (expected, value) = rest.trim().split_once(' ').context(usage)?;
+                    let (key, value) = (key.as_bytes(), value.as_bytes());
+                    let outcome = if expected == "absent" {
+                        connected()?.put_if_absent(key, value).await?
+                    } else {
+                        let version = expected.parse().context(usage)?;
+                        connected()?.put_if_version(key, value, version).await?
+                    };
+                    match outcome {
+                        Conditional::Applied { version } => format!("OK version {version}"),
+                        Conditional::Conflict { current } => conflict_text(current),
+                    }
+                }
+                "version" => {
+                    if rest.is_empty() {
+                        bail!("usage: version <key>");
+                    }
+                    match connected()?.get_versioned(rest.as_bytes()).await? {
+                        Some(v) => v.version.to_string(),
+                        None => format!("not found: {rest}"),
+                    }
                 }
                 "get" => {
                     if rest.is_empty() {

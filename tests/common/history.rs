@@ -31,6 +31,17 @@
 //! `put(v)` sets `Some(v)`; `delete` sets `None` and must report `existed` exactly when the
 //! value was `Some`; `get` must return the current value.
 //!
+//! **Conditional writes.** `put_if(v)` / `delete_if(v)` (and `put_if_absent`) change the
+//! register only in the state they expect: an applied one is linearized where the state is
+//! the one that had version `v` (absent), a conflict where it is not (and, if the conflict
+//! reported the current version, is that one). Versions are mapped to states through what
+//! the history shows: every get with a version ([`OpOutcome::GetVersioned`]) and every
+//! applied conditional put tie a version to a value, so **each write must write a distinct
+//! value** (as [`super::load::CasCounter`] does) and a conditional write must expect a version
+//! some get or applied conditional put of the history returned; one version seen with two
+//! values is a violation of its own. Unknown conditional writes are tried only where their
+//! condition holds, and are never interchangeable with one another.
+//!
 //! Each key is checked with the Wing–Gong search with Lowe's memoization, as in porcupine:
 //! the call and return events of the key's operations are sorted by time (a call before a
 //! return at the same instant, so touching intervals count as concurrent) into a doubly
@@ -114,7 +125,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kvstore::{KvError, KvStore, PutOutcome};
+use kvstore::{Conditional, KvError, KvStore, PutOutcome, Versioned};
 use ringkv_wire::ErrorKind;
 
 /// The client id of the final reads appended by [`check_with_final`].
@@ -145,13 +156,41 @@ pub enum Op {
         /// The key.
         key: Vec<u8>,
     },
+    /// Write `value` under `key` if its version is `expected` (`None`: if it is absent).
+    PutIf {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+        /// The version the key must have, or `None` for "absent".
+        expected: Option<u64>,
+    },
+    /// Delete `key` if its version is `version`.
+    DeleteIf {
+        /// The key.
+        key: Vec<u8>,
+        /// The version the key must have.
+        version: u64,
+    },
 }
 
 impl Op {
     /// The key the operation is about.
     pub fn key(&self) -> &[u8] {
         match self {
-            Op::Get { key } | Op::Put { key, .. } | Op::Delete { key } => key,
+            Op::Get { key }
+            | Op::Put { key, .. }
+            | Op::Delete { key }
+            | Op::PutIf { key, .. }
+            | Op::DeleteIf { key, .. } => key,
+        }
+    }
+
+    /// The value the operation writes, if it writes one.
+    fn written(&self) -> Option<&[u8]> {
+        match self {
+            Op::Put { value, .. } | Op::PutIf { value, .. } => Some(value),
+            _ => None,
         }
     }
 }
@@ -165,6 +204,13 @@ pub enum OpOutcome {
     PutDone,
     /// A delete was applied; whether the key existed.
     DeleteDone(bool),
+    /// A get's answer with the key's version.
+    GetVersioned(Option<(Vec<u8>, u64)>),
+    /// A conditional write's condition held and it was applied: the key's new version (a
+    /// put) or the version it had (a delete).
+    Applied(u64),
+    /// A conditional write's condition did not hold (nothing written): the key's version.
+    Conflict(Option<u64>),
 }
 
 /// How an operation ended (see the module documentation for the semantics).
@@ -224,9 +270,27 @@ impl Entry {
             Op::Get { .. } => "get".to_string(),
             Op::Put { value, .. } => format!("put({})", show(value)),
             Op::Delete { .. } => "delete".to_string(),
+            Op::PutIf {
+                value,
+                expected: Some(v),
+                ..
+            } => format!("put_if_version({}, v{v})", show(value)),
+            Op::PutIf {
+                value,
+                expected: None,
+                ..
+            } => format!("put_if_absent({})", show(value)),
+            Op::DeleteIf { version, .. } => format!("delete_if_version(v{version})"),
         };
         let result = match self.status() {
             OpResult::Ok(OpOutcome::GetValue(v)) => show_opt(v.as_deref()),
+            OpResult::Ok(OpOutcome::GetVersioned(Some((v, version)))) => {
+                format!("{} v{version}", show(v))
+            }
+            OpResult::Ok(OpOutcome::GetVersioned(None)) => "None".to_string(),
+            OpResult::Ok(OpOutcome::Applied(v)) => format!("applied v{v}"),
+            OpResult::Ok(OpOutcome::Conflict(Some(v))) => format!("conflict (v{v})"),
+            OpResult::Ok(OpOutcome::Conflict(None)) => "conflict (absent)".to_string(),
             OpResult::Ok(OpOutcome::PutDone) => "ok".to_string(),
             OpResult::Ok(OpOutcome::DeleteDone(true)) => "existed".to_string(),
             OpResult::Ok(OpOutcome::DeleteDone(false)) => "did not exist".to_string(),
@@ -261,6 +325,24 @@ pub fn put(key: &[u8], value: &[u8]) -> Op {
 /// Shorthand for hand-built histories: `delete(key)`.
 pub fn delete(key: &[u8]) -> Op {
     Op::Delete { key: key.to_vec() }
+}
+
+/// Shorthand for hand-built histories: `put_if_version(key, value, version)`, or
+/// `put_if_absent(key, value)` with `None`.
+pub fn put_if(key: &[u8], value: &[u8], expected: Option<u64>) -> Op {
+    Op::PutIf {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        expected,
+    }
+}
+
+/// Shorthand for hand-built histories: `delete_if_version(key, version)`.
+pub fn delete_if(key: &[u8], version: u64) -> Op {
+    Op::DeleteIf {
+        key: key.to_vec(),
+        version,
+    }
 }
 
 /// The operations of a test run, shared by all its client tasks.
@@ -393,9 +475,15 @@ fn fits(op: &Op, result: &OpResult) -> bool {
         OpResult::Unknown | OpResult::Failed => true,
         OpResult::Ok(outcome) => matches!(
             (op, outcome),
-            (Op::Get { .. }, OpOutcome::GetValue(_))
-                | (Op::Put { .. }, OpOutcome::PutDone)
+            (
+                Op::Get { .. },
+                OpOutcome::GetValue(_) | OpOutcome::GetVersioned(_)
+            ) | (Op::Put { .. }, OpOutcome::PutDone)
                 | (Op::Delete { .. }, OpOutcome::DeleteDone(_))
+                | (
+                    Op::PutIf { .. } | Op::DeleteIf { .. },
+                    OpOutcome::Applied(_) | OpOutcome::Conflict(_)
+                )
         ),
     }
 }
@@ -471,6 +559,69 @@ pub async fn record_delete(
         },
     );
     answer
+}
+
+/// `store.get_versioned(key)`, recorded in `history` as an operation of `client`.
+pub async fn record_get_versioned(
+    history: &History,
+    client: usize,
+    store: &KvStore,
+    key: &[u8],
+) -> Result<Option<Versioned>, KvError> {
+    let id = history.invoke(client, get(key));
+    let answer = store.get_versioned(key).await;
+    history.complete(
+        id,
+        match &answer {
+            Ok(v) => OpResult::Ok(OpOutcome::GetVersioned(
+                v.as_ref().map(|v| (v.value.clone(), v.version)),
+            )),
+            Err(e) => classify_error(e),
+        },
+    );
+    answer
+}
+
+/// `store.put_if_version(key, value, version)` (or `put_if_absent` for `None`), recorded
+/// in `history` as an operation of `client`.
+pub async fn record_put_if(
+    history: &History,
+    client: usize,
+    store: &KvStore,
+    key: &[u8],
+    value: &[u8],
+    expected: Option<u64>,
+) -> Result<Conditional, KvError> {
+    let id = history.invoke(client, put_if(key, value, expected));
+    let answer = match expected {
+        Some(version) => store.put_if_version(key, value, version).await,
+        None => store.put_if_absent(key, value).await,
+    };
+    history.complete(id, conditional_result(&answer));
+    answer
+}
+
+/// `store.delete_if_version(key, version)`, recorded in `history` as an operation of
+/// `client`.
+pub async fn record_delete_if(
+    history: &History,
+    client: usize,
+    store: &KvStore,
+    key: &[u8],
+    version: u64,
+) -> Result<Conditional, KvError> {
+    let id = history.invoke(client, delete_if(key, version));
+    let answer = store.delete_if_version(key, version).await;
+    history.complete(id, conditional_result(&answer));
+    answer
+}
+
+fn conditional_result(answer: &Result<Conditional, KvError>) -> OpResult {
+    match answer {
+        Ok(Conditional::Applied { version }) => OpResult::Ok(OpOutcome::Applied(*version)),
+        Ok(Conditional::Conflict { current }) => OpResult::Ok(OpOutcome::Conflict(*current)),
+        Err(e) => classify_error(e),
+    }
 }
 
 /// A value (or `None`: absent) per key: initial values, or values read after a run.
@@ -681,6 +832,10 @@ pub fn check_all(history: &History, options: &CheckOptions) -> (Report, Vec<Viol
         let initial = options.initial.get(&key).cloned().flatten();
         let register = Register::new(entries, initial, origin);
         report.max_key_ops = report.max_key_ops.max(register.ops.len());
+        if let Some(clash) = register.clash(&key) {
+            violations.push(clash);
+            continue;
+        }
         match search(
             &register.ops,
             register.initial,
@@ -732,8 +887,15 @@ fn final_read(key: &[u8], value: Option<Vec<u8>>, entries: &[Entry], origin: Ins
 
 /// The interned value `None`.
 const NONE: u32 = 0;
+/// A state no register is ever in: what a condition on a version nobody saw expects.
+const NO_STATE: u32 = u32::MAX - 1;
+/// "Some state other than `None`": the current version a conflict reported, when that
+/// version's value is unknown.
+const SOME_STATE: u32 = u32::MAX - 2;
 
-/// An operation as the search sees it; values are interned.
+/// An operation as the search sees it; values are interned. A state is the interned value
+/// of the register; versions are mapped to the values they were seen with (each write
+/// writes a distinct value, [`Register::new`]).
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     /// A get that returned the value.
@@ -742,6 +904,12 @@ enum Kind {
     Put(u32),
     /// A delete; whether the key existed if known.
     Delete(Option<bool>),
+    /// A conditional write whose condition held (or, unknown, may hold): the state it
+    /// expects, and the state it leaves (a value, or `NONE` for a delete).
+    Cas { expect: u32, new: u32 },
+    /// A conditional write whose condition did not hold: the state it expected, and the
+    /// state it reported instead (`NONE`, a value, or [`SOME_STATE`]).
+    Conflict { expect: u32, current: u32 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -764,21 +932,34 @@ impl KeyOp {
             Kind::Get(value) => state == value,
             Kind::Delete(Some(existed)) => (state != NONE) == existed,
             Kind::Put(_) | Kind::Delete(None) => true,
+            Kind::Cas { expect, .. } => state == expect,
+            Kind::Conflict { expect, current } => {
+                state != expect
+                    && match current {
+                        SOME_STATE => state != NONE,
+                        current => state == current,
+                    }
+            }
         }
     }
 
     /// The register's state after the operation.
     fn apply(&self, state: u32) -> u32 {
         match self.kind {
-            Kind::Get(_) => state,
+            Kind::Get(_) | Kind::Conflict { .. } => state,
             Kind::Put(value) => value,
             Kind::Delete(_) => NONE,
+            Kind::Cas { new, .. } => new,
         }
     }
 
     /// Whether it is a definite operation whose outcome depends on the state.
     fn observes(&self) -> bool {
-        self.definite && matches!(self.kind, Kind::Get(_) | Kind::Delete(Some(_)))
+        self.definite
+            && matches!(
+                self.kind,
+                Kind::Get(_) | Kind::Delete(Some(_)) | Kind::Cas { .. } | Kind::Conflict { .. }
+            )
     }
 }
 
@@ -792,6 +973,9 @@ struct Register {
     /// Interned values: index 0 is `None`.
     values: Vec<Option<Vec<u8>>>,
     initial: u32,
+    /// Two values seen with one version (a version names one write): the entries that show
+    /// it.
+    version_clash: Option<(usize, usize)>,
 }
 
 impl Register {
@@ -806,6 +990,30 @@ impl Register {
             })
         };
         let initial = intern(initial.as_ref());
+        // Which value each version was seen with: a get's answer, an applied put's.
+        let mut versions: HashMap<u64, (u32, usize)> = HashMap::new();
+        let mut version_clash = None;
+        for (i, e) in entries.iter().enumerate() {
+            let seen = match (&e.op, e.status()) {
+                (_, OpResult::Ok(OpOutcome::GetVersioned(Some((value, version))))) => {
+                    Some((*version, intern(Some(value))))
+                }
+                (Op::PutIf { value, .. }, OpResult::Ok(OpOutcome::Applied(version))) => {
+                    Some((*version, intern(Some(value))))
+                }
+                _ => None,
+            };
+            if let Some((version, value)) = seen {
+                let (known, by) = *versions.entry(version).or_insert((value, i));
+                if known != value && version_clash.is_none() {
+                    version_clash = Some((by, i));
+                }
+            }
+        }
+        let state_of = |version: Option<u64>, unseen: u32| match version {
+            None => NONE,
+            Some(v) => versions.get(&v).map_or(unseen, |&(value, _)| value),
+        };
         let mut ops = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             let kind = match (&e.op, e.status()) {
@@ -813,11 +1021,31 @@ impl Register {
                 (Op::Get { .. }, OpResult::Ok(OpOutcome::GetValue(v))) => {
                     Kind::Get(intern(v.as_ref()))
                 }
+                (Op::Get { .. }, OpResult::Ok(OpOutcome::GetVersioned(v))) => {
+                    Kind::Get(intern(v.as_ref().map(|(value, _)| value)))
+                }
                 (Op::Put { value, .. }, _) => Kind::Put(intern(Some(value))),
                 (Op::Delete { .. }, OpResult::Ok(OpOutcome::DeleteDone(existed))) => {
                     Kind::Delete(Some(*existed))
                 }
                 (Op::Delete { .. }, _) => Kind::Delete(None),
+                (op @ (Op::PutIf { .. } | Op::DeleteIf { .. }), result) => {
+                    let (expected, new) = match op {
+                        Op::PutIf {
+                            value, expected, ..
+                        } => (*expected, intern(Some(value))),
+                        Op::DeleteIf { version, .. } => (Some(*version), NONE),
+                        _ => unreachable!(),
+                    };
+                    let expect = state_of(expected, NO_STATE);
+                    match result {
+                        OpResult::Ok(OpOutcome::Conflict(current)) => Kind::Conflict {
+                            expect,
+                            current: state_of(*current, SOME_STATE),
+                        },
+                        _ => Kind::Cas { expect, new },
+                    }
+                }
                 (op, result) => unreachable!("{result:?} does not fit {op:?}"),
             };
             let definite = e.is_ok();
@@ -840,7 +1068,30 @@ impl Register {
             ops,
             values,
             initial,
+            version_clash,
         }
+    }
+
+    /// The violation of two values seen with one version, if any.
+    fn clash(&self, key: &[u8]) -> Option<Violation> {
+        let (first, second) = self.version_clash?;
+        let (first, second) = (&self.entries[first], &self.entries[second]);
+        Some(Violation {
+            key: String::from_utf8_lossy(key).into_owned(),
+            key_bytes: key.to_vec(),
+            inconclusive: false,
+            required_ops: 0,
+            prefix_len: 0,
+            configurations: 0,
+            value_after_prefix: None,
+            failing_op: second.clone(),
+            last_acknowledged_writes: vec![first.clone()],
+            context: vec![
+                "one version was seen with two values (a version names one write):".into(),
+                format!("    {}", first.describe(self.origin)),
+                format!("    {}", second.describe(self.origin)),
+            ],
+        })
     }
 
     fn value(&self, state: u32) -> Option<&[u8]> {
@@ -979,7 +1230,7 @@ impl Register {
         let writers: Vec<String> = self
             .entries
             .iter()
-            .filter(|e| matches!(&e.op, Op::Put { value, .. } if value == bytes))
+            .filter(|e| e.op.written() == Some(bytes))
             .map(|e| e.describe(self.origin))
             .collect();
         let initial = if value == self.initial {
@@ -1055,8 +1306,8 @@ fn roles(ops: &[KeyOp], initial: u32) -> (Vec<KeyOp>, Vec<Role>) {
     let values = ops
         .iter()
         .map(|op| match op.kind {
-            Kind::Get(v) | Kind::Put(v) => v as usize + 1,
-            Kind::Delete(_) => 0,
+            Kind::Get(v) | Kind::Put(v) | Kind::Cas { new: v, .. } => v as usize + 1,
+            Kind::Delete(_) | Kind::Conflict { .. } => 0,
         })
         .max()
         .unwrap_or(0)
@@ -1069,7 +1320,7 @@ fn roles(ops: &[KeyOp], initial: u32) -> (Vec<KeyOp>, Vec<Role>) {
                 let first = &mut first_read_return[v as usize];
                 *first = Some(first.map_or(op.ret, |r| r.min(op.ret)));
             }
-            Kind::Put(v) => writers[v as usize] += 1,
+            Kind::Put(v) | Kind::Cas { new: v, .. } if v != NONE => writers[v as usize] += 1,
             _ => {}
         }
     }
@@ -1087,7 +1338,16 @@ fn roles(ops: &[KeyOp], initial: u32) -> (Vec<KeyOp>, Vec<Role>) {
                 }
                 Some(_) => Role::Other,
             },
+            // Conditional writes are not interchangeable: each expects its own state.
+            Kind::Cas { new, .. } => match first_read_return.get(new as usize).copied().flatten() {
+                Some(read) if new != NONE && writers[new as usize] == 1 && new != initial => {
+                    op.ret = read.max(op.call);
+                    Role::Required
+                }
+                _ => Role::Other,
+            },
             Kind::Get(_) => unreachable!("unknown gets are dropped"),
+            Kind::Conflict { .. } => unreachable!("a conflict is a definite outcome"),
         })
         .collect();
     (effective, roles)
@@ -1138,7 +1398,7 @@ fn step(
         (allowed && op.accepts(state)).then(|| (op.apply(state), FREE))
     } else {
         let new_state = op.apply(state);
-        (constraint == FREE && new_state != state && observed_next(new_state))
+        (constraint == FREE && op.accepts(state) && new_state != state && observed_next(new_state))
             .then_some((new_state, state))
     }
 }
@@ -1442,7 +1702,10 @@ impl Search {
         let mut node = self.next[HEAD];
         while self.is_call[node] {
             let op = &self.ops[self.node_op[node] as usize];
-            let read_only = matches!(op.kind, Kind::Get(_) | Kind::Delete(Some(false)));
+            let read_only = matches!(
+                op.kind,
+                Kind::Get(_) | Kind::Delete(Some(false)) | Kind::Conflict { .. }
+            );
             if op.definite && read_only && op.accepts(state) {
                 return Some(node);
             }

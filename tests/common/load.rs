@@ -3,14 +3,17 @@
 //! checked at the end for per-key linearizability and lost acknowledged writes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvstore::KvStore;
 use ringkv_wire::{HashedKey, KeyRange};
 use tokio::task::JoinHandle;
 
-use super::history::{check_with_final, record_get, record_put, History, Report, Values};
+use super::history::{
+    check_with_final, record_get, record_get_versioned, record_put, record_put_if, History,
+    OpResult, Report, Values,
+};
 use super::Certs;
 
 /// `n` keys in `range` and `outside` keys elsewhere.
@@ -112,4 +115,118 @@ pub async fn final_values(certs: &Certs, seeds: Vec<String>, keys: &[Vec<u8>]) -
     }
     reader.disconnect().await;
     finals
+}
+
+/// Writers incrementing one counter with compare-and-set, every operation recorded: each
+/// reads the key with its version, then writes `count + 1` if the version is still the one
+/// it read (or the key is still absent), and starts over on a conflict or an error. Every
+/// value written is unique (`count:writer:attempt`), so the history checker can tell every
+/// write apart.
+pub struct CasCounter {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Every operation of the writers.
+    pub history: History,
+    /// Increments acknowledged as applied.
+    pub applied: Arc<AtomicU64>,
+    key: Vec<u8>,
+}
+
+/// The count a counter value holds (`count:writer:attempt`; an absent key counts 0).
+pub fn count_of(value: Option<&[u8]>) -> u64 {
+    value.map_or(0, |v| {
+        let text = String::from_utf8_lossy(v);
+        let count = text.split(':').next().unwrap_or_default();
+        count
+            .parse()
+            .unwrap_or_else(|_| panic!("not a counter value: {text}"))
+    })
+}
+
+impl CasCounter {
+    pub fn start(store: Arc<KvStore>, key: Vec<u8>, writers: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let history = History::new();
+        let applied = Arc::new(AtomicU64::new(0));
+        let tasks = (0..writers)
+            .map(|w| {
+                let (store, stop, history, applied, key) = (
+                    store.clone(),
+                    stop.clone(),
+                    history.clone(),
+                    applied.clone(),
+                    key.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut attempt = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        attempt += 1;
+                        let current = match record_get_versioned(&history, w, &store, &key).await {
+                            Ok(current) => current,
+                            Err(_) => {
+                                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                                continue;
+                            }
+                        };
+                        let count = count_of(current.as_ref().map(|c| &c.value[..]));
+                        let value = format!("{}:{w}:{attempt}", count + 1);
+                        let expected = current.map(|c| c.version);
+                        match record_put_if(&history, w, &store, &key, value.as_bytes(), expected)
+                            .await
+                        {
+                            Ok(outcome) if outcome.is_applied() => {
+                                applied.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(_) => {} // someone else's increment came first
+                            Err(_) => {
+                                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            tasks,
+            history,
+            applied,
+            key,
+        }
+    }
+
+    /// Stops the writers, reads the counter from a fresh client and checks the history
+    /// (linearizable, nothing acknowledged lost). The final count is the number of applied
+    /// increments plus those whose outcome was unknown and took effect: returns it with
+    /// the applied and unknown conditional writes, and the report.
+    pub async fn stop_and_check(
+        self,
+        certs: &Certs,
+        seeds: Vec<String>,
+    ) -> (u64, u64, u64, Report) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let finals = final_values(certs, seeds, std::slice::from_ref(&self.key)).await;
+        let report = check_with_final(&self.history, &finals).unwrap_or_else(|v| panic!("{v}"));
+        let applied = self.applied.load(Ordering::Relaxed);
+        let unknown = self
+            .history
+            .entries()
+            .iter()
+            .filter(|e| {
+                matches!(e.op, super::history::Op::PutIf { .. }) && *e.status() == OpResult::Unknown
+            })
+            .count() as u64;
+        let count = count_of(finals[&self.key].as_deref());
+        println!(
+            "counter: {count} after {applied} applied increments and {unknown} of unknown outcome; history: {report}"
+        );
+        assert!(
+            applied <= count && count <= applied + unknown,
+            "the counter is {count}: {applied} increments were applied, {unknown} unknown"
+        );
+        (count, applied, unknown, report)
+    }
 }

@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use ringkv_transport::{RingAuthority, Transport};
-use ringkv_wire::{ReplyBody, Request, RequestBody, RingMetadata, SignedMetadata};
+use ringkv_wire::{Expected, ReplyBody, Request, RequestBody, RingMetadata, SignedMetadata};
 
 use crate::{Backoff, ClientConfig, KvError};
 
@@ -17,6 +17,40 @@ pub enum PutOutcome {
     Created,
     /// The key existed and its value was replaced.
     Updated,
+}
+
+/// A value with the key's version ([`KvStore::get_versioned`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The value.
+    pub value: Vec<u8>,
+    /// The key's version: it grows with every write of the key, and is what
+    /// [`KvStore::put_if_version`] and [`KvStore::delete_if_version`] compare with.
+    pub version: u64,
+}
+
+/// The outcome of a conditional write (compare-and-set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conditional {
+    /// The condition held and the write is durable: the key's new version (a put), or the
+    /// version the key had (a delete).
+    Applied {
+        /// The version.
+        version: u64,
+    },
+    /// The condition did not hold: nothing was written. `current` is the key's version
+    /// when the head decided (`None`: the key did not exist).
+    Conflict {
+        /// The key's version then.
+        current: Option<u64>,
+    },
+}
+
+impl Conditional {
+    /// Whether the write was applied.
+    pub fn is_applied(&self) -> bool {
+        matches!(self, Conditional::Applied { .. })
+    }
 }
 
 /// Counters of what the client had to recover from, since connect.
@@ -99,10 +133,15 @@ impl KvStore {
 
     /// The value of `key`, or `None` if it does not exist.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.get_versioned(key).await?.map(|v| v.value))
+    }
+
+    /// The value of `key` and its version, or `None` if it does not exist.
+    pub async fn get_versioned(&self, key: &[u8]) -> Result<Option<Versioned>, KvError> {
         self.config.limits.check_key(key)?;
         let body = RequestBody::Get { key: key.to_vec() };
         match self.execute(key, body).await? {
-            ReplyBody::Value(v) => Ok(Some(v)),
+            ReplyBody::Value { value, version } => Ok(Some(Versioned { value, version })),
             ReplyBody::NotFound => Ok(None),
             other => Err(unexpected("get", other)),
         }
@@ -120,6 +159,57 @@ impl KvStore {
             ReplyBody::PutOk { created: false } => Ok(PutOutcome::Updated),
             other => Err(unexpected("put", other)),
         }
+    }
+
+    /// Stores `value` under `key` if the key's version is `version` (compare-and-set).
+    /// Returns once the write is durable ([`Conditional::Applied`], with the new version),
+    /// or at once if the key has another version or does not exist
+    /// ([`Conditional::Conflict`], nothing written).
+    pub async fn put_if_version(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        version: u64,
+    ) -> Result<Conditional, KvError> {
+        self.put_if(key, value, Expected::Version(version)).await
+    }
+
+    /// Stores `value` under `key` if the key does not exist. [`Conditional::Applied`] with
+    /// the new version once durable, or [`Conditional::Conflict`] with the existing
+    /// version (nothing written).
+    pub async fn put_if_absent(&self, key: &[u8], value: &[u8]) -> Result<Conditional, KvError> {
+        self.put_if(key, value, Expected::Absent).await
+    }
+
+    async fn put_if(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expected: Expected,
+    ) -> Result<Conditional, KvError> {
+        self.config.limits.check_put(key, value)?;
+        let body = RequestBody::PutIf {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            expected,
+        };
+        conditional("put_if", self.execute(key, body).await?)
+    }
+
+    /// Deletes `key` if its version is `version`: [`Conditional::Applied`] once durable, or
+    /// [`Conditional::Conflict`] with the key's version (`None`: it does not exist), nothing
+    /// deleted.
+    pub async fn delete_if_version(
+        &self,
+        key: &[u8],
+        version: u64,
+    ) -> Result<Conditional, KvError> {
+        self.config.limits.check_key(key)?;
+        let body = RequestBody::DeleteIf {
+            key: key.to_vec(),
+            version,
+        };
+        conditional("delete_if", self.execute(key, body).await?)
     }
 
     /// Deletes `key`. Returns whether it existed.
@@ -375,6 +465,14 @@ const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How long a metadata refresh waits for the other nodes once one has answered.
 const STRAGGLERS: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn conditional(request: &'static str, reply: ReplyBody) -> Result<Conditional, KvError> {
+    match reply {
+        ReplyBody::Applied { version } => Ok(Conditional::Applied { version }),
+        ReplyBody::Conflict { current } => Ok(Conditional::Conflict { current }),
+        other => Err(unexpected(request, other)),
+    }
+}
 
 fn unexpected(request: &'static str, reply: ReplyBody) -> KvError {
     KvError::UnexpectedReply {

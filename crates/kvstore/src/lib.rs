@@ -36,7 +36,7 @@ pub mod config;
 pub mod error;
 pub mod retry;
 
-pub use client::{ClientStats, KvStore, PutOutcome};
+pub use client::{ClientStats, Conditional, KvStore, PutOutcome, Versioned};
 pub use config::ClientConfig;
 pub use error::KvError;
 pub use retry::{Backoff, RetryPolicy};

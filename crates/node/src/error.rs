@@ -17,6 +17,10 @@ pub enum NodeError {
     /// Persisted metadata could not be decoded.
     #[error("persisted metadata is corrupt: {0}")]
     CorruptMetadata(#[from] ringkv_wire::WireError),
+    /// A stored record is shorter than its version and expiry (the data directory is
+    /// damaged).
+    #[error("a stored record is corrupt: {0} bytes, shorter than its 16-byte version and expiry")]
+    CorruptRecord(usize),
     /// Certificates could not be loaded or the TLS configuration not built.
     #[error("TLS: {0}")]
     Tls(#[from] ringkv_certs::CertError),

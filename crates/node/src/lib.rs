@@ -21,6 +21,8 @@
 //! - [`server`]: binding the endpoint and serving the node through `ringkv-transport`;
 //!   [`server::bind`] and [`server::run`].
 //! - [`storage`]: [`storage::Store`], fjall with a group-commit writer thread.
+//! - [`record`]: what a key holds ([`record::Record`]: value, version, expiry) and how the
+//!   head decides a write ([`record::decide`], versions, compare-and-set), as pure code.
 //! - [`hops`]: chain writes to a successor, batched.
 //! - [`redrive`]: a head's writes its chain may lack, sent again after a restart or a
 //!   give-up.
@@ -37,6 +39,7 @@ pub mod hops;
 pub mod lease;
 pub mod moves;
 pub mod node;
+pub mod record;
 pub mod redrive;
 pub mod request;
 pub mod server;

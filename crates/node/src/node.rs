@@ -139,6 +139,8 @@ pub struct Node {
     /// metadata install (older copies delivered late are ignored). Also the member's order
     /// lock: a batch is checked and queued for storage under it, as one step.
     pub(crate) applied_seq: std::sync::Mutex<HashMap<(u64, u16), u64>>,
+    /// The versions this node hands out as a chain head ([`crate::record::Versions`]).
+    pub(crate) versions: crate::record::Versions,
     /// Chain writes on their way to successors, batched per successor.
     pub(crate) hops: crate::hops::Hops,
     /// Unconfirmed chain writes to re-drive ([`crate::redrive`]).
@@ -229,6 +231,7 @@ impl Node {
             origin: rand::random(),
             next_seq: AtomicU64::new(1),
             applied_seq: std::sync::Mutex::new(HashMap::new()),
+            versions: crate::record::Versions::default(),
             hops: Default::default(),
             redrive: crate::redrive::Redrive::new(unconfirmed),
             replication: std::sync::atomic::AtomicU8::new(view.metadata.replication),
@@ -778,22 +781,15 @@ impl Node {
         use request::{admin, data, gossip, metadata, range};
         match body {
             RequestBody::Get { key } => data::get(self, &key),
-            RequestBody::Put { key, value } => data::put(self, &key, &value).await,
+            RequestBody::Put { key, value } => data::put(self, &key, value).await,
             RequestBody::Delete { key } => data::delete(self, &key).await,
-            RequestBody::Replicate {
+            RequestBody::PutIf {
                 key,
                 value,
-                origin,
-                seq,
-            } => {
-                let write = ringkv_wire::ChainWrite {
-                    key,
-                    value,
-                    origin,
-                    seq,
-                };
-                data::replicate(self, peer, version, write).await
-            }
+                expected,
+            } => data::put_if(self, &key, value, Some(expected)).await,
+            RequestBody::DeleteIf { key, version } => data::delete_if(self, &key, version).await,
+            RequestBody::Replicate { write } => data::replicate(self, peer, version, write).await,
             RequestBody::ReplicateBatch { writes } => {
                 data::replicate_batch(self, peer, version, writes).await
             }

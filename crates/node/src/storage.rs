@@ -13,7 +13,10 @@
 //! What the queue holds is at most `max_queued × ` the largest write (one frame's worth).
 //!
 //! Storage keys are `SHA-1(key) ++ key` ([`ringkv_wire::storage_key`]), so a ring range is
-//! one or two contiguous key spans.
+//! one or two contiguous key spans. Stored values are [`Record`]s: the value followed by its
+//! expiry and version (16 bytes). A data directory written before records existed (raw
+//! values, no `data-format` in `meta`) is converted when it is opened: each value becomes a
+//! record of version 1 that never expires.
 //!
 //! **Unconfirmed writes.** A chain write at its head ([`Store::submit_head`]) also marks its
 //! key in the `unconfirmed` keyspace, in the same atomic batch; [`Store::confirm`] removes the
@@ -22,7 +25,7 @@
 //! sent down its chain once more). A node that restarts, or gives a write up, re-drives the
 //! marked keys ([`Store::unconfirmed`], ARCHITECTURE.md §11).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,12 +39,19 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::error::NodeError;
 use crate::moves::SendLock;
 use crate::node::WriteAdmission;
+use crate::record::Record;
 
 const RING_KEY: &[u8] = b"ring";
 /// Key of the sender write locks of unfinished moves ([`crate::moves::SendLock`]).
 const LOCKS_KEY: &[u8] = b"move-locks";
 /// Key of the highest ECS Raft term the node has seen in a `Fenced` request.
 const ECS_TERM_KEY: &[u8] = b"ecs-term";
+/// Key of the format of the `data` keyspace's values: [`DATA_FORMAT`].
+const FORMAT_KEY: &[u8] = b"data-format";
+/// Values are [`Record`]s (format 1, never written down, held raw values).
+const DATA_FORMAT: u8 = 2;
+/// Key of the last key converted by an unfinished [`upgrade`].
+const PROGRESS_KEY: &[u8] = b"data-format-progress";
 
 /// Most writes folded into one commit; bounds the latency of the first writer of a batch.
 const MAX_BATCH: usize = 4096;
@@ -52,6 +62,7 @@ pub const DEFAULT_MAX_QUEUED_WRITES: usize = 4096;
 /// Keys removed per commit by [`Store::delete_range`].
 const DELETE_CHUNK: usize = 4096;
 
+/// A write for the writer thread. Values are encoded [`Record`]s.
 enum WriteOp {
     Put {
         key: Vec<u8>,
@@ -69,10 +80,12 @@ enum WriteOp {
         marks: Vec<Vec<u8>>,
     },
     DeleteKeys(Vec<Vec<u8>>),
-    /// A chain write at its head (`None` deletes): applied, and its key marked unconfirmed.
+    /// A write the head decided (`None` deletes), applied blindly; with `mark`, its key is
+    /// marked unconfirmed (a chain write, until the chain has it).
     Head {
         key: Vec<u8>,
         value: Option<Vec<u8>>,
+        mark: bool,
     },
     /// Marks of unconfirmed writes removed (the keys' range was deleted).
     Unmark(Vec<Vec<u8>>),
@@ -131,21 +144,6 @@ pub(crate) struct Place(OwnedSemaphorePermit);
 /// A queued write ([`Store::submit_entries`]); await [`Pending::done`] for its commit.
 pub(crate) struct Pending(oneshot::Receiver<Result<WriteOutcome, String>>);
 
-/// A queued chain write at its head ([`Store::submit_head`]).
-pub(crate) struct HeadPending(Pending);
-
-impl HeadPending {
-    /// Waits until the write is durable (or failed): for a put, whether the key was new;
-    /// for a delete, whether it existed.
-    pub(crate) async fn done(self) -> Result<bool, NodeError> {
-        match self.0.outcome().await? {
-            WriteOutcome::Put { created } => Ok(created),
-            WriteOutcome::Delete { existed } => Ok(existed),
-            WriteOutcome::Done => unreachable!("a head write answers put or delete"),
-        }
-    }
-}
-
 impl Pending {
     async fn outcome(self) -> Result<WriteOutcome, NodeError> {
         match self.0.await {
@@ -173,7 +171,7 @@ pub struct Store {
     queue: Arc<Semaphore>,
     counters: Arc<WriteCounters>,
     /// Confirmed keys whose marks the next commit removes ([`Store::confirm`]).
-    confirmed: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    confirmed: Arc<std::sync::Mutex<HashSet<Vec<u8>>>>,
 }
 
 /// The keyspaces the writer thread commits to.
@@ -198,9 +196,10 @@ impl Store {
         let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let unconfirmed = db.keyspace("unconfirmed", KeyspaceCreateOptions::default)?;
+        upgrade(&db, &data, &meta)?;
         let (writer, jobs) = mpsc::channel();
         let counters = Arc::new(WriteCounters::default());
-        let confirmed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let confirmed = Arc::new(std::sync::Mutex::new(HashSet::new()));
         let keyspaces = Keyspaces {
             data: data.clone(),
             meta: meta.clone(),
@@ -232,12 +231,23 @@ impl Store {
 
     /// The value of a user key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
-        self.get_hashed(&HashedKey::new(key))
+        Ok(self.get_record(&HashedKey::new(key))?.map(|r| r.value))
     }
 
-    /// The value of a user key whose position is already known.
-    pub fn get_hashed(&self, key: &HashedKey<'_>) -> Result<Option<Vec<u8>>, NodeError> {
-        Ok(self.data.get(key.storage_key())?.map(|v| v.to_vec()))
+    /// The record (value, version, expiry) of a user key whose position is already known.
+    pub fn get_record(&self, key: &HashedKey<'_>) -> Result<Option<Record>, NodeError> {
+        self.data
+            .get(key.storage_key())?
+            .map(|bytes| Record::decode(&bytes))
+            .transpose()
+    }
+
+    /// The version and expiry of a user key, if it exists.
+    pub fn get_meta(&self, key: &HashedKey<'_>) -> Result<Option<(u64, Option<u64>)>, NodeError> {
+        self.data
+            .get(key.storage_key())?
+            .map(|bytes| Record::meta(&bytes))
+            .transpose()
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, NodeError> {
@@ -300,22 +310,25 @@ impl Store {
         self.submit(place, WriteOp::Entries { entries, marks }, hold)
     }
 
-    /// Queues a chain write at its head (`value` `None` deletes) in the place taken by
-    /// [`Store::reserve`], without waiting (see [`Store::submit`]): the key is applied and
-    /// marked unconfirmed in one atomic batch; [`Store::confirm`] removes the mark. `hold`
-    /// as for [`Store::put_hashed`].
+    /// Queues a write the head decided (`record` `None` deletes) in the place taken by
+    /// [`Store::reserve`], without waiting (see [`Store::submit`]). With `mark` (a chain
+    /// write) the key is also marked unconfirmed in the same atomic batch;
+    /// [`Store::confirm`] removes the mark. `hold` (a write admission) is released only once
+    /// the write is committed, even if nobody waits for it any more.
     pub(crate) fn submit_head(
         &self,
         place: Place,
         key: &HashedKey<'_>,
-        value: Option<Vec<u8>>,
+        record: Option<Record>,
+        mark: bool,
         hold: Option<WriteAdmission>,
-    ) -> Result<HeadPending, NodeError> {
+    ) -> Result<Pending, NodeError> {
         let op = WriteOp::Head {
             key: key.storage_key(),
-            value,
+            value: record.map(Record::encode),
+            mark,
         };
-        self.submit(place, op, hold).map(HeadPending)
+        self.submit(place, op, hold)
     }
 
     /// The chain of the key with storage key `storage_key` has the head's write: its mark
@@ -326,7 +339,7 @@ impl Store {
         self.confirmed
             .lock()
             .expect("confirmed lock")
-            .push(storage_key);
+            .insert(storage_key);
     }
 
     /// The user keys marked unconfirmed: written at this node as their chain's head, and not
@@ -340,30 +353,26 @@ impl Store {
         Ok(keys)
     }
 
-    /// Whether `key` is marked unconfirmed.
+    /// Whether `key` is marked unconfirmed (and no confirmation of it is waiting for the
+    /// next commit).
     pub fn is_unconfirmed(&self, key: &HashedKey<'_>) -> Result<bool, NodeError> {
-        Ok(self.unconfirmed.contains_key(key.storage_key())?)
+        let storage_key = key.storage_key();
+        if !self.unconfirmed.contains_key(&storage_key)? {
+            return Ok(false);
+        }
+        let confirmed = self.confirmed.lock().expect("confirmed lock");
+        Ok(!confirmed.contains(&storage_key))
     }
 
-    /// Stores a user key durably. Returns whether it was new.
-    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<bool, NodeError> {
-        self.put_hashed(&HashedKey::new(key), value, None).await
-    }
-
-    /// [`Store::put`] for a key whose position is already known; `hold` (a write
-    /// admission) is released only once the write is committed, even if this future is
-    /// dropped before.
-    pub async fn put_hashed(
-        &self,
-        key: &HashedKey<'_>,
-        value: &[u8],
-        hold: Option<WriteAdmission>,
-    ) -> Result<bool, NodeError> {
+    /// Stores `record` under a user key durably, as it is (no version is assigned here: the
+    /// data path writes what the head decided, [`crate::record::decide`]). Returns whether
+    /// the key was new.
+    pub async fn put(&self, key: &[u8], record: Record) -> Result<bool, NodeError> {
         let op = WriteOp::Put {
-            key: key.storage_key(),
-            value: value.to_vec(),
+            key: storage_key(key),
+            value: record.encode(),
         };
-        match self.write_holding(op, hold).await? {
+        match self.write(op).await? {
             WriteOutcome::Put { created } => Ok(created),
             other => unreachable!("put answered {other:?}"),
         }
@@ -371,27 +380,17 @@ impl Store {
 
     /// Deletes a user key durably. Returns whether it existed.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, NodeError> {
-        self.delete_hashed(&HashedKey::new(key), None).await
-    }
-
-    /// [`Store::delete`] for a key whose position is already known; `hold` as for
-    /// [`Store::put_hashed`].
-    pub async fn delete_hashed(
-        &self,
-        key: &HashedKey<'_>,
-        hold: Option<WriteAdmission>,
-    ) -> Result<bool, NodeError> {
         let op = WriteOp::Delete {
-            key: key.storage_key(),
+            key: storage_key(key),
         };
-        match self.write_holding(op, hold).await? {
+        match self.write(op).await? {
             WriteOutcome::Delete { existed } => Ok(existed),
             other => unreachable!("delete answered {other:?}"),
         }
     }
 
     /// Applies a batch of user entries durably (a range transfer batch; `None` deletes);
-    /// `hold` as for [`Store::put_hashed`].
+    /// `hold` as for [`Store::submit_head`].
     pub async fn put_batch(
         &self,
         entries: Vec<StorageEntry>,
@@ -540,9 +539,12 @@ impl Store {
                 for span in range.storage_spans() {
                     for guard in snapshot.range::<&[u8], _>(&data, span_bounds(&span)) {
                         let (k, v) = guard.into_inner()?;
+                        let record = Record::decode(&v)?;
                         let entry = StorageEntry {
                             key: k[20..].to_vec(),
-                            value: Some(v.to_vec()),
+                            value: Some(record.value),
+                            version: record.version,
+                            expires_at: record.expires_at,
                         };
                         if let Some(full) = batcher.push(entry) {
                             if tx.blocking_send(Ok(full)).is_err() {
@@ -562,6 +564,63 @@ impl Store {
         });
         rx
     }
+}
+
+/// Converts a data directory written before records existed (raw values; no
+/// [`FORMAT_KEY`]): every value becomes a record of version 1 that never expires, in
+/// batches of [`DELETE_CHUNK`] keys. Each batch also writes the last key it converted
+/// ([`PROGRESS_KEY`]), so a crash midway resumes after it and never converts a value twice;
+/// the format is written last. An empty directory just gets the format.
+fn upgrade(db: &Database, data: &Keyspace, meta: &Keyspace) -> Result<(), NodeError> {
+    match meta.get(FORMAT_KEY)? {
+        Some(format) if format.as_ref() == [DATA_FORMAT] => return Ok(()),
+        Some(format) => {
+            return Err(NodeError::Config(format!(
+                "the data directory holds data format {:?}, which this ringkv does not read \
+                 (it reads {DATA_FORMAT})",
+                format.as_ref()
+            )))
+        }
+        None => {}
+    }
+    let mut converted = 0u64;
+    loop {
+        let from = meta.get(PROGRESS_KEY)?.map(|k| k.to_vec());
+        let bounds = (
+            from.as_ref()
+                .map_or(Bound::Unbounded, |k| Bound::Excluded(&k[..])),
+            Bound::Unbounded,
+        );
+        let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+        let mut last = None;
+        let mut n = 0;
+        for guard in data.range::<&[u8], _>(bounds).take(DELETE_CHUNK) {
+            let (key, value) = guard.into_inner()?;
+            let record = Record {
+                value: value.to_vec(),
+                version: 1,
+                expires_at: None,
+            };
+            batch.insert(data, key.to_vec(), record.encode());
+            last = Some(key.to_vec());
+            n += 1;
+        }
+        let Some(last) = last else { break };
+        batch.insert(meta, PROGRESS_KEY, last);
+        batch.commit()?;
+        converted += n;
+    }
+    let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+    batch.insert(meta, FORMAT_KEY, [DATA_FORMAT]);
+    batch.remove(meta, PROGRESS_KEY);
+    batch.commit()?;
+    if converted > 0 {
+        tracing::info!(
+            keys = converted,
+            "converted the data directory to records (version 1, no expiry)"
+        );
+    }
+    Ok(())
 }
 
 /// Groups transfer entries into batches of at most `max_bytes`, or of one entry if that
@@ -585,8 +644,8 @@ impl Batcher {
     /// Adds `entry`; returns the batch so far if `entry` would not fit in it (by bytes, or by
     /// count: a `PutBatch` holds at most [`ringkv_wire::MAX_BATCH_ENTRIES`]).
     pub(crate) fn push(&mut self, entry: StorageEntry) -> Option<Vec<StorageEntry>> {
-        // 8: room for the encoded lengths of key and value.
-        let size = entry.key.len() + entry.value.as_ref().map_or(0, Vec::len) + 8;
+        // 8: room for the encoded lengths of key and value; 20: version and expiry.
+        let size = entry.key.len() + entry.value.as_ref().map_or(0, Vec::len) + 28;
         let full = (!self.batch.is_empty()
             && (self.size + size > self.max_bytes
                 || self.batch.len() == ringkv_wire::MAX_BATCH_ENTRIES))
@@ -621,7 +680,7 @@ fn write_loop(
     db: &Database,
     keyspaces: &Keyspaces,
     counters: &WriteCounters,
-    confirmed: &std::sync::Mutex<Vec<Vec<u8>>>,
+    confirmed: &std::sync::Mutex<HashSet<Vec<u8>>>,
     jobs: mpsc::Receiver<WriteJob>,
 ) {
     while let Ok(first) = jobs.recv() {
@@ -675,7 +734,7 @@ fn write_loop(
 fn apply(
     db: &Database,
     keyspaces: &Keyspaces,
-    confirmed: Vec<Vec<u8>>,
+    confirmed: HashSet<Vec<u8>>,
     ops: Vec<WriteOp>,
 ) -> Result<Vec<WriteOutcome>, NodeError> {
     let Keyspaces {
@@ -710,7 +769,15 @@ fn apply(
             }
             WriteOp::PutBatch(entries) => {
                 for e in entries {
-                    state.insert(storage_key(&e.key), e.value);
+                    let value = e.value.map(|value| {
+                        Record {
+                            value,
+                            version: e.version,
+                            expires_at: e.expires_at,
+                        }
+                        .encode()
+                    });
+                    state.insert(storage_key(&e.key), value);
                 }
                 WriteOutcome::Done
             }
@@ -732,16 +799,12 @@ fn apply(
                 }
                 WriteOutcome::Done
             }
-            WriteOp::Head { key, value } => {
-                let existed = exists(&state, &key)?;
-                marks.insert(key.clone(), true);
-                let put = value.is_some();
-                state.insert(key, value);
-                if put {
-                    WriteOutcome::Put { created: !existed }
-                } else {
-                    WriteOutcome::Delete { existed }
+            WriteOp::Head { key, value, mark } => {
+                if mark {
+                    marks.insert(key.clone(), true);
                 }
+                state.insert(key, value);
+                WriteOutcome::Done
             }
             WriteOp::Unmark(keys) => {
                 for key in keys {
@@ -782,16 +845,25 @@ mod tests {
     use super::*;
     use ringkv_wire::{key_position, NodeEntry, Position, RingMetadata};
 
+    /// A record of `value` at version 1 that never expires.
+    fn v1(value: &[u8]) -> Record {
+        Record {
+            value: value.to_vec(),
+            version: 1,
+            expires_at: None,
+        }
+    }
+
     #[tokio::test]
     async fn put_get_delete_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert!(store.put(b"a", b"1").await.unwrap());
-        assert!(!store.put(b"a", b"2").await.unwrap());
+        assert!(store.put(b"a", v1(b"1")).await.unwrap());
+        assert!(!store.put(b"a", v1(b"2")).await.unwrap());
         assert_eq!(store.get(b"a").unwrap(), Some(b"2".to_vec()));
         assert!(store.delete(b"a").await.unwrap());
         assert!(!store.delete(b"a").await.unwrap());
-        store.put(b"b", b"3").await.unwrap();
+        store.put(b"b", v1(b"3")).await.unwrap();
         let md = RingMetadata::new(4, vec![NodeEntry::new("n", "h:1")]).unwrap();
         let md = SignedMetadata::sign(&md, |_| Ok(Default::default())).unwrap();
         store.save_metadata(&md).await.unwrap();
@@ -808,7 +880,7 @@ mod tests {
         let store = Store::open_with_queue(dir.path(), 2).unwrap();
         let full = store.queue.clone().acquire_many_owned(2).await.unwrap();
         let waiting = store.clone();
-        let put = tokio::spawn(async move { waiting.put(b"k", b"v").await });
+        let put = tokio::spawn(async move { waiting.put(b"k", v1(b"v")).await });
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(!put.is_finished(), "a write went past a full queue");
         assert_eq!(store.write_stats().writes, 0);
@@ -820,7 +892,7 @@ mod tests {
         let puts: Vec<_> = (0..64u32)
             .map(|i| {
                 let store = store.clone();
-                tokio::spawn(async move { store.put(&i.to_le_bytes(), b"x").await })
+                tokio::spawn(async move { store.put(&i.to_le_bytes(), v1(b"x")).await })
             })
             .collect();
         for put in puts {
@@ -835,6 +907,8 @@ mod tests {
         let entry = |n: usize| StorageEntry {
             key: b"k".to_vec(),
             value: Some(vec![0; n]),
+            version: 1,
+            expires_at: None,
         };
         let mut b = Batcher::new(100);
         assert_eq!(b.push(entry(50)), None);
@@ -867,23 +941,23 @@ mod tests {
         let ops = vec![
             WriteOp::Put {
                 key: key.clone(),
-                value: b"1".to_vec(),
+                value: v1(b"1").encode(),
             },
             WriteOp::Put {
                 key: key.clone(),
-                value: b"2".to_vec(),
+                value: v1(b"2").encode(),
             },
             WriteOp::Delete { key: key.clone() },
             WriteOp::Put {
                 key: storage_key(b"other"),
-                value: b"x".to_vec(),
+                value: v1(b"x").encode(),
             },
             WriteOp::Delete {
                 key: storage_key(b"other"),
             },
             WriteOp::Put {
                 key: storage_key(b"other"),
-                value: b"y".to_vec(),
+                value: v1(b"y").encode(),
             },
         ];
         let keyspaces = Keyspaces {
@@ -891,7 +965,7 @@ mod tests {
             meta: store.meta.clone(),
             unconfirmed: store.unconfirmed.clone(),
         };
-        let outcomes = apply(&store.db, &keyspaces, Vec::new(), ops).unwrap();
+        let outcomes = apply(&store.db, &keyspaces, HashSet::new(), ops).unwrap();
         assert_eq!(
             outcomes,
             [
@@ -905,7 +979,7 @@ mod tests {
         );
         assert_eq!(store.get(b"k").unwrap(), None);
         assert_eq!(store.get(b"other").unwrap(), Some(b"y".to_vec()));
-        store.put(b"k", b"3").await.unwrap();
+        store.put(b"k", v1(b"3")).await.unwrap();
         assert_eq!(store.get(b"k").unwrap(), Some(b"3".to_vec()));
         drop((keyspaces, store));
         let store = Store::open(dir.path()).unwrap();
@@ -921,10 +995,10 @@ mod tests {
         );
     }
 
-    async fn head_write(store: &Store, key: &[u8], value: Option<&[u8]>) -> bool {
+    async fn head_write(store: &Store, key: &[u8], value: Option<&[u8]>) {
         let place = store.reserve().await.unwrap();
         store
-            .submit_head(place, &HashedKey::new(key), value.map(<[u8]>::to_vec), None)
+            .submit_head(place, &HashedKey::new(key), value.map(v1), true, None)
             .unwrap()
             .done()
             .await
@@ -936,15 +1010,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            assert!(head_write(&store, b"a", Some(b"1")).await, "created");
-            assert!(!head_write(&store, b"b", None).await, "nothing to delete");
-            assert!(head_write(&store, b"c", Some(b"3")).await);
+            head_write(&store, b"a", Some(b"1")).await;
+            head_write(&store, b"b", None).await;
+            head_write(&store, b"c", Some(b"3")).await;
             assert_eq!(store.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
             store.confirm(storage_key(b"c"));
-            // A confirmation makes no commit of its own: it goes with the next one.
-            assert!(store.is_unconfirmed(&HashedKey::new(b"c")).unwrap());
-            store.put(b"unrelated", b"x").await.unwrap();
+            // A confirmation makes no commit of its own: it goes with the next one. The key
+            // counts as confirmed at once.
+            let on_disk =
+                |store: &Store| store.unconfirmed.contains_key(storage_key(b"c")).unwrap();
+            assert!(on_disk(&store));
             assert!(!store.is_unconfirmed(&HashedKey::new(b"c")).unwrap());
+            store.put(b"unrelated", v1(b"x")).await.unwrap();
+            assert!(!on_disk(&store));
+            assert!(store.is_unconfirmed(&HashedKey::new(b"a")).unwrap());
         }
         let store = Store::open(dir.path()).unwrap();
         let mut keys = store.unconfirmed().unwrap();
@@ -970,8 +1049,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let place = store.reserve().await.unwrap();
         let entries = vec![
-            (storage_key(b"on"), Some(b"1".to_vec())),
-            (storage_key(b"tail"), Some(b"2".to_vec())),
+            (storage_key(b"on"), Some(v1(b"1").encode())),
+            (storage_key(b"tail"), Some(v1(b"2").encode())),
         ];
         store
             .submit_entries(place, entries, vec![storage_key(b"on")], None)
@@ -1025,7 +1104,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.write_stats(), WriteStats::default());
-        store.put(b"first", b"v").await.unwrap();
+        store.put(b"first", v1(b"v")).await.unwrap();
         assert_eq!(
             store.write_stats(),
             WriteStats {
@@ -1037,7 +1116,7 @@ mod tests {
         // more: they are committed in far fewer groups than writes.
         let keys: Vec<String> = (0..256u32).map(|i| format!("k{i}")).collect();
         let writes =
-            futures::future::join_all(keys.iter().map(|k| store.put(k.as_bytes(), b"v"))).await;
+            futures::future::join_all(keys.iter().map(|k| store.put(k.as_bytes(), v1(b"v")))).await;
         assert!(writes.into_iter().all(|w| w.unwrap()));
         let stats = store.write_stats();
         assert_eq!(stats.writes, 257);
@@ -1054,7 +1133,7 @@ mod tests {
         let handles: Vec<_> = (0..500u32)
             .map(|i| {
                 let s = store.clone();
-                tokio::spawn(async move { s.put(format!("k{i}").as_bytes(), b"v").await })
+                tokio::spawn(async move { s.put(format!("k{i}").as_bytes(), v1(b"v")).await })
             })
             .collect();
         for h in handles {
@@ -1083,5 +1162,38 @@ mod tests {
         assert_eq!(store.delete_range(range).await.unwrap(), expected);
         assert_eq!(store.len().unwrap(), 500 - expected);
         assert_eq!(store.count_range(&range).unwrap(), 0);
+    }
+
+    /// A data directory of raw values (as written before records existed) is converted at
+    /// open: each value reads back as a record of version 1 that never expires; a second
+    /// open finds nothing to convert.
+    #[tokio::test]
+    async fn a_directory_of_raw_values_is_converted_to_records() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::builder(dir.path().join("fjall")).open().unwrap();
+            let data = db.keyspace("data", KeyspaceCreateOptions::default).unwrap();
+            db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+            for i in 0..(DELETE_CHUNK + 10) as u32 {
+                data.insert(storage_key(&i.to_be_bytes()), format!("raw{i}"))
+                    .unwrap();
+            }
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        for _ in 0..2 {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.len().unwrap(), (DELETE_CHUNK + 10) as u64);
+            for i in [0u32, 1, DELETE_CHUNK as u32 + 9] {
+                let key = i.to_be_bytes();
+                assert_eq!(
+                    store.get_record(&HashedKey::new(&key)).unwrap(),
+                    Some(Record {
+                        value: format!("raw{i}").into_bytes(),
+                        version: 1,
+                        expires_at: None
+                    })
+                );
+            }
+        }
     }
 }

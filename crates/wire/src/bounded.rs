@@ -2,9 +2,9 @@
 //! are much larger in memory than on the wire.
 //!
 //! A frame is at most `max_frame` bytes, but a sequence of tiny elements expands when decoded:
-//! a `PutBatch` of 2-byte empty entries becomes 48-byte `StorageEntry`s, and the vector's
-//! growth doubles that again (a 4 MiB frame: 128 MiB in one allocation, 192 MiB live, before
-//! any permission check). Capping the count bounds the expansion whatever the frame holds:
+//! a `PutBatch` of 4-byte empty entries becomes 72-byte `StorageEntry`s, and the vector's
+//! growth doubles that again (a 4 MiB frame of the 2-byte entries of the time before
+//! versions: 128 MiB in one allocation, 192 MiB live, before any permission check). Capping the count bounds the expansion whatever the frame holds:
 //! the count announced in the frame is checked before anything is allocated, and the vector
 //! never grows past the cap.
 
@@ -13,9 +13,10 @@ use std::marker::PhantomData;
 
 use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
 
-/// Most entries in one `PutBatch` (transfer batches are cut at this count as well as at their
-/// byte size): 65,536 `StorageEntry`s are 3 MiB in memory.
-pub const MAX_BATCH_ENTRIES: usize = 65_536;
+/// Most entries in one `PutBatch` or `ReplicateBatch` (transfer batches are cut at this count
+/// as well as at their byte size): 32,768 `StorageEntry`s are 2.25 MiB in memory, 32,768
+/// `ChainWrite`s 2.75 MiB, both under a frame's 4 MiB.
+pub const MAX_BATCH_ENTRIES: usize = 32_768;
 
 /// Most certificates in a metadata signer's chain (leaf and intermediates).
 pub const MAX_SIGNER_CHAIN: usize = 8;

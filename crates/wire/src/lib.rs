@@ -46,7 +46,7 @@ pub use error::WireError;
 pub use gossip::{GossipDigest, Heartbeat, Liveness, PeerLiveness};
 pub use limits::Limits;
 pub use message::{
-    ChainWrite, ErrorKind, MoveId, NodeStatus, Reply, ReplyBody, Request, RequestBody,
+    ChainWrite, ErrorKind, Expected, MoveId, NodeStatus, Reply, ReplyBody, Request, RequestBody,
     StorageEntry, TransferStats,
 };
 pub use ring::{

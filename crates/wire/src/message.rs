@@ -52,10 +52,27 @@ pub struct ChainWrite {
     /// The value, or `None` for a deletion.
     #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
-    /// The head that ordered the write.
+    /// The key's version after the write, which the head assigned (ARCHITECTURE.md §11
+    /// "Versions"); every member stores it with the value.
+    pub version: u64,
+    /// When the value expires, in milliseconds since the Unix epoch by the head's clock
+    /// (`None`: never).
+    pub expires_at: Option<u64>,
+    /// The head that ordered the write (a random number per head process).
     pub origin: u64,
-    /// The write's place in its head's order.
+    /// The write's place in its head's order (increasing; a write sent again keeps it).
+    /// A member ignores a write of a key's stripe older than one it already applied from
+    /// the same head, so a copy delayed on its way cannot undo a later write.
     pub seq: u64,
+}
+
+/// The condition of a conditional put ([`RequestBody::PutIf`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Expected {
+    /// The key must not exist.
+    Absent,
+    /// The key must exist with this version.
+    Version(u64),
 }
 
 /// A key and its value as moved between nodes; `None` is a deletion (a delta transfer
@@ -68,6 +85,10 @@ pub struct StorageEntry {
     /// The value, or `None` if the key was deleted.
     #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
+    /// The key's version (0 for a deletion).
+    pub version: u64,
+    /// When the value expires (ms since the Unix epoch; `None`: never).
+    pub expires_at: Option<u64>,
 }
 
 /// What a request asks for.
@@ -195,18 +216,8 @@ pub enum RequestBody {
     /// metadata version (the request's) and the caller is the receiver's predecessor in that
     /// chain.
     Replicate {
-        /// The key.
-        #[serde(with = "serde_bytes")]
-        key: Vec<u8>,
-        /// The value, or `None` for a deletion.
-        #[serde(with = "serde_bytes")]
-        value: Option<Vec<u8>>,
-        /// The head that ordered the write (a random number per head process).
-        origin: u64,
-        /// The write's place in its head's order (increasing; a write sent again keeps it).
-        /// A member ignores a write of a key's stripe older than one it already applied from
-        /// the same head, so a copy delayed on its way cannot undo a later write.
-        seq: u64,
+        /// The write.
+        write: ChainWrite,
     },
     /// Internal (node): several chain writes for the receiver at once, each handled as its
     /// own `Replicate` (same checks, same order rules); the sender batches the writes waiting
@@ -254,6 +265,29 @@ pub enum RequestBody {
         #[serde(deserialize_with = "crate::bounded::unfenced_body")]
         body: Box<RequestBody>,
     },
+    // New variants go last: a variant's place is its tag on the wire.
+    /// Client: write a key if it is as `expected` (compare-and-set). Replies `Applied` with
+    /// the key's new version once the write is durable, or `Conflict` with its current
+    /// version (nothing written).
+    PutIf {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// The condition.
+        expected: Expected,
+    },
+    /// Client: delete a key if its version is `version`. Replies `Applied` (with the version
+    /// the key had) once durable, or `Conflict` with its current version (nothing deleted).
+    DeleteIf {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The version the key must have.
+        version: u64,
+    },
 }
 
 impl RequestBody {
@@ -264,6 +298,8 @@ impl RequestBody {
             RequestBody::Get { .. }
                 | RequestBody::Put { .. }
                 | RequestBody::Delete { .. }
+                | RequestBody::PutIf { .. }
+                | RequestBody::DeleteIf { .. }
                 | RequestBody::GetMetadata
         )
     }
@@ -294,6 +330,8 @@ impl RequestBody {
             RequestBody::Get { .. } => "get",
             RequestBody::Put { .. } => "put",
             RequestBody::Delete { .. } => "delete",
+            RequestBody::PutIf { .. } => "put_if",
+            RequestBody::DeleteIf { .. } => "delete_if",
             RequestBody::GetMetadata => "get_metadata",
             RequestBody::Status => "status",
             RequestBody::Start => "start",
@@ -417,8 +455,14 @@ pub struct NodeStatus {
 /// The answer to a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplyBody {
-    /// The value of the key asked for.
-    Value(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The value of the key asked for, and its version.
+    Value {
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// The key's version (ARCHITECTURE.md §11 "Versions").
+        version: u64,
+    },
     /// The key does not exist.
     NotFound,
     /// The put is durable; `created` tells whether the key was new.
@@ -483,6 +527,17 @@ pub enum ReplyBody {
     /// answering, and serves no read or write from now on, so the ECS may take it out of its
     /// chains at once rather than after `failover_after` of silence (ARCHITECTURE.md §11).
     Leaving,
+    /// A conditional write's condition held and the write is durable: the key's new version
+    /// (`PutIf`), or the version it had (`DeleteIf`).
+    Applied {
+        /// The version.
+        version: u64,
+    },
+    /// A conditional write's condition did not hold; nothing was written.
+    Conflict {
+        /// The key's current version (`None`: it does not exist).
+        current: Option<u64>,
+    },
 }
 
 #[cfg(test)]
@@ -601,6 +656,15 @@ mod tests {
             bytes().prop_map(|key| RequestBody::Get { key }),
             (bytes(), bytes()).prop_map(|(key, value)| RequestBody::Put { key, value }),
             bytes().prop_map(|key| RequestBody::Delete { key }),
+            (bytes(), bytes(), arb_expected()).prop_map(|(key, value, expected)| {
+                RequestBody::PutIf {
+                    key,
+                    value,
+                    expected,
+                }
+            }),
+            (bytes(), any::<u64>())
+                .prop_map(|(key, version)| RequestBody::DeleteIf { key, version }),
             Just(RequestBody::GetMetadata),
             Just(RequestBody::Status),
             Just(RequestBody::Start),
@@ -625,55 +689,67 @@ mod tests {
             }),
             (
                 arb_id(),
-                proptest::collection::vec((bytes(), proptest::option::of(bytes())), 0..4)
+                proptest::collection::vec(
+                    (
+                        bytes(),
+                        proptest::option::of(bytes()),
+                        any::<u64>(),
+                        proptest::option::of(any::<u64>())
+                    ),
+                    0..4
+                )
             )
                 .prop_map(|(id, v)| {
                     RequestBody::PutBatch {
                         id,
                         entries: v
                             .into_iter()
-                            .map(|(key, value)| StorageEntry { key, value })
+                            .map(|(key, value, version, expires_at)| StorageEntry {
+                                key,
+                                value,
+                                version,
+                                expires_at,
+                            })
                             .collect(),
                     }
                 }),
             arb_range().prop_map(|range| RequestBody::DeleteRange { range }),
             arb_digest().prop_map(|digest| RequestBody::Gossip { digest }),
             arb_signed_metadata().prop_map(|metadata| RequestBody::GossipPush { metadata }),
-            (
-                bytes(),
-                proptest::option::of(bytes()),
-                any::<u64>(),
-                any::<u64>()
-            )
-                .prop_map(|(key, value, origin, seq)| RequestBody::Replicate {
-                    key,
-                    value,
-                    origin,
-                    seq
-                }),
+            arb_chain_write().prop_map(|write| RequestBody::Replicate { write }),
             (any::<u32>(), proptest::option::of(any::<u64>()))
                 .prop_map(|(millis, echo)| RequestBody::Lease { millis, echo }),
-            proptest::collection::vec(
-                (
-                    bytes(),
-                    proptest::option::of(bytes()),
-                    any::<u64>(),
-                    any::<u64>()
-                ),
-                0..4
-            )
-            .prop_map(|writes| RequestBody::ReplicateBatch {
-                writes: writes
-                    .into_iter()
-                    .map(|(key, value, origin, seq)| ChainWrite {
-                        key,
-                        value,
-                        origin,
-                        seq
-                    })
-                    .collect()
-            }),
+            proptest::collection::vec(arb_chain_write(), 0..4)
+                .prop_map(|writes| RequestBody::ReplicateBatch { writes }),
         ]
+    }
+
+    fn arb_expected() -> impl Strategy<Value = Expected> {
+        prop_oneof![
+            Just(Expected::Absent),
+            any::<u64>().prop_map(Expected::Version)
+        ]
+    }
+
+    fn arb_chain_write() -> impl Strategy<Value = ChainWrite> {
+        (
+            bytes(),
+            proptest::option::of(bytes()),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(key, value, version, expires_at, origin, seq)| ChainWrite {
+                    key,
+                    value,
+                    version,
+                    expires_at,
+                    origin,
+                    seq,
+                },
+            )
     }
 
     fn arb_reply() -> impl Strategy<Value = Reply> {
@@ -690,7 +766,10 @@ mod tests {
             Just(ErrorKind::StaleTerm),
         ];
         let body = prop_oneof![
-            bytes().prop_map(ReplyBody::Value),
+            (bytes(), any::<u64>())
+                .prop_map(|(value, version)| ReplyBody::Value { value, version }),
+            any::<u64>().prop_map(|version| ReplyBody::Applied { version }),
+            proptest::option::of(any::<u64>()).prop_map(|current| ReplyBody::Conflict { current }),
             Just(ReplyBody::NotFound),
             any::<bool>().prop_map(|created| ReplyBody::PutOk { created }),
             Just(ReplyBody::Deleted),
@@ -938,8 +1017,19 @@ mod tests {
     }
 
     #[test]
-    fn client_requests_are_the_four() {
+    fn client_requests_are_the_data_requests_and_get_metadata() {
         assert!(RequestBody::GetMetadata.is_client_request());
+        assert!(RequestBody::PutIf {
+            key: b"k".to_vec(),
+            value: vec![],
+            expected: Expected::Absent
+        }
+        .is_client_request());
+        assert!(RequestBody::DeleteIf {
+            key: b"k".to_vec(),
+            version: 1
+        }
+        .is_client_request());
         assert!(!RequestBody::Status.is_client_request());
         assert!(!RequestBody::PutBatch {
             id: MoveId {

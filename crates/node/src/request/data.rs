@@ -1,5 +1,10 @@
-//! The client data path: `Get`, `Put`, `Delete`, and `Replicate`, which carries a write down
-//! its chain (ARCHITECTURE.md §11).
+//! The client data path: `Get`, `Put`, `Delete`, `PutIf`, `DeleteIf`, and `Replicate`, which
+//! carries a write down its chain (ARCHITECTURE.md §11).
+//!
+//! The head decides every write ([`crate::record::decide`]) from the record it holds, under
+//! the key's stripe: no other write of the key runs between that read and the write, so a
+//! conditional write (compare-and-set) is atomic, and the version it assigns is above the
+//! key's.
 //!
 //! A write enters at the head of its key's chain and travels down the chain member by
 //! member; each member persists it while passing it on, and answers its predecessor once it
@@ -12,14 +17,15 @@ use std::time::Duration;
 
 use ringkv_certs::PeerIdentity;
 use ringkv_wire::{
-    key_position, ChainWrite, ErrorKind, HashedKey, NodeEntry, Position, ReplyBody, Request,
-    RequestBody, WireError,
+    key_position, ChainWrite, ErrorKind, Expected, HashedKey, NodeEntry, Position, ReplyBody,
+    Request, RequestBody, WireError,
 };
 
 use super::{error, storage_error};
 use crate::hops::{HopResult, Hops};
-use crate::node::{InFlightWrite, RingView, WriteAdmission};
-use crate::storage::HeadPending;
+use crate::node::{InFlightWrite, RingView};
+use crate::record::{decide, wall_clock_us, Decision, Intent, Outcome, Record};
+use crate::storage::Pending;
 use crate::Node;
 
 /// How long one hop of a chain write may take before it is sent again (to the same
@@ -57,54 +63,32 @@ pub fn get(node: &Node, key: &[u8]) -> ReplyBody {
     if node.replication() > 1 && node.moves().is_locked(&key.position) {
         return ReplyBody::WriteLocked;
     }
-    match node.store.get_hashed(&key) {
-        Ok(Some(v)) => ReplyBody::Value(v),
+    match node.store.get_record(&key) {
+        Ok(Some(record)) => ReplyBody::Value {
+            value: record.value,
+            version: record.version,
+        },
         Ok(None) => ReplyBody::NotFound,
         Err(e) => storage_error(e),
     }
 }
 
-/// A write's local effect, before its reply.
-enum Applied {
-    Put { created: bool },
-    Delete { existed: bool },
-}
-
-impl Applied {
-    fn reply(&self) -> ReplyBody {
-        match self {
-            Applied::Put { created } => ReplyBody::PutOk { created: *created },
-            Applied::Delete { existed: true } => ReplyBody::Deleted,
-            Applied::Delete { existed: false } => ReplyBody::NotFound,
-        }
-    }
-}
-
-/// Applies a put (`Some`) or delete (`None`) durably, releasing `admitted` once it is.
-async fn apply(
-    node: &Node,
-    key: &HashedKey<'_>,
-    value: Option<&[u8]>,
-    admitted: WriteAdmission,
-) -> Result<Applied, crate::NodeError> {
-    match value {
-        Some(value) => node
-            .store
-            .put_hashed(key, value, Some(admitted))
-            .await
-            .map(|created| Applied::Put { created }),
-        None => node
-            .store
-            .delete_hashed(key, Some(admitted))
-            .await
-            .map(|existed| Applied::Delete { existed }),
+/// The reply to a write that ended with `outcome`.
+fn reply(outcome: Outcome) -> ReplyBody {
+    match outcome {
+        Outcome::Put { created } => ReplyBody::PutOk { created },
+        Outcome::Delete { existed: true } => ReplyBody::Deleted,
+        Outcome::Delete { existed: false } => ReplyBody::NotFound,
+        Outcome::Applied { version } => ReplyBody::Applied { version },
+        Outcome::Conflict { current } => ReplyBody::Conflict { current },
     }
 }
 
 /// A client write at the head (see [`Node`]'s invariant): ownership and write locks are
-/// checked under the write gate, then the write is made durable here and (with a chain)
-/// carried down to the tail at the same time; it is acknowledged once both are done.
-async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyBody {
+/// checked under the write gate, the head decides the write from the record it holds
+/// ([`decide`]), then the write is made durable here and (with a chain) carried down to the
+/// tail at the same time; it is acknowledged once both are done.
+async fn write(node: &Node, key: &HashedKey<'_>, intent: Intent) -> ReplyBody {
     if let Err(reply) = admit(node, key) {
         return reply;
     }
@@ -114,63 +98,95 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
     if let Err(reply) = node.check_copies(&key.position) {
         return reply;
     }
-    let replicated = node.replication() > 1;
-    // One write of a stripe (the key's and a 4096th of the others) down the chain at a
-    // time, so every member applies a key's writes in the head's order.
-    let stripe = if replicated {
-        Some(node.stripe(&key.position).lock_owned().await)
-    } else {
-        None
-    };
+    let chained = node.replication() > 1;
+    // One write of a stripe (the key's and a 4096th of the others) at a time: the decision
+    // reads the key's record, and no other write of the key may come between; with a chain,
+    // every member also applies a key's writes in the head's order.
+    let stripe = node.stripe(&key.position).lock_owned().await;
     let admitted = node.admit_write().await;
     // Ownership may have changed while we waited for the guard.
     if let Err(reply) = node.check_head(&key.position) {
         return reply;
     }
-    {
-        let mut moves = node.moves();
-        if moves.is_locked(&key.position) {
-            return ReplyBody::WriteLocked;
-        }
-        moves.track(key);
+    if node.moves().is_locked(&key.position) {
+        return ReplyBody::WriteLocked;
     }
-    let Some(stripe) = stripe else {
-        // The admission travels with the write to the storage writer, which releases it
-        // once the write is durable, even if this handler is cancelled meanwhile.
-        return match apply(node, key, value, admitted).await {
-            Ok(applied) => applied.reply(),
-            Err(e) => storage_error(e),
-        };
+    let current = match node.store.get_meta(key) {
+        Ok(meta) => meta.map(|(version, _)| version),
+        Err(e) => return storage_error(e),
     };
+    let (record, outcome) = match decide(intent, current, &node.versions, wall_clock_us()) {
+        Decision::Write { record, reply } => (record, reply),
+        Decision::Refuse(outcome) => {
+            // Nothing to write, but the answer reports what the head holds: the chain must
+            // hold it too before anyone is told (a write of the key this head gave up, or
+            // took as a member before it became the head, may not have reached the tail).
+            if chained {
+                match node.store.is_unconfirmed(key) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        let inflight = node.enter_chain(key.position);
+                        drop(admitted);
+                        if let Err(why) = resend(&node.arc(), key).await {
+                            drop((inflight, stripe));
+                            return error(
+                                ErrorKind::Peer,
+                                format!("the key's last write is not confirmed by its chain yet ({why}); nothing was written, retry"),
+                            );
+                        }
+                    }
+                    Err(e) => return storage_error(e),
+                }
+            }
+            return reply(outcome);
+        }
+    };
+    node.moves().track(key);
     let place = match node.store.reserve().await {
         Ok(place) => place,
         Err(e) => return storage_error(e),
     };
-    let inflight = node.enter_chain(key.position);
-    let write = ChainWrite {
-        key: key.key.to_vec(),
-        value: value.map(<[u8]>::to_vec),
-        origin: node.origin,
-        seq: node.next_seq(),
-    };
-    // Applied here and marked unconfirmed in one commit, until the chain has it.
+    // With a chain: the write to send, and its in-flight mark (before the write is queued).
+    let chain = chained.then(|| {
+        let inflight = node.enter_chain(key.position);
+        (chain_write(node, key.key, record.as_ref()), inflight)
+    });
+    // Applied here (and, with a chain, marked unconfirmed in the same commit until the chain
+    // has it). The admission travels with the write to the storage writer, which releases
+    // it once the write is durable, even if this handler is cancelled meanwhile.
     let local = match node
         .store
-        .submit_head(place, key, write.value.clone(), Some(admitted))
+        .submit_head(place, key, record, chained, Some(admitted))
     {
         Ok(local) => local,
         Err(e) => return storage_error(e),
     };
-    // In a task of its own, so that a client that goes away cannot cut a write off half
-    // way (the stripe and the in-flight mark go with the task).
+    // In a task of its own, holding the stripe, so that a client that goes away cannot let
+    // the key's next write be decided before this one is durable (nor, with a chain, cut
+    // the write off half way).
+    let Some((write, inflight)) = chain else {
+        let local = tokio::spawn(async move {
+            let _stripe = stripe;
+            local.done().await
+        });
+        return match local.await {
+            Ok(Ok(())) => reply(outcome),
+            Ok(Err(e)) => storage_error(e),
+            Err(e) => error(
+                ErrorKind::Indeterminate,
+                format!("the write's task failed: {e}; it may or may not have been applied"),
+            ),
+        };
+    };
     let head = HeadWrite {
         write,
+        outcome,
         position: key.position,
         _stripe: stripe,
         _inflight: inflight,
     };
     match tokio::spawn(head.run(node.arc(), local)).await {
-        Ok(Ok(applied)) => applied.reply(),
+        Ok(Ok(outcome)) => reply(outcome),
         Ok(Err(message)) => error(ErrorKind::Indeterminate, message),
         Err(e) => error(
             ErrorKind::Indeterminate,
@@ -180,10 +196,13 @@ async fn write(node: &Node, key: &HashedKey<'_>, value: Option<&[u8]>) -> ReplyB
 }
 
 /// A client write at its chain's head, holding the key's stripe (one write of a key down
-/// the chain at a time, so every member applies a key's writes in the head's order) and
-/// its in-flight mark (a move's lock waits for it) until it is over.
+/// the chain at a time: the next is decided once this one is durable everywhere, and every
+/// member applies a key's writes in the head's order) and its in-flight mark (a move's lock
+/// waits for it) until it is over.
 struct HeadWrite {
     write: ChainWrite,
+    /// The answer once the write is durable everywhere.
+    outcome: Outcome,
     position: Position,
     _stripe: tokio::sync::OwnedMutexGuard<()>,
     _inflight: InFlightWrite,
@@ -195,7 +214,7 @@ impl HeadWrite {
     /// every member has. A chain that has it confirms it (its unconfirmed mark goes); one
     /// that may not keeps the mark, and the key is re-driven later
     /// ([`crate::redrive`]).
-    async fn run(self, node: std::sync::Arc<Node>, local: HeadPending) -> Result<Applied, String> {
+    async fn run(self, node: std::sync::Arc<Node>, local: Pending) -> Result<Outcome, String> {
         let (local, chained) = tokio::join!(
             local.done(),
             down_the_chain(&node, &self.write, self.position)
@@ -205,12 +224,9 @@ impl HeadWrite {
             position: self.position,
         };
         match (local, chained) {
-            (Ok(flag), Ok(())) => {
+            (Ok(()), Ok(())) => {
                 node.store.confirm(key.storage_key());
-                Ok(match self.write.value {
-                    Some(_) => Applied::Put { created: flag },
-                    None => Applied::Delete { existed: flag },
-                })
+                Ok(self.outcome)
             }
             (Ok(_), Err(message)) => {
                 node.redrive.later(self.write.key.clone());
@@ -265,28 +281,41 @@ pub(crate) async fn redrive(node: &std::sync::Arc<Node>, key: &[u8]) -> Redriven
     }
     let inflight = node.enter_chain(key.position);
     drop(admitted);
-    let value = match node.store.get_hashed(&key) {
-        Ok(value) => value,
-        Err(e) => return Redriven::Later(format!("reading its value: {e}")),
-    };
-    let write = ChainWrite {
-        key: key.key.to_vec(),
-        value,
-        origin: node.origin,
-        seq: node.next_seq(),
-    };
-    let result = down_the_chain(node, &write, key.position).await;
+    let result = resend(node, &key).await;
     drop((inflight, stripe));
     match result {
-        Ok(()) => {
-            node.store.confirm(key.storage_key());
-            Redriven::Confirmed
-        }
+        Ok(()) => Redriven::Confirmed,
         Err(why) if node.check_head(&key.position).is_err() => {
             tracing::debug!(node = %node.config.name, %why, "an unconfirmed key is no longer this node's to re-drive");
             Redriven::NotHead
         }
         Err(why) => Redriven::Later(why),
+    }
+}
+
+/// Sends the head's current record of `key` down its current chain as a write of its own,
+/// and confirms the key once the tail has it. The caller holds the key's stripe and has
+/// entered the chain ([`Node::enter_chain`]) after its checks.
+async fn resend(node: &std::sync::Arc<Node>, key: &HashedKey<'_>) -> Result<(), String> {
+    let record = node
+        .store
+        .get_record(key)
+        .map_err(|e| format!("reading its value: {e}"))?;
+    let write = chain_write(node, key.key, record.as_ref());
+    down_the_chain(node, &write, key.position).await?;
+    node.store.confirm(key.storage_key());
+    Ok(())
+}
+
+/// The chain write of `record` (`None`: a deletion) of `key`, as this head's next write.
+fn chain_write(node: &Node, key: &[u8], record: Option<&Record>) -> ChainWrite {
+    ChainWrite {
+        key: key.to_vec(),
+        value: record.map(|r| r.value.clone()),
+        version: record.map_or(0, |r| r.version),
+        expires_at: record.and_then(|r| r.expires_at),
+        origin: node.origin,
+        seq: node.next_seq(),
     }
 }
 
@@ -382,16 +411,36 @@ async fn hand_ours(node: &Node, view: &crate::node::RingView, next: &ringkv_wire
 }
 
 /// `Put`: acknowledged once durable at every member of the key's chain.
-pub async fn put(node: &Node, key: &[u8], value: &[u8]) -> ReplyBody {
-    if let Err(e) = node.config.limits.check_put(key, value) {
+pub async fn put(node: &Node, key: &[u8], value: Vec<u8>) -> ReplyBody {
+    put_if(node, key, value, None).await
+}
+
+/// `PutIf` (`expected` `Some`) or `Put`: decided by the head, acknowledged once durable at
+/// every member of the key's chain.
+pub async fn put_if(
+    node: &Node,
+    key: &[u8],
+    value: Vec<u8>,
+    expected: Option<Expected>,
+) -> ReplyBody {
+    if let Err(e) = node.config.limits.check_put(key, &value) {
         return invalid(e);
     }
-    write(node, &HashedKey::new(key), Some(value)).await
+    write(node, &HashedKey::new(key), Intent::Put { value, expected }).await
 }
 
 /// `Delete`: acknowledged once durable at every member of the key's chain.
 pub async fn delete(node: &Node, key: &[u8]) -> ReplyBody {
-    write(node, &HashedKey::new(key), None).await
+    write(node, &HashedKey::new(key), Intent::Delete { version: None }).await
+}
+
+/// `DeleteIf`: decided by the head, acknowledged once durable at every member of the key's
+/// chain.
+pub async fn delete_if(node: &Node, key: &[u8], version: u64) -> ReplyBody {
+    let intent = Intent::Delete {
+        version: Some(version),
+    };
+    write(node, &HashedKey::new(key), intent).await
 }
 
 /// `Replicate` from `peer`: a batch of one.
@@ -482,7 +531,16 @@ pub async fn replicate_batch(
                 if member.next.is_some() {
                     marks.push(key.clone());
                 }
-                entries.push((key, member.write.value.clone()));
+                let write = &member.write;
+                let value = write.value.clone().map(|value| {
+                    Record {
+                        value,
+                        version: write.version,
+                        expires_at: write.expires_at,
+                    }
+                    .encode()
+                });
+                entries.push((key, value));
             }
         }
         // Nothing to store (every write refused or stale): no commit.

@@ -152,11 +152,16 @@ pub async fn transfer_delta(
             let mut batcher = Batcher::new(node.config.transfer_batch_bytes);
             let mut batches = Vec::new();
             for key in keys {
-                let value = match node.store.get(&key) {
-                    Ok(v) => v,
+                let record = match node.store.get_record(&ringkv_wire::HashedKey::new(&key)) {
+                    Ok(record) => record,
                     Err(e) => return storage_error(e),
                 };
-                batches.extend(batcher.push(StorageEntry { key, value }));
+                batches.extend(batcher.push(StorageEntry {
+                    key,
+                    version: record.as_ref().map_or(0, |r| r.version),
+                    expires_at: record.as_ref().and_then(|r| r.expires_at),
+                    value: record.map(|r| r.value),
+                }));
             }
             batches.extend(batcher.finish());
             let (tx, rx) = tokio::sync::mpsc::channel(batches.len().max(1));
