@@ -239,6 +239,37 @@ run_redis() { # port clients size op seconds tls(0/1)
     redis-benchmark "${common[@]}" -n "$n" 2>/dev/null | parse_redis_csv | awk '{print $1, $2, $3, ""}'
 }
 
+# The application API on the standalone node (100 B values): ringkv-bench with extra
+# arguments (--batch, --cas). Prints "keys/s p50_us p99_us note": keys per second (ops/s x
+# keys per request), latencies per request.
+run_ringkv_api() { # clients op seconds extra-args...
+    local clients=$1 op=$2 seconds=$3 ratio=1:0 out
+    shift 3
+    [[ $op == put ]] && ratio=0:1
+    out=$("$BIN/ringkv-bench" --seed "$RINGKV_ADDR" --certs "$TMP/certs" --clients "$clients" \
+        --value-size 100 --ratio "$ratio" --duration "$seconds" --warmup 1 --keyspace "$KEYSPACE" \
+        --seed-rng 1 --json "$@" 2>>"$TMP/ringkv-bench.log") || die "ringkv-bench $* failed (see $TMP/ringkv-bench.log)"
+    jq -r --arg op "$op" '[(.keys_per_sec | round), (.[$op].latency_us.p50 // "-"), (.[$op].latency_us.p99 // "-"),
+        (if (.errors | length) > 0 then "ERRORS:" + (.errors | map_values(.count) | tostring)
+         elif .[$op].misses > 0 and .config.cas then "CONFLICTS:\(.[$op].misses)" else "" end)]
+        | map(tostring) | join(" ")' <<<"$out"
+}
+
+# redis-benchmark of one custom command (its arguments may hold __rand_int__, each replaced
+# by a random key number below the keyspace). Prints "keys/s p50_us p99_us": commands/s x
+# keys per command.
+run_redis_command() { # port clients seconds keys-per-command command...
+    local port=$1 clients=$2 seconds=$3 keys=$4 n rps
+    shift 4
+    local common=(-h 127.0.0.1 -p "$port" -c "$clients" -r "$KEYSPACE" --csv)
+    n=2000
+    rps=$(redis-benchmark "${common[@]}" -n "$n" "$@" 2>/dev/null | parse_redis_csv | awk '{print $1}')
+    [[ -n $rps ]] || die "redis-benchmark $1 calibration on port $port printed nothing"
+    n=$(awk -v r="$rps" -v s="$seconds" -v m="$n" 'BEGIN { n = int(r * s); print (n > m ? n : m) }')
+    redis-benchmark "${common[@]}" -n "$n" "$@" 2>/dev/null | parse_redis_csv |
+        awk -v k="$keys" '{printf "%.0f %s %s\n", $1 * k, $2, $3}'
+}
+
 # --- table ---------------------------------------------------------------------------------------------
 ROWS=()
 row() { ROWS+=("$(printf '%s|' "$@")"); }
@@ -349,7 +380,9 @@ main() {
     local scenarios=$((${#SIZES[@]} * ${#CLIENT_COUNTS[@]} * ${#OPS[@]}))
     # 3-node scenarios: 100 B, every client count, both operations; R=1, R=3 and redis each.
     local scenarios3=$((${#CLIENT_COUNTS[@]} * ${#OPS[@]}))
-    local runs=$((scenarios * systems + scenarios3 * 3))
+    # Application API: batches of 100 keys (put, get) and compare-and-set; ringkv and redis.
+    local api=3
+    local runs=$((scenarios * systems + scenarios3 * 3 + api * 2))
     local per_run
     per_run=$(awk -v t="$BENCH_SECONDS" -v n=$runs \
         'BEGIN { s = t / n; printf "%.1f", (s < 1 ? 1 : s) }')
@@ -386,9 +419,47 @@ main() {
         done
     done
 
-    # 3 nodes on the same 2 cores, replication 1 and 3 back to back: 100 B, against the same
-    # redis servers (plain redis holds 100 B values again: the loop above left 4 KiB ones).
+    # The application API, 50 clients, 100 B values, on the standalone node: put_many /
+    # get_many of 100 random keys per request against MSET / MGET of 100 keys per command
+    # (redis: durable for writes, plain for reads, as above), and compare-and-set (each
+    # client increments its own key with put_if_version) against a Lua CAS (GET, compare,
+    # SET) on durable redis. Throughput in keys/s; latencies per request / command.
     preload_redis "$plain_port" 100
+    preload_redis "$durable_port" 100
+    local hundred=() pairs=() x100
+    x100=$(printf 'x%.0s' {1..100})
+    for i in $(seq 1 100); do
+        hundred+=("key:__rand_int__")
+        pairs+=("key:__rand_int__" "$x100")
+    done
+    local k_keys r_keys
+    say "mput 100x100B c=50: ringkv"
+    read -r k_keys k_p50 k_p99 k_note <<<"$(run_ringkv_api 50 put "$per_run" --batch 100)"
+    say "mput 100x100B c=50: redis MSET (appendfsync always)"
+    read -r r_keys r_p50 r_p99 <<<"$(run_redis_command "$durable_port" 50 "$per_run" 100 MSET "${pairs[@]}")"
+    row "mput 100x100B c=50 keys/s" ringkv "put_many of 100, fsync group commit" "$k_keys" "$k_p50" "$k_p99" "-" "${k_note:-}"
+    row "" redis "MSET of 100, appendfsync always" "$r_keys" "$r_p50" "$r_p99" "$(ratio "$k_keys" "$r_keys")" ""
+    say "mget 100x100B c=50: ringkv"
+    read -r k_keys k_p50 k_p99 k_note <<<"$(run_ringkv_api 50 get "$per_run" --batch 100)"
+    say "mget 100x100B c=50: redis MGET (no persistence)"
+    read -r r_keys r_p50 r_p99 <<<"$(run_redis_command "$plain_port" 50 "$per_run" 100 MGET "${hundred[@]}")"
+    row "mget 100x100B c=50 keys/s" ringkv "get_many of 100, mTLS" "$k_keys" "$k_p50" "$k_p99" "-" "${k_note:-}"
+    row "" redis "MGET of 100, no persistence" "$r_keys" "$r_p50" "$r_p99" "$(ratio "$k_keys" "$r_keys")" ""
+    say "cas 100B c=50: ringkv"
+    read -r k_keys k_p50 k_p99 k_note <<<"$(run_ringkv_api 50 put "$per_run" --cas)"
+    say "cas 100B c=50: redis Lua CAS (appendfsync always)"
+    # Loaded once and run by its SHA (the script's commas would split redis-benchmark's CSV
+    # test name). Every key holds the 100 x's the preload put, so each call sets it again.
+    local sha
+    sha=$(redis-cli -p "$durable_port" SCRIPT LOAD \
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[1]) end return 0")
+    read -r r_keys r_p50 r_p99 <<<"$(run_redis_command "$durable_port" 50 "$per_run" 1 EVALSHA "$sha" 1 "key:__rand_int__" "$x100")"
+    row "cas 100B c=50" ringkv "put_if_version, fsync group commit" "$k_keys" "$k_p50" "$k_p99" "-" "${k_note:-}"
+    row "" redis "Lua GET+compare+SET, appendfsync always" "$r_keys" "$r_p50" "$r_p99" "$(ratio "$k_keys" "$r_keys")" ""
+
+    # 3 nodes on the same 2 cores, replication 1 and 3 back to back: 100 B, against the same
+    # redis servers (plain redis holds 100 B values again: the API section preloaded them
+    # over the 4 KiB ones the first loop left).
     local r1 r3
     for clients in "${CLIENT_COUNTS[@]}"; do
         for op in "${OPS[@]}"; do

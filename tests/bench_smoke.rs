@@ -8,19 +8,17 @@ use std::time::Duration;
 
 use common::{Certs, TestNode};
 
-#[tokio::test]
-async fn bench_reports_gets_and_puts_without_errors() {
-    let certs = Certs::new();
-    let node = TestNode::start(&certs, "n1", true).await;
-
+/// Runs `ringkv-bench --json` with `args` against `node` for a second; its report.
+async fn bench(certs: &Certs, node: &TestNode, args: &[&str]) -> serde_json::Value {
     // The node is a task of this runtime: wait for the child without blocking it.
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringkv-bench"))
         .args(["--seed", &node.addr, "--identity", "client"])
         .arg("--certs")
         .arg(certs.path())
-        .args(["--json", "--clients", "4", "--ratio", "1:1"])
+        .args(["--json", "--clients", "4"])
         .args(["--duration", "1", "--warmup", "0.2", "--keyspace", "500"])
         .args(["--seed-rng", "7"])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .output();
@@ -30,12 +28,19 @@ async fn bench_reports_gets_and_puts_without_errors() {
         .expect("ringkv-bench runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "ringkv-bench failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
             "ringkv-bench printed no JSON ({e}): {}\nstderr: {stderr}",
             String::from_utf8_lossy(&output.stdout)
         )
-    });
+    })
+}
+
+#[tokio::test]
+async fn bench_reports_gets_and_puts_without_errors() {
+    let certs = Certs::new();
+    let node = TestNode::start(&certs, "n1", true).await;
+    let report = bench(&certs, &node, &["--ratio", "1:1"]).await;
 
     let count = |path: &str| {
         report
@@ -58,6 +63,28 @@ async fn bench_reports_gets_and_puts_without_errors() {
         assert!(
             latency["p50"].as_u64() <= latency["max"].as_u64(),
             "{report}"
+        );
+    }
+
+    // Batches of 10 keys, and compare-and-set puts: no error, every get hits, no conflict.
+    for (args, keys_per_op) in [
+        (&["--ratio", "1:1", "--batch", "10"][..], 10.0),
+        (&["--ratio", "0:1", "--cas"][..], 1.0),
+    ] {
+        let report = bench(&certs, &node, args).await;
+        assert_eq!(
+            report["errors"],
+            serde_json::json!({}),
+            "{args:?}: {report}"
+        );
+        for op in ["get", "put"] {
+            assert_eq!(report[op]["misses"].as_u64(), Some(0), "{args:?}: {report}");
+        }
+        let ops = report["total"]["ops_per_sec"].as_f64().unwrap();
+        let keys = report["keys_per_sec"].as_f64().unwrap();
+        assert!(
+            ops > 0.0 && (keys - ops * keys_per_op).abs() < 1.0,
+            "{args:?}: {report}"
         );
     }
 

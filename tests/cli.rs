@@ -44,15 +44,17 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
     // This node runs on the tool's own certificates.
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let data = dir.path().join("data");
-    let mut node = std::process::Command::new(bin("ringkv-node"))
-        .args(["--name", "n1", "--listen", &addr.to_string(), "--start"])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--certs")
-        .arg(&certs_dir)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let mut node = KillOnDrop(Some(
+        std::process::Command::new(bin("ringkv-node"))
+            .args(["--name", "n1", "--listen", &addr.to_string(), "--start"])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--certs")
+            .arg(&certs_dir)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    ));
 
     let cli = |args: &[&str]| {
         let mut c = Command::new(bin("ringkv"));
@@ -131,6 +133,70 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
     assert!(err.contains("conflict"), "{err}");
     assert_eq!(cli(&["get", "cas"]), (0, "two\n".into(), String::new()));
 
+    // Large and binary values: a 4 MiB file (the value limit) of every byte value, in and
+    // out byte for byte; the same through stdin; one byte more is refused, clearly.
+    let big: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(7) ^ (i >> 12)) as u8)
+        .collect();
+    let (file_in, file_out) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
+    std::fs::write(&file_in, &big).unwrap();
+    let file_arg = file_in.to_str().unwrap();
+    assert_eq!(
+        cli(&["put", "big", "--file", file_arg]),
+        (0, "OK created\n".into(), String::new())
+    );
+    let (code, out, err) = cli(&["get", "big", "--out", file_out.to_str().unwrap()]);
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "", ""));
+    assert!(
+        std::fs::read(&file_out).unwrap() == big,
+        "4 MiB round trip differs"
+    );
+    let mut put = Command::new(bin("ringkv"));
+    put.arg("--seed")
+        .arg(addr.to_string())
+        .arg("--certs")
+        .arg(&certs_dir)
+        .args(["put", "from-stdin", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = put.spawn().unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&big[..100_000])
+            .unwrap();
+    }
+    assert!(child.wait_with_output().unwrap().status.success());
+    let (code, _, _) = cli(&["get", "from-stdin", "--out", file_out.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(std::fs::read(&file_out).unwrap() == big[..100_000]);
+    let mut over = big.clone();
+    over.push(0);
+    std::fs::write(&file_in, &over).unwrap();
+    let (code, _, err) = cli(&["put", "big", "--file", file_arg]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("exceeds the maximum of 4194304 bytes"),
+        "{err}"
+    );
+
+    // Batches: one line per key, in order.
+    assert_eq!(
+        cli(&["mput", "m1", "one", "m2", "two"]),
+        (0, "m1: OK created\nm2: OK created\n".into(), String::new())
+    );
+    assert_eq!(
+        cli(&["mget", "m1", "nope", "m2"]),
+        (0, "one\n(nil)\ntwo\n".into(), String::new())
+    );
+    assert_eq!(
+        cli(&["mdelete", "m1", "nope"]),
+        (0, "m1: deleted\nnope: not found\n".into(), String::new())
+    );
+
     // The interactive shell, driven through stdin.
     use std::io::Write;
     let mut shell = Command::new(bin("ringkv"))
@@ -169,9 +235,23 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
 
+    let mut node = node.0.take().unwrap();
     unsafe {
         libc::kill(node.id() as i32, libc::SIGTERM);
     }
     let status = node.wait().unwrap();
     assert!(status.success(), "node exited with {status}");
+}
+
+/// A child process killed if the test fails before it ends it (an orphaned node would hold
+/// the test's output pipe open).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

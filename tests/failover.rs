@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::history::{check_with_final, record_get, record_put, History, OpResult};
+use common::history::{
+    check_with_final, put, record_get, record_put, History, OpOutcome, OpResult,
+};
 use common::load::{final_values, keys_for, CasCounter, Load};
 use common::TestEcs;
 use common::{add_node_via, ask_ecs, free_port, node_status, wait_answers, Certs, NodeProcess};
@@ -654,4 +656,100 @@ async fn a_cas_counter_goes_on_across_a_failover_of_its_head_and_a_join() {
     let seeds = cluster.seeds_without(&[head.as_str()]);
     let (count, applied, unknown, _) = counter.stop_and_check(&cluster.certs, seeds).await;
     println!("final count {count}: {applied} applied, {unknown} unknown");
+}
+
+/// Batches while a head is dead and not yet failed over (4 nodes, R = 3, failover after 3 s):
+/// a `put_many` over keys of every chain fails exactly the keys the dead node heads, each
+/// with its own error (no reply from the dead node within the 20 s request timeout: outcome
+/// unknown); every other key is acknowledged (those whose chain held the dead node once the
+/// ECS replaced it). Every key's
+/// write is recorded as an operation of its own: linearizable, nothing acknowledged lost,
+/// and a `get_many` after the failover reads every acknowledged value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_one_head_dead_fails_only_its_keys_and_loses_nothing() {
+    let mut cluster = Cluster::start_with(4, 3, Duration::from_secs(3)).await;
+    let all = KeyRange::new(Position::MAX, Position::MAX);
+    let keys = keys_for(&all, 64, 0);
+    // Every head serving (leased) before the kill.
+    let warm = cluster.patient_client().await;
+    let first: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), &b"first"[..])).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while warm.put_many(&first).await.iter().any(Result::is_err) {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never took every key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    warm.disconnect().await;
+    let md = cluster.metadata();
+    let victim = md.chain_for_key(&keys[0])[0].name.clone();
+    let headed: Vec<bool> = keys
+        .iter()
+        .map(|k| md.chain_for_key(k)[0].name == victim)
+        .collect();
+    let mut config = cluster.certs.client_config(cluster.seeds());
+    config.request_timeout = Duration::from_secs(20);
+    let store = kvstore::KvStore::connect(config).await.expect("connect");
+    cluster.kill(&victim);
+
+    let history = History::new();
+    let values: Vec<Vec<u8>> = (0..keys.len())
+        .map(|i| format!("batch-{i}").into_bytes())
+        .collect();
+    let entries: Vec<(&[u8], &[u8])> = keys
+        .iter()
+        .zip(&values)
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    let ops: Vec<_> = entries
+        .iter()
+        .map(|(k, v)| history.invoke(0, put(k, v)))
+        .collect();
+    let results = store.put_many(&entries).await;
+    for ((op, result), (key, _)) in ops.into_iter().zip(&results).zip(&entries) {
+        history.complete(
+            op,
+            match result {
+                Ok(_) => OpResult::Ok(OpOutcome::PutDone),
+                Err(e) => common::history::classify_error(e),
+            },
+        );
+        if let Err(e) = result {
+            println!("{}: {e}", String::from_utf8_lossy(key));
+        }
+    }
+    let failed: Vec<bool> = results.iter().map(Result::is_err).collect();
+    println!(
+        "{victim} heads {} of {} keys; {} failed",
+        headed.iter().filter(|h| **h).count(),
+        keys.len(),
+        failed.iter().filter(|f| **f).count()
+    );
+    assert_eq!(failed, headed, "exactly the keys the dead node heads fail");
+    store.disconnect().await;
+
+    cluster.wait_replaced(&victim).await;
+    let seeds = cluster.seeds_without(&[victim.as_str()]);
+    let reader = cluster.certs.client(seeds.clone()).await;
+    let read = reader.get_many(&keys).await;
+    for ((value, result), failed) in values.iter().zip(&read).zip(&failed) {
+        let got = result.as_ref().expect("read after the failover");
+        if !failed {
+            assert_eq!(got.as_ref().map(|v| &v.value), Some(value));
+        }
+    }
+    reader.disconnect().await;
+    let finals = final_values(&cluster.certs, seeds, &keys).await;
+    // Every key held "first" (the warm-up) when the history began.
+    let options = common::history::CheckOptions {
+        initial: keys
+            .iter()
+            .map(|k| (k.clone(), Some(b"first".to_vec())))
+            .collect(),
+        final_reads: finals,
+        ..Default::default()
+    };
+    let report = common::history::check_with(&history, &options).unwrap_or_else(|v| panic!("{v}"));
+    println!("history: {report}");
 }

@@ -410,6 +410,16 @@ mod strategies {
             }),
             (p.key.clone(), any::<u64>())
                 .prop_map(|(key, version)| RequestBody::DeleteIf { key, version }),
+            batch_keys(&p).prop_map(|keys| RequestBody::GetMany { keys }),
+            proptest::collection::vec((p.key.clone(), p.value.clone()), 0..4).prop_map(|entries| {
+                RequestBody::PutMany {
+                    entries: entries
+                        .into_iter()
+                        .map(|(key, value)| ringkv_wire::KeyValue { key, value })
+                        .collect(),
+                }
+            }),
+            batch_keys(&p).prop_map(|keys| RequestBody::DeleteMany { keys }),
             Just(RequestBody::GetMetadata),
             Just(RequestBody::Status),
             Just(RequestBody::Start),
@@ -455,6 +465,11 @@ mod strategies {
                 .prop_map(|writes| RequestBody::ReplicateBatch { writes }),
         ]
         .boxed()
+    }
+
+    /// The keys of a client batch.
+    pub fn batch_keys(p: &Parts) -> impl Strategy<Value = Vec<serde_bytes::ByteBuf>> + Clone {
+        proptest::collection::vec(p.key.clone().prop_map(serde_bytes::ByteBuf::from), 0..4)
     }
 
     /// A condition of a `PutIf`: absent, or a version (small ones too, so that some hold).
@@ -522,9 +537,12 @@ mod strategies {
             RequestBody::Fenced { .. } => 20,
             RequestBody::PutIf { .. } => 21,
             RequestBody::DeleteIf { .. } => 22,
+            RequestBody::GetMany { .. } => 23,
+            RequestBody::PutMany { .. } => 24,
+            RequestBody::DeleteMany { .. } => 25,
         }
     }
-    pub const REQUEST_VARIANTS: usize = 23;
+    pub const REQUEST_VARIANTS: usize = 26;
 
     pub fn error_kind() -> impl Strategy<Value = ErrorKind> + Clone {
         prop_oneof![
@@ -540,6 +558,7 @@ mod strategies {
             Just(ErrorKind::Unauthenticated),
             Just(ErrorKind::Indeterminate),
             Just(ErrorKind::StaleTerm),
+            Just(ErrorKind::BatchTooLarge),
         ]
     }
 
@@ -602,6 +621,18 @@ mod strategies {
                 .prop_map(|(value, version)| ReplyBody::Value { value, version }),
             any::<u64>().prop_map(|version| ReplyBody::Applied { version }),
             proptest::option::of(any::<u64>()).prop_map(|current| ReplyBody::Conflict { current }),
+            (
+                proptest::collection::vec(
+                    prop_oneof![
+                        Just(ringkv_wire::KeyReply::NotFound),
+                        Just(ringkv_wire::KeyReply::Deferred),
+                        any::<bool>().prop_map(|created| ringkv_wire::KeyReply::PutOk { created }),
+                    ],
+                    0..3
+                ),
+                proptest::option::of(signed_metadata())
+            )
+                .prop_map(|(answers, metadata)| ReplyBody::Many { answers, metadata }),
             Just(ReplyBody::NotFound),
             any::<bool>().prop_map(|created| ReplyBody::PutOk { created }),
             Just(ReplyBody::Deleted),
@@ -1225,11 +1256,36 @@ mod handlers {
     /// disk works.
     fn fits(body: &RequestBody, reply: &ReplyBody) -> bool {
         use ReplyBody as R;
-        let refused = matches!(reply, R::Error { kind, .. } if *kind != ErrorKind::Storage && *kind != ErrorKind::Forbidden);
+        let refusal = |kind: ErrorKind| kind != ErrorKind::Storage && kind != ErrorKind::Forbidden;
+        let refused = matches!(reply, R::Error { kind, .. } if refusal(*kind));
         let client =
             |ok: bool| ok || refused || matches!(reply, R::NotResponsible { .. } | R::Stopped);
+        // A batch: one answer per key, each one the key alone may get, and the node's ring
+        // only when some key is not the node's.
+        use ringkv_wire::KeyReply as K;
+        let batch = |n: usize, ok: &dyn Fn(&K) -> bool| match reply {
+            R::Many { answers, metadata } => {
+                answers.len() == n
+                    && answers.iter().all(|a| {
+                        ok(a)
+                            || matches!(a, K::NotResponsible | K::Stopped)
+                            || matches!(a, K::Error { kind, .. } if refusal(*kind))
+                    })
+                    && (metadata.is_none() || answers.contains(&K::NotResponsible))
+            }
+            _ => false,
+        };
         match body {
             RequestBody::Get { .. } => client(matches!(reply, R::Value { .. } | R::NotFound)),
+            RequestBody::GetMany { keys } => batch(keys.len(), &|a| {
+                matches!(a, K::Value { .. } | K::NotFound | K::Deferred)
+            }),
+            RequestBody::PutMany { entries } => batch(entries.len(), &|a| {
+                matches!(a, K::PutOk { .. } | K::WriteLocked)
+            }),
+            RequestBody::DeleteMany { keys } => batch(keys.len(), &|a| {
+                matches!(a, K::Deleted | K::NotFound | K::WriteLocked)
+            }),
             RequestBody::PutIf { .. } | RequestBody::DeleteIf { .. } => client(matches!(
                 reply,
                 R::Applied { .. } | R::Conflict { .. } | R::WriteLocked

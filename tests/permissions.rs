@@ -35,6 +35,9 @@ fn node_allows(body: &RequestBody) -> [bool; 4] {
         | RequestBody::Delete { .. }
         | RequestBody::PutIf { .. }
         | RequestBody::DeleteIf { .. }
+        | RequestBody::GetMany { .. }
+        | RequestBody::PutMany { .. }
+        | RequestBody::DeleteMany { .. }
         | RequestBody::GetMetadata => ALL,
         RequestBody::Status => NOT_CLIENT,
         // What nodes exchange among themselves (a batch is further checked against the
@@ -99,6 +102,18 @@ fn every_request_kind() -> Vec<RequestBody> {
         },
         RequestBody::Delete {
             key: b"perm".to_vec(),
+        },
+        RequestBody::GetMany {
+            keys: vec![serde_bytes::ByteBuf::from(b"perm".to_vec())],
+        },
+        RequestBody::PutMany {
+            entries: vec![ringkv_wire::KeyValue {
+                key: b"perm".to_vec(),
+                value: b"v".to_vec(),
+            }],
+        },
+        RequestBody::DeleteMany {
+            keys: vec![serde_bytes::ByteBuf::from(b"perm".to_vec())],
         },
         RequestBody::GetMetadata,
         RequestBody::Status,

@@ -6,6 +6,9 @@
 //! multiplex 50 requests in flight over one connection. Each client has one request in flight
 //! at a time, picks get or put by `--ratio` and a key uniformly from `--keyspace`.
 //!
+//! `--batch N` makes each request a `get_many`/`put_many` of N keys; `--cas` makes each put a
+//! compare-and-set increment of the client's own key.
+//!
 //! Latencies of requests *started* after `--warmup` go into HDR histograms (µs), one per
 //! operation; errors are counted by [`KvError`] variant. A run with gets first puts every key
 //! of the keyspace, so that gets hit. A progress line goes to stderr every second; the
@@ -92,6 +95,15 @@ struct Args {
     /// Value size of puts, in bytes.
     #[arg(long, default_value_t = 100)]
     value_size: usize,
+    /// Keys per request: each get is a `get_many` and each put a `put_many` of this many
+    /// random keys (latencies are per batch; keys/s = ops/s x batch).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    batch: u32,
+    /// Puts are compare-and-set increments instead: each client writes its own key
+    /// (`cas:<client>`) with `put_if_version`, expecting the version its last write returned
+    /// (one round trip each; a conflict, never expected, counts as a miss).
+    #[arg(long, conflicts_with = "batch")]
+    cas: bool,
     /// Number of distinct keys (key:000000000000 .. key:<K-1>, as redis-benchmark -r).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     keyspace: u64,
@@ -303,6 +315,10 @@ impl Values {
 /// One benchmark run's parameters and shared state.
 struct Run {
     ratio: Ratio,
+    /// Keys per request (`--batch`).
+    batch: u32,
+    /// Puts are compare-and-set (`--cas`).
+    cas: bool,
     keyspace: u64,
     values: Rc<Values>,
     started: Instant,
@@ -342,9 +358,13 @@ fn write_key(key: &mut Vec<u8>, k: u64) {
 }
 
 /// One logical client: one request at a time until the run ends.
-async fn client(store: Rc<KvStore>, run: Rc<Run>, seed: u64) {
+async fn client(store: Rc<KvStore>, run: Rc<Run>, id: usize, seed: u64) {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut key = Vec::with_capacity(32);
+    let mut keys: Vec<Vec<u8>> = vec![Vec::with_capacity(32); run.batch as usize];
+    // --cas: this client's key and the version its last write returned.
+    let cas_key = format!("cas:{id}").into_bytes();
+    let mut version: Option<u64> = None;
     loop {
         let started = Instant::now();
         if !run.may_start(started) {
@@ -352,17 +372,59 @@ async fn client(store: Rc<KvStore>, run: Rc<Run>, seed: u64) {
         }
         let measured = started >= run.measure_from;
         let op = run.ratio.pick(&mut rng);
-        write_key(&mut key, rng.random_range(0..run.keyspace));
-        let result = match op {
-            Op::Get => store.get(&key).await.map(|v| v.is_some()),
-            Op::Put => store
-                .put(&key, run.values.pick(&mut rng))
-                .await
-                .map(|_| true),
+        let result = if run.batch > 1 {
+            for key in &mut keys {
+                write_key(key, rng.random_range(0..run.keyspace));
+            }
+            match op {
+                Op::Get => all_ok(store.get_many(&keys).await, |v| v.is_some()),
+                Op::Put => {
+                    let entries: Vec<(&[u8], &[u8])> = keys
+                        .iter()
+                        .map(|k| (k.as_slice(), run.values.pick(&mut rng)))
+                        .collect();
+                    all_ok(store.put_many(&entries).await, |_| true)
+                }
+            }
+        } else if run.cas && matches!(op, Op::Put) {
+            let value = run.values.pick(&mut rng);
+            let outcome = match version {
+                Some(v) => store.put_if_version(&cas_key, value, v).await,
+                None => store.put_if_absent(&cas_key, value).await,
+            };
+            outcome.map(|outcome| match outcome {
+                kvstore::Conditional::Applied { version: v } => {
+                    version = Some(v);
+                    true
+                }
+                kvstore::Conditional::Conflict { current } => {
+                    version = current;
+                    false
+                }
+            })
+        } else {
+            write_key(&mut key, rng.random_range(0..run.keyspace));
+            match op {
+                Op::Get => store.get(&key).await.map(|v| v.is_some()),
+                Op::Put => store
+                    .put(&key, run.values.pick(&mut rng))
+                    .await
+                    .map(|_| true),
+            }
         };
         let latency = started.elapsed();
         run.tally.borrow_mut().record(op, measured, latency, result);
     }
+}
+
+/// A batch's result as one: the first error if any key failed, else whether every key
+/// `hit`.
+fn all_ok<T>(results: Vec<Result<T, KvError>>, hit: impl Fn(&T) -> bool) -> Result<bool, KvError> {
+    let mut all = true;
+    for result in results {
+        all &= hit(&result?);
+    }
+    Ok(all)
 }
 
 /// Puts every key of the keyspace once, so that gets hit.
@@ -477,6 +539,8 @@ async fn bench(args: &Args) -> anyhow::Result<Report> {
     });
     let run = Rc::new(Run {
         ratio: args.ratio,
+        batch: args.batch,
+        cas: args.cas,
         keyspace: args.keyspace,
         values,
         started,
@@ -489,7 +553,7 @@ async fn bench(args: &Args) -> anyhow::Result<Report> {
     let clients: Vec<JoinHandle<()>> = (0..args.clients as usize)
         .map(|c| {
             let store = stores[c % stores.len()].clone();
-            tokio::task::spawn_local(client(store, run.clone(), rng.next_u64()))
+            tokio::task::spawn_local(client(store, run.clone(), c, rng.next_u64()))
         })
         .collect();
     for c in clients {
@@ -539,6 +603,8 @@ fn report_json(args: &Args, r: &Report) -> serde_json::Value {
             "connections": args.connections,
             "ratio": { "get": args.ratio.get, "put": args.ratio.put },
             "value_size": args.value_size,
+            "batch": args.batch,
+            "cas": args.cas,
             "keyspace": args.keyspace,
             "warmup_s": args.warmup,
             "duration_s": args.requests.is_none().then(|| args.duration.unwrap_or(DEFAULT_DURATION_S)),
@@ -547,6 +613,7 @@ fn report_json(args: &Args, r: &Report) -> serde_json::Value {
         },
         "elapsed_s": round2(r.elapsed),
         "total": { "requests": total, "ops_per_sec": round2(rate(total, r.elapsed)) },
+        "keys_per_sec": round2(rate(total, r.elapsed) * f64::from(args.batch)),
         "get": t.get.json(r.elapsed),
         "put": t.put.json(r.elapsed),
         "errors": errors,
@@ -567,6 +634,16 @@ fn print_text(args: &Args, r: &Report) {
         args.keyspace,
         r.seed_rng
     );
+    if args.batch > 1 {
+        println!(
+            "{} keys per request: {:.0} keys/s",
+            args.batch,
+            rate(t.get.latency.len() + t.put.latency.len(), r.elapsed) * f64::from(args.batch)
+        );
+    }
+    if args.cas {
+        println!("puts are compare-and-set increments of one key per client (misses: conflicts)");
+    }
     println!(
         "measured {:.2} s after {:.1} s warmup\n",
         r.elapsed, args.warmup

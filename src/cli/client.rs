@@ -44,15 +44,22 @@ pub enum Command {
         /// The key.
         key: String,
         /// Print the key's version and a space before the value.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "out")]
         with_version: bool,
+        /// Write the value, byte for byte, to this file instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Store VALUE under KEY; with a condition, only if it holds (exit code 2 if not).
     Put {
         /// The key.
         key: String,
-        /// The value.
-        value: String,
+        /// The value; `-` reads it from stdin (binary-safe).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        value: Option<String>,
+        /// Read the value, byte for byte, from this file.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
         /// Only if the key's version is this one (compare-and-set).
         #[arg(long, value_name = "VERSION", conflicts_with = "if_absent")]
         if_version: Option<u64>,
@@ -67,6 +74,27 @@ pub enum Command {
         /// Only if the key's version is this one.
         #[arg(long, value_name = "VERSION")]
         if_version: Option<u64>,
+    },
+    /// Print the values of several keys, one line each (`(nil)` if a key does not exist),
+    /// read in one request per node.
+    Mget {
+        /// The keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Store several values (KEY VALUE KEY VALUE ...), one request per node; one line per
+    /// key. Not a transaction: exit code 1 if any key failed (its error is printed).
+    Mput {
+        /// Keys and values, alternating.
+        #[arg(required = true, num_args = 2.., value_name = "KEY VALUE")]
+        pairs: Vec<String>,
+    },
+    /// Delete several keys, one request per node; one line per key ("deleted" or "not
+    /// found").
+    Mdelete {
+        /// The keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
     },
     /// Print the client's view of the ring: version, nodes, positions, ranges.
     Ring,
@@ -112,8 +140,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let store = KvStore::connect(config(&cli, cli.seeds.clone())?).await?;
     let mut out = std::io::stdout().lock();
     let code = match &cli.command {
-        Command::Get { key, with_version } => match store.get_versioned(key.as_bytes()).await? {
+        Command::Get {
+            key,
+            with_version,
+            out: file,
+        } => match store.get_versioned(key.as_bytes()).await? {
             Some(v) => {
+                if let Some(file) = file {
+                    std::fs::write(file, &v.value)
+                        .with_context(|| format!("writing {}", file.display()))?;
+                    return finish(store, 0).await;
+                }
                 if *with_version {
                     write!(out, "{} ", v.version)?;
                 }
@@ -129,10 +166,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Put {
             key,
             value,
+            file,
             if_version,
             if_absent,
         } => {
-            let (key, value) = (key.as_bytes(), value.as_bytes());
+            let value = match (value.as_deref(), file) {
+                (_, Some(file)) => {
+                    std::fs::read(file).with_context(|| format!("reading {}", file.display()))?
+                }
+                (Some("-"), None) => {
+                    let mut bytes = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
+                        .context("reading the value from stdin")?;
+                    bytes
+                }
+                (Some(value), None) => value.as_bytes().to_vec(),
+                (None, None) => bail!("give a VALUE, - (stdin) or --file FILE"),
+            };
+            let (key, value) = (key.as_bytes(), &value[..]);
             let outcome = match (if_version, if_absent) {
                 (Some(version), _) => store.put_if_version(key, value, *version).await?,
                 (None, true) => store.put_if_absent(key, value).await?,
@@ -157,6 +208,61 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 1
             }
         },
+        Command::Mget { keys } => {
+            let mut code = 0;
+            for (key, value) in keys.iter().zip(store.get_many(keys).await) {
+                match value {
+                    Ok(Some(v)) => {
+                        out.write_all(&v.value)?;
+                        writeln!(out)?;
+                    }
+                    Ok(None) => writeln!(out, "(nil)")?,
+                    Err(e) => {
+                        writeln!(out, "(error)")?;
+                        eprintln!("{key}: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            code
+        }
+        Command::Mput { pairs } => {
+            if !pairs.len().is_multiple_of(2) {
+                bail!(
+                    "mput takes KEY VALUE pairs: {} arguments given",
+                    pairs.len()
+                );
+            }
+            let entries: Vec<(&str, &str)> = pairs
+                .chunks(2)
+                .map(|pair| (pair[0].as_str(), pair[1].as_str()))
+                .collect();
+            let mut code = 0;
+            for ((key, _), result) in entries.iter().zip(store.put_many(&entries).await) {
+                match result {
+                    Ok(outcome) => writeln!(out, "{key}: {}", put_text(outcome))?,
+                    Err(e) => {
+                        eprintln!("{key}: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            code
+        }
+        Command::Mdelete { keys } => {
+            let mut code = 0;
+            for (key, result) in keys.iter().zip(store.delete_many(keys).await) {
+                match result {
+                    Ok(true) => writeln!(out, "{key}: deleted")?,
+                    Ok(false) => writeln!(out, "{key}: not found")?,
+                    Err(e) => {
+                        eprintln!("{key}: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            code
+        }
         Command::Ring => {
             write!(out, "{}", ring_text(&store))?;
             0
@@ -238,6 +344,9 @@ commands:
   get <key>                 print a value
   version <key>             print the key's version
   delete <key>              delete a key
+  mget <key> ...            print several values, one request per node
+  mput <key> <value> ...    store several one-word values
+  mdelete <key> ...         delete several keys
   ring                      show the ring metadata this client routes with
   stats                     show redirect/retry counters
   disconnect                close all connections
@@ -339,6 +448,57 @@ async fn shell(cli: &Cli) -> anyhow::Result<i32> {
                     } else {
                         format!("not found: {rest}")
                     }
+                }
+                "mget" => {
+                    let keys: Vec<&str> = rest.split_whitespace().collect();
+                    if keys.is_empty() {
+                        bail!("usage: mget <key> ...");
+                    }
+                    let values = connected()?.get_many(&keys).await;
+                    let lines: Vec<String> = values
+                        .into_iter()
+                        .map(|value| match value {
+                            Ok(Some(v)) => String::from_utf8_lossy(&v.value).into_owned(),
+                            Ok(None) => "(nil)".to_string(),
+                            Err(e) => format!("(error) {e}"),
+                        })
+                        .collect();
+                    lines.join("\n")
+                }
+                "mput" => {
+                    let words: Vec<&str> = rest.split_whitespace().collect();
+                    if words.is_empty() || !words.len().is_multiple_of(2) {
+                        bail!("usage: mput <key> <value> [<key> <value> ...]");
+                    }
+                    let entries: Vec<(&str, &str)> =
+                        words.chunks(2).map(|p| (p[0], p[1])).collect();
+                    let results = connected()?.put_many(&entries).await;
+                    let lines: Vec<String> = entries
+                        .iter()
+                        .zip(results)
+                        .map(|((key, _), result)| match result {
+                            Ok(outcome) => format!("{key}: {}", put_text(outcome)),
+                            Err(e) => format!("{key}: error: {e}"),
+                        })
+                        .collect();
+                    lines.join("\n")
+                }
+                "mdelete" => {
+                    let keys: Vec<&str> = rest.split_whitespace().collect();
+                    if keys.is_empty() {
+                        bail!("usage: mdelete <key> ...");
+                    }
+                    let results = connected()?.delete_many(&keys).await;
+                    let lines: Vec<String> = keys
+                        .iter()
+                        .zip(results)
+                        .map(|(key, result)| match result {
+                            Ok(true) => format!("{key}: deleted"),
+                            Ok(false) => format!("{key}: not found"),
+                            Err(e) => format!("{key}: error: {e}"),
+                        })
+                        .collect();
+                    lines.join("\n")
                 }
                 "ring" => ring_text(connected()?).trim_end().to_string(),
                 "stats" => format!("{:?}", connected()?.stats()),

@@ -71,11 +71,11 @@ pub struct ClientStats {
 }
 
 #[derive(Default)]
-struct Counters {
-    not_responsible: AtomicU64,
-    write_locked: AtomicU64,
-    stopped: AtomicU64,
-    unreachable: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) not_responsible: AtomicU64,
+    pub(crate) write_locked: AtomicU64,
+    pub(crate) stopped: AtomicU64,
+    pub(crate) unreachable: AtomicU64,
     metadata_adopted: AtomicU64,
 }
 
@@ -83,12 +83,12 @@ struct Counters {
 /// `&self` and many requests may run concurrently over the same connections.
 pub struct KvStore {
     transport: Transport,
-    config: ClientConfig,
+    pub(crate) config: ClientConfig,
     /// Opens metadata only if the ECS signed it.
     authority: RingAuthority,
     metadata: RwLock<Arc<RingMetadata>>,
-    counters: Counters,
-    disconnected: AtomicBool,
+    pub(crate) counters: Counters,
+    pub(crate) disconnected: AtomicBool,
     refresh: tokio::sync::Mutex<()>,
     /// Refreshes completed, so that callers queued behind one do not each start another.
     refreshes: AtomicU64,
@@ -331,7 +331,7 @@ impl KvStore {
     /// Sends `request` to `addr`; if it is not answered within [`SLOW_REQUEST`], refreshes
     /// the ring while still waiting for the answer (once), so that a dead node's replacement
     /// is known to the requests that come next. The answer is this request's in any case.
-    async fn send_watching(
+    pub(crate) async fn send_watching(
         &self,
         addr: &str,
         request: &Request,

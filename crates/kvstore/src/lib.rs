@@ -20,6 +20,7 @@
 //!
 //! # Layout
 //! - [`client`]: [`KvStore`], routing and the retry loop.
+//! - [`batch`]: `get_many`, `put_many`, `delete_many`: many keys per request, grouped by node.
 //! - [`config`]: [`ClientConfig`] and its defaults.
 //! - [`retry`]: [`RetryPolicy`] and [`Backoff`], pure delay computation (the one retry policy
 //!   of the workspace).
@@ -31,6 +32,7 @@
 //! and nothing else.
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -789,6 +789,9 @@ impl Node {
                 expected,
             } => data::put_if(self, &key, value, Some(expected)).await,
             RequestBody::DeleteIf { key, version } => data::delete_if(self, &key, version).await,
+            RequestBody::GetMany { keys } => data::get_many(self, keys),
+            RequestBody::PutMany { entries } => data::put_many(self, entries).await,
+            RequestBody::DeleteMany { keys } => data::delete_many(self, keys).await,
             RequestBody::Replicate { write } => data::replicate(self, peer, version, write).await,
             RequestBody::ReplicateBatch { writes } => {
                 data::replicate_batch(self, peer, version, writes).await

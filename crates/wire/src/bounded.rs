@@ -18,6 +18,12 @@ use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
 /// `ChainWrite`s 2.75 MiB, both under a frame's 4 MiB.
 pub const MAX_BATCH_ENTRIES: usize = 32_768;
 
+/// Most keys in one client batch (`GetMany`, `PutMany`, `DeleteMany`): the node refuses a
+/// larger one whole (`BatchTooLarge`, with a message saying so), and the client cuts larger
+/// batches into requests of at most this many keys. (Decoding stops a batch at
+/// [`MAX_BATCH_ENTRIES`], which bounds its memory.)
+pub const MAX_BATCH_KEYS: usize = 1024;
+
 /// Most certificates in a metadata signer's chain (leaf and intermediates).
 pub const MAX_SIGNER_CHAIN: usize = 8;
 
@@ -64,7 +70,8 @@ where
     })
 }
 
-/// `PutBatch::entries`: at most [`MAX_BATCH_ENTRIES`].
+/// `PutBatch::entries`, `ReplicateBatch::writes` and the keys of a client batch: at most
+/// [`MAX_BATCH_ENTRIES`].
 pub(crate) fn batch_entries<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,

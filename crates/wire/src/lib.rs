@@ -40,14 +40,14 @@ pub use admin::{
     AdminReply, AdminRequest, GroupMember, GroupReport, MoveReport, NodeReport, RaftRpc,
     RaftRpcKind, RangeReport,
 };
-pub use bounded::{MAX_BATCH_ENTRIES, MAX_SIGNER_CHAIN};
+pub use bounded::{MAX_BATCH_ENTRIES, MAX_BATCH_KEYS, MAX_SIGNER_CHAIN};
 pub use codec::{decode, encode, frame_len, FRAME_HEADER_LEN};
 pub use error::WireError;
 pub use gossip::{GossipDigest, Heartbeat, Liveness, PeerLiveness};
 pub use limits::Limits;
 pub use message::{
-    ChainWrite, ErrorKind, Expected, MoveId, NodeStatus, Reply, ReplyBody, Request, RequestBody,
-    StorageEntry, TransferStats,
+    ChainWrite, ErrorKind, Expected, KeyReply, KeyValue, MoveId, NodeStatus, Reply, ReplyBody,
+    Request, RequestBody, StorageEntry, TransferStats,
 };
 pub use ring::{
     key_position, node_position, storage_key, HashedKey, KeyRange, NodeEntry, Position, RangeMove,

@@ -2,8 +2,9 @@
 //!
 //! Every request carries the caller's metadata version and every reply the responder's, so
 //! either side learns it is stale from any exchange. Client requests are `Get`, `Put`,
-//! `Delete` and `GetMetadata`; everything else is internal and only `node`/`admin`
-//! certificates may send it (the role comes from the peer certificate, never from a message).
+//! `Delete`, the conditional `PutIf`/`DeleteIf`, the batches `GetMany`/`PutMany`/`DeleteMany`
+//! and `GetMetadata`; everything else is internal, and which roles may send it is decided by
+//! the peer's certificate, never by a message.
 
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +65,57 @@ pub struct ChainWrite {
     /// A member ignores a write of a key's stripe older than one it already applied from
     /// the same head, so a copy delayed on its way cannot undo a later write.
     pub seq: u64,
+}
+
+/// A key and its value in a `PutMany`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    /// The key.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// The value.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// One key's answer in a [`ReplyBody::Many`]: what the request for that key alone would
+/// have answered. Flat on purpose: it never holds another batch, so decoding never
+/// recurses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyReply {
+    /// The key's value and version (`GetMany`).
+    Value {
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// The key's version.
+        version: u64,
+    },
+    /// The key does not exist (`GetMany`; `DeleteMany`: nothing to delete).
+    NotFound,
+    /// The put is durable on every copy (`PutMany`).
+    PutOk {
+        /// `true` if the key did not exist before.
+        created: bool,
+    },
+    /// The key was deleted, durably (`DeleteMany`).
+    Deleted,
+    /// This node does not serve the key; the reply's `metadata` is the node's ring.
+    NotResponsible,
+    /// The key's range is being moved; retry the write later.
+    WriteLocked,
+    /// The node is not serving clients.
+    Stopped,
+    /// Not served in this batch because the reply was full (its values' bytes); nothing was
+    /// done for the key: ask again.
+    Deferred,
+    /// The request for this key failed (as `ReplyBody::Error`).
+    Error {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// A human-readable explanation.
+        message: String,
+    },
 }
 
 /// The condition of a conditional put ([`RequestBody::PutIf`]).
@@ -288,6 +340,28 @@ pub enum RequestBody {
         /// The version the key must have.
         version: u64,
     },
+    /// Client: read several keys the node serves as their chains' tail, each as `Get` would.
+    /// Replies `Many`, one answer per key in order; values beyond what fits one reply frame
+    /// are `Deferred`.
+    GetMany {
+        /// The keys; at most [`crate::MAX_BATCH_KEYS`].
+        #[serde(deserialize_with = "crate::bounded::batch_entries")]
+        keys: Vec<serde_bytes::ByteBuf>,
+    },
+    /// Client: write several keys the node heads, each as `Put` would (concurrently: a batch
+    /// is not a transaction). Replies `Many`, one answer per key in order, once every write
+    /// answered.
+    PutMany {
+        /// The keys and values; at most [`crate::MAX_BATCH_KEYS`].
+        #[serde(deserialize_with = "crate::bounded::batch_entries")]
+        entries: Vec<KeyValue>,
+    },
+    /// Client: delete several keys the node heads, each as `Delete` would. Replies `Many`.
+    DeleteMany {
+        /// The keys; at most [`crate::MAX_BATCH_KEYS`].
+        #[serde(deserialize_with = "crate::bounded::batch_entries")]
+        keys: Vec<serde_bytes::ByteBuf>,
+    },
 }
 
 impl RequestBody {
@@ -300,6 +374,9 @@ impl RequestBody {
                 | RequestBody::Delete { .. }
                 | RequestBody::PutIf { .. }
                 | RequestBody::DeleteIf { .. }
+                | RequestBody::GetMany { .. }
+                | RequestBody::PutMany { .. }
+                | RequestBody::DeleteMany { .. }
                 | RequestBody::GetMetadata
         )
     }
@@ -332,6 +409,9 @@ impl RequestBody {
             RequestBody::Delete { .. } => "delete",
             RequestBody::PutIf { .. } => "put_if",
             RequestBody::DeleteIf { .. } => "delete_if",
+            RequestBody::GetMany { .. } => "get_many",
+            RequestBody::PutMany { .. } => "put_many",
+            RequestBody::DeleteMany { .. } => "delete_many",
             RequestBody::GetMetadata => "get_metadata",
             RequestBody::Status => "status",
             RequestBody::Start => "start",
@@ -407,6 +487,8 @@ pub enum ErrorKind {
     /// A write to a range whose chain has fewer live copies than the head's `--min-copies`:
     /// refused, nothing applied. It is taken again once the range's copies are rebuilt.
     NotEnoughCopies,
+    /// A batch held more keys than [`crate::MAX_BATCH_KEYS`]: refused whole, nothing done.
+    BatchTooLarge,
 }
 
 /// Counters of a completed range transfer.
@@ -538,6 +620,15 @@ pub enum ReplyBody {
         /// The key's current version (`None`: it does not exist).
         current: Option<u64>,
     },
+    /// Answer to `GetMany`, `PutMany`, `DeleteMany`: one answer per key, in order, and the
+    /// node's ring (as the ECS signed it) if some key is `NotResponsible`.
+    Many {
+        /// The answers.
+        #[serde(deserialize_with = "crate::bounded::batch_entries")]
+        answers: Vec<KeyReply>,
+        /// The node's metadata, when some answer is `NotResponsible`.
+        metadata: Option<SignedMetadata>,
+    },
 }
 
 #[cfg(test)]
@@ -665,6 +756,16 @@ mod tests {
             }),
             (bytes(), any::<u64>())
                 .prop_map(|(key, version)| RequestBody::DeleteIf { key, version }),
+            keys().prop_map(|keys| RequestBody::GetMany { keys }),
+            proptest::collection::vec((bytes(), bytes()), 0..4).prop_map(|entries| {
+                RequestBody::PutMany {
+                    entries: entries
+                        .into_iter()
+                        .map(|(key, value)| KeyValue { key, value })
+                        .collect(),
+                }
+            }),
+            keys().prop_map(|keys| RequestBody::DeleteMany { keys }),
             Just(RequestBody::GetMetadata),
             Just(RequestBody::Status),
             Just(RequestBody::Start),
@@ -752,6 +853,27 @@ mod tests {
             )
     }
 
+    fn keys() -> impl Strategy<Value = Vec<serde_bytes::ByteBuf>> {
+        proptest::collection::vec(bytes().prop_map(serde_bytes::ByteBuf::from), 0..4)
+    }
+
+    fn arb_key_reply() -> impl Strategy<Value = KeyReply> {
+        prop_oneof![
+            (bytes(), any::<u64>()).prop_map(|(value, version)| KeyReply::Value { value, version }),
+            Just(KeyReply::NotFound),
+            any::<bool>().prop_map(|created| KeyReply::PutOk { created }),
+            Just(KeyReply::Deleted),
+            Just(KeyReply::NotResponsible),
+            Just(KeyReply::WriteLocked),
+            Just(KeyReply::Stopped),
+            Just(KeyReply::Deferred),
+            ".{0,8}".prop_map(|message| KeyReply::Error {
+                kind: ErrorKind::Storage,
+                message
+            }),
+        ]
+    }
+
     fn arb_reply() -> impl Strategy<Value = Reply> {
         let kind = prop_oneof![
             Just(ErrorKind::Malformed),
@@ -764,12 +886,18 @@ mod tests {
             Just(ErrorKind::Peer),
             Just(ErrorKind::InvalidState),
             Just(ErrorKind::StaleTerm),
+            Just(ErrorKind::BatchTooLarge),
         ];
         let body = prop_oneof![
             (bytes(), any::<u64>())
                 .prop_map(|(value, version)| ReplyBody::Value { value, version }),
             any::<u64>().prop_map(|version| ReplyBody::Applied { version }),
             proptest::option::of(any::<u64>()).prop_map(|current| ReplyBody::Conflict { current }),
+            (
+                proptest::collection::vec(arb_key_reply(), 0..4),
+                proptest::option::of(arb_signed_metadata())
+            )
+                .prop_map(|(answers, metadata)| ReplyBody::Many { answers, metadata }),
             Just(ReplyBody::NotFound),
             any::<bool>().prop_map(|created| ReplyBody::PutOk { created }),
             Just(ReplyBody::Deleted),

@@ -59,6 +59,15 @@ pub struct SignedMetadata {
     pub signature: Arc<MetadataSignature>,
 }
 
+impl SignedMetadata {
+    /// At least the bytes this takes in a frame (ring, signature, signer chain), plus room
+    /// for their lengths and tags.
+    pub fn encoded_len_bound(&self) -> usize {
+        let signer: usize = self.signature.signer.iter().map(|c| c.len() + 10).sum();
+        self.ring.len() + self.signature.signature.len() + signer + 64
+    }
+}
+
 /// Serde for `Arc<Vec<u8>>` as a byte string (as `serde_bytes` does for `Vec<u8>`).
 mod shared_bytes {
     use std::sync::Arc;

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use ringkv_certs::PeerIdentity;
 use ringkv_wire::{
-    key_position, ChainWrite, ErrorKind, Expected, HashedKey, NodeEntry, Position, ReplyBody,
-    Request, RequestBody, WireError,
+    key_position, ChainWrite, ErrorKind, Expected, HashedKey, KeyReply, KeyValue, NodeEntry,
+    Position, ReplyBody, Request, RequestBody, WireError,
 };
 
 use super::{error, storage_error};
@@ -441,6 +441,100 @@ pub async fn delete_if(node: &Node, key: &[u8], version: u64) -> ReplyBody {
         version: Some(version),
     };
     write(node, &HashedKey::new(key), intent).await
+}
+
+/// `GetMany`: each key as `Get` answers it. Values that would not fit one reply frame (with
+/// the node's ring, if some key needs it) are `Deferred`, for the client to ask again.
+pub fn get_many(node: &Node, keys: Vec<serde_bytes::ByteBuf>) -> ReplyBody {
+    if let Err(refused) = bounded_batch(keys.len()) {
+        return refused;
+    }
+    let replies = keys.iter().map(|key| get(node, key)).collect();
+    let (mut answers, metadata) = many(node, replies);
+    let ring = metadata.as_ref().map_or(0, |m| m.encoded_len_bound());
+    let room =
+        (node.config.limits.max_frame).saturating_sub(ringkv_wire::limits::FRAME_OVERHEAD + ring);
+    let mut used = 0;
+    for answer in &mut answers {
+        if let KeyReply::Value { value, .. } = answer {
+            if used + value.len() > room {
+                *answer = KeyReply::Deferred;
+            } else {
+                used += value.len();
+            }
+        }
+    }
+    ReplyBody::Many { answers, metadata }
+}
+
+/// `PutMany`: each entry as `Put` handles it, all at once (a batch is not a transaction:
+/// each key is written on its own, and the writes share group commits and chain hops).
+pub async fn put_many(node: &Node, entries: Vec<KeyValue>) -> ReplyBody {
+    if let Err(refused) = bounded_batch(entries.len()) {
+        return refused;
+    }
+    let puts = entries
+        .into_iter()
+        .map(|KeyValue { key, value }| async move { put(node, &key, value).await });
+    let (answers, metadata) = many(node, futures::future::join_all(puts).await);
+    ReplyBody::Many { answers, metadata }
+}
+
+/// `DeleteMany`: each key as `Delete` handles it, all at once.
+pub async fn delete_many(node: &Node, keys: Vec<serde_bytes::ByteBuf>) -> ReplyBody {
+    if let Err(refused) = bounded_batch(keys.len()) {
+        return refused;
+    }
+    let deletes = keys.iter().map(|key| delete(node, key));
+    let (answers, metadata) = many(node, futures::future::join_all(deletes).await);
+    ReplyBody::Many { answers, metadata }
+}
+
+/// Refuses a batch of more than [`ringkv_wire::MAX_BATCH_KEYS`] keys.
+fn bounded_batch(keys: usize) -> Result<(), ReplyBody> {
+    if keys > ringkv_wire::MAX_BATCH_KEYS {
+        return Err(error(
+            ErrorKind::BatchTooLarge,
+            format!(
+                "a batch holds at most {} keys, this one {keys}; nothing was done (the client library cuts larger batches)",
+                ringkv_wire::MAX_BATCH_KEYS
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The answers of a batch from the replies each key got alone, and the node's ring if some
+/// key is not this node's.
+fn many(
+    node: &Node,
+    replies: Vec<ReplyBody>,
+) -> (Vec<KeyReply>, Option<ringkv_wire::SignedMetadata>) {
+    let mut not_responsible = false;
+    let answers = replies
+        .into_iter()
+        .map(|reply| match reply {
+            ReplyBody::Value { value, version } => KeyReply::Value { value, version },
+            ReplyBody::NotFound => KeyReply::NotFound,
+            ReplyBody::PutOk { created } => KeyReply::PutOk { created },
+            ReplyBody::Deleted => KeyReply::Deleted,
+            ReplyBody::NotResponsible { .. } => {
+                not_responsible = true;
+                KeyReply::NotResponsible
+            }
+            ReplyBody::WriteLocked => KeyReply::WriteLocked,
+            ReplyBody::Stopped => KeyReply::Stopped,
+            ReplyBody::Error { kind, message } => KeyReply::Error { kind, message },
+            other => KeyReply::Error {
+                kind: ErrorKind::Storage,
+                message: format!("unexpected answer {other:?}"),
+            },
+        })
+        .collect();
+    let metadata = not_responsible
+        .then(|| node.view().signed.clone())
+        .flatten();
+    (answers, metadata)
 }
 
 /// `Replicate` from `peer`: a batch of one.
