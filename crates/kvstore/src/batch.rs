@@ -263,7 +263,10 @@ impl KvStore {
                             last = format!("{} is stopped", part.name);
                             again.push(i);
                         }
-                        KeyReply::Deferred => again.push(i),
+                        KeyReply::Deferred => {
+                            last = format!("{} deferred it (its reply was full)", part.name);
+                            again.push(i);
+                        }
                         KeyReply::Error { kind, message } => {
                             done.push((i, Err(KvError::Server { kind, message })));
                         }
@@ -318,24 +321,30 @@ impl KvStore {
             return done;
         }
         let mut backoff = round.backoff.clone();
-        if !at_once {
-            let delay = backoff.next_delay();
-            if round.started.elapsed() + delay > self.config.retry.deadline {
-                let attempts = backoff.attempts();
-                for i in again {
-                    let last = last.clone();
-                    let elapsed = round.started.elapsed();
-                    done.push((
-                        i,
-                        Err(KvError::Timeout {
-                            elapsed,
-                            attempts,
-                            last,
-                        }),
-                    ));
-                }
-                return done;
+        // At once costs no wait, yet is bounded by the deadline too (a node that kept
+        // redirecting or deferring would otherwise be asked forever).
+        let delay = if at_once {
+            std::time::Duration::ZERO
+        } else {
+            backoff.next_delay()
+        };
+        if round.started.elapsed() + delay > self.config.retry.deadline {
+            let attempts = backoff.attempts();
+            for i in again {
+                let last = last.clone();
+                let elapsed = round.started.elapsed();
+                done.push((
+                    i,
+                    Err(KvError::Timeout {
+                        elapsed,
+                        attempts,
+                        last,
+                    }),
+                ));
             }
+            return done;
+        }
+        if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let next = Round { backoff, ..*round };
