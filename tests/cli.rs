@@ -133,6 +133,27 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
     assert!(err.contains("conflict"), "{err}");
     assert_eq!(cli(&["get", "cas"]), (0, "two\n".into(), String::new()));
 
+    // Expiry: a put with --ttl is served until its TTL, then not found.
+    let sent = std::time::Instant::now();
+    assert_eq!(
+        cli(&["put", "session", "s1", "--ttl", "1500ms"]),
+        (0, "OK created\n".into(), String::new())
+    );
+    let (code, out, _) = cli(&["get", "session"]);
+    if sent.elapsed() < std::time::Duration::from_millis(1500) {
+        assert_eq!((code, out.as_str()), (0, "s1\n"));
+    }
+    let (code, out, _) = cli(&["put", "lock", "me", "--if-absent", "--ttl", "1h"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = cli(&["put", "session", "x", "--ttl", "soon"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("bad duration \"soon\""), "{err}");
+    tokio::time::sleep(std::time::Duration::from_millis(1600).saturating_sub(sent.elapsed())).await;
+    let (code, _, err) = cli(&["get", "session"]);
+    assert_eq!(code, 1, "expired: {err}");
+    assert!(err.contains("not found: session"), "{err}");
+    assert_eq!(cli(&["get", "lock"]), (0, "me\n".into(), String::new()));
+
     // Large and binary values: a 4 MiB file (the value limit) of every byte value, in and
     // out byte for byte; the same through stdin; one byte more is refused, clearly.
     let big: Vec<u8> = (0..4u32 << 20)
@@ -214,7 +235,7 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
         .take()
         .unwrap()
         .write_all(
-            b"get k\nconnect\nput k two words\nget k\ndelete k\nget k\ncas c absent first\ncas c absent again\nversion c\nbogus\ndisconnect\nquit\n",
+            b"get k\nconnect\nput k two words\nget k\ndelete k\nget k\ncas c absent first\ncas c absent again\nversion c\nsetex t 1h ticket\nget t\nsetex t soon x\nbogus\ndisconnect\nquit\n",
         )
         .unwrap();
     let out = shell.wait_with_output().unwrap();
@@ -228,6 +249,8 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
         "not found: k",
         "OK version ",
         "conflict: the key's version is ",
+        "ticket",
+        "error: bad duration \"soon\"",
         "error: unknown command 'bogus'",
         "disconnected",
         "bye",

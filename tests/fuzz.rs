@@ -420,6 +420,20 @@ mod strategies {
                 }
             }),
             batch_keys(&p).prop_map(|keys| RequestBody::DeleteMany { keys }),
+            (
+                p.key.clone(),
+                p.value.clone(),
+                prop_oneof![0u64..3, any::<u64>()],
+                proptest::option::of(expected())
+            )
+                .prop_map(|(key, value, ttl_ms, expected)| RequestBody::PutTtl {
+                    key,
+                    value,
+                    ttl_ms,
+                    expected,
+                }),
+            (p.key.clone(), prop_oneof![0u64..4, any::<u64>()])
+                .prop_map(|(key, version)| RequestBody::Expire { key, version }),
             Just(RequestBody::GetMetadata),
             Just(RequestBody::Status),
             Just(RequestBody::Start),
@@ -540,9 +554,11 @@ mod strategies {
             RequestBody::GetMany { .. } => 23,
             RequestBody::PutMany { .. } => 24,
             RequestBody::DeleteMany { .. } => 25,
+            RequestBody::PutTtl { .. } => 26,
+            RequestBody::Expire { .. } => 27,
         }
     }
-    pub const REQUEST_VARIANTS: usize = 26;
+    pub const REQUEST_VARIANTS: usize = 28;
 
     pub fn error_kind() -> impl Strategy<Value = ErrorKind> + Clone {
         prop_oneof![
@@ -559,6 +575,7 @@ mod strategies {
             Just(ErrorKind::Indeterminate),
             Just(ErrorKind::StaleTerm),
             Just(ErrorKind::BatchTooLarge),
+            Just(ErrorKind::InvalidTtl),
         ]
     }
 
@@ -1290,7 +1307,17 @@ mod handlers {
                 reply,
                 R::Applied { .. } | R::Conflict { .. } | R::WriteLocked
             )),
-            RequestBody::Put { .. } => client(matches!(reply, R::PutOk { .. } | R::WriteLocked)),
+            RequestBody::Put { .. } | RequestBody::PutTtl { expected: None, .. } => {
+                client(matches!(reply, R::PutOk { .. } | R::WriteLocked))
+            }
+            RequestBody::PutTtl { .. } => client(matches!(
+                reply,
+                R::Applied { .. } | R::Conflict { .. } | R::WriteLocked
+            )),
+            RequestBody::Expire { .. } => client(matches!(
+                reply,
+                R::Deleted | R::Applied { .. } | R::Conflict { .. } | R::WriteLocked
+            )),
             RequestBody::Delete { .. } => {
                 client(matches!(reply, R::Deleted | R::NotFound | R::WriteLocked))
             }

@@ -38,12 +38,16 @@ fn node_allows(body: &RequestBody) -> [bool; 4] {
         | RequestBody::GetMany { .. }
         | RequestBody::PutMany { .. }
         | RequestBody::DeleteMany { .. }
+        | RequestBody::PutTtl { .. }
         | RequestBody::GetMetadata => ALL,
         RequestBody::Status => NOT_CLIENT,
         // What nodes exchange among themselves (a batch is further checked against the
         // move the ECS announced; a digest against the sender's certificate name).
         // A chain write is further checked against the sender's place in the key's chain.
+        // `Expire` asks the head about a record; it removes only what the head's clock says
+        // is due.
         RequestBody::PutBatch { .. }
+        | RequestBody::Expire { .. }
         | RequestBody::Replicate { .. }
         | RequestBody::ReplicateBatch { .. }
         | RequestBody::Gossip { .. }
@@ -89,6 +93,18 @@ fn every_request_kind() -> Vec<RequestBody> {
         RequestBody::Put {
             key: b"perm".to_vec(),
             value: b"v".to_vec(),
+        },
+        // A long TTL (the delete below removes the key).
+        RequestBody::PutTtl {
+            key: b"perm".to_vec(),
+            value: b"v".to_vec(),
+            ttl_ms: 3_600_000,
+            expected: None,
+        },
+        // Not version 1, and not due: the head answers `Conflict`, removes nothing.
+        RequestBody::Expire {
+            key: b"perm".to_vec(),
+            version: 1,
         },
         // Both conditions fail (the key exists, and not at version 1): nothing written.
         RequestBody::PutIf {

@@ -66,6 +66,10 @@ pub enum Command {
         /// Only if the key does not exist.
         #[arg(long)]
         if_absent: bool,
+        /// Expire the key after this long (e.g. 30s, 500ms, 2m), counted by the clock of
+        /// the key's head from when it takes the write.
+        #[arg(long, value_name = "DURATION", value_parser = super::ecs::parse_duration)]
+        ttl: Option<std::time::Duration>,
     },
     /// Delete KEY (exit code 1 if it did not exist; 2 if its version is not --if-version).
     Delete {
@@ -169,6 +173,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             file,
             if_version,
             if_absent,
+            ttl,
         } => {
             let value = match (value.as_deref(), file) {
                 (_, Some(file)) => {
@@ -184,11 +189,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 (None, None) => bail!("give a VALUE, - (stdin) or --file FILE"),
             };
             let (key, value) = (key.as_bytes(), &value[..]);
-            let outcome = match (if_version, if_absent) {
-                (Some(version), _) => store.put_if_version(key, value, *version).await?,
-                (None, true) => store.put_if_absent(key, value).await?,
-                (None, false) => {
-                    writeln!(out, "{}", put_text(store.put(key, value).await?))?;
+            let outcome = match (if_version, if_absent, ttl) {
+                (Some(version), _, None) => store.put_if_version(key, value, *version).await?,
+                (Some(version), _, Some(ttl)) => {
+                    store
+                        .put_if_version_with_ttl(key, value, *version, *ttl)
+                        .await?
+                }
+                (None, true, None) => store.put_if_absent(key, value).await?,
+                (None, true, Some(ttl)) => store.put_if_absent_with_ttl(key, value, *ttl).await?,
+                (None, false, ttl) => {
+                    let outcome = match ttl {
+                        Some(ttl) => store.put_with_ttl(key, value, *ttl).await?,
+                        None => store.put(key, value).await?,
+                    };
+                    writeln!(out, "{}", put_text(outcome))?;
                     return finish(store, 0).await;
                 }
             };
@@ -339,6 +354,8 @@ const SHELL_HELP: &str = "\
 commands:
   connect [host:port ...]   connect (to the given seeds, or those of the command line)
   put <key> <value...>      store a value (the rest of the line)
+  setex <key> <ttl> <value...>
+                            store a value that expires after <ttl> (e.g. 30s, 500ms)
   cas <key> <version|absent> <value...>
                             store a value if the key has that version (or does not exist)
   get <key>                 print a value
@@ -404,6 +421,17 @@ async fn shell(cli: &Cli) -> anyhow::Result<i32> {
                 "put" => {
                     let (key, value) = rest.split_once(' ').context("usage: put <key> <value>")?;
                     put_text(connected()?.put(key.as_bytes(), value.as_bytes()).await?).to_string()
+                }
+                "setex" => {
+                    let usage = "usage: setex <key> <ttl> <value>";
+                    let (key, rest) = rest.split_once(' ').context(usage)?;
+                    let (ttl, value) = rest.trim().split_once(' ').context(usage)?;
+                    let ttl = super::ecs::parse_duration(ttl)
+                        .map_err(|e| anyhow::anyhow!("{e}; {usage}"))?;
+                    let outcome = connected()?
+                        .put_with_ttl(key.as_bytes(), value.as_bytes(), ttl)
+                        .await?;
+                    put_text(outcome).to_string()
                 }
                 "cas" => {
                     let usage = "usage: cas <key> <version|absent> <value>";

@@ -347,20 +347,24 @@ pub fn parse_peer(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Parses a duration: `1500ms`, `3s`, `2.5s`, or a plain number of seconds.
+/// Parses a duration: `1500ms`, `3s`, `2.5s`, `2m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
         (ms, 1e-3)
     } else if let Some(s) = text.strip_suffix('s') {
         (s, 1.0)
+    } else if let Some(m) = text.strip_suffix('m') {
+        (m, 60.0)
+    } else if let Some(h) = text.strip_suffix('h') {
+        (h, 3600.0)
     } else {
         (text, 1.0)
     };
     match number.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v * scale)),
         _ => Err(format!(
-            "bad duration {text:?}: expected e.g. 3s, 1500ms or 2.5"
+            "bad duration {text:?}: expected e.g. 3s, 1500ms, 2m, 1h or 2.5"
         )),
     }
 }

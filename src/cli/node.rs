@@ -70,6 +70,11 @@ pub struct Args {
     /// NOT_ENOUGH_COPIES and nothing is applied. 1: take writes while any copy is live.
     #[arg(long, default_value_t = 1)]
     pub min_copies: u8,
+    /// The most this host's wall clock may be off from any other node's (e.g. 500ms, 2s).
+    /// Expiry is decided by the clock of a key's head: a node serving a read of a key
+    /// within this of its expiry by its own clock asks the head first.
+    #[arg(long, default_value = "500ms", value_parser = super::ecs::parse_duration)]
+    pub max_clock_offset: Duration,
     /// Gossip and failure detection.
     #[command(flatten)]
     pub gossip: GossipArgs,
@@ -92,6 +97,7 @@ impl Args {
         config.transfer_rate_limit = Some(self.transfer_rate_limit).filter(|r| *r > 0);
         config.max_queued_writes = self.max_queued_writes.max(1);
         config.min_copies = self.min_copies.max(1);
+        config.max_clock_offset = self.max_clock_offset;
         config.serve = self.serve.limits(config.limits.max_frame)?;
         Ok(config)
     }

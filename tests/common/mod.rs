@@ -529,9 +529,19 @@ pub struct TestCluster {
 impl TestCluster {
     /// An ECS and `n` nodes `n1..=n<n>`, each added through the ECS.
     pub async fn start(n: usize) -> Self {
+        Self::start_with(n, |_| {}, |_| {}).await
+    }
+
+    /// [`TestCluster::start`] with `ecs` applied to the ECS's configuration (e.g. its
+    /// replication) and `node` to every node's.
+    pub async fn start_with(
+        n: usize,
+        ecs: impl FnOnce(&mut EcsConfig),
+        node: impl Fn(&mut NodeConfig),
+    ) -> Self {
         let certs = Arc::new(Certs::new());
         let ecs_state = tempfile::tempdir().expect("tempdir");
-        let ecs = TestEcs::start(&certs, ecs_state.path()).await;
+        let ecs = TestEcs::start_with(&certs, ecs_state.path(), ecs).await;
         let admin = certs.admin();
         let mut cluster = Self {
             certs,
@@ -541,7 +551,7 @@ impl TestCluster {
             admin,
         };
         for i in 1..=n {
-            cluster.add_node(&format!("n{i}")).await;
+            cluster.add_node_with(&format!("n{i}"), &node).await;
         }
         cluster
     }

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use ringkv_transport::{RingAuthority, Transport};
@@ -194,6 +194,70 @@ impl KvStore {
             expected,
         };
         conditional("put_if", self.execute(key, body).await?)
+    }
+
+    /// Stores `value` under `key` until `ttl` has passed (rounded up to a millisecond),
+    /// counted from when the head of the key's chain takes the write, by its clock
+    /// (ARCHITECTURE.md §11 "Expiry"). After that the key is absent to every read, batch and
+    /// condition. A later put without a TTL makes the key permanent again. A `ttl` of zero is
+    /// refused (`InvalidTtl`), nothing written.
+    pub async fn put_with_ttl(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<PutOutcome, KvError> {
+        match self.put_ttl(key, value, ttl, None).await? {
+            ReplyBody::PutOk { created: true } => Ok(PutOutcome::Created),
+            ReplyBody::PutOk { created: false } => Ok(PutOutcome::Updated),
+            other => Err(unexpected("put_ttl", other)),
+        }
+    }
+
+    /// [`KvStore::put_if_absent`] with a time to live (as [`KvStore::put_with_ttl`]): a lock
+    /// or lease that goes away by itself if its holder does.
+    pub async fn put_if_absent_with_ttl(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Conditional, KvError> {
+        let reply = self
+            .put_ttl(key, value, ttl, Some(Expected::Absent))
+            .await?;
+        conditional("put_ttl", reply)
+    }
+
+    /// [`KvStore::put_if_version`] with a time to live (as [`KvStore::put_with_ttl`]): e.g.
+    /// renewing a lease held at `version`.
+    pub async fn put_if_version_with_ttl(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        version: u64,
+        ttl: Duration,
+    ) -> Result<Conditional, KvError> {
+        let expected = Some(Expected::Version(version));
+        conditional("put_ttl", self.put_ttl(key, value, ttl, expected).await?)
+    }
+
+    async fn put_ttl(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        ttl: Duration,
+        expected: Option<Expected>,
+    ) -> Result<ReplyBody, KvError> {
+        self.config.limits.check_put(key, value)?;
+        // Rounded up: a TTL under a millisecond is one, not zero (which is refused).
+        let ttl_ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+        let body = RequestBody::PutTtl {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            ttl_ms,
+            expected,
+        };
+        self.execute(key, body).await
     }
 
     /// Deletes `key` if its version is `version`: [`Conditional::Applied`] once durable, or

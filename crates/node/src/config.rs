@@ -51,7 +51,16 @@ pub struct NodeConfig {
     /// refused (`NotEnoughCopies`, nothing applied) rather than acknowledged on fewer nodes.
     /// 1 (the default) takes writes while any copy is live. Reads are served either way.
     pub min_copies: u8,
+    /// The most this node's wall clock may be off from any other node's: a node serving a
+    /// read of a record within this of its expiry (by its own clock) asks the key's head,
+    /// whose clock decides expiry (ARCHITECTURE.md §11 "Expiry"). Default
+    /// [`DEFAULT_MAX_CLOCK_OFFSET`].
+    pub max_clock_offset: std::time::Duration,
 }
+
+/// Default of [`NodeConfig::max_clock_offset`]: 500 ms (CockroachDB's default, for hosts
+/// whose clocks NTP keeps within a few ms of each other).
+pub const DEFAULT_MAX_CLOCK_OFFSET: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl NodeConfig {
     /// A configuration with default limits and gossip, advertising the listen address.
@@ -70,6 +79,7 @@ impl NodeConfig {
             serve: ServeLimits::default(),
             max_queued_writes: crate::storage::DEFAULT_MAX_QUEUED_WRITES,
             min_copies: 1,
+            max_clock_offset: DEFAULT_MAX_CLOCK_OFFSET,
         }
     }
 }

@@ -34,6 +34,7 @@
 
 pub mod config;
 pub mod error;
+pub mod expiry;
 pub mod gossip;
 pub mod hops;
 pub mod lease;

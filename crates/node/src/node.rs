@@ -780,16 +780,23 @@ impl Node {
     async fn dispatch(&self, peer: &PeerIdentity, version: u64, body: RequestBody) -> ReplyBody {
         use request::{admin, data, gossip, metadata, range};
         match body {
-            RequestBody::Get { key } => data::get(self, &key),
+            RequestBody::Get { key } => data::get(self, &key).await,
             RequestBody::Put { key, value } => data::put(self, &key, value).await,
             RequestBody::Delete { key } => data::delete(self, &key).await,
             RequestBody::PutIf {
                 key,
                 value,
                 expected,
-            } => data::put_if(self, &key, value, Some(expected)).await,
+            } => data::put_if(self, &key, value, Some(expected), None).await,
+            RequestBody::PutTtl {
+                key,
+                value,
+                ttl_ms,
+                expected,
+            } => data::put_ttl(self, &key, value, ttl_ms, expected).await,
+            RequestBody::Expire { key, version } => data::expire(self, &key, version).await,
             RequestBody::DeleteIf { key, version } => data::delete_if(self, &key, version).await,
-            RequestBody::GetMany { keys } => data::get_many(self, keys),
+            RequestBody::GetMany { keys } => data::get_many(self, keys).await,
             RequestBody::PutMany { entries } => data::put_many(self, entries).await,
             RequestBody::DeleteMany { keys } => data::delete_many(self, keys).await,
             RequestBody::Replicate { write } => data::replicate(self, peer, version, write).await,

@@ -7,6 +7,13 @@
 //! I/O, so that the data path (which calls it under the key's stripe) and the tests agree on
 //! what happens.
 //!
+//! **Expiry** is decided by the head too, with its wall clock (ARCHITECTURE.md §11
+//! "Expiry"): a write with a TTL expires at the head's clock reading plus the TTL, the head
+//! treats a record its clock says is due as absent ([`decide`]), and removes it through the
+//! chain like a delete (a sweep, [`sweep_check`]; or a tail that asks, [`Intent::Expire`]).
+//! A tail serves a record with an expiry without asking only while its own clock is more
+//! than the allowed clock offset before the expiry ([`check_read`]).
+//!
 //! Versions are hybrid-clock stamps: a write's version is above the key's version, at least
 //! the head's wall clock in microseconds, and above anything the head handed out before. So a key's version only grows while the key exists, whichever head writes it
 //! (a new head holds the record, and with it the version), and a key deleted and written
@@ -98,20 +105,41 @@ pub fn wall_clock_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// The write a client asked for.
+/// Milliseconds since the Unix epoch at wall-clock time `now_us` (µs): the unit of expiry.
+pub fn millis(now_us: u64) -> u64 {
+    now_us / 1000
+}
+
+/// Whether a record expiring at `expires_at` (ms, `None`: never) is due at `now_ms`.
+pub fn is_due(expires_at: Option<u64>, now_ms: u64) -> bool {
+    expires_at.is_some_and(|at| at <= now_ms)
+}
+
+/// The version and expiry of a key's record, as the head holds it.
+pub type Meta = (u64, Option<u64>);
+
+/// The write a client (or the expiry) asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intent {
-    /// `Put` (`expected: None`) or `PutIf`.
+    /// `Put` (`expected: None`, `ttl_ms: None`), `PutIf` or `PutTtl`.
     Put {
         /// The value.
         value: Vec<u8>,
         /// The condition, if any.
         expected: Option<Expected>,
+        /// Time to live in ms from the head's clock reading (`None`: never expires).
+        ttl_ms: Option<u64>,
     },
     /// `Delete` (`version: None`) or `DeleteIf`.
     Delete {
         /// The version the key must have, if any.
         version: Option<u64>,
+    },
+    /// Remove the key's record of `version` if the head's clock says it is due (a sweep,
+    /// or a tail about to serve it near its expiry: `Expire`).
+    Expire {
+        /// The version the tail (or the sweep) found.
+        version: u64,
     },
 }
 
@@ -138,12 +166,14 @@ pub enum Outcome {
         /// Whether the key was new.
         created: bool,
     },
-    /// `Deleted` (`true`) or `NotFound`.
+    /// `Deleted` (`true`) or `NotFound`. For an `Expire`, `true`: the record expired and is
+    /// removed.
     Delete {
         /// Whether the key existed.
         existed: bool,
     },
-    /// `Applied { version }`.
+    /// `Applied { version }`. For an `Expire`: the record is not due, and this is its
+    /// version (the same the tail asked about).
     Applied {
         /// The key's new version (a put) or the version it had (a delete).
         version: u64,
@@ -155,27 +185,39 @@ pub enum Outcome {
     },
 }
 
-/// Decides a write of a key whose current version is `current` (`None`: absent), taking its
-/// version from `versions` at wall-clock time `now_us`.
+/// Decides a write of a key whose current record has version and expiry `current`
+/// (`None`: absent), taking its version from `versions` at wall-clock time `now_us`.
 ///
-/// A plain delete of an absent key writes nothing (there is nothing to remove, and nothing
-/// for the chain to learn); every other unconditional write is written. A conditional write
-/// is written exactly when its condition holds against `current`.
-pub fn decide(intent: Intent, current: Option<u64>, versions: &Versions, now_us: u64) -> Decision {
+/// A record the clock says is due is absent for every condition (and reported so); a write
+/// over it still removes it. A plain delete of an absent key writes nothing (there is nothing
+/// to remove, and nothing for the chain to learn); every other unconditional write is
+/// written. A conditional write is written exactly when its condition holds against the live
+/// record. An `Expire` removes the record only if it is the version asked about and due.
+pub fn decide(intent: Intent, current: Option<Meta>, versions: &Versions, now_us: u64) -> Decision {
+    let now_ms = millis(now_us);
+    let live = current
+        .filter(|&(_, expires_at)| !is_due(expires_at, now_ms))
+        .map(|(version, _)| version);
     match intent {
-        Intent::Put { value, expected } => {
+        Intent::Put {
+            value,
+            expected,
+            ttl_ms,
+        } => {
             let holds = match expected {
                 None => true,
-                Some(Expected::Absent) => current.is_none(),
-                Some(Expected::Version(v)) => current == Some(v),
+                Some(Expected::Absent) => live.is_none(),
+                Some(Expected::Version(v)) => live == Some(v),
             };
             if !holds {
-                return Decision::Refuse(Outcome::Conflict { current });
+                return Decision::Refuse(Outcome::Conflict { current: live });
             }
-            let version = versions.next(current.unwrap_or(0), now_us);
+            // Above the expired record's version too: a key's version only grows while the
+            // head holds it.
+            let version = versions.next(current.map_or(0, |(v, _)| v), now_us);
             let reply = match expected {
                 None => Outcome::Put {
-                    created: current.is_none(),
+                    created: live.is_none(),
                 },
                 Some(_) => Outcome::Applied { version },
             };
@@ -183,27 +225,112 @@ pub fn decide(intent: Intent, current: Option<u64>, versions: &Versions, now_us:
                 record: Some(Record {
                     value,
                     version,
-                    expires_at: None,
+                    // At least 1: 0 is "never" in the stored form.
+                    expires_at: ttl_ms.map(|ttl| now_ms.saturating_add(ttl).max(1)),
                 }),
                 reply,
             }
         }
-        Intent::Delete { version: None } => match current {
-            None => Decision::Refuse(Outcome::Delete { existed: false }),
-            Some(_) => Decision::Write {
+        Intent::Delete { version: None } => match (live, current) {
+            (Some(_), _) => Decision::Write {
                 record: None,
                 reply: Outcome::Delete { existed: true },
             },
+            // Expired but still stored: removed, and reported as the absent key it is.
+            (None, Some(_)) => Decision::Write {
+                record: None,
+                reply: Outcome::Delete { existed: false },
+            },
+            (None, None) => Decision::Refuse(Outcome::Delete { existed: false }),
         },
         Intent::Delete {
             version: Some(expected),
-        } => match current {
+        } => match live {
             Some(v) if v == expected => Decision::Write {
                 record: None,
                 reply: Outcome::Applied { version: v },
             },
-            _ => Decision::Refuse(Outcome::Conflict { current }),
+            _ => Decision::Refuse(Outcome::Conflict { current: live }),
         },
+        Intent::Expire { version } => match current {
+            Some((v, expires_at)) if v == version && is_due(expires_at, now_ms) => {
+                Decision::Write {
+                    record: None,
+                    reply: Outcome::Delete { existed: true },
+                }
+            }
+            Some((v, _)) if v == version => Decision::Refuse(Outcome::Applied { version }),
+            _ => Decision::Refuse(Outcome::Conflict { current: live }),
+        },
+    }
+}
+
+/// What the node serving a read does with the record it holds ([`check_read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadCheck {
+    /// Serve it.
+    Serve,
+    /// Answer `NotFound`: the record expired (by this node's clock, and this node heads the
+    /// key).
+    Hidden,
+    /// Ask the head (`Expire`) before answering: the record is within the allowed clock
+    /// offset of its expiry, or past it, by this node's clock.
+    AskHead,
+}
+
+/// Whether a node serving a read of a record expiring at `expires_at` may serve it at
+/// wall-clock time `now_ms`: the head decides expiry with its clock (`is_head`: this node
+/// is the head), so a node that is not asks it whenever the clocks, offset by up to
+/// `max_offset_ms`, might disagree.
+pub fn check_read(
+    expires_at: Option<u64>,
+    now_ms: u64,
+    is_head: bool,
+    max_offset_ms: u64,
+) -> ReadCheck {
+    match expires_at {
+        None => ReadCheck::Serve,
+        Some(at) if is_head => {
+            if at <= now_ms {
+                ReadCheck::Hidden
+            } else {
+                ReadCheck::Serve
+            }
+        }
+        Some(at) if at > now_ms.saturating_add(max_offset_ms) => ReadCheck::Serve,
+        Some(_) => ReadCheck::AskHead,
+    }
+}
+
+/// What the expiry sweep does with one entry of the expiry index (due at `indexed`, ms by
+/// which the sweep ran up to `now_ms`), given the key's record now (`current`) and whether
+/// this node heads the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// The record is gone or expires at another time (rewritten, deleted, moved away): the
+    /// entry is stale; remove it.
+    Stale,
+    /// Expire the record of this version ([`Intent::Expire`], decided again under the
+    /// key's stripe).
+    Expire {
+        /// The record's version.
+        version: u64,
+    },
+    /// Not this node's to expire (it does not head the key) or not due: leave the entry.
+    Leave,
+}
+
+/// See [`Sweep`].
+pub fn sweep_check(indexed: u64, current: Option<Meta>, is_head: bool, now_ms: u64) -> Sweep {
+    match current {
+        Some((version, Some(at))) if at == indexed => {
+            if is_head && at <= now_ms {
+                Sweep::Expire { version }
+            } else {
+                Sweep::Leave
+            }
+        }
+        _ => Sweep::Stale,
     }
 }
 
@@ -255,7 +382,13 @@ mod tests {
         Intent::Put {
             value: value.to_vec(),
             expected,
+            ttl_ms: None,
         }
+    }
+
+    /// A record of version `version` that never expires.
+    fn at(version: u64) -> Option<Meta> {
+        Some((version, None))
     }
 
     #[test]
@@ -263,7 +396,7 @@ mod tests {
         let v = Versions::default();
         let written = |d: &Decision| matches!(d, Decision::Write { .. });
         assert!(written(&decide(put(b"a", None), None, &v, 1)));
-        assert!(written(&decide(put(b"a", None), Some(9), &v, 1)));
+        assert!(written(&decide(put(b"a", None), at(9), &v, 1)));
         assert!(written(&decide(
             put(b"a", Some(Expected::Absent)),
             None,
@@ -271,17 +404,17 @@ mod tests {
             1
         )));
         assert_eq!(
-            decide(put(b"a", Some(Expected::Absent)), Some(9), &v, 1),
+            decide(put(b"a", Some(Expected::Absent)), at(9), &v, 1),
             Decision::Refuse(Outcome::Conflict { current: Some(9) })
         );
         assert!(written(&decide(
             put(b"a", Some(Expected::Version(9))),
-            Some(9),
+            at(9),
             &v,
             1
         )));
         assert_eq!(
-            decide(put(b"a", Some(Expected::Version(9))), Some(8), &v, 1),
+            decide(put(b"a", Some(Expected::Version(9))), at(8), &v, 1),
             Decision::Refuse(Outcome::Conflict { current: Some(8) })
         );
         assert_eq!(
@@ -289,7 +422,7 @@ mod tests {
             Decision::Refuse(Outcome::Conflict { current: None })
         );
         assert_eq!(
-            decide(Intent::Delete { version: Some(9) }, Some(9), &v, 1),
+            decide(Intent::Delete { version: Some(9) }, at(9), &v, 1),
             Decision::Write {
                 record: None,
                 reply: Outcome::Applied { version: 9 }
@@ -305,7 +438,126 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_due_record_is_absent_to_every_write_and_expires_only_at_its_version() {
+        let v = Versions::default();
+        // Expires at 5 ms; the clock reads 5 ms (5,000 µs): due.
+        let due = Some((7, Some(5)));
+        let now = 5_000;
+        match decide(put(b"a", Some(Expected::Absent)), due, &v, now) {
+            Decision::Write {
+                record: Some(record),
+                reply: Outcome::Applied { version },
+            } => {
+                assert!(version > 7, "above the expired version");
+                assert_eq!(record.expires_at, None, "a put without a TTL never expires");
+            }
+            other => panic!("put_if_absent over an expired key: {other:?}"),
+        }
+        assert_eq!(
+            decide(put(b"a", Some(Expected::Version(7))), due, &v, now),
+            Decision::Refuse(Outcome::Conflict { current: None })
+        );
+        assert_eq!(
+            decide(Intent::Delete { version: None }, due, &v, now),
+            Decision::Write {
+                record: None,
+                reply: Outcome::Delete { existed: false }
+            },
+            "removed, reported absent"
+        );
+        assert_eq!(
+            decide(Intent::Delete { version: Some(7) }, due, &v, now),
+            Decision::Refuse(Outcome::Conflict { current: None })
+        );
+        assert_eq!(
+            decide(Intent::Expire { version: 7 }, due, &v, now),
+            Decision::Write {
+                record: None,
+                reply: Outcome::Delete { existed: true }
+            }
+        );
+        // A millisecond earlier it is alive, and stays.
+        assert_eq!(
+            decide(Intent::Expire { version: 7 }, due, &v, 4_999),
+            Decision::Refuse(Outcome::Applied { version: 7 })
+        );
+        assert_eq!(
+            decide(Intent::Expire { version: 6 }, due, &v, 4_999),
+            Decision::Refuse(Outcome::Conflict { current: Some(7) }),
+            "another version: nothing removed"
+        );
+        assert_eq!(
+            decide(Intent::Expire { version: 7 }, None, &v, now),
+            Decision::Refuse(Outcome::Conflict { current: None })
+        );
+        // A TTL counts from the head's clock, in ms.
+        let ttl = Intent::Put {
+            value: b"a".to_vec(),
+            expected: None,
+            ttl_ms: Some(1_500),
+        };
+        match decide(ttl, None, &v, 2_000_999) {
+            Decision::Write {
+                record: Some(record),
+                reply: Outcome::Put { created: true },
+            } => assert_eq!(record.expires_at, Some(2_000 + 1_500)),
+            other => panic!("put with a TTL: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_sweep_expires_only_its_own_due_records_and_drops_stale_entries() {
+        assert_eq!(
+            sweep_check(5, Some((3, Some(5))), true, 5),
+            Sweep::Expire { version: 3 }
+        );
+        assert_eq!(sweep_check(5, Some((3, Some(5))), false, 9), Sweep::Leave);
+        assert_eq!(sweep_check(5, Some((3, Some(5))), true, 4), Sweep::Leave);
+        assert_eq!(
+            sweep_check(5, Some((3, Some(6))), true, 9),
+            Sweep::Stale,
+            "rewritten"
+        );
+        assert_eq!(
+            sweep_check(5, Some((3, None)), true, 9),
+            Sweep::Stale,
+            "made permanent"
+        );
+        assert_eq!(
+            sweep_check(5, None, true, 9),
+            Sweep::Stale,
+            "deleted or moved away"
+        );
+    }
+
     proptest! {
+        /// The clock rule: the head's clock decides expiry. Whatever the clocks read, within
+        /// the allowed offset of each other, a node that is not the head serves a record
+        /// without asking only while the head's clock says it is alive, and never hides one
+        /// on its own.
+        #[test]
+        fn a_tail_never_serves_what_the_heads_clock_expired(
+            real in 0u64..1_000_000,
+            head_skew in -500i64..=500,
+            tail_skew in -500i64..=500,
+            expires_at in 0u64..1_002_000,
+            max_offset in 0u64..2_000,
+        ) {
+            prop_assume!(head_skew.abs_diff(tail_skew) <= max_offset);
+            let clock = |skew: i64| real.saturating_add_signed(skew + 1_000);
+            let (head, tail) = (clock(head_skew), clock(tail_skew));
+            match check_read(Some(expires_at), tail, false, max_offset) {
+                ReadCheck::Serve => prop_assert!(!is_due(Some(expires_at), head)),
+                ReadCheck::AskHead => {}
+                ReadCheck::Hidden => prop_assert!(false, "only the head hides a record"),
+            }
+            // At the head, its own clock: hidden exactly when due.
+            let at_head = check_read(Some(expires_at), head, true, max_offset);
+            prop_assert_eq!(at_head == ReadCheck::Hidden, is_due(Some(expires_at), head));
+            prop_assert_eq!(check_read(None, tail, false, max_offset), ReadCheck::Serve);
+        }
+
         /// Whatever the clock does, a key's successive writes get increasing versions, and
         /// an applied conditional put reports the version it wrote.
         #[test]
@@ -314,7 +566,7 @@ mod tests {
             let mut current: Option<u64> = None;
             for now in clock {
                 let expected = current.map(Expected::Version).unwrap_or(Expected::Absent);
-                match decide(put(b"x", Some(expected)), current, &versions, now) {
+                match decide(put(b"x", Some(expected)), current.map(|v| (v, None)), &versions, now) {
                     Decision::Write { record: Some(record), reply: Outcome::Applied { version } } => {
                         prop_assert_eq!(record.version, version);
                         prop_assert!(current.is_none_or(|c| version > c));

@@ -69,6 +69,7 @@ pub const LEAVING_NOTICE: Duration = Duration::from_secs(2);
 pub async fn run(endpoint: Endpoint, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
     let gossip = tokio::spawn(crate::gossip::driver::run(node.clone()));
     let redrive = tokio::spawn(crate::redrive::run(node.clone()));
+    let sweep = tokio::spawn(crate::expiry::run(node.clone()));
     let leaving = node.clone();
     let shutdown = async move {
         shutdown.await;
@@ -78,6 +79,7 @@ pub async fn run(endpoint: Endpoint, node: Arc<Node>, shutdown: impl Future<Outp
     ringkv_transport::serve(endpoint, node, shutdown).await;
     gossip.abort();
     redrive.abort();
+    sweep.abort();
 }
 
 impl Service for Node {

@@ -18,6 +18,13 @@
 //! values, no `data-format` in `meta`) is converted when it is opened: each value becomes a
 //! record of version 1 that never expires.
 //!
+//! **Expiry index.** Every record written with an expiry also gets an entry in the `expiry`
+//! keyspace, in the same commit: `expires_at` (ms, 8 bytes big-endian) followed by the
+//! storage key, so the records due by a time are one span from the start. Entries are never
+//! removed when their record is rewritten, deleted or moved away: the sweep
+//! ([`crate::expiry`]) finds such an entry stale and removes it ([`Store::unindex`], which
+//! checks again in the writer, so it never removes the entry of a record that has it).
+//!
 //! **Unconfirmed writes.** A chain write at its head ([`Store::submit_head`]) also marks its
 //! key in the `unconfirmed` keyspace, in the same atomic batch; [`Store::confirm`] removes the
 //! mark once the chain has it. Removals cost no commit of their own: they wait in memory for
@@ -89,6 +96,9 @@ enum WriteOp {
     },
     /// Marks of unconfirmed writes removed (the keys' range was deleted).
     Unmark(Vec<Vec<u8>>),
+    /// Entries of the expiry index removed, each unless its record (after this group's
+    /// writes) still expires at the entry's time.
+    Unindex(Vec<Vec<u8>>),
     /// A value of the `meta` keyspace (the ring, the move locks, the ECS term).
     SetMeta(&'static [u8], Vec<u8>),
 }
@@ -166,6 +176,7 @@ pub struct Store {
     data: Keyspace,
     meta: Keyspace,
     unconfirmed: Keyspace,
+    expiry: Keyspace,
     writer: mpsc::Sender<WriteJob>,
     /// Places in the writer queue ([`Store::open_with_queue`]).
     queue: Arc<Semaphore>,
@@ -179,6 +190,7 @@ struct Keyspaces {
     data: Keyspace,
     meta: Keyspace,
     unconfirmed: Keyspace,
+    expiry: Keyspace,
 }
 
 impl Store {
@@ -196,6 +208,7 @@ impl Store {
         let data = db.keyspace("data", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let unconfirmed = db.keyspace("unconfirmed", KeyspaceCreateOptions::default)?;
+        let expiry = db.keyspace("expiry", KeyspaceCreateOptions::default)?;
         upgrade(&db, &data, &meta)?;
         let (writer, jobs) = mpsc::channel();
         let counters = Arc::new(WriteCounters::default());
@@ -204,6 +217,7 @@ impl Store {
             data: data.clone(),
             meta: meta.clone(),
             unconfirmed: unconfirmed.clone(),
+            expiry: expiry.clone(),
         };
         let (w_db, w_counters, w_confirmed) = (db.clone(), counters.clone(), confirmed.clone());
         thread::Builder::new()
@@ -214,6 +228,7 @@ impl Store {
             data,
             meta,
             unconfirmed,
+            expiry,
             writer,
             queue: Arc::new(Semaphore::new(max_queued.clamp(1, Semaphore::MAX_PERMITS))),
             counters,
@@ -432,6 +447,40 @@ impl Store {
             self.write(WriteOp::Unmark(chunk.to_vec())).await?;
         }
         Ok(removed)
+    }
+
+    /// Up to `limit` entries of the expiry index due by `now_ms` (expiring at or before it),
+    /// in expiry order, after the entry `after` (from the first if `None`).
+    pub fn due_expiries(
+        &self,
+        after: Option<&[u8]>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, NodeError> {
+        let until = now_ms.saturating_add(1).to_be_bytes();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut due = Vec::new();
+        for guard in self
+            .expiry
+            .range::<&[u8], _>((from, Bound::Excluded(&until[..])))
+            .take(limit)
+        {
+            due.push(guard.key()?.to_vec());
+        }
+        Ok(due)
+    }
+
+    /// Removes stale entries of the expiry index (see [`WriteOp::Unindex`]).
+    pub async fn unindex(&self, entries: Vec<Vec<u8>>) -> Result<(), NodeError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.write(WriteOp::Unindex(entries)).await.map(|_| ())
+    }
+
+    /// Number of entries in the expiry index (some may be stale).
+    pub fn expiry_entries(&self) -> Result<u64, NodeError> {
+        Ok(self.expiry.len()? as u64)
     }
 
     /// Persists the ring metadata, as the ECS signed it.
@@ -664,6 +713,20 @@ impl Batcher {
     }
 }
 
+/// The expiry index entry of the record of `storage_key` expiring at `expires_at`.
+fn index_key(expires_at: u64, storage_key: &[u8]) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(8 + storage_key.len());
+    entry.extend_from_slice(&expires_at.to_be_bytes());
+    entry.extend_from_slice(storage_key);
+    entry
+}
+
+/// The expiry time and storage key of an expiry index entry (`None`: not one).
+pub fn parse_index(entry: &[u8]) -> Option<(u64, &[u8])> {
+    let (at, key) = entry.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*at), key))
+}
+
 fn span_bounds(span: &StorageSpan) -> (Bound<&[u8]>, Bound<&[u8]>) {
     (
         span.from
@@ -741,7 +804,9 @@ fn apply(
         data,
         meta,
         unconfirmed,
+        expiry,
     } = keyspaces;
+    let mut unindex: Vec<Vec<u8>> = Vec::new();
     // key -> Some(value) to write, None to delete.
     let mut state: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
     let mut meta_values: Vec<(&'static [u8], Vec<u8>)> = Vec::new();
@@ -812,6 +877,10 @@ fn apply(
                 }
                 WriteOutcome::Done
             }
+            WriteOp::Unindex(entries) => {
+                unindex.extend(entries);
+                WriteOutcome::Done
+            }
             WriteOp::SetMeta(key, bytes) => {
                 meta_values.retain(|(k, _)| *k != key);
                 meta_values.push((key, bytes));
@@ -820,9 +889,29 @@ fn apply(
         });
     }
     let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+    // An entry stays if its record, as this group leaves it, still expires at its time.
+    for entry in unindex {
+        let Some((at, key)) = parse_index(&entry) else {
+            batch.remove(expiry, entry);
+            continue;
+        };
+        let expiry_of = |v: &[u8]| Record::meta(v).ok().and_then(|(_, e)| e);
+        let expires_at = match state.get(key) {
+            Some(value) => value.as_deref().and_then(expiry_of),
+            None => data.get(key)?.and_then(|v| expiry_of(&v)),
+        };
+        if expires_at != Some(at) {
+            batch.remove(expiry, entry);
+        }
+    }
     for (key, value) in state {
         match value {
-            Some(v) => batch.insert(data, key, v),
+            Some(v) => {
+                if let Ok((_, Some(at))) = Record::meta(&v) {
+                    batch.insert(expiry, index_key(at, &key), []);
+                }
+                batch.insert(data, key, v)
+            }
             None => batch.remove(data, key),
         }
     }
@@ -964,6 +1053,7 @@ mod tests {
             data: store.data.clone(),
             meta: store.meta.clone(),
             unconfirmed: store.unconfirmed.clone(),
+            expiry: store.expiry.clone(),
         };
         let outcomes = apply(&store.db, &keyspaces, HashSet::new(), ops).unwrap();
         assert_eq!(
@@ -1084,6 +1174,66 @@ mod tests {
         let mut keys = store.unconfirmed().unwrap();
         keys.sort();
         assert_eq!(keys, [b"a".to_vec(), b"c".to_vec(), b"d".to_vec()]);
+    }
+
+    /// A record with an expiry is indexed in its commit, by whichever path it is written
+    /// (a put, a transfer batch); the index survives a reopen; an entry whose record was
+    /// rewritten or deleted is stale and goes, one whose record still has it stays.
+    #[tokio::test]
+    async fn records_with_an_expiry_are_indexed_and_stale_entries_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let expiring = |value: &[u8], at| Record {
+            value: value.to_vec(),
+            version: 1,
+            expires_at: Some(at),
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put(b"a", expiring(b"1", 100)).await.unwrap();
+            store.put(b"forever", v1(b"x")).await.unwrap();
+            let entry = StorageEntry {
+                key: b"b".to_vec(),
+                value: Some(b"2".to_vec()),
+                version: 3,
+                expires_at: Some(50),
+            };
+            store.put_batch(vec![entry], None).await.unwrap();
+            store.put(b"c", expiring(b"3", 200)).await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.expiry_entries().unwrap(),
+            3,
+            "the index survives a reopen"
+        );
+        let due = store.due_expiries(None, 100, 10).unwrap();
+        let keys: Vec<(u64, &[u8])> = due
+            .iter()
+            .map(|e| {
+                let (at, key) = parse_index(e).unwrap();
+                (at, &key[20..])
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [(50, &b"b"[..]), (100, &b"a"[..])],
+            "due by 100, in order"
+        );
+        assert_eq!(
+            store.due_expiries(Some(&due[0]), 100, 10).unwrap(),
+            due[1..]
+        );
+        assert_eq!(store.due_expiries(None, 100, 1).unwrap(), due[..1]);
+
+        // "a" made permanent, "b" deleted: both entries stale. "c" untouched: kept.
+        store.put(b"a", v1(b"1")).await.unwrap();
+        store.delete(b"b").await.unwrap();
+        let all = store.due_expiries(None, u64::MAX - 1, 10).unwrap();
+        assert_eq!(all.len(), 3);
+        store.unindex(all).await.unwrap();
+        let left = store.due_expiries(None, u64::MAX - 1, 10).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(&parse_index(&left[0]).unwrap().1[20..], b"c");
     }
 
     #[tokio::test]

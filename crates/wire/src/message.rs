@@ -2,8 +2,8 @@
 //!
 //! Every request carries the caller's metadata version and every reply the responder's, so
 //! either side learns it is stale from any exchange. Client requests are `Get`, `Put`,
-//! `Delete`, the conditional `PutIf`/`DeleteIf`, the batches `GetMany`/`PutMany`/`DeleteMany`
-//! and `GetMetadata`; everything else is internal, and which roles may send it is decided by
+//! `Delete`, the conditional `PutIf`/`DeleteIf`, the batches `GetMany`/`PutMany`/`DeleteMany`,
+//! `PutTtl` (a write that expires) and `GetMetadata`; everything else is internal, and which roles may send it is decided by
 //! the peer's certificate, never by a message.
 
 use serde::{Deserialize, Serialize};
@@ -362,6 +362,33 @@ pub enum RequestBody {
         #[serde(deserialize_with = "crate::bounded::batch_entries")]
         keys: Vec<serde_bytes::ByteBuf>,
     },
+    /// Client: write a key that expires `ttl_ms` milliseconds after the head of its chain
+    /// takes the write, by the head's clock (ARCHITECTURE.md §11 "Expiry"); if `expected`
+    /// is given, only if the key is as expected. Replies as `Put` (no condition) or `PutIf`.
+    PutTtl {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// Time to live, in ms (at least 1).
+        ttl_ms: u64,
+        /// The condition, if any.
+        expected: Option<Expected>,
+    },
+    /// Internal (node, to the head of the key's chain): the key's record of `version` is
+    /// due, or nearly, by the sender's clock; the head decides by its own. Replies `Deleted`
+    /// (it was due: removed through the chain, the sender included, before the reply),
+    /// `Applied { version }` (not due: alive at that version) or `Conflict { current }`
+    /// (the head holds another version).
+    Expire {
+        /// The key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The version the sender holds.
+        version: u64,
+    },
 }
 
 impl RequestBody {
@@ -377,6 +404,7 @@ impl RequestBody {
                 | RequestBody::GetMany { .. }
                 | RequestBody::PutMany { .. }
                 | RequestBody::DeleteMany { .. }
+                | RequestBody::PutTtl { .. }
                 | RequestBody::GetMetadata
         )
     }
@@ -412,6 +440,8 @@ impl RequestBody {
             RequestBody::GetMany { .. } => "get_many",
             RequestBody::PutMany { .. } => "put_many",
             RequestBody::DeleteMany { .. } => "delete_many",
+            RequestBody::PutTtl { .. } => "put_ttl",
+            RequestBody::Expire { .. } => "expire",
             RequestBody::GetMetadata => "get_metadata",
             RequestBody::Status => "status",
             RequestBody::Start => "start",
@@ -489,6 +519,8 @@ pub enum ErrorKind {
     NotEnoughCopies,
     /// A batch held more keys than [`crate::MAX_BATCH_KEYS`]: refused whole, nothing done.
     BatchTooLarge,
+    /// A time to live of 0: refused, nothing written.
+    InvalidTtl,
 }
 
 /// Counters of a completed range transfer.
@@ -766,6 +798,19 @@ mod tests {
                 }
             }),
             keys().prop_map(|keys| RequestBody::DeleteMany { keys }),
+            (
+                bytes(),
+                bytes(),
+                any::<u64>(),
+                proptest::option::of(arb_expected())
+            )
+                .prop_map(|(key, value, ttl_ms, expected)| RequestBody::PutTtl {
+                    key,
+                    value,
+                    ttl_ms,
+                    expected,
+                }),
+            (bytes(), any::<u64>()).prop_map(|(key, version)| RequestBody::Expire { key, version }),
             Just(RequestBody::GetMetadata),
             Just(RequestBody::Status),
             Just(RequestBody::Start),
@@ -887,6 +932,7 @@ mod tests {
             Just(ErrorKind::InvalidState),
             Just(ErrorKind::StaleTerm),
             Just(ErrorKind::BatchTooLarge),
+            Just(ErrorKind::InvalidTtl),
         ];
         let body = prop_oneof![
             (bytes(), any::<u64>())

@@ -24,7 +24,9 @@ use ringkv_wire::{
 use super::{error, storage_error};
 use crate::hops::{HopResult, Hops};
 use crate::node::{InFlightWrite, RingView};
-use crate::record::{decide, wall_clock_us, Decision, Intent, Outcome, Record};
+use crate::record::{
+    check_read, decide, millis, wall_clock_us, Decision, Intent, Outcome, ReadCheck, Record,
+};
 use crate::storage::Pending;
 use crate::Node;
 
@@ -51,26 +53,110 @@ fn admit(node: &Node, key: &HashedKey<'_>) -> Result<(), ReplyBody> {
 
 /// `Get`: served by the tail of the key's chain, even while a move write-locks the key's
 /// range — except, with replication, at a tail whose range is locked by a change (the new
-/// tail may be serving it by then).
-pub fn get(node: &Node, key: &[u8]) -> ReplyBody {
+/// tail may be serving it by then). A record near its expiry is served only once the head
+/// says it is alive ([`confirm_alive`]).
+pub async fn get(node: &Node, key: &[u8]) -> ReplyBody {
     let key = HashedKey::new(key);
-    if let Err(reply) = admit(node, &key) {
-        return reply;
+    match read(node, &key) {
+        Ok(reply) => reply,
+        Err(record) => confirm_alive(node, &key, record).await,
+    }
+}
+
+/// A read at this node without asking anyone: the reply, or the record if the head must be
+/// asked whether it expired ([`check_read`]).
+fn read(node: &Node, key: &HashedKey<'_>) -> Result<ReplyBody, Record> {
+    if let Err(reply) = admit(node, key) {
+        return Ok(reply);
     }
     if let Err(reply) = node.check_tail(&key.position) {
-        return reply;
+        return Ok(reply);
     }
     if node.replication() > 1 && node.moves().is_locked(&key.position) {
-        return ReplyBody::WriteLocked;
+        return Ok(ReplyBody::WriteLocked);
     }
-    match node.store.get_record(&key) {
-        Ok(Some(record)) => ReplyBody::Value {
+    let record = match node.store.get_record(key) {
+        Ok(Some(record)) => record,
+        Ok(None) => return Ok(ReplyBody::NotFound),
+        Err(e) => return Ok(storage_error(e)),
+    };
+    let is_head = record.expires_at.is_some() && node.check_head(&key.position).is_ok();
+    let offset = node.config.max_clock_offset.as_millis() as u64;
+    match check_read(record.expires_at, millis(wall_clock_us()), is_head, offset) {
+        ReadCheck::Serve => Ok(ReplyBody::Value {
             value: record.value,
             version: record.version,
-        },
-        Ok(None) => ReplyBody::NotFound,
-        Err(e) => storage_error(e),
+        }),
+        ReadCheck::Hidden => Ok(ReplyBody::NotFound),
+        ReadCheck::AskHead => Err(record),
     }
+}
+
+/// Times a read asks the head about a record near its expiry and finds another version
+/// there (rewritten meanwhile) before it gives up.
+const EXPIRY_ROUNDS: usize = 3;
+
+/// Serves `record` of `key`, read at this node (the tail) within the allowed clock offset of
+/// its expiry, only if the head's clock says it is alive: the head either answers that it
+/// is (`Applied` with the record's version), or removes it through the chain, this node
+/// included, before it answers `Deleted`. Another version at the head (a write of the key
+/// meanwhile, which has reached this node by then) is read again.
+async fn confirm_alive(node: &Node, key: &HashedKey<'_>, mut record: Record) -> ReplyBody {
+    for _ in 0..EXPIRY_ROUNDS {
+        let view = node.view();
+        let Some(head) = view.metadata.head(&key.position) else {
+            return ReplyBody::NotFound;
+        };
+        let request = Request::new(
+            view.metadata.version,
+            RequestBody::Expire {
+                key: key.key.to_vec(),
+                version: record.version,
+            },
+        );
+        let answer = node
+            .peers
+            .call::<_, ringkv_wire::Reply>(&head.addr, &request, HOP_TIMEOUT)
+            .await;
+        match answer.map(|reply| reply.body) {
+            Ok(ReplyBody::Applied { version }) if version == record.version => {
+                return ReplyBody::Value {
+                    value: record.value,
+                    version: record.version,
+                }
+            }
+            Ok(ReplyBody::Deleted) => return ReplyBody::NotFound,
+            Ok(ReplyBody::Applied { .. } | ReplyBody::Conflict { .. }) => {
+                match read(node, key) {
+                    Ok(reply) => return reply,
+                    Err(again) => record = again,
+                }
+            }
+            Ok(ReplyBody::WriteLocked) => return ReplyBody::WriteLocked,
+            Ok(other) => {
+                return error(
+                    ErrorKind::Peer,
+                    format!("the key is near its expiry and its head {} could not confirm it is alive: {other:?}; retry", head.name),
+                )
+            }
+            Err(e) => {
+                return error(
+                    ErrorKind::Peer,
+                    format!("the key is near its expiry and its head {} could not be asked whether it is alive: {e}; retry", head.name),
+                )
+            }
+        }
+    }
+    error(
+        ErrorKind::Peer,
+        "the key was rewritten near its expiry while it was read; retry",
+    )
+}
+
+/// `Expire` from a node serving a read of `key` (or this node's sweep): removes the key's
+/// record of `version` through the chain if this head's clock says it is due.
+pub async fn expire(node: &Node, key: &[u8], version: u64) -> ReplyBody {
+    write(node, &HashedKey::new(key), Intent::Expire { version }).await
 }
 
 /// The reply to a write that ended with `outcome`.
@@ -112,7 +198,7 @@ async fn write(node: &Node, key: &HashedKey<'_>, intent: Intent) -> ReplyBody {
         return ReplyBody::WriteLocked;
     }
     let current = match node.store.get_meta(key) {
-        Ok(meta) => meta.map(|(version, _)| version),
+        Ok(meta) => meta,
         Err(e) => return storage_error(e),
     };
     let (record, outcome) = match decide(intent, current, &node.versions, wall_clock_us()) {
@@ -412,21 +498,45 @@ async fn hand_ours(node: &Node, view: &crate::node::RingView, next: &ringkv_wire
 
 /// `Put`: acknowledged once durable at every member of the key's chain.
 pub async fn put(node: &Node, key: &[u8], value: Vec<u8>) -> ReplyBody {
-    put_if(node, key, value, None).await
+    put_if(node, key, value, None, None).await
 }
 
-/// `PutIf` (`expected` `Some`) or `Put`: decided by the head, acknowledged once durable at
-/// every member of the key's chain.
+/// `PutIf` (`expected` `Some`), `PutTtl` (`ttl_ms` `Some`) or `Put`: decided by the head,
+/// acknowledged once durable at every member of the key's chain.
 pub async fn put_if(
     node: &Node,
     key: &[u8],
     value: Vec<u8>,
     expected: Option<Expected>,
+    ttl_ms: Option<u64>,
 ) -> ReplyBody {
     if let Err(e) = node.config.limits.check_put(key, &value) {
         return invalid(e);
     }
-    write(node, &HashedKey::new(key), Intent::Put { value, expected }).await
+    let intent = Intent::Put {
+        value,
+        expected,
+        ttl_ms,
+    };
+    write(node, &HashedKey::new(key), intent).await
+}
+
+/// `PutTtl`: a put (conditional if `expected` is given) that expires `ttl_ms` after the
+/// head takes it, by the head's clock.
+pub async fn put_ttl(
+    node: &Node,
+    key: &[u8],
+    value: Vec<u8>,
+    ttl_ms: u64,
+    expected: Option<Expected>,
+) -> ReplyBody {
+    if ttl_ms == 0 {
+        return error(
+            ErrorKind::InvalidTtl,
+            "a time to live must be at least 1 ms; nothing was written",
+        );
+    }
+    put_if(node, key, value, expected, Some(ttl_ms)).await
 }
 
 /// `Delete`: acknowledged once durable at every member of the key's chain.
@@ -445,11 +555,21 @@ pub async fn delete_if(node: &Node, key: &[u8], version: u64) -> ReplyBody {
 
 /// `GetMany`: each key as `Get` answers it. Values that would not fit one reply frame (with
 /// the node's ring, if some key needs it) are `Deferred`, for the client to ask again.
-pub fn get_many(node: &Node, keys: Vec<serde_bytes::ByteBuf>) -> ReplyBody {
+pub async fn get_many(node: &Node, keys: Vec<serde_bytes::ByteBuf>) -> ReplyBody {
     if let Err(refused) = bounded_batch(keys.len()) {
         return refused;
     }
-    let replies = keys.iter().map(|key| get(node, key)).collect();
+    let hashed: Vec<HashedKey<'_>> = keys.iter().map(|key| HashedKey::new(key)).collect();
+    let reads: Vec<Result<ReplyBody, Record>> = hashed.iter().map(|key| read(node, key)).collect();
+    // Records near their expiry: the head is asked about each, all at once.
+    let replies =
+        futures::future::join_all(hashed.iter().zip(reads).map(|(key, read)| async move {
+            match read {
+                Ok(reply) => reply,
+                Err(record) => confirm_alive(node, key, record).await,
+            }
+        }))
+        .await;
     let (mut answers, metadata) = many(node, replies);
     let ring = metadata.as_ref().map_or(0, |m| m.encoded_len_bound());
     let room =

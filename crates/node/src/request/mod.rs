@@ -1,6 +1,7 @@
 //! Request handlers, one module per kind of request, dispatched by [`crate::Node::handle`].
 //!
-//! - [`data`]: `Get`, `Put`, `Delete` (the client data path).
+//! - [`data`]: `Get`, `Put`, `Delete`, their conditional, batch and expiring forms (the
+//!   client data path), and `Replicate`/`ReplicateBatch`/`Expire` between nodes.
 //! - [`metadata`]: `GetMetadata`, `InstallMetadata`.
 //! - [`admin`]: `Status`, `Start`, `Stop`.
 //! - [`gossip`]: `Gossip`, `GossipPush`.
@@ -24,10 +25,11 @@ use crate::NodeError;
 /// - `admin` (an operator): the client requests and `Status`; operators change the cluster
 ///   through the ECS, not by talking to nodes;
 /// - `node`: the client requests, `Status`, gossip, the batches of a move the ECS
-///   announced ([`range::put_batch`] checks the rest) and chain writes from its predecessor
-///   ([`data::replicate`] checks that);
+///   announced ([`range::put_batch`] checks the rest), chain writes from its predecessor
+///   ([`data::replicate`] checks that) and `Expire` (a tail asking the head);
 /// - `ecs`: everything else (metadata, leases, locks, transfers, range deletion,
-///   start/stop), but neither batches, chain writes nor gossip, which only nodes send;
+///   start/stop), but neither batches, chain writes, `Expire` nor gossip, which only nodes
+///   send;
 ///   and `Fenced`, the same requests stamped with the ECS leader's Raft term
 ///   ([`crate::Node::handle`] checks the term), never one `Fenced` inside another.
 pub fn allowed(role: Role, body: &RequestBody) -> bool {
@@ -43,6 +45,7 @@ pub fn allowed(role: Role, body: &RequestBody) -> bool {
                     | RequestBody::GossipPush { .. }
                     | RequestBody::Replicate { .. }
                     | RequestBody::ReplicateBatch { .. }
+                    | RequestBody::Expire { .. }
             ),
         },
         Role::Client => body.is_client_request(),
@@ -54,6 +57,7 @@ pub fn allowed(role: Role, body: &RequestBody) -> bool {
                     RequestBody::PutBatch { .. }
                         | RequestBody::Replicate { .. }
                         | RequestBody::ReplicateBatch { .. }
+                        | RequestBody::Expire { .. }
                         | RequestBody::Status
                         | RequestBody::Gossip { .. }
                         | RequestBody::GossipPush { .. }
