@@ -17,6 +17,8 @@
 #   BENCH_SECONDS   total measuring time of all runs (default 120); each run gets an equal share,
 #                   at least 1 s. Build, preloads, warmups and redis calibration come on top.
 #   BENCH_KEYSPACE  distinct keys (default 10000; ringkv-bench --keyspace, redis-benchmark -r)
+#   BENCH_SCAN_KEYS keys loaded for the scan row (default 1000000; the scan also returns the
+#                   keys the earlier rows wrote, and redis is loaded with as many)
 #   BENCH_TMPDIR    where data, certs and logs go (default: target/, on the same disk as the
 #                   work tree, because /tmp may be a tmpfs where fsync costs nothing)
 #   BENCH_SKIP_BUILD=1  reuse target/release as it is
@@ -33,6 +35,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=$ROOT/target/release
 BENCH_SECONDS=${BENCH_SECONDS:-120}
 KEYSPACE=${BENCH_KEYSPACE:-10000}
+SCAN_KEYS=${BENCH_SCAN_KEYS:-1000000}
 SIZES=(100 4096)
 CLIENT_COUNTS=(50 1)
 OPS=(get put)
@@ -456,6 +459,32 @@ main() {
     read -r r_keys r_p50 r_p99 <<<"$(run_redis_command "$durable_port" 50 "$per_run" 1 EVALSHA "$sha" 1 "key:__rand_int__" "$x100")"
     row "cas 100B c=50" ringkv "put_if_version, fsync group commit" "$k_keys" "$k_p50" "$k_p99" "-" "${k_note:-}"
     row "" redis "Lua GET+compare+SET, appendfsync always" "$r_keys" "$r_p50" "$r_p99" "$(ratio "$k_keys" "$r_keys")" ""
+
+    # A full scan, keys only, pages of 1,000 keys, one client: ringkv-bench scan over the
+    # standalone node after loading $SCAN_KEYS more keys, against SCAN ... COUNT 1000, cursor
+    # after cursor (bench/redis_scan.py: redis-cli --scan has no --count before 7.2), over
+    # database 1 of the plain redis, loaded with as many keys as the ringkv scan returned.
+    # keys/s of the whole scan; latencies per page.
+    say "scan: loading $SCAN_KEYS keys into ringkv"
+    local scan_out scanned k_secs
+    scan_out=$("$BIN/ringkv-bench" scan --seed "$RINGKV_ADDR" --certs "$TMP/certs" --load "$SCAN_KEYS" \
+        --page 1000 2>>"$TMP/ringkv-bench.log") || die "ringkv-bench scan failed (see $TMP/ringkv-bench.log)"
+    read -r scanned k_keys k_p50 k_p99 <<<"$(jq -r '[.keys, (.keys_per_sec | round), .page_latency_us.p50, .page_latency_us.p99] | map(tostring) | join(" ")' <<<"$scan_out")"
+    say "scan: loading $scanned keys into redis db 1"
+    awk -v n="$scanned" 'BEGIN {
+        for (i = 0; i < n; i++) {
+            k = sprintf("scan:%012d", i)
+            printf "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$3\r\nxxx\r\n", length(k), k
+        }
+    }' | redis-cli -p "$plain_port" -n 1 --pipe >/dev/null
+    say "scan: redis"
+    local r_count r_secs
+    read -r r_count r_secs r_p50 r_p99 <<<"$(python3 "$ROOT/bench/redis_scan.py" "$plain_port" 1 1000)"
+    r_keys=$(awk -v n="$r_count" -v s="$r_secs" 'BEGIN { printf "%.0f", n / s }')
+    k_secs=$(jq -r '.seconds' <<<"$scan_out")
+    row "scan ${scanned} keys keys/s" ringkv "scan, pages of 1000, 1 client, mTLS" "$k_keys" "$k_p50" "$k_p99" "-" "${k_secs} s"
+    row "" redis "SCAN COUNT 1000, no persistence" "$r_keys" "$r_p50" "$r_p99" "$(ratio "$k_keys" "$r_keys")" "$r_count keys, ${r_secs} s"
+    redis-cli -p "$plain_port" -n 1 FLUSHDB >/dev/null
 
     # 3 nodes on the same 2 cores, replication 1 and 3 back to back: 100 B, against the same
     # redis servers (plain redis holds 100 B values again: the API section preloaded them

@@ -88,6 +88,35 @@ async fn bench_reports_gets_and_puts_without_errors() {
         );
     }
 
+    // `ringkv-bench scan`: loads 3,000 keys, scans every key of the node twice (those the
+    // runs above wrote too).
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_ringkv-bench"))
+        .args(["scan", "--seed", &node.addr, "--identity", "client"])
+        .arg("--certs")
+        .arg(certs.path())
+        .args(["--load", "3000", "--page", "256", "--rounds", "2"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("ringkv-bench scan finishes")
+        .expect("ringkv-bench scan runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "ringkv-bench scan failed: {stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let stored = node.node.store().len().unwrap();
+    assert!(stored >= 3000);
+    assert_eq!(report["keys"].as_u64(), Some(2 * stored), "{report}");
+    assert!(report["keys_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["pages"].as_u64().unwrap() >= 2 * stored / 256,
+        "{report}"
+    );
+
     node.stop().await;
 }
 

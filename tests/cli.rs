@@ -218,6 +218,35 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
         (0, "m1: deleted\nnope: not found\n".into(), String::new())
     );
 
+    // Scans: every key of a prefix, one per line (hash order: compared as sets); with values;
+    // one page from a cursor, the next cursor on stderr.
+    assert_eq!(cli(&["mput", "s:a", "1", "s:b", "2", "s:c", "3"]).0, 0);
+    let (code, out, err) = cli(&["scan", "s:"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["s:a", "s:b", "s:c"]);
+    let (code, out, _) = cli(&["scan", "s:", "--values"]);
+    assert_eq!(code, 0);
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["s:a 1", "s:b 2", "s:c 3"]);
+    let (code, out, err) = cli(&["scan", "s:", "--count", "1", "--cursor", "0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().count() <= 1, "{out}");
+    let next = err
+        .trim()
+        .strip_prefix("next cursor: ")
+        .unwrap_or_else(|| panic!("{err}"));
+    let (code, out, err) = cli(&["scan", "s:", "--cursor", next]);
+    assert_eq!((code, err.as_str()), (0, "end of scan\n"), "{out}");
+    let (code, _, err) = cli(&["scan", "--count", "5000"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("a scan page holds 1 to 1024 keys, not 5000"),
+        "{err}"
+    );
+
     // The interactive shell, driven through stdin.
     use std::io::Write;
     let mut shell = Command::new(bin("ringkv"))
@@ -235,7 +264,7 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
         .take()
         .unwrap()
         .write_all(
-            b"get k\nconnect\nput k two words\nget k\ndelete k\nget k\ncas c absent first\ncas c absent again\nversion c\nsetex t 1h ticket\nget t\nsetex t soon x\nbogus\ndisconnect\nquit\n",
+            b"get k\nconnect\nput k two words\nget k\ndelete k\nget k\ncas c absent first\ncas c absent again\nversion c\nsetex t 1h ticket\nget t\nsetex t soon x\nscan s:\nbogus\ndisconnect\nquit\n",
         )
         .unwrap();
     let out = shell.wait_with_output().unwrap();
@@ -251,6 +280,7 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
         "conflict: the key's version is ",
         "ticket",
         "error: bad duration \"soon\"",
+        "(3 keys)",
         "error: unknown command 'bogus'",
         "disconnected",
         "bye",

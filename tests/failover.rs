@@ -86,6 +86,13 @@ impl Cluster {
         self.nodes.push((name.to_string(), node, data));
     }
 
+    /// Removes `name` through the ECS (a leave); panics if the ECS refuses.
+    async fn remove(&self, name: &str) {
+        let request = AdminRequest::RemoveNode { name: name.into() };
+        let reply = ask_ecs(&self.admin, &self.ecs.addr, request).await;
+        assert!(matches!(reply, AdminReply::Changed { .. }), "{reply:?}");
+    }
+
     /// A client that waits long for a reply (10 s) and retries for 30 s.
     async fn patient_client(&self) -> Arc<kvstore::KvStore> {
         let mut config = self.certs.client_config(self.seeds());
@@ -367,13 +374,7 @@ async fn join_and_leave_under_load_keep_three_copies_and_no_strays() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     cluster.add("n5").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let reply = ask_ecs(
-        &cluster.admin,
-        &cluster.ecs.addr,
-        AdminRequest::RemoveNode { name: "n2".into() },
-    )
-    .await;
-    assert!(matches!(reply, AdminReply::Changed { .. }), "{reply:?}");
+    cluster.remove("n2").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let seeds = cluster.seeds_without(&["n2"]);
     let finals = load.stop_and_check(&cluster.certs, seeds).await;
@@ -752,4 +753,153 @@ async fn a_batch_with_one_head_dead_fails_only_its_keys_and_loses_nothing() {
     };
     let report = common::history::check_with(&history, &options).unwrap_or_else(|v| panic!("{v}"));
     println!("history: {report}");
+}
+
+/// A scan goes on across a join, a leave and a kill -9 with its failover (each started
+/// while the scan is under way, at a quarter, half and three quarters of the ring), with
+/// writers churning other keys: every key present for the whole scan is returned, once, with
+/// its value, and no key deleted before the scan began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_returns_every_stable_key_across_a_join_a_leave_and_a_failover() {
+    let mut cluster = Cluster::start_with(4, 3, Duration::from_secs(3)).await;
+    let store = cluster.patient_client().await;
+    let stable: Vec<(String, String)> = (0..1500)
+        .map(|i| (format!("stable-{i}"), format!("s{i}")))
+        .collect();
+    let gone: Vec<String> = (0..300).map(|i| format!("gone-{i}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut failed = store
+            .put_many(&stable)
+            .await
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+        let gone_pairs: Vec<(&str, &str)> = gone.iter().map(|k| (k.as_str(), "x")).collect();
+        failed += store
+            .put_many(&gone_pairs)
+            .await
+            .iter()
+            .filter(|r| r.is_err())
+            .count();
+        if failed == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cluster never took the keys");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for result in store.delete_many(&gone).await {
+        result.unwrap();
+    }
+
+    // Writers churning other keys all along.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = (0..2)
+        .map(|w| {
+            let (store, stop) = (store.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("churn-{w}-{}", i % 200);
+                    let _ = if i.is_multiple_of(3) {
+                        store.delete(key.as_bytes()).await.map(|_| ())
+                    } else {
+                        store.put(key.as_bytes(), b"c").await.map(|_| ())
+                    };
+                    i += 1;
+                }
+            })
+        })
+        .collect::<Vec<_>>();
+
+    // The faults, one after the other, each when the scan asks for it.
+    let (step, mut steps) = tokio::sync::mpsc::channel::<usize>(1);
+    let (done, mut dones) = tokio::sync::mpsc::channel::<usize>(1);
+    let scanner = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut seen: HashMap<Vec<u8>, (usize, Vec<u8>)> = HashMap::new();
+            let (mut cursor, mut pages, mut fault) = (kvstore::ScanCursor::start(), 0, 0);
+            loop {
+                let page = store
+                    .scan_values(b"", 10, &cursor)
+                    .await
+                    .expect("scan page");
+                pages += 1;
+                for entry in page.entries {
+                    let value = entry.value.expect("values asked for");
+                    let slot = seen.entry(entry.key).or_insert((0, value.clone()));
+                    slot.0 += 1;
+                    slot.1 = value;
+                }
+                let Some(next) = page.next else { break };
+                // Progress: the first byte of the cursor's ring position.
+                let at = next.as_bytes().first().copied().unwrap_or(0) as usize;
+                if fault < 3 && at >= 64 * (fault + 1) {
+                    if fault > 0 {
+                        assert_eq!(dones.recv().await, Some(fault - 1));
+                    }
+                    step.send(fault).await.unwrap();
+                    fault += 1;
+                }
+                cursor = next;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            (seen, pages, fault)
+        })
+    };
+    while let Some(fault) = steps.recv().await {
+        match fault {
+            0 => {
+                println!("scan at 1/4 of the ring: n5 joins");
+                cluster.add("n5").await;
+            }
+            1 => {
+                println!("scan at 1/2: n2 leaves");
+                cluster.remove("n2").await;
+            }
+            _ => {
+                println!("scan at 3/4: n3 killed");
+                cluster.kill("n3");
+                let took = cluster.wait_replaced("n3").await;
+                println!("n3 failed over in {took:?}");
+                let _ = done.send(fault).await;
+                break;
+            }
+        }
+        let _ = done.send(fault).await;
+    }
+    let (seen, pages, faults) = scanner.await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in churn {
+        writer.await.unwrap();
+    }
+    println!("{pages} pages, {} keys returned", seen.len());
+    assert_eq!(
+        faults, 3,
+        "every fault started while the scan was under way"
+    );
+    for (key, value) in &stable {
+        match seen.get(key.as_bytes()) {
+            Some((_, got)) => assert_eq!(got, value.as_bytes(), "{key}"),
+            None => panic!("{key}, present for the whole scan, was not returned"),
+        }
+    }
+    for key in &gone {
+        assert!(
+            !seen.contains_key(key.as_bytes()),
+            "{key} was deleted before the scan"
+        );
+    }
+    for key in seen.keys() {
+        let key = String::from_utf8_lossy(key);
+        assert!(
+            key.starts_with("stable-") || key.starts_with("churn-"),
+            "{key} was never written"
+        );
+    }
+    for (key, _) in &stable {
+        assert_eq!(seen[key.as_bytes()].0, 1, "{key} returned more than once");
+    }
+    store.disconnect().await;
 }

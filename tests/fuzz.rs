@@ -434,6 +434,18 @@ mod strategies {
                 }),
             (p.key.clone(), prop_oneof![0u64..4, any::<u64>()])
                 .prop_map(|(key, version)| RequestBody::Expire { key, version }),
+            (
+                prop_oneof![Just(Vec::new()), p.key.clone()],
+                prop_oneof![Just(Vec::new()), p.key.clone()],
+                prop_oneof![0u32..4, 1000u32..1100, any::<u32>()],
+                any::<bool>()
+            )
+                .prop_map(|(from, prefix, limit, values)| RequestBody::Scan {
+                    from,
+                    prefix,
+                    limit,
+                    values
+                }),
             Just(RequestBody::GetMetadata),
             Just(RequestBody::Status),
             Just(RequestBody::Start),
@@ -556,9 +568,10 @@ mod strategies {
             RequestBody::DeleteMany { .. } => 25,
             RequestBody::PutTtl { .. } => 26,
             RequestBody::Expire { .. } => 27,
+            RequestBody::Scan { .. } => 28,
         }
     }
-    pub const REQUEST_VARIANTS: usize = 28;
+    pub const REQUEST_VARIANTS: usize = 29;
 
     pub fn error_kind() -> impl Strategy<Value = ErrorKind> + Clone {
         prop_oneof![
@@ -1314,6 +1327,10 @@ mod handlers {
                 reply,
                 R::Applied { .. } | R::Conflict { .. } | R::WriteLocked
             )),
+            RequestBody::Scan { limit, .. } => client(
+                matches!(reply, R::ScanPage { entries, .. } if entries.len() <= *limit as usize)
+                    || matches!(reply, R::WriteLocked),
+            ),
             RequestBody::Expire { .. } => client(matches!(
                 reply,
                 R::Deleted | R::Applied { .. } | R::Conflict { .. } | R::WriteLocked

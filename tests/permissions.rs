@@ -39,6 +39,7 @@ fn node_allows(body: &RequestBody) -> [bool; 4] {
         | RequestBody::PutMany { .. }
         | RequestBody::DeleteMany { .. }
         | RequestBody::PutTtl { .. }
+        | RequestBody::Scan { .. }
         | RequestBody::GetMetadata => ALL,
         RequestBody::Status => NOT_CLIENT,
         // What nodes exchange among themselves (a batch is further checked against the
@@ -130,6 +131,12 @@ fn every_request_kind() -> Vec<RequestBody> {
         },
         RequestBody::DeleteMany {
             keys: vec![serde_bytes::ByteBuf::from(b"perm".to_vec())],
+        },
+        RequestBody::Scan {
+            from: Vec::new(),
+            prefix: b"perm".to_vec(),
+            limit: 10,
+            values: true,
         },
         RequestBody::GetMetadata,
         RequestBody::Status,

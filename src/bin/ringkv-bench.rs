@@ -35,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
+use futures::StreamExt;
 use hdrhistogram::Histogram;
 use kvstore::{ClientConfig, KvError, KvStore};
 use rand::rngs::SmallRng;
@@ -63,20 +64,9 @@ struct Args {
     /// `rebalance`: the range-move benchmark instead of the load benchmark.
     #[command(subcommand)]
     command: Option<BenchCommand>,
-    /// Seed node address (host:port); repeat or comma-separate for several.
-    #[arg(
-        long = "seed",
-        env = "RINGKV_SEEDS",
-        value_delimiter = ',',
-        required = true
-    )]
-    seeds: Vec<String>,
-    /// Directory holding ca.pem and the client certificate.
-    #[arg(long, env = "RINGKV_CERTS", default_value = "certs")]
-    certs: PathBuf,
-    /// Name of the client certificate in the certs directory (<name>.pem, <name>.key).
-    #[arg(long, env = "RINGKV_IDENTITY", default_value = "client")]
-    identity: String,
+    /// Where the cluster is and who the client is.
+    #[command(flatten)]
+    client: ClientArgs,
     /// Concurrent logical clients, each with one request in flight.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     clients: u32,
@@ -116,6 +106,47 @@ struct Args {
     /// Print the report as one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// The cluster's seeds and the client's identity, shared by the load, failover and scan
+/// benchmarks.
+#[derive(Debug, Clone, clap::Args)]
+struct ClientArgs {
+    /// Seed node address (host:port); repeat or comma-separate for several.
+    #[arg(
+        long = "seed",
+        env = "RINGKV_SEEDS",
+        value_delimiter = ',',
+        required = true
+    )]
+    seeds: Vec<String>,
+    /// Directory holding ca.pem and the client certificate.
+    #[arg(long, env = "RINGKV_CERTS", default_value = "certs")]
+    certs: PathBuf,
+    /// Name of the client certificate in the certs directory (<name>.pem, <name>.key).
+    #[arg(long, env = "RINGKV_IDENTITY", default_value = "client")]
+    identity: String,
+}
+
+impl ClientArgs {
+    /// The client configuration: the seeds and the identity loaded from --certs.
+    fn config(&self) -> anyhow::Result<ClientConfig> {
+        let identity = Identity::from_dir(&self.certs, &self.identity).with_context(|| {
+            format!(
+                "loading client identity '{}' from {}",
+                self.identity,
+                self.certs.display()
+            )
+        })?;
+        Ok(ClientConfig::new(self.seeds.clone(), identity))
+    }
+
+    /// A store connected with [`ClientArgs::config`].
+    async fn connect(&self) -> anyhow::Result<KvStore> {
+        KvStore::connect(self.config()?)
+            .await
+            .with_context(|| format!("connecting to {}", self.seeds.join(",")))
+    }
 }
 
 fn seconds(s: &str) -> Result<f64, String> {
@@ -502,20 +533,9 @@ struct Report {
 }
 
 async fn bench(args: &Args) -> anyhow::Result<Report> {
-    let identity = Identity::from_dir(&args.certs, &args.identity).with_context(|| {
-        format!(
-            "loading client identity '{}' from {}",
-            args.identity,
-            args.certs.display()
-        )
-    })?;
-    let config = ClientConfig::new(args.seeds.clone(), identity);
     let mut stores = Vec::new();
     for _ in 0..args.connections {
-        let store = KvStore::connect(config.clone())
-            .await
-            .with_context(|| format!("connecting to {}", args.seeds.join(",")))?;
-        stores.push(Rc::new(store));
+        stores.push(Rc::new(args.client.connect().await?));
     }
     let nodes = stores[0].metadata().nodes.len();
 
@@ -597,7 +617,7 @@ fn report_json(args: &Args, r: &Report) -> serde_json::Value {
         .collect();
     json!({
         "config": {
-            "seeds": args.seeds,
+            "seeds": args.client.seeds,
             "nodes": r.nodes,
             "clients": args.clients,
             "connections": args.connections,
@@ -691,15 +711,9 @@ fn print_text(args: &Args, r: &Report) {
 /// What `ringkv-bench failover` measures.
 #[derive(Debug, Clone, clap::Args)]
 struct FailoverArgs {
-    /// Seed node address (host:port); repeat or comma-separate for several.
-    #[arg(long = "seed", value_delimiter = ',', required = true)]
-    seeds: Vec<String>,
-    /// Directory holding ca.pem and the client certificate.
-    #[arg(long, default_value = "certs")]
-    certs: PathBuf,
-    /// Name of the client certificate in the certs directory.
-    #[arg(long, default_value = "client")]
-    identity: String,
+    /// Where the cluster is and who the client is.
+    #[command(flatten)]
+    client: ClientArgs,
     /// Ring name of the node to kill.
     #[arg(long)]
     victim: String,
@@ -779,13 +793,7 @@ fn ms_between(from: Instant, to: Instant) -> f64 {
 /// Kills `--victim` under an open-loop write load and reports when writes to keys whose
 /// chain held it succeeded again.
 async fn failover(args: &FailoverArgs) -> anyhow::Result<serde_json::Value> {
-    let identity = Identity::from_dir(&args.certs, &args.identity)
-        .with_context(|| format!("loading client identity '{}'", args.identity))?;
-    let store = Rc::new(
-        KvStore::connect(ClientConfig::new(args.seeds.clone(), identity))
-            .await
-            .with_context(|| format!("connecting to {}", args.seeds.join(",")))?,
-    );
+    let store = Rc::new(args.client.connect().await?);
     let before = store.refresh_metadata().await?;
     if before.node(&args.victim).is_none() || before.is_failed(&args.victim) {
         anyhow::bail!(
@@ -1041,6 +1049,93 @@ fn print_failover_text(r: &serde_json::Value) {
     );
 }
 
+/// What `ringkv-bench scan` does.
+#[derive(Debug, Clone, clap::Args)]
+struct ScanArgs {
+    /// Where the cluster is and who the client is.
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Put keys scan:000000000000 .. scan:<K-1> (--value-size bytes each) before scanning.
+    #[arg(long)]
+    load: Option<u64>,
+    /// Value size of the loaded keys.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Keys per page (1 to 1024), as redis `SCAN ... COUNT`.
+    #[arg(long, default_value_t = 1000)]
+    page: usize,
+    /// Fetch the values too.
+    #[arg(long)]
+    values: bool,
+    /// Scan the whole store this many times.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+}
+
+/// `ringkv-bench scan`: JSON with keys/s over whole scans, pages and page latencies (µs).
+async fn scan_bench(args: &ScanArgs) -> anyhow::Result<serde_json::Value> {
+    let store = args.client.connect().await?;
+    if let Some(n) = args.load {
+        let value = vec![b'x'; args.value_size];
+        let load_started = Instant::now();
+        let chunks: Vec<Vec<(Vec<u8>, &[u8])>> = (0..n)
+            .collect::<Vec<u64>>()
+            .chunks(1000)
+            .map(|c| {
+                c.iter()
+                    .map(|i| (format!("scan:{i:012}").into_bytes(), &value[..]))
+                    .collect()
+            })
+            .collect();
+        let mut puts =
+            futures::stream::iter(chunks.iter().map(|c| store.put_many(c))).buffer_unordered(8);
+        while let Some(results) = puts.next().await {
+            if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+                anyhow::bail!("loading the keys: {e}");
+            }
+        }
+        eprintln!(
+            "loaded {n} keys in {:.1} s",
+            load_started.elapsed().as_secs_f64()
+        );
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3)?;
+    let (mut keys, mut pages) = (0u64, 0u64);
+    let started = Instant::now();
+    for _ in 0..args.rounds {
+        let mut cursor = kvstore::ScanCursor::start();
+        loop {
+            let asked = Instant::now();
+            let page = if args.values {
+                store.scan_values(b"", args.page, &cursor).await?
+            } else {
+                store.scan(b"", args.page, &cursor).await?
+            };
+            latency.saturating_record(asked.elapsed().as_micros() as u64);
+            keys += page.entries.len() as u64;
+            pages += 1;
+            match page.next {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    store.disconnect().await;
+    Ok(json!({
+        "config": { "page": args.page, "values": args.values, "rounds": args.rounds },
+        "keys": keys,
+        "pages": pages,
+        "seconds": round2(elapsed),
+        "keys_per_sec": round2(keys as f64 / elapsed),
+        "page_latency_us": {
+            "p50": latency.value_at_quantile(0.5),
+            "p99": latency.value_at_quantile(0.99),
+            "max": latency.max(),
+        },
+    }))
+}
+
 /// What `ringkv-bench node-stats` asks.
 #[derive(Debug, Clone, clap::Args)]
 struct NodeStatsArgs {
@@ -1117,6 +1212,9 @@ enum BenchCommand {
     Failover(FailoverArgs),
     /// Print every node's keys, writes and write_commits (from the ECS's status) as JSON.
     NodeStats(NodeStatsArgs),
+    /// Full scans of the store, page by page: keys/s and page latency (loads the keys
+    /// first with --load).
+    Scan(ScanArgs),
     /// How many nodes one ECS process can probe and lease: stand-in nodes (real QUIC + mTLS
     /// endpoints in this process) and a real `ringkv-ecs serve`; per cluster size, probes/s,
     /// the ECS's CPU per probe and the longest gap between a node's probes.
@@ -1151,6 +1249,11 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 stand_ins.block_on(ringkv::lease_scale::run(scale_args))?
             );
+            return Ok(());
+        }
+        Some(BenchCommand::Scan(scan_args)) => {
+            let report = runtime.block_on(scan_bench(scan_args))?;
+            println!("{report}");
             return Ok(());
         }
         Some(BenchCommand::NodeStats(stats_args)) => {

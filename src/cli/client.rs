@@ -86,6 +86,22 @@ pub enum Command {
         #[arg(required = true)]
         keys: Vec<String>,
     },
+    /// List the keys beginning with PREFIX (every key without one), one per line, in hash
+    /// order (not key order); every key present for the whole scan is listed.
+    Scan {
+        /// Only keys beginning with this.
+        prefix: Option<String>,
+        /// Print each key's value after it (KEY VALUE).
+        #[arg(long)]
+        values: bool,
+        /// Keys per request (1 to 1024).
+        #[arg(long, default_value_t = 256)]
+        count: usize,
+        /// Print one page only, from this cursor (0: the start), and the next cursor on
+        /// stderr ("next cursor: C", or "end of scan").
+        #[arg(long, value_name = "CURSOR")]
+        cursor: Option<kvstore::ScanCursor>,
+    },
     /// Store several values (KEY VALUE KEY VALUE ...), one request per node; one line per
     /// key. Not a transaction: exit code 1 if any key failed (its error is printed).
     Mput {
@@ -241,6 +257,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             code
         }
+        Command::Scan {
+            prefix,
+            values,
+            count,
+            cursor,
+        } => {
+            let prefix = prefix.as_deref().unwrap_or("").as_bytes();
+            let one_page = cursor.is_some();
+            let mut cursor = cursor.clone().unwrap_or_default();
+            loop {
+                let page = if *values {
+                    store.scan_values(prefix, *count, &cursor).await?
+                } else {
+                    store.scan(prefix, *count, &cursor).await?
+                };
+                for entry in &page.entries {
+                    out.write_all(&entry.key)?;
+                    if let Some(value) = &entry.value {
+                        out.write_all(b" ")?;
+                        out.write_all(value)?;
+                    }
+                    writeln!(out)?;
+                }
+                match page.next {
+                    Some(next) if one_page => {
+                        eprintln!("next cursor: {next}");
+                        break;
+                    }
+                    Some(next) => cursor = next,
+                    None => {
+                        if one_page {
+                            eprintln!("end of scan");
+                        }
+                        break;
+                    }
+                }
+            }
+            0
+        }
         Command::Mput { pairs } => {
             if !pairs.len().is_multiple_of(2) {
                 bail!(
@@ -364,6 +419,7 @@ commands:
   mget <key> ...            print several values, one request per node
   mput <key> <value> ...    store several one-word values
   mdelete <key> ...         delete several keys
+  scan [prefix]             list the keys (beginning with prefix), in hash order
   ring                      show the ring metadata this client routes with
   stats                     show redirect/retry counters
   disconnect                close all connections
@@ -448,6 +504,27 @@ async fn shell(cli: &Cli) -> anyhow::Result<i32> {
                         Conditional::Applied { version } => format!("OK version {version}"),
                         Conditional::Conflict { current } => conflict_text(current),
                     }
+                }
+                "scan" => {
+                    let store = connected()?;
+                    let (mut keys, mut cursor) = (Vec::new(), kvstore::ScanCursor::start());
+                    loop {
+                        let page = store.scan(rest.as_bytes(), 256, &cursor).await?;
+                        keys.extend(
+                            page.entries
+                                .iter()
+                                .map(|e| String::from_utf8_lossy(&e.key).into_owned()),
+                        );
+                        match page.next {
+                            Some(next) => cursor = next,
+                            None => break,
+                        }
+                    }
+                    format!(
+                        "{}({} keys)",
+                        keys.iter().map(|k| format!("{k}\n")).collect::<String>(),
+                        keys.len()
+                    )
                 }
                 "version" => {
                     if rest.is_empty() {

@@ -431,12 +431,24 @@ impl KvStore {
     /// Routes `body` for `key` to the responsible node and retries until it gets an answer
     /// that is not "try again", or the deadline passes.
     async fn execute(&self, key: &[u8], body: RequestBody) -> Result<ReplyBody, KvError> {
+        self.execute_at(ringkv_wire::key_position(key), key.len() as u64, body)
+            .await
+    }
+
+    /// [`KvStore::execute`] for ring position `position` (the key's, or a scan cursor's);
+    /// `salt` varies the backoff's jitter.
+    pub(crate) async fn execute_at(
+        &self,
+        position: ringkv_wire::Position,
+        salt: u64,
+        body: RequestBody,
+    ) -> Result<ReplyBody, KvError> {
         let started = Instant::now();
         // Built on the first retry: most requests never need one.
         let mut backoff: Option<Backoff> = None;
         let mut attempts = 0u32;
         // One request for every attempt; only its metadata version changes.
-        let write = !matches!(body, RequestBody::Get { .. });
+        let write = !matches!(body, RequestBody::Get { .. } | RequestBody::Scan { .. });
         let mut request = Request::new(0, body);
         loop {
             if self.disconnected.load(Ordering::SeqCst) {
@@ -446,7 +458,6 @@ impl KvStore {
             let metadata = self.metadata();
             // Writes go to the head of the key's chain, reads to its tail (the same node
             // without replication).
-            let position = ringkv_wire::key_position(key);
             let target = if write {
                 metadata.head(&position)
             } else {
@@ -508,7 +519,7 @@ impl KvStore {
                     let seed = SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .map_or(1, |d| d.as_nanos() as u64);
-                    Backoff::new(self.config.retry, seed ^ key.len() as u64)
+                    Backoff::new(self.config.retry, seed ^ salt)
                 })
                 .next_delay();
             if started.elapsed() + delay > self.config.retry.deadline {

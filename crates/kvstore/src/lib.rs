@@ -21,6 +21,7 @@
 //! # Layout
 //! - [`client`]: [`KvStore`], routing and the retry loop.
 //! - [`batch`]: `get_many`, `put_many`, `delete_many`: many keys per request, grouped by node.
+//! - [`scan`]: `scan`, `scan_values`: the keys page by page, in hash order, with a cursor.
 //! - [`config`]: [`ClientConfig`] and its defaults.
 //! - [`retry`]: [`RetryPolicy`] and [`Backoff`], pure delay computation (the one retry policy
 //!   of the workspace).
@@ -37,6 +38,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod retry;
+pub mod scan;
 
 pub use client::{ClientStats, Conditional, KvStore, PutOutcome, Versioned};
 pub use config::ClientConfig;
@@ -45,3 +47,5 @@ pub use retry::{Backoff, RetryPolicy};
 /// The transport error inside [`KvError::Transport`], re-exported so applications need not
 /// depend on `ringkv-transport`.
 pub use ringkv_transport::TransportError;
+pub use ringkv_wire::ScanEntry;
+pub use scan::{ScanCursor, ScanPage};

@@ -795,6 +795,12 @@ impl Node {
                 expected,
             } => data::put_ttl(self, &key, value, ttl_ms, expected).await,
             RequestBody::Expire { key, version } => data::expire(self, &key, version).await,
+            RequestBody::Scan {
+                from,
+                prefix,
+                limit,
+                values,
+            } => request::scan::scan(self, from, prefix, limit, values).await,
             RequestBody::DeleteIf { key, version } => data::delete_if(self, &key, version).await,
             RequestBody::GetMany { keys } => data::get_many(self, keys).await,
             RequestBody::PutMany { entries } => data::put_many(self, entries).await,

@@ -46,7 +46,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::error::NodeError;
 use crate::moves::SendLock;
 use crate::node::WriteAdmission;
-use crate::record::Record;
+use crate::record::{Record, RECORD_SUFFIX};
 
 const RING_KEY: &[u8] = b"ring";
 /// Key of the sender write locks of unfinished moves ([`crate::moves::SendLock`]).
@@ -449,6 +449,67 @@ impl Store {
         Ok(removed)
     }
 
+    /// One page of a scan ([`ScanRead`]): the keys beginning with `prefix` from storage key
+    /// `from` (inclusive) up to `to` (exclusive; `None`: the end), at most `limit` of them,
+    /// examining at most `examine` keys, holding at most `max_bytes` of keys (and values, with
+    /// `values`), skipping the records `hidden` says are expired, and stopping before the
+    /// first key of a position `stop` says is not to be read. Reads the disk: call it off the
+    /// async runtime.
+    pub fn scan_page(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        prefix: &[u8],
+        page: ScanBounds,
+        hidden: impl Fn(Option<u64>) -> bool,
+        stop: impl Fn(&[u8]) -> bool,
+    ) -> Result<ScanRead, NodeError> {
+        let upper = to.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut entries = Vec::new();
+        let (mut examined, mut bytes) = (0, 0);
+        for guard in self.data.range::<&[u8], _>((Bound::Included(from), upper)) {
+            let (storage_key, value) = guard.into_inner()?;
+            if examined == page.examine || stop(&storage_key) {
+                return Ok(ScanRead {
+                    entries,
+                    next: Some(storage_key.to_vec()),
+                });
+            }
+            examined += 1;
+            let key = &storage_key[20.min(storage_key.len())..];
+            if !key.starts_with(prefix) {
+                continue;
+            }
+            let (version, expires_at) = Record::meta(&value)?;
+            if hidden(expires_at) {
+                continue;
+            }
+            let value = page
+                .values
+                .then(|| value[..value.len() - RECORD_SUFFIX].to_vec());
+            // Room for the encoded lengths and options of key and value.
+            let size = key.len() + value.as_ref().map_or(0, Vec::len) + 16;
+            if entries.len() == page.limit || (!entries.is_empty() && bytes + size > page.max_bytes)
+            {
+                return Ok(ScanRead {
+                    entries,
+                    next: Some(storage_key.to_vec()),
+                });
+            }
+            bytes += size;
+            entries.push(Scanned {
+                key: key.to_vec(),
+                value,
+                version,
+                expires_at,
+            });
+        }
+        Ok(ScanRead {
+            entries,
+            next: None,
+        })
+    }
+
     /// Up to `limit` entries of the expiry index due by `now_ms` (expiring at or before it),
     /// in expiry order, after the entry `after` (from the first if `None`).
     pub fn due_expiries(
@@ -711,6 +772,42 @@ impl Batcher {
     pub(crate) fn finish(self) -> Option<Vec<StorageEntry>> {
         (!self.batch.is_empty()).then_some(self.batch)
     }
+}
+
+/// How much one scan page may hold and cost ([`Store::scan_page`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ScanBounds {
+    /// Most keys returned.
+    pub limit: usize,
+    /// Most keys examined (those the prefix filters out included).
+    pub examine: usize,
+    /// Most bytes of keys and values returned (one key always, however large).
+    pub max_bytes: usize,
+    /// Whether to return the values.
+    pub values: bool,
+}
+
+/// A key a scan read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scanned {
+    /// The user key.
+    pub key: Vec<u8>,
+    /// Its value, if asked for.
+    pub value: Option<Vec<u8>>,
+    /// Its version.
+    pub version: u64,
+    /// Its expiry.
+    pub expires_at: Option<u64>,
+}
+
+/// One page of a scan: the keys read, and the storage key the next page starts from
+/// (`None`: the span was read to its end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanRead {
+    /// The keys, in storage-key order.
+    pub entries: Vec<Scanned>,
+    /// Where to go on.
+    pub next: Option<Vec<u8>>,
 }
 
 /// The expiry index entry of the record of `storage_key` expiring at `expires_at`.

@@ -61,6 +61,14 @@ pub enum WireError {
     /// `SignedMetadata::open`).
     #[error("unauthenticated ring metadata: {0}")]
     Unauthenticated(String),
+    /// A scan page size outside `1..=MAX_SCAN_PAGE`.
+    #[error("a scan page holds 1 to {max} keys, not {asked}; nothing was done")]
+    PageSize {
+        /// The size asked for.
+        asked: u64,
+        /// The most a page holds.
+        max: u32,
+    },
     /// Signed metadata whose encoding would exceed `crate::MAX_SIGNED_METADATA` (see
     /// `SignedMetadata::open`): it would not fit the messages that carry it on.
     #[error("signed metadata of up to {len} bytes, more than the maximum of {max}")]
@@ -83,6 +91,7 @@ impl WireError {
             WireError::FrameTooLarge { .. } => ErrorKind::FrameTooLarge,
             WireError::Unauthenticated(_) => ErrorKind::Unauthenticated,
             WireError::ReplyBudget { .. } => ErrorKind::InvalidState,
+            WireError::PageSize { .. } => ErrorKind::BatchTooLarge,
             WireError::Malformed(_)
             | WireError::DuplicateNode(_)
             | WireError::UnknownNode(_)

@@ -46,8 +46,9 @@ pub use error::WireError;
 pub use gossip::{GossipDigest, Heartbeat, Liveness, PeerLiveness};
 pub use limits::Limits;
 pub use message::{
-    ChainWrite, ErrorKind, Expected, KeyReply, KeyValue, MoveId, NodeStatus, Reply, ReplyBody,
-    Request, RequestBody, StorageEntry, TransferStats,
+    scan_position, ChainWrite, ErrorKind, Expected, KeyReply, KeyValue, MoveId, NodeStatus, Reply,
+    ReplyBody, Request, RequestBody, ScanEntry, StorageEntry, TransferStats, MAX_SCAN_PAGE,
+    SCAN_EXAMINE,
 };
 pub use ring::{
     key_position, node_position, storage_key, HashedKey, KeyRange, NodeEntry, Position, RangeMove,

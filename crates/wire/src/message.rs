@@ -377,6 +377,26 @@ pub enum RequestBody {
         /// The condition, if any.
         expected: Option<Expected>,
     },
+    /// Client: one page of a scan of the keys beginning with `prefix`, in storage-key order
+    /// (SHA-1 of the key, then the key: hash order, not key order), from storage key `from`
+    /// (inclusive; empty: the start of the ring), served by the tail of the range holding
+    /// `from`'s position. Replies `ScanPage`: at most `limit` keys (1..=[`MAX_SCAN_PAGE`]),
+    /// and `next`, where the next page starts (`None`: the scan is complete). A page stops at
+    /// the end of the range the node serves, after [`SCAN_EXAMINE`] keys examined, or when
+    /// its keys and values would not fit one reply frame; so it may hold fewer than `limit`
+    /// keys, even none, with more to come.
+    Scan {
+        /// Where the page starts: a storage key, or a `next` of an earlier page.
+        #[serde(with = "serde_bytes")]
+        from: Vec<u8>,
+        /// Only keys that begin with these bytes (empty: every key).
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        /// Most keys in the page.
+        limit: u32,
+        /// Whether to return the values too.
+        values: bool,
+    },
     /// Internal (node, to the head of the key's chain): the key's record of `version` is
     /// due, or nearly, by the sender's clock; the head decides by its own. Replies `Deleted`
     /// (it was due: removed through the chain, the sender included, before the reply),
@@ -405,6 +425,7 @@ impl RequestBody {
                 | RequestBody::PutMany { .. }
                 | RequestBody::DeleteMany { .. }
                 | RequestBody::PutTtl { .. }
+                | RequestBody::Scan { .. }
                 | RequestBody::GetMetadata
         )
     }
@@ -442,6 +463,7 @@ impl RequestBody {
             RequestBody::DeleteMany { .. } => "delete_many",
             RequestBody::PutTtl { .. } => "put_ttl",
             RequestBody::Expire { .. } => "expire",
+            RequestBody::Scan { .. } => "scan",
             RequestBody::GetMetadata => "get_metadata",
             RequestBody::Status => "status",
             RequestBody::Start => "start",
@@ -661,6 +683,43 @@ pub enum ReplyBody {
         /// The node's metadata, when some answer is `NotResponsible`.
         metadata: Option<SignedMetadata>,
     },
+    /// Answer to `Scan`.
+    ScanPage {
+        /// The keys (with their values if asked), in storage-key order.
+        #[serde(deserialize_with = "crate::bounded::batch_entries")]
+        entries: Vec<ScanEntry>,
+        /// Where the next page starts (`None`: the scan is complete).
+        #[serde(with = "serde_bytes")]
+        next: Option<Vec<u8>>,
+    },
+}
+
+/// Most keys in one `Scan` page.
+pub const MAX_SCAN_PAGE: u32 = 1024;
+
+/// Most keys a node examines for one `Scan` page (those a prefix filters out included), so
+/// that a page costs a bounded amount of work whatever the prefix.
+pub const SCAN_EXAMINE: usize = 8192;
+
+/// The ring position a `Scan`'s `from` points into: its first 20 bytes (the hash of a
+/// storage key), padded with zeros; the client routes the page there, and the node serves it
+/// if it is that position's tail.
+pub fn scan_position(from: &[u8]) -> crate::ring::Position {
+    let mut position = [0u8; 20];
+    let n = from.len().min(20);
+    position[..n].copy_from_slice(&from[..n]);
+    crate::ring::Position(position)
+}
+
+/// A key of a [`ReplyBody::ScanPage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanEntry {
+    /// The key.
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// Its value, if the scan asked for values.
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
 }
 
 #[cfg(test)]
@@ -811,6 +870,14 @@ mod tests {
                     expected,
                 }),
             (bytes(), any::<u64>()).prop_map(|(key, version)| RequestBody::Expire { key, version }),
+            (bytes(), bytes(), any::<u32>(), any::<bool>()).prop_map(
+                |(from, prefix, limit, values)| RequestBody::Scan {
+                    from,
+                    prefix,
+                    limit,
+                    values
+                }
+            ),
             Just(RequestBody::GetMetadata),
             Just(RequestBody::Status),
             Just(RequestBody::Start),
@@ -944,6 +1011,15 @@ mod tests {
                 proptest::option::of(arb_signed_metadata())
             )
                 .prop_map(|(answers, metadata)| ReplyBody::Many { answers, metadata }),
+            (
+                proptest::collection::vec(
+                    (bytes(), proptest::option::of(bytes()))
+                        .prop_map(|(key, value)| ScanEntry { key, value }),
+                    0..4
+                ),
+                proptest::option::of(bytes())
+            )
+                .prop_map(|(entries, next)| ReplyBody::ScanPage { entries, next }),
             Just(ReplyBody::NotFound),
             any::<bool>().prop_map(|created| ReplyBody::PutOk { created }),
             Just(ReplyBody::Deleted),

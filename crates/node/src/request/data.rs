@@ -101,7 +101,11 @@ const EXPIRY_ROUNDS: usize = 3;
 /// is (`Applied` with the record's version), or removes it through the chain, this node
 /// included, before it answers `Deleted`. Another version at the head (a write of the key
 /// meanwhile, which has reached this node by then) is read again.
-async fn confirm_alive(node: &Node, key: &HashedKey<'_>, mut record: Record) -> ReplyBody {
+pub(crate) async fn confirm_alive(
+    node: &Node,
+    key: &HashedKey<'_>,
+    mut record: Record,
+) -> ReplyBody {
     for _ in 0..EXPIRY_ROUNDS {
         let view = node.view();
         let Some(head) = view.metadata.head(&key.position) else {

@@ -5,6 +5,7 @@
 //! - [`metadata`]: `GetMetadata`, `InstallMetadata`.
 //! - [`admin`]: `Status`, `Start`, `Stop`.
 //! - [`gossip`]: `Gossip`, `GossipPush`.
+//! - [`scan`]: `Scan`, one page of a scan in hash order.
 //! - [`range`]: `LockRange`, `AbortMove`, `PrepareReceive`, `TransferRange`, `TransferDelta`,
 //!   `PutBatch`, `DeleteRange`.
 
@@ -13,6 +14,7 @@ pub mod data;
 pub mod gossip;
 pub mod metadata;
 pub mod range;
+pub mod scan;
 
 use ringkv_certs::Role;
 use ringkv_wire::{ErrorKind, RequestBody};
