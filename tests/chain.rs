@@ -299,3 +299,58 @@ async fn a_write_below_min_copies_is_refused_and_applies_nothing() {
         "nothing was applied; reads are served"
     );
 }
+
+/// A read of an expired key is served below `--min-copies` too: the head removes the record
+/// it reports absent (a local `Expire`), and that removal is not refused for want of copies
+/// (it failed with `Peer` before). The key is gone from the store when the read answers.
+#[tokio::test]
+async fn an_expired_key_reads_as_absent_below_min_copies_and_is_removed() {
+    let certs = Certs::new();
+    let data = tempfile::tempdir().unwrap();
+    let node = TestNode::start_with(&certs, "n2", false, data, |c| c.min_copies = 2).await;
+    let ring = ringkv_wire::RingMetadata::new(
+        5,
+        vec![
+            ringkv_wire::NodeEntry::new("n1", "127.0.0.1:9"),
+            ringkv_wire::NodeEntry::new("n2", node.addr.clone()),
+            ringkv_wire::NodeEntry::new("n3", "127.0.0.1:11"),
+        ],
+    )
+    .unwrap()
+    .with_replication(3)
+    .unwrap()
+    .with_failed("n1")
+    .unwrap()
+    .with_failed("n3")
+    .unwrap();
+    let signed = certs.ecs_signer().sign(&ring).unwrap();
+    assert!(node.node.install_metadata(signed, "test").await.unwrap());
+    // A record that expired a second ago (written as a move or the chain would have).
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let record = ringkv_node::record::Record {
+        value: b"v".to_vec(),
+        version: 7,
+        expires_at: Some(now_ms - 1000),
+    };
+    node.node.store().put(b"k", record).await.unwrap();
+    let ecs = transport(&certs, "ecs");
+    let client = transport(&certs, "client");
+    let first = lease(&ecs, &node, 60_000, None).await;
+    lease(&ecs, &node, 60_000, Some(first)).await;
+    let start: Reply = ecs
+        .request(&node.addr, &Request::new(0, RequestBody::Start))
+        .await
+        .unwrap();
+    assert_eq!(start.body, ReplyBody::Ok);
+    let get = Request::new(ring.version, RequestBody::Get { key: b"k".to_vec() });
+    let reply: Reply = client.request(&node.addr, &get).await.unwrap();
+    assert_eq!(reply.body, ReplyBody::NotFound, "an expired key is absent");
+    assert_eq!(
+        node.node.store().get(b"k").unwrap(),
+        None,
+        "the head removed what it reported absent"
+    );
+}

@@ -1,13 +1,18 @@
 //! The expiry sweep (ARCHITECTURE.md §11 "Expiry"): reclaims the space of expired records.
 //!
 //! Every [`SWEEP_EVERY`] the node walks the entries of its expiry index that are due by its
-//! clock ([`crate::storage::Store::due_expiries`]), at most [`SWEEP_BATCH`] at a time, and
-//! for each one decides with [`sweep_check`]: a record this node heads is expired through
+//! clock ([`crate::storage::Store::due_expiries`]), at most [`SWEEP_BATCH`] at a time, from
+//! where the last round stopped (an entry due later sorts after those examined before; the
+//! walk starts again from the oldest every [`REVISIT_EVERY`]), and for each one decides with
+//! [`sweep_check`]: a record this node heads is expired through
 //! its chain like a delete ([`crate::request::data::expire`], which decides again under the
 //! key's stripe, so a write of the key meanwhile wins); an entry whose record is gone or was
 //! rewritten is removed; a record another node heads is left to that node (its delete
-//! reaches this node down the chain, and the entry goes at the next sweep). Reads never
-//! wait for the sweep: a due record is already absent to them ([`crate::record`]).
+//! reaches this node down the chain, and the entry goes at a later round). Every
+//! [`STALE_EVERY`] a slice of the whole index, due or not, is checked for stale entries too
+//! (records rewritten at a member, moved away or deleted with their range), so they do not
+//! wait for their time. Reads never wait for the sweep: a due record is already absent to
+//! them ([`crate::record`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,26 +44,91 @@ pub struct Swept {
     pub stale: usize,
 }
 
+/// How often the sweep goes back to the oldest due entry: entries it left (another node
+/// heads the key, or expiring it failed: a move's lock, a chain that did not answer) are
+/// examined again at this pace, not every round.
+pub const REVISIT_EVERY: Duration = Duration::from_secs(30);
+
+/// How often a slice of the whole index (entries not due yet included) is checked for stale
+/// entries: those of records rewritten at a member, moved away or deleted with their range,
+/// which would otherwise wait for their time to come.
+pub const STALE_EVERY: Duration = Duration::from_secs(10);
+
+/// Entries checked per slice ([`STALE_EVERY`]).
+pub const STALE_BATCH: usize = 4096;
+
 /// Sweeps until the node stops (aborted with the server).
 pub async fn run(node: Arc<Node>) {
+    // Due entries are walked in expiry order from a cursor: an entry due later sorts after
+    // those examined before, so each is examined once, and again every `REVISIT_EVERY`.
     let mut after: Option<Vec<u8>> = None;
+    let mut revisit = tokio::time::Instant::now() + REVISIT_EVERY;
+    let mut stale_after: Option<Vec<u8>> = None;
+    let mut stale_at = tokio::time::Instant::now() + STALE_EVERY;
     loop {
+        let now = tokio::time::Instant::now();
+        if now >= revisit {
+            after = None;
+            revisit = now + REVISIT_EVERY;
+        }
         match round(&node, after.as_deref()).await {
             Ok((swept, last)) => {
                 if swept.expired + swept.stale > 0 {
                     tracing::debug!(node = %node.config().name, ?swept, "expiry sweep");
                 }
-                // A full round: more may be due; go on after it at once.
-                if swept.examined == SWEEP_BATCH {
+                if last.is_some() {
                     after = last;
+                }
+                // A full round: more may be due; go on at once.
+                if swept.examined == SWEEP_BATCH {
                     continue;
                 }
             }
             Err(e) => tracing::warn!(node = %node.config().name, error = %e, "expiry sweep failed"),
         }
-        after = None;
+        if now >= stale_at {
+            stale_at = now + STALE_EVERY;
+            match stale_round(&node, stale_after.as_deref()).await {
+                Ok(last) => stale_after = last,
+                Err(e) => {
+                    tracing::warn!(node = %node.config().name, error = %e, "expiry index check failed")
+                }
+            }
+        }
         tokio::time::sleep(SWEEP_EVERY).await;
     }
+}
+
+/// Checks up to [`STALE_BATCH`] entries of the expiry index after `after` (due or not) and
+/// removes the stale ones. Returns the last entry checked, or `None` once the index was
+/// read to its end (the next slice starts from the beginning).
+pub async fn stale_round(
+    node: &Arc<Node>,
+    after: Option<&[u8]>,
+) -> Result<Option<Vec<u8>>, crate::NodeError> {
+    let entries = node.store.due_expiries(after, u64::MAX - 1, STALE_BATCH)?;
+    let last = (entries.len() == STALE_BATCH)
+        .then(|| entries.last().cloned())
+        .flatten();
+    let mut stale = Vec::new();
+    for entry in entries {
+        let is_stale = match parse_index(&entry) {
+            Some((indexed, storage_key)) => {
+                let current = match storage_key.get(20..) {
+                    Some(key) => node.store.get_meta(&HashedKey::new(key))?,
+                    None => None,
+                };
+                // As if not due (`now_ms` 0): only a stale entry is acted on.
+                sweep_check(indexed, current, false, 0) == Sweep::Stale
+            }
+            None => true,
+        };
+        if is_stale {
+            stale.push(entry);
+        }
+    }
+    node.store.unindex(stale).await?;
+    Ok(last)
 }
 
 /// One round: up to [`SWEEP_BATCH`] entries due now, after `after`. Returns what it did and

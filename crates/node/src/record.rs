@@ -188,12 +188,31 @@ pub enum Outcome {
 /// Decides a write of a key whose current record has version and expiry `current`
 /// (`None`: absent), taking its version from `versions` at wall-clock time `now_us`.
 ///
-/// A record the clock says is due is absent for every condition (and reported so); a write
-/// over it still removes it. A plain delete of an absent key writes nothing (there is nothing
-/// to remove, and nothing for the chain to learn); every other unconditional write is
-/// written. A conditional write is written exactly when its condition holds against the live
-/// record. An `Expire` removes the record only if it is the version asked about and due.
+/// A record the clock says is due is absent for every condition (and reported so), and
+/// whatever the head answers about it, it removes it: a head that reported the key absent
+/// must not leave the record for a later head, whose clock may be behind, to serve again. A
+/// plain delete of an absent key writes nothing (there is nothing to remove, and nothing for
+/// the chain to learn); every other unconditional write is written. A conditional write is
+/// written exactly when its condition holds against the live record. An `Expire` removes the
+/// record only if it is the version asked about and due (or another version, due too).
 pub fn decide(intent: Intent, current: Option<Meta>, versions: &Versions, now_us: u64) -> Decision {
+    let due = current.is_some_and(|(_, expires_at)| is_due(expires_at, millis(now_us)));
+    match decide_live(intent, current, versions, now_us) {
+        Decision::Refuse(reply) if due => Decision::Write {
+            record: None,
+            reply,
+        },
+        decision => decision,
+    }
+}
+
+/// [`decide`] before a due record's removal is added to a refusal.
+fn decide_live(
+    intent: Intent,
+    current: Option<Meta>,
+    versions: &Versions,
+    now_us: u64,
+) -> Decision {
     let now_ms = millis(now_us);
     let live = current
         .filter(|&(_, expires_at)| !is_due(expires_at, now_ms))
@@ -231,17 +250,13 @@ pub fn decide(intent: Intent, current: Option<Meta>, versions: &Versions, now_us
                 reply,
             }
         }
-        Intent::Delete { version: None } => match (live, current) {
-            (Some(_), _) => Decision::Write {
+        // (Expired but still stored: removed by `decide`, reported as the absent key it is.)
+        Intent::Delete { version: None } => match live {
+            Some(_) => Decision::Write {
                 record: None,
                 reply: Outcome::Delete { existed: true },
             },
-            // Expired but still stored: removed, and reported as the absent key it is.
-            (None, Some(_)) => Decision::Write {
-                record: None,
-                reply: Outcome::Delete { existed: false },
-            },
-            (None, None) => Decision::Refuse(Outcome::Delete { existed: false }),
+            None => Decision::Refuse(Outcome::Delete { existed: false }),
         },
         Intent::Delete {
             version: Some(expected),
@@ -270,8 +285,8 @@ pub fn decide(intent: Intent, current: Option<Meta>, versions: &Versions, now_us
 pub enum ReadCheck {
     /// Serve it.
     Serve,
-    /// Answer `NotFound`: the record expired (by this node's clock, and this node heads the
-    /// key).
+    /// The record expired (by this node's clock, and this node heads the key): remove it
+    /// (`Intent::Expire`, under the key's stripe) and answer `NotFound`.
     Hidden,
     /// Ask the head (`Expire`) before answering: the record is within the allowed clock
     /// offset of its expiry, or past it, by this node's clock.
@@ -454,21 +469,28 @@ mod tests {
             }
             other => panic!("put_if_absent over an expired key: {other:?}"),
         }
+        // Refusals over a due record remove it all the same.
+        let removed = |reply| Decision::Write {
+            record: None,
+            reply,
+        };
         assert_eq!(
             decide(put(b"a", Some(Expected::Version(7))), due, &v, now),
-            Decision::Refuse(Outcome::Conflict { current: None })
+            removed(Outcome::Conflict { current: None })
         );
         assert_eq!(
             decide(Intent::Delete { version: None }, due, &v, now),
-            Decision::Write {
-                record: None,
-                reply: Outcome::Delete { existed: false }
-            },
+            removed(Outcome::Delete { existed: false }),
             "removed, reported absent"
         );
         assert_eq!(
             decide(Intent::Delete { version: Some(7) }, due, &v, now),
-            Decision::Refuse(Outcome::Conflict { current: None })
+            removed(Outcome::Conflict { current: None })
+        );
+        assert_eq!(
+            decide(Intent::Expire { version: 6 }, due, &v, now),
+            removed(Outcome::Conflict { current: None }),
+            "another version, due too"
         );
         assert_eq!(
             decide(Intent::Expire { version: 7 }, due, &v, now),
@@ -556,6 +578,29 @@ mod tests {
             let at_head = check_read(Some(expires_at), head, true, max_offset);
             prop_assert_eq!(at_head == ReadCheck::Hidden, is_due(Some(expires_at), head));
             prop_assert_eq!(check_read(None, tail, false, max_offset), ReadCheck::Serve);
+        }
+
+        /// Whatever is asked of a key whose record is due, the head removes or replaces the
+        /// record: it never answers from a due record and leaves it stored.
+        #[test]
+        fn a_due_record_never_outlives_a_decision(
+            kind in 0u8..6,
+            version in 1u64..4,
+            asked in 1u64..4,
+            expires_at in 1u64..1_000,
+            late in 0u64..1_000,
+        ) {
+            let intent = match kind {
+                0 => put(b"x", None),
+                1 => put(b"x", Some(Expected::Absent)),
+                2 => put(b"x", Some(Expected::Version(asked))),
+                3 => Intent::Delete { version: None },
+                4 => Intent::Delete { version: Some(asked) },
+                _ => Intent::Expire { version: asked },
+            };
+            let now_us = (expires_at + late) * 1000;
+            let decision = decide(intent, Some((version, Some(expires_at))), &Versions::default(), now_us);
+            prop_assert!(matches!(decision, Decision::Write { .. }), "{:?}", decision);
         }
 
         /// Whatever the clock does, a key's successive writes get increasing versions, and

@@ -20,10 +20,12 @@
 //!
 //! **Expiry index.** Every record written with an expiry also gets an entry in the `expiry`
 //! keyspace, in the same commit: `expires_at` (ms, 8 bytes big-endian) followed by the
-//! storage key, so the records due by a time are one span from the start. Entries are never
-//! removed when their record is rewritten, deleted or moved away: the sweep
-//! ([`crate::expiry`]) finds such an entry stale and removes it ([`Store::unindex`], which
-//! checks again in the writer, so it never removes the entry of a record that has it).
+//! storage key, so the records due by a time are one span from the start. A head's write
+//! removes the entry of the record it replaces in the same commit (the head read that
+//! record's expiry to decide); other writes (a member's chain writes, moves, range
+//! deletions) leave it, and the sweep ([`crate::expiry`]) finds such an entry stale and
+//! removes it ([`Store::unindex`]). Every removal checks the record again in the writer, so
+//! it never removes the entry of a record that has it.
 //!
 //! **Unconfirmed writes.** A chain write at its head ([`Store::submit_head`]) also marks its
 //! key in the `unconfirmed` keyspace, in the same atomic batch; [`Store::confirm`] removes the
@@ -88,11 +90,13 @@ enum WriteOp {
     },
     DeleteKeys(Vec<Vec<u8>>),
     /// A write the head decided (`None` deletes), applied blindly; with `mark`, its key is
-    /// marked unconfirmed (a chain write, until the chain has it).
+    /// marked unconfirmed (a chain write, until the chain has it); `replaces`: the expiry of
+    /// the record it replaces, whose index entry goes (see [`WriteOp::Unindex`]).
     Head {
         key: Vec<u8>,
         value: Option<Vec<u8>>,
         mark: bool,
+        replaces: Option<u64>,
     },
     /// Marks of unconfirmed writes removed (the keys' range was deleted).
     Unmark(Vec<Vec<u8>>),
@@ -328,20 +332,24 @@ impl Store {
     /// Queues a write the head decided (`record` `None` deletes) in the place taken by
     /// [`Store::reserve`], without waiting (see [`Store::submit`]). With `mark` (a chain
     /// write) the key is also marked unconfirmed in the same atomic batch;
-    /// [`Store::confirm`] removes the mark. `hold` (a write admission) is released only once
-    /// the write is committed, even if nobody waits for it any more.
+    /// [`Store::confirm`] removes the mark. `replaces` is the expiry of the record the write
+    /// replaces (the head read it to decide): its expiry index entry goes in the same commit
+    /// unless the new record keeps it. `hold` (a write admission) is released only once the
+    /// write is committed, even if nobody waits for it any more.
     pub(crate) fn submit_head(
         &self,
         place: Place,
         key: &HashedKey<'_>,
         record: Option<Record>,
         mark: bool,
+        replaces: Option<u64>,
         hold: Option<WriteAdmission>,
     ) -> Result<Pending, NodeError> {
         let op = WriteOp::Head {
             key: key.storage_key(),
             value: record.map(Record::encode),
             mark,
+            replaces,
         };
         self.submit(place, op, hold)
     }
@@ -452,16 +460,15 @@ impl Store {
     /// One page of a scan ([`ScanRead`]): the keys beginning with `prefix` from storage key
     /// `from` (inclusive) up to `to` (exclusive; `None`: the end), at most `limit` of them,
     /// examining at most `examine` keys, holding at most `max_bytes` of keys (and values, with
-    /// `values`), skipping the records `hidden` says are expired, and stopping before the
-    /// first key of a position `stop` says is not to be read. Reads the disk: call it off the
-    /// async runtime.
+    /// `values`), and stopping before the first key of a position `stop` says is not to be
+    /// read. Expired records are returned with their expiry, for the caller to judge. Reads
+    /// the disk: call it off the async runtime.
     pub fn scan_page(
         &self,
         from: &[u8],
         to: Option<&[u8]>,
         prefix: &[u8],
         page: ScanBounds,
-        hidden: impl Fn(Option<u64>) -> bool,
         stop: impl Fn(&[u8]) -> bool,
     ) -> Result<ScanRead, NodeError> {
         let upper = to.map_or(Bound::Unbounded, Bound::Excluded);
@@ -481,9 +488,6 @@ impl Store {
                 continue;
             }
             let (version, expires_at) = Record::meta(&value)?;
-            if hidden(expires_at) {
-                continue;
-            }
             let value = page
                 .values
                 .then(|| value[..value.len() - RECORD_SUFFIX].to_vec());
@@ -961,9 +965,17 @@ fn apply(
                 }
                 WriteOutcome::Done
             }
-            WriteOp::Head { key, value, mark } => {
+            WriteOp::Head {
+                key,
+                value,
+                mark,
+                replaces,
+            } => {
                 if mark {
                     marks.insert(key.clone(), true);
+                }
+                if let Some(at) = replaces {
+                    unindex.push(index_key(at, &key));
                 }
                 state.insert(key, value);
                 WriteOutcome::Done
@@ -1185,7 +1197,7 @@ mod tests {
     async fn head_write(store: &Store, key: &[u8], value: Option<&[u8]>) {
         let place = store.reserve().await.unwrap();
         store
-            .submit_head(place, &HashedKey::new(key), value.map(v1), true, None)
+            .submit_head(place, &HashedKey::new(key), value.map(v1), true, None, None)
             .unwrap()
             .done()
             .await
@@ -1331,6 +1343,48 @@ mod tests {
         let left = store.due_expiries(None, u64::MAX - 1, 10).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(&parse_index(&left[0]).unwrap().1[20..], b"c");
+    }
+
+    /// A head's write removes the index entry of the record it replaces in its own commit
+    /// (before, it stayed until its time came): rewritten without an expiry, with another,
+    /// or deleted.
+    #[tokio::test]
+    async fn a_heads_write_removes_the_entry_of_the_record_it_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let key = HashedKey::new(b"lease");
+        let expiring = |at| Record {
+            value: b"v".to_vec(),
+            version: 1,
+            expires_at: Some(at),
+        };
+        let head = |record: Option<Record>, replaces: Option<u64>| {
+            let store = store.clone();
+            async move {
+                let place = store.reserve().await.unwrap();
+                let key = HashedKey::new(b"lease");
+                store
+                    .submit_head(place, &key, record, false, replaces, None)
+                    .unwrap()
+                    .done()
+                    .await
+                    .unwrap();
+            }
+        };
+        head(Some(expiring(1_000)), None).await;
+        assert_eq!(store.expiry_entries().unwrap(), 1);
+        // Renewed: the old entry goes, the new one stays.
+        head(Some(expiring(2_000)), Some(1_000)).await;
+        let all = store.due_expiries(None, u64::MAX - 1, 10).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(parse_index(&all[0]).unwrap().0, 2_000);
+        // Written again with the same expiry: its entry stays.
+        head(Some(expiring(2_000)), Some(2_000)).await;
+        assert_eq!(store.expiry_entries().unwrap(), 1);
+        // Deleted: no entry left.
+        head(None, Some(2_000)).await;
+        assert_eq!(store.expiry_entries().unwrap(), 0);
+        assert_eq!(store.get_record(&key).unwrap(), None);
     }
 
     #[tokio::test]

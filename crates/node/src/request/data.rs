@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use ringkv_certs::PeerIdentity;
 use ringkv_wire::{
     key_position, ChainWrite, ErrorKind, Expected, HashedKey, KeyReply, KeyValue, NodeEntry,
@@ -87,8 +88,7 @@ fn read(node: &Node, key: &HashedKey<'_>) -> Result<ReplyBody, Record> {
             value: record.value,
             version: record.version,
         }),
-        ReadCheck::Hidden => Ok(ReplyBody::NotFound),
-        ReadCheck::AskHead => Err(record),
+        ReadCheck::Hidden | ReadCheck::AskHead => Err(record),
     }
 }
 
@@ -96,11 +96,17 @@ fn read(node: &Node, key: &HashedKey<'_>) -> Result<ReplyBody, Record> {
 /// there (rewritten meanwhile) before it gives up.
 const EXPIRY_ROUNDS: usize = 3;
 
+/// Most keys of one batch or scan page asked about at their head at once (each ask is a
+/// request to the head, whose removal of a due key then travels down the chain).
+pub(crate) const EXPIRY_CONCURRENCY: usize = 64;
+
 /// Serves `record` of `key`, read at this node (the tail) within the allowed clock offset of
-/// its expiry, only if the head's clock says it is alive: the head either answers that it
-/// is (`Applied` with the record's version), or removes it through the chain, this node
-/// included, before it answers `Deleted`. Another version at the head (a write of the key
-/// meanwhile, which has reached this node by then) is read again.
+/// its expiry (or past it, at the head), only if the head's clock says it is alive: the head
+/// either answers that it is (`Applied` with the record's version), or removes it through
+/// the chain, this node included, before it answers `Deleted`. Another version at the head
+/// (a write of the key meanwhile, which has reached this node by then) is read again. This
+/// node, heading the key, decides itself (a local `Expire`): a record it reports absent is
+/// removed, so that no later head, whose clock may be behind, serves it again.
 pub(crate) async fn confirm_alive(
     node: &Node,
     key: &HashedKey<'_>,
@@ -109,20 +115,27 @@ pub(crate) async fn confirm_alive(
     for _ in 0..EXPIRY_ROUNDS {
         let view = node.view();
         let Some(head) = view.metadata.head(&key.position) else {
-            return ReplyBody::NotFound;
+            return error(
+                ErrorKind::Peer,
+                "the key is near its expiry and its chain has no head; retry",
+            );
         };
-        let request = Request::new(
-            view.metadata.version,
-            RequestBody::Expire {
-                key: key.key.to_vec(),
-                version: record.version,
-            },
-        );
-        let answer = node
-            .peers
-            .call::<_, ringkv_wire::Reply>(&head.addr, &request, HOP_TIMEOUT)
-            .await;
-        match answer.map(|reply| reply.body) {
+        let answer = if head.name == node.config.name {
+            Ok(expire(node, key.key, record.version).await)
+        } else {
+            let request = Request::new(
+                view.metadata.version,
+                RequestBody::Expire {
+                    key: key.key.to_vec(),
+                    version: record.version,
+                },
+            );
+            node.peers
+                .call::<_, ringkv_wire::Reply>(&head.addr, &request, HOP_TIMEOUT)
+                .await
+                .map(|reply| reply.body)
+        };
+        match answer {
             Ok(ReplyBody::Applied { version }) if version == record.version => {
                 return ReplyBody::Value {
                     value: record.value,
@@ -185,8 +198,12 @@ async fn write(node: &Node, key: &HashedKey<'_>, intent: Intent) -> ReplyBody {
     if let Err(reply) = node.check_head(&key.position) {
         return reply;
     }
-    if let Err(reply) = node.check_copies(&key.position) {
-        return reply;
+    // An `Expire` may always go through: it removes only what is due (a read-only answer
+    // otherwise), and a read of a key near its expiry must not fail for want of copies.
+    if !matches!(intent, Intent::Expire { .. }) {
+        if let Err(reply) = node.check_copies(&key.position) {
+            return reply;
+        }
     }
     let chained = node.replication() > 1;
     // One write of a stripe (the key's and a 4096th of the others) at a time: the decision
@@ -205,6 +222,8 @@ async fn write(node: &Node, key: &HashedKey<'_>, intent: Intent) -> ReplyBody {
         Ok(meta) => meta,
         Err(e) => return storage_error(e),
     };
+    // The expiry index entry of the record this write replaces goes in the same commit.
+    let replaces = current.and_then(|(_, expires_at)| expires_at);
     let (record, outcome) = match decide(intent, current, &node.versions, wall_clock_us()) {
         Decision::Write { record, reply } => (record, reply),
         Decision::Refuse(outcome) => {
@@ -246,7 +265,7 @@ async fn write(node: &Node, key: &HashedKey<'_>, intent: Intent) -> ReplyBody {
     // it once the write is durable, even if this handler is cancelled meanwhile.
     let local = match node
         .store
-        .submit_head(place, key, record, chained, Some(admitted))
+        .submit_head(place, key, record, chained, replaces, Some(admitted))
     {
         Ok(local) => local,
         Err(e) => return storage_error(e),
@@ -565,14 +584,20 @@ pub async fn get_many(node: &Node, keys: Vec<serde_bytes::ByteBuf>) -> ReplyBody
     }
     let hashed: Vec<HashedKey<'_>> = keys.iter().map(|key| HashedKey::new(key)).collect();
     let reads: Vec<Result<ReplyBody, Record>> = hashed.iter().map(|key| read(node, key)).collect();
-    // Records near their expiry: the head is asked about each, all at once.
-    let replies =
-        futures::future::join_all(hashed.iter().zip(reads).map(|(key, read)| async move {
+    // Records near their expiry: the head is asked about each, [`EXPIRY_CONCURRENCY`] at once.
+    let answers: Vec<_> = hashed
+        .iter()
+        .zip(reads)
+        .map(|(key, read)| async move {
             match read {
                 Ok(reply) => reply,
                 Err(record) => confirm_alive(node, key, record).await,
             }
-        }))
+        })
+        .collect();
+    let replies: Vec<ReplyBody> = futures::stream::iter(answers)
+        .buffered(EXPIRY_CONCURRENCY)
+        .collect()
         .await;
     let (mut answers, metadata) = many(node, replies);
     let ring = metadata.as_ref().map_or(0, |m| m.encoded_len_bound());

@@ -19,7 +19,9 @@ use ringkv_wire::{
     MAX_SCAN_PAGE, SCAN_EXAMINE,
 };
 
-use super::data::confirm_alive;
+use futures::StreamExt;
+
+use super::data::{confirm_alive, EXPIRY_CONCURRENCY};
 use super::{error, storage_error};
 use crate::record::{check_read, millis, wall_clock_us, ReadCheck, Record};
 use crate::storage::{ScanBounds, Scanned};
@@ -101,11 +103,16 @@ pub async fn scan(
     }
     let is_head = node.check_head(&position).is_ok();
     let offset = node.config.max_clock_offset.as_millis() as u64;
-    let now_ms = millis(wall_clock_us());
+    // Room in the reply for `next` too (a storage key and one byte) and its encoding.
+    let cursor_room = 20 + node.config.limits.max_key + 16;
     let page = ScanBounds {
         limit: limit as usize,
         examine: SCAN_EXAMINE,
-        max_bytes: node.config.limits.max_frame.saturating_sub(FRAME_OVERHEAD),
+        max_bytes: node
+            .config
+            .limits
+            .max_frame
+            .saturating_sub(FRAME_OVERHEAD + cursor_room),
         values,
     };
     let store = node.store.clone();
@@ -115,7 +122,6 @@ pub async fn scan(
             span.to.as_ref().map(|t| &t[..]),
             &prefix,
             page,
-            |expires_at| check_read(expires_at, now_ms, is_head, offset) == ReadCheck::Hidden,
             |storage_key| {
                 let at = scan_position(storage_key);
                 locked.iter().any(|l| l.contains(&at))
@@ -129,38 +135,50 @@ pub async fn scan(
         Err(e) => return error(ErrorKind::Storage, format!("the scan's reader failed: {e}")),
     };
     let next = read.next.or_else(|| span.to.map(|t| t.to_vec()));
-    // Records near their expiry: the head is asked about each, all at once.
-    let confirmed = futures::future::join_all(read.entries.into_iter().map(|entry| async move {
-        if check_read(entry.expires_at, now_ms, is_head, offset) != ReadCheck::AskHead {
-            return Ok(Some(entry));
-        }
-        let Scanned {
-            key,
-            value,
-            version,
-            expires_at,
-        } = entry;
-        let record = Record {
-            value: value.clone().unwrap_or_default(),
-            version,
-            expires_at,
-        };
-        match confirm_alive(node, &HashedKey::new(&key), record).await {
-            ReplyBody::Value { .. } => Ok(Some(Scanned {
+    // Expiry is judged by the clock after the read (as `Get` does): a record near its expiry,
+    // or due at the head, is decided by the head (`confirm_alive`), as many at once as
+    // [`EXPIRY_CONCURRENCY`]; one the head removed is left out, one rewritten meanwhile comes
+    // as the head's chain now holds it.
+    let now_ms = millis(wall_clock_us());
+    let checks: Vec<_> = read
+        .entries
+        .into_iter()
+        .map(|entry| async move {
+            if check_read(entry.expires_at, now_ms, is_head, offset) == ReadCheck::Serve {
+                return Ok(Some(ScanEntry {
+                    key: entry.key,
+                    value: entry.value,
+                }));
+            }
+            let Scanned {
                 key,
                 value,
                 version,
                 expires_at,
-            })),
-            ReplyBody::NotFound => Ok(None),
-            refused => Err(refused),
-        }
-    }))
-    .await;
-    let mut entries = Vec::with_capacity(confirmed.len());
-    for entry in confirmed {
+            } = entry;
+            let record = Record {
+                value: value.unwrap_or_default(),
+                version,
+                expires_at,
+            };
+            match confirm_alive(node, &HashedKey::new(&key), record).await {
+                ReplyBody::Value { value: current, .. } => Ok(Some(ScanEntry {
+                    key,
+                    value: values.then_some(current),
+                })),
+                ReplyBody::NotFound => Ok(None),
+                refused => Err(refused),
+            }
+        })
+        .collect();
+    let checked: Vec<Result<Option<ScanEntry>, ReplyBody>> = futures::stream::iter(checks)
+        .buffered(EXPIRY_CONCURRENCY)
+        .collect()
+        .await;
+    let mut entries = Vec::with_capacity(checked.len());
+    for entry in checked {
         match entry {
-            Ok(Some(Scanned { key, value, .. })) => entries.push(ScanEntry { key, value }),
+            Ok(Some(entry)) => entries.push(entry),
             Ok(None) => {}
             Err(refused) => return refused,
         }
