@@ -237,14 +237,11 @@ async fn a_batch_of_chain_writes_is_answered_write_by_write() {
     assert_eq!(value(&theirs), None);
 }
 
-/// `--min-copies`: a head refuses a write to a range with fewer live copies than that
-/// (`NotEnoughCopies`, nothing applied) instead of acknowledging it on fewer nodes; reads
-/// are still served. (The default, 1, takes writes while any copy is live, as before.)
-#[tokio::test]
-async fn a_write_below_min_copies_is_refused_and_applies_nothing() {
-    let certs = Certs::new();
+/// Node `n2` with `--min-copies 2`, serving (leased, started) a ring of three at R = 3
+/// where `n1` and `n3` failed: it is every chain alone, one copy. Returns it and the ring.
+async fn alone_below_min_copies(certs: &Certs) -> (TestNode, ringkv_wire::RingMetadata) {
     let data = tempfile::tempdir().unwrap();
-    let node = TestNode::start_with(&certs, "n2", false, data, |c| c.min_copies = 2).await;
+    let node = TestNode::start_with(certs, "n2", false, data, |c| c.min_copies = 2).await;
     let ring = ringkv_wire::RingMetadata::new(
         5,
         vec![
@@ -260,11 +257,9 @@ async fn a_write_below_min_copies_is_refused_and_applies_nothing() {
     .unwrap()
     .with_failed("n3")
     .unwrap();
-    // n2 is every chain alone: one copy.
     let signed = certs.ecs_signer().sign(&ring).unwrap();
     assert!(node.node.install_metadata(signed, "test").await.unwrap());
-    let ecs = transport(&certs, "ecs");
-    let client = transport(&certs, "client");
+    let ecs = transport(certs, "ecs");
     let first = lease(&ecs, &node, 60_000, None).await;
     lease(&ecs, &node, 60_000, Some(first)).await;
     let start: Reply = ecs
@@ -272,6 +267,17 @@ async fn a_write_below_min_copies_is_refused_and_applies_nothing() {
         .await
         .unwrap();
     assert_eq!(start.body, ReplyBody::Ok);
+    (node, ring)
+}
+
+/// `--min-copies`: a head refuses a write to a range with fewer live copies than that
+/// (`NotEnoughCopies`, nothing applied) instead of acknowledging it on fewer nodes; reads
+/// are still served. (The default, 1, takes writes while any copy is live, as before.)
+#[tokio::test]
+async fn a_write_below_min_copies_is_refused_and_applies_nothing() {
+    let certs = Certs::new();
+    let (node, ring) = alone_below_min_copies(&certs).await;
+    let client = transport(&certs, "client");
     let key = b"k".to_vec();
     let put = Request::new(
         ring.version,
@@ -306,25 +312,7 @@ async fn a_write_below_min_copies_is_refused_and_applies_nothing() {
 #[tokio::test]
 async fn an_expired_key_reads_as_absent_below_min_copies_and_is_removed() {
     let certs = Certs::new();
-    let data = tempfile::tempdir().unwrap();
-    let node = TestNode::start_with(&certs, "n2", false, data, |c| c.min_copies = 2).await;
-    let ring = ringkv_wire::RingMetadata::new(
-        5,
-        vec![
-            ringkv_wire::NodeEntry::new("n1", "127.0.0.1:9"),
-            ringkv_wire::NodeEntry::new("n2", node.addr.clone()),
-            ringkv_wire::NodeEntry::new("n3", "127.0.0.1:11"),
-        ],
-    )
-    .unwrap()
-    .with_replication(3)
-    .unwrap()
-    .with_failed("n1")
-    .unwrap()
-    .with_failed("n3")
-    .unwrap();
-    let signed = certs.ecs_signer().sign(&ring).unwrap();
-    assert!(node.node.install_metadata(signed, "test").await.unwrap());
+    let (node, ring) = alone_below_min_copies(&certs).await;
     // A record that expired a second ago (written as a move or the chain would have).
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -336,15 +324,7 @@ async fn an_expired_key_reads_as_absent_below_min_copies_and_is_removed() {
         expires_at: Some(now_ms - 1000),
     };
     node.node.store().put(b"k", record).await.unwrap();
-    let ecs = transport(&certs, "ecs");
     let client = transport(&certs, "client");
-    let first = lease(&ecs, &node, 60_000, None).await;
-    lease(&ecs, &node, 60_000, Some(first)).await;
-    let start: Reply = ecs
-        .request(&node.addr, &Request::new(0, RequestBody::Start))
-        .await
-        .unwrap();
-    assert_eq!(start.body, ReplyBody::Ok);
     let get = Request::new(ring.version, RequestBody::Get { key: b"k".to_vec() });
     let reply: Reply = client.request(&node.addr, &get).await.unwrap();
     assert_eq!(reply.body, ReplyBody::NotFound, "an expired key is absent");
