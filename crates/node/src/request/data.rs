@@ -88,7 +88,7 @@ fn read(node: &Node, key: &HashedKey<'_>) -> Result<ReplyBody, Record> {
             value: record.value,
             version: record.version,
         }),
-        ReadCheck::Hidden | ReadCheck::AskHead => Err(record),
+        ReadCheck::AskHead => Err(record),
     }
 }
 
