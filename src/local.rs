@@ -175,6 +175,7 @@ impl LocalCluster {
             .ask(AdminRequest::AddNode {
                 name: name.clone(),
                 addr: addr.to_string(),
+                zone: None,
             })
             .await?
         {

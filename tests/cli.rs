@@ -92,10 +92,12 @@ async fn cert_tool_node_and_cli_one_shot_commands() {
     let (code, out, _) = cli(&["ring"]);
     assert_eq!(code, 0);
     assert!(
-        out.starts_with("ring metadata version 1 (1 nodes, "),
+        out.starts_with("ring version 1, 1 nodes, 16 partitions, 1 copies of every key\n"),
         "{out}"
     );
     assert!(out.contains(&addr.to_string()), "{out}");
+    // The lone node heads, ends and holds every partition.
+    assert!(out.contains("16 (100%)   16 (100%)   16 (100%)"), "{out}");
     assert_eq!(
         cli(&["delete", "greeting"]),
         (0, "OK deleted\n".into(), String::new())

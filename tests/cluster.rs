@@ -31,12 +31,12 @@ fn assert_each_node_holds_its_range(cluster: &TestCluster, keys: &[String]) {
             want,
             "keys stored at {name}"
         );
-        let range = metadata.range_of(name).unwrap();
-        assert_eq!(
-            node.node.store().count_range(&range).unwrap(),
-            want,
-            "keys in range at {name}"
-        );
+        let in_ranges: u64 = metadata
+            .held_by(name)
+            .iter()
+            .map(|range| node.node.store().count_range(range).unwrap())
+            .sum();
+        assert_eq!(in_ranges, want, "keys in its ranges at {name}");
     }
 }
 
@@ -139,7 +139,7 @@ async fn join_and_leave_move_exactly_the_right_keys() {
     cluster.wait_converged().await;
     for node in &cluster.nodes {
         assert_eq!(node.node.metadata_version(), 5);
-        assert!(node.node.view().own_range.is_some());
+        assert!(!node.node.view().held.is_empty());
     }
 }
 
@@ -234,6 +234,7 @@ async fn killing_the_joining_node_mid_transfer_aborts_cleanly() {
                 &AdminRequest::AddNode {
                     name: "n2".into(),
                     addr: addr.to_string(),
+                    zone: None,
                 },
                 Duration::from_secs(600),
             )
@@ -479,7 +480,7 @@ async fn ecs_status_cli_after_join_and_leave() {
             .unwrap()
             .split_whitespace()
             .collect::<Vec<_>>(),
-        ["NAME", "ADDRESS", "RANGE", "KEYS", "VERSION", "LIVENESS", "STATE"],
+        ["NAME", "ADDRESS", "COPIES", "KEYS", "VERSION", "LIVENESS", "STATE"],
         "{out}"
     );
     assert!(!out.contains("n1 "), "{out}");
@@ -492,7 +493,7 @@ async fn ecs_status_cli_after_join_and_leave() {
         assert!(line.contains(&cluster.node(name).addr), "{line}");
         assert!(line.ends_with("running"), "{line}");
         let fields: Vec<&str> = line.split_whitespace().collect();
-        // NAME ADDRESS (start…, end…] KEYS VERSION LIVENESS STATE
+        // NAME ADDRESS copies (share) KEYS VERSION LIVENESS STATE
         let keys_field: u64 = fields[fields.len() - 4].parse().unwrap();
         assert_eq!(fields[fields.len() - 3], "4", "{line}");
         assert_eq!(fields[fields.len() - 2], "alive", "{line}");
@@ -532,6 +533,7 @@ async fn a_stopping_ecs_starts_no_change() {
         .answer(AdminRequest::AddNode {
             name: "n1".into(),
             addr: node.addr.clone(),
+            zone: None,
         })
         .await;
     match reply {
@@ -572,6 +574,7 @@ async fn a_membership_request_sent_again_is_done_not_refused_or_run_twice() {
     let add_n2 = AdminRequest::AddNode {
         name: "n2".into(),
         addr: n2.addr.clone(),
+        zone: None,
     };
     common::add_node_via(&certs.admin(), &ecs.addr, "n1", &n1.addr).await;
     let before = handle.metadata().version;
@@ -626,6 +629,7 @@ async fn a_membership_request_sent_again_is_done_not_refused_or_run_twice() {
         .answer(AdminRequest::AddNode {
             name: "n1".into(),
             addr: n2.addr.clone(),
+            zone: None,
         })
         .await;
     assert!(

@@ -296,6 +296,7 @@ async fn add_until_in_ring(group: &Group, name: &str, addr: &str) {
             &AdminRequest::AddNode {
                 name: name.into(),
                 addr: addr.into(),
+                zone: None,
             },
             Duration::from_secs(60),
         )
@@ -330,6 +331,7 @@ async fn join_until_a_step(
     let request = AdminRequest::AddNode {
         name: name.into(),
         addr: addr.into(),
+        zone: None,
     };
     let (admin, members) = (group.certs.admin(), group.addrs());
     let joining =

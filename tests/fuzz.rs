@@ -241,15 +241,15 @@ mod strategies {
         (position(), position()).prop_map(|(a, b)| KeyRange::new(a, b))
     }
 
-    /// A node entry, usually valid (name and address as the ring requires, position =
-    /// SHA-1 of the address), sometimes not.
+    /// A node entry, usually valid (name, address and zone as the ring requires),
+    /// sometimes not.
     pub fn node() -> impl Strategy<Value = NodeEntry> + Clone {
         prop_oneof![
             4 => ("[a-z][a-z0-9]{0,7}", 1u16..=u16::MAX)
                 .prop_map(|(name, port)| NodeEntry::new(name, format!("127.0.0.1:{port}"))),
-            1 => (".{0,10}", ".{0,12}", position()).prop_map(|(name, addr, position)| {
-                NodeEntry { name, addr, position }
-            }),
+            1 => (".{0,10}", ".{0,12}", proptest::option::of(".{0,6}")).prop_map(
+                |(name, addr, zone)| NodeEntry { name, addr, zone }
+            ),
         ]
     }
 
@@ -266,13 +266,15 @@ mod strategies {
                 any::<u64>(),
                 proptest::collection::vec(node(), 0..4),
                 any::<u8>(),
-                proptest::collection::vec("[a-z]{1,3}", 0..2)
+                proptest::collection::vec("[a-z]{1,3}", 0..2),
+                proptest::collection::vec(any::<u16>(), 0..40),
             )
-                .prop_map(|(version, nodes, replication, failed)| RingMetadata {
+                .prop_map(|(version, nodes, replication, failed, chains)| RingMetadata {
                     version,
                     nodes,
                     replication,
-                    failed
+                    failed,
+                    chains,
                 }),
         ]
     }
@@ -691,7 +693,11 @@ mod strategies {
 
     pub fn admin_request() -> impl Strategy<Value = AdminRequest> {
         prop_oneof![
-            (".{0,10}", ".{0,16}").prop_map(|(name, addr)| AdminRequest::AddNode { name, addr }),
+            (".{0,10}", ".{0,16}").prop_map(|(name, addr)| AdminRequest::AddNode {
+                name,
+                addr,
+                zone: None
+            }),
             ".{0,10}".prop_map(|name| AdminRequest::RemoveNode { name }),
             Just(AdminRequest::Ring),
             Just(AdminRequest::Status),
@@ -716,16 +722,20 @@ mod strategies {
     pub fn admin_reply() -> impl Strategy<Value = AdminReply> {
         let report = (
             (".{0,8}", ".{0,12}"),
-            proptest::option::of(range()),
+            (any::<u32>(), any::<u32>(), any::<u32>()),
             proptest::option::of(node_status()),
             proptest::option::of(".{0,12}"),
             proptest::option::of(liveness()),
         )
             .prop_map(
-                |((name, addr), range, status, error, liveness)| NodeReport {
+                |((name, addr), (heads, tails, copies), status, error, liveness)| NodeReport {
                     name,
                     addr,
-                    range,
+                    share: ringkv_wire::NodeShare {
+                        heads,
+                        tails,
+                        copies,
+                    },
                     status,
                     error,
                     liveness,
@@ -1194,16 +1204,15 @@ mod handlers {
             1 => strategies::bytes(300),
         ]
         .boxed();
-        let mine = me.position;
         let trio = trio(&me);
-        let foreign: Vec<KeyRange> = peers()
-            .iter()
-            .filter_map(|p| trio.range_of(&p.name))
-            .collect();
+        let own = trio.held_by(&me.name);
+        let mine = own[0].end;
+        let foreign: Vec<KeyRange> = peers().iter().flat_map(|p| trio.held_by(&p.name)).collect();
         let range = prop_oneof![
             2 => strategies::range(),
             1 => Just(KeyRange::new(mine, mine)),
             1 => strategies::position().prop_map(move |p| KeyRange::new(p, mine)),
+            2 => proptest::sample::select(own),
             3 => proptest::sample::select(foreign),
         ]
         .boxed();
@@ -1216,7 +1225,7 @@ mod handlers {
             Just(NodeEntry {
                 name: "noport".into(),
                 addr: "noport".into(),
-                position: Position::MIN,
+                zone: None,
             }),
         ]
         .boxed();

@@ -48,17 +48,19 @@ impl SimNode {
         }
     }
 
-    fn own_range(&self) -> Option<KeyRange> {
-        self.metadata.range_of(&self.entry.name)
+    /// The ranges this node owns (heads; without replication, all it holds).
+    fn own_ranges(&self) -> Vec<KeyRange> {
+        self.metadata.held_by(&self.entry.name)
     }
 
     fn owns(&self, key: &[u8]) -> bool {
-        self.own_range()
-            .is_some_and(|r| r.contains(&HashedKey::new(key).position))
+        self.own_ranges()
+            .iter()
+            .any(|r| r.contains(&HashedKey::new(key).position))
     }
 
     fn owns_any(&self, range: &KeyRange) -> bool {
-        self.own_range().is_some_and(|own| own.intersects(range))
+        self.own_ranges().iter().any(|own| own.intersects(range))
     }
 
     /// Whether a client write of `key` would be accepted here now.
@@ -491,6 +493,14 @@ fn run(change: Change, fault: Option<(Fault, usize)>) -> usize {
         Change::Join => plan::join(&ring, joiner_or_leaver.clone()).unwrap(),
         Change::Leave => plan::leave(&ring, &joiner_or_leaver.name).unwrap(),
     };
+    // Balanced placement: a join takes from both old nodes, a leave gives to both others,
+    // so every change here is several copies between different pairs.
+    let pairs: std::collections::HashSet<(&str, &str)> = plan
+        .copies
+        .iter()
+        .map(|c| (c.from.name.as_str(), c.to.name.as_str()))
+        .collect();
+    assert!(pairs.len() >= 2, "{change:?}: {:#?}", plan.copies);
     let mv = plan.copies[0].clone();
     let mut nodes: Vec<SimNode> = [a, b, c]
         .into_iter()

@@ -179,6 +179,7 @@ async fn sender_killed_after_the_delta_comes_back_locked_and_loses_nothing() {
             AdminRequest::AddNode {
                 name: "n2".into(),
                 addr: n2_addr,
+                zone: None,
             },
         )
         .await
@@ -269,6 +270,7 @@ async fn ecs_killed_at_a_random_step_of_a_join_finishes_or_rolls_it_back_by_itse
                 &AdminRequest::AddNode {
                     name: "n2".into(),
                     addr: join_n2,
+                    zone: None,
                 },
                 Duration::from_secs(600),
             )

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use kvstore::{KvError, KvStore};
 use netns::{HostCluster, Stopwatch, ECS_NODE_TIMEOUT_S};
 use ringkv_certs::Role;
-use ringkv_wire::{AdminReply, AdminRequest, GroupReport, RingMetadata};
+use ringkv_wire::{AdminReply, AdminRequest, GroupReport, NodeEntry, RingMetadata};
 
 fn value_of(key: &str) -> Vec<u8> {
     format!("v-{key}").into_bytes()
@@ -273,7 +273,9 @@ fn join_and_leave_on_a_fourth_host_lose_no_acknowledged_write() {
 fn a_cut_off_node_host_fails_its_keys_quickly_and_catches_up_when_healed() {
     let _watch =
         Stopwatch::start("a_cut_off_node_host_fails_its_keys_quickly_and_catches_up_when_healed");
-    let mut cluster = HostCluster::start(3);
+    // Eleven nodes: with balanced placement every node takes part in every change of a
+    // smaller ring, and the test needs a change the cut-off node has no part in.
+    let mut cluster = HostCluster::start(11);
     let all = keys("key", 300);
     let config = cluster.client_config();
     let metadata: RingMetadata = cluster.client.run(|| async {
@@ -283,12 +285,25 @@ fn a_cut_off_node_host_fails_its_keys_quickly_and_catches_up_when_healed() {
         store.disconnect().await;
         metadata
     });
-    // The victim is cut off; meanwhile its successor leaves, handing its range to the third
-    // node, so the ring moves on without the victim.
-    let victim = metadata.nodes[0].name.clone();
+    // The victim is cut off; meanwhile n12 joins, taking its share from the other nodes, so
+    // the ring moves on without the victim: it is a node the ECS's own planner leaves out of
+    // that join (one with the smallest share).
+    let planned = ringkv_ecs::plan::join(&metadata, NodeEntry::new("n12", "10.0.0.1:1")).unwrap();
+    let involved = |name: &str| {
+        planned
+            .steps
+            .iter()
+            .any(|s| format!("{s:?}").contains(&format!("{name:?}")))
+    };
+    let victim = metadata
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| !involved(n))
+        .expect("a node the join of n12 leaves out");
     let victim_addr = cluster.node(&victim).addr.clone();
     let victim_host = cluster.node(&victim).host.clone();
-    let leaving = metadata.nodes[1].name.clone();
+    let target = metadata.version + 1;
     let owner = |k: &String| {
         metadata
             .responsible_for_key(k.as_bytes())
@@ -401,16 +416,20 @@ fn a_cut_off_node_host_fails_its_keys_quickly_and_catches_up_when_healed() {
     assert_eq!(out.stdout.trim().as_bytes(), value_of(&other_keys[0]));
 
     // The ring changes while the victim cannot hear about it.
-    let out = cluster
-        .ecs_cmd(&cluster.client, &["remove-node", "--name", &leaving])
-        .ok();
+    let host = cluster.add_host("h12");
+    cluster.start_node(&host, "n12");
+    let out = cluster.add_node("n12");
     println!(
-        "remove-node {leaving} while {} is cut off: {:?}: {}",
+        "add-node n12 while {} is cut off: {:?}: {}",
         victim,
         out.elapsed,
         out.stdout.trim()
     );
-    assert!(out.stdout.contains("version 4"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("version {target}")),
+        "{}",
+        out.stdout
+    );
     // Its peers' heartbeats stop advancing: `status` shows it suspected (then dead) by
     // gossip, not just unreachable from the ECS. Suspicion takes the suspect timeout (2 s)
     // after the last heartbeat got through; polled with a wide margin for a loaded machine.
@@ -461,25 +480,25 @@ fn a_cut_off_node_host_fails_its_keys_quickly_and_catches_up_when_healed() {
             .node_status(&victim_addr)
             .map(|s| s.metadata_version)
             .unwrap_or(0)
-            == 4
+            == target
     };
-    // Gossip brings version 4 to it by itself (nobody else sends it): its peers push the
+    // Gossip brings the new version to it by itself (nobody else sends it): its peers push the
     // newer version at their next exchange with it, or it pulls it at its own.
     let deadline = healed + Duration::from_secs(30);
     while !caught_up(&cluster) {
         assert!(
             Instant::now() < deadline,
-            "{victim} did not catch up with version 4 by gossip within 30 s of the heal"
+            "{victim} did not catch up with version {target} by gossip within 30 s of the heal"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     println!(
-        "{} caught up with version 4 by gossip {:?} after the heal",
+        "{} caught up with version {target} by gossip {:?} after the heal",
         victim,
         healed.elapsed()
     );
     let status = cluster.node_status(&victim_addr).expect("status");
-    assert_eq!(status.metadata_version, 4, "{status:?}");
+    assert_eq!(status.metadata_version, target, "{status:?}");
     assert!(status.running, "{status:?}");
 
     // Paused (SIGSTOP) instead of cut: the connection stays up but nothing answers; the
@@ -974,6 +993,7 @@ fn the_ecs_leader_cut_off_from_its_group_commits_nothing_and_the_majority_goes_o
                 AdminRequest::AddNode {
                     name: "n5".into(),
                     addr: n5_addr,
+                    zone: None,
                 },
                 Duration::from_secs(40),
             );
@@ -1010,6 +1030,7 @@ fn the_ecs_leader_cut_off_from_its_group_commits_nothing_and_the_majority_goes_o
             AdminRequest::AddNode {
                 name: "n4".into(),
                 addr: n4_addr,
+                zone: None,
             },
             Duration::from_secs(60),
         );

@@ -120,6 +120,7 @@ fn recover(cluster: &HostCluster, within: Duration) -> usize {
                     AdminRequest::AddNode {
                         name: node.name.clone(),
                         addr: node.addr.clone(),
+                        zone: None,
                     },
                 );
                 match reply {

@@ -301,6 +301,7 @@ async fn every_ecs_request_kind_by_every_role() {
         AdminRequest::AddNode {
             name: "bad name".into(),
             addr: "127.0.0.1:9".into(),
+            zone: None,
         },
         AdminRequest::Raft(ringkv_wire::RaftRpc {
             kind: ringkv_wire::RaftRpcKind::Vote,

@@ -105,20 +105,17 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
 
     // A join that moves a range out of the restarted node (it is the sender), right after
     // the restart: every step of the move reaches it at once.
-    let n3_addr: SocketAddr = (0..1000)
-        .map(|_| {
-            format!("127.0.0.1:{}", free_port())
-                .parse::<SocketAddr>()
-                .unwrap()
-        })
-        .find(|a| {
-            ecs.ecs
-                .metadata()
-                .join_move(&NodeEntry::new("n3", a.to_string()))
-                .unwrap()
-                .is_some_and(|mv| mv.from.name == "n1")
-        })
-        .expect("an address whose range comes from n1");
+    let n3_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let plan = ringkv_ecs::plan::join(
+        &ecs.ecs.metadata(),
+        NodeEntry::new("n3", n3_addr.to_string()),
+    )
+    .unwrap();
+    assert!(
+        plan.copies.iter().any(|c| c.from.name == "n1"),
+        "the newcomer takes a share from n1: {:#?}",
+        plan.copies
+    );
     let n3_dir = tempfile::tempdir().unwrap();
     let n3 = NodeProcess::spawn_with(&certs, "n3", n3_addr, n3_dir.path(), &[]);
     wait_answers(&certs, &n3.addr).await;
@@ -132,6 +129,7 @@ async fn peers_of_a_restarted_node_reconnect_at_once() {
         AdminRequest::AddNode {
             name: "n3".into(),
             addr: n3.addr.clone(),
+            zone: None,
         },
     )
     .await;

@@ -376,33 +376,9 @@ fn put_text(outcome: PutOutcome) -> &'static str {
     }
 }
 
-/// The client's ring view as a table.
+/// The client's ring view as a table (the same table as `ringkv-ecs ring`).
 pub fn ring_text(store: &KvStore) -> String {
-    let metadata = store.metadata();
-    let mut s = format!(
-        "ring metadata version {} ({} nodes, {} copies of every key)\n",
-        metadata.version,
-        metadata.nodes.len(),
-        metadata.full_chain(),
-    );
-    for ((node, range), (_, chain)) in metadata.ranges().into_iter().zip(metadata.chains()) {
-        let failed = if metadata.is_failed(&node.name) {
-            "  FAILED"
-        } else {
-            ""
-        };
-        let chain: Vec<&str> = chain.iter().map(|n| n.name.as_str()).collect();
-        s.push_str(&format!(
-            "  {:<12} {:<22} position {}…  range ({}…, {}…]  replicas {}{failed}\n",
-            node.name,
-            node.addr,
-            &node.position.to_hex()[..12],
-            &range.start.to_hex()[..12],
-            &range.end.to_hex()[..12],
-            chain.join(" -> "),
-        ));
-    }
-    s
+    super::ecs::ring_text(&store.metadata())
 }
 
 const SHELL_HELP: &str = "\

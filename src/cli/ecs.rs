@@ -116,6 +116,10 @@ pub enum Command {
         /// The node's advertised host:port.
         #[arg(long)]
         addr: String,
+        /// The node's failure domain (a rack, a host, an availability zone): no two copies
+        /// of a partition are placed in one zone while the ring has enough zones.
+        #[arg(long)]
+        zone: Option<String>,
     },
     /// Remove a node from the ring, live or dead. With replication its copies are rebuilt
     /// on the nodes that take its place (a dead node is failed over); without, its range
@@ -211,7 +215,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Status => AdminRequest::Status,
         Command::Ring => AdminRequest::Ring,
-        Command::AddNode { name, addr } => AdminRequest::AddNode { name, addr },
+        Command::AddNode { name, addr, zone } => AdminRequest::AddNode { name, addr, zone },
         Command::RemoveNode { name } => AdminRequest::RemoveNode { name },
         Command::AddEcsMember { id, name, addr } => AdminRequest::AddEcsMember { id, name, addr },
         Command::RemoveEcsMember { id } => AdminRequest::RemoveEcsMember { id },
@@ -369,75 +373,92 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// Every range's replicas (head first, tail last) and what it lacks.
+/// The replication summary: copies per key, failed nodes, and every range short of
+/// copies (head first, tail last), at most [`SHORT_RANGES_SHOWN`] of them.
 pub fn ranges_text(metadata: &RingMetadata, ranges: &[RangeReport]) -> String {
     let mut s = format!(
-        "\nreplicas ({} copies of every key{}):\n",
+        "\nreplicas: {} copies of every key in {} partitions{}\n",
         metadata.full_chain(),
+        metadata.partition_count(),
         if metadata.failed.is_empty() {
             String::new()
         } else {
             format!("; failed: {}", metadata.failed.join(", "))
         }
     );
-    let mut short_of = 0;
-    for r in ranges {
-        let state = if r.missing == 0 {
-            "complete".to_string()
-        } else {
-            short_of += 1;
-            format!("{} copy(ies) missing", r.missing)
-        };
+    let short_of: Vec<&RangeReport> = ranges.iter().filter(|r| r.missing > 0).collect();
+    if short_of.is_empty() {
+        s.push_str("every range has all its copies\n");
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "{} range(s) below the replication factor:",
+        short_of.len()
+    );
+    for r in short_of.iter().take(SHORT_RANGES_SHOWN) {
         let _ = writeln!(
             s,
-            "  ({}…, {}…]  {:<32} {}",
+            "  ({}…, {}…]  {:<32} {} copy(ies) missing",
             short(r.range.start.to_hex()),
             short(r.range.end.to_hex()),
             r.chain.join(" -> "),
-            state
+            r.missing
         );
     }
-    if short_of > 0 {
-        let _ = writeln!(s, "{short_of} range(s) below the replication factor");
+    if short_of.len() > SHORT_RANGES_SHOWN {
+        let _ = writeln!(s, "  … and {} more", short_of.len() - SHORT_RANGES_SHOWN);
     }
     s
 }
+
+/// How many ranges short of copies [`ranges_text`] lists.
+pub const SHORT_RANGES_SHOWN: usize = 20;
 
 fn short(hex: String) -> String {
     hex[..10].to_string()
 }
 
-/// The ring as a table.
+/// A node's share as `count (percent of the partitions)`.
+fn share_cell(count: u32, partitions: usize) -> String {
+    format!(
+        "{count} ({:.0}%)",
+        100.0 * f64::from(count) / partitions.max(1) as f64
+    )
+}
+
+/// The ring as a table: every node with its zone and its share of the partitions (heads
+/// take writes, tails serve reads, copies are what it stores). Shared by `ringkv-ecs ring`
+/// and the client's `ringkv ring`.
 pub fn ring_text(metadata: &RingMetadata) -> String {
+    let partitions = metadata.partition_count();
     let mut s = format!(
-        "ring version {}, {} nodes\n",
+        "ring version {}, {} nodes, {} partitions, {} copies of every key\n",
         metadata.version,
-        metadata.nodes.len()
+        metadata.nodes.len(),
+        partitions,
+        metadata.full_chain(),
     );
     let _ = writeln!(
         s,
-        "{:<10} {:<22} {:<12} {:<27} REPLICAS (head first)",
-        "NAME", "ADDRESS", "POSITION", "RANGE"
+        "{:<10} {:<22} {:<10} {:>11} {:>11} {:>11}",
+        "NAME", "ADDRESS", "ZONE", "HEADS", "TAILS", "COPIES"
     );
-    for ((node, range), (_, chain)) in metadata.ranges().into_iter().zip(metadata.chains()) {
-        let chain: Vec<&str> = chain.iter().map(|n| n.name.as_str()).collect();
+    for (node, share) in metadata.nodes.iter().zip(metadata.shares()) {
         let failed = if metadata.is_failed(&node.name) {
-            " (failed)"
+            "  (failed)"
         } else {
             ""
         };
         let _ = writeln!(
             s,
-            "{:<10} {:<22} {:<12} {:<27} {}{failed}",
+            "{:<10} {:<22} {:<10} {:>11} {:>11} {:>11}{failed}",
             node.name,
             node.addr,
-            short(node.position.to_hex()),
-            format!(
-                "({}…, {}…]",
-                short(range.start.to_hex()),
-                short(range.end.to_hex())
-            ),
-            chain.join(" -> ")
+            node.zone.as_deref().unwrap_or("-"),
+            share_cell(share.heads, partitions),
+            share_cell(share.tails, partitions),
+            share_cell(share.copies, partitions),
         );
     }
     s
@@ -455,14 +476,12 @@ pub fn status_text(metadata: &RingMetadata, nodes: &[NodeReport]) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<10} {:<22} {:<27} {:>9} {:>8} {:<10} STATE",
-        "NAME", "ADDRESS", "RANGE", "KEYS", "VERSION", "LIVENESS"
+        "{:<10} {:<22} {:>11} {:>9} {:>8} {:<10} STATE",
+        "NAME", "ADDRESS", "COPIES", "KEYS", "VERSION", "LIVENESS"
     );
+    let partitions = metadata.partition_count();
     for n in nodes {
-        let range = n
-            .range
-            .map(|r| format!("({}…, {}…]", short(r.start.to_hex()), short(r.end.to_hex())))
-            .unwrap_or_default();
+        let range = share_cell(n.share.copies, partitions);
         let liveness = n.liveness.map_or("unknown", |l| l.as_str());
         match (&n.status, &n.error) {
             (Some(st), _) => {
@@ -484,14 +503,14 @@ pub fn status_text(metadata: &RingMetadata, nodes: &[NodeReport]) -> String {
                 }
                 let _ = writeln!(
                     s,
-                    "{:<10} {:<22} {:<27} {:>9} {:>8} {:<10} {}",
+                    "{:<10} {:<22} {:>11} {:>9} {:>8} {:<10} {}",
                     n.name, n.addr, range, st.keys, st.metadata_version, liveness, state
                 );
             }
             (None, error) => {
                 let _ = writeln!(
                     s,
-                    "{:<10} {:<22} {:<27} {:>9} {:>8} {:<10} unreachable: {}",
+                    "{:<10} {:<22} {:>11} {:>9} {:>8} {:<10} unreachable: {}",
                     n.name,
                     n.addr,
                     range,

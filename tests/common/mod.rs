@@ -581,6 +581,7 @@ impl TestCluster {
             .ask(AdminRequest::AddNode {
                 name: name.into(),
                 addr: node.addr.clone(),
+                zone: None,
             })
             .await;
         assert!(
@@ -690,6 +691,7 @@ pub async fn add_node_via(admin: &Transport, ecs: &str, name: &str, addr: &str) 
     let request = AdminRequest::AddNode {
         name: name.into(),
         addr: addr.into(),
+        zone: None,
     };
     let reply = ask_ecs(admin, ecs, request).await;
     assert!(

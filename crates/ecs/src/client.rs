@@ -118,9 +118,9 @@ fn changes_membership(request: &AdminRequest) -> bool {
 /// added at that address and not failed, or the node gone.
 pub fn already_done(request: &AdminRequest, ring: &RingMetadata) -> bool {
     match request {
-        AdminRequest::AddNode { name, addr } => ring
+        AdminRequest::AddNode { name, addr, zone } => ring
             .node(name)
-            .is_some_and(|n| &n.addr == addr && !ring.is_failed(name)),
+            .is_some_and(|n| &n.addr == addr && &n.zone == zone && !ring.is_failed(name)),
         AdminRequest::RemoveNode { name } => ring.node(name).is_none(),
         _ => false,
     }
@@ -202,6 +202,7 @@ mod tests {
         let add = |name: &str, addr: &str| AdminRequest::AddNode {
             name: name.into(),
             addr: addr.into(),
+            zone: None,
         };
         let remove = |name: &str| AdminRequest::RemoveNode { name: name.into() };
         assert!(already_done(&add("b", "h:2"), &ring));

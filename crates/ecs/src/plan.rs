@@ -259,14 +259,14 @@ impl Plan {
     }
 }
 
-/// The elementary arcs of a change: the circle cut at the positions of both rings, each arc
-/// `(b[k-1], b[k]]` in ring order (one whole-ring arc if there is one position in all).
+/// The elementary arcs of a change: the circle cut wherever a chain may change in either
+/// ring ([`RingMetadata::boundaries`]), each arc `(b[k-1], b[k]]` in ring order (one
+/// whole-ring arc if there is one cut in all).
 fn elementary_arcs(current: &RingMetadata, target: &RingMetadata) -> Vec<KeyRange> {
     let cuts: BTreeSet<Position> = current
-        .nodes
-        .iter()
-        .chain(&target.nodes)
-        .map(|n| n.position)
+        .boundaries()
+        .into_iter()
+        .chain(target.boundaries())
         .collect();
     let cuts: Vec<Position> = cuts.into_iter().collect();
     (0..cuts.len())
@@ -396,7 +396,7 @@ pub fn change(
             ));
         }
     }
-    copies.sort_by_key(|(start, c)| (*start, c.to.position));
+    copies.sort_by(|(a, x), (b, y)| (a, &x.to.name).cmp(&(b, &y.to.name)));
     let copies: Vec<Copy> = copies.into_iter().map(|(_, c)| c).collect();
 
     // Locks: each copy's range at its head and source; then every arc whose tail or head
@@ -432,7 +432,7 @@ pub fn change(
             }
         }
     }
-    handover.sort_by_key(|n| n.position);
+    handover.sort_by(|a, b| a.name.cmp(&b.name));
     for node in handover {
         for (_, range) in runs(&arcs, |k| handover_at[k].contains(&node)) {
             locks.push((node.clone(), range));
@@ -685,94 +685,71 @@ mod tests {
         let current = ring(3);
         let new = NodeEntry::new("new", "127.0.0.1:9999");
         let plan = join(&current, new.clone()).unwrap();
-        assert_eq!(plan.copies.len(), 1);
-        let mv = plan.copies[0].clone();
-        assert_eq!(mv.head, mv.from);
-        assert_eq!(mv.to, new);
+        check_plan(&current, &plan);
         assert_eq!(plan.metadata.version, 2);
-        let lock = position_of(&plan, |s| matches!(s, Step::Lock { .. }));
-        let transfer = position_of(&plan, |s| matches!(s, Step::Transfer { .. }));
-        let open_delta = position_of(&plan, |s| {
-            matches!(s, Step::TransferDelta { last: false, .. })
-        });
-        let delta = position_of(&plan, |s| {
-            matches!(s, Step::TransferDelta { last: true, .. })
-        });
+        // The newcomer takes its share from every other node (balanced placement), each
+        // copy from the partition's owner, which is also its head without replication.
+        let senders: BTreeSet<&str> = plan.copies.iter().map(|c| c.from.name.as_str()).collect();
+        assert_eq!(senders.len(), 3, "{:#?}", plan.copies);
+        for c in &plan.copies {
+            assert_eq!(c.head, c.from);
+            assert_eq!(c.to, new);
+        }
+        let first = |pred: &dyn Fn(&Step) -> bool| position_of(&plan, pred);
+        let last = |pred: &dyn Fn(&Step) -> bool| plan.steps.iter().rposition(pred).unwrap();
+        let is_lock = |s: &Step| matches!(s, Step::Lock { .. });
+        let is_transfer = |s: &Step| matches!(s, Step::Transfer { .. });
+        let is_open_delta = |s: &Step| matches!(s, Step::TransferDelta { last: false, .. });
+        let is_delta = |s: &Step| matches!(s, Step::TransferDelta { last: true, .. });
+        let is_install = |s: &Step| matches!(s, Step::Install { .. });
+        let is_clear = |s: &Step| matches!(s, Step::Clear { .. });
         let commit = plan.commit_index();
-        // Bulk copy and a delta round unlocked, then lock, then the last delta, then commit.
-        assert!(transfer < open_delta && open_delta < lock && lock < delta && delta < commit);
-        let install_from = position_of(&plan, |s| {
-            *s == Step::Install {
-                node: mv.from.clone(),
-            }
-        });
-        let install_to = position_of(&plan, |s| {
-            *s == Step::Install {
-                node: mv.to.clone(),
-            }
-        });
+        // Bulk copies and a delta round unlocked, then locks, then the last deltas, then
+        // the commit, the installs, the start and the clears.
+        assert!(last(&is_transfer) < first(&is_lock));
+        assert!(last(&is_open_delta) < first(&is_lock));
+        assert!(last(&is_lock) < first(&is_delta) && last(&is_delta) < commit);
         let start = position_of(&plan, |s| matches!(s, Step::Start { .. }));
-        let delete_at_sender = position_of(
-            &plan,
-            |s| matches!(s, Step::Clear { node, .. } if *node == mv.from),
-        );
-        assert!(commit < install_from);
-        assert!(install_from < install_to && install_to < start && start < delete_at_sender);
+        assert!(commit < first(&is_install) && last(&is_install) < start);
+        assert!(start < first(&is_clear));
         assert!(
             !plan.steps.iter().any(|s| matches!(s, Step::Abort { .. })),
-            "the sender's lock ends by its install, never by an unlock"
+            "a sender's lock ends by its install, never by an unlock"
         );
-        // The ECS seeds the new metadata at the sender and the receiver only; gossip
-        // carries it to the rest.
-        let installs: Vec<&NodeEntry> = plan
-            .steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::Install { node } => Some(node),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(installs, vec![&mv.from, &mv.to]);
-        // The receiver is prepared (cleared) before anything is sent to it.
-        assert_eq!(
-            plan.steps[0],
-            Step::Prepare {
-                node: new.clone(),
-                range: mv.range,
-                from: mv.from.clone(),
+        // The senders adopt first, then the receiver.
+        let installs = plan.installed_at();
+        assert_eq!(installs.last().map(String::as_str), Some("new"));
+        assert_eq!(installs.len(), 4);
+        // Receivers are prepared (cleared) before anything is sent to them.
+        assert!(matches!(plan.steps[0], Step::Prepare { .. }));
+        let rollback = plan.rollback();
+        for c in &plan.copies {
+            for node in [&c.from, &c.to] {
+                assert!(rollback.contains(&Step::Abort {
+                    node: node.clone(),
+                    range: c.range
+                }));
             }
-        );
-        assert_eq!(
-            plan.rollback(),
-            vec![
-                Step::Abort {
-                    node: mv.from.clone(),
-                    range: mv.range
-                },
-                Step::Abort {
-                    node: new,
-                    range: mv.range
-                }
-            ]
-        );
+        }
     }
 
     #[test]
-    fn leave_moves_to_successor_and_installs_at_leaver_too() {
-        let current = ring(3);
+    fn leave_spreads_the_leavers_partitions_and_installs_at_leaver_first() {
+        let current = ring(4);
         let leaving = current.nodes[1].clone();
         let plan = leave(&current, &leaving.name).unwrap();
-        assert_eq!(plan.copies.len(), 1);
-        let mv = plan.copies[0].clone();
-        assert_eq!(mv.head, mv.from);
-        assert_eq!(mv.from, leaving);
-        assert_eq!(mv.to, current.nodes[2]);
+        check_plan(&current, &plan);
+        let receivers: BTreeSet<&str> = plan.copies.iter().map(|c| c.to.name.as_str()).collect();
+        assert!(receivers.len() >= 2, "{:#?}", plan.copies);
+        for c in &plan.copies {
+            assert_eq!(c.head, c.from);
+            assert_eq!(c.from, leaving);
+        }
         assert!(plan.metadata.node(&leaving.name).is_none());
-        let installs = plan.installed_at();
         assert_eq!(
-            installs,
-            vec![leaving.name.clone(), mv.to.name.clone()],
-            "the sender adopts first; the unaffected node is left to gossip"
+            plan.installed_at().first(),
+            Some(&leaving.name),
+            "the sender adopts first"
         );
         assert!(plan.commit_index() > position_of(&plan, |s| matches!(s, Step::Transfer { .. })));
     }
@@ -1000,40 +977,53 @@ mod tests {
         );
     }
 
+    /// The nodes that newly hold each elementary arc of the change from `current` to
+    /// `plan`'s target, with the copies that cover it.
+    fn entering<'a>(
+        current: &'a RingMetadata,
+        plan: &'a Plan,
+    ) -> Vec<(KeyRange, Vec<&'a NodeEntry>, Vec<&'a Copy>)> {
+        elementary_arcs(current, &plan.metadata)
+            .into_iter()
+            .map(|arc| {
+                let old = current.chain(&arc.end);
+                let new: Vec<&NodeEntry> = plan
+                    .metadata
+                    .chain(&arc.end)
+                    .into_iter()
+                    .filter(|n| !old.contains(n))
+                    .collect();
+                let copies = plan
+                    .copies
+                    .iter()
+                    .filter(|c| c.range.contains(&arc.end))
+                    .collect();
+                (arc, new, copies)
+            })
+            .collect()
+    }
+
     #[test]
-    fn replicated_join_copies_three_ranges_to_the_new_node() {
+    fn replicated_join_copies_the_newcomers_share_from_the_old_tails() {
         let current = ring_r(5, 3);
         let new = NodeEntry::new("new", "127.0.0.1:9999");
         let plan = join(&current, new.clone()).unwrap();
         check_plan(&current, &plan);
         assert_eq!(plan.metadata.replication, 3);
-        assert_eq!(plan.copies.len(), 3, "{:#?}", plan.copies);
-        let target_ranges: Vec<KeyRange> = plan
-            .metadata
-            .replicated_by("new")
-            .into_iter()
-            .map(|(r, _)| r)
-            .collect();
-        for c in &plan.copies {
-            assert_eq!(c.to, new);
-            assert!(target_ranges.contains(&c.range), "{:?}", c.range);
-            assert_eq!(current.tail(&c.range.end), Some(&c.from));
-            assert_eq!(current.head(&c.range.end), Some(&c.head));
+        // Its share (3 copies in 6 nodes: half the partitions) comes from several tails.
+        let share =
+            plan.metadata.shares()[plan.metadata.nodes.iter().position(|n| *n == new).unwrap()];
+        assert_eq!(share.copies as usize, plan.metadata.partition_count() / 2);
+        let sources: BTreeSet<&str> = plan.copies.iter().map(|c| c.from.name.as_str()).collect();
+        assert!(sources.len() >= 3, "{sources:?}");
+        for (arc, entering, copies) in entering(&current, &plan) {
+            assert!(entering.iter().all(|n| **n == new), "{arc:?}: {entering:?}");
+            assert_eq!(copies.len(), entering.len(), "{arc:?}");
+            for c in copies {
+                assert_eq!(current.tail(&arc.end), Some(&c.from));
+                assert_eq!(current.head(&arc.end), Some(&c.head));
+            }
         }
-        let clears: Vec<&Step> = plan
-            .steps
-            .iter()
-            .filter(|s| matches!(s, Step::Clear { .. }))
-            .collect();
-        assert_eq!(clears.len(), 3, "{clears:#?}");
-        let cleared: BTreeSet<&str> = clears
-            .iter()
-            .map(|s| match s {
-                Step::Clear { node, .. } => node.name.as_str(),
-                _ => unreachable!(),
-            })
-            .collect();
-        assert_eq!(cleared.len(), 3, "three different nodes drop a range");
         let last_install = plan
             .steps
             .iter()
@@ -1046,30 +1036,33 @@ mod tests {
     }
 
     #[test]
-    fn replicated_leave_rebuilds_each_range_once_at_the_replacement() {
+    fn replicated_leave_rebuilds_each_arc_once_at_its_replacement() {
         let current = ring_r(5, 3);
         for leaving in current.nodes.clone() {
             let plan = leave(&current, &leaving.name).unwrap();
             check_plan(&current, &plan);
-            let replicated = current.replicated_by(&leaving.name);
-            assert_eq!(replicated.len(), 3);
-            for (range, _) in replicated {
-                let new = plan.metadata.chain(&range.end);
-                let old = current.chain(&range.end);
-                let entering: Vec<&NodeEntry> =
-                    new.iter().copied().filter(|n| !old.contains(n)).collect();
-                assert_eq!(entering.len(), 1);
-                let copies: Vec<&Copy> = plan
-                    .copies
-                    .iter()
-                    .filter(|c| c.range.contains(&range.end))
-                    .collect();
-                assert_eq!(copies.len(), 1, "{range:?}: {copies:#?}");
-                assert_eq!(&copies[0].to, entering[0]);
-                if copies[0].from == leaving {
-                    assert_eq!(old.last(), Some(&&leaving), "only the old tail sends");
+            let mut receivers = BTreeSet::new();
+            for (arc, entering, copies) in entering(&current, &plan) {
+                let held = current.chain(&arc.end).contains(&&leaving);
+                assert_eq!(entering.len(), usize::from(held), "{arc:?}");
+                assert_eq!(copies.len(), entering.len(), "{arc:?}: {copies:#?}");
+                if let (Some(to), Some(c)) = (entering.first(), copies.first()) {
+                    assert_eq!(&c.to, *to);
+                    receivers.insert(c.to.name.clone());
+                    if c.from == leaving {
+                        assert_eq!(
+                            current.tail(&arc.end),
+                            Some(&leaving),
+                            "only the old tail sends"
+                        );
+                    }
                 }
             }
+            assert!(
+                receivers.len() >= 2,
+                "{} rebuilt on {receivers:?}",
+                leaving.name
+            );
         }
     }
 
@@ -1091,15 +1084,14 @@ mod tests {
         check_plan(&ring, &plan);
         assert!(plan.metadata.node(&dead.name).is_none());
         assert!(!plan.copies.is_empty());
-        for (range, _) in current.replicated_by(&dead.name) {
-            let copies: Vec<&Copy> = plan
-                .copies
-                .iter()
-                .filter(|c| c.range.contains(&range.end))
-                .collect();
-            assert_eq!(copies.len(), 1, "{range:?}");
-            assert_ne!(copies[0].from, dead);
+        for (arc, entering, copies) in entering(&ring, &plan) {
+            let held = current.chain(&arc.end).contains(&&dead);
+            assert_eq!(entering.len(), usize::from(held), "{arc:?}");
+            assert_eq!(copies.len(), entering.len(), "{arc:?}");
+            assert!(copies.iter().all(|c| c.from != dead));
         }
+        let sources: BTreeSet<&str> = plan.copies.iter().map(|c| c.from.name.as_str()).collect();
+        assert!(sources.len() >= 2, "rebuilt from {sources:?} only");
         for step in plan.steps.iter().chain(&plan.rollback()) {
             assert!(!nodes_of(step).contains(&&dead), "{step:?}");
         }
@@ -1172,50 +1164,6 @@ mod tests {
         assert_eq!(four.metadata.failed, vec!["a".to_string()]);
     }
 
-    /// The replication-1 plans of before chains: one move from the old owner to the new.
-    fn classic_steps(mv: &ringkv_wire::RangeMove, start_receiver: bool) -> Vec<Step> {
-        let (from, to, range) = (&mv.from, &mv.to, mv.range);
-        let mut steps = vec![
-            Step::Prepare {
-                node: to.clone(),
-                range,
-                from: from.clone(),
-            },
-            Step::Transfer {
-                from: from.clone(),
-                to: to.clone(),
-                range,
-            },
-            Step::TransferDelta {
-                from: from.clone(),
-                to: to.clone(),
-                range,
-                last: false,
-            },
-            Step::Lock {
-                node: from.clone(),
-                range,
-            },
-            Step::TransferDelta {
-                from: from.clone(),
-                to: to.clone(),
-                range,
-                last: true,
-            },
-            Step::Commit,
-            Step::Install { node: from.clone() },
-            Step::Install { node: to.clone() },
-        ];
-        if start_receiver {
-            steps.push(Step::Start { node: to.clone() });
-        }
-        steps.push(Step::Clear {
-            node: from.clone(),
-            range,
-        });
-        steps
-    }
-
     fn arb_ring() -> impl Strategy<Value = RingMetadata> {
         (
             proptest::collection::hash_set(1u16..u16::MAX, 2..9),
@@ -1236,28 +1184,29 @@ mod tests {
 
     proptest! {
         #[test]
-        fn replication_one_plans_are_the_classic_moves(
+        fn replication_one_plans_move_each_arc_from_its_owner_to_its_new_owner(
             ring in arb_ring(),
             port in 1u16..u16::MAX,
             which in any::<prop::sample::Index>(),
         ) {
             let ring = ring.with_replication(1).unwrap();
             let new = NodeEntry::new("new", format!("10.0.0.2:{port}"));
-            let plan = join(&ring, new.clone()).unwrap();
-            let mv = ring.join_move(&new).unwrap().unwrap();
-            prop_assert_eq!(&plan.steps, &classic_steps(&mv, true));
-            prop_assert_eq!(plan.copies.len(), 1);
-            let leaving = &ring.nodes[which.index(ring.nodes.len())].name;
-            let plan = leave(&ring, leaving).unwrap();
-            let mv = ring.leave_move(leaving).unwrap().unwrap();
-            prop_assert_eq!(&plan.steps, &classic_steps(&mv, false));
-            prop_assert_eq!(
-                plan.rollback(),
-                vec![
-                    Step::Abort { node: mv.from.clone(), range: mv.range },
-                    Step::Abort { node: mv.to.clone(), range: mv.range },
-                ]
-            );
+            let leaving = ring.nodes[which.index(ring.nodes.len())].name.clone();
+            for plan in [join(&ring, new.clone()).unwrap(), leave(&ring, &leaving).unwrap()] {
+                check_plan(&ring, &plan);
+                for (arc, entering, copies) in entering(&ring, &plan) {
+                    let (old, new) = (ring.head(&arc.end), plan.metadata.head(&arc.end));
+                    if old == new {
+                        prop_assert!(copies.is_empty());
+                        continue;
+                    }
+                    prop_assert_eq!(entering.len(), 1);
+                    prop_assert_eq!(copies.len(), 1);
+                    prop_assert_eq!(Some(&copies[0].from), old);
+                    prop_assert_eq!(Some(&copies[0].to), new);
+                    prop_assert_eq!(&copies[0].head, &copies[0].from);
+                }
+            }
         }
 
         #[test]

@@ -30,11 +30,8 @@ pub struct RingView {
     /// The metadata as the ECS signed it (`None` while the node holds none): what the node
     /// hands out in `NotResponsible`, `GetMetadata` and gossip.
     pub signed: Option<SignedMetadata>,
-    /// The range ending at this node's ring position, `None` if the node is not in the
-    /// ring.
-    pub own_range: Option<KeyRange>,
-    /// The ring ranges whose chain holds this node: the data it must hold (its own range
-    /// alone without replication).
+    /// The ranges whose chain holds this node, adjacent ones merged: the data it must
+    /// hold.
     pub held: Vec<KeyRange>,
 }
 
@@ -713,13 +710,7 @@ impl Node {
         pick: for<'a> fn(&'a RingMetadata, &Position) -> Option<&'a NodeEntry>,
     ) -> Result<(), ReplyBody> {
         let view = self.view.read().expect("view lock");
-        // Without replication the owner is head and tail: its range is all it takes.
-        let mine = if view.metadata.replication <= 1 && view.metadata.failed.is_empty() {
-            view.own_range.is_some_and(|range| range.contains(position))
-        } else {
-            pick(&view.metadata, position).is_some_and(|n| n.name == self.config.name)
-        };
-        if mine {
+        if pick(&view.metadata, position).is_some_and(|n| n.name == self.config.name) {
             Ok(())
         } else {
             Err(ReplyBody::NotResponsible {
@@ -863,12 +854,7 @@ fn stale_term(term: u64, seen: u64) -> ReplyBody {
 
 fn view_of(name: &str, metadata: RingMetadata, signed: Option<SignedMetadata>) -> RingView {
     RingView {
-        own_range: metadata.range_of(name),
-        held: metadata
-            .replicated_by(name)
-            .into_iter()
-            .map(|(range, _)| range)
-            .collect(),
+        held: metadata.held_by(name),
         metadata: Arc::new(metadata),
         signed,
     }

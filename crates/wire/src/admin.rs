@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::gossip::Liveness;
 use crate::message::NodeStatus;
-use crate::ring::{KeyRange, RingMetadata};
+use crate::ring::{KeyRange, NodeShare, RingMetadata};
 
 /// An operator's request to the ECS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +21,9 @@ pub enum AdminRequest {
         name: String,
         /// Its advertised `host:port`.
         addr: String,
+        /// Its failure domain (rack, host, availability zone), if any: copies of a
+        /// partition are kept in distinct zones while the ring has enough of them.
+        zone: Option<String>,
     },
     /// Remove a node from the ring, live or dead: its copies are rebuilt on the nodes that
     /// take its place in the chains (with replication 1, its range moves to its successor,
@@ -141,8 +144,8 @@ pub struct NodeReport {
     pub name: String,
     /// Advertised address.
     pub addr: String,
-    /// Its range under the ECS's metadata.
-    pub range: Option<KeyRange>,
+    /// Its share of the ring under the ECS's metadata.
+    pub share: NodeShare,
     /// What the node said about itself, if it answered.
     pub status: Option<NodeStatus>,
     /// Why it did not answer.

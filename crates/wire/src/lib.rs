@@ -6,7 +6,9 @@
 //!
 //! # Layout
 //! - [`ring`]: SHA-1 positions on the 160-bit ring, [`KeyRange`], [`RingMetadata`] and the
-//!   ownership math (who owns a key, which range moves on a join or a leave).
+//!   ownership math (which partition holds a key, and which chain of nodes holds it).
+//! - [`placement`]: which nodes the ECS gives each partition to, evenly, on a join or a
+//!   leave.
 //! - [`message`]: the request and reply enums carried in frames (ARCHITECTURE.md §3).
 //! - [`codec`]: the length-prefixed postcard framing with a maximum frame size, checked
 //!   before anything is buffered.
@@ -33,6 +35,7 @@ pub mod error;
 pub mod gossip;
 pub mod limits;
 pub mod message;
+pub mod placement;
 pub mod ring;
 pub mod signed;
 
@@ -51,8 +54,8 @@ pub use message::{
     SCAN_EXAMINE,
 };
 pub use ring::{
-    key_position, node_position, storage_key, HashedKey, KeyRange, NodeEntry, Position, RangeMove,
-    RingMetadata, StorageSpan, MAX_REPLICATION,
+    key_position, storage_key, HashedKey, KeyRange, NodeEntry, NodeShare, Position, RingMetadata,
+    StorageSpan, MAX_REPLICATION,
 };
 pub use signed::{
     signed_message, MetadataSignature, SignedMetadata, MAX_SIGNED_METADATA, SIGNED_DOMAIN,

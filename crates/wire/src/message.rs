@@ -739,7 +739,15 @@ mod tests {
     }
 
     fn arb_node() -> impl Strategy<Value = NodeEntry> {
-        ("[a-z]{1,8}", 1u16..u16::MAX).prop_map(|(n, p)| NodeEntry::new(n, format!("h:{p}")))
+        (
+            "[a-z]{1,8}",
+            1u16..u16::MAX,
+            proptest::option::of("[a-z]{1,4}"),
+        )
+            .prop_map(|(n, p, zone)| NodeEntry {
+                zone,
+                ..NodeEntry::new(n, format!("h:{p}"))
+            })
     }
 
     fn arb_metadata() -> impl Strategy<Value = RingMetadata> {
@@ -1113,7 +1121,8 @@ mod tests {
         prop_oneof![
             arb_node().prop_map(|n| AddNode {
                 name: n.name,
-                addr: n.addr
+                addr: n.addr,
+                zone: n.zone,
             }),
             "[a-z]{1,8}".prop_map(|name| RemoveNode { name }),
             Just(Ring),
@@ -1160,7 +1169,11 @@ mod tests {
                 liveness: up.then_some(crate::Liveness::Alive),
                 name: n.name,
                 addr: n.addr,
-                range,
+                share: crate::NodeShare {
+                    heads: 3,
+                    tails: 2,
+                    copies: 7,
+                },
             });
         let moved = (
             arb_node(),

@@ -30,38 +30,44 @@ impl Ecs {
                 leader: self.leader_addr(),
             };
         };
-        let result = match request {
-            AdminRequest::Ring => return AdminReply::Ring((*self.metadata()).clone()),
-            AdminRequest::Status => return self.status(term).await,
-            AdminRequest::AddNode { name, addr } => self.add_node(NodeEntry::new(name, addr)).await,
-            AdminRequest::RemoveNode { name } => self.remove_node(&name).await,
-            AdminRequest::Start => self.broadcast(term, RequestBody::Start).await,
-            AdminRequest::Stop => self.broadcast(term, RequestBody::Stop).await,
-            // A Raft message reaches this single ECS only from a misconfigured peer.
-            AdminRequest::Raft(_) => {
-                return AdminReply::Error(
+        let result =
+            match request {
+                AdminRequest::Ring => return AdminReply::Ring((*self.metadata()).clone()),
+                AdminRequest::Status => return self.status(term).await,
+                AdminRequest::AddNode { name, addr, zone } => {
+                    let node = NodeEntry::new(name, addr);
+                    self.add_node(match zone {
+                        Some(zone) => node.in_zone(zone),
+                        None => node,
+                    })
+                    .await
+                }
+                AdminRequest::RemoveNode { name } => self.remove_node(&name).await,
+                AdminRequest::Start => self.broadcast(term, RequestBody::Start).await,
+                AdminRequest::Stop => self.broadcast(term, RequestBody::Stop).await,
+                // A Raft message reaches this single ECS only from a misconfigured peer.
+                AdminRequest::Raft(_) => return AdminReply::Error(
                     "this ECS is not a member of a replicated ECS group: it takes no Raft messages"
                         .into(),
-                )
-            }
-            AdminRequest::Group => unreachable!("answered above"),
-            AdminRequest::AddEcsMember { id, name, addr } => match self.group_member() {
-                Ok(raft) => raft
-                    .add_member(id, Member::new(addr, name))
-                    .await
-                    .map(|()| AdminReply::Done(format!("ECS member {id} added; it votes now")))
-                    .map_err(EcsError::from),
-                Err(e) => Err(e),
-            },
-            AdminRequest::RemoveEcsMember { id } => match self.group_member() {
-                Ok(raft) => raft
-                    .remove_member(id)
-                    .await
-                    .map(|()| AdminReply::Done(format!("ECS member {id} removed")))
-                    .map_err(EcsError::from),
-                Err(e) => Err(e),
-            },
-        };
+                ),
+                AdminRequest::Group => unreachable!("answered above"),
+                AdminRequest::AddEcsMember { id, name, addr } => match self.group_member() {
+                    Ok(raft) => raft
+                        .add_member(id, Member::new(addr, name))
+                        .await
+                        .map(|()| AdminReply::Done(format!("ECS member {id} added; it votes now")))
+                        .map_err(EcsError::from),
+                    Err(e) => Err(e),
+                },
+                AdminRequest::RemoveEcsMember { id } => match self.group_member() {
+                    Ok(raft) => raft
+                        .remove_member(id)
+                        .await
+                        .map(|()| AdminReply::Done(format!("ECS member {id} removed")))
+                        .map_err(EcsError::from),
+                    Err(e) => Err(e),
+                },
+            };
         match result {
             Ok(reply) => reply,
             // Deposed while it worked: the new leader finishes or rolls back what it began.
@@ -103,6 +109,7 @@ impl Ecs {
         let request = AdminRequest::AddNode {
             name: node.name.clone(),
             addr: node.addr.clone(),
+            zone: node.zone.clone(),
         };
         if already_done(&request, &current) {
             return Ok(AdminReply::Done(format!(
@@ -241,7 +248,8 @@ impl Ecs {
         let answered: Vec<&NodeStatus> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
         let mut nodes = Vec::new();
         let mut behind = Vec::new();
-        for ((node, range), answer) in metadata.ranges().into_iter().zip(&answers) {
+        let shares = metadata.shares();
+        for ((node, share), answer) in metadata.nodes.iter().zip(shares).zip(&answers) {
             let (status, error) = match answer {
                 Ok(s) => (Some(s.clone()), None),
                 Err(e) => (None, Some(e.clone())),
@@ -256,7 +264,7 @@ impl Ecs {
                 liveness: aggregate_liveness(&node.name, status.is_some(), &answered),
                 name: node.name.clone(),
                 addr: node.addr.clone(),
-                range: Some(range),
+                share,
                 status,
                 error,
             });

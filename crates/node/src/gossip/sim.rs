@@ -86,10 +86,16 @@ pub fn ring(version: u64, ids: impl IntoIterator<Item = usize>) -> RingMetadata 
             )
         })
         .collect();
-    nodes.sort_by_key(|n| n.position);
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    // Gossip only needs the membership: partitions dealt round-robin (what the ECS's
+    // placement would do for thousands of nodes is beside the point here, and slow to run
+    // unoptimised).
+    let partitions = ringkv_wire::placement::partitions_for(nodes.len());
+    let chains = (0..partitions).map(|p| (p % nodes.len()) as u16).collect();
     RingMetadata {
         version,
         nodes,
+        chains,
         ..RingMetadata::default()
     }
 }

@@ -51,16 +51,16 @@ struct Carry {
 /// In a [`Carry`]: the nodes were not in the older membership.
 const NEW: u32 = u32::MAX;
 
-/// The carry runs from `old` to `new`: one merge of the two lists, both sorted by position.
+/// The carry runs from `old` to `new`: one merge of the two lists, both sorted by name.
 fn carry_runs(old: &RingMetadata, new: &RingMetadata) -> Vec<Carry> {
     let mut runs: Vec<Carry> = Vec::new();
     let mut j = 0;
     for node in &new.nodes {
-        while j < old.nodes.len() && old.nodes[j].position < node.position {
+        while j < old.nodes.len() && old.nodes[j].name < node.name {
             j += 1;
         }
         let from = match old.nodes.get(j) {
-            Some(o) if o.position == node.position && o.name == node.name => j as u32,
+            Some(o) if o.name == node.name => j as u32,
             _ => NEW,
         };
         match runs.last_mut() {
@@ -225,7 +225,7 @@ impl GossipState {
     }
 
     /// Adopts the membership of newer metadata (an older or equal version is ignored).
-    /// Heartbeats are carried over by node (matched by position, both lists being sorted by
+    /// Heartbeats are carried over by node (matched by name, both lists being sorted by
     /// it); a node new to the ring gets a grace period from `now`.
     pub fn set_membership(&mut self, membership: Arc<Membership>, now: Instant) {
         if membership.version() <= self.version() {
@@ -705,7 +705,9 @@ mod tests {
         assert_eq!(d.heartbeats.len(), 4, "bounded by max_heartbeats");
         let mut other = GossipState::new("n1", config(), m.clone(), 1, t0);
         other.merge(&d, ms(t0, 50));
-        let relayed = d.heartbeats[0];
+        // A relayed counter of another node is adopted (one of the receiver itself is not).
+        let receiver = m.index_of("n1").unwrap();
+        let relayed = *d.heartbeats.iter().find(|h| h.node != receiver).unwrap();
         assert_eq!(other.counter(relayed.node), relayed.counter);
         // A digest of another version relays nothing (its indices mean other nodes).
         let mut d2 = relay.digest();

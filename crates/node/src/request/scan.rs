@@ -68,11 +68,7 @@ pub async fn scan(
         return reply;
     }
     let view = node.view();
-    let Some(range) = view
-        .metadata
-        .responsible_for(&position)
-        .and_then(|owner| view.metadata.range_of(&owner.name))
-    else {
+    let Some(range) = view.metadata.run_at(&position) else {
         return ReplyBody::NotResponsible {
             metadata: view.signed.clone(),
         };
