@@ -67,15 +67,16 @@ impl std::fmt::Display for RebalanceReport {
         )?;
         writeln!(
             f,
-            "moved {} keys ({mb:.1} MB) from {} to {} in {secs:.2} s: {:.0} MB/s",
+            "moved {} keys ({mb:.1} MB) in {} range copies from {} to {} in {secs:.2} s: {:.0} MB/s",
             m.entries,
-            m.from,
-            m.to,
+            m.copies,
+            m.from.join(", "),
+            m.to.join(", "),
             mb / secs
         )?;
         writeln!(
             f,
-            "range write-locked for {} ms (handover only)",
+            "ranges write-locked for {} ms (last round and handover only)",
             m.locked_ms
         )?;
         writeln!(

@@ -742,15 +742,18 @@ mod strategies {
                 },
             );
         let moved = (
-            (".{0,8}", ".{0,8}"),
-            range(),
+            (
+                proptest::collection::vec(".{0,8}", 0..3),
+                proptest::collection::vec(".{0,8}", 0..3),
+            ),
+            any::<u32>(),
             (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
         )
             .prop_map(
-                |((from, to), range, (entries, bytes, locked_ms, total_ms))| MoveReport {
+                |((from, to), copies, (entries, bytes, locked_ms, total_ms))| MoveReport {
                     from,
                     to,
-                    range,
+                    copies,
                     entries,
                     bytes,
                     locked_ms,

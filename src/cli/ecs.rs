@@ -108,7 +108,8 @@ pub enum Command {
     Status,
     /// Show the ECS's ring metadata.
     Ring,
-    /// Add a running node (started without --start) to the ring; its range moves to it.
+    /// Add a running node (started without --start) to the ring; it takes an even share of
+    /// the partitions from the most loaded nodes.
     AddNode {
         /// The node's name (its certificate name).
         #[arg(long)]
@@ -122,8 +123,8 @@ pub enum Command {
         zone: Option<String>,
     },
     /// Remove a node from the ring, live or dead. With replication its copies are rebuilt
-    /// on the nodes that take its place (a dead node is failed over); without, its range
-    /// moves to its successor (it must be live).
+    /// on the nodes that take its places (a dead node is failed over); without, its
+    /// partitions move to them (it must be live).
     RemoveNode {
         /// The node's name.
         #[arg(long)]
@@ -283,8 +284,14 @@ pub fn reply_text(reply: &AdminReply) -> (i32, String) {
                 let secs = (m.total_ms as f64 / 1000.0).max(0.001);
                 let _ = writeln!(
                     s,
-                    "moved {} keys ({mb:.1} MB) from {} to {} in {:.2} s ({:.1} MB/s); range write-locked for {} ms",
-                    m.entries, m.from, m.to, secs, mb / secs, m.locked_ms
+                    "moved {} keys ({mb:.1} MB) in {} range copies from {} to {} in {:.2} s ({:.1} MB/s); ranges write-locked for {} ms",
+                    m.entries,
+                    m.copies,
+                    m.from.join(", "),
+                    m.to.join(", "),
+                    secs,
+                    mb / secs,
+                    m.locked_ms
                 );
             }
             (0, s)

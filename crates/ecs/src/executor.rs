@@ -374,6 +374,8 @@ impl Executor {
                 if stats.entries >= PRECOPY_DONE_BELOW && self.precopy_rounds < MAX_PRECOPY_ROUNDS {
                     return self.run_current(); // another round with writes open
                 }
+                // This copy's pre-copy is over; the next copy gets its own rounds.
+                self.precopy_rounds = 0;
             }
         }
         if step == Step::Commit {
@@ -515,6 +517,39 @@ mod tests {
             _ => ok_at(target, 0),
         });
         assert_eq!(rounds, MAX_PRECOPY_ROUNDS);
+    }
+
+    /// Every copy of a change gets its own pre-copy rounds (the count was once kept for the
+    /// whole change, so with many copies only the first could repeat its round).
+    #[test]
+    fn each_copy_gets_its_own_delta_rounds() {
+        let ring = RingMetadata::new(
+            3,
+            vec![
+                NodeEntry::new("a", "127.0.0.1:7001"),
+                NodeEntry::new("b", "127.0.0.1:7002"),
+            ],
+        )
+        .unwrap();
+        let plan = plan::join(&ring, NodeEntry::new("c", "127.0.0.1:7003")).unwrap();
+        assert_eq!(plan.copies.len(), 2, "{:#?}", plan.copies);
+        let target = plan.metadata.version;
+        let (exec, first) = Executor::new(plan.clone(), 1);
+        let mut rounds: std::collections::BTreeMap<String, u32> = Default::default();
+        run(exec, first, |a| match a {
+            Action::Run(Step::TransferDelta {
+                last: false, from, ..
+            }) => {
+                *rounds.entry(from.name.clone()).or_default() += 1;
+                ok_at(0, 1_000_000)
+            }
+            _ => ok_at(target, 0),
+        });
+        assert_eq!(rounds.len(), 2, "{rounds:?}");
+        assert!(
+            rounds.values().all(|r| *r == MAX_PRECOPY_ROUNDS),
+            "{rounds:?}"
+        );
     }
 
     #[test]

@@ -582,8 +582,8 @@ pub fn join_with_replication(
 }
 
 /// The plan for the node `name` leaving the ring `current`: its copies are rebuilt on the
-/// nodes that take its place in its chains (with replication 1, its range moves to its
-/// successor). Refused for the last node.
+/// nodes that take its places in its chains ([`ringkv_wire::placement::leave`]; with
+/// replication 1 its partitions move to them). Refused for the last node.
 pub fn leave(current: &RingMetadata, name: &str) -> Result<Plan, EcsError> {
     let target = current.without_node(name)?;
     if target.nodes.is_empty() {
@@ -593,7 +593,7 @@ pub fn leave(current: &RingMetadata, name: &str) -> Result<Plan, EcsError> {
 }
 
 /// The plan for declaring the node `name` failed: it leaves every chain at once (keeping
-/// its position), no data moves, and every other live node of the ring gets the new
+/// its places in the assignment until it is removed), no data moves, and every other live node of the ring gets the new
 /// metadata. Refused with replication 1 (there is no other copy to serve from), and for an
 /// unknown or already failed node.
 pub fn fail(current: &RingMetadata, name: &str) -> Result<Plan, EcsError> {

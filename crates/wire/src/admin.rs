@@ -15,7 +15,8 @@ use crate::ring::{KeyRange, NodeShare, RingMetadata};
 /// An operator's request to the ECS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminRequest {
-    /// Add a running node to the ring; its range moves to it from its successor.
+    /// Add a running node to the ring; it takes an even share of the partitions from the
+    /// most loaded nodes ([`crate::placement::join`]).
     AddNode {
         /// The node's name (its certificate name).
         name: String,
@@ -26,8 +27,8 @@ pub enum AdminRequest {
         zone: Option<String>,
     },
     /// Remove a node from the ring, live or dead: its copies are rebuilt on the nodes that
-    /// take its place in the chains (with replication 1, its range moves to its successor,
-    /// so it must be live).
+    /// take its places in the chains (with replication 1 its partitions move from it to
+    /// them, so it must be live).
     RemoveNode {
         /// The node's name.
         name: String,
@@ -121,17 +122,19 @@ pub struct RaftRpc {
 /// A completed range move.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveReport {
-    /// Sender.
-    pub from: String,
-    /// Receiver.
-    pub to: String,
-    /// The range moved.
-    pub range: KeyRange,
+    /// The senders, each once, in the order of their first copy.
+    pub from: Vec<String>,
+    /// The receivers, each once, in the order of their first copy.
+    pub to: Vec<String>,
+    /// How many range copies the change made (one per run of partitions with the same
+    /// source, receiver and head).
+    pub copies: u32,
     /// Entries moved.
     pub entries: u64,
     /// Key + value bytes moved.
     pub bytes: u64,
-    /// Time from write-locking the range to releasing the lock, in milliseconds.
+    /// Time from the first write lock taken to the install of the new version at the last
+    /// lock holder (which ends its lock), in milliseconds.
     pub locked_ms: u64,
     /// Time of the whole change, in milliseconds.
     pub total_ms: u64,

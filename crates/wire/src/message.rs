@@ -1175,22 +1175,17 @@ mod tests {
                     copies: 7,
                 },
             });
-        let moved = (
-            arb_node(),
-            arb_node(),
-            arb_range(),
-            any::<u64>(),
-            any::<u64>(),
-        )
-            .prop_map(|(a, b, range, entries, bytes)| MoveReport {
-                from: a.name,
-                to: b.name,
-                range,
+        let moved = (arb_node(), arb_node(), any::<u64>(), any::<u64>()).prop_map(
+            |(a, b, entries, bytes)| MoveReport {
+                from: vec![a.name, b.name.clone()],
+                to: vec![b.name],
+                copies: (entries % 100) as u32,
                 entries,
                 bytes,
                 locked_ms: entries % 1000,
                 total_ms: bytes % 1000,
-            });
+            },
+        );
         prop_oneof![
             arb_metadata().prop_map(AdminReply::Ring),
             (arb_metadata(), proptest::option::of(moved))

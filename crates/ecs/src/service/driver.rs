@@ -114,8 +114,9 @@ impl Ecs {
     ) -> Result<AdminReply, EcsError> {
         let started = Instant::now();
         let plan = exec.intent().plan.clone();
-        // Lock timing is measured at the first copy's head (the old owner with replication 1).
-        let sender = plan.copies.first().map(|c| c.head.name.clone());
+        // Lock timing: from the first lock taken to the install at the last lock holder (its
+        // lock ends when it adopts the new version).
+        let holders: Vec<String> = plan.locks().iter().map(|(n, _)| n.name.clone()).collect();
         let (mut locked_at, mut locked_for) = (None, Duration::ZERO);
         let mut retrying = Duration::ZERO;
         let mut last_failure = String::new();
@@ -156,8 +157,10 @@ impl Ecs {
                         last_failure = format!("{}: {reason}", step.describe());
                     }
                     match step {
-                        Step::Lock { .. } if ok => locked_at = Some(Instant::now()),
-                        Step::Install { node } if ok && Some(&node.name) == sender.as_ref() => {
+                        Step::Lock { .. } if ok && locked_at.is_none() => {
+                            locked_at = Some(Instant::now())
+                        }
+                        Step::Install { node } if ok && holders.contains(&node.name) => {
                             locked_for = locked_at.map_or(Duration::ZERO, |t| t.elapsed())
                         }
                         _ => {}
@@ -202,11 +205,10 @@ impl Ecs {
                             tracing::info!(version = plan.metadata.version, elapsed = ?started.elapsed(), "membership change done");
                             Ok(AdminReply::Changed {
                                 metadata: plan.metadata.clone(),
-                                // The first copy, with what all the copies moved.
-                                moved: plan.copies.first().map(|c| MoveReport {
-                                    from: c.from.name.clone(),
-                                    to: c.to.name.clone(),
-                                    range: c.range,
+                                moved: (!plan.copies.is_empty()).then(|| MoveReport {
+                                    from: distinct(plan.copies.iter().map(|c| &c.from.name)),
+                                    to: distinct(plan.copies.iter().map(|c| &c.to.name)),
+                                    copies: plan.copies.len() as u32,
                                     entries: moved.entries,
                                     bytes: moved.bytes,
                                     locked_ms: locked_for.as_millis() as u64,
@@ -493,4 +495,15 @@ impl Ecs {
             })
             .await;
     }
+}
+
+/// Each name once, in the order of its first appearance.
+fn distinct<'a>(names: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for name in names {
+        if !out.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    out
 }

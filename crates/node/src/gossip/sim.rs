@@ -74,8 +74,9 @@ fn id_of(name: &str) -> usize {
     name[1..].parse().expect("simulated node name")
 }
 
-/// Ring metadata of nodes `n0..n<n>` at `version`. Built directly (positions sorted, no
-/// quadratic duplicate check) because the ring is large and its addresses are distinct.
+/// Ring metadata of nodes `n0..n<n>` at `version`. Built directly (names sorted, partitions
+/// dealt round-robin, no placement) because the ring is large and its addresses are
+/// distinct.
 pub fn ring(version: u64, ids: impl IntoIterator<Item = usize>) -> RingMetadata {
     let mut nodes: Vec<NodeEntry> = ids
         .into_iter()
@@ -383,7 +384,7 @@ pub fn spread_config() -> GossipConfig {
 
 /// Rounds for a version seeded at one node of `n` to reach every node. The change is a
 /// leave as the ECS makes it: the leaving node is dropped from the ring and stops, and the
-/// new version is seeded at one node, its successor.
+/// new version is seeded at one node (the next by number).
 pub fn rounds_to_converge(
     n: usize,
     config: GossipConfig,
