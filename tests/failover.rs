@@ -16,7 +16,9 @@ use common::history::{
 };
 use common::load::{final_values, keys_for, CasCounter, Load};
 use common::TestEcs;
-use common::{add_node_via, ask_ecs, free_port, node_status, wait_answers, Certs, NodeProcess};
+use common::{
+    add_node_in_zone_via, ask_ecs, free_port, node_status, wait_answers, Certs, NodeProcess,
+};
 use ringkv_transport::Transport;
 use ringkv_wire::{AdminReply, AdminRequest, KeyRange, NodeEntry, Position, RingMetadata};
 use tempfile::TempDir;
@@ -76,13 +78,16 @@ impl Cluster {
         cluster
     }
 
-    /// Starts node `name` as a process and adds it through the ECS.
+    /// Starts node `name` as a process and adds it through the ECS, in a zone of its own
+    /// (`rack-<name>`: placed as without zones, and the zone must survive what the ECS does
+    /// to the node).
     async fn add(&mut self, name: &str) {
         let data = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let node = NodeProcess::spawn_with(&self.certs, name, addr, data.path(), &[]);
         wait_answers(&self.certs, &node.addr).await;
-        add_node_via(&self.admin, &self.ecs.addr, name, &node.addr).await;
+        let zone = format!("rack-{name}");
+        add_node_in_zone_via(&self.admin, &self.ecs.addr, name, &node.addr, Some(&zone)).await;
         self.nodes.push((name.to_string(), node, data));
     }
 
@@ -490,6 +495,11 @@ async fn a_node_stopped_on_purpose_is_taken_out_at_once_and_added_again_when_bac
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // As it was added: in its zone.
+    assert_eq!(
+        cluster.metadata().node("n2").unwrap().zone.as_deref(),
+        Some("rack-n2")
+    );
     println!(
         "n2 back in the ring {:?} after it was started again (ring v{} -> v{})",
         restarted.elapsed(),

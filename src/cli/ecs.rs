@@ -380,8 +380,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// The replication summary: copies per key, failed nodes, and every range short of
-/// copies (head first, tail last), at most [`SHORT_RANGES_SHOWN`] of them.
+/// The replication summary: copies per key, failed nodes, and the ranges short of copies
+/// (head first, tail last; the ECS sends only those), at most [`SHORT_RANGES_SHOWN`] of
+/// them.
 pub fn ranges_text(metadata: &RingMetadata, ranges: &[RangeReport]) -> String {
     let mut s = format!(
         "\nreplicas: {} copies of every key in {} partitions{}\n",

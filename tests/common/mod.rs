@@ -688,10 +688,21 @@ pub async fn ask_ecs(admin: &Transport, ecs: &str, request: AdminRequest) -> Adm
 
 /// Adds node `name` at `addr` through the ECS at `ecs`; panics unless the ring changed.
 pub async fn add_node_via(admin: &Transport, ecs: &str, name: &str, addr: &str) {
+    add_node_in_zone_via(admin, ecs, name, addr, None).await
+}
+
+/// [`add_node_via`] with the node in failure domain `zone`.
+pub async fn add_node_in_zone_via(
+    admin: &Transport,
+    ecs: &str,
+    name: &str,
+    addr: &str,
+    zone: Option<&str>,
+) {
     let request = AdminRequest::AddNode {
         name: name.into(),
         addr: addr.into(),
-        zone: None,
+        zone: zone.map(str::to_string),
     };
     let reply = ask_ecs(admin, ecs, request).await;
     assert!(

@@ -9,8 +9,9 @@
 //! - every node that newly enters an arc's chain gets a **copy** of it from the *old
 //!   chain's tail* (the one copy known to hold every acknowledged write); adjacent arcs with
 //!   the same source, receiver and head are copied as one range;
-//! - a copy streams a snapshot with writes open, then what writes changed meanwhile in
-//!   rounds (still open) until little is left, then **locks** and sends the rest: the lock
+//! - a copy streams a snapshot with writes open, then (once every copy's snapshot is sent)
+//!   what writes changed meanwhile in rounds (still open) until little is left, then
+//!   **locks** and sends the rest: the lock
 //!   covers only the last, small delta and the handover. Locked are each copy's range at its
 //!   old head (which takes the writes) and at its source (which must hold the lock for the
 //!   last round), and every arc whose tail or head changes at its old tail and old head (a
@@ -507,12 +508,17 @@ pub fn change(
             from: c.from.clone(),
         });
     }
+    // Every bulk copy first, then every copy's open rounds: so what a copy's last (locked)
+    // round carries was written during the open rounds, not during the other copies' bulk
+    // transfers.
     for c in &copies {
         steps.push(Step::Transfer {
             from: c.from.clone(),
             to: c.to.clone(),
             range: c.range,
         });
+    }
+    for c in &copies {
         steps.push(Step::TransferDelta {
             from: c.from.clone(),
             to: c.to.clone(),

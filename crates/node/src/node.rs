@@ -22,7 +22,8 @@ use crate::{NodeConfig, NodeError};
 /// Proof that a write was admitted (see [`Node`]'s invariant); dropped once it is durable.
 pub type WriteAdmission = tokio::sync::OwnedRwLockReadGuard<()>;
 
-/// The metadata a node routes with, and its own range under it (derived once per version).
+/// The metadata a node routes with, and the ranges it holds under it (derived once per
+/// version).
 #[derive(Debug, Clone)]
 pub struct RingView {
     /// The metadata.
@@ -33,9 +34,23 @@ pub struct RingView {
     /// The ranges whose chain holds this node, adjacent ones merged: the data it must
     /// hold.
     pub held: Vec<KeyRange>,
+    /// Every run of partitions with one chain, in ring order (what a scan page serves).
+    pub runs: Vec<KeyRange>,
 }
 
 impl RingView {
+    /// The run of partitions with one chain that holds `pos` ([`RingMetadata::run_at`]),
+    /// found by binary search. `None` on an empty ring.
+    pub fn run_at(&self, pos: &Position) -> Option<KeyRange> {
+        // The runs' ends increase, but for a last run that wraps past the top of the ring.
+        let (last, ordered) = self.runs.split_last()?;
+        let i = ordered.partition_point(|r| r.end < *pos);
+        match ordered.get(i) {
+            Some(r) if r.contains(pos) => Some(*r),
+            _ => last.contains(pos).then_some(*last),
+        }
+    }
+
     /// Whether the node holds (replicates) any position of `range`.
     pub fn holds_any(&self, range: &KeyRange) -> bool {
         self.held.iter().any(|h| h.intersects(range))
@@ -855,6 +870,7 @@ fn stale_term(term: u64, seen: u64) -> ReplyBody {
 fn view_of(name: &str, metadata: RingMetadata, signed: Option<SignedMetadata>) -> RingView {
     RingView {
         held: metadata.held_by(name),
+        runs: metadata.run_ranges(),
         metadata: Arc::new(metadata),
         signed,
     }
@@ -869,4 +885,28 @@ pub enum InstallError {
     /// Persisting it failed; nothing changed.
     #[error("{0}")]
     Storage(NodeError),
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use ringkv_wire::NodeEntry;
+
+    use super::*;
+
+    proptest! {
+        /// The view's binary search finds the same run as the metadata's scan, for rings
+        /// whose runs wrap past the top or cover it whole.
+        #[test]
+        fn the_views_run_at_agrees_with_the_metadata(n in 1usize..9, r in 1u8..4, pos in any::<[u8; 20]>()) {
+            let nodes = (0..n)
+                .map(|i| NodeEntry::new(format!("n{i}"), format!("10.0.0.1:{}", 7000 + i)))
+                .collect();
+            let ring = RingMetadata::new(1, nodes).unwrap().with_replication(r).unwrap();
+            let view = view_of("n0", ring.clone(), None);
+            for p in [Position(pos), Position::MIN, Position::MAX] {
+                prop_assert_eq!(view.run_at(&p), ring.run_at(&p));
+            }
+        }
+    }
 }

@@ -187,7 +187,8 @@ pub enum AdminReply {
         metadata: RingMetadata,
         /// One report per node of the ring.
         nodes: Vec<NodeReport>,
-        /// One report per range: its chain and how many copies it lacks.
+        /// The runs of partitions short of copies (at most a few thousand, in ring order):
+        /// each one's chain and how many copies it lacks. Empty when every range is whole.
         ranges: Vec<RangeReport>,
     },
     /// A request without a result completed.

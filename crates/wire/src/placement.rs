@@ -30,7 +30,9 @@
 //!   middle or tail node of the same chain; a tail with a middle one), which moves no data.
 //!
 //! Failed nodes keep their places (they are in no live chain) until they are removed; they
-//! never receive a place.
+//! receive a place only when no live node outside the chain is left to take it (then the
+//! chain is short of a live copy, and the ECS's plan refuses a change that would leave a
+//! range with none).
 
 use std::collections::HashSet;
 
@@ -384,6 +386,7 @@ impl Draft {
 /// `ring` with `node` joined (version + 1): see the module docs. Refused for a node whose
 /// name or address is already in the ring, or that is not a valid entry.
 pub fn join(ring: &RingMetadata, node: NodeEntry) -> Result<RingMetadata, WireError> {
+    ring.validate()?;
     let invalid = |why: String| WireError::InvalidRing(why);
     check_node_name(&node.name).map_err(invalid)?;
     check_node_addr(&node.addr).map_err(invalid)?;
@@ -444,6 +447,7 @@ pub fn join(ring: &RingMetadata, node: NodeEntry) -> Result<RingMetadata, WireEr
 /// `ring` without the node `name` (version + 1): its places go to the nodes with the fewest
 /// (see the module docs). The last node leaving leaves an empty ring.
 pub fn leave(ring: &RingMetadata, name: &str) -> Result<RingMetadata, WireError> {
+    ring.validate()?;
     let leaving = ring
         .nodes
         .iter()

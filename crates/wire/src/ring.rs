@@ -572,6 +572,11 @@ impl RingMetadata {
         out
     }
 
+    /// The ranges of [`RingMetadata::chains`], without the chains.
+    pub fn run_ranges(&self) -> Vec<KeyRange> {
+        self.runs().into_iter().map(|(r, _)| r).collect()
+    }
+
     /// Where the runs of equal chains end, in ring order: every position where the chain
     /// may change (the cut points a membership change is planned on).
     pub fn boundaries(&self) -> Vec<Position> {

@@ -12,6 +12,9 @@ use crate::plan::{self};
 use crate::raft::{EcsRaft, Member, RaftError};
 use crate::EcsError;
 
+/// Most ranges short of copies a `Status` reply lists.
+pub const MAX_SHORT_RANGES: usize = 4096;
+
 impl Ecs {
     /// Answers one operator request.
     pub async fn answer(&self, request: AdminRequest) -> AdminReply {
@@ -274,10 +277,14 @@ impl Ecs {
                 self.install_at(term, &metadata, behind).await;
             }
         }
+        // Only the runs short of copies, and at most so many: a ring of tens of thousands
+        // of partitions would not fit in a reply otherwise.
         let full = metadata.full_chain();
         let ranges = metadata
             .chains()
             .into_iter()
+            .filter(|(_, chain)| chain.len() < full)
+            .take(MAX_SHORT_RANGES)
             .map(|(range, chain)| RangeReport {
                 range,
                 missing: full.saturating_sub(chain.len()) as u8,

@@ -176,14 +176,15 @@ impl Ecs {
     /// joins as `add-node` would have it. One still in the ring is forgotten (it came back
     /// before it was failed over, or is still being removed: then it waits).
     pub(super) async fn rejoin_planned(&self, term: u64) -> Result<(), EcsError> {
-        let planned: Vec<(String, String)> = self
+        let planned: Vec<NodeEntry> = self
             .planned
             .lock()
             .expect("planned lock")
-            .iter()
-            .map(|(name, addr)| (name.clone(), addr.clone()))
+            .values()
+            .cloned()
             .collect();
-        for (name, addr) in planned {
+        for node in planned {
+            let name = node.name.clone();
             let metadata = self.metadata();
             if metadata.node(&name).is_some() {
                 let leaving = {
@@ -196,7 +197,7 @@ impl Ecs {
                 }
                 continue; // else: not failed over yet, or its removal has not finished
             }
-            let node = NodeEntry::new(name.clone(), addr);
+            // As it was added: its address and its zone.
             let timeout = self.probe_timeout();
             if let Err(e) = self.call(term, &node, RequestBody::Status, timeout).await {
                 tracing::debug!(node = %name, error = %e, "node that stopped on purpose not back yet");
@@ -271,7 +272,7 @@ impl Ecs {
                     self.planned
                         .lock()
                         .expect("planned lock")
-                        .insert(name.to_string(), node.addr.clone());
+                        .insert(name.to_string(), node.clone());
                 }
                 false
             }

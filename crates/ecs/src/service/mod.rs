@@ -23,7 +23,8 @@ use ringkv_certs::{Identity, PeerIdentity, Role};
 use ringkv_transport::Transport;
 use ringkv_transport::{RingSigner, ServeLimits, Service};
 use ringkv_wire::{
-    AdminReply, AdminRequest, Limits, Liveness, NodeStatus, RequestBody, RingMetadata, WireError,
+    AdminReply, AdminRequest, Limits, Liveness, NodeEntry, NodeStatus, RequestBody, RingMetadata,
+    WireError,
 };
 
 use crate::executor::{Executor, Phase};
@@ -77,9 +78,9 @@ pub struct Ecs {
     /// process ran: `remove-node` of one of them is done, not an error ([`Ecs::was_removed`]).
     removed: std::sync::Mutex<std::collections::VecDeque<String>>,
     /// Nodes that stopped on purpose (they answered a probe `Leaving`) and were failed over
-    /// for it, by name, with their address: added again when they answer once more
-    /// ([`Ecs::rejoin_planned`]). Kept by the leader that saw them leave, in memory.
-    planned: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// for it, by name, as the ring had them (address and zone): added again when they answer
+    /// once more ([`Ecs::rejoin_planned`]). Kept by the leader that saw them leave, in memory.
+    planned: std::sync::Mutex<std::collections::HashMap<String, NodeEntry>>,
     /// Wakes the probe loop before its next tick (a member that takes the lead leases the
     /// nodes at once).
     probe_now: tokio::sync::Notify,

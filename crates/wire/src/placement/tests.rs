@@ -247,7 +247,10 @@ fn zones_apart(ring: &RingMetadata) -> bool {
 enum Op {
     Join(u8),
     Leave(usize),
+    /// Marked failed, then removed.
     Fail(usize),
+    /// Marked failed and kept: later joins and leaves run with it in chains.
+    MarkFailed(usize),
 }
 
 fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
@@ -256,6 +259,7 @@ fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
             3 => (0u8..4).prop_map(Op::Join),
             1 => any::<usize>().prop_map(Op::Leave),
             1 => any::<usize>().prop_map(Op::Fail),
+            1 => any::<usize>().prop_map(Op::MarkFailed),
         ],
         1..40,
     )
@@ -311,6 +315,12 @@ proptest! {
                             prop_assert!(added <= usize::from(old.contains(&name)), "a leave moved more than the leaver's place");
                         }
                     }
+                }
+                Op::MarkFailed(i) if !ring.nodes.is_empty() => {
+                    let name = ring.nodes[i % ring.nodes.len()].name.clone();
+                    ring = ring.with_failed(&name).unwrap();
+                    prop_assert_eq!(ring.validate(), Ok(()));
+                    continue;
                 }
                 _ => continue,
             }
