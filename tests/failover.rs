@@ -169,7 +169,7 @@ impl Cluster {
         for (range, chain) in md.chains() {
             assert_eq!(
                 chain.len(),
-                md.full_chain(),
+                md.chain_len(),
                 "{range:?} is short of copies: {chain:?}"
             );
         }

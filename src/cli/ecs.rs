@@ -386,7 +386,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn ranges_text(metadata: &RingMetadata, ranges: &[RangeReport]) -> String {
     let mut s = format!(
         "\nreplicas: {} copies of every key in {} partitions{}\n",
-        metadata.full_chain(),
+        metadata.chain_len(),
         metadata.partition_count(),
         if metadata.failed.is_empty() {
             String::new()
@@ -445,7 +445,7 @@ pub fn ring_text(metadata: &RingMetadata) -> String {
         metadata.version,
         metadata.nodes.len(),
         partitions,
-        metadata.full_chain(),
+        metadata.chain_len(),
     );
     let _ = writeln!(
         s,

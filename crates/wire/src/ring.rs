@@ -380,11 +380,6 @@ impl RingMetadata {
         }
     }
 
-    /// Same as [`RingMetadata::chain_len`] (the name older callers use).
-    pub fn full_chain(&self) -> usize {
-        self.chain_len()
-    }
-
     /// Checks every structural invariant a peer could get wrong: at most
     /// [`MAX_RING_NODES`] nodes sorted by name, unique names and addresses, names and zones
     /// of 1..=[`MAX_NODE_NAME`] bytes of `[A-Za-z0-9._-]`, addresses of the form

@@ -279,7 +279,7 @@ impl Ecs {
         }
         // Only the runs short of copies, and at most so many: a ring of tens of thousands
         // of partitions would not fit in a reply otherwise.
-        let full = metadata.full_chain();
+        let full = metadata.chain_len();
         let ranges = metadata
             .chains()
             .into_iter()
