@@ -132,6 +132,22 @@ pub enum Step {
 }
 
 impl Step {
+    /// Every node the step is sent to or names as a peer (none for the `Commit`).
+    pub fn nodes(&self) -> Vec<&NodeEntry> {
+        match self {
+            Step::Prepare { node, from, .. } => vec![node, from],
+            Step::Transfer { from, to, .. } | Step::TransferDelta { from, to, .. } => {
+                vec![from, to]
+            }
+            Step::Clear { node, .. }
+            | Step::Lock { node, .. }
+            | Step::Abort { node, .. }
+            | Step::Install { node }
+            | Step::Start { node } => vec![node],
+            Step::Commit => vec![],
+        }
+    }
+
     /// A one-line description for logs and operator messages.
     pub fn describe(&self) -> String {
         match self {
@@ -220,6 +236,15 @@ impl Plan {
             }
             _ => false,
         }
+    }
+
+    /// Whether any step of the plan is sent to the node `name` or names it as a peer (a
+    /// rollback's aborts go only to nodes of its steps).
+    pub fn involves(&self, name: &str) -> bool {
+        self.steps
+            .iter()
+            .flat_map(Step::nodes)
+            .any(|n| n.name == name)
     }
 
     /// Names of the nodes the plan sends the new metadata to, in order.
@@ -777,22 +802,6 @@ mod tests {
         ring(n).with_replication(replication).unwrap()
     }
 
-    /// Every node a step is sent to (or names as a peer).
-    fn nodes_of(step: &Step) -> Vec<&NodeEntry> {
-        match step {
-            Step::Prepare { node, from, .. } => vec![node, from],
-            Step::Transfer { from, to, .. } | Step::TransferDelta { from, to, .. } => {
-                vec![from, to]
-            }
-            Step::Clear { node, .. }
-            | Step::Lock { node, .. }
-            | Step::Abort { node, .. }
-            | Step::Install { node }
-            | Step::Start { node } => vec![node],
-            Step::Commit => vec![],
-        }
-    }
-
     /// Which phase a step belongs to; plan steps must come in this order.
     fn phase(step: &Step) -> u8 {
         match step {
@@ -838,7 +847,7 @@ mod tests {
             assert!(phase(&pair[0]) <= phase(&pair[1]), "{plan:#?}");
         }
         for step in plan.steps.iter().chain(&plan.rollback()) {
-            for n in nodes_of(step) {
+            for n in step.nodes() {
                 assert!(
                     !failed.contains(n.name.as_str()),
                     "{step:?} at a failed node"
@@ -1099,7 +1108,7 @@ mod tests {
         let sources: BTreeSet<&str> = plan.copies.iter().map(|c| c.from.name.as_str()).collect();
         assert!(sources.len() >= 2, "rebuilt from {sources:?} only");
         for step in plan.steps.iter().chain(&plan.rollback()) {
-            assert!(!nodes_of(step).contains(&&dead), "{step:?}");
+            assert!(!step.nodes().contains(&&dead), "{step:?}");
         }
         // Removing it with a leave gives the same plan.
         assert_eq!(leave(&ring, &dead.name).unwrap(), plan);
@@ -1271,7 +1280,7 @@ mod tests {
                             Ok(plan) => {
                                 check_plan(&ring, &plan);
                                 for step in &plan.steps {
-                                    prop_assert!(nodes_of(step).iter().all(|n| n.name != name));
+                                    prop_assert!(step.nodes().iter().all(|n| n.name != name));
                                 }
                             }
                             Err(EcsError::NoLiveCopy { range, .. }) => {
