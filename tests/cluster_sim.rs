@@ -421,8 +421,12 @@ struct SimEcs {
     generation: u64,
     condemned_by_change: Vec<String>,
     next_change: u64,
-    /// The step sent to a node whose reply is awaited.
+    /// The last step id sent to a node.
     step: u64,
+    /// The steps of the stage under way whose replies are awaited: step id → place in the
+    /// stage; and each step's outcome so far.
+    awaited: HashMap<u64, usize>,
+    outcomes: Vec<Option<Outcome>>,
 }
 
 impl SimEcs {
@@ -545,6 +549,8 @@ impl Sim {
             condemned_by_change: Vec::new(),
             next_change: 1,
             step: 0,
+            awaited: HashMap::new(),
+            outcomes: Vec::new(),
         };
         let clients = (0..settings.clients)
             .map(|_| SimClient {
@@ -785,10 +791,7 @@ impl Sim {
                 }
             }
             Event::StepTimeout { step } => {
-                if self.ecs.step == step && self.ecs.change.is_some() {
-                    self.ecs.step += 1;
-                    self.advance(Outcome::Failed("no reply in time".into()));
-                }
+                self.step_done(step, Outcome::Failed("no reply in time".into()));
             }
             Event::ProposalDone {
                 generation,
@@ -1028,6 +1031,7 @@ impl Sim {
         self.ecs.generation += 1;
         self.ecs.change = None;
         self.ecs.action = None;
+        self.ecs.awaited.clear();
         self.ecs.term += 1;
         self.ecs.acting_from = self.now + gap;
         // The new leader leases the nodes as it takes the lead, not at its next tick.
@@ -1181,24 +1185,32 @@ impl Sim {
                     },
                 );
             }
-            Action::Run(step) => {
-                let ringkv_ecs::plan::Step::Install { node } = step else {
-                    // Failover plans only install.
-                    self.advance(Outcome::ok());
-                    return;
-                };
-                let n = self.index(&node.name);
-                self.ecs.step += 1;
-                let step = self.ecs.step;
+            Action::Run(steps) => {
+                // Failover plans only install: every install of the stage at once, as the
+                // driver sends them.
                 let ring = self
                     .ecs
                     .change
                     .as_ref()
                     .map(|e| e.intent().plan.metadata.clone())
                     .unwrap();
-                let term = self.ecs.term;
-                self.send(Addr::Ecs, Addr::Node(n), Msg::Install { term, ring, step });
-                self.after(STEP_TIMEOUT, Event::StepTimeout { step });
+                self.ecs.awaited.clear();
+                self.ecs.outcomes = vec![None; steps.len()];
+                for (i, step) in steps.into_iter().enumerate() {
+                    let ringkv_ecs::plan::Step::Install { node } = step else {
+                        self.ecs.outcomes[i] = Some(Outcome::ok());
+                        continue;
+                    };
+                    let n = self.index(&node.name);
+                    self.ecs.step += 1;
+                    let step = self.ecs.step;
+                    self.ecs.awaited.insert(step, i);
+                    let term = self.ecs.term;
+                    let ring = ring.clone();
+                    self.send(Addr::Ecs, Addr::Node(n), Msg::Install { term, ring, step });
+                    self.after(STEP_TIMEOUT, Event::StepTimeout { step });
+                }
+                self.stage_over();
             }
             Action::Wait(d) => {
                 let d = d.as_micros() as Micros;
@@ -1242,6 +1254,30 @@ impl Sim {
             self.log(|| format!("group commits v{version}"));
         }
         self.ecs.intent = Some(intent);
+    }
+
+    /// The reply (or the timeout) of step `step`, if it is awaited.
+    fn step_done(&mut self, step: u64, outcome: Outcome) {
+        if self.ecs.change.is_none() {
+            return;
+        }
+        let Some(i) = self.ecs.awaited.remove(&step) else {
+            return; // a late reply, or a step of a stage that is over
+        };
+        self.ecs.outcomes[i] = Some(outcome);
+        self.stage_over();
+    }
+
+    /// Reports the stage's outcomes once every step has one.
+    fn stage_over(&mut self) {
+        if !self.ecs.awaited.is_empty() {
+            return;
+        }
+        let outcomes = std::mem::take(&mut self.ecs.outcomes)
+            .into_iter()
+            .map(|o| o.expect("every step has an outcome"))
+            .collect();
+        self.advance(Outcome::Ran(outcomes));
     }
 
     fn advance(&mut self, outcome: Outcome) {
@@ -1288,14 +1324,14 @@ impl Sim {
                     self.ecs.probes.done(&name);
                 }
             }
-            Msg::Installed { version, step }
-                if step == self.ecs.step && self.ecs.change.is_some() =>
-            {
-                self.ecs.step += 1;
-                self.advance(Outcome::Ok {
-                    stats: None,
-                    node_version: version,
-                });
+            Msg::Installed { version, step } => {
+                self.step_done(
+                    step,
+                    Outcome::Ok {
+                        stats: None,
+                        node_version: version,
+                    },
+                );
             }
             _ => {}
         }

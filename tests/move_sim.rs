@@ -300,6 +300,40 @@ impl Sim {
         }
     }
 
+    /// Before `action` (a single step for a stage's): injects a crash `fault`, traces, and
+    /// checks that what the nodes are told follows what the intent log holds: a lock only
+    /// once `lock_sent` is durable, a rollback's abort only once `RollingBack` is (a member
+    /// that takes over acts on the durable phase).
+    fn before(&mut self, action: &Action, fault: Option<Fault>, mv: &plan::Copy) {
+        match fault {
+            Some(Fault::SenderCrash) => {
+                let t = self.events + 4;
+                self.node(&mv.from.name).crash(t);
+            }
+            Some(Fault::ReceiverCrash) => {
+                let t = self.events + 4;
+                self.node(&mv.to.name).crash(t);
+            }
+            _ => {}
+        }
+        self.trace.push(format!("{action:?} (fault {fault:?})"));
+        match action {
+            Action::Run(steps) if matches!(steps[..], [Step::Lock { .. }]) => assert!(
+                self.intent_log.as_ref().is_some_and(|i| i.lock_sent),
+                "{fault:?}: a lock sent before lock_sent was persisted\n{}",
+                self.trace.join("\n")
+            ),
+            Action::Run(steps) if matches!(steps[..], [Step::Abort { .. }]) => assert!(
+                self.intent_log
+                    .as_ref()
+                    .is_some_and(|i| i.phase == Phase::RollingBack),
+                "{fault:?}: an abort sent before the rollback was persisted\n{}",
+                self.trace.join("\n")
+            ),
+            _ => {}
+        }
+    }
+
     /// Performs `step` of move `id` at its node, as the node's handler does.
     fn perform(&mut self, step: &Step, id: MoveId, plan: &Plan) -> Outcome {
         let target = target(step).to_string();
@@ -547,80 +581,71 @@ fn run(change: Change, fault: Option<(Fault, usize)>) -> usize {
     let result = loop {
         count += 1;
         assert!(count < 10_000, "runaway\n{}", sim.trace.join("\n"));
-        let injected = fault.filter(|(_, at)| *at == count).map(|(f, _)| f);
-        match injected {
-            Some(Fault::SenderCrash) => {
-                let t = sim.events + 4;
-                sim.node(&mv.from.name).crash(t);
-            }
-            Some(Fault::ReceiverCrash) => {
-                let t = sim.events + 4;
-                sim.node(&mv.to.name).crash(t);
-            }
-            _ => {}
-        }
-        sim.trace
-            .push(format!("#{count} {action:?} (fault {injected:?})"));
-        // What the nodes are told must follow what the intent log holds: a lock only once
-        // `lock_sent` is durable, a rollback's abort only once `RollingBack` is (a member that
-        // takes over acts on the durable phase).
-        match &action {
-            Action::Run(Step::Lock { .. }) => assert!(
-                sim.intent_log.as_ref().is_some_and(|i| i.lock_sent),
-                "{change:?} {fault:?}: a lock sent before lock_sent was persisted\n{}",
-                sim.trace.join("\n")
-            ),
-            Action::Run(Step::Abort { .. }) => assert!(
-                sim.intent_log
-                    .as_ref()
-                    .is_some_and(|i| i.phase == Phase::RollingBack),
-                "{change:?} {fault:?}: an abort sent before the rollback was persisted\n{}",
-                sim.trace.join("\n")
-            ),
-            _ => {}
-        }
-        let lands = injected.and_then(Fault::proposal_lands);
+        let fault_at = |count: usize| fault.filter(|(_, at)| *at == count).map(|(f, _)| f);
+        let mut injected = fault_at(count);
         let outcome = match &action {
-            Action::Persist(intent) => {
+            Action::Persist(intent) | Action::Commit(intent) => {
+                sim.before(&action, injected, &mv);
+                let lands = injected.and_then(Fault::proposal_lands);
                 if lands != Some(false) {
                     sim.intent_log = Some(intent.clone());
-                }
-                lands.map_or_else(Outcome::ok, |_| timed_out())
-            }
-            Action::Commit(intent) => {
-                if lands != Some(false) {
-                    sim.intent_log = Some(intent.clone());
-                    sim.ecs_ring = intent.plan.metadata.clone();
-                }
-                lands.map_or_else(Outcome::ok, |_| timed_out())
-            }
-            Action::Run(step) => match injected {
-                Some(Fault::DelayedPastAbort) => {
-                    delayed = Some(step.clone());
-                    Outcome::Failed("no reply within 5s".into())
-                }
-                Some(Fault::RequestLost) => Outcome::Failed("request lost".into()),
-                Some(Fault::ReplyLost) => {
-                    let _ = sim.perform(step, exec.move_id(), &plan);
-                    Outcome::Failed("reply lost".into())
-                }
-                _ => {
-                    let outcome = sim.perform(step, exec.move_id(), &plan);
-                    // The delayed request runs at its node right after the node's next one.
-                    if let Some(late) = delayed.take_if(|late| target(late) == target(step)) {
-                        sim.trace.push(format!("  delayed {late:?} runs now"));
-                        let _ = sim.perform(&late, exec.move_id(), &plan);
+                    if matches!(action, Action::Commit(_)) {
+                        sim.ecs_ring = intent.plan.metadata.clone();
                     }
-                    outcome
                 }
-            },
-            Action::Wait(_) => Outcome::ok(),
+                sim.tick();
+                lands.map_or_else(Outcome::ok, |_| timed_out())
+            }
+            // A stage's steps run one after another here (any order is one the ECS may take
+            // with them at once), each a point a fault may hit.
+            Action::Run(steps) => {
+                let mut outcomes = Vec::new();
+                for (j, step) in steps.iter().enumerate() {
+                    if j > 0 {
+                        count += 1;
+                        injected = fault_at(count);
+                    }
+                    let one = Action::Run(vec![step.clone()]);
+                    sim.before(&one, injected, &mv);
+                    outcomes.push(match injected {
+                        Some(Fault::DelayedPastAbort) => {
+                            delayed = Some(step.clone());
+                            Outcome::Failed("no reply within 5s".into())
+                        }
+                        Some(Fault::RequestLost) => Outcome::Failed("request lost".into()),
+                        Some(Fault::ReplyLost) => {
+                            let _ = sim.perform(step, exec.move_id(), &plan);
+                            Outcome::Failed("reply lost".into())
+                        }
+                        _ => {
+                            let outcome = sim.perform(step, exec.move_id(), &plan);
+                            // The delayed request runs at its node right after the node's
+                            // next one.
+                            if let Some(late) = delayed.take_if(|late| target(late) == target(step))
+                            {
+                                sim.trace.push(format!("  delayed {late:?} runs now"));
+                                let _ = sim.perform(&late, exec.move_id(), &plan);
+                            }
+                            outcome
+                        }
+                    });
+                    sim.tick();
+                    if injected.is_some_and(Fault::ecs_replaced) {
+                        break; // the ECS is gone: the rest of the stage is never sent
+                    }
+                }
+                Outcome::Ran(outcomes)
+            }
+            Action::Wait(_) => {
+                sim.before(&action, injected, &mv);
+                sim.tick();
+                Outcome::ok()
+            }
             Action::Finish(result) => {
                 sim.intent_log = None;
                 break result.clone();
             }
         };
-        sim.tick();
         if injected.is_some_and(Fault::ecs_replaced) {
             // The ECS dies (or loses the lead) after performing the action; it (or the next
             // leader) resumes from the intent log.

@@ -24,6 +24,9 @@ pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// Default bound on the leader's probes per second: about a third of one core at the
 /// ~60 µs of ECS CPU a probe costs (`ringkv-bench lease-scale`, ARCHITECTURE.md §11).
 pub const DEFAULT_MAX_PROBE_RATE: u32 = 6_000;
+/// Default bound on the steps of a change one node takes part in at once: two range copies
+/// per node keep its disk and the link busy while one of them waits for a batch's fsync.
+pub const DEFAULT_STEPS_PER_NODE: usize = 2;
 
 /// A function the executor calls just before it sends each step of a change to its node,
 /// with the step: for observing a change (metrics, logs) and for tests that inject a fault
@@ -88,6 +91,10 @@ pub struct EcsConfig {
     /// name). Set alone (no `peers`) for a member that joins an existing group: it waits
     /// until the leader adds it (`ringkv-ecs add-ecs-member`).
     pub raft_id: Option<u64>,
+    /// The most steps of a change a node takes part in at once (a stage of a plan runs its
+    /// steps together, [`crate::plan::Plan::stages`]): a node sends or receives at most this
+    /// many range copies at a time. 1 runs a node's steps one after another.
+    pub steps_per_node: usize,
 }
 
 impl EcsConfig {
@@ -109,6 +116,7 @@ impl EcsConfig {
             max_probe_rate: DEFAULT_MAX_PROBE_RATE,
             peers: Vec::new(),
             raft_id: None,
+            steps_per_node: DEFAULT_STEPS_PER_NODE,
         }
     }
 

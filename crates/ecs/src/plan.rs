@@ -205,6 +205,10 @@ pub struct Plan {
     pub copies: Vec<Copy>,
     /// The steps, in order.
     pub steps: Vec<Step>,
+    /// Where each stage of `steps` begins (ascending, the first 0): the steps of one stage
+    /// are independent of each other and run at once; a stage begins when the one before it
+    /// is over ([`Plan::stages`]).
+    pub stage_starts: Vec<usize>,
 }
 
 impl Plan {
@@ -214,6 +218,44 @@ impl Plan {
             .iter()
             .position(|s| *s == Step::Commit)
             .expect("every plan commits")
+    }
+
+    /// Index of the stage of the [`Step::Commit`] (a stage of its own) in [`Plan::stages`].
+    pub fn commit_stage(&self) -> usize {
+        self.stages()
+            .iter()
+            .position(|stage| stage == &[Step::Commit])
+            .expect("every plan commits, in a stage of its own")
+    }
+
+    /// The steps cut into stages, in order: every copy's `Prepare`; every `Transfer`; every
+    /// open `TransferDelta`; every `Lock`; every last `TransferDelta`; the `Commit` alone; the
+    /// installs at the nodes of the changed arcs' old chains; the other installs; the
+    /// `Start`; every `Clear`. Within a stage the steps are independent (distinct copies,
+    /// distinct nodes), so the ECS runs them at once, a bounded number per node
+    /// ([`crate::config::EcsConfig::steps_per_node`]).
+    pub fn stages(&self) -> Vec<Vec<Step>> {
+        let mut ends: Vec<usize> = self.stage_starts.iter().skip(1).copied().collect();
+        ends.push(self.steps.len());
+        self.stage_starts
+            .iter()
+            .zip(ends)
+            .map(|(&start, end)| self.steps[start..end].to_vec())
+            .filter(|stage| !stage.is_empty())
+            .collect()
+    }
+
+    /// The rollback ([`Plan::rollback`]) in stages: every lock holder's abort, then every
+    /// receiver's.
+    pub fn rollback_stages(&self) -> Vec<Vec<Step>> {
+        let (holders, receivers): (Vec<Step>, Vec<Step>) = self
+            .rollback()
+            .into_iter()
+            .partition(|step| !self.best_effort(step));
+        [holders, receivers]
+            .into_iter()
+            .filter(|stage| !stage.is_empty())
+            .collect()
     }
 
     /// The `(node, range)` of every [`Step::Lock`], in plan order.
@@ -508,11 +550,11 @@ pub fn change(
         .filter(|n| !in_old.contains(n))
         .collect();
     rest.sort_by_key(|n| (ring_index(&target, n), ring_index(current, n)));
-    let installs: Vec<&NodeEntry> = first
-        .into_iter()
-        .chain(rest)
-        .filter(|n| alive(n) && (current.node(&n.name).is_some() || target.node(&n.name).is_some()))
-        .collect();
+    let installable = |n: &&NodeEntry| {
+        alive(n) && (current.node(&n.name).is_some() || target.node(&n.name).is_some())
+    };
+    let first_installs = first.iter().filter(|n| installable(n)).count();
+    let installs: Vec<&NodeEntry> = first.into_iter().chain(rest).filter(installable).collect();
 
     // Clears: every live node that leaves an arc's chain, merged per node, in ring order.
     let mut clears: Vec<Step> = Vec::new();
@@ -525,7 +567,7 @@ pub fn change(
         }
     }
 
-    let mut steps = Vec::new();
+    let mut steps = Stages::default();
     for c in &copies {
         steps.push(Step::Prepare {
             node: c.to.clone(),
@@ -536,6 +578,7 @@ pub fn change(
     // Every bulk copy first, then every copy's open rounds: so what a copy's last (locked)
     // round carries was written during the open rounds, not during the other copies' bulk
     // transfers.
+    steps.next_stage();
     for c in &copies {
         steps.push(Step::Transfer {
             from: c.from.clone(),
@@ -543,6 +586,7 @@ pub fn change(
             range: c.range,
         });
     }
+    steps.next_stage();
     for c in &copies {
         steps.push(Step::TransferDelta {
             from: c.from.clone(),
@@ -551,9 +595,11 @@ pub fn change(
             last: false,
         });
     }
+    steps.next_stage();
     for (node, range) in locks {
         steps.push(Step::Lock { node, range });
     }
+    steps.next_stage();
     for c in &copies {
         steps.push(Step::TransferDelta {
             from: c.from.clone(),
@@ -562,19 +608,58 @@ pub fn change(
             last: true,
         });
     }
+    steps.next_stage();
     steps.push(Step::Commit);
-    for node in installs {
+    // The nodes of the old chains adopt the target before any other (two stages).
+    steps.next_stage();
+    for (i, node) in installs.into_iter().enumerate() {
+        if i == first_installs {
+            steps.next_stage();
+        }
         steps.push(Step::Install { node: node.clone() });
     }
+    steps.next_stage();
     if let Some(node) = joining {
         steps.push(Step::Start { node: node.clone() });
     }
-    steps.extend(clears);
-    Ok(Plan {
-        metadata: target,
-        copies,
-        steps,
-    })
+    steps.next_stage();
+    for clear in clears {
+        steps.push(clear);
+    }
+    Ok(steps.plan(target, copies))
+}
+
+/// Steps being laid out in stages ([`Plan::stages`]).
+#[derive(Default)]
+struct Stages {
+    steps: Vec<Step>,
+    starts: Vec<usize>,
+}
+
+impl Stages {
+    /// Appends `step` to the current stage.
+    fn push(&mut self, step: Step) {
+        if self.starts.is_empty() {
+            self.starts.push(0);
+        }
+        self.steps.push(step);
+    }
+
+    /// Ends the current stage (if it has steps): the next step begins a new one.
+    fn next_stage(&mut self) {
+        if self.starts.last().is_some_and(|&s| s < self.steps.len()) {
+            self.starts.push(self.steps.len());
+        }
+    }
+
+    fn plan(self, metadata: RingMetadata, copies: Vec<Copy>) -> Plan {
+        Plan {
+            metadata,
+            copies,
+            steps: self.steps,
+            stage_starts: self.starts,
+        }
+    }
 }
 
 /// The ring `current` with `node` added (version + 1), keeping its replication factor and
@@ -660,19 +745,14 @@ pub fn fail_all(current: &RingMetadata, names: &[&str]) -> Result<Plan, EcsError
             ),
         });
     }
-    let mut steps = vec![Step::Commit];
-    steps.extend(
-        target
-            .nodes
-            .iter()
-            .filter(|n| !target.is_failed(&n.name))
-            .map(|n| Step::Install { node: n.clone() }),
-    );
-    Ok(Plan {
-        metadata: target,
-        copies: Vec::new(),
-        steps,
-    })
+    let mut steps = Stages::default();
+    steps.push(Step::Commit);
+    steps.next_stage();
+    for n in target.nodes.iter().filter(|n| !target.is_failed(&n.name)) {
+        steps.push(Step::Install { node: n.clone() });
+    }
+    let copies = Vec::new();
+    Ok(steps.plan(target, copies))
 }
 
 /// The plan for removing the failed node `name` from the ring: every range it was in the
@@ -845,6 +925,44 @@ mod tests {
         // Phases in order; nothing is sent to a failed node.
         for pair in plan.steps.windows(2) {
             assert!(phase(&pair[0]) <= phase(&pair[1]), "{plan:#?}");
+        }
+        // Stages: the steps in order, one kind per stage, the commit alone; the installs of
+        // every copy's source and old head (the lock holders) in the first install stage, a
+        // joining node's in the last.
+        assert_eq!(plan.stages().concat(), plan.steps);
+        assert_eq!(plan.rollback_stages().concat(), plan.rollback());
+        for stage in plan.stages() {
+            let kind = |s: &Step| (std::mem::discriminant(s), phase(s));
+            assert!(
+                stage.iter().all(|s| kind(s) == kind(&stage[0])),
+                "{stage:#?}"
+            );
+            assert!(stage.len() == 1 || stage[0] != Step::Commit);
+        }
+        let install_stages: Vec<Vec<String>> = plan
+            .stages()
+            .iter()
+            .filter(|stage| matches!(stage[0], Step::Install { .. }))
+            .map(|stage| {
+                stage
+                    .iter()
+                    .flat_map(Step::nodes)
+                    .map(|n| n.name.clone())
+                    .collect()
+            })
+            .collect();
+        if let Some(first) = install_stages.first() {
+            for (node, _) in plan.locks() {
+                if !failed.contains(node.name.as_str()) {
+                    assert!(first.contains(&node.name), "{} not in {first:?}", node.name);
+                }
+            }
+            for c in &plan.copies {
+                if current.node(&c.to.name).is_none() {
+                    assert!(install_stages.last().unwrap().contains(&c.to.name));
+                    assert!(install_stages.len() == 1 || !first.contains(&c.to.name));
+                }
+            }
         }
         for step in plan.steps.iter().chain(&plan.rollback()) {
             for n in step.nodes() {

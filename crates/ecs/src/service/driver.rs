@@ -2,9 +2,12 @@
 //! node, wait), resumes pending changes, and sends nodes requests stamped with the term they
 //! were decided in.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use tokio::sync::Semaphore;
 
 use ringkv_transport::TransportError;
 use ringkv_wire::{
@@ -18,8 +21,8 @@ use crate::raft::{EcsCommand, RaftError};
 use crate::state::IntentLog;
 use crate::EcsError;
 
-/// Most installs of a republish under way at once.
-const INSTALLS_AT_ONCE: usize = 64;
+/// Most steps of a stage, or installs of a republish, under way at once.
+const STEPS_AT_ONCE: usize = 64;
 
 impl Ecs {
     /// The change in progress in the intent log, if any.
@@ -145,27 +148,27 @@ impl Ecs {
                     }
                     outcome
                 }
-                Action::Run(step) => {
-                    if let Some(hook) = &self.config.before_step {
-                        (hook.0)(step);
-                    }
-                    let step_started = Instant::now();
-                    let outcome = self.run_step(term, step, exec.move_id(), &plan).await;
-                    let ok = matches!(outcome, Outcome::Ok { .. });
-                    tracing::info!(change = exec.move_id().change, step = %step.describe(), elapsed = ?step_started.elapsed(), ok, "step");
-                    if let Outcome::Failed(reason) | Outcome::Unknown(reason) = &outcome {
-                        last_failure = format!("{}: {reason}", step.describe());
-                    }
-                    match step {
-                        Step::Lock { .. } if ok && locked_at.is_none() => {
-                            locked_at = Some(Instant::now())
+                Action::Run(steps) => {
+                    let ran = self.run_stage(term, steps, exec.move_id(), &plan).await;
+                    let mut outcomes = Vec::with_capacity(ran.len());
+                    for (step, (outcome, ended)) in steps.iter().zip(ran) {
+                        let ok = matches!(outcome, Outcome::Ok { .. });
+                        if let Outcome::Failed(reason) | Outcome::Unknown(reason) = &outcome {
+                            last_failure = format!("{}: {reason}", step.describe());
                         }
-                        Step::Install { node } if ok && holders.contains(&node.name) => {
-                            locked_for = locked_at.map_or(Duration::ZERO, |t| t.elapsed())
+                        match step {
+                            Step::Lock { .. } if ok => {
+                                locked_at = Some(locked_at.map_or(ended, |t: Instant| t.min(ended)))
+                            }
+                            Step::Install { node } if ok && holders.contains(&node.name) => {
+                                let held = locked_at.map_or(Duration::ZERO, |t| ended - t);
+                                locked_for = locked_for.max(held);
+                            }
+                            _ => {}
                         }
-                        _ => {}
+                        outcomes.push(outcome);
                     }
-                    outcome
+                    Outcome::Ran(outcomes)
                 }
                 Action::Wait(delay) => {
                     if retrying + *delay > self.config.retry_budget {
@@ -298,6 +301,69 @@ impl Ecs {
             tracing::error!(error = %e, "could not persist the committed ring; the intent log keeps it");
         }
         self.set_ring(metadata.clone());
+    }
+
+    /// Runs the steps of one stage of move `id` at once, at most
+    /// [`crate::config::EcsConfig::steps_per_node`] of them at any node and
+    /// [`STEPS_AT_ONCE`] in all, and returns each one's outcome and when it ended, in the
+    /// order of `steps`.
+    async fn run_stage(
+        &self,
+        term: u64,
+        steps: &[Step],
+        id: MoveId,
+        plan: &Plan,
+    ) -> Vec<(Outcome, Instant)> {
+        let per_node = self.config.steps_per_node.max(1);
+        let mut limits: HashMap<&str, Arc<Semaphore>> = HashMap::new();
+        for node in steps.iter().flat_map(Step::nodes) {
+            limits
+                .entry(node.name.as_str())
+                .or_insert_with(|| Arc::new(Semaphore::new(per_node)));
+        }
+        let limits = &limits;
+        let started: Vec<_> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| self.run_limited(term, i, step, id, plan, limits))
+            .collect();
+        let mut ran: Vec<(usize, Outcome, Instant)> = futures::stream::iter(started)
+            .buffer_unordered(STEPS_AT_ONCE)
+            .collect()
+            .await;
+        ran.sort_by_key(|(i, _, _)| *i);
+        ran.into_iter()
+            .map(|(_, outcome, ended)| (outcome, ended))
+            .collect()
+    }
+
+    /// Runs step `i` of a stage once it holds a permit of `limits` for each of its nodes
+    /// (taken in name order, so two steps never wait for each other's).
+    async fn run_limited(
+        &self,
+        term: u64,
+        i: usize,
+        step: &Step,
+        id: MoveId,
+        plan: &Plan,
+        limits: &HashMap<&str, Arc<Semaphore>>,
+    ) -> (usize, Outcome, Instant) {
+        let mut names: Vec<&str> = step.nodes().iter().map(|n| n.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut permits = Vec::with_capacity(names.len());
+        for name in names {
+            let limit = limits[name].clone();
+            permits.push(limit.acquire_owned().await.expect("never closed"));
+        }
+        if let Some(hook) = &self.config.before_step {
+            (hook.0)(step);
+        }
+        let started = Instant::now();
+        let outcome = self.run_step(term, step, id, plan).await;
+        let ok = matches!(outcome, Outcome::Ok { .. });
+        tracing::info!(change = id.change, step = %step.describe(), elapsed = ?started.elapsed(), ok, "step");
+        (i, outcome, Instant::now())
     }
 
     /// Runs one step of move `id` against its node.
@@ -458,7 +524,7 @@ impl Ecs {
             .await;
     }
 
-    /// Signs `metadata` and installs it at `nodes`, up to [`INSTALLS_AT_ONCE`] at a time (best
+    /// Signs `metadata` and installs it at `nodes`, up to [`STEPS_AT_ONCE`] at a time (best
     /// effort: a node that fails or does not adopt it is logged). Concurrent, so that dead
     /// nodes cost one `node_timeout` together rather than one each while the caller (a
     /// republish) holds the change mutex.
@@ -477,7 +543,7 @@ impl Ecs {
         };
         let nodes: Vec<&NodeEntry> = nodes.into_iter().collect();
         futures::stream::iter(nodes)
-            .for_each_concurrent(INSTALLS_AT_ONCE, |node| {
+            .for_each_concurrent(STEPS_AT_ONCE, |node| {
                 let body = RequestBody::InstallMetadata {
                     metadata: signed.clone(),
                 };
