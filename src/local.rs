@@ -71,6 +71,16 @@ impl LocalCluster {
     /// Makes certificates in `dir/certs` (CA, `ecs`, `admin`, `client`, and nodes `n1` to
     /// `n<cert_nodes>`), starts the ECS on `127.0.0.1:<port>`; call from a tokio runtime.
     pub async fn start(dir: &Path, port: u16, cert_nodes: usize) -> anyhow::Result<Self> {
+        Self::start_with(dir, port, cert_nodes, |_| {}).await
+    }
+
+    /// [`LocalCluster::start`] with the ECS's configuration adjusted by `configure`.
+    pub async fn start_with(
+        dir: &Path,
+        port: u16,
+        cert_nodes: usize,
+        configure: impl FnOnce(&mut EcsConfig),
+    ) -> anyhow::Result<Self> {
         let certs = dir.join("certs");
         if !certs.join("ca.pem").exists() {
             ringkv_certs::init_ca(&certs, false)?;
@@ -83,7 +93,8 @@ impl LocalCluster {
         }
         let ecs_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let (stop, stop_rx) = watch::channel(false);
-        let config = EcsConfig::new(ecs_addr, dir.join("ecs-state"));
+        let mut config = EcsConfig::new(ecs_addr, dir.join("ecs-state"));
+        configure(&mut config);
         let identity = Identity::from_dir(&certs, "ecs")?;
         let ecs = spawn_service("ecs".into(), stop_rx, move |stop| async move {
             let (endpoint, ecs) = ringkv_ecs::bind(config, &identity)

@@ -160,3 +160,69 @@ fn lease_scale_reports_a_row_per_size() {
     assert!(probes > 0.0 && probes < 60.0, "{row}");
     assert!(stdout.contains("one ECS core:"), "{stdout}");
 }
+
+/// `ringkv-bench rebalance` (an in-process cluster at R = 3): a join into 3 nodes takes its
+/// share from several nodes, a leave of one of 4 rebuilds its copies on several; both report
+/// the same run's disk rate, the lock time and the load's throughput.
+#[test]
+fn rebalance_reports_a_join_from_many_nodes_and_a_leave_to_many() {
+    for (nodes, leave) in [("3", false), ("4", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        // The ECS at the port, node i at port + i: a free port with room after it.
+        let port = (0..50)
+            .map(|_| common::free_port())
+            .find(|p| *p < 60_000)
+            .expect("a free port below 60000");
+        let mut args = vec![
+            "rebalance".to_string(),
+            "--keys=3000".into(),
+            "--value-size=256".into(),
+            format!("--nodes={nodes}"),
+            "--disk-mib=8".into(),
+            "--load-clients=2".into(),
+            format!("--port={port}"),
+        ];
+        if leave {
+            args.push("--leave".into());
+        }
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ringkv-bench"))
+            .args(&args)
+            .arg("--dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .output()
+            .expect("ringkv-bench rebalance runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {stdout}\n{stderr}");
+        // "moved K keys (M MB) in C range copies from A, B to C in S s: R MB/s"
+        let moved = stdout
+            .lines()
+            .find(|l| l.starts_with("moved "))
+            .unwrap_or_else(|| panic!("no move reported: {stdout}"));
+        let words: Vec<&str> = moved.split_whitespace().collect();
+        let keys: u64 = words[1].parse().unwrap();
+        let copies: u32 = words[6].parse().unwrap();
+        let (from, to) = moved
+            .split_once(" from ")
+            .and_then(|(_, rest)| rest.split_once(" to "))
+            .unwrap();
+        let (to, _) = to.split_once(" in ").unwrap();
+        let (senders, receivers) = (from.split(", ").count(), to.split(", ").count());
+        assert!(keys > 0 && copies >= 2, "{moved}");
+        if leave {
+            assert!(receivers >= 2, "a leave rebuilds on several nodes: {moved}");
+        } else {
+            assert!(senders >= 2, "a join takes from several nodes: {moved}");
+            assert_eq!(receivers, 1, "{moved}");
+        }
+        for line in [
+            "disk in the same run: ",
+            "ranges write-locked for ",
+            "load: ",
+        ] {
+            assert!(stdout.contains(line), "{line:?} missing: {stdout}");
+        }
+    }
+}

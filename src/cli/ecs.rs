@@ -89,6 +89,12 @@ pub enum Command {
         #[arg(long, default_value_t = ringkv_ecs::config::DEFAULT_MAX_PROBE_RATE,
               value_parser = clap::value_parser!(u32).range(1..))]
         max_probe_rate: u32,
+        /// The most steps of a membership change one node takes part in at once: range
+        /// copies it sends or receives, locks, installs. A change runs its copies in
+        /// parallel, this many per node; 1 runs each node's one after another.
+        #[arg(long, default_value_t = ringkv_ecs::config::DEFAULT_STEPS_PER_NODE as u64,
+              value_parser = clap::value_parser!(u64).range(1..=64))]
+        steps_per_node: u64,
         /// The founding members of a replicated ECS group, `name@host:port` (certificate
         /// name and ECS address), comma-separated, the same list in the same order on every
         /// member; this member is the one named like its certificate. Without it (and
@@ -186,6 +192,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             failover_after,
             probe_interval,
             max_probe_rate,
+            steps_per_node,
             peers,
             raft_id,
             serve,
@@ -202,6 +209,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             config.failover_after = failover_after;
             config.probe_interval = probe_interval;
             config.max_probe_rate = max_probe_rate;
+            config.steps_per_node = steps_per_node as usize;
             config.node_timeout = Duration::from_secs(node_timeout);
             config.transfer_timeout = Duration::from_secs(transfer_timeout);
             config.status_timeout = Duration::from_millis(status_timeout_ms);

@@ -680,10 +680,7 @@ mod tests {
             "the sender's twice retried until delivered, the receiver's tried once"
         );
         assert_eq!(
-            actions
-                .iter()
-                .filter(|a| matches!(a, Seen::Wait))
-                .count(),
+            actions.iter().filter(|a| matches!(a, Seen::Wait)).count(),
             2
         );
         match actions.last() {

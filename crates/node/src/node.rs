@@ -566,7 +566,7 @@ impl Node {
             .store(installed.replication, Ordering::Relaxed);
         // Chain writes this node took as a member and may now head (its predecessor was
         // failed over before the chain had them) go down the new chain.
-        self.redrive.rescan(&self.store);
+        self.redrive.rescan();
         let released = {
             let mut moves = self.moves();
             moves

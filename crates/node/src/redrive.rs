@@ -14,6 +14,7 @@
 //! ([`crate::request::data::redrive`]).
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ const CONCURRENCY: usize = 64;
 #[derive(Default)]
 pub struct Redrive {
     keys: Mutex<BTreeSet<Vec<u8>>>,
+    /// The store's marks are to be read again (a new ring was installed).
+    rescan: AtomicBool,
     wake: tokio::sync::Notify,
 }
 
@@ -40,6 +43,7 @@ impl Redrive {
     pub(crate) fn new(keys: Vec<Vec<u8>>) -> Self {
         Self {
             keys: Mutex::new(keys.into_iter().collect()),
+            rescan: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -50,17 +54,15 @@ impl Redrive {
         self.wake.notify_one();
     }
 
-    /// Every key marked unconfirmed in `store` is to be re-driven (a new ring may have made
-    /// this node the head of keys it took as a member; those it does not head stay marked).
-    pub(crate) fn rescan(&self, store: &crate::storage::Store) {
-        match store.unconfirmed() {
-            Ok(keys) if keys.is_empty() => {}
-            Ok(keys) => {
-                self.keys.lock().expect("redrive lock").extend(keys);
-                self.wake.notify_one();
-            }
-            Err(e) => tracing::warn!(error = %e, "reading the unconfirmed chain writes failed"),
-        }
+    /// Every key marked unconfirmed in the store is to be re-driven (a new ring may have
+    /// made this node the head of keys it took as a member; those it does not head stay
+    /// marked). The marks are read by the re-drive task, on a blocking thread: the
+    /// keyspace of marks holds a removed mark for every chain write since its last
+    /// compaction, and reading past them took 100 ms after 100,000 writes, time an install
+    /// (which releases the write locks of a move) must not wait for, nor the runtime.
+    pub(crate) fn rescan(&self) {
+        self.rescan.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
     }
 
     fn take(&self) -> BTreeSet<Vec<u8>> {
@@ -71,6 +73,16 @@ impl Redrive {
 /// Re-drives `node`'s unconfirmed keys until it stops (aborted with the server).
 pub async fn run(node: Arc<Node>) {
     loop {
+        if node.redrive.rescan.swap(false, Ordering::SeqCst) {
+            let store = node.store.clone();
+            match tokio::task::spawn_blocking(move || store.unconfirmed()).await {
+                Ok(Ok(keys)) => node.redrive.keys.lock().expect("redrive lock").extend(keys),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reading the unconfirmed chain writes failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the unconfirmed chain writes failed"),
+            }
+        }
         let keys = node.redrive.take();
         if keys.is_empty() {
             node.redrive.wake.notified().await;

@@ -141,6 +141,12 @@ impl Ecs {
                 }
                 Action::Commit(intent) => {
                     let outcome = self.commit(intent).await;
+                    if matches!(outcome, Outcome::Ok { .. }) {
+                        // A node the change adds serves only once leased, and a first lease
+                        // takes two probes: lease it now, while the ring is installed, not
+                        // a probe interval from now (clients would meet STOPPED meanwhile).
+                        self.probe_now.notify_one();
+                    }
                     if let Outcome::Unknown(reason) = &outcome {
                         tracing::warn!(change = intent.change, version = intent.plan.metadata.version, %reason, "the commit's outcome is unknown; proposing it again");
                         last_failure =
