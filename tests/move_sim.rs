@@ -390,7 +390,7 @@ impl Sim {
             Step::Transfer { from, to, range } => {
                 let n = self.node(&from.name);
                 let version = n.metadata.version;
-                if let Err(e) = n.moves.start_tracking(id, *range, version) {
+                if let Err(e) = n.moves.start_tracking(id, *range, &to.name, version) {
                     return refused(&e);
                 }
                 let entries: Vec<(Vec<u8>, Vec<u8>)> = n
@@ -413,7 +413,7 @@ impl Sim {
                 last,
             } => {
                 let n = self.node(&from.name);
-                let keys: Vec<Vec<u8>> = match n.moves.next_round(id, range, *last) {
+                let keys: Vec<Vec<u8>> = match n.moves.next_round(id, range, &to.name, *last) {
                     Err(e) => return refused(&e),
                     Ok(Round::Keys(keys)) => keys.into_iter().collect(),
                     Ok(Round::Rescan) => n

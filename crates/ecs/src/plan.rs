@@ -878,6 +878,50 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::{BTreeMap, BTreeSet};
 
+    /// Zones: joins (in a zone of their own or an existing one) and leaves of rings whose
+    /// nodes span two to four zones keep every rule. Some of them copy one range from one
+    /// sender to two receivers (the sender tracks each copy's rounds apart,
+    /// `ringkv_node::moves`).
+    #[test]
+    fn changes_in_zoned_rings_keep_every_rule() {
+        let copied_twice = |plan: &Plan| {
+            plan.copies.iter().enumerate().any(|(i, a)| {
+                plan.copies[i + 1..]
+                    .iter()
+                    .any(|b| a.from == b.from && a.range == b.range)
+            })
+        };
+        let (mut checked, mut twice) = (0, 0);
+        for zones in 2..=4usize {
+            let mut current = RingMetadata::default();
+            for i in 0..9usize {
+                let node = NodeEntry::new(format!("z{i}"), format!("127.0.0.1:{}", 7200 + i))
+                    .in_zone(format!("zone-{}", i % zones));
+                let plan = join_with_replication(&current, node, 3).unwrap();
+                if !current.nodes.is_empty() {
+                    check_plan(&current, &plan);
+                    checked += 1;
+                    twice += copied_twice(&plan) as usize;
+                }
+                current = plan.metadata;
+                if current.nodes.len() >= 3 {
+                    for leaver in &current.nodes {
+                        let plan = leave(&current, &leaver.name).unwrap();
+                        check_plan(&current, &plan);
+                        checked += 1;
+                        twice += copied_twice(&plan) as usize;
+                    }
+                }
+            }
+            let stranger = NodeEntry::new("zz", "127.0.0.1:7299").in_zone("zone-new");
+            let plan = join(&current, stranger).unwrap();
+            check_plan(&current, &plan);
+            twice += copied_twice(&plan) as usize;
+        }
+        assert!(checked > 50 && twice > 0, "{checked} plans, {twice}");
+        println!("{checked} plans checked, {twice} copy one range from one sender twice");
+    }
+
     fn ring_r(n: usize, replication: u8) -> RingMetadata {
         ring(n).with_replication(replication).unwrap()
     }

@@ -79,11 +79,13 @@ pub enum MoveError {
     Aborted(u64),
 }
 
-/// Tracking of one moving range.
+/// Tracking of one copy of a moving range (one per receiver: a change may copy one range
+/// from this node to two receivers, and each copy has its own rounds).
 #[derive(Debug)]
 struct Tracking {
     id: MoveId,
     range: KeyRange,
+    to: String,
     keys: HashSet<Vec<u8>>,
     overflowed: bool,
 }
@@ -203,20 +205,22 @@ impl MoveState {
         self.locks.len() != before
     }
 
-    /// `TransferRange`: from now on, remembers the keys written into `range` (replacing
-    /// any earlier tracking of the same range).
+    /// `TransferRange`: from now on, remembers the keys written into `range` for the copy to
+    /// the node `to` (replacing any earlier tracking of the same copy).
     pub fn start_tracking(
         &mut self,
         id: MoveId,
         range: KeyRange,
+        to: &str,
         version: u64,
     ) -> Result<(), MoveError> {
         committed(id, version)?;
         self.not_aborted(id)?;
-        self.tracking.retain(|t| t.range != range);
+        self.tracking.retain(|t| !(t.range == range && t.to == to));
         self.tracking.push(Tracking {
             id,
             range,
+            to: to.to_owned(),
             keys: HashSet::new(),
             overflowed: false,
         });
@@ -238,12 +242,14 @@ impl MoveState {
         }
     }
 
-    /// `TransferDelta`: what this round sends, starting the next round's tracking. The last
+    /// `TransferDelta`: what this round of the copy to `to` sends, starting its next round's
+    /// tracking. The last
     /// round needs `range` locked by the move (so its set is final) and ends the tracking.
     pub fn next_round(
         &mut self,
         id: MoveId,
         range: &KeyRange,
+        to: &str,
         last: bool,
     ) -> Result<Round, MoveError> {
         if last && !self.holds_lock(id, range) {
@@ -252,7 +258,7 @@ impl MoveState {
         let idx = self
             .tracking
             .iter()
-            .position(|t| t.id == id && t.range == *range)
+            .position(|t| t.id == id && t.range == *range && t.to == to)
             .ok_or(MoveError::NotTracking(id.change))?;
         let t = &mut self.tracking[idx];
         let round = if t.overflowed {
@@ -363,7 +369,7 @@ mod tests {
         // ... then the delayed lock, tracking and preparation of the same move.
         assert!(matches!(m.lock(a, range, 4), Err(MoveError::Aborted(7))));
         assert!(matches!(
-            m.start_tracking(a, range, 4),
+            m.start_tracking(a, range, "r", 4),
             Err(MoveError::Aborted(7))
         ));
         assert!(matches!(
@@ -434,10 +440,10 @@ mod tests {
         let mut m = MoveState::default();
         let a = id(1, 5);
         assert_eq!(
-            m.next_round(a, &half(), false),
+            m.next_round(a, &half(), "r", false),
             Err(MoveError::NotTracking(1))
         );
-        m.start_tracking(a, half(), 4).unwrap();
+        m.start_tracking(a, half(), "r", 4).unwrap();
         let (k1, k2, out) = (
             key_in(&half(), true),
             b"zz-other".to_vec(),
@@ -445,7 +451,7 @@ mod tests {
         );
         m.track(&HashedKey::new(&k1));
         m.track(&HashedKey::new(&out));
-        let Round::Keys(first) = m.next_round(a, &half(), false).unwrap() else {
+        let Round::Keys(first) = m.next_round(a, &half(), "r", false).unwrap() else {
             panic!("keys expected")
         };
         assert_eq!(first, HashSet::from([k1.clone()]));
@@ -454,19 +460,50 @@ mod tests {
             m.track(&HashedKey::new(&k2));
         }
         assert_eq!(
-            m.next_round(a, &half(), true),
+            m.next_round(a, &half(), "r", true),
             Err(MoveError::NotLocked(1)),
             "the last round needs the lock"
         );
         m.lock(a, half(), 4).unwrap();
-        let Round::Keys(second) = m.next_round(a, &half(), true).unwrap() else {
+        let Round::Keys(second) = m.next_round(a, &half(), "r", true).unwrap() else {
             panic!("keys expected")
         };
         assert!(second.contains(&k1));
         assert_eq!(
-            m.next_round(a, &half(), true),
+            m.next_round(a, &half(), "r", true),
             Err(MoveError::NotTracking(1)),
             "ended"
+        );
+    }
+
+    /// A change may copy one range from this node to two receivers (zones make it so): each
+    /// copy has its own rounds. (Tracking was once kept per range: the second copy's
+    /// `TransferRange` replaced the first's tracking, and the first receiver's rounds missed
+    /// what was written before it, or handed the second's keys to it.)
+    #[test]
+    fn two_copies_of_one_range_keep_their_own_rounds() {
+        let mut m = MoveState::default();
+        let a = id(1, 5);
+        let (k1, k2) = (key_in(&half(), true), {
+            let mut k = key_in(&half(), true);
+            while k == key_in(&half(), true) || !half().contains(&HashedKey::new(&k).position) {
+                k.push(b'x');
+            }
+            k
+        });
+        m.start_tracking(a, half(), "r1", 4).unwrap();
+        m.track(&HashedKey::new(&k1)); // written during the first copy's snapshot only
+        m.start_tracking(a, half(), "r2", 4).unwrap();
+        m.track(&HashedKey::new(&k2));
+        let round = |m: &mut MoveState, to| match m.next_round(a, &half(), to, false).unwrap() {
+            Round::Keys(keys) => keys,
+            Round::Rescan => panic!("keys expected"),
+        };
+        assert_eq!(round(&mut m, "r1"), HashSet::from([k1.clone(), k2.clone()]));
+        assert_eq!(round(&mut m, "r2"), HashSet::from([k2.clone()]));
+        assert_eq!(
+            m.next_round(a, &half(), "r3", false),
+            Err(MoveError::NotTracking(1))
         );
     }
 
@@ -475,16 +512,16 @@ mod tests {
         let mut m = MoveState::default();
         let a = id(1, 5);
         let all = KeyRange::new(Position::MAX, Position::MAX);
-        m.start_tracking(a, all, 4).unwrap();
+        m.start_tracking(a, all, "r", 4).unwrap();
         for i in 0..=MAX_TRACKED_KEYS {
             m.track(&HashedKey::new(format!("k{i}").as_bytes()));
         }
         assert_eq!(m.tracking[0].keys.len(), 0, "dropped on overflow");
-        assert_eq!(m.next_round(a, &all, false), Ok(Round::Rescan));
+        assert_eq!(m.next_round(a, &all, "r", false), Ok(Round::Rescan));
         m.track(&HashedKey::new(b"after"));
         m.lock(a, all, 4).unwrap();
         assert_eq!(
-            m.next_round(a, &all, true),
+            m.next_round(a, &all, "r", true),
             Ok(Round::Keys(HashSet::from([b"after".to_vec()])))
         );
     }

@@ -111,7 +111,7 @@ pub async fn transfer(node: &Node, id: MoveId, range: KeyRange, to: NodeEntry) -
     // Tracking starts before the snapshot (with no write in flight): every write the
     // snapshot misses is tracked.
     if let Err(e) = node
-        .transition(|m, version| Ok((m.start_tracking(id, range, version)?, false)))
+        .transition(|m, version| Ok((m.start_tracking(id, range, &to.name, version)?, false)))
         .await
     {
         return refused(e);
@@ -137,7 +137,7 @@ pub async fn transfer_delta(
     last: bool,
 ) -> ReplyBody {
     let round = node
-        .transition(|m, _| Ok((m.next_round(id, &range, last)?, false)))
+        .transition(|m, _| Ok((m.next_round(id, &range, &to.name, last)?, false)))
         .await;
     let round = match round {
         Ok(Ok(round)) => round,
