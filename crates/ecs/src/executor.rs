@@ -497,7 +497,7 @@ pub fn backoff(attempt: u32) -> Duration {
 mod tests {
     use super::*;
     use crate::plan;
-    use ringkv_wire::{NodeEntry, RingMetadata};
+    use ringkv_wire::{KeyRange, NodeEntry, RingMetadata};
 
     /// The second node joining: one copy, from the first node to it.
     fn join_plan() -> Plan {
@@ -645,6 +645,58 @@ mod tests {
             rounds.values().all(|r| *r == MAX_PRECOPY_ROUNDS),
             "{rounds:?}"
         );
+    }
+
+    /// A stage repeats only what must be repeated: the open round of the copy that still
+    /// carried much (not the quiet one), and after the commit only the install that failed.
+    #[test]
+    fn a_stage_runs_again_only_the_steps_that_need_it() {
+        let nodes = (1..=5)
+            .map(|i| NodeEntry::new(format!("n{i}"), format!("127.0.0.1:{}", 7000 + i)))
+            .collect();
+        let ring = RingMetadata::new(3, nodes)
+            .unwrap()
+            .with_replication(3)
+            .unwrap();
+        let plan = plan::join(&ring, NodeEntry::new("new", "127.0.0.1:7100")).unwrap();
+        let target = plan.metadata.version;
+        let busy = plan.copies[0].clone();
+        let installs = plan.installed_at();
+        assert!(installs.len() >= 3, "{installs:?}");
+        let flaky = installs[1].clone();
+        let (exec, first) = Executor::new(plan.clone(), 1);
+        let mut failed_install = false;
+        let actions = run(exec, first, |a| match a {
+            Seen::Run(Step::TransferDelta {
+                last: false, range, ..
+            }) if *range == busy.range => ok_at(0, 10_000),
+            Seen::Run(Step::Install { node }) if node.name == flaky && !failed_install => {
+                failed_install = true;
+                Outcome::Failed("no reply within 5s".into())
+            }
+            _ => ok_at(target, 0),
+        });
+        assert!(matches!(actions.last(), Some(Seen::Finish(Ok(_)))));
+        let steps = steps_run(&actions);
+        let open_rounds = |range: &KeyRange| {
+            steps
+                .iter()
+                .filter(|s| matches!(s, Step::TransferDelta { last: false, range: r, .. } if r == range))
+                .count() as u32
+        };
+        assert_eq!(open_rounds(&busy.range), MAX_PRECOPY_ROUNDS);
+        for c in &plan.copies[1..] {
+            if c.range != busy.range {
+                assert_eq!(open_rounds(&c.range), 1, "{c:?}");
+            }
+        }
+        for name in &installs {
+            let times = steps
+                .iter()
+                .filter(|s| matches!(s, Step::Install { node } if node.name == *name))
+                .count();
+            assert_eq!(times, if *name == flaky { 2 } else { 1 }, "{name}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //!   locked tail stops serving reads, a locked head stops taking writes, until it adopts
 //!   the target);
 //! - after the [`Step::Commit`], the target metadata is **installed** at every live node
-//!   whose chains change (nodes of the old chains first), a joining node is started, and
+//!   whose chains change (the lock holders first), a joining node is started, and
 //!   every live node that leaves an arc's chain **clears** it (a node leaving the ring too).
 //!
 //! With replication 1 a chain is just the owner, so a join or a leave is one copy from the
@@ -36,7 +36,7 @@
 //! - A lock is durable and is released only by its node adopting the new version (or by an
 //!   abort before the commit): there is no unlock step, so a locked node never takes a write
 //!   (or, as a locked tail, serves a read) for the range again once the change has
-//!   committed. Nodes of the old chains are installed before the others; in between,
+//!   committed. The lock holders are installed before the others; in between,
 //!   clients back off and retry.
 //! - Data is deleted only after the commit, and only at nodes that hold none of the arc
 //!   under the target: every arc keeps at least the copies of its old chain until the
@@ -205,10 +205,6 @@ pub struct Plan {
     pub copies: Vec<Copy>,
     /// The steps, in order.
     pub steps: Vec<Step>,
-    /// Where each stage of `steps` begins (ascending, the first 0): the steps of one stage
-    /// are independent of each other and run at once; a stage begins when the one before it
-    /// is over ([`Plan::stages`]).
-    pub stage_starts: Vec<usize>,
 }
 
 impl Plan {
@@ -230,19 +226,45 @@ impl Plan {
 
     /// The steps cut into stages, in order: every copy's `Prepare`; every `Transfer`; every
     /// open `TransferDelta`; every `Lock`; every last `TransferDelta`; the `Commit` alone; the
-    /// installs at the nodes of the changed arcs' old chains; the other installs; the
-    /// `Start`; every `Clear`. Within a stage the steps are independent (distinct copies,
-    /// distinct nodes), so the ECS runs them at once, a bounded number per node
-    /// ([`crate::config::EcsConfig::steps_per_node`]).
+    /// installs at the lock holders (every copy's source and old head, every old head and tail
+    /// whose role changes); the other installs; the `Start`; every `Clear`. A stage is a run
+    /// of consecutive steps of one kind (so it is derived from the steps, and a plan persisted
+    /// before stages existed runs in stages too). Within a stage the steps are independent
+    /// (distinct copies, distinct nodes), so the ECS runs them at once, a bounded number per
+    /// node ([`crate::config::EcsConfig::steps_per_node`]).
     pub fn stages(&self) -> Vec<Vec<Step>> {
-        let mut ends: Vec<usize> = self.stage_starts.iter().skip(1).copied().collect();
-        ends.push(self.steps.len());
-        self.stage_starts
-            .iter()
-            .zip(ends)
-            .map(|(&start, end)| self.steps[start..end].to_vec())
-            .filter(|stage| !stage.is_empty())
-            .collect()
+        let holders: Vec<&str> = self.lock_holders();
+        let kind = |step: &Step| -> (u8, bool) {
+            match step {
+                Step::Prepare { .. } => (0, false),
+                Step::Transfer { .. } => (1, false),
+                Step::TransferDelta { last, .. } => (2, *last),
+                Step::Lock { .. } => (3, false),
+                Step::Commit => (4, false),
+                Step::Install { node } => (5, !holders.contains(&node.name.as_str())),
+                Step::Start { .. } => (6, false),
+                Step::Clear { .. } => (7, false),
+                Step::Abort { .. } => (8, self.best_effort(step)),
+            }
+        };
+        let mut stages: Vec<Vec<Step>> = Vec::new();
+        for step in &self.steps {
+            match stages.last_mut() {
+                Some(stage) if kind(&stage[0]) == kind(step) && *step != Step::Commit => {
+                    stage.push(step.clone())
+                }
+                _ => stages.push(vec![step.clone()]),
+            }
+        }
+        stages
+    }
+
+    /// Names of the nodes that take a lock in the plan.
+    fn lock_holders(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.locks().iter().map(|(n, _)| n.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 
     /// The rollback ([`Plan::rollback`]) in stages: every lock holder's abort, then every
@@ -507,7 +529,8 @@ pub fn change(
         }
     }
 
-    // Installs: every live node whose chains change (old chains first), in ring order.
+    // Installs: every live node whose chains change (old chains first), in ring order; the
+    // lock holders are moved ahead of the others below.
     let mut affected: Vec<&NodeEntry> = Vec::new();
     let mut in_old: Vec<&NodeEntry> = Vec::new();
     for k in 0..arcs.len() {
@@ -553,7 +576,6 @@ pub fn change(
     let installable = |n: &&NodeEntry| {
         alive(n) && (current.node(&n.name).is_some() || target.node(&n.name).is_some())
     };
-    let first_installs = first.iter().filter(|n| installable(n)).count();
     let installs: Vec<&NodeEntry> = first.into_iter().chain(rest).filter(installable).collect();
 
     // Clears: every live node that leaves an arc's chain, merged per node, in ring order.
@@ -567,7 +589,7 @@ pub fn change(
         }
     }
 
-    let mut steps = Stages::default();
+    let mut steps = Vec::new();
     for c in &copies {
         steps.push(Step::Prepare {
             node: c.to.clone(),
@@ -578,7 +600,6 @@ pub fn change(
     // Every bulk copy first, then every copy's open rounds: so what a copy's last (locked)
     // round carries was written during the open rounds, not during the other copies' bulk
     // transfers.
-    steps.next_stage();
     for c in &copies {
         steps.push(Step::Transfer {
             from: c.from.clone(),
@@ -586,7 +607,6 @@ pub fn change(
             range: c.range,
         });
     }
-    steps.next_stage();
     for c in &copies {
         steps.push(Step::TransferDelta {
             from: c.from.clone(),
@@ -595,11 +615,9 @@ pub fn change(
             last: false,
         });
     }
-    steps.next_stage();
     for (node, range) in locks {
         steps.push(Step::Lock { node, range });
     }
-    steps.next_stage();
     for c in &copies {
         steps.push(Step::TransferDelta {
             from: c.from.clone(),
@@ -608,58 +626,33 @@ pub fn change(
             last: true,
         });
     }
-    steps.next_stage();
     steps.push(Step::Commit);
-    // The nodes of the old chains adopt the target before any other (two stages).
-    steps.next_stage();
-    for (i, node) in installs.into_iter().enumerate() {
-        if i == first_installs {
-            steps.next_stage();
-        }
-        steps.push(Step::Install { node: node.clone() });
-    }
-    steps.next_stage();
+    // The lock holders adopt the target before any other node (a stage of their own).
+    let holding: Vec<&str> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Lock { node, .. } => Some(node.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    let (first, rest): (Vec<&NodeEntry>, Vec<&NodeEntry>) = installs
+        .into_iter()
+        .partition(|n| holding.contains(&n.name.as_str()));
+    let installs: Vec<Step> = first
+        .into_iter()
+        .chain(rest)
+        .map(|node| Step::Install { node: node.clone() })
+        .collect();
+    steps.extend(installs);
     if let Some(node) = joining {
         steps.push(Step::Start { node: node.clone() });
     }
-    steps.next_stage();
-    for clear in clears {
-        steps.push(clear);
-    }
-    Ok(steps.plan(target, copies))
-}
-
-/// Steps being laid out in stages ([`Plan::stages`]).
-#[derive(Default)]
-struct Stages {
-    steps: Vec<Step>,
-    starts: Vec<usize>,
-}
-
-impl Stages {
-    /// Appends `step` to the current stage.
-    fn push(&mut self, step: Step) {
-        if self.starts.is_empty() {
-            self.starts.push(0);
-        }
-        self.steps.push(step);
-    }
-
-    /// Ends the current stage (if it has steps): the next step begins a new one.
-    fn next_stage(&mut self) {
-        if self.starts.last().is_some_and(|&s| s < self.steps.len()) {
-            self.starts.push(self.steps.len());
-        }
-    }
-
-    fn plan(self, metadata: RingMetadata, copies: Vec<Copy>) -> Plan {
-        Plan {
-            metadata,
-            copies,
-            steps: self.steps,
-            stage_starts: self.starts,
-        }
-    }
+    steps.extend(clears);
+    Ok(Plan {
+        metadata: target,
+        copies,
+        steps,
+    })
 }
 
 /// The ring `current` with `node` added (version + 1), keeping its replication factor and
@@ -745,14 +738,19 @@ pub fn fail_all(current: &RingMetadata, names: &[&str]) -> Result<Plan, EcsError
             ),
         });
     }
-    let mut steps = Stages::default();
-    steps.push(Step::Commit);
-    steps.next_stage();
-    for n in target.nodes.iter().filter(|n| !target.is_failed(&n.name)) {
-        steps.push(Step::Install { node: n.clone() });
-    }
-    let copies = Vec::new();
-    Ok(steps.plan(target, copies))
+    let mut steps = vec![Step::Commit];
+    steps.extend(
+        target
+            .nodes
+            .iter()
+            .filter(|n| !target.is_failed(&n.name))
+            .map(|n| Step::Install { node: n.clone() }),
+    );
+    Ok(Plan {
+        metadata: target,
+        copies: Vec::new(),
+        steps,
+    })
 }
 
 /// The plan for removing the failed node `name` from the ring: every range it was in the

@@ -155,7 +155,12 @@ impl Ecs {
                     outcome
                 }
                 Action::Run(steps) => {
-                    let ran = self.run_stage(term, steps, exec.move_id(), &plan).await;
+                    // Before the commit one failure rolls the change back whatever the rest
+                    // of the stage does: stop at the first, not after the slowest copy.
+                    let stop_at_failure = exec.intent().phase == Phase::Forward;
+                    let ran = self
+                        .run_stage(term, steps, exec.move_id(), &plan, stop_at_failure)
+                        .await;
                     let mut outcomes = Vec::with_capacity(ran.len());
                     for (step, (outcome, ended)) in steps.iter().zip(ran) {
                         let ok = matches!(outcome, Outcome::Ok { .. });
@@ -309,7 +314,8 @@ impl Ecs {
         self.set_ring(metadata.clone());
     }
 
-    /// Runs the steps of one stage of move `id` at once, at most
+    /// Runs the steps of one stage of move `id` at once (with `stop_at_failure`, only until
+    /// one of them fails), at most
     /// [`crate::config::EcsConfig::steps_per_node`] of them at any node and
     /// [`STEPS_AT_ONCE`] in all, and returns each one's outcome and when it ended, in the
     /// order of `steps`.
@@ -319,6 +325,7 @@ impl Ecs {
         steps: &[Step],
         id: MoveId,
         plan: &Plan,
+        stop_at_failure: bool,
     ) -> Vec<(Outcome, Instant)> {
         let per_node = self.config.steps_per_node.max(1);
         let mut limits: HashMap<&str, Arc<Semaphore>> = HashMap::new();
@@ -333,13 +340,27 @@ impl Ecs {
             .enumerate()
             .map(|(i, step)| self.run_limited(term, i, step, id, plan, limits))
             .collect();
-        let mut ran: Vec<(usize, Outcome, Instant)> = futures::stream::iter(started)
-            .buffer_unordered(STEPS_AT_ONCE)
-            .collect()
-            .await;
-        ran.sort_by_key(|(i, _, _)| *i);
+        let mut running = futures::stream::iter(started).buffer_unordered(STEPS_AT_ONCE);
+        let mut ran: Vec<Option<(Outcome, Instant)>> = vec![None; steps.len()];
+        while let Some((i, outcome, ended)) = running.next().await {
+            let failed = !matches!(outcome, Outcome::Ok { .. });
+            ran[i] = Some((outcome, ended));
+            if failed && stop_at_failure {
+                break;
+            }
+        }
+        // Dropping the stream cancels the steps still running (a step whose caller is gone
+        // is cancelled at its node too) and never sends the others: their outcome is
+        // unknown, which the rollback covers (it aborts at every lock holder and receiver).
+        drop(running);
+        let now = Instant::now();
         ran.into_iter()
-            .map(|(_, outcome, ended)| (outcome, ended))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    let why = "not finished: another step of its stage failed first";
+                    (Outcome::Unknown(why.into()), now)
+                })
+            })
             .collect()
     }
 
