@@ -17,7 +17,8 @@
 # ECS's log gives the rebuild time: the `remove_failed` change, from "node marked failed"
 # to "failed node replaced and removed" (both log the time since the failover began). The
 # bytes rebuilt are counted from the survivors' key counts before and after
-# (keys gained x (key + value bytes)); MB/s = those bytes / the rebuild time.
+# (keys gained x (key + value bytes)); MB/s = those bytes / the rebuild time, beside the disk's
+# rate in the same run (dd, DISK_MIB MiB, conv=fdatasync).
 #
 # Environment:
 #   FAILOVER_ROUNDS     failover rounds (default 3)
@@ -25,6 +26,7 @@
 #   FAILOVER_RATE       writes started per second during a failover round (default 200)
 #   REBUILD_KEYS        keys loaded before the rebuild (default 100000; 0 skips it)
 #   REBUILD_VALUE_SIZE  their value size (default 1024)
+#   DISK_MIB            MiB dd writes (then one fdatasync) to measure the disk in the same run
 #   BENCH_TMPDIR        where data, certs and logs go (default: target/, a real disk)
 #   BENCH_SKIP_BUILD=1  reuse target/release as it is
 #   BENCH_KEEP=1        keep the data and logs directory
@@ -38,6 +40,7 @@ FAILOVER_AFTER=${FAILOVER_AFTER:-3s}
 RATE=${FAILOVER_RATE:-200}
 REBUILD_KEYS=${REBUILD_KEYS:-100000}
 REBUILD_VALUE_SIZE=${REBUILD_VALUE_SIZE:-1024}
+DISK_MIB=${DISK_MIB:-512}
 KEY_BYTES=16 # key:000000000000
 
 say() { echo "failover: $*" >&2; }
@@ -221,11 +224,16 @@ rebuild_run() {
     echo "$before" >"$TMP/$tag/before.json"
     echo "$after" >"$TMP/$tag/after.json"
     echo "$events" >"$TMP/$tag/events.json"
+    # The disk in the same run, as the issue's reference: DISK_MIB MiB, then one fdatasync.
+    local disk
+    disk=$(dd if=/dev/zero of="$TMP/disk-rate.tmp" bs=1M count="$DISK_MIB" conv=fdatasync 2>&1 |
+        awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "s,") { print $1 / $(i - 1) / 1e6; exit } }')
+    rm -f "$TMP/disk-rate.tmp"
     echo
     echo "rebuild: $REBUILD_KEYS keys x $REBUILD_VALUE_SIZE B in a 4-node R=3 cluster, $victim killed"
     echo "  ${load_line:-}"
     jq -rn --argjson b "$before" --argjson a "$after" --argjson e "$events" --arg victim "$victim" \
-        --argjson kv $((KEY_BYTES + REBUILD_VALUE_SIZE)) '
+        --argjson kv $((KEY_BYTES + REBUILD_VALUE_SIZE)) --argjson disk "${disk:-0}" '
         def ms: if . == null then "-" else (. * 1000 | round | tostring) + " ms" end;
         ($b.nodes | to_entries | map("\(.key) \(.value.keys // "-")") | join(", ")) as $kb
         | ($a.nodes | to_entries | map("\(.key) \(.value.keys // "-")") | join(", ")) as $ka
@@ -240,6 +248,7 @@ rebuild_run() {
           "  rebuild (remove_failed: marked failed -> replaced and removed) took \($t | ms)",
           "  rebuild rate: \($mb | . * 10 | round / 10) MB / \($t * 100 | round / 100) s = \($mb / $t * 10 | round / 10) MB/s" +
             " (per copy received; \($lost * $kv / 1e6 / $t * 10 | round / 10) MB/s counted by the victim'"'"'s keys)",
+          "  disk in the same run: \($disk | round) MB/s (dd bs=1M count='"$DISK_MIB"' conv=fdatasync); the rebuild ran at \(if $disk > 0 then ($mb / $t / $disk * 100 | round / 100 | tostring) + "x" else "-" end) that",
           "  transfer steps: \($e.transfers | length), \($e.transfers | map(.s) | add // 0 | . * 1000 | round) ms in total:",
           ($e.transfers[] | "    \(.s | ms)  \(.step)")'
     stop_cluster

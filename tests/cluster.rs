@@ -639,3 +639,83 @@ async fn a_membership_request_sent_again_is_done_not_refused_or_run_twice() {
         "{n1_elsewhere:?}"
     );
 }
+
+/// `Progress` while a join runs reports the change (its version, the stage, copies sent and
+/// bytes moved so far), and nothing once it is over.
+#[tokio::test]
+async fn progress_reports_a_change_while_it_runs() {
+    let mut cluster = TestCluster::start(0).await;
+    // ~2 MB, of which the joiner takes its share, paced at 1 MB/s: about a second.
+    cluster
+        .add_node_with("n1", |c| {
+            c.transfer_batch_bytes = 64 * 1024;
+            c.transfer_rate_limit = Some(1_000_000);
+        })
+        .await;
+    let store = cluster.client().await;
+    let value = vec![b'p'; 1024];
+    let keys: Vec<String> = (0..2_000).map(|i| format!("progress-{i}")).collect();
+    for chunk in keys.chunks(500) {
+        for r in
+            futures::future::join_all(chunk.iter().map(|k| store.put(k.as_bytes(), &value))).await
+        {
+            r.unwrap();
+        }
+    }
+    let admin = std::sync::Arc::new(cluster.certs.admin());
+    let ecs_addr = cluster.ecs.addr.clone();
+    let ask = |request: AdminRequest| {
+        let (admin, ecs_addr) = (admin.clone(), ecs_addr.clone());
+        async move {
+            admin
+                .call::<_, AdminReply>(&ecs_addr, &request, Duration::from_secs(600))
+                .await
+                .unwrap()
+        }
+    };
+    let AdminReply::Progress(None) = ask(AdminRequest::Progress).await else {
+        panic!("a change reported before any began");
+    };
+    let version = match ask(AdminRequest::Ring).await {
+        AdminReply::Ring(ring) => ring.version,
+        other => panic!("{other:?}"),
+    };
+    let data = tempfile::tempdir().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _joining = NodeProcess::spawn_with(&cluster.certs, "n2", addr, data.path(), &[]);
+    wait_answers(&cluster.certs, &addr.to_string()).await;
+    let join = tokio::spawn(ask(AdminRequest::AddNode {
+        name: "n2".into(),
+        addr: addr.to_string(),
+        zone: None,
+    }));
+    let mut seen = Vec::new();
+    while !join.is_finished() {
+        if let AdminReply::Progress(Some(report)) = ask(AdminRequest::Progress).await {
+            seen.push(report);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(join.await.unwrap(), AdminReply::Changed { .. }));
+    let transferring = seen
+        .iter()
+        .find(|r| r.doing == "transfer")
+        .unwrap_or_else(|| panic!("no report during the transfer: {seen:#?}"));
+    assert_eq!(transferring.version, version + 1);
+    assert_eq!(transferring.phase, "forward");
+    assert!(
+        transferring.copies >= 1 && transferring.stage >= 1,
+        "{transferring:?}"
+    );
+    assert!(
+        transferring.stage <= transferring.stages,
+        "{transferring:?}"
+    );
+    // Later reports have moved the snapshot (the joiner's share of the 2 MB).
+    let last = seen.last().unwrap();
+    assert!(last.bytes >= 200 * 1024 && last.entries >= 200, "{last:?}");
+    assert_eq!(last.copies_sent, last.copies, "{last:?}");
+    let AdminReply::Progress(None) = ask(AdminRequest::Progress).await else {
+        panic!("a change still reported after it ended");
+    };
+}

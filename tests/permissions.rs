@@ -273,6 +273,7 @@ fn ecs_allows(request: &AdminRequest) -> [bool; 4] {
         | AdminRequest::RemoveNode { .. }
         | AdminRequest::Ring
         | AdminRequest::Status
+        | AdminRequest::Progress
         | AdminRequest::Start
         | AdminRequest::Stop
         | AdminRequest::Group
@@ -314,6 +315,7 @@ async fn every_ecs_request_kind_by_every_role() {
             addr: "127.0.0.1:9".into(),
         },
         AdminRequest::RemoveEcsMember { id: 2 },
+        AdminRequest::Progress,
     ];
     for (i, (role, name)) in ROLES.into_iter().enumerate() {
         let caller = transport(&certs, name);

@@ -114,6 +114,9 @@ pub enum Command {
     Status,
     /// Show the ECS's ring metadata.
     Ring,
+    /// Show how far the membership change under way has come (stage, copies sent, bytes
+    /// moved, rate); `add-node` and `remove-node` print it every second while they wait.
+    Progress,
     /// Add a running node (started without --start) to the ring; it takes an even share of
     /// the partitions from the most loaded nodes.
     AddNode {
@@ -224,6 +227,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Status => AdminRequest::Status,
         Command::Ring => AdminRequest::Ring,
+        Command::Progress => AdminRequest::Progress,
         Command::AddNode { name, addr, zone } => AdminRequest::AddNode { name, addr, zone },
         Command::RemoveNode { name } => AdminRequest::RemoveNode { name },
         Command::AddEcsMember { id, name, addr } => AdminRequest::AddEcsMember { id, name, addr },
@@ -251,14 +255,57 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     } else {
         None
     };
-    // Membership changes move data: allow them as long as the ECS's own transfer timeout.
-    let reply = ringkv_ecs::client::ask(&transport, &members, &request, Duration::from_secs(3600))
+    // Membership changes move data: allow them as long as the ECS's own transfer timeout,
+    // and say how far they have come every second meanwhile.
+    let changes = matches!(
+        request,
+        AdminRequest::AddNode { .. } | AdminRequest::RemoveNode { .. }
+    );
+    let asked = ringkv_ecs::client::ask(&transport, &members, &request, Duration::from_secs(3600));
+    let reply = if changes {
+        tokio::pin!(asked);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await; // the first tick is immediate
+        loop {
+            tokio::select! {
+                reply = &mut asked => break reply,
+                _ = tick.tick() => {
+                    let progress = ringkv_ecs::client::ask(
+                        &transport,
+                        &members,
+                        &AdminRequest::Progress,
+                        Duration::from_secs(5),
+                    );
+                    if let Ok(AdminReply::Progress(Some(report))) = progress.await {
+                        eprint!("{}", progress_text(&report));
+                    }
+                }
+            }
+        }
+    } else {
+        asked.await
+    }
+    .with_context(|| format!("asking the ECS at {}", cli.ecs))?;
+    // `status` also shows the change under way.
+    let progress = if matches!(request, AdminRequest::Status) {
+        ringkv_ecs::client::ask(
+            &transport,
+            &members,
+            &AdminRequest::Progress,
+            Duration::from_secs(5),
+        )
         .await
-        .with_context(|| format!("asking the ECS at {}", cli.ecs))?;
+        .ok()
+    } else {
+        None
+    };
     transport.close().await;
     let (code, mut text) = reply_text(&reply);
     if let Some(AdminReply::Group(Some(group))) = &group {
         text.insert_str(0, &group_text(group));
+    }
+    if let Some(AdminReply::Progress(Some(report))) = &progress {
+        text.push_str(&progress_text(report));
     }
     if code == 0 {
         print!("{text}");
@@ -305,6 +352,8 @@ pub fn reply_text(reply: &AdminReply) -> (i32, String) {
             (0, s)
         }
         AdminReply::Done(message) => (0, format!("{message}\n")),
+        AdminReply::Progress(Some(report)) => (0, progress_text(report)),
+        AdminReply::Progress(None) => (0, "no membership change under way\n".into()),
         AdminReply::Error(message) => (1, format!("error: {message}\n")),
         AdminReply::Group(Some(group)) => (0, group_text(group)),
         AdminReply::Group(None) => (0, "a single ECS (no group)\n".into()),
@@ -323,6 +372,25 @@ pub fn reply_text(reply: &AdminReply) -> (i32, String) {
             format!("error: unexpected Raft reply ({} bytes)\n", bytes.len()),
         ),
     }
+}
+
+/// One line on a membership change under way.
+pub fn progress_text(r: &ringkv_wire::ChangeReport) -> String {
+    let secs = (r.elapsed_ms as f64 / 1000.0).max(0.001);
+    let mb = r.bytes as f64 / 1e6;
+    format!(
+        "change {} (to ring v{}), {}: stage {}/{} ({}); {}/{} range copies sent, {} keys ({mb:.1} MB) moved in {secs:.1} s ({:.1} MB/s)\n",
+        r.change,
+        r.version,
+        r.phase,
+        r.stage,
+        r.stages,
+        r.doing,
+        r.copies_sent,
+        r.copies,
+        r.entries,
+        mb / secs
+    )
 }
 
 /// The ECS group, as `status` prints it above the ring.

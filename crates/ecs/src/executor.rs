@@ -256,6 +256,11 @@ impl Executor {
         self.intent.move_id()
     }
 
+    /// The stage to run next (from 0) of the current phase, and how many it has.
+    pub fn stage(&self) -> (usize, usize) {
+        (self.cursor, self.stages().len())
+    }
+
     /// Whether the change has committed.
     pub fn committed(&self) -> bool {
         self.intent.phase == Phase::Committed

@@ -148,6 +148,22 @@ impl Step {
         }
     }
 
+    /// What the step does, in a word or two (progress reports).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Step::Prepare { .. } => "prepare",
+            Step::Clear { .. } => "clear",
+            Step::Lock { .. } => "lock",
+            Step::Transfer { .. } => "transfer",
+            Step::TransferDelta { last: false, .. } => "delta round",
+            Step::TransferDelta { last: true, .. } => "last delta round",
+            Step::Commit => "commit",
+            Step::Install { .. } => "install",
+            Step::Start { .. } => "start",
+            Step::Abort { .. } => "abort",
+        }
+    }
+
     /// A one-line description for logs and operator messages.
     pub fn describe(&self) -> String {
         match self {

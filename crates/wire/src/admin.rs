@@ -62,6 +62,36 @@ pub enum AdminRequest {
         /// Its Raft id.
         id: u64,
     },
+    /// How far the membership change under way has come (answered by the leader, which
+    /// runs it): [`AdminReply::Progress`].
+    Progress,
+}
+
+/// A membership change under way, as far as it has come.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeReport {
+    /// The change's number.
+    pub change: u64,
+    /// The ring version it commits.
+    pub version: u64,
+    /// `forward`, `committed` or `rolling back`.
+    pub phase: String,
+    /// The stage running, from 1, of `stages` in this phase.
+    pub stage: u32,
+    /// Stages of this phase.
+    pub stages: u32,
+    /// What the running stage does (`transfer`, `lock`, `install`, ...).
+    pub doing: String,
+    /// Range copies of the change, and how many have sent their snapshot.
+    pub copies: u32,
+    /// See `copies`.
+    pub copies_sent: u32,
+    /// Entries and key + value bytes moved so far (snapshots and delta rounds).
+    pub entries: u64,
+    /// See `entries`.
+    pub bytes: u64,
+    /// Milliseconds since the change began.
+    pub elapsed_ms: u64,
 }
 
 /// One member of the ECS group.
@@ -206,4 +236,6 @@ pub enum AdminReply {
         /// The leader's address, if known.
         leader: Option<String>,
     },
+    /// The membership change under way, if any ([`AdminRequest::Progress`]).
+    Progress(Option<ChangeReport>),
 }

@@ -40,8 +40,8 @@ pub mod ring;
 pub mod signed;
 
 pub use admin::{
-    AdminReply, AdminRequest, GroupMember, GroupReport, MoveReport, NodeReport, RaftRpc,
-    RaftRpcKind, RangeReport,
+    AdminReply, AdminRequest, ChangeReport, GroupMember, GroupReport, MoveReport, NodeReport,
+    RaftRpc, RaftRpcKind, RangeReport,
 };
 pub use bounded::{MAX_BATCH_ENTRIES, MAX_BATCH_KEYS, MAX_SIGNER_CHAIN};
 pub use codec::{decode, encode, frame_len, FRAME_HEADER_LEN};

@@ -37,6 +37,7 @@ impl Ecs {
             match request {
                 AdminRequest::Ring => return AdminReply::Ring((*self.metadata()).clone()),
                 AdminRequest::Status => return self.status(term).await,
+                AdminRequest::Progress => return AdminReply::Progress(self.progress()),
                 AdminRequest::AddNode { name, addr, zone } => {
                     let node = NodeEntry::new(name, addr);
                     self.add_node(match zone {

@@ -11,7 +11,8 @@ use tokio::sync::Semaphore;
 
 use ringkv_transport::TransportError;
 use ringkv_wire::{
-    AdminReply, MoveId, MoveReport, NodeEntry, Reply, ReplyBody, Request, RequestBody, RingMetadata,
+    AdminReply, ChangeReport, MoveId, MoveReport, NodeEntry, Reply, ReplyBody, Request,
+    RequestBody, RingMetadata,
 };
 
 use super::{fence, Ecs};
@@ -112,6 +113,90 @@ impl Ecs {
     pub(super) async fn drive(
         &self,
         term: u64,
+        exec: Executor,
+        first: Action,
+    ) -> Result<AdminReply, EcsError> {
+        let report = ChangeReport {
+            change: exec.move_id().change,
+            version: exec.intent().plan.metadata.version,
+            phase: String::new(),
+            stage: 0,
+            stages: 0,
+            doing: String::new(),
+            copies: exec.intent().plan.copies.len() as u32,
+            copies_sent: 0,
+            entries: 0,
+            bytes: 0,
+            elapsed_ms: 0,
+        };
+        *self.progress.lock().expect("progress lock") = Some((report, Instant::now()));
+        // Cleared however the drive ends (done, parked, deposed, or dropped).
+        struct Over<'a>(&'a Ecs);
+        impl Drop for Over<'_> {
+            fn drop(&mut self) {
+                *self.0.progress.lock().expect("progress lock") = None;
+            }
+        }
+        let _over = Over(self);
+        self.drive_actions(term, exec, first).await
+    }
+
+    /// The change under way, as far as it has come (`None` when none is being driven).
+    pub fn progress(&self) -> Option<ChangeReport> {
+        let progress = self.progress.lock().expect("progress lock");
+        progress.as_ref().map(|(report, started)| ChangeReport {
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            ..report.clone()
+        })
+    }
+
+    /// Records the executor's next action in the progress report.
+    fn note_action(&self, exec: &Executor, action: &Action) {
+        let mut progress = self.progress.lock().expect("progress lock");
+        let Some((report, _)) = progress.as_mut() else {
+            return;
+        };
+        let (stage, stages) = exec.stage();
+        report.stage = (stage + 1).min(stages) as u32;
+        report.stages = stages as u32;
+        report.phase = match exec.intent().phase {
+            Phase::Forward => "forward",
+            Phase::Committed => "committed",
+            Phase::RollingBack => "rolling back",
+        }
+        .into();
+        report.doing = match action {
+            Action::Persist(_) => "persist the intent",
+            Action::Commit(_) => "commit",
+            Action::Run(steps) => steps.first().map_or("run", Step::kind),
+            Action::Wait(_) => "wait to retry",
+            Action::Finish(_) => "finish",
+        }
+        .into();
+    }
+
+    /// Records what a step moved in the progress report.
+    fn note_step(&self, step: &Step, outcome: &Outcome) {
+        let Outcome::Ok { stats, .. } = outcome else {
+            return;
+        };
+        let mut progress = self.progress.lock().expect("progress lock");
+        let Some((report, _)) = progress.as_mut() else {
+            return;
+        };
+        if let Some(stats) = stats {
+            report.entries += stats.entries;
+            report.bytes += stats.bytes;
+        }
+        if matches!(step, Step::Transfer { .. }) {
+            report.copies_sent += 1;
+        }
+    }
+
+    /// [`Ecs::drive`]'s loop.
+    async fn drive_actions(
+        &self,
+        term: u64,
         mut exec: Executor,
         first: Action,
     ) -> Result<AdminReply, EcsError> {
@@ -131,6 +216,7 @@ impl Ecs {
                     leader: self.raft.as_ref().and_then(|raft| raft.leader()),
                 }));
             }
+            self.note_action(&exec, &action);
             let outcome = match &action {
                 Action::Persist(intent) => {
                     let outcome = self.persist_intent(Some(intent.clone())).await;
@@ -388,6 +474,7 @@ impl Ecs {
         }
         let started = Instant::now();
         let outcome = self.run_step(term, step, id, plan).await;
+        self.note_step(step, &outcome);
         let ok = matches!(outcome, Outcome::Ok { .. });
         tracing::info!(change = id.change, step = %step.describe(), elapsed = ?started.elapsed(), ok, "step");
         (i, outcome, Instant::now())

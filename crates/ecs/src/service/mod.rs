@@ -72,6 +72,8 @@ pub struct Ecs {
     /// background task drives it on from there rather than from the intent log, which may
     /// not show an outcome that is still unknown.
     parked: std::sync::Mutex<Option<Executor>>,
+    /// The change being driven, as far as it has come, and when it began (`Progress`).
+    progress: std::sync::Mutex<Option<(ringkv_wire::ChangeReport, std::time::Instant)>>,
     /// Set when the ECS begins to shut down ([`run`]): it acts no more.
     stopping: std::sync::atomic::AtomicBool,
     /// The names of the last [`REMEMBER_REMOVED`] nodes that left the ring while this
@@ -164,6 +166,7 @@ pub async fn bind(
         raft,
         gate: std::sync::Mutex::new(LeadGate::new(act_for)),
         parked: std::sync::Mutex::new(None),
+        progress: std::sync::Mutex::new(None),
         stopping: std::sync::atomic::AtomicBool::new(false),
         removed: std::sync::Mutex::new(Default::default()),
         planned: std::sync::Mutex::new(Default::default()),
