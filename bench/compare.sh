@@ -123,7 +123,7 @@ start_ringkv_cluster() { # tag (node names <tag>1..3) replication-factor
     done
     local copies
     copies=$("$BIN/ringkv-ecs" --ecs "127.0.0.1:$ecs_port" --certs "$TMP/certs" status |
-        sed -n 's/^replicas (\([0-9]*\) copies.*/\1/p')
+        sed -n 's/^replicas: \([0-9]*\) copies.*/\1/p')
     [[ $copies == "$rf" ]] || die "cluster $tag: asked for replication $rf, its ECS reports ${copies:-nothing}"
     CLUSTER_SEEDS=$(IFS=,; echo "${seeds[*]}")
     CLUSTER_ECS=127.0.0.1:$ecs_port

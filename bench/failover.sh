@@ -105,7 +105,7 @@ start_cluster() {
     SEEDS=$(IFS=,; echo "${NODE_ADDRS[*]}")
     local copies
     copies=$("$BIN/ringkv-ecs" --ecs "$ECS" --certs "$TMP/certs" status |
-        sed -n 's/^replicas (\([0-9]*\) copies.*/\1/p')
+        sed -n 's/^replicas: \([0-9]*\) copies.*/\1/p')
     [[ $copies == 3 ]] || die "cluster $tag: expected 3 copies of every key, the ECS reports ${copies:-nothing}"
     say "cluster $tag: ECS $ECS (R=3, failover after $FAILOVER_AFTER), nodes $SEEDS"
 }
@@ -145,9 +145,9 @@ for raw in open(log, encoding="utf-8", errors="replace"):
         continue
     el = re.search(r"elapsed=(\S+)", line)
     el = dur(el.group(1)) if el else None
-    if "failing over a silent node" in line and node in line and "detect" not in out:
+    if re.search(r"failing over (a )?silent nodes?", line) and node in line and "detect" not in out:
         out["detect"] = stamp(line) - kill
-    elif "node marked failed" in line and node in line:
+    elif re.search(r"nodes? marked failed", line) and node in line:
         out["marked_failed"] = el
         out["marked_failed_at"] = stamp(line) - kill
     elif "failed node replaced and removed" in line and node in line:
@@ -293,7 +293,7 @@ main() {
             printf '%-6s %-7s %12s %26s %14s %14s %14s\n' "${f[@]}"
         done
         echo "failover ms: kill -> first successful write (started after the kill) of a key whose chain held the killed node"
-        echo "ECS began: kill -> the ECS's 'failing over a silent node' (wall clocks of two processes, ~ms)"
+        echo "ECS began: kill -> the ECS's 'failing over silent nodes' (wall clocks of two processes, ~ms)"
     fi
     if ((REBUILD_KEYS > 0)); then
         rebuild_run
