@@ -265,6 +265,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let reply = if changes {
         tokio::pin!(asked);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate
         loop {
             tokio::select! {

@@ -52,6 +52,10 @@ use crate::raft::RaftError;
 pub const PRECOPY_DONE_BELOW: u64 = 256;
 /// Most delta rounds with writes open.
 pub const MAX_PRECOPY_ROUNDS: u32 = 8;
+/// The reason of the [`Outcome::Unknown`] a driver reports for a step it abandoned because
+/// another step of its stage failed first (before the commit, one failure decides): the
+/// rollback names the step that failed, not an abandoned one.
+pub const ABANDONED: &str = "not finished: another step of its stage failed first";
 /// Longest failure reason kept in the intent log (bytes).
 pub const MAX_REASON: usize = 1024;
 /// First delay before retrying a step that must eventually succeed.
@@ -425,7 +429,13 @@ impl Executor {
             }
         }
         if self.intent.phase == Phase::Forward {
-            if let Some((i, reason)) = failed.into_iter().next() {
+            // The step that failed, not one abandoned because of it.
+            if let Some((i, reason)) = failed
+                .iter()
+                .find(|(_, reason)| reason != ABANDONED)
+                .or(failed.first())
+                .cloned()
+            {
                 return self.roll_back(stage[i].describe(), reason);
             }
             if !again.is_empty() {
@@ -701,6 +711,37 @@ mod tests {
                 .filter(|s| matches!(s, Step::Install { node } if node.name == *name))
                 .count();
             assert_eq!(times, if *name == flaky { 2 } else { 1 }, "{name}");
+        }
+    }
+
+    /// A rollback names the step that failed, not one abandoned because of it.
+    #[test]
+    fn a_rollback_blames_the_failed_step_not_an_abandoned_one() {
+        let ring = RingMetadata::new(
+            3,
+            vec![
+                NodeEntry::new("a", "127.0.0.1:7001"),
+                NodeEntry::new("b", "127.0.0.1:7002"),
+            ],
+        )
+        .unwrap();
+        let plan = plan::join(&ring, NodeEntry::new("c", "127.0.0.1:7003")).unwrap();
+        assert_eq!(plan.copies.len(), 2);
+        let failing = plan.copies[1].range;
+        let (exec, first) = Executor::new(plan, 1);
+        let actions = run(exec, first, |a| match a {
+            Seen::Run(Step::Transfer { range, .. }) if *range == failing => {
+                Outcome::Failed("disk full".into())
+            }
+            Seen::Run(Step::Transfer { .. }) => Outcome::Unknown(ABANDONED.into()),
+            _ => Outcome::ok(),
+        });
+        match actions.last() {
+            Some(Seen::Finish(Err((step, reason)))) => {
+                assert_eq!(reason, "disk full");
+                assert!(step.contains(&format!("{failing:?}")), "{step}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -76,9 +76,9 @@ pub struct ChangeReport {
     pub version: u64,
     /// `forward`, `committed` or `rolling back`.
     pub phase: String,
-    /// The stage running, from 1, of `stages` in this phase.
+    /// The stage running, from 1, of `stages` (0 of 0 for a pending change no drive runs).
     pub stage: u32,
-    /// Stages of this phase.
+    /// Stages of the plan (forward or committed) or of its rollback (rolling back).
     pub stages: u32,
     /// What the running stage does (`transfer`, `lock`, `install`, ...).
     pub doing: String,

@@ -16,7 +16,7 @@ use ringkv_wire::{
 };
 
 use super::{fence, Ecs};
-use crate::executor::{Action, Executor, Intent, Outcome, Phase};
+use crate::executor::{Action, Executor, Intent, Outcome, Phase, ABANDONED};
 use crate::plan::{Plan, Step};
 use crate::raft::{EcsCommand, RaftError};
 use crate::state::IntentLog;
@@ -141,12 +141,31 @@ impl Ecs {
         self.drive_actions(term, exec, first).await
     }
 
-    /// The change under way, as far as it has come (`None` when none is being driven).
+    /// The change under way, as far as it has come; a change left in the intent log that
+    /// no drive runs right now (its retries are waiting in the background) is reported as
+    /// pending. `None` when there is none.
     pub fn progress(&self) -> Option<ChangeReport> {
         let progress = self.progress.lock().expect("progress lock");
-        progress.as_ref().map(|(report, started)| ChangeReport {
-            elapsed_ms: started.elapsed().as_millis() as u64,
-            ..report.clone()
+        if let Some((report, started)) = progress.as_ref() {
+            return Some(ChangeReport {
+                elapsed_ms: started.elapsed().as_millis() as u64,
+                ..report.clone()
+            });
+        }
+        drop(progress);
+        let intent = self.pending_change()?;
+        Some(ChangeReport {
+            change: intent.change,
+            version: intent.plan.metadata.version,
+            phase: phase_name(intent.phase).into(),
+            stage: 0,
+            stages: 0,
+            doing: "pending: the ECS goes on with it in the background".into(),
+            copies: intent.plan.copies.len() as u32,
+            copies_sent: 0,
+            entries: 0,
+            bytes: 0,
+            elapsed_ms: 0,
         })
     }
 
@@ -159,12 +178,7 @@ impl Ecs {
         let (stage, stages) = exec.stage();
         report.stage = (stage + 1).min(stages) as u32;
         report.stages = stages as u32;
-        report.phase = match exec.intent().phase {
-            Phase::Forward => "forward",
-            Phase::Committed => "committed",
-            Phase::RollingBack => "rolling back",
-        }
-        .into();
+        report.phase = phase_name(exec.intent().phase).into();
         report.doing = match action {
             Action::Persist(_) => "persist the intent",
             Action::Commit(_) => "commit",
@@ -435,18 +449,14 @@ impl Ecs {
                 break;
             }
         }
-        // Dropping the stream cancels the steps still running (a step whose caller is gone
-        // is cancelled at its node too) and never sends the others: their outcome is
-        // unknown, which the rollback covers (it aborts at every lock holder and receiver).
+        // Dropping the stream abandons the steps still running (their requests may go on at
+        // their nodes until the rollback's aborts stop them) and never sends the others:
+        // their outcome is unknown, which the rollback covers (it aborts at every lock holder
+        // and receiver, and a node refuses a late request of an aborted move).
         drop(running);
         let now = Instant::now();
         ran.into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    let why = "not finished: another step of its stage failed first";
-                    (Outcome::Unknown(why.into()), now)
-                })
-            })
+            .map(|r| r.unwrap_or_else(|| (Outcome::Unknown(ABANDONED.into()), now)))
             .collect()
     }
 
@@ -674,6 +684,15 @@ impl Ecs {
                 }
             })
             .await;
+    }
+}
+
+/// A phase as progress reports name it.
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Forward => "forward",
+        Phase::Committed => "committed",
+        Phase::RollingBack => "rolling back",
     }
 }
 
