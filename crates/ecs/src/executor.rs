@@ -522,6 +522,31 @@ mod tests {
         plan
     }
 
+    /// The third node joining (replication 1): two copies, one from each old node.
+    fn two_copy_join_plan() -> Plan {
+        let ring = RingMetadata::new(
+            3,
+            vec![
+                NodeEntry::new("a", "127.0.0.1:7001"),
+                NodeEntry::new("b", "127.0.0.1:7002"),
+            ],
+        )
+        .unwrap();
+        plan::join(&ring, NodeEntry::new("c", "127.0.0.1:7003")).unwrap()
+    }
+
+    /// A sixth node joining a ring of five at R = 3: many copies, locks and installs.
+    fn replicated_join_plan() -> Plan {
+        let nodes = (1..=5)
+            .map(|i| NodeEntry::new(format!("n{i}"), format!("127.0.0.1:{}", 7000 + i)))
+            .collect();
+        let ring = RingMetadata::new(3, nodes)
+            .unwrap()
+            .with_replication(3)
+            .unwrap();
+        plan::join(&ring, NodeEntry::new("new", "127.0.0.1:7100")).unwrap()
+    }
+
     fn ok_at(version: u64, entries: u64) -> Outcome {
         Outcome::Ok {
             stats: Some(TransferStats { entries, bytes: 0 }),
@@ -633,15 +658,7 @@ mod tests {
     /// whole change, so with many copies only the first could repeat its round).
     #[test]
     fn each_copy_gets_its_own_delta_rounds() {
-        let ring = RingMetadata::new(
-            3,
-            vec![
-                NodeEntry::new("a", "127.0.0.1:7001"),
-                NodeEntry::new("b", "127.0.0.1:7002"),
-            ],
-        )
-        .unwrap();
-        let plan = plan::join(&ring, NodeEntry::new("c", "127.0.0.1:7003")).unwrap();
+        let plan = two_copy_join_plan();
         assert_eq!(plan.copies.len(), 2, "{:#?}", plan.copies);
         let target = plan.metadata.version;
         let (exec, first) = Executor::new(plan.clone(), 1);
@@ -666,14 +683,7 @@ mod tests {
     /// carried much (not the quiet one), and after the commit only the install that failed.
     #[test]
     fn a_stage_runs_again_only_the_steps_that_need_it() {
-        let nodes = (1..=5)
-            .map(|i| NodeEntry::new(format!("n{i}"), format!("127.0.0.1:{}", 7000 + i)))
-            .collect();
-        let ring = RingMetadata::new(3, nodes)
-            .unwrap()
-            .with_replication(3)
-            .unwrap();
-        let plan = plan::join(&ring, NodeEntry::new("new", "127.0.0.1:7100")).unwrap();
+        let plan = replicated_join_plan();
         let target = plan.metadata.version;
         let busy = plan.copies[0].clone();
         let installs = plan.installed_at();
@@ -717,15 +727,7 @@ mod tests {
     /// A rollback names the step that failed, not one abandoned because of it.
     #[test]
     fn a_rollback_blames_the_failed_step_not_an_abandoned_one() {
-        let ring = RingMetadata::new(
-            3,
-            vec![
-                NodeEntry::new("a", "127.0.0.1:7001"),
-                NodeEntry::new("b", "127.0.0.1:7002"),
-            ],
-        )
-        .unwrap();
-        let plan = plan::join(&ring, NodeEntry::new("c", "127.0.0.1:7003")).unwrap();
+        let plan = two_copy_join_plan();
         assert_eq!(plan.copies.len(), 2);
         let failing = plan.copies[1].range;
         let (exec, first) = Executor::new(plan, 1);
@@ -792,14 +794,7 @@ mod tests {
 
     #[test]
     fn a_replicated_rollback_retries_every_lock_holder_and_tries_receivers_once() {
-        let nodes = (1..=5)
-            .map(|i| NodeEntry::new(format!("n{i}"), format!("127.0.0.1:{}", 7000 + i)))
-            .collect();
-        let ring = RingMetadata::new(3, nodes)
-            .unwrap()
-            .with_replication(3)
-            .unwrap();
-        let plan = plan::join(&ring, NodeEntry::new("new", "127.0.0.1:7100")).unwrap();
+        let plan = replicated_join_plan();
         assert!(plan.copies.len() >= 3, "{:#?}", plan.copies);
         let rollback = plan.rollback();
         let locks = plan.locks().len();
