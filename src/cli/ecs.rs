@@ -263,25 +263,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     );
     let asked = ringkv_ecs::client::ask(&transport, &members, &request, Duration::from_secs(3600));
     let reply = if changes {
-        tokio::pin!(asked);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await; // the first tick is immediate
-        loop {
-            tokio::select! {
-                reply = &mut asked => break reply,
-                _ = tick.tick() => {
-                    let progress = ringkv_ecs::client::ask(
-                        &transport,
-                        &members,
-                        &AdminRequest::Progress,
-                        Duration::from_secs(5),
-                    );
-                    if let Ok(AdminReply::Progress(Some(report))) = progress.await {
-                        eprint!("{}", progress_text(&report));
-                    }
+        // Polled beside the request, never in its way: an ECS that does not answer delays
+        // only the progress lines, not the request's own error.
+        let report_progress = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let progress = ringkv_ecs::client::ask(
+                    &transport,
+                    &members,
+                    &AdminRequest::Progress,
+                    Duration::from_secs(5),
+                );
+                if let Ok(AdminReply::Progress(Some(report))) = progress.await {
+                    eprint!("{}", progress_text(&report));
                 }
             }
+        };
+        tokio::select! {
+            reply = asked => reply,
+            never = report_progress => never,
         }
     } else {
         asked.await
