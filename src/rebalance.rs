@@ -252,20 +252,22 @@ pub async fn run(args: &RebalanceArgs) -> anyhow::Result<RebalanceReport> {
                     store.get(key.as_bytes()).await?;
                     store.put(key.as_bytes(), &value).await?;
                     ops.fetch_add(2, Ordering::Relaxed);
-                    i += args_stride(c);
+                    i += stride(c);
                 }
                 anyhow::Ok(())
             })
         })
         .collect();
     let disk_mb_s = disk_write_rate(&dir, args.disk_mib)?;
-    let before_ops = ops.load(Ordering::Relaxed);
-    let before_at = Instant::now();
+    // The load's operations per second from a mark (`ops` done then, and when) to now.
+    let mark = || (ops.load(Ordering::Relaxed), Instant::now());
+    let rate_since = |(done, at): (u64, Instant)| {
+        (ops.load(Ordering::Relaxed) - done) as f64 / at.elapsed().as_secs_f64()
+    };
+    let before = mark();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let load_before =
-        (ops.load(Ordering::Relaxed) - before_ops) as f64 / before_at.elapsed().as_secs_f64();
-    let during_ops = ops.load(Ordering::Relaxed);
-    let during_at = Instant::now();
+    let load_before = rate_since(before);
+    let during = mark();
     let (change, reply) = if args.leave {
         let reply = cluster
             .ask(AdminRequest::RemoveNode { name: "n1".into() })
@@ -279,8 +281,7 @@ pub async fn run(args: &RebalanceArgs) -> anyhow::Result<RebalanceReport> {
             reply,
         )
     };
-    let load_during =
-        (ops.load(Ordering::Relaxed) - during_ops) as f64 / during_at.elapsed().as_secs_f64();
+    let load_during = rate_since(during);
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
     let (all, blocked, (_, slowest_met)) = writer.await??;
@@ -326,6 +327,6 @@ fn stats_diff(after: &ClientStats, before: &ClientStats) -> ClientStats {
 }
 
 /// Each load client walks the keys with its own stride (so they rarely meet).
-fn args_stride(client: usize) -> u64 {
+fn stride(client: usize) -> u64 {
     7_919 + 2 * client as u64
 }

@@ -242,16 +242,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Duration::from_secs(5),
     )?;
     let members = ringkv_ecs::client::members(&cli.ecs);
+    // A short request beside the operator's (the group, the progress of a change).
+    let (t, m) = (&transport, &members);
+    let aside = |request: AdminRequest| async move {
+        ringkv_ecs::client::ask(t, m, &request, Duration::from_secs(5))
+            .await
+            .ok()
+    };
+    let status = matches!(request, AdminRequest::Status);
     // The group first, for `status` (a single ECS has none).
-    let group = if matches!(request, AdminRequest::Status) {
-        ringkv_ecs::client::ask(
-            &transport,
-            &members,
-            &AdminRequest::Group,
-            Duration::from_secs(5),
-        )
-        .await
-        .ok()
+    let group = if status {
+        aside(AdminRequest::Group).await
     } else {
         None
     };
@@ -268,13 +269,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         let report_progress = async {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let progress = ringkv_ecs::client::ask(
-                    &transport,
-                    &members,
-                    &AdminRequest::Progress,
-                    Duration::from_secs(5),
-                );
-                if let Ok(AdminReply::Progress(Some(report))) = progress.await {
+                if let Some(AdminReply::Progress(Some(report))) =
+                    aside(AdminRequest::Progress).await
+                {
                     eprint!("{}", progress_text(&report));
                 }
             }
@@ -288,15 +285,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     .with_context(|| format!("asking the ECS at {}", cli.ecs))?;
     // `status` also shows the change under way.
-    let progress = if matches!(request, AdminRequest::Status) {
-        ringkv_ecs::client::ask(
-            &transport,
-            &members,
-            &AdminRequest::Progress,
-            Duration::from_secs(5),
-        )
-        .await
-        .ok()
+    let progress = if status {
+        aside(AdminRequest::Progress).await
     } else {
         None
     };

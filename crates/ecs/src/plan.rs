@@ -593,6 +593,10 @@ pub fn change(
         alive(n) && (current.node(&n.name).is_some() || target.node(&n.name).is_some())
     };
     let installs: Vec<&NodeEntry> = first.into_iter().chain(rest).filter(installable).collect();
+    // The lock holders adopt the target before any other node (a stage of their own).
+    let (holding, others): (Vec<&NodeEntry>, Vec<&NodeEntry>) = installs
+        .into_iter()
+        .partition(|n| locks.iter().any(|(holder, _)| holder.name == n.name));
 
     // Clears: every live node that leaves an arc's chain, merged per node, in ring order.
     let mut clears: Vec<Step> = Vec::new();
@@ -643,23 +647,9 @@ pub fn change(
         });
     }
     steps.push(Step::Commit);
-    // The lock holders adopt the target before any other node (a stage of their own).
-    let holding: Vec<&str> = steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Lock { node, .. } => Some(node.name.as_str()),
-            _ => None,
-        })
-        .collect();
-    let (first, rest): (Vec<&NodeEntry>, Vec<&NodeEntry>) = installs
-        .into_iter()
-        .partition(|n| holding.contains(&n.name.as_str()));
-    let installs: Vec<Step> = first
-        .into_iter()
-        .chain(rest)
-        .map(|node| Step::Install { node: node.clone() })
-        .collect();
-    steps.extend(installs);
+    for node in holding.into_iter().chain(others) {
+        steps.push(Step::Install { node: node.clone() });
+    }
     if let Some(node) = joining {
         steps.push(Step::Start { node: node.clone() });
     }

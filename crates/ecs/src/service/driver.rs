@@ -116,19 +116,7 @@ impl Ecs {
         exec: Executor,
         first: Action,
     ) -> Result<AdminReply, EcsError> {
-        let report = ChangeReport {
-            change: exec.move_id().change,
-            version: exec.intent().plan.metadata.version,
-            phase: String::new(),
-            stage: 0,
-            stages: 0,
-            doing: String::new(),
-            copies: exec.intent().plan.copies.len() as u32,
-            copies_sent: 0,
-            entries: 0,
-            bytes: 0,
-            elapsed_ms: 0,
-        };
+        let report = fresh_report(exec.intent(), "start");
         *self.progress.lock().expect("progress lock") = Some((report, Instant::now()));
         // Cleared however the drive ends (done, parked, deposed, or dropped).
         struct Over<'a>(&'a Ecs);
@@ -154,19 +142,10 @@ impl Ecs {
         }
         drop(progress);
         let intent = self.pending_change()?;
-        Some(ChangeReport {
-            change: intent.change,
-            version: intent.plan.metadata.version,
-            phase: phase_name(intent.phase).into(),
-            stage: 0,
-            stages: 0,
-            doing: "pending: the ECS goes on with it in the background".into(),
-            copies: intent.plan.copies.len() as u32,
-            copies_sent: 0,
-            entries: 0,
-            bytes: 0,
-            elapsed_ms: 0,
-        })
+        Some(fresh_report(
+            &intent,
+            "pending: the ECS goes on with it in the background",
+        ))
     }
 
     /// Records the executor's next action in the progress report.
@@ -684,6 +663,23 @@ impl Ecs {
                 }
             })
             .await;
+    }
+}
+
+/// The progress report of `intent` before any of it ran here, doing `doing`.
+fn fresh_report(intent: &Intent, doing: &str) -> ChangeReport {
+    ChangeReport {
+        change: intent.change,
+        version: intent.plan.metadata.version,
+        phase: phase_name(intent.phase).into(),
+        stage: 0,
+        stages: 0,
+        doing: doing.into(),
+        copies: intent.plan.copies.len() as u32,
+        copies_sent: 0,
+        entries: 0,
+        bytes: 0,
+        elapsed_ms: 0,
     }
 }
 
